@@ -1,0 +1,41 @@
+# cadenza: every target bootstraps what it needs, idempotently.
+#   make demo   - the main job (tiny init + train + generate on CPU)
+#   make test   - the whole test suite
+#   make ref-env - the Python 3.11 PyTorch/transformers reference env (parity tests)
+
+SHELL := /bin/bash
+PY312 ?= $(firstword $(wildcard $(shell pyenv root 2>/dev/null)/versions/3.12.1/bin/python3.12) $(shell command -v python3.12))
+PY311 ?= $(firstword $(wildcard $(shell pyenv root 2>/dev/null)/versions/3.11.7/bin/python3.11) $(shell command -v python3.11))
+FIND_LINKS ?= $(shell pip config get global.find-links 2>/dev/null || echo /opt/wheels)
+UV_VERSION := 0.13.9
+UV := .uv/bin/uv
+export UV_PYTHON_DOWNLOADS := never
+export UV_PYTHON := $(PY312)
+
+.PHONY: demo test ref-env bench clean
+
+$(UV):
+	@test -n "$(PY312)" || { echo "error: Python 3.12 not found; set PY312=/path/to/python3.12" >&2; exit 2; }
+	$(PY312) -m venv .uv
+	.uv/bin/pip install --quiet uv==$(UV_VERSION)
+
+.venv/.synced: $(UV) pyproject.toml uv.lock
+	$(UV) sync --frozen --quiet
+	touch $@
+
+demo: .venv/.synced
+	.venv/bin/cadenza demo
+
+test: .venv/.synced
+	.venv/bin/python -m pytest
+
+.venv-ref/.synced: $(UV) requirements-ref.txt
+	@test -n "$(PY311)" || { echo "error: Python 3.11 not found; set PY311=/path/to/python3.11" >&2; exit 2; }
+	$(UV) venv --quiet --allow-existing --python $(PY311) .venv-ref
+	$(UV) pip install --quiet --python .venv-ref/bin/python --find-links $(FIND_LINKS) -r requirements-ref.txt
+	touch $@
+
+ref-env: .venv-ref/.synced
+
+clean:
+	rm -rf .venv .venv-ref .uv

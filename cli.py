@@ -1,0 +1,69 @@
+"""The ``cadenza`` command line: one entry point, one subcommand per job.
+
+Each subcommand is a thin layer over a library function. A user error
+(:class:`cadenza.errors.CadenzaError`) prints one line, ``error: ...``, and
+exits with status 2; ``--debug`` shows the traceback instead.
+"""
+
+import argparse
+import sys
+
+from cadenza import __version__
+from cadenza.errors import CadenzaError
+
+
+def _config_show(args) -> int:
+    from cadenza.config import load_config, to_yaml
+
+    print(to_yaml(load_config(args.experiment, args.overrides)), end="")
+    return 0
+
+
+def _demo(args) -> int:
+    from cadenza.demo import run_demo
+
+    run_demo(steps=args.steps, out_dir=args.out)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cadenza",
+        description="JAX-native modeling, PEFT training and fast decoding for language models.")
+    parser.add_argument("--version", action="version", version=f"cadenza {__version__}")
+    parser.add_argument("--debug", action="store_true",
+                        help="show full tracebacks for user errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    config = sub.add_parser("config", help="inspect experiment configs")
+    config_sub = config.add_subparsers(dest="config_command", metavar="SUBCOMMAND")
+    show = config_sub.add_parser("show", help="print the resolved config of an experiment")
+    show.add_argument("experiment", help="experiment YAML file or shipped experiment name")
+    show.add_argument("overrides", nargs="*", metavar="section.field=value",
+                      help="overrides applied after the file")
+    show.set_defaults(func=_config_show)
+
+    demo = sub.add_parser("demo", help="tiny end-to-end run: init, train, generate (CPU, ~1 min)")
+    demo.add_argument("--steps", type=int, default=300, help="training steps")
+    demo.add_argument("--out", default="runs/demo", help="output directory")
+    demo.set_defaults(func=_demo)
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 0 if args.command is None else 2
+    try:
+        return args.func(args)
+    except CadenzaError as e:
+        if args.debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

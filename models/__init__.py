@@ -1,0 +1,31 @@
+"""Pure-functional Flax decoder models (Llama, Mistral, Qwen2, Gemma, Gemma-2).
+
+- :class:`ModelConfig`: shapes and family switches.
+- :class:`Transformer`: the Flax module; ``apply`` returns (logits, hidden, cache).
+- :func:`init_params`: plain nested-dict params, sharded on a mesh if given.
+- :class:`KVCache`: the preallocated decode cache.
+
+Names are imported lazily so that reading configs does not import JAX.
+"""
+
+import importlib
+
+_EXPORTS = {
+    "KVCache": "cadenza.models.cache",
+    "ModelConfig": "cadenza.models.config",
+    "RopeScalingConfig": "cadenza.models.config",
+    "Transformer": "cadenza.models.transformer",
+    "init_params": "cadenza.models.params",
+    "logical_param_specs": "cadenza.models.params",
+    "param_shardings": "cadenza.models.params",
+    "stack_layers": "cadenza.models.params",
+    "unstack_layers": "cadenza.models.params",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'cadenza.models' has no attribute {name!r}")

@@ -1,0 +1,152 @@
+"""Building blocks of the decoder: RMSNorm, rotary embeddings, attention, MLP.
+
+Every parameter carries logical axis names (``embed``, ``heads``,
+``kv_heads``, ``head_dim``, ``mlp``, ``vocab``) that the mesh rules map to
+devices. Projections are :class:`Projection` modules named ``q_proj``,
+``k_proj``, ``v_proj``, ``o_proj``, ``gate_proj``, ``up_proj`` and
+``down_proj`` so adapters can intercept them by module path.
+"""
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from cadenza.models.config import ModelConfig
+from cadenza.pallas_kernels.attention import attention
+
+class Projection(nn.Module):
+    """A linear map contracting the last ``len(in_axes)`` input dims into ``features``.
+
+    The kernel has shape ``in_shape + features`` and logical axes
+    ``in_axes + out_axes``; the optional bias has shape ``features``. (Flax's
+    DenseGeneral initialises a flattened kernel, which breaks logical
+    sharding constraints under a global mesh, hence this small module.)
+    Adapters intercept its ``__call__`` by module path.
+    """
+
+    features: tuple[int, ...]
+    in_axes: tuple[str, ...]
+    out_axes: tuple[str, ...]
+    config: ModelConfig
+    use_bias: bool = False
+
+    @nn.compact
+    def __call__(self, x):
+        cfg = self.config
+        n_in, n_out = len(self.in_axes), len(self.features)
+        init = nn.initializers.variance_scaling(
+            1.0, "fan_in", "truncated_normal", in_axis=tuple(range(n_in)),
+            out_axis=tuple(range(n_in, n_in + n_out)))
+        kernel = self.param("kernel", nn.with_logical_partitioning(init, self.in_axes + self.out_axes),
+                            x.shape[-n_in:] + tuple(self.features), jnp.dtype(cfg.param_dtype))
+        dtype = jnp.dtype(cfg.dtype)
+        contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
+        y = jax.lax.dot_general(x.astype(dtype), kernel.astype(dtype), (contract, ((), ())))
+        if self.use_bias:
+            bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros_init(),
+                                                                   self.out_axes),
+                              tuple(self.features), jnp.dtype(cfg.param_dtype))
+            y = y + bias.astype(dtype)
+        return y
+
+
+class RMSNorm(nn.Module):
+    """``x / rms(x) * w`` (or ``* (1 + w)`` when ``plus_one``, Gemma), computed in float32."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x):
+        cfg = self.config
+        init = nn.initializers.zeros_init() if cfg.norm_plus_one else nn.initializers.ones_init()
+        scale = self.param("scale", nn.with_logical_partitioning(init, ("embed",)),
+                           (x.shape[-1],), jnp.dtype(cfg.param_dtype))
+        xf = x.astype(jnp.float32)
+        y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + cfg.norm_eps)
+        w = scale.astype(jnp.float32)
+        y = y * (1.0 + w if cfg.norm_plus_one else w)
+        return y.astype(jnp.dtype(cfg.dtype))
+
+
+def rope_inv_freq(config: ModelConfig) -> jnp.ndarray:
+    """Inverse frequencies [head_dim // 2] in float32, with the configured scaling."""
+    d = config.resolved_head_dim
+    inv = 1.0 / (config.rope_theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))
+    rs = config.rope_scaling
+    if rs.type == "linear":
+        inv = inv / rs.factor
+    elif rs.type == "llama3":
+        low_wavelen = rs.original_max_position_embeddings / rs.low_freq_factor
+        high_wavelen = rs.original_max_position_embeddings / rs.high_freq_factor
+        wavelen = 2 * math.pi / inv
+        scaled = jnp.where(wavelen > low_wavelen, inv / rs.factor, inv)
+        smooth = ((rs.original_max_position_embeddings / wavelen - rs.low_freq_factor)
+                  / (rs.high_freq_factor - rs.low_freq_factor))
+        smoothed = (1 - smooth) * scaled / rs.factor + smooth * scaled
+        medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+        inv = jnp.where(medium, smoothed, scaled)
+    return inv
+
+
+def apply_rope(x, positions, inv_freq):
+    """Rotate ``x`` [B, T, H, D] by ``positions`` [B, T] (rotate-half layout, as in HF)."""
+    angles = positions.astype(jnp.float32)[:, :, None] * inv_freq[None, None, :]
+    cos = jnp.cos(jnp.concatenate([angles, angles], -1))[:, :, None, :]
+    sin = jnp.sin(jnp.concatenate([angles, angles], -1))[:, :, None, :]
+    xf = x.astype(jnp.float32)
+    half = xf.shape[-1] // 2
+    rotated = jnp.concatenate([-xf[..., half:], xf[..., :half]], axis=-1)
+    return (xf * cos + rotated * sin).astype(x.dtype)
+
+
+class Attention(nn.Module):
+    """Grouped-query self-attention with RoPE over an optional KV-cache prefix.
+
+    Returns the output [B, T, embed] and this layer's new keys/values
+    ([B, T, kv_heads, head_dim] each) for the caller to write into the cache.
+    """
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x, ctx, window, layer_cache):
+        cfg = self.config
+        hd = cfg.resolved_head_dim
+        q = Projection((cfg.num_heads, hd), ("embed",), ("heads", "head_dim"), cfg,
+                       use_bias=cfg.qkv_bias, name="q_proj")(x)
+        k = Projection((cfg.num_kv_heads, hd), ("embed",), ("kv_heads", "head_dim"), cfg,
+                       use_bias=cfg.qkv_bias, name="k_proj")(x)
+        v = Projection((cfg.num_kv_heads, hd), ("embed",), ("kv_heads", "head_dim"), cfg,
+                       use_bias=cfg.qkv_bias, name="v_proj")(x)
+        inv_freq = rope_inv_freq(cfg)
+        q = apply_rope(q, ctx.positions, inv_freq)
+        k = apply_rope(k, ctx.positions, inv_freq)
+        q = nn.with_logical_constraint(q, ("batch", "length", "heads", "head_dim"))
+        k = nn.with_logical_constraint(k, ("batch", "length", "kv_heads", "head_dim"))
+        k_cache, v_cache = layer_cache if layer_cache is not None else (None, None)
+        out = attention(q, k, v, implementation=cfg.attention_impl, scale=cfg.attention_scale,
+                        q_positions=ctx.positions, k_cache=k_cache, v_cache=v_cache,
+                        cache_lengths=ctx.cache_lengths, cache_positions=ctx.cache_positions,
+                        tail_mask=ctx.tail_mask, segment_ids=ctx.segment_ids, window=window,
+                        logit_soft_cap=cfg.attn_logit_softcap)
+        out = nn.with_logical_constraint(out, ("batch", "length", "heads", "head_dim"))
+        y = Projection((cfg.hidden_size,), ("heads", "head_dim"), ("embed",), cfg,
+                       name="o_proj")(out)
+        return y, (k, v)
+
+
+class MLP(nn.Module):
+    """Gated MLP: ``down(act(gate(x)) * up(x))`` with SiLU (SwiGLU) or tanh-GELU (GeGLU)."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x):
+        cfg = self.config
+        gate = Projection((cfg.intermediate_size,), ("embed",), ("mlp",), cfg, name="gate_proj")(x)
+        up = Projection((cfg.intermediate_size,), ("embed",), ("mlp",), cfg, name="up_proj")(x)
+        act = nn.silu if cfg.activation == "silu" else (lambda g: nn.gelu(g, approximate=True))
+        h = nn.with_logical_constraint(act(gate) * up, ("batch", "length", "mlp"))
+        return Projection((cfg.hidden_size,), ("mlp",), ("embed",), cfg, name="down_proj")(h)

@@ -1,0 +1,64 @@
+"""Parameter creation and layout: sharded init, logical shardings, layer stacking."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh, NamedSharding
+
+from cadenza.config import MeshConfig
+from cadenza.models.config import ModelConfig
+from cadenza.models.transformer import Transformer
+
+
+def _init_fn(config: ModelConfig):
+    model = Transformer(config)
+
+    def init(rng):
+        tokens = jnp.zeros((1, 1), jnp.int32)
+        return model.init(rng, tokens)["params"]
+
+    return init
+
+
+def logical_param_specs(config: ModelConfig):
+    """Pytree of logical ``PartitionSpec`` s (axis names like 'embed') matching the params."""
+    boxed = jax.eval_shape(_init_fn(config), jax.random.key(0))
+    return nn.get_partition_spec(boxed)
+
+
+def param_shardings(config: ModelConfig, mesh: Mesh, rules=None):
+    """``NamedSharding`` per param on ``mesh`` under logical-axis ``rules``
+    (default: :data:`cadenza.config.DEFAULT_LOGICAL_AXIS_RULES`)."""
+    rules = MeshConfig().rules() if rules is None else rules
+    return nn.logical_to_mesh_sharding(logical_param_specs(config), mesh, rules)
+
+
+def init_params(config: ModelConfig, rng, mesh: Mesh | None = None, rules=None):
+    """Fresh params as a plain nested dict of arrays.
+
+    With a ``mesh``, each param is created directly in its shard (one jit
+    with ``out_shardings``; no device ever holds the whole model unless the
+    rules replicate it). ``rng`` is a ``jax.random.key``.
+    """
+    init = _init_fn(config)
+    if mesh is None:
+        return nn.meta.unbox(jax.jit(init)(rng))
+    shardings = param_shardings(config, mesh, rules)
+    return jax.jit(lambda r: nn.meta.unbox(init(r)), out_shardings=shardings)(rng)
+
+
+def unstack_layers(params, num_layers: int):
+    """Scanned layout (``layers`` with a leading layer axis) -> ``layer_0 ... layer_{n-1}``."""
+    params = dict(params)
+    stacked = params.pop("layers")
+    for i in range(num_layers):
+        params[f"layer_{i}"] = jax.tree.map(lambda a, i=i: a[i], stacked)
+    return params
+
+
+def stack_layers(params, num_layers: int):
+    """Unscanned layout -> scanned layout (inverse of :func:`unstack_layers`)."""
+    params = dict(params)
+    layers = [params.pop(f"layer_{i}") for i in range(num_layers)]
+    params["layers"] = jax.tree.map(lambda *xs: jnp.stack(xs), *layers)
+    return params

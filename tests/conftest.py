@@ -1,0 +1,50 @@
+"""Test setup: 8 fake CPU devices and a persistent compilation cache.
+
+This runs before any test module imports JAX, so the flags take effect.
+"""
+
+import os
+import pathlib
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                           + " --xla_force_host_platform_device_count=8").strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+
+_cache = pathlib.Path(os.environ.get("XDG_CACHE_HOME", pathlib.Path.home() / ".cache"))
+jax.config.update("jax_compilation_cache_dir", str(_cache / "cadenza" / "jax-compile"))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+import pytest  # noqa: E402
+
+# Tiny variants of every family, each switching on that family's special features.
+FAMILY_OVERRIDES = {
+    "llama": [],
+    "llama3_rope": ["model.rope_scaling.type=llama3", "model.rope_scaling.factor=8.0",
+                    "model.rope_scaling.original_max_position_embeddings=64",
+                    "model.rope_theta=500000.0"],
+    "mistral": ["model.family=mistral", "model.sliding_window=4", "model.local_layers=all"],
+    "qwen2": ["model.family=qwen2", "model.qkv_bias=true", "model.tie_embeddings=true"],
+    "gemma": ["model.family=gemma", "model.norm_plus_one=true", "model.activation=gelu_tanh",
+              "model.scale_embeddings=true", "model.tie_embeddings=true", "model.head_dim=32",
+              "model.num_kv_heads=1"],
+    "gemma2": ["model.family=gemma2", "model.norm_plus_one=true", "model.post_norms=true",
+               "model.activation=gelu_tanh", "model.scale_embeddings=true",
+               "model.tie_embeddings=true", "model.head_dim=32", "model.sliding_window=4",
+               "model.local_layers=even", "model.attn_logit_softcap=5.0",
+               "model.final_logit_softcap=3.0", "model.query_pre_attn_scalar=24",
+               "model.num_layers=3"],
+}
+
+
+def tiny_model_config(family: str = "llama", *overrides: str):
+    """The tiny preset switched to ``family``'s features, plus extra overrides."""
+    from cadenza.config import load_config
+
+    return load_config(None, FAMILY_OVERRIDES[family] + list(overrides), preset="tiny").model
+
+
+@pytest.fixture
+def tiny_config():
+    return tiny_model_config
