@@ -6,10 +6,15 @@ exits with status 2; ``--debug`` shows the traceback instead.
 """
 
 import argparse
+import importlib
 import sys
 
 from cadenza import __version__
 from cadenza.errors import CadenzaError
+
+# Modules that add subcommands: each has ``register(subparsers)``, imports
+# nothing heavy at module level, and sets ``func`` on its parsers.
+AREA_COMMANDS: tuple[str, ...] = ()
 
 
 def _config_show(args) -> int:
@@ -47,6 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--steps", type=int, default=300, help="training steps")
     demo.add_argument("--out", default="runs/demo", help="output directory")
     demo.set_defaults(func=_demo)
+
+    for module in AREA_COMMANDS:
+        importlib.import_module(module).register(sub)
     return parser
 
 

@@ -81,7 +81,8 @@ def _translate(e: Exception, source: str) -> ConfigError:
         t = _field_type_at(parent.split(".") if parent else [])
         fields = [f.name for f in dataclasses.fields(t)] if dataclasses.is_dataclass(t) else []
         where = parent or "top level"
-        return ConfigError(f"unknown key {leaf!r} in {where} (from {source}).{suggest(leaf, fields)}",
+        hint = suggest(leaf, fields)
+        return ConfigError(f"unknown key {leaf!r} in {where} (from {source}).{hint}",
                            where=key, fix=f"valid keys in {where}: {', '.join(fields)}")
     if isinstance(e, oc_errors.ValidationError):
         t = _field_type_at(key.split(".")) if key else None

@@ -39,7 +39,10 @@ def _decode_bytes(ids) -> str:
 
 def run_demo(steps: int = 300, out_dir: str = "runs/demo", batch: int = 8, seq_len: int = 128,
              prompt: str = "def ", new_tokens: int = 48) -> dict:
-    """Train the tiny preset on stdlib bytes for ``steps`` steps, then generate; returns a summary."""
+    """Train the tiny preset on stdlib bytes for ``steps`` steps, then generate.
+
+    Returns a summary dict: ``first_loss``, ``last_loss`` and the generated ``text``.
+    """
     config = load_config(None, [f"train.steps={steps}", f"train.output_dir={out_dir}"],
                          preset="tiny")
     out = pathlib.Path(out_dir)
@@ -98,7 +101,8 @@ def _greedy(model, params, prompt, new_tokens: int):
 
         def body(i, carry):
             out, cache = carry
-            logits, _, cache = model.apply({"params": params}, jax.lax.dynamic_slice_in_dim(out, i - 1, 1, axis=1),
+            last = jax.lax.dynamic_slice_in_dim(out, i - 1, 1, axis=1)
+            logits, _, cache = model.apply({"params": params}, last,
                                           cache=cache)
             cache = cache.advance(1)
             return out.at[:, i].set(jnp.argmax(logits[:, -1], axis=-1)), cache

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from cadenza.models.config import ModelConfig
 from cadenza.pallas_kernels.attention import attention
 
+
 class Projection(nn.Module):
     """A linear map contracting the last ``len(in_axes)`` input dims into ``features``.
 
@@ -39,7 +40,8 @@ class Projection(nn.Module):
         init = nn.initializers.variance_scaling(
             1.0, "fan_in", "truncated_normal", in_axis=tuple(range(n_in)),
             out_axis=tuple(range(n_in, n_in + n_out)))
-        kernel = self.param("kernel", nn.with_logical_partitioning(init, self.in_axes + self.out_axes),
+        axes = self.in_axes + self.out_axes
+        kernel = self.param("kernel", nn.with_logical_partitioning(init, axes),
                             x.shape[-n_in:] + tuple(self.features), jnp.dtype(cfg.param_dtype))
         dtype = jnp.dtype(cfg.dtype)
         contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))

@@ -3,11 +3,11 @@
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh
 
-from cadenza.config import MeshConfig
 from cadenza.models.config import ModelConfig
 from cadenza.models.transformer import Transformer
+from cadenza.train.config import MeshConfig
 
 
 def _init_fn(config: ModelConfig):

@@ -8,9 +8,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cadenza.config import MeshConfig
-from cadenza.models import (KVCache, Transformer, init_params, stack_layers, unstack_layers)
+from cadenza.models import KVCache, Transformer, init_params, stack_layers, unstack_layers
 from cadenza.models.layers import rope_inv_freq
+from cadenza.train.config import MeshConfig
 from cadenza.train.mesh import make_mesh
 
 FAMILIES = ["llama", "llama3_rope", "mistral", "qwen2", "gemma", "gemma2"]

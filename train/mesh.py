@@ -5,8 +5,8 @@ import math
 import jax
 from jax.sharding import AxisType, Mesh
 
-from cadenza.config import MESH_AXES, MeshConfig
 from cadenza.errors import ConfigError
+from cadenza.train.config import MESH_AXES, MeshConfig
 
 
 def resolve_axis_sizes(mesh_config: MeshConfig, num_devices: int) -> dict[str, int]:
