@@ -1,7 +1,8 @@
 # cadenza: every target bootstraps what it needs, idempotently.
 #   make demo   - the main job (tiny init + train + generate on CPU)
 #   make test   - the whole test suite
-#   make ref-env - the Python 3.11 PyTorch/transformers reference env (parity tests)
+#   make ref-env - the Python 3.11 PyTorch/transformers reference env (parity tests;
+#                  make test builds it too)
 
 SHELL := /bin/bash
 PY312 ?= $(firstword $(wildcard $(shell pyenv root 2>/dev/null)/versions/3.12.1/bin/python3.12) $(shell command -v python3.12))
@@ -26,13 +27,13 @@ $(UV):
 demo: .venv/.synced
 	.venv/bin/cadenza demo
 
-test: .venv/.synced
+test: .venv/.synced .venv-ref/.synced
 	.venv/bin/python -m pytest
 
 .venv-ref/.synced: $(UV) requirements-ref.txt
 	@test -n "$(PY311)" || { echo "error: Python 3.11 not found; set PY311=/path/to/python3.11" >&2; exit 2; }
 	$(UV) venv --quiet --allow-existing --python $(PY311) .venv-ref
-	$(UV) pip install --quiet --python .venv-ref/bin/python --find-links $(FIND_LINKS) -r requirements-ref.txt
+	$(UV) pip sync --quiet --python .venv-ref/bin/python --find-links $(FIND_LINKS) requirements-ref.txt
 	touch $@
 
 ref-env: .venv-ref/.synced
