@@ -4,6 +4,7 @@
 - :class:`Transformer`: the Flax module; ``apply`` returns (logits, hidden, cache).
 - :func:`init_params`: plain nested-dict params, sharded on a mesh if given.
 - :class:`KVCache`: the preallocated decode cache.
+- :func:`save_model` / :func:`load_model`: cadenza model directories.
 
 Names are imported lazily so that reading configs does not import JAX.
 """
@@ -16,6 +17,9 @@ _EXPORTS = {
     "RopeScalingConfig": "cadenza.models.config",
     "Transformer": "cadenza.models.transformer",
     "init_params": "cadenza.models.params",
+    "abstract_params": "cadenza.models.params",
+    "save_model": "cadenza.models.checkpoint",
+    "load_model": "cadenza.models.checkpoint",
     "logical_param_specs": "cadenza.models.params",
     "param_shardings": "cadenza.models.params",
     "stack_layers": "cadenza.models.params",

@@ -20,6 +20,11 @@ def _init_fn(config: ModelConfig):
     return init
 
 
+def abstract_params(config: ModelConfig):
+    """Pytree of ``jax.ShapeDtypeStruct`` matching the params (nothing allocated)."""
+    return nn.meta.unbox(jax.eval_shape(_init_fn(config), jax.random.key(0)))
+
+
 def logical_param_specs(config: ModelConfig):
     """Pytree of logical ``PartitionSpec`` s (axis names like 'embed') matching the params."""
     boxed = jax.eval_shape(_init_fn(config), jax.random.key(0))

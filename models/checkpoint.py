@@ -1,0 +1,68 @@
+"""cadenza model directories: the resolved config, the params and (optionally) the tokenizer.
+
+Layout of a model directory (written by HF import, training export, adapter merge)::
+
+    DIR/config.yaml     the resolved ExperimentConfig (``cadenza.config.to_yaml``)
+    DIR/params/         the params pytree, an orbax StandardCheckpointer checkpoint
+    DIR/tokenizer/      tokenizer files (tokenizer.json, tokenizer_config.json, ...), optional
+
+Params are restored directly into their shards when a mesh is given.
+"""
+
+import pathlib
+import shutil
+
+import jax
+import orbax.checkpoint as ocp
+
+from cadenza.config import ExperimentConfig, load_config, to_yaml
+from cadenza.errors import CadenzaError
+
+
+def save_model(directory, config: ExperimentConfig, params, tokenizer_dir=None) -> pathlib.Path:
+    """Write ``config``, ``params`` and a copy of ``tokenizer_dir``'s files to ``directory``.
+
+    ``directory`` must not already hold params (no silent overwrite). Returns its path.
+    """
+    d = pathlib.Path(directory).absolute()
+    if (d / "params").exists():
+        raise CadenzaError("a model directory already exists here", where=str(d),
+                           fix="choose a new output directory or delete the old one")
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "config.yaml").write_text(to_yaml(config))
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(d / "params", params)
+    if tokenizer_dir is not None:
+        shutil.copytree(tokenizer_dir, d / "tokenizer", dirs_exist_ok=True)
+    return d
+
+
+def load_model(directory, mesh=None, rules=None):
+    """Read a model directory: returns ``(ExperimentConfig, params)``.
+
+    With ``mesh`` (and logical-axis ``rules``, default: the config's mesh
+    rules), every param is restored straight into its shard.
+    """
+    from cadenza.models.params import abstract_params, param_shardings
+
+    d = pathlib.Path(directory).absolute()
+    if not (d / "config.yaml").is_file() or not (d / "params").is_dir():
+        raise CadenzaError("not a cadenza model directory (needs config.yaml and params/)",
+                           where=str(d),
+                           fix="pass the directory written by 'cadenza convert hf-import' or "
+                               "by training (its model/ folder)")
+    config = load_config(d / "config.yaml")
+    target = abstract_params(config.model)
+    if mesh is not None:
+        shardings = param_shardings(config.model, mesh, rules or config.mesh.rules())
+        target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                              target, shardings)
+    with ocp.StandardCheckpointer() as ckptr:
+        params = ckptr.restore(d / "params", target)
+    return config, params
+
+
+def tokenizer_dir(directory) -> pathlib.Path | None:
+    """The model directory's tokenizer folder, or None if it has none."""
+    t = pathlib.Path(directory) / "tokenizer"
+    return t if t.is_dir() else None
