@@ -69,7 +69,7 @@ def resolve_hf_dir(path) -> pathlib.Path:
                                              "*/*/*/config.json") for c in p.glob(pattern)})
     if len(found) == 1:
         raise CadenzaError("no config.json in this directory (wrong directory level)",
-                           where=str(p), fix=f"pass the model directory one level down: {found[0]}")
+                           where=str(p), fix=f"pass the model directory below it: {found[0]}")
     if found:
         listed = ", ".join(str(f) for f in found[:5])
         raise CadenzaError(f"no config.json here, but {len(found)} model directories below it",
