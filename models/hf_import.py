@@ -23,7 +23,7 @@ import numpy as np
 from cadenza.errors import CadenzaError
 from cadenza.models.config import ModelConfig
 from cadenza.models.hf_config import model_config_from_hf
-from cadenza.models.hf_safetensors import FLOAT_TAGS, SafetensorsFile, TensorInfo
+from cadenza.models.hf_safetensors import FLOAT_TAGS, SafetensorsFile, TensorInfo, dtype_tag
 from cadenza.models.hf_weights import get_path, hf_shape, set_path, to_cadenza, weight_specs
 
 log = logging.getLogger("cadenza.hf")
@@ -221,9 +221,9 @@ def check_weights(ckpt: HFCheckpoint, config: ModelConfig) -> list[tuple[str, ob
         raise CadenzaError(
             f"the weights do not match config.json ({problems} problems):\n"
             + "\n".join(lines) + "\n", where=str(ckpt.directory), fix="; ".join(fixes))
-    floats = sorted({ckpt.tensors[n].dtype for n in expected})
-    if len(floats) > 1:
-        ckpt.notes.append(f"the checkpoint mixes dtypes {floats}; all are cast to "
+    stored = sorted({ckpt.tensors[n].dtype for n in expected})
+    if stored != [dtype_tag(config.param_dtype)]:
+        ckpt.notes.append(f"the checkpoint stores {'/'.join(stored)}; cast to "
                           f"{config.param_dtype}")
     return plan
 
@@ -318,6 +318,9 @@ def import_hf(hf_dir, out_dir, *, dtype: str | None = None, mesh=None, rules=Non
     from cadenza.config import ExperimentConfig
     from cadenza.models.checkpoint import save_model
 
+    if (pathlib.Path(out_dir) / "params").exists():  # fail before reading any weights
+        raise CadenzaError("a model directory already exists here", where=str(out_dir),
+                           fix="choose a new output directory or delete the old one")
     ckpt, config, params = read_hf(hf_dir, dtype=dtype, mesh=mesh, rules=rules)
     d = ckpt.directory
     experiment = ExperimentConfig(name=d.name, model=config)

@@ -10,7 +10,7 @@ import pytest
 
 from cadenza.cli import main
 from cadenza.errors import CadenzaError
-from cadenza.models import init_params, load_hf, save_hf, unstack_layers
+from cadenza.models import import_hf, init_params, load_hf, save_hf, unstack_layers
 from cadenza.models.hf_check import compare_logits
 from cadenza.models.hf_config import model_config_from_hf
 from cadenza.models.hf_safetensors import SafetensorsFile, write_safetensors
@@ -50,6 +50,10 @@ def test_bfloat16_round_trip_and_dtype_override(tiny_config, tmp_path):
     assert {i.dtype for i in f.tensors.values()} == {"BF16"}
     loaded_config, loaded = load_hf(hf_dir)
     assert loaded_config.param_dtype == "bfloat16"
+    out, notes = import_hf(hf_dir, tmp_path / "model", dtype="float32")
+    assert "the checkpoint stores BF16; cast to float32" in notes
+    with pytest.raises(CadenzaError, match="already exists"):
+        import_hf(hf_dir, out)
     _same(loaded, params)
     _, as_f32 = load_hf(hf_dir, dtype="float32")
     assert as_f32["embed"]["embedding"].dtype == np.float32

@@ -107,7 +107,8 @@ def exported(hf_models, tmp_path_factory, ref):
         # gemma2 is exported in several shards to exercise the index on both sides.
         shard = 40_000 if family == "gemma2" else 2**30
         out[family] = (save_hf((config, params), root / family, max_shard_bytes=shard), params)
-    reports = check_hf([d for d, _ in out.values()], session=ref, prompt_len=12)
+    reports = check_hf([d for d, _ in out.values()], session=ref, num_prompts=TOKENS.shape[0],
+                       prompt_len=TOKENS.shape[1])
     return {f: (d, p, r) for (f, (d, p)), r in zip(out.items(), reports)}
 
 
