@@ -108,6 +108,8 @@ def _weight_files(d: pathlib.Path) -> list[pathlib.Path]:
                 f"{', '.join(missing)}", where=str(d),
                 fix="download the missing shard files into this directory")
         return [d / n for n in names]
+    if (d / "model.safetensors").is_file():
+        return [d / "model.safetensors"]
     files = sorted(d.glob("*.safetensors"))
     if files:
         return files
@@ -150,6 +152,9 @@ def open_hf_checkpoint(path, *, dtype: str | None = None) -> tuple[HFCheckpoint,
             raise CadenzaError(f"{len(wrong)} tensors listed in {INDEX_FILE} are not in their "
                                f"shard (e.g. {wrong[0]!r})", where=str(d),
                                fix="the shards do not belong to this index; download them again")
+    unused = sorted(f.name for f in d.glob("*.safetensors") if f not in files)
+    if unused:
+        notes.append(f"ignored safetensors files not part of the model: {', '.join(unused)}")
     pickles = sorted(f.name for f in d.iterdir() if f.suffix in PICKLE_SUFFIXES)
     if pickles:
         notes.append(f"ignored pickle files (never loaded): {', '.join(pickles)}")

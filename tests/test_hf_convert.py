@@ -181,6 +181,7 @@ def test_tied_config_with_an_output_head_says_so(tiny_config, tmp_path):
 
 def test_pickle_checkpoints_are_refused_without_unpickling(tiny_config, tmp_path):
     hf_dir = _export(tiny_config, tmp_path)[0]
+    weights = (hf_dir / "model.safetensors").read_bytes()
     (hf_dir / "model.safetensors").unlink()
     marker = tmp_path / "unpickled"
 
@@ -191,6 +192,13 @@ def test_pickle_checkpoints_are_refused_without_unpickling(tiny_config, tmp_path
     (hf_dir / "pytorch_model.bin").write_bytes(pickle.dumps(Trap()))
     with pytest.raises(CadenzaError, match="cadenza never unpickles"):
         load_hf(hf_dir)
+    assert not marker.exists()
+    # Beside safetensors, pickles and stray safetensors files are ignored, and said to be.
+    (hf_dir / "model.safetensors").write_bytes(weights)
+    (hf_dir / "consolidated.safetensors").write_bytes(b"")
+    _, notes = import_hf(hf_dir, tmp_path / "model")
+    assert "ignored pickle files (never loaded): pytorch_model.bin" in notes
+    assert "ignored safetensors files not part of the model: consolidated.safetensors" in notes
     assert not marker.exists()
 
 
