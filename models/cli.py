@@ -1,10 +1,18 @@
 """``cadenza convert``: Hugging Face import, export and logit parity check."""
 
 
+def _quiet_library_notes() -> None:
+    """The handlers print the notes themselves; keep the library's log copy off stderr."""
+    import logging
+
+    logging.getLogger("cadenza.hf").setLevel(logging.ERROR)
+
+
 def _import(args) -> int:
     from cadenza.models.hf_check import check_hf
     from cadenza.models.hf_import import import_hf
 
+    _quiet_library_notes()
     out, notes = import_hf(args.hf_dir, args.out_dir, dtype=args.dtype)
     for note in notes:
         print(f"note: {note}")

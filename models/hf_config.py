@@ -36,6 +36,9 @@ def _rope(hf: dict, where: str) -> tuple[float, RopeScalingConfig]:
             _refuse("per-layer-type rope parameters differ", f"{where}: rope_parameters",
                     "cadenza uses one rope setting for all layers")
         params = next(iter(params.values()))
+    if float(params.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))) != 1.0:
+        _refuse("partial rotary embeddings are not supported", f"{where}: partial_rotary_factor",
+                "cadenza rotates the whole head_dim")
     theta = float(params.get("rope_theta") or hf.get("rope_theta") or 10000.0)
     rope_type = params.get("rope_type", params.get("type", "default")) or "default"
     if rope_type == "default":

@@ -86,6 +86,8 @@ def test_config_json_mapping_v4_style_and_notes():
     assert config.rope_theta == 500000.0 and config.rope_scaling.type == "llama3"
     assert config.param_dtype == "bfloat16" and config.eos_token_id == 7
     assert any("first, 7" in n for n in notes)
+    with pytest.raises(CadenzaError, match="partial rotary embeddings are not supported"):
+        model_config_from_hf({**hf, "partial_rotary_factor": 0.5})
     with pytest.raises(CadenzaError, match="rope type 'yarn' is not supported"):
         model_config_from_hf({**hf, "rope_scaling": {"rope_type": "yarn", "factor": 4.0}})
     gemma2 = {**hf, "model_type": "gemma2", "sliding_window": 8,
