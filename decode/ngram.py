@@ -137,7 +137,7 @@ class _Counter:
 
 def build_ngram_table(documents: Iterable[Sequence[int]], out_dir, *, vocab_size: int,
                       max_order: int = 6, tokenizer: dict | None = None,
-                      sources: list[str] | None = None) -> dict:
+                      sources: list[str] | None = None, corpus_info: dict | None = None) -> dict:
     """Count the 2..``max_order``-grams of ``documents`` and write a table directory.
 
     Args:
@@ -148,6 +148,8 @@ def build_ngram_table(documents: Iterable[Sequence[int]], out_dir, *, vocab_size
       max_order: highest n-gram order (2..8).
       tokenizer: JSON-serialisable identity of the tokenizer (stored as is).
       sources: corpus file names, recorded in the manifest.
+      corpus_info: extra JSON-serialisable corpus facts for the manifest,
+        serialised after ``documents`` is consumed.
 
     Returns the manifest dict (also written to ``manifest.json``).
     """
@@ -189,11 +191,82 @@ def build_ngram_table(documents: Iterable[Sequence[int]], out_dir, *, vocab_size
         "orders": list(range(2, max_order + 1)), "max_order": max_order,
         "vocab_size": int(vocab_size), "tokenizer": tokenizer or {},
         "corpus": {"documents": n_docs, "tokens": int(n_tokens), "sources": sources or [],
-                   "ngrams_per_order": {str(n): int(c) for n, c in per_order.items()}},
+                   "ngrams_per_order": {str(n): int(c) for n, c in per_order.items()},
+                   **(corpus_info or {})},
         "entries": {"contexts": int(ctx_keys.size), "pairs": int(pair_keys_.size)},
     }
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
+
+
+BYTE_OFFSET = 3  # byte-level ids: byte + 3, with 0 = pad, 1 = BOS, 2 = EOS (as `cadenza demo`)
+BYTE_LEVEL = {"kind": "byte-level", "offset": BYTE_OFFSET, "vocab_size": 256 + BYTE_OFFSET,
+              "bos_id": 1, "eos_id": 2}
+
+
+def corpus_files(inputs: Sequence[str]) -> list[pathlib.Path]:
+    """Files named in ``inputs``; a directory contributes all its files (recursive, sorted)."""
+    files = []
+    for item in inputs:
+        path = pathlib.Path(item)
+        if path.is_dir():
+            files.extend(sorted(p for p in path.rglob("*") if p.is_file()))
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise CadenzaError("no such file or directory", where=str(path),
+                               fix="pass existing corpus files or directories to --input")
+    if not files:
+        raise CadenzaError("no corpus files found", where=", ".join(map(str, inputs)),
+                           fix="pass a directory that contains text files")
+    return files
+
+
+def build_from_files(inputs: Sequence[str], out_dir, *, tokenizer=None, tokenizer_id=None,
+                     max_order: int = 6, add_bos: bool = True, add_eos: bool = True,
+                     doc_per_line: bool = False) -> dict:
+    """Tokenise text files and build a table (:func:`build_ngram_table`).
+
+    Each file (or each non-empty line with ``doc_per_line``) is one document.
+    ``tokenizer``: an object with ``encode(text, add_bos=...)``, ``vocab_size``,
+    ``bos_id``, ``eos_id``; None means byte-level ids (:data:`BYTE_LEVEL`).
+    ``tokenizer_id``: identity stored in the manifest (e.g. with
+    :func:`tokenizer_fingerprint`). Files that are not UTF-8 are skipped and
+    counted in the manifest (``corpus.skipped_files``); byte level reads raw bytes.
+    """
+    files = corpus_files(inputs)
+    if tokenizer is None:
+        vocab, bos, eos, tokenizer_id = 256 + BYTE_OFFSET, 1, 2, dict(BYTE_LEVEL)
+    else:
+        vocab, bos, eos = tokenizer.vocab_size, tokenizer.bos_id, tokenizer.eos_id
+    skipped = []
+
+    def encode(data: bytes) -> list[int]:
+        if tokenizer is None:
+            ids = (np.frombuffer(data, np.uint8).astype(np.int64) + BYTE_OFFSET).tolist()
+            ids = ([bos] if add_bos else []) + ids
+        else:
+            ids = list(tokenizer.encode(data.decode("utf-8"), add_bos=add_bos and bos is not None))
+        return ids + ([eos] if add_eos and eos is not None else [])
+
+    def documents():
+        for file in files:
+            data = file.read_bytes()
+            if tokenizer is not None:
+                try:
+                    data.decode("utf-8")
+                except UnicodeDecodeError:
+                    skipped.append(str(file))
+                    continue
+            for part in (data.splitlines() if doc_per_line else [data]):
+                if part.strip() or not doc_per_line:
+                    yield encode(part)
+
+    info = {"skipped_files": skipped, "add_bos": add_bos, "add_eos": add_eos,
+            "doc_per_line": doc_per_line}
+    return build_ngram_table(documents(), out_dir, vocab_size=vocab, max_order=max_order,
+                             tokenizer=tokenizer_id, sources=[str(f) for f in files],
+                             corpus_info=info)
 
 
 def tokenizer_fingerprint(tokenizer_dir) -> str:
