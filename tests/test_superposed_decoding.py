@@ -12,6 +12,8 @@ from cadenza.decode import superposed as sp
 from cadenza.models import KVCache, Transformer, init_params
 
 NEG = np.float32(1e7)  # the reference's INF
+scores_fn = jax.jit(sp.candidate_scores, static_argnames=("config",))
+step_fn = jax.jit(sp.superposed_step, static_argnames=("config", "eos_id"))
 
 
 def brute_counts(docs, max_order):
@@ -151,7 +153,6 @@ def test_step_matches_numpy_port_of_reference(markov_table, temperature):
         ref.append(dict(seq=seq, lp=np.zeros(k, np.float32), pos=len(p),
                         fin_seq=seq.copy(), fin_lp=np.full(k, -np.inf, np.float32),
                         fin_len=np.zeros(k, int)))
-    step = jax.jit(sp.superposed_step, static_argnames=("config", "eos_id"))
     rng = np.random.default_rng(1)
     penalised = 0
     for t in range(n):
@@ -162,7 +163,7 @@ def test_step_matches_numpy_port_of_reference(markov_table, temperature):
         if temperature == 1.0:
             penalised += sum(np.sum(ref_log_probs(logits[b], ref[b]["seq"], ref[b]["pos"],
                                                   counts, cfg) < -cfg.penalty / 2) for b in (0, 1))
-        state, last, w = step(state, jnp.asarray(logits), table, cfg, EOS)
+        state, last, w = step_fn(state, jnp.asarray(logits), table, cfg, EOS)
         ref = ref_step(ref, logits, counts, cfg, EOS, t)
         for b in range(2):
             p = len(prompts[b])
@@ -191,7 +192,7 @@ def test_first_step_gives_top_distinct_tokens():
     cfg = sp.SuperposedConfig(alpha=0.0, temperature=0.5, max_new_tokens=4)
     logits = jax.random.normal(jax.random.key(0), (3, V)) * 2
     state = sp.init_state(jnp.ones((3, 2), jnp.int32), jnp.full((3,), 2), cfg)
-    new, last, w = sp.superposed_step(state, logits, None, cfg, None)
+    new, last, w = step_fn(state, logits, None, cfg, None)
     probs = np.asarray(jax.nn.softmax(logits / 0.5))
     for b in range(3):
         top = np.argsort(-probs[b])
@@ -222,7 +223,7 @@ def test_empty_table_hits_penalty(tmp_path):
     cfg = sp.SuperposedConfig(temperature=1.0)
     logits = jax.random.normal(jax.random.key(2), (2, V))
     state = sp.init_state(jnp.ones((2, 6), jnp.int32) * 3, jnp.full((2,), 6), cfg)
-    _, s = sp.candidate_scores(logits, state, table, cfg)
+    _, s = scores_fn(logits, state, table, cfg)
     top_p = jax.lax.top_k(jax.nn.softmax(logits), 9)[0]
     logp = np.log(np.asarray(top_p / top_p.sum(-1, keepdims=True)))
     np.testing.assert_allclose(np.asarray(s), np.broadcast_to(
@@ -234,7 +235,7 @@ def test_alpha_zero_means_ngram_off(markov_table):
     cfg = sp.SuperposedConfig(alpha=0.0, temperature=1.0)
     logits = jax.random.normal(jax.random.key(3), (2, V))
     state = sp.init_state(jnp.full((2, 2), 45, jnp.int32), jnp.full((2,), 2), cfg)
-    ids, s = sp.candidate_scores(logits, state, table, cfg)
+    ids, s = scores_fn(logits, state, table, cfg)
     top_p = jax.lax.top_k(jax.nn.softmax(logits), 9)[0]
     want = np.log(np.asarray(top_p / top_p.sum(-1, keepdims=True)))
     np.testing.assert_allclose(np.asarray(s[:, 1]), want, rtol=1e-6)
@@ -255,11 +256,11 @@ def test_permuting_drafts_permutes_outputs(markov_table):
     perm = np.array([2, 0, 1])
     permuted = jax.tree.map(lambda x: x[:, perm] if x.ndim >= 2 else x, state)
     logits = jnp.asarray(rng.normal(size=(1, V)) * 3, jnp.float32)
-    _, s = sp.candidate_scores(logits, state, table, cfg)
-    _, s_perm = sp.candidate_scores(logits, permuted, table, cfg)
+    _, s = scores_fn(logits, state, table, cfg)
+    _, s_perm = scores_fn(logits, permuted, table, cfg)
     np.testing.assert_array_equal(np.asarray(s_perm), np.asarray(s)[:, perm])
-    a, last_a, w_a = sp.superposed_step(state, logits, table, cfg, EOS)
-    b, last_b, w_b = sp.superposed_step(permuted, logits, table, cfg, EOS)
+    a, last_a, w_a = step_fn(state, logits, table, cfg, EOS)
+    b, last_b, w_b = step_fn(permuted, logits, table, cfg, EOS)
     entries = [_sorted_entries(np.asarray(x.alive_tokens[0]), np.asarray(x.alive_scores[0]),
                                [3] * 3, -np.inf) for x in (a, b)]
     _assert_same(*entries)
@@ -362,12 +363,11 @@ def test_drafts_are_distinct_valid_and_scored_as_described(tiny_config, tmp_path
                                        embeddings=sp.superpose_embeddings(rows, w)[:, None])
         return logits[:, 0], cache.advance(1)
 
-    step = jax.jit(sp.superposed_step, static_argnames=("config", "eos_id"))
     state = sp.init_state(toks, lens, config)
     logits, recorded = logits0, []
     for t in range(n):
         recorded.append(np.asarray(logits))
-        state, last, w = step(state, logits, table, config, eos)
+        state, last, w = step_fn(state, logits, table, config, eos)
         if t < n - 1:
             logits, cache = forward(params, last, w, cache)
 
