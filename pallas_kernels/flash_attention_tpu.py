@@ -12,8 +12,6 @@ positions are consecutive within each segment, which holds for the model's
 default positions and for packed batches (positions restart per segment).
 """
 
-import functools
-
 import jax
 import jax.numpy as jnp
 from jax.experimental.pallas.ops.tpu import splash_attention as splash
@@ -35,7 +33,6 @@ def unsupported_reason(q, *, tail_mask):
     return None
 
 
-@functools.lru_cache(maxsize=64)
 def _kernel(t, group, window, soft_cap, block, interpret):
     if window > 0:
         one = splash.LocalMask((t, t), window_size=(window - 1, 0), offset=0)
@@ -44,10 +41,9 @@ def _kernel(t, group, window, soft_cap, block, interpret):
     sizes = splash.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block,
                               block_q_dkv=block, block_kv_dkv=block, block_kv_dkv_compute=block,
                               block_q_dq=block, block_kv_dq=block)
-    with jax.ensure_compile_time_eval():  # concrete mask tables, safe to cache across traces
-        return splash.make_splash_mqa_single_device(
-            splash.MultiHeadMask([one] * group), block_sizes=sizes,
-            attn_logits_soft_cap=soft_cap or None, interpret=interpret)
+    return splash.make_splash_mqa_single_device(
+        splash.MultiHeadMask([one] * group), block_sizes=sizes,
+        attn_logits_soft_cap=soft_cap or None, interpret=interpret)
 
 
 def flash_attention_tpu(q, k, v, *, scale, segment_ids=None, window=0, logit_soft_cap=0.0,
