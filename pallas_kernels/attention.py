@@ -151,9 +151,9 @@ def attention(q, k, v, *, implementation: str = "xla", scale, q_positions, k_cac
         if impl == "cudnn":
             reason = "cuDNN path has no cache attention"
         else:
-            reason = decode_tpu.unsupported_reason(q, k_cache)
+            reason = decode_tpu.unsupported_reason(k_cache)
         if reason is None:
-            out, reason = _decode(q, k, v, kw, interpret=backend == "cpu")
+            out, reason = _decode(q, k, v, kw, window_choices, interpret=backend == "cpu")
     else:
         if impl == "pallas":
             reason = flash_tpu.unsupported_reason(q, tail_mask=tail_mask)
@@ -168,19 +168,30 @@ def attention(q, k, v, *, implementation: str = "xla", scale, q_positions, k_cac
     return out
 
 
-def _decode(q, k, v, kw, *, interpret):
+def _decode(q, k, v, kw, window_choices, *, interpret):
+    """The TPU cache kernel; the new tokens among themselves via splash for long causal
+    chunks with a static window (prefill into a cache), else XLA."""
     arrays = {"q": q, "k": k, "v": v, "k_cache": kw["k_cache"], "v_cache": kw["v_cache"],
               "cache_lengths": kw["cache_lengths"], "cache_positions": kw["cache_positions"],
-              "q_positions": kw["q_positions"],
-              "window": jnp.asarray(kw["window"], jnp.int32)}
+              "q_positions": kw["q_positions"]}
     for name in ("tail_mask", "segment_ids"):
         if kw[name] is not None:
             arrays[name] = kw[name]
+    window = _static_int(kw["window"])
+    if window is None and len(set(window_choices or ())) == 1:
+        window = window_choices[0]
+    splash_tail = (q.shape[1] > 64 and window is not None
+                   and flash_tpu.unsupported_reason(q, tail_mask=kw["tail_mask"]) is None)
+    if window is None:
+        arrays["window"] = jnp.asarray(kw["window"], jnp.int32)
     specs, reason = _mesh_specs(arrays)
     if reason:
         return None, reason
     fn = functools.partial(decode_tpu.decode_attention_tpu, scale=kw["scale"],
-                           logit_soft_cap=kw["logit_soft_cap"], interpret=interpret)
+                           logit_soft_cap=kw["logit_soft_cap"], interpret=interpret,
+                           splash_tail=splash_tail)
+    if window is not None:
+        fn = functools.partial(fn, window=window)
     return _run_sharded(fn, arrays, specs), None
 
 

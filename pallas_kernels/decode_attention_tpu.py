@@ -11,7 +11,8 @@ merged exactly by log-sum-exp (:mod:`cadenza.pallas_kernels.attention_parts`):
   fetched (the index map clamps to the row's last valid block, so the
   pipeline does not re-copy) nor computed;
 - the new tokens among themselves ([T, T] tree/causal mask, segments,
-  window), in XLA: T <= 64 makes it a few hundred FLOPs per head.
+  window), in XLA: for verify (T <= 64) a few hundred FLOPs per head; long
+  causal prefill chunks use splash attention with its log-sum-exp instead.
 
 Layout: the cache is read in place as ``[B, S, Hkv * D]`` (a free reshape),
 one ``[block_kv, D]`` tile per (row, kv head, block), so ``D`` must be a
@@ -28,17 +29,17 @@ from jax.experimental.pallas import tpu as pltpu
 
 from cadenza.pallas_kernels.attention_parts import merge_parts, tail_attention_with_lse
 from cadenza.pallas_kernels.attention_reference import _NEG
+from cadenza.pallas_kernels.flash_attention_tpu import flash_attention_tpu
 
 BLOCK_KV_CHOICES = (512, 256, 128)
+BLOCK_Q = 512  # query rows (GQA group x new tokens) per grid step
 
 
-def unsupported_reason(q, k_cache, *, block_kv=None):
+def unsupported_reason(k_cache, *, block_kv=None):
     """Why the TPU cache kernel cannot take these shapes (None if it can)."""
     s, hkv, d = k_cache.shape[1:]
     if d % 128 and hkv != 1:
         return f"head_dim {d} is not a multiple of 128"
-    if q.shape[1] > 64:
-        return f"{q.shape[1]} new tokens > 64 (use prefill attention)"
     if block_kv is None and pick_block_kv(s) is None:
         return f"cache length {s} is not a multiple of 128"
     if block_kv is not None and s % block_kv:
@@ -53,7 +54,7 @@ def pick_block_kv(s):
 
 def _cache_kernel(lens_ref, win_ref, q_ref, qpos_ref, k_ref, v_ref, cpos_ref, o_ref, lse_ref,
                   m_sc, l_sc, acc_sc, *, scale, soft_cap, block_kv, blocks_per_split):
-    b, split, i = pl.program_id(0), pl.program_id(2), pl.program_id(3)
+    b, split, i = pl.program_id(0), pl.program_id(3), pl.program_id(4)
     start = (split * blocks_per_split + i) * block_kv
     length = lens_ref[b]
 
@@ -120,8 +121,9 @@ def cache_attention_tpu(q, k_cache, v_cache, *, cache_lengths, cache_positions, 
     num_splits = min(num_splits, n_blocks)
     bps = pl.cdiv(n_blocks, num_splits)
     rows = g * t
-    r = -(-rows // 8) * 8
-    # rows ordered (group member, token); padded to a sublane multiple
+    block_q = min(-(-rows // 8) * 8, BLOCK_Q)
+    r = -(-rows // block_q) * block_q
+    # rows ordered (group member, token); padded to a multiple of the row block
     qr = q.reshape(b, t, hkv, g, d).transpose(0, 2, 3, 1, 4).reshape(b, hkv, rows, d)
     qr = jnp.pad(qr, ((0, 0), (0, 0), (0, r - rows), (0, 0))).astype(k_cache.dtype)
     qpos = jnp.pad(jnp.tile(q_positions.astype(jnp.int32), (1, g)), ((0, 0), (0, r - rows)))
@@ -137,24 +139,25 @@ def cache_attention_tpu(q, k_cache, v_cache, *, cache_lengths, cache_positions, 
         return jnp.minimum(jnp.minimum(split * bps + i, n_blocks - 1), last)
 
     kv_spec = pl.BlockSpec((None, block_kv, d),
-                           lambda bi, h, sp, i, lr, wr: (bi, kv_block(bi, sp, i, lr), h))
+                           lambda bi, h, qb, sp, i, lr, wr: (bi, kv_block(bi, sp, i, lr), h))
+    out_map = lambda bi, h, qb, sp, i, lr, wr: (bi, h, sp, qb, 0)  # noqa: E731
     grid_spec = pltpu.PrefetchScalarGridSpec(
         num_scalar_prefetch=2,
-        grid=(b, hkv, num_splits, bps),
+        grid=(b, hkv, r // block_q, num_splits, bps),
         in_specs=[
-            pl.BlockSpec((None, None, r, d), lambda bi, h, sp, i, lr, wr: (bi, h, 0, 0)),
-            pl.BlockSpec((None, r, 1), lambda bi, h, sp, i, lr, wr: (bi, 0, 0)),
+            pl.BlockSpec((None, None, block_q, d),
+                         lambda bi, h, qb, sp, i, lr, wr: (bi, h, qb, 0)),
+            pl.BlockSpec((None, block_q, 1), lambda bi, h, qb, sp, i, lr, wr: (bi, qb, 0)),
             kv_spec,
             kv_spec,
             pl.BlockSpec((None, 1, block_kv),
-                         lambda bi, h, sp, i, lr, wr: (bi, 0, kv_block(bi, sp, i, lr))),
+                         lambda bi, h, qb, sp, i, lr, wr: (bi, 0, kv_block(bi, sp, i, lr))),
         ],
-        out_specs=[
-            pl.BlockSpec((None, None, None, r, d), lambda bi, h, sp, i, lr, wr: (bi, h, sp, 0, 0)),
-            pl.BlockSpec((None, None, None, r, 1), lambda bi, h, sp, i, lr, wr: (bi, h, sp, 0, 0)),
-        ],
-        scratch_shapes=[pltpu.VMEM((r, 1), jnp.float32), pltpu.VMEM((r, 1), jnp.float32),
-                        pltpu.VMEM((r, d), jnp.float32)],
+        out_specs=[pl.BlockSpec((None, None, None, block_q, d), out_map),
+                   pl.BlockSpec((None, None, None, block_q, 1), out_map)],
+        scratch_shapes=[pltpu.VMEM((block_q, 1), jnp.float32),
+                        pltpu.VMEM((block_q, 1), jnp.float32),
+                        pltpu.VMEM((block_q, d), jnp.float32)],
     )
     kernel = functools.partial(_cache_kernel, scale=float(scale),
                                soft_cap=float(logit_soft_cap or 0.0), block_kv=block_kv,
@@ -165,7 +168,7 @@ def cache_attention_tpu(q, k_cache, v_cache, *, cache_lengths, cache_positions, 
         out_shape=[jax.ShapeDtypeStruct((b, hkv, num_splits, r, d), jnp.float32),
                    jax.ShapeDtypeStruct((b, hkv, num_splits, r, 1), jnp.float32)],
         compiler_params=pltpu.CompilerParams(
-            dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
+            dimension_semantics=("parallel", "parallel", "parallel", "parallel", "arbitrary")),
         interpret=interpret,
         name="cadenza_cache_attention",
     )(lens, win, qr, qpos, kf, vf, cpos)
@@ -176,19 +179,28 @@ def cache_attention_tpu(q, k_cache, v_cache, *, cache_lengths, cache_positions, 
 
 def decode_attention_tpu(q, k, v, *, scale, q_positions, k_cache, v_cache, cache_lengths,
                          cache_positions, tail_mask=None, segment_ids=None, window=0,
-                         logit_soft_cap=0.0, block_kv=None, num_splits=None, interpret=False):
-    """Full verify/decode attention: Pallas over the cache, XLA among the new tokens, merged.
+                         logit_soft_cap=0.0, block_kv=None, num_splits=None, interpret=False,
+                         splash_tail=False):
+    """Verify/decode/prefill attention over a cache: Pallas over the cache, the new tokens
+    among themselves in XLA (or splash), merged by log-sum-exp.
 
     Same arguments and result as
     :func:`cadenza.pallas_kernels.attention_reference.reference_attention` with a
     cache (plus the kernel's ``block_kv``, ``num_splits``, ``interpret``).
+    ``splash_tail``: attend among the new tokens with splash (long prefill
+    chunks; needs ``tail_mask=None``, a Python-int window, ``T % 128 == 0``).
     Forward only (decoding); not differentiable.
     """
     outs, lses = cache_attention_tpu(
         q, k_cache, v_cache, cache_lengths=cache_lengths, cache_positions=cache_positions,
         q_positions=q_positions, scale=scale, window=window, logit_soft_cap=logit_soft_cap,
         block_kv=block_kv, num_splits=num_splits, interpret=interpret)
-    tail_out, tail_lse = tail_attention_with_lse(
-        q, k, v, scale=scale, q_positions=q_positions, tail_mask=tail_mask,
-        segment_ids=segment_ids, window=window, logit_soft_cap=logit_soft_cap)
+    if splash_tail:
+        tail_out, tail_lse = flash_attention_tpu(
+            q, k, v, scale=scale, segment_ids=segment_ids, window=window,
+            logit_soft_cap=logit_soft_cap, interpret=bool(interpret), return_lse=True)
+    else:
+        tail_out, tail_lse = tail_attention_with_lse(
+            q, k, v, scale=scale, q_positions=q_positions, tail_mask=tail_mask,
+            segment_ids=segment_ids, window=window, logit_soft_cap=logit_soft_cap)
     return merge_parts(outs + [tail_out], lses + [tail_lse]).astype(q.dtype)

@@ -33,7 +33,7 @@ def unsupported_reason(q, *, tail_mask):
     return None
 
 
-def _kernel(t, group, window, soft_cap, block, interpret):
+def _kernel(t, group, window, soft_cap, block, interpret, save_residuals=False):
     if window > 0:
         one = splash.LocalMask((t, t), window_size=(window - 1, 0), offset=0)
     else:
@@ -43,11 +43,12 @@ def _kernel(t, group, window, soft_cap, block, interpret):
                               block_q_dq=block, block_kv_dq=block)
     return splash.make_splash_mqa_single_device(
         splash.MultiHeadMask([one] * group), block_sizes=sizes,
-        attn_logits_soft_cap=soft_cap or None, interpret=interpret)
+        attn_logits_soft_cap=soft_cap or None, interpret=interpret,
+        save_residuals=save_residuals)
 
 
 def flash_attention_tpu(q, k, v, *, scale, segment_ids=None, window=0, logit_soft_cap=0.0,
-                        block=None, interpret=False):
+                        block=None, interpret=False, return_lse=False):
     """Causal flash attention (splash) of a sequence over itself; differentiable.
 
     Args:
@@ -60,14 +61,17 @@ def flash_attention_tpu(q, k, v, *, scale, segment_ids=None, window=0, logit_sof
       interpret: Pallas interpret mode (CPU tests; use inside
         ``pltpu.force_tpu_interpret_mode()``).
 
+      return_lse: also return the log-sum-exp (forward only, not differentiable),
+        to merge with attention over a cache prefix.
+
     Returns:
-      [B, T, Hq, D] in q's dtype.
+      [B, T, Hq, D] in q's dtype; with ``return_lse`` also float32 [B, T, Hq].
     """
     b, t, hq, d = q.shape
     hkv = k.shape[2]
     g = hq // hkv
     kernel = _kernel(t, g, int(window), float(logit_soft_cap or 0.0), block or pick_block(t),
-                     interpret)
+                     interpret, save_residuals=return_lse)
     qh = (q.astype(jnp.float32) * scale).astype(q.dtype)
     qh = qh.reshape(b, t, hkv, g, d).transpose(0, 2, 3, 1, 4)
     kh, vh = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
@@ -79,4 +83,8 @@ def flash_attention_tpu(q, k, v, *, scale, segment_ids=None, window=0, logit_sof
         per_head = jax.vmap(lambda qq, kk, vv, s: kernel(qq, kk, vv, segment_ids=s),
                             in_axes=(0, 0, 0, None))
         out = jax.vmap(per_head)(qh, kh, vh, splash.SegmentIds(q=seg, kv=seg))
+    if return_lse:
+        out, (lse,) = out
+        lse = lse.astype(jnp.float32).transpose(0, 3, 1, 2).reshape(b, t, hq)
+        return out.transpose(0, 3, 1, 2, 4).reshape(b, t, hq, d).astype(q.dtype), lse
     return out.transpose(0, 3, 1, 2, 4).reshape(b, t, hq, d).astype(q.dtype)

@@ -13,6 +13,7 @@ from cadenza.errors import ConfigError
 from cadenza.models import KVCache, Transformer, init_params
 from cadenza.models.config import ATTENTION_IMPLS
 from cadenza.pallas_kernels import attention as dispatch
+from cadenza.pallas_kernels import decode_attention_tpu as decode_attention_tpu_module
 from cadenza.pallas_kernels.attention_reference import reference_attention
 from cadenza.pallas_kernels.decode_attention_tpu import decode_attention_tpu
 from cadenza.pallas_kernels.flash_attention_tpu import flash_attention_tpu
@@ -71,6 +72,19 @@ def test_decode_kernel_matches_reference(hq, hkv, t, window, cap, dtype, splits)
     tol = 2e-2 if dtype == jnp.bfloat16 else 2e-5
     np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref, np.float32),
                                atol=tol, rtol=tol)
+
+
+def test_prefill_into_cache_with_splash_tail_matches_reference(monkeypatch):
+    """A long causal chunk over a ragged cache: the cache kernel in row blocks (2 here)
+    merged with splash's log-sum-exp over the chunk itself."""
+    monkeypatch.setattr(decode_attention_tpu_module, "BLOCK_Q", 128)
+    case = _decode_case(2, 128, 4, 2, 128, 256, [0, 140], jnp.float32, seed=3)
+    case.update(tail_mask=None, q_positions=case["cache_lengths"][:, None] + jnp.arange(128))
+    kw = dict(scale=0.2, window=50, logit_soft_cap=3.0)
+    run = jax.jit(lambda c: decode_attention_tpu(**c, **kw, block_kv=128, splash_tail=True,
+                                                 interpret=pltpu.InterpretParams()))
+    np.testing.assert_allclose(run(case), reference_attention(**case, **kw), atol=2e-5,
+                               rtol=2e-5)
 
 
 def test_splash_forward_and_grads_match_reference():
