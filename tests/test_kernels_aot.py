@@ -26,8 +26,18 @@ TOPOLOGIES = {
 }
 
 
+@pytest.fixture
+def no_persistent_cache():
+    """The persistent cache cannot load TPU executables without a TPU client: keep it out."""
+    old = jax.config.jax_enable_compilation_cache
+    jax.config.update("jax_enable_compilation_cache", False)
+    yield
+    jax.config.update("jax_enable_compilation_cache", old)
+
+
 @pytest.mark.parametrize("chip", sorted(TOPOLOGIES))
-def test_sharded_train_and_verify_steps_compile_for_tpu(chip, tiny_config, caplog):
+def test_sharded_train_verify_prefill_compile_for_tpu(chip, tiny_config, caplog,
+                                                       no_persistent_cache):
     name, chip_config, per_host, (data, fsdp, tensor) = TOPOLOGIES[chip]
     topo = topologies.get_topology_desc(platform="tpu", topology_name=name,
                                         chip_config_name=chip_config,
@@ -66,13 +76,27 @@ def test_sharded_train_and_verify_steps_compile_for_tpu(chip, tiny_config, caplo
         with nn.logical_axis_rules(rules):
             return model.apply({"params": p}, tok, attention_mask=mask, cache=c)[0]
 
+    def prefill_step(q, kv, c):   # a long causal chunk into a cache: cache kernel + splash
+        with nn.logical_axis_rules(rules):
+            return dispatch.attention(
+                q, kv, kv, implementation="pallas", scale=0.1,
+                q_positions=c.lengths[:, None] + jnp.arange(t), k_cache=c.k[0], v_cache=c.v[0],
+                cache_lengths=c.lengths, cache_positions=c.positions, window=0)
+
+    hd = cfg.resolved_head_dim
+    chunk_q = sds(jax.ShapeDtypeStruct((b, t, cfg.num_heads, hd), jnp.bfloat16),
+                  PartitionSpec(("data", "fsdp"), None, "tensor"))
+    chunk_kv = sds(jax.ShapeDtypeStruct((b, t, cfg.num_kv_heads, hd), jnp.bfloat16),
+                   PartitionSpec(("data", "fsdp"), None, "tensor"))
     dispatch._logged.clear()
     caplog.set_level(logging.WARNING, logger=dispatch.__name__)
     caplog.clear()
     with jax.set_mesh(mesh):
         train = jax.jit(train_step).lower(params, tokens, tokens).compile()
         verify = jax.jit(verify_step).lower(params, new, cache, tree).compile()
+        prefill = jax.jit(prefill_step).lower(chunk_q, chunk_kv, cache).compile()
     assert not caplog.records, [r.getMessage() for r in caplog.records]   # kernels, not XLA
-    for compiled, kernel in ((train, "splash"), (verify, "cadenza_cache_attention")):
-        assert kernel in compiled.as_text()
-        assert compiled.memory_analysis().temp_size_in_bytes > 0
+    for compiled, kernels in ((train, ["splash"]), (verify, ["cadenza_cache_attention"]),
+                              (prefill, ["cadenza_cache_attention", "splash"])):
+        assert all(kernel in compiled.as_text() for kernel in kernels)
+        assert compiled.memory_analysis().argument_size_in_bytes > 0
