@@ -26,18 +26,11 @@ TOPOLOGIES = {
 }
 
 
-@pytest.fixture
-def no_persistent_cache():
-    """The persistent cache cannot load TPU executables without a TPU client: keep it out."""
-    old = jax.config.jax_enable_compilation_cache
-    jax.config.update("jax_enable_compilation_cache", False)
-    yield
-    jax.config.update("jax_enable_compilation_cache", old)
-
-
+# The session's persistent compilation cache stores these TPU executables but cannot load
+# them back without a TPU client; jax then just compiles again (and warns).
+@pytest.mark.filterwarnings("ignore:Error reading persistent compilation cache entry")
 @pytest.mark.parametrize("chip", sorted(TOPOLOGIES))
-def test_sharded_train_verify_prefill_compile_for_tpu(chip, tiny_config, caplog,
-                                                       no_persistent_cache):
+def test_sharded_train_verify_prefill_compile_for_tpu(chip, tiny_config, caplog):
     name, chip_config, per_host, (data, fsdp, tensor) = TOPOLOGIES[chip]
     topo = topologies.get_topology_desc(platform="tpu", topology_name=name,
                                         chip_config_name=chip_config,
