@@ -182,9 +182,18 @@ def test_unsupported_cases_fall_back_to_xla_once(caplog):
         for impl in ("pallas", "pallas", "cudnn", "auto"):
             out = dispatch.attention(q, k, v, implementation=impl, **kw)
             np.testing.assert_array_equal(out, reference_attention(q, k, v, **kw))
+        # sequence parallelism: the kernels need whole rows per shard
+        q2, k2, v2 = (jnp.tile(x, (1, 128 // 5 + 1, 1, 1))[:, :128] for x in (q, k, v))
+        kw2 = dict(scale=0.3, q_positions=jnp.broadcast_to(jnp.arange(128), (2, 128)))
+        mesh_cfg = MeshConfig(data=2, sequence=4)
+        with jax.set_mesh(make_mesh(mesh_cfg)), nn.logical_axis_rules(mesh_cfg.rules()):
+            out = jax.jit(lambda q, k, v: dispatch.attention(q, k, v, implementation="pallas",
+                                                             **kw2))(q2, k2, v2)
+        np.testing.assert_allclose(out, reference_attention(q2, k2, v2, **kw2), atol=1e-6)
     messages = [r.getMessage() for r in caplog.records]
-    assert len(messages) == 2, messages   # one per distinct reason; auto on CPU is plain XLA
+    assert len(messages) == 3, messages   # one per distinct reason; auto on CPU is plain XLA
     assert "not a multiple of 128" in messages[0] and "cuDNN needs a GPU" in messages[1]
+    assert "sharded along its length" in messages[2]
     with pytest.raises(ConfigError, match="unknown attention implementation"):
         dispatch.attention(q, k, v, implementation="triton", **kw)
 
