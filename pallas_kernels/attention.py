@@ -130,10 +130,11 @@ def attention(q, k, v, *, implementation: str = "xla", scale, q_positions, k_cac
 
     Shapes and masking rules: see
     :func:`cadenza.pallas_kernels.attention_reference.reference_attention`.
-    ``window_choices``: the distinct values a traced ``window`` can take (the
-    model's per-layer windows); lets static-mask kernels run under a scan over
-    layers via ``lax.switch``. Without a cache the result is differentiable on
-    every path; with a cache the Pallas path is forward-only (decoding).
+    ``window_choices``: every value a traced ``window`` can take (the model's
+    per-layer windows; a value outside it would select the first choice); lets
+    static-mask kernels run under a scan over layers via ``lax.switch``.
+    Without a cache the result is differentiable on every path; with a cache
+    the Pallas path is forward-only (decoding).
     """
     impl = _resolve(implementation)
     kw = dict(scale=scale, q_positions=q_positions, k_cache=k_cache, v_cache=v_cache,
