@@ -20,8 +20,8 @@ $(UV):
 	$(PY312) -m venv .uv
 	.uv/bin/pip install --quiet uv==$(UV_VERSION)
 
-.venv/.synced: $(UV) pyproject.toml uv.lock
-	$(UV) sync --frozen --quiet
+.venv/.synced: $(UV) pyproject.toml uv.lock Makefile
+	$(UV) sync --frozen --quiet --extra tpu
 	touch $@
 
 demo: .venv/.synced
