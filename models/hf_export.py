@@ -10,19 +10,23 @@ import pathlib
 import shutil
 
 import numpy as np
+import safetensors.numpy
 
 from cadenza.errors import CadenzaError
 from cadenza.models.config import ModelConfig
 from cadenza.models.hf_config import hf_config_from_model
 from cadenza.models.hf_import import INDEX_FILE, TOKENIZER_FILES
-from cadenza.models.hf_safetensors import write_safetensors
 from cadenza.models.hf_weights import get_path, hf_shape, to_hf, weight_specs
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 2**30
 
 
 def _hf_tensors(config: ModelConfig, params):
-    """``[(hf_name, shape, dtype, produce)]`` for every HF tensor, one leaf gathered at a time."""
+    """``[(hf_name, shape, dtype, produce)]`` for every HF tensor, one leaf gathered at a time.
+
+    ``produce()`` returns the tensor as a new C-ordered numpy array (not a view
+    that would keep its whole leaf alive); call them in list order.
+    """
     from cadenza.models.params import stack_layers
 
     if "layers" not in params:
@@ -39,7 +43,7 @@ def _hf_tensors(config: ModelConfig, params):
             host = np.asarray(leaf) if host is None else host
             if i is not None and i + 1 < config.num_layers:
                 cache["host"] = host
-            return to_hf(layout, host if i is None else host[i])
+            return np.array(to_hf(layout, host if i is None else host[i]), order="C")
 
         if spec.layered:
             for i in range(config.num_layers):
@@ -50,16 +54,28 @@ def _hf_tensors(config: ModelConfig, params):
     return out
 
 
+def _nbytes(tensor) -> int:
+    _, shape, dtype, _ = tensor
+    return int(np.prod(shape)) * np.dtype(dtype).itemsize
+
+
 def _shards(tensors, max_bytes: int):
     shards, size = [[]], 0
     for t in tensors:
-        nbytes = int(np.prod(t[1])) * np.dtype(t[2]).itemsize
-        if shards[-1] and size + nbytes > max_bytes:
+        if shards[-1] and size + _nbytes(t) > max_bytes:
             shards.append([])
             size = 0
         shards[-1].append(t)
-        size += nbytes
+        size += _nbytes(t)
     return shards
+
+
+def _write_shard(path: pathlib.Path, shard) -> int:
+    """Write one safetensors file with ``{"format": "pt"}`` metadata (what transformers
+    expects); only this shard's tensors are in host memory. Returns its data bytes."""
+    arrays = {name: produce() for name, _, _, produce in shard}
+    safetensors.numpy.save_file(arrays, path, metadata={"format": "pt"})
+    return sum(_nbytes(t) for t in shard)
 
 
 def save_hf(model, hf_dir, *, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> pathlib.Path:
@@ -71,7 +87,8 @@ def save_hf(model, hf_dir, *, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) ->
         scanned or unscanned layout (jax or numpy arrays, sharded or not).
       hf_dir: output directory.
       max_shard_bytes: safetensors files are split above this size, with a
-        ``model.safetensors.index.json``.
+        ``model.safetensors.index.json``; they are written one at a time, so
+        host memory holds one shard (plus the gathered leaf being split).
 
     The tensors keep the params' dtype. Tokenizer and generation files are
     copied from the model directory's tokenizer/ folder when there is one.
@@ -97,14 +114,13 @@ def save_hf(model, hf_dir, *, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) ->
                            fix="choose a new output directory or delete the old one")
     out.mkdir(parents=True, exist_ok=True)
     shards = _shards(_hf_tensors(config, params), max_shard_bytes)
-    metadata = {"format": "pt"}
     if len(shards) == 1:
-        write_safetensors(out / "model.safetensors", shards[0], metadata)
+        _write_shard(out / "model.safetensors", shards[0])
     else:
         weight_map, total = {}, 0
         for k, shard in enumerate(shards):
             name = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
-            total += write_safetensors(out / name, shard, metadata)
+            total += _write_shard(out / name, shard)
             weight_map.update({t[0]: name for t in shard})
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (out / INDEX_FILE).write_text(json.dumps(index, indent=2))

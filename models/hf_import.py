@@ -19,12 +19,12 @@ import tempfile
 import jax
 import jax.numpy as jnp
 import numpy as np
+import safetensors
 
 from cadenza.errors import CadenzaError
 from cadenza.models.config import ModelConfig
 from cadenza.models.hf_config import model_config_from_hf
-from cadenza.models.hf_safetensors import FLOAT_TAGS, SafetensorsFile, TensorInfo, dtype_tag
-from cadenza.models.hf_weights import get_path, hf_shape, set_path, to_cadenza, weight_specs
+from cadenza.models.hf_weights import get_path, hf_shape, read_block, set_path, weight_specs
 
 log = logging.getLogger("cadenza.hf")
 
@@ -36,22 +36,47 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
                    "chat_template.jinja", "chat_template.json", "generation_config.json")
 # Buffers some exports include that cadenza recomputes from the config.
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+# safetensors dtype tags of the float dtypes cadenza reads (others: quantized or integer).
+FLOAT_TAGS = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}
 _MAX_LISTED = 12
+# The safetensors library's header errors, in words (its message is kept after them).
+_HEADER_ERRORS = {
+    "header too small": "no safetensors header, the file is too short to hold one",
+    "invalid header length": "the file is truncated, its header is longer than the file",
+    "incomplete metadata, file not fully covered":
+        "the file is truncated (or has extra bytes), its size does not match the tensors "
+        "its header lists",
+    "invalid shape, data type, or offset for tensor":
+        "a tensor's byte range does not match its shape and dtype",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorInfo:
+    """One HF tensor: the file holding it, its safetensors dtype tag and its shape."""
+
+    file: pathlib.Path
+    dtype: str
+    shape: tuple[int, ...]
 
 
 @dataclasses.dataclass
 class HFCheckpoint:
-    """An opened HF checkpoint: its directory, config.json, tensor index and remarks."""
+    """An opened HF checkpoint: its directory, config.json, tensor index and remarks.
+
+    ``files`` holds one open ``safetensors.safe_open`` handle (numpy framework,
+    memory-mapped) per weight file; nothing but the headers has been read.
+    """
 
     directory: pathlib.Path
     hf_config: dict
     tensors: dict[str, TensorInfo]
-    files: dict[pathlib.Path, SafetensorsFile]
+    files: dict[pathlib.Path, safetensors.safe_open]
     notes: list[str]
 
-    def array(self, name: str) -> np.ndarray:
-        """Memory-mapped view of HF tensor ``name``."""
-        return self.files[self.tensors[name].file].array(name)
+    def tensor(self, name: str):
+        """HF tensor ``name`` as a lazy safetensors slice: ``[slices]`` reads just that block."""
+        return self.files[self.tensors[name].file].get_slice(name)
 
 
 def resolve_hf_dir(path) -> pathlib.Path:
@@ -124,6 +149,20 @@ def _weight_files(d: pathlib.Path) -> list[pathlib.Path]:
                        fix="download the model's .safetensors files next to config.json")
 
 
+def _open_safetensors(path: pathlib.Path):
+    """``safe_open(path)`` (headers only), with the library's errors as CadenzaError."""
+    try:
+        return safetensors.safe_open(path, framework="numpy")
+    except safetensors.SafetensorError as e:
+        reason = str(e).removeprefix("Error while deserializing header: ")
+        what = _HEADER_ERRORS.get(reason, "cannot read the header")
+        raise CadenzaError(
+            f"corrupt or truncated safetensors file: {what}; the file has "
+            f"{path.stat().st_size} bytes (safetensors says: {reason})", where=str(path),
+            fix="download the file again (compare its size with the source) or re-export it"
+        ) from None
+
+
 def open_hf_checkpoint(path, *, dtype: str | None = None) -> tuple[HFCheckpoint, ModelConfig]:
     """Open an HF model directory and build its :class:`ModelConfig` (no tensor data read).
 
@@ -134,15 +173,16 @@ def open_hf_checkpoint(path, *, dtype: str | None = None) -> tuple[HFCheckpoint,
     d = resolve_hf_dir(path)
     hf_config = _read_json(d / "config.json", "config.json")
     config, notes = model_config_from_hf(hf_config, dtype=dtype, where=str(d / "config.json"))
-    files = {f: SafetensorsFile(f) for f in _weight_files(d)}
+    files = {f: _open_safetensors(f) for f in _weight_files(d)}
     tensors: dict[str, TensorInfo] = {}
-    for f in files.values():
-        for name, info in f.tensors.items():
+    for path, f in files.items():
+        for name in f.keys():
             if name in tensors:
                 raise CadenzaError(f"tensor {name!r} appears in both {tensors[name].file.name} "
-                                   f"and {f.path.name}", where=str(d),
+                                   f"and {path.name}", where=str(d),
                                    fix="keep one set of weight files in the directory")
-            tensors[name] = info
+            header = f.get_slice(name)
+            tensors[name] = TensorInfo(path, header.get_dtype(), tuple(header.get_shape()))
     index = d / INDEX_FILE
     if index.is_file():
         listed = _read_json(index, "the safetensors index")["weight_map"]
@@ -227,7 +267,7 @@ def check_weights(ckpt: HFCheckpoint, config: ModelConfig) -> list[tuple[str, ob
             f"the weights do not match config.json ({problems} problems):\n"
             + "\n".join(lines) + "\n", where=str(ckpt.directory), fix="; ".join(fixes))
     stored = sorted({ckpt.tensors[n].dtype for n in expected})
-    if stored != [dtype_tag(config.param_dtype)]:
+    if [FLOAT_TAGS[tag] for tag in stored] != [config.param_dtype]:
         ckpt.notes.append(f"the checkpoint stores {'/'.join(stored)}; cast to "
                           f"{config.param_dtype}")
     return plan
@@ -257,7 +297,7 @@ def load_hf(hf_dir, dtype: str | None = None, mesh=None, rules=None):
         checkpoint's declared dtype (float32 if it declares none).
       mesh: if given, each param is created directly in its shards
         (``jax.make_array_from_callback``): every device reads only its slice
-        of the memory-mapped file, no device gets a whole-model copy.
+        of the file (safetensors ``get_slice``), no device gets a whole-model copy.
       rules: logical-axis rules for ``mesh`` (default: MeshConfig's).
 
     Returns:
@@ -298,15 +338,15 @@ def read_hf(hf_dir, dtype: str | None = None, mesh=None, rules=None):
 def _reader(ckpt: HFCheckpoint, spec, per_layer, num_layers: int, dtype):
     """``read(index) -> np.ndarray``: the block ``index`` (slices in cadenza layout) of a leaf."""
 
-    def view(name):
-        return to_cadenza(spec.layout, ckpt.array(name), per_layer)
+    def block(name, index):
+        return read_block(spec.layout, ckpt.tensor(name), per_layer, index)
 
     def read(index):
         if not spec.layered:
-            return np.array(view(spec.hf_name)[index], dtype=dtype)
+            return np.asarray(block(spec.hf_name, index), dtype=dtype)
         layers = range(num_layers)[index[0]]
-        return np.stack([np.array(view(spec.hf_name.format(i=i))[index[1:]], dtype=dtype)
-                         for i in layers])
+        return np.stack([block(spec.hf_name.format(i=i), index[1:]) for i in layers]
+                        ).astype(dtype, copy=False)
 
     return read
 

@@ -3,9 +3,10 @@
 HF ``nn.Linear`` weights are ``[out, in]``; cadenza kernels are ``[in, out]``
 with attention heads split out: q/k/v ``[embed, heads, head_dim]``, o
 ``[heads, head_dim, embed]``. Per-layer HF tensors (``model.layers.{i}.``)
-are stacked on cadenza's leading ``layers`` axis. Every layout change is a
-numpy *view* (transpose + axis split), so a memory-mapped HF tensor can be
-sliced in cadenza coordinates while reading only that slice's bytes.
+are stacked on cadenza's leading ``layers`` axis. :func:`read_block` turns a
+block in cadenza coordinates into the HF rows/columns holding it, so a lazily
+read tensor (a safetensors slice) yields one device's shard while reading only
+that shard's heads, rows and columns.
 """
 
 import dataclasses
@@ -82,18 +83,51 @@ def hf_shape(layout: str, shape: tuple[int, ...]) -> tuple[int, ...]:
     raise ValueError(layout)
 
 
-def to_cadenza(layout: str, array: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-    """View an HF tensor in cadenza layout (per-layer ``shape``); no data is copied."""
+def read_block(layout: str, tensor, shape: tuple[int, ...], index: tuple[slice, ...]
+               ) -> np.ndarray:
+    """Block ``index`` of a cadenza param (per-layer ``shape``), read from its HF tensor.
+
+    Args:
+      layout: how the HF tensor relates to the param (``SAME``, ``TRANSPOSE``, ...).
+      tensor: the HF tensor, anything indexable by a tuple of slices in HF
+        layout that returns a numpy array (a ``safetensors`` slice, a numpy array).
+      shape: the param's per-layer shape in cadenza layout.
+      index: one slice per cadenza axis (positive steps, as
+        ``jax.make_array_from_callback`` passes them).
+
+    Only the HF rows and columns of the block's heads are read (a sliced
+    head_dim reads its heads whole, then selects).
+    """
     if layout == SAME:
-        return array
-    if layout == HEADS_BIAS:
-        return array.reshape(shape)
-    transposed = array.T
-    return transposed if layout == TRANSPOSE else transposed.reshape(shape)
+        return tensor[index]
+    if layout == TRANSPOSE:
+        return tensor[index[::-1]].T
+    if layout == HEADS_IN:  # [H*hd, D] -> [D, H, hd]
+        d, heads, dims = index
+        rows, count, step = _head_span(heads, shape[1], shape[2])
+        block = tensor[rows, d].T
+        return block.reshape(block.shape[0], count, shape[2])[:, ::step, dims]
+    if layout == HEADS_OUT:  # [D, H*hd] -> [H, hd, D]
+        heads, dims, d = index
+        cols, count, step = _head_span(heads, shape[0], shape[1])
+        block = tensor[d, cols].T
+        return block.reshape(count, shape[1], block.shape[1])[::step, dims]
+    if layout == HEADS_BIAS:  # [H*hd] -> [H, hd]
+        heads, dims = index
+        rows, count, step = _head_span(heads, shape[0], shape[1])
+        return tensor[(rows,)].reshape(count, shape[1])[::step, dims]
+    raise ValueError(layout)
+
+
+def _head_span(heads: slice, num_heads: int, head_dim: int) -> tuple[slice, int, int]:
+    """HF rows of the heads ``heads`` selects: (row slice, heads in that span, head step)."""
+    start, stop, step = heads.indices(num_heads)
+    stop = max(start, stop)
+    return slice(start * head_dim, stop * head_dim), stop - start, step
 
 
 def to_hf(layout: str, array: np.ndarray) -> np.ndarray:
-    """A cadenza param (one layer) in HF layout (inverse of :func:`to_cadenza`)."""
+    """A cadenza param (one layer) in HF layout (a numpy view; inverse of :func:`read_block`)."""
     if layout == SAME:
         return array
     if layout == TRANSPOSE:

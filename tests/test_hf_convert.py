@@ -1,20 +1,31 @@
 """HF import/export without transformers: round trips, config mapping, and every bad input
 giving one clear error before anything compiles."""
 
+import itertools
 import json
 import pickle
+import struct
 
 import jax
 import numpy as np
 import pytest
+from safetensors import safe_open
+from safetensors.numpy import save_file
 
 from cadenza.cli import main
 from cadenza.errors import CadenzaError
 from cadenza.models import import_hf, init_params, load_hf, save_hf, unstack_layers
 from cadenza.models.hf_check import compare_logits
 from cadenza.models.hf_config import model_config_from_hf
-from cadenza.models.hf_safetensors import SafetensorsFile, write_safetensors
-from cadenza.models.hf_weights import HEADS_IN, to_cadenza
+from cadenza.models.hf_weights import (
+    HEADS_BIAS,
+    HEADS_IN,
+    HEADS_OUT,
+    SAME,
+    TRANSPOSE,
+    read_block,
+    to_hf,
+)
 
 
 def _export(tiny_config, tmp_path, family="llama", *overrides, name="hf", **kwargs):
@@ -25,12 +36,10 @@ def _export(tiny_config, tmp_path, family="llama", *overrides, name="hf", **kwar
 
 def _rewrite(path, edit):
     """Rewrite a safetensors file after ``edit(dict of numpy arrays)``."""
-    f = SafetensorsFile(path)
-    arrays = {n: np.array(f.array(n)) for n in f.tensors}
-    del f
+    with safe_open(path, framework="numpy") as f:
+        arrays = {n: f.get_tensor(n) for n in f.keys()}
     edit(arrays)
-    write_safetensors(path, [(n, a.shape, a.dtype, lambda a=a: a) for n, a in arrays.items()],
-                      {"format": "pt"})
+    save_file(arrays, path, metadata={"format": "pt"})
 
 
 def _edit_config(hf_dir, **fields):
@@ -46,8 +55,9 @@ def _same(a, b):
 def test_bfloat16_round_trip_and_dtype_override(tiny_config, tmp_path):
     hf_dir, config, params = _export(tiny_config, tmp_path, "gemma2", "model.param_dtype=bfloat16",
                                      "model.dtype=bfloat16")
-    f = SafetensorsFile(hf_dir / "model.safetensors")
-    assert {i.dtype for i in f.tensors.values()} == {"BF16"}
+    with safe_open(hf_dir / "model.safetensors", framework="numpy") as f:
+        assert {f.get_slice(n).get_dtype() for n in f.keys()} == {"BF16"}
+        assert f.metadata() == {"format": "pt"}  # transformers refuses files without it
     loaded_config, loaded = load_hf(hf_dir)
     assert loaded_config.param_dtype == "bfloat16"
     out, notes = import_hf(hf_dir, tmp_path / "model", dtype="float32")
@@ -67,13 +77,35 @@ def test_unscanned_params_export_like_scanned(tiny_config, tmp_path):
     _same(load_hf(tmp_path / "hf")[1], params)
 
 
-def test_layout_changes_are_views_of_the_mapped_file(tmp_path):
-    w = np.arange(8 * 6, dtype=np.float32).reshape(8, 6)  # [heads*head_dim, embed]
-    write_safetensors(tmp_path / "w.safetensors", [("w", w.shape, w.dtype, lambda: w)])
-    mapped = SafetensorsFile(tmp_path / "w.safetensors").array("w")
-    view = to_cadenza(HEADS_IN, mapped, (6, 2, 4))
-    assert np.shares_memory(view, mapped)
-    np.testing.assert_array_equal(view, w.T.reshape(6, 2, 4))
+# layout -> (cadenza per-layer shape, axis of head_dim or None)
+LAYOUTS = {SAME: ((6, 8), None), TRANSPOSE: ((6, 8), None), HEADS_IN: ((6, 4, 2), 2),
+           HEADS_OUT: ((4, 2, 6), 1), HEADS_BIAS: ((4, 2), 1)}
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_blocks_in_cadenza_layout_read_only_their_bytes(tmp_path, layout):
+    shape, hd_axis = LAYOUTS[layout]
+    full = np.arange(np.prod(shape), dtype=np.float32).reshape(shape)  # cadenza layout
+    save_file({"w": np.ascontiguousarray(to_hf(layout, full))}, tmp_path / "w.safetensors")
+    reads = []
+
+    class Counted:  # the safetensors slice, counting the elements each read returns
+        def __getitem__(self, index):
+            block = tensor[index]
+            reads.append(block.size)
+            return block
+
+    options = [[slice(None), slice(0, n // 2), slice(n // 2, n), slice(1, n, 2)] for n in shape]
+    with safe_open(tmp_path / "w.safetensors", framework="numpy") as f:
+        tensor = f.get_slice("w")
+        for index in itertools.product(*options):
+            reads.clear()
+            np.testing.assert_array_equal(read_block(layout, Counted(), shape, index),
+                                          full[index], err_msg=str(index))
+            # Shard-like blocks (contiguous, head_dim whole) read exactly their elements.
+            if all(s.step is None for s in index) and (
+                    hd_axis is None or index[hd_axis] == slice(None)):
+                assert sum(reads) == full[index].size, index
 
 
 def test_config_json_mapping_v4_style_and_notes():
@@ -118,6 +150,21 @@ def test_truncated_safetensors(tiny_config, tmp_path):
     f.write_bytes(b"\x01\x02\x03")
     with pytest.raises(CadenzaError, match="no safetensors header"):
         load_hf(hf_dir)
+
+
+def test_header_with_wrong_byte_counts(tiny_config, tmp_path):
+    hf_dir = _export(tiny_config, tmp_path)[0]
+    f = hf_dir / "model.safetensors"
+    raw = f.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8:8 + n])
+    header["model.norm.weight"]["shape"][0] -= 1  # its byte range now holds one value too many
+    new = json.dumps(header).encode()
+    new += b" " * (-len(new) % 8)
+    f.write_bytes(struct.pack("<Q", len(new)) + new + raw[8 + n:])
+    with pytest.raises(CadenzaError, match="byte range does not match its shape and dtype") as e:
+        load_hf(hf_dir)
+    assert "model.safetensors" in str(e.value) and "download the file again" in str(e.value)
 
 
 def test_missing_shard(tiny_config, tmp_path):
