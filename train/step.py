@@ -91,7 +91,7 @@ def make_train_step(task: TrainTask, optimizer: optax.GradientTransformation,
             accumulate, init, (micro, jnp.arange(microbatches)))
         denom = jnp.maximum(count, 1.0)
         grads = jax.tree.map(lambda g, p: (g / denom).astype(p.dtype), grads, state.params)
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         loss = ce / denom
