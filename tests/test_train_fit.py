@@ -152,3 +152,10 @@ def test_mesh_errors_come_before_compiling(tmp_path):
     with pytest.raises(CadenzaError, match=r"num_kv_heads=2 .* 8 shards of mesh axes tensor=8"):
         fit(_config(tmp_path, "mesh.data=1", "mesh.tensor=8"), None)
     assert not (tmp_path / "checkpoints").exists()
+
+
+def test_cli_train_reports_config_errors(capsys):
+    from cadenza.cli import main
+
+    assert main(["train", "tiny_pretrain", "mesh.data=3"]) == 2
+    assert "multiply to 3, but there are 8 devices" in capsys.readouterr().err
