@@ -41,15 +41,23 @@ def _losses(out):
 def sharded_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("sharded")
     config = _config(out, "train.steps=20", "train.checkpoint_every=10", "mesh.data=2",
-                     "mesh.fsdp=2", "mesh.tensor=2")
+                     "mesh.fsdp=2", "mesh.tensor=2", "train.tensorboard=true")
     return config, out, fit(config, _data(config))
 
 
 def test_sharded_matches_single_device(sharded_run, tmp_path):
     config, out, summary = sharded_run
     assert summary["step"] == 20 and summary["stopped"] == "completed"
-    single = _config(tmp_path, "train.steps=20", "mesh.data=1")
-    fit(single, _data(single), devices=jax.devices()[:1])
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+    single = _config(tmp_path, "train.steps=20", "mesh.data=1", "train.eval_every=10",
+                     "train.eval_steps=2")
+    held_out = _data(single, seed=1)
+    result = fit(single, _data(single), held_out, devices=jax.devices()[:1])
+    evals = [json.loads(x).get("eval_loss") for x in
+             (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [i + 1 for i, e in enumerate(evals) if e is not None] == [10, 20]
+    assert result["eval_loss"] == evals[19] and np.isfinite(evals[19])
+    assert held_out.index == 2  # rewound before each eval, two batches each time
     a, b = _losses(out), _losses(tmp_path)
     assert sorted(a) == list(range(1, 21)) == sorted(b)
     np.testing.assert_allclose([a[s] for s in a], [b[s] for s in a], rtol=2e-4)
