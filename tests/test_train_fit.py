@@ -64,8 +64,7 @@ def test_sharded_matches_single_device(sharded_run, tmp_path):
     assert a[20] < a[1] - 0.3  # it learns
     # the exported model directory holds the final params
     _, params = load_model(out / "model")
-    assert jax.tree.structure(params) == jax.tree.structure(
-        jax.tree.map(lambda x: x, load_model(tmp_path / "model")[1]))
+    assert jax.tree.structure(params) == jax.tree.structure(load_model(tmp_path / "model")[1])
 
 
 @pytest.mark.parametrize("shape", [(1, 8, 1), (1, 1, 1)])
