@@ -17,6 +17,7 @@ from cadenza.errors import CadenzaError
 AREA_COMMANDS: tuple[str, ...] = (
     "cadenza.models.cli",
     "cadenza.decode.ngram_cli",
+    "cadenza.train.cli",
 )
 
 
