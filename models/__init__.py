@@ -5,6 +5,7 @@
 - :func:`init_params`: plain nested-dict params, sharded on a mesh if given.
 - :class:`KVCache`: the preallocated decode cache.
 - :func:`save_model` / :func:`load_model`: cadenza model directories.
+- :func:`load_tokenizer` / :func:`train_tokenizer`, :class:`ChatTemplate`: text and chat.
 
 Names are imported lazily so that reading configs does not import JAX.
 """
@@ -24,6 +25,10 @@ _EXPORTS = {
     "param_shardings": "cadenza.models.params",
     "stack_layers": "cadenza.models.params",
     "unstack_layers": "cadenza.models.params",
+    "Tokenizer": "cadenza.models.tokenizer",
+    "load_tokenizer": "cadenza.models.tokenizer",
+    "train_tokenizer": "cadenza.models.tokenizer",
+    "ChatTemplate": "cadenza.models.chat_template",
 }
 
 __all__ = sorted(_EXPORTS)
