@@ -159,13 +159,14 @@ def build(source, data, data_dir=None, *, rebuild=False) -> dict:
     """
     where, name = source_location(source, data)
     where = pathlib.Path(data_dir) if data_dir else where
-    report_path = where / name.replace("/", "_") / REPORT_FILE
+    report_path = where / name / REPORT_FILE
     if source.format == "tfds":
         raise CadenzaError("format 'tfds' names an already prepared dataset; nothing to build",
                            where=source.name, fix="build local files or the stdlib datasets")
     if report_path.is_file() and not rebuild:
         return json.loads(report_path.read_text())
     config = name.split("/")[1]
+    tfds.disable_progress_bar()
     common = dict(data_dir=str(where), config=config, file_format="array_record",
                   on_error=data.on_error, heldout_fraction=data.heldout_fraction)
     if source.format.startswith("stdlib_"):

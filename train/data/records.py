@@ -89,10 +89,12 @@ def expand_paths(pattern: str) -> list[pathlib.Path]:
     return files
 
 
-def _json_objects(path: pathlib.Path, problems: Problems):
-    """Yield ``(line, object)`` from a JSON array file or a JSONL file."""
+def _json_objects(path: pathlib.Path, problems: Problems, counts: collections.Counter):
+    """Yield ``(line, object)`` from a JSON array file or a JSONL file; ``counts["read"]``
+    counts every non-blank line (or array item; a broken array counts once)."""
     data = path.read_bytes()
     if data.lstrip()[:1] == b"[":  # one JSON array
+        counts["read"] += 1
         try:
             text = data.decode("utf-8")
         except UnicodeDecodeError as e:
@@ -104,12 +106,13 @@ def _json_objects(path: pathlib.Path, problems: Problems):
         except json.JSONDecodeError as e:
             problems.report("malformed_json", f"{path}:{e.lineno}", e.msg)
             return
-        decoder_lines = _array_item_lines(text, len(items))
-        yield from zip(decoder_lines, items)
+        counts["read"] += len(items) - 1
+        yield from zip(_array_item_lines(text, len(items)), items)
         return
     for i, raw in enumerate(data.split(b"\n"), start=1):
         if not raw.strip():
             continue
+        counts["read"] += 1
         try:
             line = raw.decode("utf-8")
         except UnicodeDecodeError as e:
@@ -205,8 +208,7 @@ def read_records(format: str, files, problems: Problems, counts: collections.Cou
                 continue
             yield {"messages": [], "text": text, "source": f"{path}:1"}
             continue
-        for line, obj in _json_objects(path, problems):
-            counts["read"] += 1
+        for line, obj in _json_objects(path, problems, counts):
             where = f"{path}:{line}"
             if format == "text":
                 text = _string_field(obj, "text", where, problems)
