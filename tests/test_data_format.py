@@ -1,4 +1,5 @@
-"""Formatting: assistant-only loss masks, one BOS, trained EOS, vocab checks, truncation, NEFTune."""
+"""Formatting: assistant-only loss masks, one BOS, trained EOS, vocab checks, truncation,
+NEFTune."""
 
 import jax
 import jax.numpy as jnp

@@ -12,7 +12,7 @@ from cadenza.errors import CadenzaError, ConfigError
 from cadenza.models import Transformer, init_params
 from cadenza.models.tokenizer import train_tokenizer
 from cadenza.train.data import build_iterator
-from cadenza.train.data.builders import build, open_split
+from cadenza.train.data.builders import build
 from cadenza.train.data_config import DataSource
 
 WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa".split()

@@ -17,7 +17,8 @@ def _check_source(where: str, format: str, path, name) -> None:
                           where=f"{where}.path", fix="set path to the input file (or a glob)")
     if format == "tfds" and not name:
         raise ConfigError("format 'tfds' needs the name of a prepared dataset",
-                          where=f"{where}.name", fix="set name, e.g. my_dataset or my_dataset:1.0.0")
+                          where=f"{where}.name",
+                          fix="set name, e.g. my_dataset or my_dataset/config:1.0.0")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,7 +62,8 @@ class DataConfig:
     num_shards: Optional[int] = None        # array_record files per split when building
     heldout_fraction: float = 0.05          # share of records (stdlib: of modules) in "test"
     stdlib_modules: Optional[list[str]] = None  # restrict the stdlib datasets (e.g. in tests)
-    end_of_turn: Optional[list[str]] = None     # strings ending assistant turns (default: EOS+known)
+    end_of_turn: Optional[list[str]] = None     # strings ending assistant turns (default: EOS,
+    #                                             <|eot_id|>, <|im_end|>, <end_of_turn>, ...)
     neftune_alpha: float = 0.0              # NEFTune noise scale; 0 = off (training only)
     worker_count: int = 0                   # grain multiprocessing workers; 0 = in-process
 

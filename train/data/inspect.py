@@ -1,4 +1,5 @@
-"""What ``cadenza data inspect`` prints: formatted examples with masked tokens marked, and counts."""
+"""What ``cadenza data inspect`` prints: formatted examples with masked tokens marked,
+and counts."""
 
 import json
 
