@@ -43,21 +43,24 @@ class Formatter:
       truncation: "truncate" or "drop".
       problems: a :class:`cadenza.train.data.records.Problems` (skip/stop policy).
       end_of_turn: strings ending assistant turns (default: the template's default).
+      pass_length: records in one pass over the data; if that many records in a row
+        are all skipped, raise (a repeating iterator would otherwise spin forever).
+      name: the dataset's name for that error.
     """
 
     def __init__(self, tokenizer, seq_len: int, vocab_size: int, truncation: str, problems,
-                 end_of_turn=None):
+                 end_of_turn=None, pass_length=None, name="dataset"):
         self.tokenizer = tokenizer
         self.seq_len = seq_len
         self.vocab_size = vocab_size
         self.truncation = truncation
         self.problems = problems
         self.end_of_turn = end_of_turn
+        self.pass_length = pass_length
+        self.name = name
+        self._failed_in_a_row = 0
         self._template = None
         self.counts: collections.Counter = collections.Counter()
-        if tokenizer.vocab_size > vocab_size:
-            # not an error by itself (ids are checked per example), but worth knowing
-            self.counts["tokenizer_vocab_exceeds_model"] = tokenizer.vocab_size
 
     @property
     def template(self) -> ChatTemplate:
@@ -79,6 +82,16 @@ class Formatter:
         return ids, mask
 
     def __call__(self, raw):
+        out = self._format(raw)
+        self._failed_in_a_row = 0 if out is not None else self._failed_in_a_row + 1
+        if self.pass_length and self._failed_in_a_row >= self.pass_length:
+            raise CadenzaError(
+                f"no usable example in {self._failed_in_a_row} records (a full pass); skipped "
+                f"by reason: {dict(self.problems.counts)}", where=self.name,
+                fix="check the skipped reasons (data inspect) and the tokenizer / model vocab")
+        return out
+
+    def _format(self, raw):
         record = decode_record(raw) if not isinstance(raw.get("source"), str) else raw
         where = record["source"]
         self.counts["examples"] += 1

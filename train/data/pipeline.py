@@ -191,12 +191,13 @@ def build_iterator(config, *, split: str = "train", process_index: int = 0,
         ds, shard_lengths, report = builders.open_split(source, data, split)
         reports.append(report)
         share = host_share(ds, shard_lengths, data, process_index, process_count, name)
+        pass_length = len(share)
         if is_train:
             if data.shuffle:
                 share = share.shuffle(seed=data.seed + i)
             share = share.repeat(None)
         formatter = Formatter(tokenizer, train.seq_len, config.model.vocab_size,
-                              data.truncation, problems, data.end_of_turn)
+                              data.truncation, problems, data.end_of_turn, pass_length, name)
         formatters.append(formatter)
         stream = share.map(formatter).filter(lambda x: x is not None)
         # one reader thread and a small read-ahead: formatting stays in step with use
