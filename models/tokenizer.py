@@ -154,7 +154,8 @@ class Tokenizer:
     Attributes: ``vocab_size`` (including added tokens), ``bos_id``, ``eos_id``,
     ``pad_id`` (int or None), the token strings ``bos_token``/``eos_token``/
     ``pad_token``, ``special_tokens`` (name -> string, what chat templates see)
-    and ``chat_template`` (Jinja source or None).
+    ``chat_template`` (Jinja source or None) and ``directory`` (the folder it was
+    loaded from: copy it next to a model).
     """
 
     def __init__(self, backend, special_tokens: dict[str, str], chat_template, source: str):
@@ -162,6 +163,7 @@ class Tokenizer:
         self.special_tokens = special_tokens
         self.chat_template = chat_template
         self.source = source
+        self.directory = pathlib.Path(source).parent
         self.bos_token = special_tokens.get("bos_token")
         self.eos_token = special_tokens.get("eos_token")
         self.pad_token = special_tokens.get("pad_token")
