@@ -215,5 +215,9 @@ def build_iterator(config, *, split: str = "train", process_index: int = 0,
         stream = stream.map(lambda ex: _pad_example(ex, train.seq_len))
     stream = stream.batch(rows, drop_remainder=is_train).map(_Finalize(rows, data.packing))
     if data.worker_count:
+        from absl import flags
+
+        if not flags.FLAGS.is_parsed():  # grain workers read absl flags; use their defaults
+            flags.FLAGS.mark_as_parsed()
         stream = stream.mp_prefetch(grain.MultiprocessingOptions(num_workers=data.worker_count))
     return DataIterator(stream, formatters, problems, tokenizer, reports)
