@@ -18,6 +18,7 @@ AREA_COMMANDS: tuple[str, ...] = (
     "cadenza.models.cli",
     "cadenza.decode.ngram_cli",
     "cadenza.train.cli",
+    "cadenza.train.data_cli",
 )
 
 

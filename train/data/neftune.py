@@ -1,0 +1,28 @@
+"""NEFTune: uniform noise on input embeddings during training (Jain et al., 2023)."""
+
+import jax
+import jax.numpy as jnp
+
+
+def neftune_noise(embeddings, segment_ids, key, alpha: float):
+    """``embeddings + U(-1, 1) * alpha / sqrt(L * d)`` on real (non-padding) tokens.
+
+    Args:
+      embeddings: float ``[B, T, d]`` input embeddings (``Transformer.embed_tokens``).
+      segment_ids: int ``[B, T]``; 0 marks padding (no noise there). ``L`` is each
+        row's count of non-padding tokens.
+      key: a PRNG key (fold in the step for fresh noise each step).
+      alpha: the noise scale (the paper uses 5 to 15); 0 returns ``embeddings``.
+
+    Returns embeddings of the same shape and dtype. Call it in the training step
+    only; evaluation and decoding use clean embeddings.
+    """
+    if alpha == 0:
+        return embeddings
+    d = embeddings.shape[-1]
+    real = (segment_ids > 0)
+    length = jnp.maximum(real.sum(axis=-1, keepdims=True), 1).astype(jnp.float32)
+    scale = alpha / jnp.sqrt(length * d)                           # [B, 1]
+    noise = jax.random.uniform(key, embeddings.shape, jnp.float32, -1.0, 1.0)
+    noise = noise * scale[..., None] * real[..., None]
+    return (embeddings.astype(jnp.float32) + noise).astype(embeddings.dtype)
