@@ -113,8 +113,7 @@ def make_eval_step(task: TrainTask, *, rules, param_shardings, frozen_shardings,
     loss = _loss_fn(task, rules, 0.0)
 
     def evaluate(trainable, frozen, batch):
-        _, (ce, count) = loss(trainable, frozen, {k: batch[k] for k in BATCH_KEYS},
-                              jax.random.key(0))
+        _, (ce, count) = loss(trainable, frozen, {k: batch[k] for k in BATCH_KEYS}, None)
         return ce, count
 
     return jax.jit(evaluate, in_shardings=(param_shardings, frozen_shardings, batch_sharding),

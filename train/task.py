@@ -35,7 +35,8 @@ class TrainTask:
       load_frozen: (mesh, rules) -> the frozen tree, placed on ``mesh`` (``{}`` if none).
       apply: (trainable, frozen, batch, rng) -> logits float32 [B, T, vocab]. ``batch``
         holds int32 [B, T] ``inputs``, ``positions`` and ``segment_ids``; ``rng`` is a
-        per-microbatch key (for dropout). Called inside jit under the logical-axis rules.
+        per-microbatch key in training (for dropout, NEFTune) and None in evaluation
+        (no noise). Called inside jit under the logical-axis rules.
       export: (trainable, frozen) -> plain model params (what ``save_model`` writes).
       trainable_params / total_params: parameter counts (MFU counts weight-gradient
         work only for the trainable ones).
@@ -51,17 +52,19 @@ class TrainTask:
     total_params: int
 
 
-def full_model_task(model_config: ModelConfig) -> TrainTask:
-    """Every model param trainable (plain pretraining / full fine-tuning)."""
+def full_model_task(model_config: ModelConfig, neftune_alpha: float = 0.0) -> TrainTask:
+    """Every model param trainable (plain pretraining / full fine-tuning).
+
+    ``neftune_alpha > 0`` adds NEFTune noise to the input embeddings in training
+    steps only (see :func:`cadenza.train.data.neftune.neftune_noise`).
+    """
     from cadenza.models import Transformer, abstract_params, init_params, param_shardings
 
     model = Transformer(model_config)
 
     def apply(trainable, frozen, batch, rng):
-        del frozen, rng
-        logits, _, _ = model.apply({"params": trainable}, batch["inputs"],
-                                   positions=batch["positions"], segment_ids=batch["segment_ids"])
-        return logits
+        del frozen
+        return noisy_apply(model, {"params": trainable}, batch, rng, neftune_alpha)
 
     n = model_config.num_params()
     return TrainTask(
@@ -73,3 +76,17 @@ def full_model_task(model_config: ModelConfig) -> TrainTask:
         export=lambda trainable, frozen: trainable,
         trainable_params=n, total_params=n)
 
+
+
+def noisy_apply(model, variables, batch, rng, neftune_alpha: float, **apply_kwargs):
+    """``model.apply`` on a training batch; with ``rng`` (training) and ``neftune_alpha > 0``
+    the input embeddings get NEFTune noise. Returns logits float32 [B, T, vocab]."""
+    from cadenza.models import Transformer
+    from cadenza.train.data.neftune import neftune_noise
+
+    kwargs = dict(positions=batch["positions"], segment_ids=batch["segment_ids"], **apply_kwargs)
+    if rng is None or not neftune_alpha:
+        return model.apply(variables, batch["inputs"], **kwargs)[0]
+    embeddings = model.apply(variables, batch["inputs"], method=Transformer.embed_tokens)
+    embeddings = neftune_noise(embeddings, batch["segment_ids"], rng, neftune_alpha)
+    return model.apply(variables, embeddings=embeddings, **kwargs)[0]

@@ -88,10 +88,10 @@ def fit(config: ExperimentConfig, data=None, eval_data=None, *,
       data: an iterator of host-local batches (dicts of [batch_size // process_count,
         seq_len] arrays, see :mod:`cadenza.train.step`) with ``get_state()`` /
         ``set_state(state)``; None builds ``cadenza.train.data.build_iterator(config,
-        split="train", ...)``. An optional ``tokenizer_dir`` attribute is copied into the
+        split="train", ...)``. An optional ``tokenizer`` attribute (with ``directory``) is copied into the
         exported model directory.
       eval_data: the same for held-out batches (rewound with ``set_state`` before every
-        eval); None builds ``split="validation"`` when ``train.eval_every > 0``.
+        eval); None builds ``split="test"`` when ``train.eval_every > 0``.
       task: the trainable/frozen split (default: :func:`full_model_task`; PEFT passes its
         own).
       devices: the devices of the mesh (default: all of ``jax.devices()``).
@@ -115,7 +115,7 @@ def fit(config: ExperimentConfig, data=None, eval_data=None, *,
     validate_sharding(config, len(devices))
     mesh = make_mesh(config.mesh, devices)
     rules = config.mesh.rules()
-    task = task or full_model_task(config.model)
+    task = task or full_model_task(config.model, neftune_alpha=config.data.neftune_alpha)
     optimizer, schedule = make_optimizer(train), make_schedule(train)
     shardings = state_shardings(task, optimizer, mesh, rules)
     frozen = task.load_frozen(mesh, rules)
@@ -136,7 +136,7 @@ def fit(config: ExperimentConfig, data=None, eval_data=None, *,
     else:
         state = init_state(task, optimizer, train.seed, mesh, rules, shardings)
     if train.eval_every and eval_data is None:
-        eval_data = _build_iterator(config, "validation")
+        eval_data = _build_iterator(config, "test")
     eval_start = eval_data.get_state() if eval_data is not None else None
 
     step_fn = make_train_step(task, optimizer, schedule, microbatches=train.microbatches,
@@ -249,10 +249,15 @@ def fit(config: ExperimentConfig, data=None, eval_data=None, *,
 
 def _export_model(model_dir: pathlib.Path, config, task: TrainTask, state, frozen, data):
     """Write the model directory (replacing the one of an earlier, shorter run); the
-    tokenizer comes from the data iterator's ``tokenizer_dir`` attribute, if any."""
+    tokenizer comes from the data iterator's ``tokenizer`` (its ``directory``), if any."""
     from cadenza.models import save_model
 
     if model_dir.exists() and jax.process_index() == 0:
         shutil.rmtree(model_dir)
     save_model(model_dir, config, task.export(state.params, frozen),
-               tokenizer_dir=getattr(data, "tokenizer_dir", None))
+               tokenizer_dir=_tokenizer_dir(data))
+
+
+def _tokenizer_dir(data):
+    tokenizer = getattr(data, "tokenizer", None)
+    return None if tokenizer is None else tokenizer.directory
