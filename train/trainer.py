@@ -88,8 +88,8 @@ def fit(config: ExperimentConfig, data=None, eval_data=None, *,
       data: an iterator of host-local batches (dicts of [batch_size // process_count,
         seq_len] arrays, see :mod:`cadenza.train.step`) with ``get_state()`` /
         ``set_state(state)``; None builds ``cadenza.train.data.build_iterator(config,
-        split="train", ...)``. An optional ``tokenizer`` attribute (with ``directory``) is copied into the
-        exported model directory.
+        split="train", ...)``. The directory of an optional ``tokenizer`` attribute is
+        copied into the exported model directory.
       eval_data: the same for held-out batches (rewound with ``set_state`` before every
         eval); None builds ``split="test"`` when ``train.eval_every > 0``.
       task: the trainable/frozen split (default: :func:`full_model_task`; PEFT passes its
