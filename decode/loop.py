@@ -3,7 +3,7 @@
 ``generate(model, params, prompts, config)`` runs on device with static
 shapes and no host round trip per token:
 
-1. **Prefill** (one jit): the prompts, right-padded to the longest ``T``, go
+1. **Prefill** (one jit): the prompts, right-padded to a common length ``T``, go
    through the model in one call that writes their keys/values into a
    freshly allocated :class:`~cadenza.models.KVCache` of ``max_len`` slots
    per row; ``cache.with_lengths(prompt_lengths)`` then hides the padding,
@@ -53,6 +53,7 @@ from cadenza.models.cache import KVCache
 from cadenza.models.transformer import Transformer
 
 _FILL = 0     # token id written in a finished row's output slots (never returned)
+_PROMPT_BUCKET = 16
 
 
 @dataclasses.dataclass(frozen=True)
@@ -269,32 +270,37 @@ def _prompt_ids(prompts, tokenizer, vocab: int) -> list[list[int]]:
     return out
 
 
-def _check_models(models, config: DecodeConfig, longest: int) -> int:
-    """Validate shapes before compiling; returns the cache length per row."""
+def _check_models(models, config: DecodeConfig, longest: int) -> tuple[int, int]:
+    """Validate shapes before compiling; returns (padded prompt length, cache slots per row).
+
+    Prompts are right-padded to a multiple of ``_PROMPT_BUCKET`` (within the
+    limits) so that nearby prompt lengths share one compiled program.
+    """
     vocabs = [m.config.vocab_size for m in models]
     if len(set(vocabs)) > 1:
         raise CadenzaError(
             f"proxy-tuning models disagree on the vocabulary: base {vocabs[0]}, expert "
             f"{vocabs[1]}, anti-expert {vocabs[2]}", where="generate(proxy=...)",
             fix="use an expert and anti-expert that share the base model's tokenizer")
-    need = longest + config.max_new_tokens
-    max_len = config.max_len or need
-    if need > max_len:
-        raise CadenzaError(
-            f"the longest prompt ({longest} tokens) plus max_new_tokens "
-            f"({config.max_new_tokens}) needs {need} cache slots but max_len is {max_len}",
-            where="decode.max_len", fix="raise decode.max_len or shorten the prompt / output")
-    for m in models:
-        mpe = m.config.max_position_embeddings
-        if need > mpe:
-            raise CadenzaError(
-                f"the longest prompt ({longest} tokens) plus max_new_tokens "
-                f"({config.max_new_tokens}) exceeds max_position_embeddings={mpe}",
-                where="decode.max_new_tokens", fix="shorten the prompt or lower max_new_tokens")
     if config.top_k > vocabs[0]:
         raise CadenzaError(f"top_k={config.top_k} exceeds the vocabulary size {vocabs[0]}",
                            where="decode.top_k", fix=f"use top_k <= {vocabs[0]} (0 = off)")
-    return max_len
+    n_new = config.max_new_tokens
+    need = longest + n_new
+    if config.max_len and need > config.max_len:
+        raise CadenzaError(
+            f"the longest prompt ({longest} tokens) plus max_new_tokens ({n_new}) needs "
+            f"{need} cache slots but max_len is {config.max_len}",
+            where="decode.max_len", fix="raise decode.max_len or shorten the prompt / output")
+    mpe = min(m.config.max_position_embeddings for m in models)
+    if need > mpe:
+        raise CadenzaError(
+            f"the longest prompt ({longest} tokens) plus max_new_tokens ({n_new}) exceeds "
+            f"max_position_embeddings={mpe}",
+            where="decode.max_new_tokens", fix="shorten the prompt or lower max_new_tokens")
+    limit = min(config.max_len or mpe, mpe)
+    padded = min(-(-longest // _PROMPT_BUCKET) * _PROMPT_BUCKET, limit - n_new)
+    return padded, config.max_len or padded + n_new
 
 
 def _stop_ids(model, config: DecodeConfig, tokenizer) -> tuple[int, ...]:
@@ -449,7 +455,7 @@ def _run(model, params, prompts, config: DecodeConfig, *, tokenizer, seeds, prox
     if config.stop and tokenizer is None:
         raise CadenzaError("stop strings need a tokenizer (they are matched on text)",
                            where="decode.stop", fix="pass tokenizer=..., or use stop_token_ids")
-    max_len = _check_models(models, config, max(len(p) for p in ids))
+    padded_len, max_len = _check_models(models, config, max(len(p) for p in ids))
     b, n_new = len(ids), config.max_new_tokens
     seeds = [config.seed + i for i in range(b)] if seeds is None else [int(s) for s in seeds]
     if len(seeds) != b:
@@ -460,7 +466,7 @@ def _run(model, params, prompts, config: DecodeConfig, *, tokenizer, seeds, prox
                        num_new=n_new, max_len=max_len,
                        rules=None if rules is None else tuple(rules))
     lengths = np.array([len(p) for p in ids], np.int32)
-    tokens = np.zeros((b, int(lengths.max())), np.int32)
+    tokens = np.zeros((b, padded_len), np.int32)
     for i, p in enumerate(ids):
         tokens[i, :len(p)] = p
     params_t, alpha = tuple(all_params), jnp.float32(config.proxy_alpha)
