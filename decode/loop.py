@@ -29,8 +29,9 @@ the usual processing. (EFT's ``log p_base + beta (log p_ft - log p_pre)``,
 renormalised, is the same distribution with ``alpha = beta``: per-row
 log-normalisers are constants that cancel in the softmax.)
 
-Compiled programs are cached per (model configs, sampling spec, stop ids,
-shapes), so a second call with the same shapes does not recompile; stats
+Compiled programs are cached per (model configs, sampling spec, shapes);
+prompt lengths are padded to a multiple of 16, and stop ids, seeds and
+``proxy_alpha`` are traced values, so nearby calls share one program. Stats
 report compile time separately from prefill and decode time.
 """
 
@@ -54,6 +55,7 @@ from cadenza.models.transformer import Transformer
 
 _FILL = 0     # token id written in a finished row's output slots (never returned)
 _PROMPT_BUCKET = 16
+_STOP_BUCKET = 8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,7 +122,8 @@ class DecodeState:
     caches: one KVCache per model (lengths = cached tokens; the last
       generated token is pending, not yet cached);
     seen: bool [B, V] prompt + generated tokens (repetition penalty) or None;
-    keys: per-row PRNG keys [B] (sampling) or None.
+    keys: per-row PRNG keys [B] (sampling) or None;
+    stop_ids: int32 [S] token ids that end a row (padded with -1).
     """
 
     tokens: jax.Array
@@ -131,6 +134,7 @@ class DecodeState:
     caches: tuple
     seen: jax.Array | None
     keys: jax.Array | None
+    stop_ids: jax.Array
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,7 +143,6 @@ class _Program:
 
     model_configs: tuple
     spec: SamplingSpec
-    stop_ids: tuple[int, ...]
     num_new: int
     max_len: int
     rules: Any
@@ -161,7 +164,7 @@ class _Program:
         seen = state.seen
         if seen is not None:
             seen = seen | (jax.nn.one_hot(tok, seen.shape[-1], dtype=bool) & active[:, None])
-        stopped = jnp.isin(tok, jnp.asarray(self.stop_ids, jnp.int32)) if self.stop_ids else False
+        stopped = jnp.any(tok[:, None] == state.stop_ids[None, :], axis=-1)
         step = state.step + 1
         return state.replace(
             tokens=tokens, logprobs=logprobs, seen=seen, step=step,
@@ -175,8 +178,9 @@ class _Program:
         base, expert, anti = logits
         return base + alpha * (expert - anti)
 
-    def prefill(self, params, alpha, tokens, lengths, seeds) -> DecodeState:
-        """Prompts int32 [B, T] (right-padded), lengths int32 [B], seeds int32 [B] -> state."""
+    def prefill(self, params, alpha, tokens, lengths, seeds, stop_ids) -> DecodeState:
+        """Prompts int32 [B, T] (right-padded), lengths int32 [B], seeds int32 [B],
+        stop_ids int32 [S] (-1 = none) -> state with the first token chosen."""
         b, t = tokens.shape
         caches, last_logits = [], []
         for i, p in enumerate(params):
@@ -195,7 +199,8 @@ class _Program:
             tokens=jnp.full((b, self.num_new), _FILL, jnp.int32),
             logprobs=jnp.zeros((b, self.num_new), jnp.float32),
             num_generated=jnp.zeros((b,), jnp.int32), done=jnp.zeros((b,), bool),
-            step=jnp.zeros((), jnp.int32), caches=tuple(caches), seen=seen, keys=keys)
+            step=jnp.zeros((), jnp.int32), caches=tuple(caches), seen=seen, keys=keys,
+            stop_ids=stop_ids)
         return self._emit(state, self._combine(last_logits, alpha))
 
     def decode(self, params, alpha, state: DecodeState, until) -> DecodeState:
@@ -462,19 +467,21 @@ def _run(model, params, prompts, config: DecodeConfig, *, tokenizer, seeds, prox
         raise CadenzaError(f"{len(seeds)} seeds for {b} prompts", where="generate(seeds=...)",
                            fix="give one seed per prompt")
     program = _Program(model_configs=tuple(m.config for m in models),
-                       spec=config.sampling_spec(), stop_ids=_stop_ids(model, config, tokenizer),
-                       num_new=n_new, max_len=max_len,
+                       spec=config.sampling_spec(), num_new=n_new, max_len=max_len,
                        rules=None if rules is None else tuple(rules))
     lengths = np.array([len(p) for p in ids], np.int32)
     tokens = np.zeros((b, padded_len), np.int32)
     for i, p in enumerate(ids):
         tokens[i, :len(p)] = p
     params_t, alpha = tuple(all_params), jnp.float32(config.proxy_alpha)
-    rows = _Rows(ids, program.stop_ids, config.stop, tokenizer)
+    stop_ids = _stop_ids(model, config, tokenizer)
+    rows = _Rows(ids, stop_ids, config.stop, tokenizer)
+    stop_arr = np.full(-(-max(len(stop_ids), 1) // _STOP_BUCKET) * _STOP_BUCKET, -1, np.int32)
+    stop_arr[:len(stop_ids)] = stop_ids
 
     t_start = time.perf_counter()
     args = (params_t, alpha, jnp.asarray(tokens), jnp.asarray(lengths),
-            jnp.asarray(seeds, jnp.int32))
+            jnp.asarray(seeds, jnp.int32), jnp.asarray(stop_arr))
     prefill, compile_s = _compiled(program, "prefill", mesh, args)
     t0 = time.perf_counter()
     state = jax.block_until_ready(prefill(*args))
