@@ -255,3 +255,17 @@ def test_bad_input_fails_clearly(base, prompts, cfg, match):
     model, params = base
     with pytest.raises(CadenzaError, match=match):
         generate(model, params, prompts, DecodeConfig(**cfg))
+
+
+def test_tensor_parallel_params_give_same_tokens(base):
+    from cadenza.models import param_shardings
+    from cadenza.train.config import MeshConfig
+    from cadenza.train.mesh import make_mesh
+
+    model, params = base
+    mesh_cfg = MeshConfig(data=1, tensor=2)
+    mesh = make_mesh(mesh_cfg, devices=jax.devices()[:2])
+    sharded = jax.device_put(params, param_shardings(model.config, mesh, mesh_cfg.rules()))
+    cfg = DecodeConfig(max_new_tokens=N, ignore_eos=True)
+    res = generate(model, sharded, PROMPTS, cfg, mesh=mesh, rules=mesh_cfg.rules())
+    assert res.token_ids == generate(model, params, PROMPTS, cfg).token_ids
