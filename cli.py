@@ -19,6 +19,7 @@ AREA_COMMANDS: tuple[str, ...] = (
     "cadenza.decode.ngram_cli",
     "cadenza.train.cli",
     "cadenza.train.data_cli",
+    "cadenza.decode.cli",
 )
 
 
