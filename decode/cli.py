@@ -36,7 +36,8 @@ def register(subparsers) -> None:
                      help="a prompt as comma-separated token ids, e.g. 5,17,42")
     p.add_argument("--chat", action="store_true",
                    help="wrap each text prompt as a user turn in the tokenizer's chat template")
-    p.add_argument("--method", choices=["greedy", "sample"])
+    p.add_argument("--method", choices=["greedy", "sample", "superposed"],
+                   help="superposed: k drafts from one stream (needs --ngram unless --alpha 0)")
     p.add_argument("--max-new-tokens", type=int)
     p.add_argument("--temperature", type=float)
     p.add_argument("--top-k", type=int, help="0 = off")
@@ -55,6 +56,11 @@ def register(subparsers) -> None:
     p.add_argument("--proxy-expert", metavar="DIR", help="proxy-tuning: small tuned model")
     p.add_argument("--proxy-anti", metavar="DIR", help="proxy-tuning: small untuned model")
     p.add_argument("--proxy-alpha", type=float, help="proxy-tuning weight (default 1)")
+    sp = p.add_argument_group("superposed decoding (--method superposed)")
+    sp.add_argument("--k", type=int, default=3, help="number of drafts (default 3)")
+    sp.add_argument("--ngram", metavar="PATH", help="n-gram table from `cadenza ngram build`")
+    sp.add_argument("--candidates", type=int, help="top-C candidates per step (default 9)")
+    sp.add_argument("--alpha", type=float, help="n-gram interpolation weight (default 0.54)")
     p.add_argument("--json", action="store_true", help="one JSON object per prompt")
     p.set_defaults(func=_generate)
 
@@ -142,6 +148,10 @@ def _generate(args) -> int:
     config, params = load_model(args.checkpoint)
     tokenizer, why_none = _load_tokenizer(args.checkpoint)
     prompts = _prompts(args, tokenizer, why_none)
+    if args.method == "superposed":
+        from cadenza.decode.superposed_cli import run_superposed
+
+        return run_superposed(args, config, params, prompts, tokenizer)
     decode_config = _decode_config(config.decode, args, tokenizer)
     proxy = None
     if args.proxy_expert or args.proxy_anti:
