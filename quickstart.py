@@ -43,7 +43,7 @@ SIZES: dict[str, dict] = {
                     intermediate_size=128),
         draft=dict(num_layers=1, hidden_size=32, num_heads=2, num_kv_heads=1,
                    intermediate_size=64),
-        vocab_size=384, seq_len=192, batch_size=4, target_steps=6, draft_steps=4, lora_steps=4,
+        vocab_size=384, seq_len=192, batch_size=8, target_steps=6, draft_steps=4, lora_steps=4,
         eval_steps=2, prompts=2, new_tokens=8, lora_rank=4,
         modules=["textwrap.py", "bisect.py", "heapq.py", "fnmatch.py", "shlex.py", "glob.py",
                  "string/__init__.py", "sched.py", "secrets.py"]),
@@ -292,7 +292,6 @@ def run_quickstart(out_dir="runs/quickstart", fast: bool = False, large: bool = 
     reports), ``train`` (fit summaries), ``lora`` (held-out losses or the reason it is
     unavailable), ``prompts`` and ``decode`` (one row per method).
     """
-    import jax
     from tqdm import tqdm
 
     from cadenza.decode.ngram import build_from_files, tokenizer_fingerprint
