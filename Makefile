@@ -1,5 +1,6 @@
 # cadenza: every target bootstraps what it needs, idempotently.
-#   make demo   - the main job (tiny init + train + generate on CPU)
+#   make demo   - the main job: cadenza quickstart (data, pretrain, LoRA, fast decoding; CPU)
+#   make bench  - every benchmark under bench/ (cadenza bench all; BENCH_ARGS=--quick)
 #   make test   - the whole test suite
 #   make ref-env - the Python 3.11 PyTorch/transformers reference env (parity tests;
 #                  make test builds it too)
@@ -25,7 +26,10 @@ $(UV):
 	touch $@
 
 demo: .venv/.synced
-	.venv/bin/cadenza demo
+	.venv/bin/cadenza quickstart
+
+bench: .venv/.synced
+	.venv/bin/cadenza bench all $(BENCH_ARGS)
 
 test: .venv/.synced .venv-ref/.synced
 	.venv/bin/python -m pytest

@@ -31,13 +31,6 @@ def _config_show(args) -> int:
     return 0
 
 
-def _demo(args) -> int:
-    from cadenza.demo import run_demo
-
-    run_demo(steps=args.steps, out_dir=args.out)
-    return 0
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cadenza",
@@ -54,11 +47,6 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("overrides", nargs="*", metavar="section.field=value",
                       help="overrides applied after the file")
     show.set_defaults(func=_config_show)
-
-    demo = sub.add_parser("demo", help="tiny end-to-end run: init, train, generate (CPU, ~1 min)")
-    demo.add_argument("--steps", type=int, default=300, help="training steps")
-    demo.add_argument("--out", default="runs/demo", help="output directory")
-    demo.set_defaults(func=_demo)
 
     for module in AREA_COMMANDS:
         importlib.import_module(module).register(sub)

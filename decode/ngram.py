@@ -199,7 +199,7 @@ def build_ngram_table(documents: Iterable[Sequence[int]], out_dir, *, vocab_size
     return manifest
 
 
-BYTE_OFFSET = 3  # byte-level ids: byte + 3, with 0 = pad, 1 = BOS, 2 = EOS (as `cadenza demo`)
+BYTE_OFFSET = 3  # byte-level ids: byte + 3, with 0 = pad, 1 = BOS, 2 = EOS
 BYTE_LEVEL = {"kind": "byte-level", "offset": BYTE_OFFSET, "vocab_size": 256 + BYTE_OFFSET,
               "bos_id": 1, "eos_id": 2}
 

@@ -40,7 +40,7 @@ def register(subparsers) -> None:
     which = build.add_mutually_exclusive_group(required=True)
     which.add_argument("--tokenizer", metavar="DIR", help="tokenizer directory (load_tokenizer)")
     which.add_argument("--byte-level", action="store_true",
-                       help="byte ids + 3 (0 pad, 1 BOS, 2 EOS), as `cadenza demo`")
+                       help="byte ids + 3 (0 pad, 1 BOS, 2 EOS)")
     build.add_argument("--out", required=True, metavar="DIR", help="table directory to write")
     build.add_argument("--max-order", type=int, default=6, help="highest n-gram order (2..8)")
     build.add_argument("--no-bos", action="store_true", help="do not start documents with BOS")

@@ -15,7 +15,7 @@ def _run(*args):
 
 def test_help_lists_subcommands():
     r = _run("--help")
-    assert r.returncode == 0 and "config" in r.stdout and "demo" in r.stdout
+    assert r.returncode == 0 and "config" in r.stdout and "quickstart" in r.stdout
 
 
 def test_config_show_prints_resolved_config(capsys):
