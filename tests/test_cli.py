@@ -40,10 +40,3 @@ def test_debug_flag_shows_traceback():
     r = _run("--debug", "config", "show", "tiny_pretrain", "train.stepz=5")
     assert r.returncode != 0 and "Traceback" in r.stderr
 
-
-def test_demo_trains_and_generates(tmp_path):
-    from cadenza.demo import run_demo
-
-    summary = run_demo(steps=30, out_dir=str(tmp_path), new_tokens=8)
-    assert summary["last_loss"] < summary["first_loss"]
-    assert (tmp_path / "config.yaml").is_file() and (tmp_path / "metrics.jsonl").is_file()
