@@ -110,8 +110,8 @@ def test_soft_prompt_of_real_embeddings_equals_hard_prompt():
     np.testing.assert_allclose(soft, _base_logits(cfg, params, hard)[:, 4:], atol=1e-5)
 
 
-@pytest.mark.parametrize("method, extra", [("prefix", ()), ("prefix", ("peft.prefix_projection=true",)),
-                                           ("prompt", ())])
+@pytest.mark.parametrize("method, extra", [
+    ("prefix", ()), ("prefix", ("peft.prefix_projection=true",)), ("prompt", ())])
 def test_virtual_tokens_in_cache_match_the_uncached_forward(method, extra):
     cfg, params, tokens = _setup(method, "peft.num_virtual_tokens=3", *extra)
     pm, trainable, frozen = peft.prepare(cfg, params, jax.random.key(1))
