@@ -14,7 +14,7 @@ from cadenza.errors import CadenzaError
 
 # Modules that add subcommands: each has ``register(subparsers)``, imports
 # nothing heavy at module level, and sets ``func`` on its parsers.
-AREA_COMMANDS: tuple[str, ...] = ()
+AREA_COMMANDS: tuple[str, ...] = ("cadenza.train.peft_cli",)
 
 
 def _config_show(args) -> int:
