@@ -24,14 +24,11 @@ from cadenza.train import peft
 
 
 def measure(method, args):
-    cfg = load_config(None, [f"peft.method={method}", "peft.targets=.*_proj", "peft.rank=8",
-                             f"model.num_layers={args.layers}", f"model.hidden_size={args.hidden}",
-                             f"model.intermediate_size={4 * args.hidden}", "model.num_heads=4",
-                             "model.num_kv_heads=4", "model.vocab_size=4096"]
-                      if method != "none" else
-                      [f"model.num_layers={args.layers}", f"model.hidden_size={args.hidden}",
-                       f"model.intermediate_size={4 * args.hidden}", "model.num_heads=4",
-                       "model.num_kv_heads=4", "model.vocab_size=4096"], preset="tiny")
+    model = [f"model.num_layers={args.layers}", f"model.hidden_size={args.hidden}",
+             f"model.intermediate_size={4 * args.hidden}", "model.num_heads=4",
+             "model.num_kv_heads=4", "model.vocab_size=4096"]
+    lora = ["peft.targets=.*_proj", "peft.rank=8"] if method != "none" else []
+    cfg = load_config(None, [f"peft.method={method}", *lora, *model], preset="tiny")
     params = init_params(cfg.model, jax.random.key(0))
     pm, trainable, frozen = peft.prepare(cfg, params, jax.random.key(1))
     tx = pm.optimizer(optax.adamw(1e-3))
