@@ -20,6 +20,7 @@ AREA_COMMANDS: tuple[str, ...] = (
     "cadenza.train.cli",
     "cadenza.train.data_cli",
     "cadenza.decode.cli",
+    "cadenza.train.peft_cli",
     "cadenza.quickstart_cli",
 )
 

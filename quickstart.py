@@ -227,12 +227,15 @@ def heldout_loss(config, params, max_batches: int) -> float:
     return ce / max(count, 1.0)
 
 
-def lora_tune(config, base_model_dir: pathlib.Path):
-    """LoRA-tune the model in ``base_model_dir`` with ``config``; returns ``fit``'s summary.
+def lora_tune(config) -> dict:
+    """LoRA-tune ``config.train.init_from`` with ``config`` (``peft.method=lora``) via
+    :func:`cadenza.train.fit`; returns its summary (``model_dir``: the merged model).
 
     Raises Unavailable when this build has no PEFT training task."""
-    _require("cadenza.train.peft")
-    raise Unavailable("not available in this build (no PEFT training task for fit)")
+    _require("cadenza.train.peft.task")
+    from cadenza.train import fit
+
+    return fit(config)
 
 
 def heldout_prompts(tokenizer, size: dict, count: int) -> list[tuple[str, list[int]]]:
@@ -326,6 +329,7 @@ def run_quickstart(out_dir="runs/quickstart", fast: bool = False, large: bool = 
     sft_cfg = experiment("sft", out, size, size["target"], fmt="stdlib_instruct",
                          steps=size["lora_steps"], extra=[
                              *progress_override, "peft.method=lora",
+                             f"train.init_from={out / 'target' / 'model'}",
                              f"peft.rank={size['lora_rank']}", "train.learning_rate=5e-3",
                              f"train.eval_every={size['lora_steps']}"])
     results["data"] = {}
@@ -354,7 +358,7 @@ def run_quickstart(out_dir="runs/quickstart", fast: bool = False, large: bool = 
     lora = {"heldout_loss_before": heldout_loss(sft_cfg, target_params, size["eval_steps"])}
     tuned_params = target_params
     try:
-        summary = lora_tune(sft_cfg, out / "target" / "model")
+        summary = lora_tune(sft_cfg)
         _, tuned_params = load_model(summary["model_dir"])
         lora["heldout_loss_after"] = heldout_loss(sft_cfg, tuned_params, size["eval_steps"])
         lora["steps"] = summary["step"]
