@@ -52,8 +52,8 @@ SIZES: dict[str, dict] = {
                     intermediate_size=384),
         draft=dict(num_layers=1, hidden_size=64, num_heads=2, num_kv_heads=1,
                    intermediate_size=192),
-        vocab_size=512, seq_len=128, batch_size=8, target_steps=150, draft_steps=150,
-        lora_steps=60, eval_steps=8, prompts=4, new_tokens=48, lora_rank=8,
+        vocab_size=512, seq_len=128, batch_size=8, target_steps=60, draft_steps=60,
+        lora_steps=30, eval_steps=4, prompts=3, new_tokens=32, lora_rank=8,
         modules=["json/", "textwrap.py", "string/__init__.py", "collections/", "functools.py",
                  "heapq.py", "bisect.py", "fnmatch.py", "shlex.py", "glob.py", "argparse.py",
                  "dataclasses.py", "enum.py", "pathlib.py", "csv.py", "base64.py", "difflib.py",
@@ -80,14 +80,14 @@ class MethodRun:
     """One decoding method over the prompts (timed after a warm-up call that compiles).
 
     ``token_ids``: generated ids per prompt; ``seconds``: wall time of the timed
-    calls; ``target_forwards``: forward passes of the target model over all
-    prompts (None when the notion does not apply); ``greedy_equivalent``: the
-    method promises greedy's output exactly; ``notes``: shown in the table.
+    calls; ``accepted_per_forward``: tokens emitted per target forward in the decode
+    loop (None where it does not apply); ``greedy_equivalent``: the method promises
+    greedy's output exactly; ``notes``: shown in the table.
     """
 
     token_ids: list[list[int]]
     seconds: float
-    target_forwards: int | None
+    accepted_per_forward: float | None
     greedy_equivalent: bool
     notes: str = ""
 
@@ -140,8 +140,46 @@ def _greedy(ctx: Context) -> MethodRun:
 
     results, seconds = _timed(run)
     ids = [r.token_ids[0] for r in results]
-    return MethodRun(ids, seconds, sum(len(i) for i in ids), greedy_equivalent=True,
+    return MethodRun(ids, seconds, 1.0, greedy_equivalent=True,
                      notes="one target forward per token (KV cache, jitted while_loop)")
+
+
+def _speculative(ctx: Context, drafter, draft_params, notes: str) -> MethodRun:
+    from cadenza.decode import DecodeConfig
+    from cadenza.decode.speculative import speculative_generate
+
+    cfg = DecodeConfig(method="greedy", max_new_tokens=ctx.new_tokens)
+
+    def run():
+        return [speculative_generate(ctx.target, ctx.target_params, [p], cfg, drafter=drafter,
+                                     draft_params=draft_params) for p in ctx.prompts]
+
+    results, seconds = _timed(run)
+    decoded = sum(len(r.token_ids[0]) - 1 for r in results)
+    forwards = sum(r.stats["target_forwards"] for r in results)
+    return MethodRun([r.token_ids[0] for r in results], seconds,
+                     decoded / forwards if forwards else None, greedy_equivalent=True,
+                     notes=notes)
+
+
+def _speculative_draft_model(ctx: Context) -> MethodRun:
+    _require("cadenza.decode.speculative")
+    from cadenza.decode.speculative import DraftModel
+
+    gamma = 4
+    return _speculative(ctx, DraftModel(ctx.draft.config, gamma=gamma),
+                        (ctx.draft_params, None),
+                        f"draft model ({ctx.draft.config.num_params() / 1e6:.2f}M params), "
+                        f"gamma={gamma}, greedy acceptance")
+
+
+def _speculative_ngram(ctx: Context) -> MethodRun:
+    _require("cadenza.decode.ngram_draft")
+    from cadenza.decode.ngram_draft import PromptLookup
+
+    drafter = PromptLookup(gamma=4, max_ngram=3)
+    return _speculative(ctx, drafter, None,
+                        "prompt-lookup n-gram drafts (no draft model), gamma=4")
 
 
 def _superposed(ctx: Context) -> MethodRun:
@@ -157,18 +195,15 @@ def _superposed(ctx: Context) -> MethodRun:
 
     outs, seconds = _timed(run)
     ids = [[int(t) for t in o.tokens[0, 0, :o.lengths[0, 0]]] for o in outs]
-    steps = sum(int(o.lengths[0].max()) for o in outs)
-    return MethodRun(ids, seconds, steps, greedy_equivalent=False,
+    return MethodRun(ids, seconds, None, greedy_equivalent=False,
                      notes="k=3 drafts from one stream; tokens/s counts the best draft")
 
 
 # (name, function). A method whose library is missing raises Unavailable.
 DECODE_METHODS: list[tuple[str, Callable[[Context], MethodRun]]] = [
     ("greedy", _greedy),
-    ("speculative (draft model)",
-     lambda ctx: _require("cadenza.decode.speculative")),
-    ("speculative (n-gram draft)",
-     lambda ctx: _require("cadenza.decode.ngram_draft")),
+    ("speculative (draft model)", _speculative_draft_model),
+    ("speculative (n-gram draft)", _speculative_ngram),
     ("superposed (k=3)", _superposed),
     ("LUD", lambda ctx: _require("cadenza.decode.lud")),
 ]
@@ -409,8 +444,7 @@ def _row(name: str, run: MethodRun, greedy: MethodRun | None) -> dict:
     tps = tokens / run.seconds if run.seconds > 0 else None
     row = {"method": name, "available": True, "tokens": tokens, "seconds": run.seconds,
            "tokens_per_s": tps, "notes": run.notes,
-           "accepted_per_forward": (tokens / run.target_forwards
-                                    if run.target_forwards else None)}
+           "accepted_per_forward": run.accepted_per_forward}
     if greedy is None:
         row["speedup"] = 1.0
         row["matches_greedy"] = True if run.greedy_equivalent else None
