@@ -79,10 +79,11 @@ class Unavailable(Exception):
 class MethodRun:
     """One decoding method over the prompts (timed after a warm-up call that compiles).
 
-    ``token_ids``: generated ids per prompt; ``seconds``: wall time of the timed
-    calls; ``accepted_per_forward``: tokens emitted per target forward in the decode
-    loop (None where it does not apply); ``greedy_equivalent``: the method promises
-    greedy's output exactly; ``notes``: shown in the table.
+    ``token_ids``: generated ids per prompt; ``seconds``: wall time of the fastest of
+    two timed passes over all prompts; ``accepted_per_forward``: tokens emitted per
+    target forward in the decode loop (None where it does not apply);
+    ``greedy_equivalent``: the method promises greedy's output exactly; ``notes``: shown
+    in the table.
     """
 
     token_ids: list[list[int]]
@@ -120,12 +121,15 @@ def _require(module: str) -> None:
         raise Unavailable(f"not available in this build ({module} is missing)")
 
 
-def _timed(fn: Callable[[], object]) -> tuple[object, float]:
-    """Call ``fn`` once to compile, then time a second call."""
+def _timed(fn: Callable[[], object], repeats: int = 2) -> tuple[object, float]:
+    """Call ``fn`` once to compile, then ``repeats`` times; the output and the fastest time."""
     fn()
-    t0 = time.perf_counter()
-    out = fn()
-    return out, time.perf_counter() - t0
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        out = fn()
+        best = min(best, time.perf_counter() - t0)
+    return out, best
 
 
 # --- decoding methods ------------------------------------------------------------------------
@@ -365,8 +369,7 @@ def run_quickstart(out_dir="runs/quickstart", fast: bool = False, large: bool = 
                          steps=size["lora_steps"], extra=[
                              *progress_override, "peft.method=lora",
                              f"train.init_from={out / 'target' / 'model'}",
-                             f"peft.rank={size['lora_rank']}", "train.learning_rate=5e-3",
-                             f"train.eval_every={size['lora_steps']}"])
+                             f"peft.rank={size['lora_rank']}", "train.learning_rate=5e-3"])
     results["data"] = {}
     for name, cfg in (("code", code_cfg), ("instruct", sft_cfg)):
         it = build_iterator(cfg, split="train")
