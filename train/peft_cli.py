@@ -1,23 +1,9 @@
 """``cadenza convert merge-lora | peft-export | peft-import``: adapter conversions.
 
-These join the ``convert`` command: if another area already registered a
-``convert`` parser (e.g. ``convert hf-import``), the subcommands are added to
-its sub-parsers; otherwise this module creates ``convert``. Areas adding
-``convert`` subcommands should use :func:`convert_subparsers` the same way.
+These join the shared ``convert`` command (:func:`cadenza.cli.command_group`).
 """
 
-import argparse
-
-
-def convert_subparsers(subparsers):
-    """The sub-parsers action of the ``convert`` command, creating the command if needed."""
-    convert = subparsers.choices.get("convert")
-    if convert is None:
-        convert = subparsers.add_parser("convert", help="convert models and adapters")
-    for action in convert._actions:
-        if isinstance(action, argparse._SubParsersAction):
-            return action
-    return convert.add_subparsers(dest="convert_command", metavar="SUBCOMMAND")
+from cadenza.cli import CONVERT_HELP, command_group
 
 
 def _merge_lora(args) -> int:
@@ -62,7 +48,7 @@ def _peft_import(args) -> int:
 
 
 def register(subparsers) -> None:
-    sub = convert_subparsers(subparsers)
+    sub = command_group(subparsers, "convert", CONVERT_HELP)
     p = sub.add_parser("merge-lora", help="fold adapters into a base model directory")
     p.add_argument("--model", required=True, help="base cadenza model directory")
     p.add_argument("--adapter", required=True, help="cadenza adapter directory")
