@@ -61,3 +61,21 @@ def test_tested_block_runs(page, tested, line, cmd, tmp_path):
         cmd = [sys.executable, "-m", "cadenza", *cmd[1:]]
     r = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, f"{page}: {line!r} failed:\n{r.stdout[-2000:]}\n{r.stderr[-2000:]}"
+
+
+def test_quoted_numbers_come_from_the_results_files_they_cite():
+    """A docs line citing ``bench/results/<device>/<name>.md`` quotes only numbers found in
+    that file (numbers with a decimal point or at least four digits)."""
+    cite = re.compile(r"bench/results/[\w.-]+/[\w.-]+\.md")
+    number = re.compile(r"\d+\.\d+|\d{4,}")
+    checked = 0
+    for page in PAGES:
+        for line in page.read_text().splitlines():
+            files = [ROOT / c for c in cite.findall(line) if (ROOT / c).is_file()]
+            if not files:
+                continue
+            source = "".join(f.read_text() for f in files)
+            for n in number.findall(cite.sub("", line)):
+                assert n in source, f"{page.name}: {n} is not in {[f.name for f in files]}"
+                checked += 1
+    assert checked
