@@ -14,7 +14,7 @@ from cadenza.errors import CadenzaError
 
 # Modules that add subcommands: each has ``register(subparsers)``, imports
 # nothing heavy at module level, and sets ``func`` on its parsers.
-AREA_COMMANDS: tuple[str, ...] = ()
+AREA_COMMANDS: tuple[str, ...] = ("cadenza.train.pods_cli",)
 
 
 def _config_show(args) -> int:
@@ -60,7 +60,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # ``section.field=value`` overrides may follow options (``compile EXP --topology T a=b``).
+    if extra and hasattr(args, "overrides") and all("=" in a and not a.startswith("-")
+                                                    for a in extra):
+        args.overrides = list(args.overrides) + extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if not getattr(args, "func", None):
         parser.print_help()
         return 0 if args.command is None else 2
