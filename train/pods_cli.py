@@ -15,14 +15,14 @@ def _compile(args) -> int:
 
 
 def _preflight(args) -> int:
-    from cadenza.train.distributed import initialize, log
+    from cadenza.train.distributed import initialize
     from cadenza.train.preflight import check_host
 
     initialize()
     facts = check_host(revision=args.expect_revision, devices=args.expect_devices,
                        jax_version=args.expect_jax, min_free_gib=args.min_free_gib,
                        disk_path=args.disk_path)
-    log.warning("preflight ok: %s", facts.summary())
+    print(f"preflight ok: {facts.summary()}")  # every host reports
     return 0
 
 
