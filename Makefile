@@ -20,7 +20,7 @@ $(UV):
 	$(PY312) -m venv .uv
 	.uv/bin/pip install --quiet uv==$(UV_VERSION)
 
-.venv/.synced: $(UV) pyproject.toml uv.lock
+.venv/.synced: $(UV) pyproject.toml uv.lock Makefile
 	$(UV) sync --frozen --quiet --extra tpu
 	touch $@
 

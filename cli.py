@@ -14,7 +14,14 @@ from cadenza.errors import CadenzaError
 
 # Modules that add subcommands: each has ``register(subparsers)``, imports
 # nothing heavy at module level, and sets ``func`` on its parsers.
-AREA_COMMANDS: tuple[str, ...] = ("cadenza.train.pods_cli",)
+AREA_COMMANDS: tuple[str, ...] = (
+    "cadenza.models.cli",
+    "cadenza.decode.ngram_cli",
+    "cadenza.train.cli",
+    "cadenza.train.data_cli",
+    "cadenza.decode.cli",
+    "cadenza.train.pods_cli",
+)
 
 
 def _config_show(args) -> int:

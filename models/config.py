@@ -18,7 +18,7 @@ ROPE_TYPES = ("default", "linear", "llama3")
 LOCAL_LAYER_PATTERNS = ("none", "all", "even")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "save_attn_out")
 DTYPES = ("float32", "bfloat16", "float16")
-ATTENTION_IMPLS = ("xla",)
+ATTENTION_IMPLS = ("auto", "xla", "pallas", "cudnn")  # = pallas_kernels.attention.IMPLEMENTATIONS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,7 +91,7 @@ class ModelConfig:
     param_dtype: str = "float32"
     scan_layers: bool = True
     remat_policy: str = "none"
-    attention_impl: str = "xla"
+    attention_impl: str = "auto"
 
     def __post_init__(self):
         s = "model"

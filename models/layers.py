@@ -132,6 +132,7 @@ class Attention(nn.Module):
                         q_positions=ctx.positions, k_cache=k_cache, v_cache=v_cache,
                         cache_lengths=ctx.cache_lengths, cache_positions=ctx.cache_positions,
                         tail_mask=ctx.tail_mask, segment_ids=ctx.segment_ids, window=window,
+                        window_choices=tuple(cfg.layer_windows()),
                         logit_soft_cap=cfg.attn_logit_softcap)
         out = nn.with_logical_constraint(out, ("batch", "length", "heads", "head_dim"))
         y = Projection((cfg.hidden_size,), ("heads", "head_dim"), ("embed",), cfg,

@@ -1,27 +1,221 @@
-"""The one attention entry point the model calls.
+"""The one attention entry point the model calls; picks a kernel per backend and case.
 
-``attention`` picks an implementation per backend and case. Today only the
-plain-XLA reference exists (``implementation="xla"``); the Pallas kernels
-dispatch from here when they land, and fall back to XLA for shapes they
-cannot take.
+``implementation`` (``model.attention_impl``):
+
+- ``"xla"``: the plain-XLA reference, always.
+- ``"pallas"``: the TPU Pallas kernels — splash flash attention for training
+  and prefill (no cache), the ragged verify/decode kernel with a cache. On a
+  CPU backend they run in Pallas interpret mode (tests, slow); on a GPU there
+  is no Pallas kernel yet and the call falls back to XLA.
+- ``"cudnn"``: cuDNN flash attention (GPU) for training/prefill; XLA otherwise.
+- ``"auto"``: ``pallas`` on TPU, ``cudnn`` on GPU, ``xla`` on CPU.
+
+Every case a kernel cannot take (shape, mask kind, soft-cap, sequence-sharded
+mesh, ...) falls back to the XLA reference with one log line per reason.
+Kernels run inside ``shard_map`` over the context mesh (``jax.set_mesh``) with
+partition specs from the Flax logical-axis rules in context: batch over the
+batch axes, heads over the head axes; the length axes must be unsharded.
 """
 
+import functools
+import logging
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
 from cadenza.errors import ConfigError
+from cadenza.pallas_kernels import decode_attention_tpu as decode_tpu
+from cadenza.pallas_kernels import flash_attention_gpu as flash_gpu
+from cadenza.pallas_kernels import flash_attention_tpu as flash_tpu
 from cadenza.pallas_kernels.attention_reference import reference_attention
 
-IMPLEMENTATIONS = {"xla": reference_attention}
+IMPLEMENTATIONS = ("auto", "xla", "pallas", "cudnn")
+
+_log = logging.getLogger(__name__)
+_logged: set[str] = set()
+
+_Q = ("batch", "length", "heads", "head_dim")
+_KV = ("batch", "length", "kv_heads", "head_dim")
+_CACHE = ("batch", "cache_length", "kv_heads", "head_dim")
+_LOGICAL = {"q": _Q, "k": _KV, "v": _KV, "k_cache": _CACHE, "v_cache": _CACHE,
+            "cache_lengths": ("batch",), "cache_positions": ("batch", "cache_length"),
+            "q_positions": ("batch", "length"), "segment_ids": ("batch", "length"),
+            "window": ()}
+_LENGTH_AXES = ("length", "cache_length")
 
 
-def attention(q, k, v, *, implementation: str = "xla", **kwargs):
+def _fallback(reason: str):
+    if reason not in _logged:
+        _logged.add(reason)
+        _log.warning("attention: falling back to XLA: %s", reason)
+
+
+def _static_int(x):
+    """``int(x)`` when ``x`` is concrete, else None (a traced per-layer window)."""
+    try:
+        return int(x)
+    except (jax.errors.ConcretizationTypeError, jax.errors.TracerIntegerConversionError):
+        return None
+
+
+def _platform() -> str:
+    """Platform the kernels compile for: the context mesh's devices (AOT for a TPU
+    topology from a CPU host), else the default backend."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if not mesh.empty and mesh.abstract_device is not None:
+        return mesh.abstract_device.platform
+    return jax.default_backend()
+
+
+def _resolve(implementation: str) -> str:
+    if implementation not in IMPLEMENTATIONS:
+        raise ConfigError(f"unknown attention implementation {implementation!r}",
+                          where="model.attention_impl", fix=f"use one of {list(IMPLEMENTATIONS)}")
+    if implementation != "auto":
+        return implementation
+    return {"tpu": "pallas", "gpu": "cudnn"}.get(_platform(), "xla")
+
+
+def _mesh_specs(arrays: dict):
+    """Partition specs of ``arrays`` under the context mesh: (specs, None) or (None, reason).
+
+    ``specs`` is None when there is no context mesh (run the kernel directly).
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return None, None
+    specs = {}
+    for name, x in arrays.items():
+        logical = _LOGICAL[name] if name != "tail_mask" else (("batch",) * (x.ndim == 3)
+                                                              + (None, None))
+        spec = nn.logical_to_mesh_axes(logical)
+        for size, axes, lname in zip(x.shape, spec, logical):
+            axes = () if axes is None else (axes,) if isinstance(axes, str) else axes
+            shards = 1
+            for a in axes:
+                shards *= mesh.shape[a]
+            if lname in _LENGTH_AXES and shards > 1:
+                return None, f"{name} is sharded along its length (sequence parallelism)"
+            if size % shards:
+                return None, f"{name} dim {lname}={size} does not divide over mesh axes {axes}"
+        specs[name] = spec
+    return specs, None
+
+
+def _run_sharded(fn, arrays: dict, specs):
+    """``fn(**arrays)``, per shard inside ``shard_map`` when ``specs`` is not None."""
+    if specs is None:
+        return fn(**arrays)
+    names = list(arrays)
+    mapped = jax.shard_map(lambda *xs: fn(**dict(zip(names, xs))),
+                           in_specs=tuple(specs[n] for n in names), out_specs=specs["q"],
+                           check_vma=False)
+    return mapped(*(arrays[n] for n in names))
+
+
+def _flash_fn(impl, *, scale, window, logit_soft_cap):
+    """The training/prefill kernel for one static window, as ``fn(q, k, v, segment_ids=None)``."""
+    if impl == "pallas":
+        return functools.partial(flash_tpu.flash_attention_tpu, scale=scale, window=window,
+                                 logit_soft_cap=logit_soft_cap,
+                                 interpret=_platform() == "cpu")
+    return functools.partial(flash_gpu.flash_attention_cudnn, scale=scale, window=window)
+
+
+def attention(q, k, v, *, implementation: str = "xla", scale, q_positions, k_cache=None,
+              v_cache=None, cache_lengths=None, cache_positions=None, tail_mask=None,
+              segment_ids=None, window=0, window_choices=None, logit_soft_cap=0.0):
     """Attention of new tokens over an optional cache prefix plus themselves.
 
     Shapes and masking rules: see
     :func:`cadenza.pallas_kernels.attention_reference.reference_attention`.
+    ``window_choices``: every value a traced ``window`` can take (the model's
+    per-layer windows; a value outside it would select the first choice); lets
+    static-mask kernels run under a scan over layers via ``lax.switch``.
+    Without a cache the result is differentiable on every path; with a cache
+    the Pallas path is forward-only (decoding).
     """
-    try:
-        impl = IMPLEMENTATIONS[implementation]
-    except KeyError:
-        raise ConfigError(f"unknown attention implementation {implementation!r}",
-                          where="model.attention_impl",
-                          fix=f"use one of {sorted(IMPLEMENTATIONS)}") from None
-    return impl(q, k, v, **kwargs)
+    impl = _resolve(implementation)
+    kw = dict(scale=scale, q_positions=q_positions, k_cache=k_cache, v_cache=v_cache,
+              cache_lengths=cache_lengths, cache_positions=cache_positions, tail_mask=tail_mask,
+              segment_ids=segment_ids, window=window, logit_soft_cap=logit_soft_cap)
+    out, reason = None, None
+    backend = _platform()
+    if impl == "xla":
+        return reference_attention(q, k, v, **kw)
+    if impl == "pallas" and backend == "gpu":
+        reason = "no Pallas GPU kernel for this case (Mosaic GPU kernels not built yet)"
+    elif impl == "cudnn" and backend != "gpu":
+        reason = f"cuDNN needs a GPU backend, not {backend}"
+    elif k_cache is not None:
+        if impl == "cudnn":
+            reason = "cuDNN path has no cache attention"
+        else:
+            reason = decode_tpu.unsupported_reason(k_cache)
+        if reason is None:
+            out, reason = _decode(q, k, v, kw, window_choices, interpret=backend == "cpu")
+    else:
+        if impl == "pallas":
+            reason = flash_tpu.unsupported_reason(q, tail_mask=tail_mask)
+        else:
+            reason = flash_gpu.unsupported_reason(q, tail_mask=tail_mask, segment_ids=segment_ids,
+                                                  logit_soft_cap=logit_soft_cap)
+        if reason is None:
+            out, reason = _flash_any_window(impl, q, k, v, kw, window_choices)
+    if out is None:
+        _fallback(f"{impl}: {reason}")
+        return reference_attention(q, k, v, **kw)
+    return out
+
+
+def _decode(q, k, v, kw, window_choices, *, interpret):
+    """The TPU cache kernel; the new tokens among themselves via splash for long causal
+    chunks with a static window (prefill into a cache), else XLA."""
+    arrays = {"q": q, "k": k, "v": v, "k_cache": kw["k_cache"], "v_cache": kw["v_cache"],
+              "cache_lengths": kw["cache_lengths"], "cache_positions": kw["cache_positions"],
+              "q_positions": kw["q_positions"]}
+    for name in ("tail_mask", "segment_ids"):
+        if kw[name] is not None:
+            arrays[name] = kw[name]
+    window = _static_int(kw["window"])
+    if window is None and len(set(window_choices or ())) == 1:
+        window = window_choices[0]
+    splash_tail = (q.shape[1] > 64 and window is not None
+                   and flash_tpu.unsupported_reason(q, tail_mask=kw["tail_mask"]) is None)
+    if window is None:
+        arrays["window"] = jnp.asarray(kw["window"], jnp.int32)
+    specs, reason = _mesh_specs(arrays)
+    if reason:
+        return None, reason
+    fn = functools.partial(decode_tpu.decode_attention_tpu, scale=kw["scale"],
+                           logit_soft_cap=kw["logit_soft_cap"], interpret=interpret,
+                           splash_tail=splash_tail)
+    if window is not None:
+        fn = functools.partial(fn, window=window)
+    return _run_sharded(fn, arrays, specs), None
+
+
+def _flash_any_window(impl, q, k, v, kw, window_choices):
+    """Static-window kernels for a possibly traced window: switch over its known values."""
+    window = _static_int(kw["window"])
+    choices = sorted(set(window_choices or ()))
+    if window is None and len(choices) == 1:
+        window = choices[0]
+    if window is None and not choices:
+        return None, "traced window without window_choices"
+    arrays = {"q": q, "k": k, "v": v}
+    if kw["segment_ids"] is not None:
+        arrays["segment_ids"] = kw["segment_ids"]
+    specs, reason = _mesh_specs(arrays)
+    if reason:
+        return None, reason
+
+    def run(w):
+        fn = _flash_fn(impl, scale=kw["scale"], window=w, logit_soft_cap=kw["logit_soft_cap"])
+        return _run_sharded(fn, arrays, specs)
+
+    if window is not None:
+        return run(window), None
+    index = sum(jnp.where(kw["window"] == c, i, 0) for i, c in enumerate(choices))
+    return jax.lax.switch(index, [functools.partial(run, c) for c in choices]), None

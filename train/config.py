@@ -58,10 +58,21 @@ class MeshConfig:
         return tuple((k, tuple(v) if v else None) for k, v in self.logical_axis_rules.items())
 
 
-
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    """Optimisation and run settings of ``cadenza train``."""
+    """Optimisation and run settings of ``cadenza train``.
+
+    ``steps`` counts optimizer updates; each consumes one global batch of
+    ``batch_size`` rows of ``seq_len`` tokens, split into ``microbatches``
+    accumulated with ``lax.scan``. The learning rate warms up linearly from 0
+    over ``warmup_steps`` then follows ``schedule`` down to
+    ``learning_rate * min_lr_ratio`` at ``steps`` (``constant`` stays flat).
+    ``grad_clip_norm`` of 0 disables clipping; ``z_loss`` adds
+    ``z_loss * logsumexp(logits)**2`` per counted token. ``eval_every`` /
+    ``checkpoint_every`` of 0 disable periodic eval / saves (a checkpoint is
+    always written at the end). ``peak_tflops_per_device`` of 0 looks the
+    accelerator up by name for MFU (unknown devices report no MFU).
+    """
 
     output_dir: str = "runs/default"
     seed: int = 0
@@ -73,23 +84,37 @@ class TrainConfig:
     learning_rate: float = 3e-4
     schedule: str = "cosine"
     warmup_steps: int = 10
+    min_lr_ratio: float = 0.1
     weight_decay: float = 0.0
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    momentum: float = 0.9
     grad_clip_norm: float = 1.0
     z_loss: float = 0.0
     log_every: int = 10
     eval_every: int = 0
+    eval_steps: int = 4
     checkpoint_every: int = 0
     keep_checkpoints: int = 2
+    async_checkpoints: bool = True
+    tensorboard: bool = True
+    progress_bar: bool = True
+    peak_tflops_per_device: float = 0.0
 
     def __post_init__(self):
         s = "train"
         for name in ("steps", "batch_size", "seq_len", "microbatches", "log_every",
-                     "keep_checkpoints"):
+                     "keep_checkpoints", "eval_steps"):
             check_range(s, name, getattr(self, name), low=1)
         for name in ("warmup_steps", "eval_every", "checkpoint_every", "weight_decay",
-                     "grad_clip_norm", "z_loss"):
+                     "grad_clip_norm", "z_loss", "peak_tflops_per_device"):
             check_range(s, name, getattr(self, name), low=0)
         check_range(s, "learning_rate", self.learning_rate, low=0.0, low_inclusive=False)
+        check_range(s, "min_lr_ratio", self.min_lr_ratio, low=0.0, high=1.0)
+        for name in ("b1", "b2", "momentum"):
+            check_range(s, name, getattr(self, name), low=0.0, high=1.0, high_inclusive=False)
+        check_range(s, "eps", self.eps, low=0.0)
         check_choice(s, "optimizer", self.optimizer, ("adamw", "adafactor", "lion", "sgd"))
         check_choice(s, "schedule", self.schedule, ("cosine", "linear", "constant"))
         if self.batch_size % self.microbatches:

@@ -1,0 +1,135 @@
+"""Train-step throughput and MFU: steps/s, tokens/s, MFU for the tiny preset and a
+~100M-parameter Llama-style config, on whatever devices JAX sees.
+
+    .venv/bin/python bench/train_throughput.py [--steps N] [--big-steps N] [--only tiny|100m]
+
+Times the jitted, donated train step alone (AdamW, global-norm clipping, synthetic
+batches already on device), after a warm-up step that compiles. MFU = achieved model
+FLOP/s (``cadenza.train.metrics.flops_per_token``) / peak FLOP/s. The peak is the
+device's table entry (``cadenza.train.metrics.PEAK_FLOPS``) or, on CPU where there is
+none, a measured one: the best FLOP/s of a large square matmul in the compute dtype on
+the same device, so CPU "MFU" means "fraction of this CPU's own matmul speed".
+Writes JSON + Markdown to ``bench/results/<device>/train_throughput.*``.
+"""
+
+import argparse
+import datetime
+import json
+import os
+import pathlib
+import platform
+import subprocess
+import time
+
+import jax
+import jax.numpy as jnp
+
+from cadenza.config import load_config
+from cadenza.train.mesh import batch_sharding, make_mesh, replicated, validate_sharding
+from cadenza.train.metrics import flops_per_token, peak_flops_per_device
+from cadenza.train.optim import make_optimizer, make_schedule
+from cadenza.train.state import init_state, state_shardings
+from cadenza.train.step import make_train_step
+from cadenza.train.synthetic import SyntheticBatches
+from cadenza.train.task import full_model_task
+
+CONFIGS = {
+    "tiny": ["model.preset=tiny", "train.batch_size=8", "train.seq_len=256"],
+    "100m": ["model.vocab_size=32000", "model.hidden_size=768", "model.num_layers=8",
+             "model.num_heads=12", "model.num_kv_heads=12", "model.intermediate_size=2048",
+             "model.dtype=bfloat16", "train.batch_size=4", "train.seq_len=256"],
+}
+
+
+def measured_matmul_flops(dtype: str, n: int = 2048, reps: int = 5) -> float:
+    """Best FLOP/s of an n x n x n matmul in ``dtype`` on the default device."""
+    a = jnp.ones((n, n), dtype)
+    f = jax.jit(lambda x: x @ x)
+    f(a).block_until_ready()
+    best = float("inf")
+    for _ in range(reps):
+        t = time.perf_counter()
+        f(a).block_until_ready()
+        best = min(best, time.perf_counter() - t)
+    return 2 * n ** 3 / best
+
+
+def bench(name: str, steps: int) -> dict:
+    config = load_config(None, CONFIGS[name] + ["train.warmup_steps=1", "mesh.data=-1"],
+                         preset="tiny")
+    devices = jax.devices()
+    validate_sharding(config, len(devices))
+    mesh, rules = make_mesh(config.mesh, devices), config.mesh.rules()
+    task, opt = full_model_task(config.model), make_optimizer(config.train)
+    shardings = state_shardings(task, opt, mesh, rules)
+    state = init_state(task, opt, 0, mesh, rules, shardings)
+    rows = batch_sharding(mesh, rules)
+    step = make_train_step(task, opt, make_schedule(config.train), microbatches=1,
+                           z_loss=0.0, rules=rules, state_shardings=shardings,
+                           frozen_shardings={}, batch_sharding=rows,
+                           metric_sharding=replicated(mesh))
+    t = config.train
+    batch = {k: jax.device_put(v, rows) for k, v in
+             next(SyntheticBatches(t.batch_size, t.seq_len, config.model.vocab_size)).items()}
+    with jax.set_mesh(mesh):
+        t0 = time.perf_counter()
+        state, m = step(state, {}, batch)
+        jax.block_until_ready(m)
+        compile_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            state, m = step(state, {}, batch)
+        jax.block_until_ready(m)
+        dt = (time.perf_counter() - t0) / steps
+    tokens = t.batch_size * t.seq_len
+    flops = flops_per_token(config.model, t.seq_len) * tokens / dt
+    peak = peak_flops_per_device(devices[0])
+    peak_source = "table"
+    if peak is None:
+        peak, peak_source = measured_matmul_flops(config.model.dtype), "measured matmul"
+    return {"config": name, "params": config.model.num_params(), "dtype": config.model.dtype,
+            "batch_size": t.batch_size, "seq_len": t.seq_len, "timed_steps": steps,
+            "compile_s": round(compile_s, 2), "step_time_s": dt, "steps_per_s": 1 / dt,
+            "tokens_per_s": tokens / dt, "model_tflops_per_s": flops / 1e12,
+            "peak_tflops_per_device": peak / 1e12, "peak_source": peak_source,
+            "mfu": flops / (peak * len(devices)), "final_loss": float(m["loss"])}
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--steps", type=int, default=20, help="timed steps for the tiny config")
+    p.add_argument("--big-steps", type=int, default=3, help="timed steps for the 100M config")
+    p.add_argument("--only", choices=sorted(CONFIGS))
+    args = p.parse_args()
+    dev = jax.devices()[0]
+    kind = dev.platform if dev.platform == "cpu" else dev.device_kind.replace(" ", "-").lower()
+    results = [bench(n, args.steps if n == "tiny" else args.big_steps)
+               for n in CONFIGS if args.only in (None, n)]
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                            text=True).stdout.strip()
+    meta = {"device": f"{dev.device_kind} ({platform.processor() or platform.machine()})",
+            "num_devices": jax.device_count(), "jax": jax.__version__, "commit": commit,
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "load_average_1m": os.getloadavg()[0]}
+    out = pathlib.Path(__file__).parent / "results" / kind
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "train_throughput.json").write_text(json.dumps({**meta, "results": results},
+                                                          indent=2) + "\n")
+    lines = [f"# Train-step throughput ({meta['device']}, {meta['num_devices']} device(s))", "",
+             f"jax {meta['jax']}, commit {commit}, {meta['date']}, host load average "
+             f"{meta['load_average_1m']:.1f}. AdamW, donated state, "
+             "synthetic batches on device; MFU against the peak shown.", "",
+             "| config | params | dtype | batch x seq | step (s) | steps/s | tokens/s | "
+             "model TFLOP/s | peak TFLOP/s | MFU |", "|" + "---|" * 10]
+    for r in results:
+        lines.append(f"| {r['config']} | {r['params'] / 1e6:.1f}M | {r['dtype']} | "
+                     f"{r['batch_size']}x{r['seq_len']} | {r['step_time_s']:.3f} | "
+                     f"{r['steps_per_s']:.2f} | {r['tokens_per_s']:.0f} | "
+                     f"{r['model_tflops_per_s']:.3f} | {r['peak_tflops_per_device']:.3f} "
+                     f"({r['peak_source']}) | {r['mfu']:.1%} |")
+    (out / "train_throughput.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,76 @@
+"""``cadenza convert``: Hugging Face import, export and logit parity check."""
+
+
+def _quiet_library_notes() -> None:
+    """The handlers print the notes themselves; keep the library's log copy off stderr."""
+    import logging
+
+    logging.getLogger("cadenza.hf").setLevel(logging.ERROR)
+
+
+def _import(args) -> int:
+    from cadenza.models.hf_check import check_hf
+    from cadenza.models.hf_import import import_hf
+
+    _quiet_library_notes()
+    out, notes = import_hf(args.hf_dir, args.out_dir, dtype=args.dtype)
+    for note in notes:
+        print(f"note: {note}")
+    print(f"wrote cadenza model directory {out}")
+    if args.check:
+        return _report(check_hf([args.hf_dir], ref_python=args.ref_python))
+    return 0
+
+
+def _export(args) -> int:
+    from cadenza.models.hf_export import save_hf
+
+    out = save_hf(args.ckpt_dir, args.hf_dir, max_shard_bytes=int(args.max_shard_mb * 2**20))
+    print(f"wrote Hugging Face checkpoint {out}")
+    return 0
+
+
+def _check(args) -> int:
+    from cadenza.models.hf_check import check_hf
+
+    return _report(check_hf(args.hf_dirs, num_prompts=args.prompts, prompt_len=args.length,
+                            rtol=args.rtol, kl_tol=args.kl_tol, ref_python=args.ref_python))
+
+
+def _report(reports) -> int:
+    for r in reports:
+        print(r.format())
+    return 0 if all(r.passed for r in reports) else 1
+
+
+def register(subparsers) -> None:
+    """Add ``convert hf-import``, ``convert hf-export`` and ``convert check``."""
+    convert = subparsers.add_parser("convert", help="convert checkpoints to and from Hugging Face")
+    sub = convert.add_subparsers(dest="convert_command", metavar="SUBCOMMAND")
+
+    imp = sub.add_parser("hf-import", help="HF config.json + safetensors -> cadenza model dir")
+    imp.add_argument("hf_dir", help="directory with config.json and *.safetensors")
+    imp.add_argument("out_dir", help="new cadenza model directory")
+    imp.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
+                     help="param dtype (default: the checkpoint's)")
+    imp.add_argument("--check", action="store_true",
+                     help="afterwards compare logits with transformers (needs the reference env)")
+    imp.add_argument("--ref-python", default=None, help="Python of the reference env")
+    imp.set_defaults(func=_import)
+
+    exp = sub.add_parser("hf-export", help="cadenza model dir -> HF config.json + safetensors")
+    exp.add_argument("ckpt_dir", help="cadenza model directory (config.yaml, params/)")
+    exp.add_argument("hf_dir", help="new Hugging Face checkpoint directory")
+    exp.add_argument("--max-shard-mb", type=float, default=5 * 1024,
+                     help="split safetensors files above this size (MiB)")
+    exp.set_defaults(func=_export)
+
+    chk = sub.add_parser("check", help="max |logit diff| and KL vs transformers, per position")
+    chk.add_argument("hf_dirs", nargs="+", metavar="HF_DIR", help="HF checkpoint directories")
+    chk.add_argument("--prompts", type=int, default=3, help="number of random prompts")
+    chk.add_argument("--length", type=int, default=16, help="tokens per prompt")
+    chk.add_argument("--rtol", type=float, default=1e-4,
+                     help="max |logit diff| allowed, relative to the logit scale")
+    chk.add_argument("--kl-tol", type=float, default=1e-6, help="max KL allowed per position")
+    chk.add_argument("--ref-python", default=None, help="Python of the reference env")
+    chk.set_defaults(func=_check)

@@ -1,0 +1,132 @@
+"""Export cadenza models as Hugging Face checkpoints that transformers loads.
+
+:func:`save_hf` writes config.json, safetensors (sharded with an index when
+larger than ``max_shard_bytes``) and the tokenizer/generation files of a
+cadenza model directory, in the layout ``AutoModelForCausalLM`` reads.
+"""
+
+import json
+import pathlib
+import shutil
+
+import numpy as np
+import safetensors.numpy
+
+from cadenza.errors import CadenzaError
+from cadenza.models.config import ModelConfig
+from cadenza.models.hf_config import hf_config_from_model
+from cadenza.models.hf_import import INDEX_FILE, TOKENIZER_FILES
+from cadenza.models.hf_weights import get_path, hf_shape, to_hf, weight_specs
+
+DEFAULT_MAX_SHARD_BYTES = 5 * 2**30
+
+
+def _hf_tensors(config: ModelConfig, params):
+    """``[(hf_name, shape, dtype, produce)]`` for every HF tensor, one leaf gathered at a time.
+
+    ``produce()`` returns the tensor as a new C-ordered numpy array (not a view
+    that would keep its whole leaf alive); call them in list order.
+    """
+    from cadenza.models.params import stack_layers
+
+    if "layers" not in params:
+        params = stack_layers(params, config.num_layers)
+    out = []
+    for spec in weight_specs(config):
+        leaf = get_path(params, spec.path)
+        per_layer = leaf.shape[1:] if spec.layered else leaf.shape
+        shape = hf_shape(spec.layout, per_layer)
+        cache = {}  # one host copy per leaf, shared by its layers, dropped after the last
+
+        def produce(leaf=leaf, layout=spec.layout, i=None, cache=cache):
+            host = cache.pop("host", None)
+            host = np.asarray(leaf) if host is None else host
+            if i is not None and i + 1 < config.num_layers:
+                cache["host"] = host
+            return np.array(to_hf(layout, host if i is None else host[i]), order="C")
+
+        if spec.layered:
+            for i in range(config.num_layers):
+                out.append((spec.hf_name.format(i=i), shape, leaf.dtype,
+                            lambda produce=produce, i=i: produce(i=i)))
+        else:
+            out.append((spec.hf_name, shape, leaf.dtype, produce))
+    return out
+
+
+def _nbytes(tensor) -> int:
+    _, shape, dtype, _ = tensor
+    return int(np.prod(shape)) * np.dtype(dtype).itemsize
+
+
+def _shards(tensors, max_bytes: int):
+    shards, size = [[]], 0
+    for t in tensors:
+        if shards[-1] and size + _nbytes(t) > max_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(t)
+        size += _nbytes(t)
+    return shards
+
+
+def _write_shard(path: pathlib.Path, shard) -> int:
+    """Write one safetensors file with ``{"format": "pt"}`` metadata (what transformers
+    expects); only this shard's tensors are in host memory. Returns its data bytes."""
+    arrays = {name: produce() for name, _, _, produce in shard}
+    safetensors.numpy.save_file(arrays, path, metadata={"format": "pt"})
+    return sum(_nbytes(t) for t in shard)
+
+
+def save_hf(model, hf_dir, *, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> pathlib.Path:
+    """Write an HF checkpoint of ``model`` to ``hf_dir`` (which must not hold one already).
+
+    Args:
+      model: a cadenza model directory (path), or ``(config, params)`` where
+        config is a ModelConfig or an ExperimentConfig and params are in the
+        scanned or unscanned layout (jax or numpy arrays, sharded or not).
+      hf_dir: output directory.
+      max_shard_bytes: safetensors files are split above this size, with a
+        ``model.safetensors.index.json``; they are written one at a time, so
+        host memory holds one shard (plus the gathered leaf being split).
+
+    The tensors keep the params' dtype. Tokenizer and generation files are
+    copied from the model directory's tokenizer/ folder when there is one.
+
+    Raises:
+      CadenzaError: the config uses a feature the family's transformers
+        class cannot express, or ``hf_dir`` already holds a checkpoint.
+    """
+    from cadenza.models.checkpoint import load_model, tokenizer_dir
+
+    tokenizer = None
+    if isinstance(model, (str, pathlib.Path)):
+        tokenizer = tokenizer_dir(model)
+        experiment, params = load_model(model)
+        config = experiment.model
+    else:
+        config, params = model
+        config = getattr(config, "model", config)
+    hf_config = hf_config_from_model(config)
+    out = pathlib.Path(hf_dir)
+    if (out / "config.json").exists() or list(out.glob("*.safetensors")):
+        raise CadenzaError("an HF checkpoint already exists here", where=str(out),
+                           fix="choose a new output directory or delete the old one")
+    out.mkdir(parents=True, exist_ok=True)
+    shards = _shards(_hf_tensors(config, params), max_shard_bytes)
+    if len(shards) == 1:
+        _write_shard(out / "model.safetensors", shards[0])
+    else:
+        weight_map, total = {}, 0
+        for k, shard in enumerate(shards):
+            name = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
+            total += _write_shard(out / name, shard)
+            weight_map.update({t[0]: name for t in shard})
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (out / INDEX_FILE).write_text(json.dumps(index, indent=2))
+    if tokenizer is not None:
+        for name in TOKENIZER_FILES:
+            if (tokenizer / name).is_file():
+                shutil.copyfile(tokenizer / name, out / name)
+    (out / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
+    return out

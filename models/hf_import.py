@@ -1,0 +1,378 @@
+"""Import Hugging Face checkpoints (config.json + safetensors) into cadenza.
+
+- :func:`open_hf_checkpoint`: find the directory, read config.json and every
+  safetensors header (single file or sharded with
+  ``model.safetensors.index.json``), refuse pickle and remote code.
+- :func:`load_hf`: strict check of every tensor name, shape and dtype against
+  the config (all problems reported in one error, before anything is
+  compiled), then the params, each tensor placed directly into its shards.
+- :func:`import_hf`: the above, written as a cadenza model directory with the
+  tokenizer files copied.
+"""
+
+import dataclasses
+import json
+import logging
+import pathlib
+import tempfile
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import safetensors
+
+from cadenza.errors import CadenzaError
+from cadenza.models.config import ModelConfig
+from cadenza.models.hf_config import model_config_from_hf
+from cadenza.models.hf_weights import get_path, hf_shape, read_block, set_path, weight_specs
+
+log = logging.getLogger("cadenza.hf")
+
+INDEX_FILE = "model.safetensors.index.json"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+# Tokenizer and generation files copied into a model directory's tokenizer/ folder.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
+                   "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt",
+                   "chat_template.jinja", "chat_template.json", "generation_config.json")
+# Buffers some exports include that cadenza recomputes from the config.
+IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+# safetensors dtype tags of the float dtypes cadenza reads (others: quantized or integer).
+FLOAT_TAGS = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}
+_MAX_LISTED = 12
+# The safetensors library's header errors, in words (its message is kept after them).
+_HEADER_ERRORS = {
+    "header too small": "no safetensors header, the file is too short to hold one",
+    "invalid header length": "the file is truncated, its header is longer than the file",
+    "incomplete metadata, file not fully covered":
+        "the file is truncated (or has extra bytes), its size does not match the tensors "
+        "its header lists",
+    "invalid shape, data type, or offset for tensor":
+        "a tensor's byte range does not match its shape and dtype",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorInfo:
+    """One HF tensor: the file holding it, its safetensors dtype tag and its shape."""
+
+    file: pathlib.Path
+    dtype: str
+    shape: tuple[int, ...]
+
+
+@dataclasses.dataclass
+class HFCheckpoint:
+    """An opened HF checkpoint: its directory, config.json, tensor index and remarks.
+
+    ``files`` holds one open ``safetensors.safe_open`` handle (numpy framework,
+    memory-mapped) per weight file; nothing but the headers has been read.
+    """
+
+    directory: pathlib.Path
+    hf_config: dict
+    tensors: dict[str, TensorInfo]
+    files: dict[pathlib.Path, safetensors.safe_open]
+    notes: list[str]
+
+    def tensor(self, name: str):
+        """HF tensor ``name`` as a lazy safetensors slice: ``[slices]`` reads just that block."""
+        return self.files[self.tensors[name].file].get_slice(name)
+
+
+def resolve_hf_dir(path) -> pathlib.Path:
+    """The HF model directory ``path`` names, or one clear error saying which one to pass."""
+    p = pathlib.Path(path).expanduser()
+    if not p.exists():
+        raise CadenzaError("no such directory", where=str(p),
+                           fix="pass the folder holding config.json and *.safetensors")
+    if p.is_file():
+        raise CadenzaError("expected a directory, got a file", where=str(p),
+                           fix=f"pass the directory that holds it: {p.parent}")
+    if (p / "config.json").is_file():
+        return p
+    found = sorted({c.parent for pattern in ("*/config.json", "*/*/config.json",
+                                             "*/*/*/config.json") for c in p.glob(pattern)})
+    if len(found) == 1:
+        raise CadenzaError("no config.json in this directory (wrong directory level)",
+                           where=str(p), fix=f"pass the model directory below it: {found[0]}")
+    if found:
+        listed = ", ".join(str(f) for f in found[:5])
+        raise CadenzaError(f"no config.json here, but {len(found)} model directories below it",
+                           where=str(p), fix=f"pass one of: {listed}")
+    if p.parent != p and (p.parent / "config.json").is_file():
+        raise CadenzaError("no config.json in this directory (wrong directory level)",
+                           where=str(p), fix=f"pass the model directory one level up: {p.parent}")
+    raise CadenzaError("not a Hugging Face model directory: no config.json in it or below it",
+                       where=str(p), fix="pass the folder holding config.json and *.safetensors")
+
+
+def _read_json(path: pathlib.Path, what: str) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CadenzaError(f"cannot read {what}: {e}", where=str(path),
+                           fix=f"restore a valid {path.name} from the checkpoint source") from None
+    if not isinstance(data, dict):
+        raise CadenzaError(f"{what} is not a JSON object", where=str(path),
+                           fix=f"restore a valid {path.name}")
+    return data
+
+
+def _weight_files(d: pathlib.Path) -> list[pathlib.Path]:
+    index = d / INDEX_FILE
+    if index.is_file():
+        weight_map = _read_json(index, "the safetensors index").get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise CadenzaError("the index has no weight_map", where=str(index),
+                               fix="restore model.safetensors.index.json from the source")
+        names = sorted(set(weight_map.values()))
+        missing = [n for n in names if not (d / n).is_file()]
+        if missing:
+            raise CadenzaError(
+                f"{len(missing)} of {len(names)} shards listed in {INDEX_FILE} are missing: "
+                f"{', '.join(missing)}", where=str(d),
+                fix="download the missing shard files into this directory")
+        return [d / n for n in names]
+    if (d / "model.safetensors").is_file():
+        return [d / "model.safetensors"]
+    files = sorted(d.glob("*.safetensors"))
+    if files:
+        return files
+    pickles = sorted(f.name for f in d.iterdir() if f.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        raise CadenzaError(
+            f"only pickle checkpoints here ({', '.join(pickles)}); cadenza never unpickles "
+            "(loading a pickle can run arbitrary code)", where=str(d),
+            fix="get the safetensors version of the model, or convert it once in a trusted "
+                "environment: model.save_pretrained(dir, safe_serialization=True)")
+    raise CadenzaError("no *.safetensors weights in this directory", where=str(d),
+                       fix="download the model's .safetensors files next to config.json")
+
+
+def _open_safetensors(path: pathlib.Path):
+    """``safe_open(path)`` (headers only), with the library's errors as CadenzaError."""
+    try:
+        return safetensors.safe_open(path, framework="numpy")
+    except safetensors.SafetensorError as e:
+        reason = str(e).removeprefix("Error while deserializing header: ")
+        what = _HEADER_ERRORS.get(reason, "cannot read the header")
+        raise CadenzaError(
+            f"corrupt or truncated safetensors file: {what}; the file has "
+            f"{path.stat().st_size} bytes (safetensors says: {reason})", where=str(path),
+            fix="download the file again (compare its size with the source) or re-export it"
+        ) from None
+
+
+def open_hf_checkpoint(path, *, dtype: str | None = None) -> tuple[HFCheckpoint, ModelConfig]:
+    """Open an HF model directory and build its :class:`ModelConfig` (no tensor data read).
+
+    Raises CadenzaError for a wrong directory level, pickle-only or missing
+    weights, missing shards, truncated or corrupt files, duplicate tensors,
+    remote code and unsupported architectures.
+    """
+    d = resolve_hf_dir(path)
+    hf_config = _read_json(d / "config.json", "config.json")
+    config, notes = model_config_from_hf(hf_config, dtype=dtype, where=str(d / "config.json"))
+    files = {f: _open_safetensors(f) for f in _weight_files(d)}
+    tensors: dict[str, TensorInfo] = {}
+    for path, f in files.items():
+        for name in f.keys():
+            if name in tensors:
+                raise CadenzaError(f"tensor {name!r} appears in both {tensors[name].file.name} "
+                                   f"and {path.name}", where=str(d),
+                                   fix="keep one set of weight files in the directory")
+            header = f.get_slice(name)
+            tensors[name] = TensorInfo(path, header.get_dtype(), tuple(header.get_shape()))
+    index = d / INDEX_FILE
+    if index.is_file():
+        listed = _read_json(index, "the safetensors index")["weight_map"]
+        wrong = [n for n, shard in listed.items()
+                 if n not in tensors or tensors[n].file.name != shard]
+        if wrong:
+            raise CadenzaError(f"{len(wrong)} tensors listed in {INDEX_FILE} are not in their "
+                               f"shard (e.g. {wrong[0]!r})", where=str(d),
+                               fix="the shards do not belong to this index; download them again")
+    unused = sorted(f.name for f in d.glob("*.safetensors") if f not in files)
+    if unused:
+        notes.append(f"ignored safetensors files not part of the model: {', '.join(unused)}")
+    pickles = sorted(f.name for f in d.iterdir() if f.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        notes.append(f"ignored pickle files (never loaded): {', '.join(pickles)}")
+    return HFCheckpoint(d, hf_config, tensors, files, notes), config
+
+
+def _listing(title: str, items: list[str]) -> list[str]:
+    if not items:
+        return []
+    shown = [f"  - {i}" for i in items[:_MAX_LISTED]]
+    if len(items) > _MAX_LISTED:
+        shown.append(f"  - ... and {len(items) - _MAX_LISTED} more")
+    return [f"{title} ({len(items)}):"] + shown
+
+
+def check_weights(ckpt: HFCheckpoint, config: ModelConfig) -> list[tuple[str, object]]:
+    """Match every HF tensor to a cadenza param; raise one error listing every problem.
+
+    Returns ``[(spec, per-layer cadenza shape)]``. Problems: missing tensors,
+    unexpected tensors, shape mismatches (with the likely config field to fix,
+    e.g. a padded vocabulary or wrong ``num_key_value_heads``) and dtypes
+    that are not float.
+    """
+    from cadenza.models.params import abstract_params
+
+    shapes = abstract_params(config)
+    plan, missing, mismatched, bad_dtype = [], [], [], []
+    expected = set()
+    for spec in weight_specs(config):
+        shape = get_path(shapes, spec.path).shape
+        per_layer = shape[1:] if spec.layered else shape
+        want = hf_shape(spec.layout, per_layer)
+        names = ([spec.hf_name.format(i=i) for i in range(config.num_layers)]
+                 if spec.layered else [spec.hf_name])
+        for name in names:
+            expected.add(name)
+            info = ckpt.tensors.get(name)
+            if info is None:
+                missing.append(name)
+            elif info.shape != want:
+                hint = _shape_hint(spec.hf_name, info.shape, want, config)
+                mismatched.append(f"{name}: checkpoint {list(info.shape)}, config.json implies "
+                                  f"{list(want)}{hint}")
+            elif info.dtype not in FLOAT_TAGS:
+                bad_dtype.append(f"{name}: {info.dtype}")
+        plan.append((spec, per_layer))
+    ignored = [n for n in ckpt.tensors if n not in expected and n.endswith(IGNORED_SUFFIXES)]
+    unexpected = sorted(n for n in ckpt.tensors if n not in expected and n not in ignored)
+    if ignored:
+        ckpt.notes.append(f"ignored {len(ignored)} rotary inv_freq buffers (cadenza recomputes "
+                          "them from the rope config)")
+    lines = (_listing("missing tensors", missing) + _listing("unexpected tensors", unexpected)
+             + _listing("shape mismatches", mismatched)
+             + _listing("non-float dtypes (quantized checkpoints are not supported)", bad_dtype))
+    if lines:
+        fixes = []
+        if "lm_head.weight" in missing:
+            fixes.append("if the model ties its output head to the embeddings, set "
+                         "tie_word_embeddings: true in config.json")
+        if "lm_head.weight" in unexpected:
+            fixes.append("the config ties embeddings but the checkpoint has lm_head.weight: set "
+                         "tie_word_embeddings: false in config.json")
+        if missing and unexpected:
+            fixes.append(f"compare names: expected e.g. {missing[0]!r}, found e.g. "
+                         f"{unexpected[0]!r} (a different prefix means a different model class)")
+        fixes.append("make config.json match the weights (the field named after each shape "
+                     "mismatch), or use the checkpoint this config.json came with")
+        problems = len(missing) + len(unexpected) + len(mismatched) + len(bad_dtype)
+        raise CadenzaError(
+            f"the weights do not match config.json ({problems} problems):\n"
+            + "\n".join(lines) + "\n", where=str(ckpt.directory), fix="; ".join(fixes))
+    stored = sorted({ckpt.tensors[n].dtype for n in expected})
+    if [FLOAT_TAGS[tag] for tag in stored] != [config.param_dtype]:
+        ckpt.notes.append(f"the checkpoint stores {'/'.join(stored)}; cast to "
+                          f"{config.param_dtype}")
+    return plan
+
+
+def _shape_hint(template: str, got, want, config: ModelConfig) -> str:
+    hd = config.resolved_head_dim
+    if template == "model.embed_tokens.weight" or template == "lm_head.weight":
+        if got[1:] == want[1:] or got[:1] == want[:1]:
+            return (f" (vocab: the weights have {got[0]} rows, config.json says vocab_size="
+                    f"{config.vocab_size}; a padded vocabulary needs vocab_size={got[0]})")
+    if template.endswith(("k_proj.weight", "v_proj.weight")) and got[0] % hd == 0:
+        return (f" (kv heads: {got[0] // hd} heads of head_dim {hd} in the weights, "
+                f"config.json says num_key_value_heads={config.num_kv_heads})")
+    if template.endswith("q_proj.weight") and got[0] % hd == 0:
+        return (f" (heads: {got[0] // hd} heads of head_dim {hd} in the weights, "
+                f"config.json says num_attention_heads={config.num_heads})")
+    return ""
+
+
+def load_hf(hf_dir, dtype: str | None = None, mesh=None, rules=None):
+    """Load an HF checkpoint as ``(model_config, params)``.
+
+    Args:
+      hf_dir: directory with config.json and safetensors (single or sharded).
+      dtype: param dtype (and compute dtype) of the result; default: the
+        checkpoint's declared dtype (float32 if it declares none).
+      mesh: if given, each param is created directly in its shards
+        (``jax.make_array_from_callback``): every device reads only its slice
+        of the file (safetensors ``get_slice``), no device gets a whole-model copy.
+      rules: logical-axis rules for ``mesh`` (default: MeshConfig's).
+
+    Returns:
+      ``(ModelConfig, params)`` with params in the scanned layout.
+
+    Raises:
+      CadenzaError: everything :func:`open_hf_checkpoint` and
+        :func:`check_weights` refuse, all before any compilation.
+    """
+    _, config, params = read_hf(hf_dir, dtype=dtype, mesh=mesh, rules=rules)
+    return config, params
+
+
+def read_hf(hf_dir, dtype: str | None = None, mesh=None, rules=None):
+    """:func:`load_hf` that also returns the opened :class:`HFCheckpoint` (with its notes)."""
+    ckpt, config = open_hf_checkpoint(hf_dir, dtype=dtype)
+    plan = check_weights(ckpt, config)
+    for note in ckpt.notes:
+        log.warning("%s: %s", ckpt.directory, note)
+    shardings = None
+    if mesh is not None:
+        from cadenza.models.params import param_shardings
+
+        shardings = param_shardings(config, mesh, rules)
+    target = jnp.dtype(config.param_dtype)
+    params: dict = {}
+    for spec, per_layer in plan:
+        shape = ((config.num_layers,) if spec.layered else ()) + tuple(per_layer)
+        read = _reader(ckpt, spec, per_layer, config.num_layers, target)
+        if shardings is None:
+            value = jnp.asarray(read(tuple(slice(None) for _ in shape)))
+        else:
+            value = jax.make_array_from_callback(shape, get_path(shardings, spec.path), read)
+        set_path(params, spec.path, value)
+    return ckpt, config, params
+
+
+def _reader(ckpt: HFCheckpoint, spec, per_layer, num_layers: int, dtype):
+    """``read(index) -> np.ndarray``: the block ``index`` (slices in cadenza layout) of a leaf."""
+
+    def block(name, index):
+        return read_block(spec.layout, ckpt.tensor(name), per_layer, index)
+
+    def read(index):
+        if not spec.layered:
+            return np.asarray(block(spec.hf_name, index), dtype=dtype)
+        layers = range(num_layers)[index[0]]
+        return np.stack([block(spec.hf_name.format(i=i), index[1:]) for i in layers]
+                        ).astype(dtype, copy=False)
+
+    return read
+
+
+def import_hf(hf_dir, out_dir, *, dtype: str | None = None, mesh=None, rules=None
+              ) -> tuple[pathlib.Path, list[str]]:
+    """Convert an HF checkpoint into a cadenza model directory at ``out_dir``.
+
+    Writes config.yaml (the resolved experiment config with the imported
+    model section), params/ (orbax) and tokenizer/ (the HF tokenizer and
+    generation files present: see :data:`TOKENIZER_FILES`). Returns the
+    directory and the notes (choices made, files copied or ignored).
+    """
+    from cadenza.config import ExperimentConfig
+    from cadenza.models.checkpoint import save_model
+
+    if (pathlib.Path(out_dir) / "params").exists():  # fail before reading any weights
+        raise CadenzaError("a model directory already exists here", where=str(out_dir),
+                           fix="choose a new output directory or delete the old one")
+    ckpt, config, params = read_hf(hf_dir, dtype=dtype, mesh=mesh, rules=rules)
+    d = ckpt.directory
+    experiment = ExperimentConfig(name=d.name, model=config)
+    copied = [n for n in TOKENIZER_FILES if (d / n).is_file()]
+    with tempfile.TemporaryDirectory() as staging:
+        for name in copied:
+            (pathlib.Path(staging) / name).write_bytes((d / name).read_bytes())
+        out = save_model(out_dir, experiment, params, tokenizer_dir=staging if copied else None)
+    notes = ckpt.notes + [f"copied tokenizer files: {', '.join(copied) or 'none found'}"]
+    return out, notes

@@ -1,0 +1,80 @@
+"""Runs inside the PyTorch/transformers reference environment (Python 3.11); no cadenza imports.
+
+Usage: ``python hf_reference_script.py``, then one JSON line per batch of jobs on
+stdin; each gets one JSON line back on stdout, ``{"ok": true}`` or
+``{"ok": false, "error": "..."}`` (so torch is imported once per session).
+A batch holds lists of jobs::
+
+    {"create": [{"dir": D, "model_type": "llama", "config": {...}, "seed": 0}],
+     "logits": [{"dir": D, "tokens": "in.npy", "out": "out.npy"}]}
+
+``create`` builds a random-init model with transformers (no download) and
+saves it with ``save_pretrained`` (safetensors). Weights are redrawn so that
+every tensor matters (norm scales and biases are not left at 1 or 0).
+``logits`` loads a saved model in float32 with eager attention and writes the
+float32 logits for int token ids ``[B, T]``. Arrays travel as .npy files;
+nothing is pickled, and remote code is never allowed.
+"""
+
+import json
+import sys
+import traceback
+
+import numpy as np
+import torch
+import transformers
+
+
+def _randomize(model, seed: int) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    gemma = model.config.model_type.startswith("gemma")
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=gen)
+            if "norm" in name:
+                p.copy_(0.1 * noise if gemma else 1.0 + 0.1 * noise)
+            elif name.endswith("bias"):
+                p.copy_(0.1 * noise)
+            elif "embed_tokens" in name:
+                p.copy_(noise if gemma else noise * 0.5)
+            else:
+                p.copy_(noise / p.shape[1] ** 0.5)
+
+
+def create(job: dict) -> None:
+    config = transformers.AutoConfig.for_model(job["model_type"], **job["config"])
+    torch.manual_seed(job.get("seed", 0))
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    _randomize(model, job.get("seed", 0))
+    model.save_pretrained(job["dir"])
+
+
+def logits(job: dict) -> None:
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        job["dir"], dtype=torch.float32, attn_implementation="eager", local_files_only=True,
+        trust_remote_code=False)
+    model.eval()
+    tokens = torch.from_numpy(np.load(job["tokens"]).astype(np.int64))
+    with torch.no_grad():
+        out = model(input_ids=tokens).logits.float().numpy()
+    np.save(job["out"], out)
+
+
+def main() -> None:
+    replies, sys.stdout = sys.stdout, sys.stderr  # library prints must not corrupt replies
+    for line in sys.stdin:
+        try:
+            jobs = json.loads(line)
+            for job in jobs.get("create", []):
+                create(job)
+            for job in jobs.get("logits", []):
+                logits(job)
+            reply = {"ok": True}
+        except Exception:  # reported to the caller, which raises
+            reply = {"ok": False, "error": traceback.format_exc()}
+        replies.write(json.dumps(reply) + "\n")
+        replies.flush()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,59 @@
+"""Attention in parts: each part returns its output and log-sum-exp, parts merge exactly.
+
+Kernels that attend over the KV cache (split into chunks) return one
+``(out, lse)`` per chunk; the new tokens' part is small and computed here in
+XLA; :func:`merge_parts` combines them into the softmax over all keys.
+"""
+
+import jax.numpy as jnp
+
+from cadenza.pallas_kernels.attention_reference import _NEG, attention_mask
+
+
+def tail_attention_with_lse(q, k, v, *, scale, q_positions, tail_mask=None, segment_ids=None,
+                            window=0, logit_soft_cap=0.0):
+    """Attention of the new tokens over themselves only, with its log-sum-exp.
+
+    Args: as :func:`cadenza.pallas_kernels.attention_reference.reference_attention`
+      without the cache.
+
+    Returns:
+      out float32 [B, T, Hq, D] (normalised within this part; zeros where the
+      row sees nothing) and lse float32 [B, T, Hq] (``-inf`` where it sees nothing).
+    """
+    b, t, hq, d = q.shape
+    hkv = k.shape[2]
+    mask = attention_mask(q_positions=q_positions, tail_mask=tail_mask, segment_ids=segment_ids,
+                          window=window)
+    qg = q.reshape(b, t, hkv, hq // hkv, d)
+    s = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
+    if logit_soft_cap:
+        s = logit_soft_cap * jnp.tanh(s / logit_soft_cap)
+    s = jnp.where(mask[:, None, None], s, _NEG)
+    m = jnp.max(s, axis=-1, keepdims=True)
+    p = jnp.where(mask[:, None, None], jnp.exp(s - m), 0.0)
+    total = jnp.sum(p, axis=-1, keepdims=True)
+    seen = total > 0
+    out = jnp.einsum("bkgts,bskd->btkgd", p / jnp.where(seen, total, 1.0), v.astype(jnp.float32))
+    lse = jnp.where(seen, m + jnp.log(jnp.where(seen, total, 1.0)), -jnp.inf)[..., 0]
+    return out.reshape(b, t, hq, d), lse.transpose(0, 3, 1, 2).reshape(b, t, hq)
+
+
+def merge_parts(outs, lses):
+    """Merge normalised partial attentions over disjoint key sets.
+
+    Args:
+      outs: sequence of float32 [..., D] partial outputs.
+      lses: matching float32 [...] log-sum-exps (``-inf`` = the part saw nothing).
+
+    Returns:
+      float32 [..., D]: the attention over the union of the parts' keys; zeros
+      where no part saw any key.
+    """
+    lse = jnp.stack(lses)
+    m = jnp.max(lse, axis=0)
+    m_safe = jnp.where(jnp.isfinite(m), m, 0.0)
+    w = jnp.where(jnp.isfinite(lse), jnp.exp(lse - m_safe), 0.0)
+    total = jnp.sum(w, axis=0)
+    out = sum(wi[..., None] * oi for wi, oi in zip(w, outs))
+    return out / jnp.where(total > 0, total, 1.0)[..., None]

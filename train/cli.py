@@ -1,0 +1,23 @@
+"""``cadenza train EXPERIMENT.yaml [section.field=value ...]``: a thin layer over
+:func:`cadenza.train.fit`."""
+
+
+def _train(args) -> int:
+    import json
+
+    from cadenza.config import load_config
+    from cadenza.train.trainer import fit
+
+    config = load_config(args.experiment, args.overrides)
+    summary = fit(config)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "train", help="train an experiment (resumes if its output dir holds a checkpoint)")
+    p.add_argument("experiment", help="experiment YAML file or shipped experiment name")
+    p.add_argument("overrides", nargs="*", metavar="section.field=value",
+                   help="overrides applied after the file, e.g. train.output_dir=runs/x")
+    p.set_defaults(func=_train)

@@ -1,0 +1,92 @@
+"""What the trainer optimises: a :class:`TrainTask` (full fine-tuning, or PEFT plugged in).
+
+The train step differentiates a *trainable* pytree only; everything else is
+a *frozen* pytree passed through unchanged (never donated, no optimizer
+state). A task supplies both trees, how to run the model on them, and how to
+turn them back into plain model params for :func:`cadenza.models.save_model`.
+
+Full fine-tuning (:func:`full_model_task`) makes every model param
+trainable and the frozen tree empty. A PEFT method builds its own task:
+trainable = adapter params, frozen = the base model params, ``apply`` runs
+the model with the adapters intercepted, ``export`` merges the adapters.
+"""
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import jax
+from jax.sharding import Mesh
+
+from cadenza.models.config import ModelConfig
+
+PyTree = Any
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainTask:
+    """The trainable/frozen split of a model and how to apply it.
+
+    Attributes:
+      abstract_trainable: () -> pytree of ``jax.ShapeDtypeStruct`` (the trainable tree).
+      trainable_shardings: (mesh, rules) -> pytree of ``NamedSharding`` matching it.
+      init_trainable: (rng key, mesh, rules) -> the trainable tree, placed with those
+        shardings (fresh run; a resumed run restores it from the checkpoint instead).
+      load_frozen: (mesh, rules) -> the frozen tree, placed on ``mesh`` (``{}`` if none).
+      apply: (trainable, frozen, batch, rng) -> logits float32 [B, T, vocab]. ``batch``
+        holds int32 [B, T] ``inputs``, ``positions`` and ``segment_ids``; ``rng`` is a
+        per-microbatch key in training (for dropout, NEFTune) and None in evaluation
+        (no noise). Called inside jit under the logical-axis rules.
+      export: (trainable, frozen) -> plain model params (what ``save_model`` writes).
+      trainable_params / total_params: parameter counts (MFU counts weight-gradient
+        work only for the trainable ones).
+    """
+
+    abstract_trainable: Callable[[], PyTree]
+    trainable_shardings: Callable[[Mesh, Any], PyTree]
+    init_trainable: Callable[[jax.Array, Mesh, Any], PyTree]
+    load_frozen: Callable[[Mesh, Any], PyTree]
+    apply: Callable[[PyTree, PyTree, dict, jax.Array], jax.Array]
+    export: Callable[[PyTree, PyTree], PyTree]
+    trainable_params: int
+    total_params: int
+
+
+def full_model_task(model_config: ModelConfig, neftune_alpha: float = 0.0) -> TrainTask:
+    """Every model param trainable (plain pretraining / full fine-tuning).
+
+    ``neftune_alpha > 0`` adds NEFTune noise to the input embeddings in training
+    steps only (see :func:`cadenza.train.data.neftune.neftune_noise`).
+    """
+    from cadenza.models import Transformer, abstract_params, init_params, param_shardings
+
+    model = Transformer(model_config)
+
+    def apply(trainable, frozen, batch, rng):
+        del frozen
+        return noisy_apply(model, {"params": trainable}, batch, rng, neftune_alpha)
+
+    n = model_config.num_params()
+    return TrainTask(
+        abstract_trainable=lambda: abstract_params(model_config),
+        trainable_shardings=lambda mesh, rules: param_shardings(model_config, mesh, rules),
+        init_trainable=lambda rng, mesh, rules: init_params(model_config, rng, mesh, rules),
+        load_frozen=lambda mesh, rules: {},
+        apply=apply,
+        export=lambda trainable, frozen: trainable,
+        trainable_params=n, total_params=n)
+
+
+
+def noisy_apply(model, variables, batch, rng, neftune_alpha: float, **apply_kwargs):
+    """``model.apply`` on a training batch; with ``rng`` (training) and ``neftune_alpha > 0``
+    the input embeddings get NEFTune noise. Returns logits float32 [B, T, vocab]."""
+    from cadenza.models import Transformer
+    from cadenza.train.data.neftune import neftune_noise
+
+    kwargs = dict(positions=batch["positions"], segment_ids=batch["segment_ids"], **apply_kwargs)
+    if rng is None or not neftune_alpha:
+        return model.apply(variables, batch["inputs"], **kwargs)[0]
+    embeddings = model.apply(variables, batch["inputs"], method=Transformer.embed_tokens)
+    embeddings = neftune_noise(embeddings, batch["segment_ids"], rng, neftune_alpha)
+    return model.apply(variables, embeddings=embeddings, **kwargs)[0]

@@ -1,0 +1,263 @@
+"""``fit``: the training loop — sharded state, jitted steps, checkpoints, metrics, eval.
+
+One code path for one CPU, one GPU and a TPU pod: everything is placed with
+explicit ``NamedSharding`` s on the configured mesh, the step is one jitted
+function with the state donated, and host-local data batches become global
+arrays with the batch sharding.
+"""
+
+import pathlib
+import shutil
+import signal
+import threading
+import time
+
+import jax
+import numpy as np
+from tqdm import tqdm
+
+from cadenza.config import ExperimentConfig
+from cadenza.errors import CadenzaError
+from cadenza.train.checkpoints import Checkpoints
+from cadenza.train.mesh import batch_sharding, make_mesh, replicated, validate_sharding
+from cadenza.train.metrics import MetricsWriter, flops_per_token, peak_flops_per_device
+from cadenza.train.optim import make_optimizer, make_schedule
+from cadenza.train.state import abstract_state, init_state, state_shardings
+from cadenza.train.step import BATCH_KEYS, make_eval_step, make_train_step
+from cadenza.train.task import TrainTask, full_model_task
+
+
+class NonFiniteError(CadenzaError):
+    """The loss or gradient norm became NaN/inf; the run stopped without saving after it."""
+
+
+class _Sigterm:
+    """Turns SIGTERM into a flag the loop polls (only in the main thread)."""
+
+    def __init__(self):
+        self.received = False
+        self._previous = None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.received = True
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+def _global_batch(batch: dict, sharding, config: ExperimentConfig) -> dict:
+    """Host-local numpy rows -> global jax.Arrays [batch_size, seq_len] with ``sharding``."""
+    rows = config.train.batch_size // jax.process_count()
+    out = {}
+    for k in BATCH_KEYS:
+        if k not in batch:
+            raise CadenzaError(f"the data batch has no {k!r} array (keys: {sorted(batch)})",
+                               where="data iterator",
+                               fix=f"yield dicts with the keys {list(BATCH_KEYS)}")
+        a = np.asarray(batch[k])
+        if a.shape != (rows, config.train.seq_len):
+            raise CadenzaError(f"batch[{k!r}] has shape {a.shape}, expected "
+                               f"({rows}, {config.train.seq_len})", where="data iterator",
+                               fix="yield train.batch_size // process_count rows of "
+                                   "train.seq_len tokens")
+        out[k] = jax.make_array_from_process_local_data(
+            sharding, a, (config.train.batch_size, config.train.seq_len))
+    return out
+
+
+def _build_iterator(config: ExperimentConfig, split: str):
+    from cadenza.train.data import build_iterator
+
+    return build_iterator(config, split=split, process_index=jax.process_index(),
+                          process_count=jax.process_count())
+
+
+def fit(config: ExperimentConfig, data=None, eval_data=None, *,
+        task: TrainTask | None = None, devices=None) -> dict:
+    """Train ``config`` for ``config.train.steps`` updates; resume if its output dir holds a
+    checkpoint.
+
+    Args:
+      config: the resolved experiment.
+      data: an iterator of host-local batches (dicts of [batch_size // process_count,
+        seq_len] arrays, see :mod:`cadenza.train.step`) with ``get_state()`` /
+        ``set_state(state)``; None builds ``cadenza.train.data.build_iterator(config,
+        split="train", ...)``. The directory of an optional ``tokenizer`` attribute is
+        copied into the exported model directory.
+      eval_data: the same for held-out batches (rewound with ``set_state`` before every
+        eval); None builds ``split="test"`` when ``train.eval_every > 0``.
+      task: the trainable/frozen split (default: :func:`full_model_task`; PEFT passes its
+        own).
+      devices: the devices of the mesh (default: all of ``jax.devices()``).
+
+    Writes to ``train.output_dir``: ``metrics.jsonl``, ``tensorboard/``, ``checkpoints/``
+    and, when the run completes, ``model/`` (``cadenza.models.save_model``).
+
+    Returns a summary dict: ``step`` (updates done), ``loss`` (last), ``eval_loss``
+    (last, or None), ``resumed_from`` (step or None), ``stopped`` ("completed" or
+    "sigterm"), ``tokens_per_s``, ``step_time_s``, ``mfu`` (None when the device peak
+    is unknown), ``compile_s``, ``output_dir`` and ``model_dir`` (None if stopped early).
+
+    Raises:
+      ConfigError: mesh/batch/model shapes that do not fit the devices (before compiling).
+      NonFiniteError: a non-finite loss or gradient; names the step, and no checkpoint
+        is written for it or any later step.
+      CadenzaError: an incompatible checkpoint in the output dir, malformed batches.
+    """
+    train = config.train
+    devices = jax.devices() if devices is None else list(devices)
+    validate_sharding(config, len(devices))
+    mesh = make_mesh(config.mesh, devices)
+    rules = config.mesh.rules()
+    task = task or full_model_task(config.model, neftune_alpha=config.data.neftune_alpha)
+    optimizer, schedule = make_optimizer(train), make_schedule(train)
+    shardings = state_shardings(task, optimizer, mesh, rules)
+    frozen = task.load_frozen(mesh, rules)
+    frozen_shardings = jax.tree.map(lambda a: a.sharding, frozen)
+    rows = batch_sharding(mesh, rules)
+    rep = replicated(mesh)
+    out_dir = pathlib.Path(train.output_dir)
+    is_main = jax.process_index() == 0
+
+    ckpts = Checkpoints(out_dir, config, keep=train.keep_checkpoints,
+                        async_save=train.async_checkpoints)
+    data = _build_iterator(config, "train") if data is None else data
+    resumed_from = ckpts.latest_step()
+    if resumed_from is not None:
+        state, data_state = ckpts.restore(resumed_from,
+                                          abstract_state(task, optimizer, shardings))
+        data.set_state(data_state)
+    else:
+        state = init_state(task, optimizer, train.seed, mesh, rules, shardings)
+    if train.eval_every and eval_data is None:
+        eval_data = _build_iterator(config, "test")
+    eval_start = eval_data.get_state() if eval_data is not None else None
+
+    step_fn = make_train_step(task, optimizer, schedule, microbatches=train.microbatches,
+                              z_loss=train.z_loss, rules=rules, state_shardings=shardings,
+                              frozen_shardings=frozen_shardings, batch_sharding=rows,
+                              metric_sharding=rep)
+    eval_fn = make_eval_step(task, rules=rules, param_shardings=shardings.params,
+                             frozen_shardings=frozen_shardings, batch_sharding=rows,
+                             metric_sharding=rep)
+
+    trainable = None if task.trainable_params == task.total_params else task.trainable_params
+    flops = flops_per_token(config.model, train.seq_len, trainable)
+    peak = peak_flops_per_device(devices[0], train.peak_tflops_per_device)
+    tokens_per_step = train.batch_size * train.seq_len
+
+    writer = MetricsWriter(out_dir, tensorboard=train.tensorboard) if is_main else None
+    start = int(state.step)
+    if writer is not None:
+        writer.resume_at(start)
+
+    def evaluate(params):
+        eval_data.set_state(eval_start)
+        ce = count = 0.0
+        for _ in range(train.eval_steps):
+            c, n = eval_fn(params, frozen, _global_batch(next(eval_data), rows, config))
+            ce, count = ce + float(c), count + float(n)
+        return ce / max(count, 1.0)
+
+    summary = {"step": start, "loss": None, "eval_loss": None, "resumed_from": resumed_from,
+               "stopped": "completed", "tokens_per_s": None, "step_time_s": None,
+               "mfu": None, "compile_s": None, "output_dir": str(out_dir), "model_dir": None}
+    pending: list[tuple[int, dict]] = []
+    bar = tqdm(total=train.steps, initial=start, unit="step", desc=f"train {config.name}",
+               disable=not (train.progress_bar and is_main))
+    t_start, t_mark, steps_since = time.perf_counter(), None, 0
+
+    def flush(step: int) -> dict:
+        """Fetch pending metrics, stop on the first non-finite step, return the last."""
+        fetched = [(s, jax.device_get(m)) for s, m in pending]
+        pending.clear()
+        for s, m in fetched:
+            if not m["finite"]:
+                raise NonFiniteError(
+                    f"non-finite loss ({m['loss']}) or gradient norm ({m['grad_norm']}) at step "
+                    f"{s}; no checkpoint was written for it or later steps",
+                    where=f"step {s}", fix="lower train.learning_rate, set train.grad_clip_norm, "
+                    "or check the data batches of that step")
+        return fetched[-1][1] if fetched else {}
+
+    try:
+        with _Sigterm() as sigterm, jax.set_mesh(mesh):
+            step = start
+            while step < train.steps:
+                try:
+                    batch = next(data)
+                except StopIteration:
+                    raise CadenzaError(f"the data iterator ran out after {step} steps",
+                                       where="data", fix="use a repeating iterator or fewer "
+                                       "train.steps") from None
+                state, metrics = step_fn(state, frozen, _global_batch(batch, rows, config))
+                step += 1
+                pending.append((step, metrics))
+                bar.update(1)
+                if t_mark is None:  # the first step of this process includes compilation
+                    jax.block_until_ready(metrics)
+                    summary["compile_s"] = time.perf_counter() - t_start
+                    t_mark, steps_since = time.perf_counter(), 0
+                else:
+                    steps_since += 1
+                final = step == train.steps
+                save_due = (train.checkpoint_every and step % train.checkpoint_every == 0)
+                if step % train.log_every == 0 or final or save_due or sigterm.received:
+                    m = flush(step)
+                    record = {"loss": float(m["loss"]), "lr": float(m["lr"]),
+                              "grad_norm": float(m["grad_norm"]), "tokens": float(m["tokens"])}
+                    if train.z_loss:
+                        record["objective"] = float(m["objective"])
+                    if steps_since:
+                        dt = (time.perf_counter() - t_mark) / steps_since
+                        tps = tokens_per_step / dt
+                        mfu = tps * flops / (peak * len(devices)) if peak else None
+                        record.update(step_time_s=dt, tokens_per_s=tps, mfu=mfu)
+                        summary.update(step_time_s=dt, tokens_per_s=tps, mfu=mfu)
+                        t_mark, steps_since = time.perf_counter(), 0
+                    if train.eval_every and (step % train.eval_every == 0 or final):
+                        record["eval_loss"] = summary["eval_loss"] = evaluate(state.params)
+                    summary.update(step=step, loss=record["loss"])
+                    if writer is not None:
+                        writer.write(step, record)
+                    bar.set_postfix(loss=f"{record['loss']:.4f}")
+                if save_due or final or sigterm.received:
+                    ckpts.save(step, state, data.get_state())
+                if sigterm.received:
+                    summary["stopped"] = "sigterm"
+                    break
+            summary["step"] = step
+            ckpts.wait()
+        if summary["stopped"] == "completed":
+            model_dir = out_dir / "model"
+            if step > start or not model_dir.exists():
+                _export_model(model_dir, config, task, state, frozen, data)
+            summary["model_dir"] = str(model_dir)
+    finally:
+        bar.close()
+        ckpts.close()
+        if writer is not None:
+            writer.close()
+    return summary
+
+
+def _export_model(model_dir: pathlib.Path, config, task: TrainTask, state, frozen, data):
+    """Write the model directory (replacing the one of an earlier, shorter run); the
+    tokenizer comes from the data iterator's ``tokenizer`` (its ``directory``), if any."""
+    from cadenza.models import save_model
+
+    if model_dir.exists() and jax.process_index() == 0:
+        shutil.rmtree(model_dir)
+    save_model(model_dir, config, task.export(state.params, frozen),
+               tokenizer_dir=_tokenizer_dir(data))
+
+
+def _tokenizer_dir(data):
+    tokenizer = getattr(data, "tokenizer", None)
+    return None if tokenizer is None else tokenizer.directory
