@@ -174,47 +174,48 @@ def _abstract(tree, shardings):
                         tree, shardings)
 
 
-def _batch_sharding(mesh, rules):
-    import flax.linen as nn
-    from jax.sharding import PartitionSpec as P
+def lower_train_step(config, mesh, task=None):
+    """Lower ``config``'s real training step (:func:`cadenza.train.step.make_train_step`:
+    optimizer update, microbatches, donated state) on ``mesh``.
 
-    return nn.logical_to_mesh_sharding(P("batch", "length"), mesh, rules)
-
-
-def lower_train_step(config, mesh):
-    """Lower the sharded training step of ``config`` (an ExperimentConfig) on ``mesh``.
-
-    The step is loss + gradient of the model's next-token cross-entropy on a
-    ``[train.batch_size, train.seq_len]`` batch sharded by the logical rules,
-    with params sharded by their logical axes. Returns a :class:`LoweredStep`.
+    Arguments are abstract: the train state (trainable params, optimizer state,
+    step, rng) and the frozen tree with their shardings, and a
+    ``[train.batch_size, train.seq_len]`` batch with the batch sharding. ``task``
+    defaults to full fine-tuning; a PEFT task whose ``load_frozen`` reads files
+    cannot be traced abstractly. Returns a :class:`LoweredStep`; the analytic
+    FLOPs are 6 * trainable-and-frozen params * tokens (the forward and the
+    activation gradients run through every weight).
     """
-    import flax.linen as nn
     import jax
     import jax.numpy as jnp
-    import optax
 
-    from cadenza.models import Transformer, abstract_params, param_shardings
+    from cadenza.train.mesh import batch_sharding, replicated, validate_sharding
+    from cadenza.train.optim import make_optimizer, make_schedule
+    from cadenza.train.state import abstract_state, state_shardings
+    from cadenza.train.step import BATCH_KEYS, make_train_step
+    from cadenza.train.task import full_model_task
 
+    train = config.train
+    validate_sharding(config, mesh.devices.size)
     rules = config.mesh.rules()
-    model = Transformer(config.model)
-    shardings = param_shardings(config.model, mesh, rules)
-    params = _abstract(abstract_params(config.model), shardings)
-    b, t = config.train.batch_size, config.train.seq_len
-    tokens = jax.ShapeDtypeStruct((b, t), jnp.int32, sharding=_batch_sharding(mesh, rules))
-
-    def loss_and_grad(params, inputs, targets):
-        def loss_fn(p):
-            with nn.logical_axis_rules(rules):
-                logits, _, _ = model.apply({"params": p}, inputs)
-            return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
-
-        return jax.value_and_grad(loss_fn)(params)
-
+    task = task or full_model_task(config.model, neftune_alpha=config.data.neftune_alpha)
+    optimizer, schedule = make_optimizer(train), make_schedule(train)
+    shardings = state_shardings(task, optimizer, mesh, rules)
+    state = abstract_state(task, optimizer, shardings)
     with jax.set_mesh(mesh):
-        lowered = jax.jit(loss_and_grad, out_shardings=(None, shardings)).lower(
-            params, tokens, tokens)
-    return LoweredStep("train", lowered, (params, tokens, tokens),
-                       6 * config.model.num_params() * b * t, b * t)
+        frozen = jax.eval_shape(lambda: task.load_frozen(mesh, rules))
+    rows = batch_sharding(mesh, rules)
+    b, t = train.batch_size, train.seq_len
+    batch = {k: jax.ShapeDtypeStruct((b, t), jnp.float32 if k == "loss_mask" else jnp.int32,
+                                     sharding=rows) for k in BATCH_KEYS}
+    step = make_train_step(task, optimizer, schedule, microbatches=train.microbatches,
+                           z_loss=train.z_loss, rules=rules, state_shardings=shardings,
+                           frozen_shardings=jax.tree.map(lambda a: a.sharding, frozen),
+                           batch_sharding=rows, metric_sharding=replicated(mesh))
+    with jax.set_mesh(mesh):
+        lowered = step.lower(state, frozen, batch)
+    return LoweredStep("train", lowered, (state, frozen, batch),
+                       6 * task.total_params * b * t, b * t)
 
 
 def lower_decode_step(config, mesh, batch: int, max_len: int):
@@ -228,6 +229,7 @@ def lower_decode_step(config, mesh, batch: int, max_len: int):
     from jax.sharding import PartitionSpec as P
 
     from cadenza.models import KVCache, Transformer, abstract_params, param_shardings
+    from cadenza.train.mesh import batch_sharding
 
     rules = config.mesh.rules()
     model = Transformer(config.model)
@@ -239,7 +241,7 @@ def lower_decode_step(config, mesh, batch: int, max_len: int):
     row = nn.logical_to_mesh_sharding(P("batch", "cache_length"), mesh, rules)
     lengths = nn.logical_to_mesh_sharding(P("batch"), mesh, rules)
     cache = _abstract(cache, KVCache(k=kv, v=kv, positions=row, lengths=lengths))
-    tokens = jax.ShapeDtypeStruct((batch, 1), jnp.int32, sharding=_batch_sharding(mesh, rules))
+    tokens = jax.ShapeDtypeStruct((batch, 1), jnp.int32, sharding=batch_sharding(mesh, rules))
 
     def decode_step(params, tokens, cache):
         with nn.logical_axis_rules(rules):

@@ -254,6 +254,10 @@ def _export_model(model_dir: pathlib.Path, config, task: TrainTask, state, froze
 
     if model_dir.exists() and jax.process_index() == 0:
         shutil.rmtree(model_dir)
+    if jax.process_count() > 1:  # no host may look for the old directory before it is gone
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("cadenza:export_model")
     save_model(model_dir, config, task.export(state.params, frozen),
                tokenizer_dir=_tokenizer_dir(data))
 
