@@ -12,6 +12,7 @@ import dataclasses
 import math
 import re
 
+from cadenza.errors import CadenzaError
 from cadenza.train.topology import GIB, TpuSlice
 
 
@@ -196,6 +197,11 @@ def lower_train_step(config, mesh, task=None):
     from cadenza.train.task import full_model_task
 
     train = config.train
+    if task is None and config.peft.method != "none":
+        raise CadenzaError(f"cadenza compile has no PEFT task for peft.method="
+                           f"{config.peft.method!r} yet", where="peft.method",
+                           fix="pass task= to lower_train_step, or compile with "
+                               "peft.method=none (full fine-tuning)")
     validate_sharding(config, mesh.devices.size)
     rules = config.mesh.rules()
     task = task or full_model_task(config.model, neftune_alpha=config.data.neftune_alpha)
