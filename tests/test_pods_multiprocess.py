@@ -138,6 +138,7 @@ def test_two_processes_train_checkpoint_resume_like_one_process(tmp_path):
     import jax
 
     from cadenza.models import load_model
+    from cadenza.train.mesh import make_mesh
 
     run_two_processes(tmp_path / "multi")
     facts = json.loads((tmp_path / "multi" / "facts.json").read_text())
@@ -148,9 +149,12 @@ def test_two_processes_train_checkpoint_resume_like_one_process(tmp_path):
     multi, single = losses(tmp_path / "multi" / "run"), losses(tmp_path / "single" / "run")
     assert sorted(multi) == list(range(1, 10)) == sorted(single)
     np.testing.assert_allclose([multi[s] for s in single], list(single.values()), rtol=2e-4)
-    # the model the two processes wrote together equals the single-process one
-    _, a = load_model(tmp_path / "multi" / "run" / "model")
-    _, b = load_model(tmp_path / "single" / "run" / "model")
+    # the model the two processes wrote together equals the single-process one (restored
+    # onto this process's mesh: orbax needs target shardings for another device set)
+    cfg = config(tmp_path, 9)
+    mesh = make_mesh(cfg.mesh)
+    _, a = load_model(tmp_path / "multi" / "run" / "model", mesh, cfg.mesh.rules())
+    _, b = load_model(tmp_path / "single" / "run" / "model", mesh, cfg.mesh.rules())
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=2e-3, atol=2e-5)
 
