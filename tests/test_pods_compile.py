@@ -15,12 +15,14 @@ def test_tiny_config_compiles_for_v5e_2x2_and_reports_memory(capsys):
         assert f"FITS: {step} step on v5e-4 (v5e:2x2, 4 chips) needs" in out
     for line in ("arguments", "outputs", "temporaries", "total", "FLOPs per step"):
         assert line in out
-    cfg = load_config("tiny_pretrain", ["train.batch_size=4", "train.seq_len=64"])
+    # unscanned layers: XLA's cost analysis counts a loop body once
+    cfg = load_config("tiny_pretrain", ["train.batch_size=4", "train.seq_len=64",
+                                        "model.scan_layers=false"])
     train, = compile_for_slice(cfg, parse_slice("v5e-4"))
     # data parallel: every chip holds all fp32 params and a quarter of the batch
     assert train.argument_bytes >= 4 * cfg.model.num_params()
     assert train.temp_bytes > 0 and train.total_bytes < GIB
-    assert 0.5 < train.flops_per_chip * train.chips / train.analytic_flops < 1.5
+    assert 0.8 < train.flops_per_chip * train.chips / train.analytic_flops < 1.25
     assert train.fits
 
 
