@@ -2,9 +2,9 @@
 
 Greedy decoding of random-weight Llama models (the tiny preset and a ~100M
 config) at batch 1 and 16, equal-length random prompts, EOS ignored. Both
-sides get the same float32 weights: the cadenza params are written to an
-.npz and loaded into a ``LlamaForCausalLM`` in the reference environment
-(``.venv-ref``, run as a subprocess). Reported per side: prefill seconds and
+sides get the same float32 weights: the cadenza params are exported with
+``cadenza.models.save_hf`` and loaded by ``AutoModelForCausalLM`` in the reference
+environment (``.venv-ref``, run as a subprocess). Reported per side: prefill seconds and
 decode tokens/s (tokens made by decode steps / decode seconds; transformers'
 decode time is its generate time minus a separately timed prefill forward),
 plus whether the greedy tokens agree.
@@ -29,7 +29,7 @@ import numpy as np
 
 from cadenza.config import load_config
 from cadenza.decode import DecodeConfig, generate
-from cadenza.models import Transformer, init_params
+from cadenza.models import Transformer, init_params, save_hf
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONFIGS = {
@@ -41,18 +41,10 @@ CONFIGS = {
 HF_RUNNER = r"""
 import json, sys, time
 import numpy as np, torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM
 spec = json.loads(sys.argv[1])
-torch.manual_seed(0)
-c = spec["config"]
-model = LlamaForCausalLM(LlamaConfig(
-    vocab_size=c["vocab_size"], hidden_size=c["hidden_size"], num_hidden_layers=c["num_layers"],
-    num_attention_heads=c["num_heads"], num_key_value_heads=c["num_kv_heads"],
-    intermediate_size=c["intermediate_size"], max_position_embeddings=c["max_position_embeddings"],
-    rope_theta=c["rope_theta"], rms_norm_eps=c["norm_eps"], tie_word_embeddings=False,
-    attention_bias=False, mlp_bias=False, bos_token_id=1, eos_token_id=2, pad_token_id=0))
-weights = np.load(spec["weights"])
-model.load_state_dict({k: torch.from_numpy(weights[k]) for k in weights.files}, strict=True)
+model = AutoModelForCausalLM.from_pretrained(spec["hf_dir"], dtype=torch.float32,
+                                             local_files_only=True, trust_remote_code=False)
 model.eval()
 out = []
 with torch.inference_mode():
@@ -75,28 +67,6 @@ print(json.dumps(out))
 """
 
 
-def hf_state_dict(params, cfg) -> dict:
-    """cadenza Llama params (scanned layout) -> transformers LlamaForCausalLM weight names."""
-    d, h, kv, hd = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.resolved_head_dim
-    p = jax.tree.map(np.asarray, params)
-    lay = p["layers"]
-    out = {"model.embed_tokens.weight": p["embed"]["embedding"],
-           "model.norm.weight": p["final_norm"]["scale"],
-           "lm_head.weight": p["lm_head"]["kernel"].T}
-    for i in range(cfg.num_layers):
-        pre = f"model.layers.{i}."
-        a, m = lay["attn"], lay["mlp"]
-        out[pre + "self_attn.q_proj.weight"] = a["q_proj"]["kernel"][i].reshape(d, h * hd).T
-        out[pre + "self_attn.k_proj.weight"] = a["k_proj"]["kernel"][i].reshape(d, kv * hd).T
-        out[pre + "self_attn.v_proj.weight"] = a["v_proj"]["kernel"][i].reshape(d, kv * hd).T
-        out[pre + "self_attn.o_proj.weight"] = a["o_proj"]["kernel"][i].reshape(h * hd, d).T
-        for name in ("gate_proj", "up_proj", "down_proj"):
-            out[pre + f"mlp.{name}.weight"] = m[name]["kernel"][i].T
-        out[pre + "input_layernorm.weight"] = lay["attn_norm"]["scale"][i]
-        out[pre + "post_attention_layernorm.weight"] = lay["mlp_norm"]["scale"][i]
-    return {k: np.ascontiguousarray(v, np.float32) for k, v in out.items()}
-
-
 def bench_cadenza(model, params, prompts, new_tokens, repeats):
     config = DecodeConfig(max_new_tokens=new_tokens, ignore_eos=True)
     first = generate(model, params, prompts, config)                 # compiles
@@ -108,14 +78,11 @@ def bench_cadenza(model, params, prompts, new_tokens, repeats):
             "steps": best.stats["steps"]}, best.token_ids
 
 
-def run_hf(weights_path, cfg, runs):
+def run_hf(hf_dir, runs):
     python = ROOT / ".venv-ref" / "bin" / "python"
     if not python.exists():
         raise SystemExit("reference env missing: run `make ref-env` (or pass --no-hf)")
-    spec = {"weights": str(weights_path), "runs": runs,
-            "config": {k: getattr(cfg, k) for k in (
-                "vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads",
-                "intermediate_size", "max_position_embeddings", "rope_theta", "norm_eps")}}
+    spec = {"hf_dir": str(hf_dir), "runs": runs}
     proc = subprocess.run([str(python), "-c", HF_RUNNER, json.dumps(spec)], capture_output=True,
                           text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     if proc.returncode:
@@ -150,9 +117,8 @@ def main(argv=None) -> int:
             print(f"{name} b={b}: cadenza {ours['decode_tokens_per_s']:.1f} tok/s", flush=True)
         if not args.no_hf:
             with tempfile.TemporaryDirectory() as tmp:
-                path = pathlib.Path(tmp) / "weights.npz"
-                np.savez(path, **hf_state_dict(params, cfg))
-                hf = run_hf(path, cfg, [{"prompts": c["prompts"], "new_tokens": args.new_tokens,
+                hf_dir = save_hf((cfg, params), pathlib.Path(tmp) / "hf")
+                hf = run_hf(hf_dir, [{"prompts": c["prompts"], "new_tokens": args.new_tokens,
                                          "repeats": args.repeats} for c in cases])
             for c, h in zip(cases, hf):
                 c["transformers"] = {k: v for k, v in h.items() if k != "tokens"}

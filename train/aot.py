@@ -186,8 +186,9 @@ def lower_train_step(config, mesh, task=None):
     Arguments are abstract: the train state (trainable params, optimizer state,
     step, rng) and the frozen tree with their shardings, and a
     ``[train.batch_size, train.seq_len]`` batch with the batch sharding. ``task``
-    defaults to full fine-tuning; a PEFT task whose ``load_frozen`` reads files
-    cannot be traced abstractly. Returns a :class:`LoweredStep`; the analytic
+    defaults to what ``fit`` trains (full training; PEFT configs are refused for
+    now: their ``load_frozen`` reads the base checkpoint, which cannot be traced
+    abstractly). Returns a :class:`LoweredStep`; the analytic
     FLOPs are 6 * trainable-and-frozen params * tokens (the forward and the
     activation gradients run through every weight).
     """
@@ -198,7 +199,7 @@ def lower_train_step(config, mesh, task=None):
     from cadenza.train.optim import make_optimizer, make_schedule
     from cadenza.train.state import abstract_state, state_shardings
     from cadenza.train.step import BATCH_KEYS, make_train_step
-    from cadenza.train.task import full_model_task
+    from cadenza.train.trainer import default_task
 
     train = config.train
     if task is None and config.peft.method != "none":
@@ -208,7 +209,7 @@ def lower_train_step(config, mesh, task=None):
                                "peft.method=none (full fine-tuning)")
     validate_sharding(config, mesh.devices.size)
     rules = config.mesh.rules()
-    task = task or full_model_task(config.model, neftune_alpha=config.data.neftune_alpha)
+    task = task or default_task(config)
     optimizer, schedule = make_optimizer(train), make_schedule(train)
     shardings = state_shardings(task, optimizer, mesh, rules)
     state = abstract_state(task, optimizer, shardings)

@@ -37,9 +37,14 @@ class TrainTask:
         holds int32 [B, T] ``inputs``, ``positions`` and ``segment_ids``; ``rng`` is a
         per-microbatch key in training (for dropout, NEFTune) and None in evaluation
         (no noise). Called inside jit under the logical-axis rules.
-      export: (trainable, frozen) -> plain model params (what ``save_model`` writes).
+      export: (trainable, frozen) -> plain model params (what ``save_model`` writes), or
+        None when the trained state cannot be folded into model params (prefix/prompt
+        tuning: only ``save_adapters`` output exists then).
       trainable_params / total_params: parameter counts (MFU counts weight-gradient
         work only for the trainable ones).
+      wrap_optimizer: tx -> tx for the trainable tree (LoRA+ scales B's updates).
+      save_adapters: (directory, trainable) -> None, or None; PEFT writes its adapters
+        (``<output_dir>/adapters``) at the end of a run.
     """
 
     abstract_trainable: Callable[[], PyTree]
@@ -50,13 +55,17 @@ class TrainTask:
     export: Callable[[PyTree, PyTree], PyTree]
     trainable_params: int
     total_params: int
+    wrap_optimizer: Callable[[Any], Any] = lambda tx: tx
+    save_adapters: Callable[[Any, PyTree], None] | None = None
 
 
-def full_model_task(model_config: ModelConfig, neftune_alpha: float = 0.0) -> TrainTask:
+def full_model_task(model_config: ModelConfig, neftune_alpha: float = 0.0,
+                    init_from: str | None = None) -> TrainTask:
     """Every model param trainable (plain pretraining / full fine-tuning).
 
     ``neftune_alpha > 0`` adds NEFTune noise to the input embeddings in training
     steps only (see :func:`cadenza.train.data.neftune.neftune_noise`).
+    ``init_from``: a model directory to start from instead of random init.
     """
     from cadenza.models import Transformer, abstract_params, init_params, param_shardings
 
@@ -70,7 +79,9 @@ def full_model_task(model_config: ModelConfig, neftune_alpha: float = 0.0) -> Tr
     return TrainTask(
         abstract_trainable=lambda: abstract_params(model_config),
         trainable_shardings=lambda mesh, rules: param_shardings(model_config, mesh, rules),
-        init_trainable=lambda rng, mesh, rules: init_params(model_config, rng, mesh, rules),
+        init_trainable=lambda rng, mesh, rules: (
+            init_params(model_config, rng, mesh, rules) if init_from is None
+            else load_base_params(model_config, init_from, mesh, rules)),
         load_frozen=lambda mesh, rules: {},
         apply=apply,
         export=lambda trainable, frozen: trainable,
@@ -90,3 +101,28 @@ def noisy_apply(model, variables, batch, rng, neftune_alpha: float, **apply_kwar
     embeddings = model.apply(variables, batch["inputs"], method=Transformer.embed_tokens)
     embeddings = neftune_noise(embeddings, batch["segment_ids"], rng, neftune_alpha)
     return model.apply(variables, embeddings=embeddings, **kwargs)[0]
+
+
+# ModelConfig fields that may differ between a saved model and the run that loads it.
+_RUNTIME_FIELDS = ("preset", "dtype", "remat_policy", "attention_impl")
+
+
+def load_base_params(model_config: ModelConfig, directory, mesh, rules):
+    """Params of the model directory ``directory``, placed on ``mesh``; fails clearly
+    unless it was saved for the same model shape as ``model_config``."""
+    import pathlib
+
+    from cadenza.errors import CadenzaError
+    from cadenza.models import load_model
+
+    saved, params = load_model(directory, mesh=mesh, rules=rules)
+    diffs = [f"model.{f.name}: {directory} has {getattr(saved.model, f.name)!r}, this run has "
+             f"{getattr(model_config, f.name)!r}" for f in dataclasses.fields(model_config)
+             if f.name not in _RUNTIME_FIELDS
+             and getattr(saved.model, f.name) != getattr(model_config, f.name)]
+    if diffs:
+        raise CadenzaError("train.init_from holds a different model: " + "; ".join(diffs),
+                           where=str(pathlib.Path(directory)),
+                           fix="set the model section to the saved model's (e.g. "
+                               "model.preset and the same overrides) or pick another directory")
+    return params
