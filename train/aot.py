@@ -12,7 +12,6 @@ import dataclasses
 import math
 import re
 
-from cadenza.errors import CadenzaError
 from cadenza.train.topology import GIB, TpuSlice
 
 
@@ -22,7 +21,7 @@ class CompileReport:
 
     Bytes are per chip. ``alias_bytes`` are outputs written into donated
     arguments, counted once: ``total = arguments + outputs - alias + temporaries
-    + generated code``. ``analytic_flops`` is the global 6*N*tokens (training;
+    + generated code``. ``analytic_flops`` is the global (4*N + 2*N_trainable)*tokens (training;
     2*N*tokens for decode) estimate. ``flops_per_chip`` comes from the compiled
     (partitioned) program's cost analysis, which counts a while-loop body once:
     with ``scan_layers`` (and microbatches) it is far below the real count
@@ -186,11 +185,11 @@ def lower_train_step(config, mesh, task=None):
     Arguments are abstract: the train state (trainable params, optimizer state,
     step, rng) and the frozen tree with their shardings, and a
     ``[train.batch_size, train.seq_len]`` batch with the batch sharding. ``task``
-    defaults to what ``fit`` trains (full training; PEFT configs are refused for
-    now: their ``load_frozen`` reads the base checkpoint, which cannot be traced
-    abstractly). Returns a :class:`LoweredStep`; the analytic
-    FLOPs are 6 * trainable-and-frozen params * tokens (the forward and the
-    activation gradients run through every weight).
+    defaults to what ``fit`` trains (full training, or PEFT over an abstract base:
+    nothing is read from ``train.init_from``). Returns a :class:`LoweredStep`; the analytic
+    FLOPs are (4 * all params + 2 * trainable params) * tokens: the forward and the
+    activation gradients run through every weight, weight gradients only for trainable
+    ones (6 * N * tokens for full training).
     """
     import jax
     import jax.numpy as jnp
@@ -202,19 +201,13 @@ def lower_train_step(config, mesh, task=None):
     from cadenza.train.trainer import default_task
 
     train = config.train
-    if task is None and config.peft.method != "none":
-        raise CadenzaError(f"cadenza compile has no PEFT task for peft.method="
-                           f"{config.peft.method!r} yet", where="peft.method",
-                           fix="pass task= to lower_train_step, or compile with "
-                               "peft.method=none (full fine-tuning)")
     validate_sharding(config, mesh.devices.size)
     rules = config.mesh.rules()
     task = task or default_task(config)
     optimizer, schedule = make_optimizer(train), make_schedule(train)
     shardings = state_shardings(task, optimizer, mesh, rules)
     state = abstract_state(task, optimizer, shardings)
-    with jax.set_mesh(mesh):
-        frozen = jax.eval_shape(lambda: task.load_frozen(mesh, rules))
+    frozen = task.abstract_frozen(mesh, rules)
     rows = batch_sharding(mesh, rules)
     b, t = train.batch_size, train.seq_len
     batch = {k: jax.ShapeDtypeStruct((b, t), jnp.float32 if k == "loss_mask" else jnp.int32,
@@ -226,7 +219,7 @@ def lower_train_step(config, mesh, task=None):
     with jax.set_mesh(mesh):
         lowered = step.lower(state, frozen, batch)
     return LoweredStep("train", lowered, (state, frozen, batch),
-                       6 * task.total_params * b * t, b * t)
+                       (4 * task.total_params + 2 * task.trainable_params) * b * t, b * t)
 
 
 def lower_decode_step(config, mesh, batch: int, max_len: int):
