@@ -21,6 +21,7 @@ AREA_COMMANDS: tuple[str, ...] = (
     "cadenza.train.data_cli",
     "cadenza.decode.cli",
     "cadenza.train.peft_cli",
+    "cadenza.train.pods_cli",
     "cadenza.quickstart_cli",
 )
 
@@ -67,9 +68,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_args(parser: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
+    """Parse ``argv`` as the command line does (argparse exits 2 on an error)."""
+    args, extra = parser.parse_known_args(argv)
+    # ``section.field=value`` overrides may follow options (``compile EXP --topology T a=b``).
+    if extra and hasattr(args, "overrides") and all("=" in a and not a.startswith("-")
+                                                    for a in extra):
+        args.overrides = list(args.overrides) + extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
 def main(argv=None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse_args(parser, argv)
     if not getattr(args, "func", None):
         parser.print_help()
         return 0 if args.command is None else 2

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from cadenza.cli import build_parser
+from cadenza.cli import build_parser, parse_args
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -21,7 +21,7 @@ CADENZA = re.compile(r"^(?:\.venv/bin/)?cadenza(?:\s|$)")
 def _commands(text: str):
     """(tested, command) for each command line of each bash block (comments stripped)."""
     for m in BLOCK.finditer(text):
-        for line in m.group(2).splitlines():
+        for line in m.group(2).replace("\\\n", " ").splitlines():
             cmd = shlex.split(line, comments=True)
             if cmd:
                 yield bool(m.group(1)), line, cmd
@@ -47,7 +47,7 @@ def test_pages_exist_and_have_commands():
 def test_cadenza_command_parses(page, tested, line, cmd):
     parser = build_parser()
     try:
-        args = parser.parse_args(cmd[1:])
+        args = parse_args(parser, cmd[1:])
     except SystemExit as e:  # argparse: 0 for --help, 2 for a parse error
         assert e.code == 0 and "--help" in cmd, f"{page}: {line!r} does not parse"
         return

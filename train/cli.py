@@ -6,8 +6,10 @@ def _train(args) -> int:
     import json
 
     from cadenza.config import load_config
+    from cadenza.train.distributed import initialize
     from cadenza.train.trainer import fit
 
+    initialize()  # multi-host: join the other processes first (no-op for one process)
     config = load_config(args.experiment, args.overrides)
     summary = fit(config)
     print(json.dumps(summary, indent=2))

@@ -33,6 +33,8 @@ class TrainTask:
       init_trainable: (rng key, mesh, rules) -> the trainable tree, placed with those
         shardings (fresh run; a resumed run restores it from the checkpoint instead).
       load_frozen: (mesh, rules) -> the frozen tree, placed on ``mesh`` (``{}`` if none).
+      abstract_frozen: (mesh, rules) -> the frozen tree as ``jax.ShapeDtypeStruct`` s with
+        shardings, read from nothing (for AOT compiles).
       apply: (trainable, frozen, batch, rng) -> logits float32 [B, T, vocab]. ``batch``
         holds int32 [B, T] ``inputs``, ``positions`` and ``segment_ids``; ``rng`` is a
         per-microbatch key in training (for dropout, NEFTune) and None in evaluation
@@ -55,6 +57,7 @@ class TrainTask:
     export: Callable[[PyTree, PyTree], PyTree]
     trainable_params: int
     total_params: int
+    abstract_frozen: Callable[[Mesh, Any], PyTree] = lambda mesh, rules: {}
     wrap_optimizer: Callable[[Any], Any] = lambda tx: tx
     save_adapters: Callable[[Any, PyTree], None] | None = None
 

@@ -272,6 +272,10 @@ def _export(out_dir: pathlib.Path, config, task: TrainTask, state, frozen, data,
         for d in (model_dir, adapters_dir):
             if d.exists() and jax.process_index() == 0:
                 shutil.rmtree(d)
+        if jax.process_count() > 1:  # no host may look for an old directory before it is gone
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices("cadenza:export")
         if task.save_adapters is not None:
             task.save_adapters(adapters_dir, state.params)
         params = task.export(state.params, frozen)

@@ -19,19 +19,19 @@ def peft_task(config, neftune_alpha: float = 0.0) -> TrainTask:
     """The TrainTask for ``config.peft`` on the base model in ``config.train.init_from``."""
     import jax
 
-    from cadenza.models import Transformer
+    from cadenza.models import Transformer, abstract_params
     from cadenza.train.peft import artifacts, merge
     from cadenza.train.peft.model import build
 
-    if config.train.init_from is None:
-        raise ConfigError(f"peft.method={config.peft.method!r} needs a base model",
-                          where="train.init_from",
-                          fix="set train.init_from to a model directory (e.g. one written by "
-                              "'cadenza convert hf-import' or a previous run's model/)")
     pm = build(config.model, config.peft)
     base: dict = {}
 
     def base_params(mesh, rules):
+        if config.train.init_from is None:
+            raise ConfigError(f"peft.method={config.peft.method!r} needs a base model",
+                              where="train.init_from",
+                              fix="set train.init_from to a model directory (e.g. one written "
+                                  "by 'cadenza convert hf-import' or a previous run's model/)")
         if "params" not in base:
             base["params"] = load_base_params(config.model, config.train.init_from, mesh, rules)
         return base["params"]
@@ -40,6 +40,11 @@ def peft_task(config, neftune_alpha: float = 0.0) -> TrainTask:
         frozen = pm.freeze(base_params(mesh, rules))
         print(pm.describe(pm.abstract_trainable(), frozen))
         return frozen
+
+    def abstract_frozen(mesh, rules):
+        shapes = jax.eval_shape(pm.freeze, abstract_params(config.model))
+        return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                            shapes, pm.shardings(mesh, rules)[1])
 
     model = Transformer(config.model)
 
@@ -71,6 +76,7 @@ def peft_task(config, neftune_alpha: float = 0.0) -> TrainTask:
         init_trainable=lambda rng, mesh, rules: pm.init_trainable(
             rng, base_params(mesh, rules), mesh=mesh, rules=rules),
         load_frozen=load_frozen,
+        abstract_frozen=abstract_frozen,
         apply=apply,
         export=export,
         trainable_params=n_params(pm.abstract_trainable()),
