@@ -352,11 +352,12 @@ def run_quickstart(out_dir="runs/quickstart", fast: bool = False, large: bool = 
     results = {"meta": {**_meta(), "size": size_name}, "sizes": size, "timings_s": {}}
     t_all = time.perf_counter()
     progress_override = [] if progress else ["train.progress_bar=false"]
+    marks = [t_all]
 
     def stage(name):
-        results["timings_s"][name] = time.perf_counter() - stage.t0
-        stage.t0 = time.perf_counter()
-    stage.t0 = t_all
+        """Record the time since the previous stage ended as ``name``'s."""
+        marks.append(time.perf_counter())
+        results["timings_s"][name] = marks[-1] - marks[-2]
 
     # 1. data + tokenizer
     _log(f"1/4 data: stdlib corpus + instruction pairs, BPE tokenizer (vocab "
