@@ -33,6 +33,7 @@ QUICK_ARGS = {
     "kernels_attention": ["--size", "tiny", "--iters", "2"],
     "superposed_bench": ["--steps", "10", "--prompts", "2", "--reps", "1", "--new-tokens", "8"],
     "quickstart_bench": ["--fast"],
+    "peft_memory": ["--steps", "2", "--layers", "2", "--hidden", "64", "--seq", "64"],
 }
 RESULT_SUFFIXES = (".json", ".md", ".png")
 
