@@ -28,7 +28,7 @@ $(UV):
 demo: .venv/.synced
 	.venv/bin/cadenza quickstart
 
-bench: .venv/.synced
+bench: .venv/.synced .venv-ref/.synced
 	.venv/bin/cadenza bench all $(BENCH_ARGS)
 
 test: .venv/.synced .venv-ref/.synced
