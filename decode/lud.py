@@ -74,10 +74,10 @@ def _step_mask(p: jax.Array, m: int) -> jax.Array:
 
 
 @functools.partial(jax.jit, static_argnames=("model_config", "max_new_tokens", "lookahead",
-                                             "beta", "cut_repeats", "eos_id", "pad_id",
+                                             "cut_repeats", "eos_id", "pad_id",
                                              "placeholder_id"))
-def _lud_decode(params, prompt, prompt_lengths, *, model_config, max_new_tokens: int,
-                lookahead: int, beta: float, cut_repeats: bool, eos_id: int | None,
+def _lud_decode(params, prompt, prompt_lengths, beta, *, model_config, max_new_tokens: int,
+                lookahead: int, cut_repeats: bool, eos_id: int | None,
                 pad_id: int, placeholder_id: int) -> LudResult:
     model = Transformer(model_config)
     b, plen = prompt.shape
@@ -153,7 +153,8 @@ def lud_generate(model_config, params, prompts: Sequence[Sequence[int]], lud, *,
       pad_id: filler of ``tokens`` past each row's end.
 
     Returns a :class:`LudResult`; ``result.tokens_per_step()`` is the speed-up statistic.
-    Compiles once per (batch, longest prompt, max_new_tokens, settings).
+    Compiles once per (batch, longest prompt, max_new_tokens, lookahead, cut_repeats, ids);
+    ``beta`` is a traced argument (sweeping it does not recompile).
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise CadenzaError("every prompt needs at least one token", where="lud_generate",
@@ -166,7 +167,7 @@ def lud_generate(model_config, params, prompts: Sequence[Sequence[int]], lud, *,
     for i, p in enumerate(prompts):
         padded[i, :len(p)] = p
     return _lud_decode(params, jnp.asarray(padded), jnp.asarray(lengths),
-                       model_config=model_config, max_new_tokens=max_new_tokens,
-                       lookahead=lud.lookahead, beta=float(lud.beta),
+                       jnp.float32(lud.beta), model_config=model_config,
+                       max_new_tokens=max_new_tokens, lookahead=lud.lookahead,
                        cut_repeats=lud.cut_repeats, eos_id=eos_id, pad_id=pad_id,
                        placeholder_id=lud.resolved_placeholder_id(model_config.vocab_size))

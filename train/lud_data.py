@@ -32,6 +32,9 @@ The placeholder token id must be a dedicated id, never the pad id (see
 """
 
 import dataclasses
+import pathlib
+import sysconfig
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -42,11 +45,25 @@ from cadenza.errors import CadenzaError
 BATCH_ARRAYS = ("inputs", "targets", "loss_mask", "segment_ids", "positions", "lud_group")
 
 
-def stdlib_byte_tokens() -> np.ndarray:
-    """The byte-level stdlib code corpus of ``cadenza demo`` as int32 token ids (bytes + 3)."""
-    from cadenza.demo import _corpus
+def stdlib_byte_tokens(modules: Sequence[str] | None = None) -> np.ndarray:
+    """Byte-level stdlib source as int32 token ids (byte + 3, as ``cadenza demo``).
 
-    return _corpus()
+    ``modules`` are paths under the running Python's stdlib directory (default: the demo's
+    training modules); missing files are skipped.
+    """
+    from cadenza.demo import _BYTE_OFFSET, _DEMO_MODULES
+
+    root = pathlib.Path(sysconfig.get_paths()["stdlib"])
+    names = _DEMO_MODULES if modules is None else modules
+    text = b"".join((root / m).read_bytes() for m in names if (root / m).is_file())
+    return np.frombuffer(text, np.uint8).astype(np.int32) + _BYTE_OFFSET
+
+
+def lm_rows(tokens: np.ndarray, seq_len: int, pad_id: int = 0) -> tuple[dict, "RowStats"]:
+    """Plain next-token rows (no placeholders) of ``seq_len`` tokens, in the same format."""
+    windows = make_windows(tokens, seq_len)
+    return build_rows(windows, [[] for _ in windows], seq_len=seq_len, placeholder_id=-1,
+                      pad_id=pad_id)
 
 
 def token_confidences(model_config, params, windows: np.ndarray, batch_size: int = 16

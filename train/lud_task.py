@@ -56,7 +56,8 @@ def lud_task(model_config, base_params: dict, lud) -> TrainTask:
       base_params: the model to fine-tune (plain params dict, any placement).
       lud: the :class:`~cadenza.decode.lud_config.LudConfig` (for the placeholder id).
 
-    ``init_trainable`` ignores its rng and places the params with the model's shardings.
+    ``init_trainable`` ignores its rng and places a copy of the params with the model's
+    shardings (``base_params`` is never donated).
     """
     from cadenza.models import Transformer, abstract_params, param_shardings
 
@@ -74,7 +75,9 @@ def lud_task(model_config, base_params: dict, lud) -> TrainTask:
     def init_trainable(rng, mesh, rules):
         del rng
         params = with_placeholder_embedding(base_params, placeholder_id)
-        return jax.device_put(params, param_shardings(model_config, mesh, rules))
+        # a copy: the train step donates its state, ``base_params`` must stay usable
+        return jax.device_put(params, param_shardings(model_config, mesh, rules),
+                              may_alias=False)
 
     n = model_config.num_params()
     return TrainTask(
@@ -85,3 +88,30 @@ def lud_task(model_config, base_params: dict, lud) -> TrainTask:
         apply=apply,
         export=lambda trainable, frozen: trainable,
         trainable_params=n, total_params=n)
+
+
+def finetune_lud(config, base_params: dict, tokens, *, devices=None):
+    """Mark units with ``base_params`` on ``tokens``, build the rows and fine-tune with ``fit``.
+
+    Args:
+      config: the ExperimentConfig (``model``, ``train``, ``mesh`` and ``lud`` sections).
+      base_params: the model that marks the units and that is fine-tuned.
+      tokens: int [S] training token stream.
+      devices: passed to :func:`cadenza.train.fit`.
+
+    Returns ``(summary, params, stats)``: fit's summary, the fine-tuned params (read back
+    from the exported model directory) and the row statistics (a dict).
+    """
+    from cadenza.models import load_model
+    from cadenza.train.lud_data import RowIterator, prepare_lud_rows
+    from cadenza.train.trainer import fit
+
+    pad = config.model.pad_token_id or 0
+    rows, stats = prepare_lud_rows(config.model, base_params, tokens, config.lud,
+                                   seq_len=config.train.seq_len, pad_id=pad)
+    data = RowIterator(rows, config.train.batch_size // jax.process_count(),
+                       seed=config.train.seed)
+    summary = fit(config, data=data, task=lud_task(config.model, base_params, config.lud),
+                  devices=devices)
+    _, params = load_model(summary["model_dir"])
+    return summary, params, stats.as_dict()
