@@ -73,6 +73,18 @@ def _step_mask(p: jax.Array, m: int) -> jax.Array:
     return see_real | ph_pair[None]
 
 
+def accepted_count(cand: jax.Array, conf: jax.Array, beta, cut_repeats: bool) -> jax.Array:
+    """How many of ``cand`` [B, m + 1] = [t_0, t_1..t_m] a step keeps: int32 [B] = 1 + J.
+
+    J is the largest j with every c_1..c_j >= beta (``conf`` [B, m]) and, with
+    ``cut_repeats``, no t_i (i <= j) equal to t_{i-1}.
+    """
+    ok = conf >= beta
+    if cut_repeats:
+        ok = ok & (cand[:, 1:] != cand[:, :-1])
+    return 1 + jnp.sum(jnp.cumprod(ok.astype(jnp.int32), axis=1), axis=1)
+
+
 @functools.partial(jax.jit, static_argnames=("model_config", "max_new_tokens", "lookahead",
                                              "cut_repeats", "eos_id", "pad_id",
                                              "placeholder_id"))
@@ -109,10 +121,7 @@ def _lud_decode(params, prompt, prompt_lengths, beta, *, model_config, max_new_t
         t_ph = jnp.argmax(ph_logits, axis=-1).astype(jnp.int32)               # [B, m]
         conf = jnp.max(jax.nn.softmax(ph_logits, axis=-1), axis=-1)
         cand = jnp.concatenate([t0[:, None], t_ph], axis=1)                   # [B, m + 1]
-        ok = conf >= beta
-        if cut_repeats:
-            ok = ok & (cand[:, 1:] != cand[:, :-1])
-        count = 1 + jnp.sum(jnp.cumprod(ok.astype(jnp.int32), axis=1), axis=1)
+        count = accepted_count(cand, conf, beta, cut_repeats)
         finished = jnp.zeros((b,), bool)
         if eos_id is not None:
             is_eos = (cand == eos_id) & (slot[None] < count[:, None])
