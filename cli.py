@@ -18,7 +18,23 @@ AREA_COMMANDS: tuple[str, ...] = (
     "cadenza.models.cli",
     "cadenza.decode.ngram_cli",
     "cadenza.train.cli",
+    "cadenza.train.data_cli",
+    "cadenza.decode.cli",
+    "cadenza.train.peft_cli",
 )
+
+
+CONVERT_HELP = "convert models and adapters (Hugging Face, peft)"
+
+
+def command_group(subparsers, name: str, help: str):
+    """The sub-parsers of the command ``name`` (e.g. ``convert``), creating it on first use,
+    so that several areas can add subcommands to one command in any order."""
+    parser = subparsers.choices.get(name)
+    if parser is None:
+        parser = subparsers.add_parser(name, help=help)
+        return parser.add_subparsers(dest=f"{name}_command", metavar="SUBCOMMAND")
+    return next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
 
 
 def _config_show(args) -> int:

@@ -7,6 +7,7 @@
 - :func:`save_model` / :func:`load_model`: cadenza model directories.
 - :func:`load_hf` / :func:`import_hf` / :func:`save_hf` / :func:`check_hf`: Hugging Face
   checkpoints in and out, and a logit parity check against transformers.
+- :func:`load_tokenizer` / :func:`train_tokenizer`, :class:`ChatTemplate`: text and chat.
 
 Names are imported lazily so that reading configs does not import JAX.
 """
@@ -30,6 +31,10 @@ _EXPORTS = {
     "param_shardings": "cadenza.models.params",
     "stack_layers": "cadenza.models.params",
     "unstack_layers": "cadenza.models.params",
+    "Tokenizer": "cadenza.models.tokenizer",
+    "load_tokenizer": "cadenza.models.tokenizer",
+    "train_tokenizer": "cadenza.models.tokenizer",
+    "ChatTemplate": "cadenza.models.chat_template",
 }
 
 __all__ = sorted(_EXPORTS)

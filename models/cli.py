@@ -1,5 +1,7 @@
 """``cadenza convert``: Hugging Face import, export and logit parity check."""
 
+from cadenza.cli import CONVERT_HELP, command_group
+
 
 def _quiet_library_notes() -> None:
     """The handlers print the notes themselves; keep the library's log copy off stderr."""
@@ -45,8 +47,7 @@ def _report(reports) -> int:
 
 def register(subparsers) -> None:
     """Add ``convert hf-import``, ``convert hf-export`` and ``convert check``."""
-    convert = subparsers.add_parser("convert", help="convert checkpoints to and from Hugging Face")
-    sub = convert.add_subparsers(dest="convert_command", metavar="SUBCOMMAND")
+    sub = command_group(subparsers, "convert", CONVERT_HELP)
 
     imp = sub.add_parser("hf-import", help="HF config.json + safetensors -> cadenza model dir")
     imp.add_argument("hf_dir", help="directory with config.json and *.safetensors")

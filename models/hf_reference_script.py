@@ -6,13 +6,16 @@ stdin; each gets one JSON line back on stdout, ``{"ok": true}`` or
 A batch holds lists of jobs::
 
     {"create": [{"dir": D, "model_type": "llama", "config": {...}, "seed": 0}],
-     "logits": [{"dir": D, "tokens": "in.npy", "out": "out.npy"}]}
+     "logits": [{"dir": D, "tokens": "in.npy", "out": "out.npy"}],
+     "generate": [{"dir": D, "tokens": "in.npy", "max_new_tokens": N, "out": "out.npy"}]}
 
 ``create`` builds a random-init model with transformers (no download) and
 saves it with ``save_pretrained`` (safetensors). Weights are redrawn so that
 every tensor matters (norm scales and biases are not left at 1 or 0).
 ``logits`` loads a saved model in float32 with eager attention and writes the
-float32 logits for int token ids ``[B, T]``. Arrays travel as .npy files;
+float32 logits for int token ids ``[B, T]``. ``generate`` runs greedy
+``model.generate`` on each row of ``[B, T]`` alone (no padding, EOS ignored) and
+writes the ``[B, N]`` new tokens. Arrays travel as .npy files;
 nothing is pickled, and remote code is never allowed.
 """
 
@@ -49,15 +52,31 @@ def create(job: dict) -> None:
     model.save_pretrained(job["dir"])
 
 
-def logits(job: dict) -> None:
+def _load(directory: str):
     model = transformers.AutoModelForCausalLM.from_pretrained(
-        job["dir"], dtype=torch.float32, attn_implementation="eager", local_files_only=True,
+        directory, dtype=torch.float32, attn_implementation="eager", local_files_only=True,
         trust_remote_code=False)
-    model.eval()
+    return model.eval()
+
+
+def logits(job: dict) -> None:
+    model = _load(job["dir"])
     tokens = torch.from_numpy(np.load(job["tokens"]).astype(np.int64))
     with torch.no_grad():
         out = model(input_ids=tokens).logits.float().numpy()
     np.save(job["out"], out)
+
+
+def generate(job: dict) -> None:
+    model = _load(job["dir"])
+    n = job["max_new_tokens"]
+    rows = []
+    with torch.no_grad():
+        for row in np.load(job["tokens"]).astype(np.int64):
+            out = model.generate(torch.from_numpy(row)[None], do_sample=False, max_new_tokens=n,
+                                 min_new_tokens=n, eos_token_id=None, pad_token_id=0)
+            rows.append(out[0, len(row):].numpy())
+    np.save(job["out"], np.stack(rows).astype(np.int32))
 
 
 def main() -> None:
@@ -69,6 +88,8 @@ def main() -> None:
                 create(job)
             for job in jobs.get("logits", []):
                 logits(job)
+            for job in jobs.get("generate", []):
+                generate(job)
             reply = {"ok": True}
         except Exception:  # reported to the caller, which raises
             reply = {"ok": False, "error": traceback.format_exc()}

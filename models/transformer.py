@@ -83,7 +83,8 @@ class Transformer(nn.Module):
                                                         ("vocab", "embed")))
         if cfg.scan_layers:
             self.layers = nn.scan(
-                _block_cls(cfg), variable_axes={"params": 0}, split_rngs={"params": True},
+                _block_cls(cfg), variable_axes={"params": 0, "peft": 0},
+                split_rngs={"params": True, "dropout": True},
                 in_axes=(0, 0, nn.broadcast), length=cfg.num_layers,
                 metadata_params={nn.PARTITION_NAME: "layers"})(cfg)
         else:

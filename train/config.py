@@ -1,6 +1,7 @@
 """Config sections of the training core: the device mesh and the optimisation run."""
 
 import dataclasses
+from typing import Optional
 
 from cadenza.errors import ConfigError
 from cadenza.validation import check_choice, check_range
@@ -72,6 +73,9 @@ class TrainConfig:
     ``checkpoint_every`` of 0 disable periodic eval / saves (a checkpoint is
     always written at the end). ``peak_tflops_per_device`` of 0 looks the
     accelerator up by name for MFU (unknown devices report no MFU).
+    ``init_from``: a model directory (``cadenza.models.save_model``) whose params
+    start the run: the frozen base for PEFT, the starting point of full
+    fine-tuning; None starts from random init (PEFT needs a base).
     """
 
     output_dir: str = "runs/default"
@@ -101,6 +105,7 @@ class TrainConfig:
     tensorboard: bool = True
     progress_bar: bool = True
     peak_tflops_per_device: float = 0.0
+    init_from: Optional[str] = None
 
     def __post_init__(self):
         s = "train"

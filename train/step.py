@@ -115,7 +115,7 @@ def make_eval_step(task: TrainTask, *, rules, param_shardings, frozen_shardings,
     loss = _loss_fn(task, rules, 0.0)
 
     def evaluate(trainable, frozen, batch):
-        _, (ce, count) = loss(trainable, frozen, batch, jax.random.key(0))
+        _, (ce, count) = loss(trainable, frozen, batch, None)
         return ce, count
 
     return jax.jit(evaluate, in_shardings=(param_shardings, frozen_shardings, batch_sharding),

@@ -35,10 +35,16 @@ class TrainTask:
       load_frozen: (mesh, rules) -> the frozen tree, placed on ``mesh`` (``{}`` if none).
       apply: (trainable, frozen, batch, rng) -> logits float32 [B, T, vocab]. ``batch``
         holds int32 [B, T] ``inputs``, ``positions`` and ``segment_ids``; ``rng`` is a
-        per-microbatch key (for dropout). Called inside jit under the logical-axis rules.
-      export: (trainable, frozen) -> plain model params (what ``save_model`` writes).
+        per-microbatch key in training (for dropout, NEFTune) and None in evaluation
+        (no noise). Called inside jit under the logical-axis rules.
+      export: (trainable, frozen) -> plain model params (what ``save_model`` writes), or
+        None when the trained state cannot be folded into model params (prefix/prompt
+        tuning: only ``save_adapters`` output exists then).
       trainable_params / total_params: parameter counts (MFU counts weight-gradient
         work only for the trainable ones).
+      wrap_optimizer: tx -> tx for the trainable tree (LoRA+ scales B's updates).
+      save_adapters: (directory, trainable) -> None, or None; PEFT writes its adapters
+        (``<output_dir>/adapters``) at the end of a run.
     """
 
     abstract_trainable: Callable[[], PyTree]
@@ -49,27 +55,74 @@ class TrainTask:
     export: Callable[[PyTree, PyTree], PyTree]
     trainable_params: int
     total_params: int
+    wrap_optimizer: Callable[[Any], Any] = lambda tx: tx
+    save_adapters: Callable[[Any, PyTree], None] | None = None
 
 
-def full_model_task(model_config: ModelConfig) -> TrainTask:
-    """Every model param trainable (plain pretraining / full fine-tuning)."""
+def full_model_task(model_config: ModelConfig, neftune_alpha: float = 0.0,
+                    init_from: str | None = None) -> TrainTask:
+    """Every model param trainable (plain pretraining / full fine-tuning).
+
+    ``neftune_alpha > 0`` adds NEFTune noise to the input embeddings in training
+    steps only (see :func:`cadenza.train.data.neftune.neftune_noise`).
+    ``init_from``: a model directory to start from instead of random init.
+    """
     from cadenza.models import Transformer, abstract_params, init_params, param_shardings
 
     model = Transformer(model_config)
 
     def apply(trainable, frozen, batch, rng):
-        del frozen, rng
-        logits, _, _ = model.apply({"params": trainable}, batch["inputs"],
-                                   positions=batch["positions"], segment_ids=batch["segment_ids"])
-        return logits
+        del frozen
+        return noisy_apply(model, {"params": trainable}, batch, rng, neftune_alpha)
 
     n = model_config.num_params()
     return TrainTask(
         abstract_trainable=lambda: abstract_params(model_config),
         trainable_shardings=lambda mesh, rules: param_shardings(model_config, mesh, rules),
-        init_trainable=lambda rng, mesh, rules: init_params(model_config, rng, mesh, rules),
+        init_trainable=lambda rng, mesh, rules: (
+            init_params(model_config, rng, mesh, rules) if init_from is None
+            else load_base_params(model_config, init_from, mesh, rules)),
         load_frozen=lambda mesh, rules: {},
         apply=apply,
         export=lambda trainable, frozen: trainable,
         trainable_params=n, total_params=n)
 
+
+
+def noisy_apply(model, variables, batch, rng, neftune_alpha: float, **apply_kwargs):
+    """``model.apply`` on a training batch; with ``rng`` (training) and ``neftune_alpha > 0``
+    the input embeddings get NEFTune noise. Returns logits float32 [B, T, vocab]."""
+    from cadenza.models import Transformer
+    from cadenza.train.data.neftune import neftune_noise
+
+    kwargs = dict(positions=batch["positions"], segment_ids=batch["segment_ids"], **apply_kwargs)
+    if rng is None or not neftune_alpha:
+        return model.apply(variables, batch["inputs"], **kwargs)[0]
+    embeddings = model.apply(variables, batch["inputs"], method=Transformer.embed_tokens)
+    embeddings = neftune_noise(embeddings, batch["segment_ids"], rng, neftune_alpha)
+    return model.apply(variables, embeddings=embeddings, **kwargs)[0]
+
+
+# ModelConfig fields that may differ between a saved model and the run that loads it.
+_RUNTIME_FIELDS = ("preset", "dtype", "remat_policy", "attention_impl")
+
+
+def load_base_params(model_config: ModelConfig, directory, mesh, rules):
+    """Params of the model directory ``directory``, placed on ``mesh``; fails clearly
+    unless it was saved for the same model shape as ``model_config``."""
+    import pathlib
+
+    from cadenza.errors import CadenzaError
+    from cadenza.models import load_model
+
+    saved, params = load_model(directory, mesh=mesh, rules=rules)
+    diffs = [f"model.{f.name}: {directory} has {getattr(saved.model, f.name)!r}, this run has "
+             f"{getattr(model_config, f.name)!r}" for f in dataclasses.fields(model_config)
+             if f.name not in _RUNTIME_FIELDS
+             and getattr(saved.model, f.name) != getattr(model_config, f.name)]
+    if diffs:
+        raise CadenzaError("train.init_from holds a different model: " + "; ".join(diffs),
+                           where=str(pathlib.Path(directory)),
+                           fix="set the model section to the saved model's (e.g. "
+                               "model.preset and the same overrides) or pick another directory")
+    return params

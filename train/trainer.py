@@ -93,10 +93,10 @@ def fit(config: ExperimentConfig, data=None, eval_data=None, *,
       data: an iterator of host-local batches (dicts of [batch_size // process_count,
         seq_len] arrays, see :mod:`cadenza.train.step`) with ``get_state()`` /
         ``set_state(state)``; None builds ``cadenza.train.data.build_iterator(config,
-        split="train", ...)``. An optional ``tokenizer_dir`` attribute is copied into the
-        exported model directory.
+        split="train", ...)``. The directory of an optional ``tokenizer`` attribute is
+        copied into the exported model directory.
       eval_data: the same for held-out batches (rewound with ``set_state`` before every
-        eval); None builds ``split="validation"`` when ``train.eval_every > 0``.
+        eval); None builds ``split="test"`` when ``train.eval_every > 0``.
       task: the trainable/frozen split (default: :func:`full_model_task`; PEFT passes its
         own).
       devices: the devices of the mesh (default: all of ``jax.devices()``).
@@ -107,7 +107,9 @@ def fit(config: ExperimentConfig, data=None, eval_data=None, *,
     Returns a summary dict: ``step`` (updates done), ``loss`` (last), ``eval_loss``
     (last, or None), ``resumed_from`` (step or None), ``stopped`` ("completed" or
     "sigterm"), ``tokens_per_s``, ``step_time_s``, ``mfu`` (None when the device peak
-    is unknown), ``compile_s``, ``output_dir`` and ``model_dir`` (None if stopped early).
+    is unknown), ``compile_s``, ``output_dir``, ``model_dir`` and ``adapters_dir``
+    (None if stopped early or not written: prefix/prompt tuning has no merged model,
+    full training no adapters).
 
     Raises:
       ConfigError: mesh/batch/model shapes that do not fit the devices (before compiling).
@@ -120,8 +122,8 @@ def fit(config: ExperimentConfig, data=None, eval_data=None, *,
     validate_sharding(config, len(devices))
     mesh = make_mesh(config.mesh, devices)
     rules = config.mesh.rules()
-    task = task or full_model_task(config.model)
-    optimizer, schedule = make_optimizer(train), make_schedule(train)
+    task = task or default_task(config)
+    optimizer, schedule = task.wrap_optimizer(make_optimizer(train)), make_schedule(train)
     shardings = state_shardings(task, optimizer, mesh, rules)
     frozen = task.load_frozen(mesh, rules)
     frozen_shardings = jax.tree.map(lambda a: a.sharding, frozen)
@@ -141,7 +143,7 @@ def fit(config: ExperimentConfig, data=None, eval_data=None, *,
     else:
         state = init_state(task, optimizer, train.seed, mesh, rules, shardings)
     if train.eval_every and eval_data is None:
-        eval_data = _build_iterator(config, "validation")
+        eval_data = _build_iterator(config, "test")
     eval_start = eval_data.get_state() if eval_data is not None else None
 
     step_fn = make_train_step(task, optimizer, schedule, microbatches=train.microbatches,
@@ -172,7 +174,8 @@ def fit(config: ExperimentConfig, data=None, eval_data=None, *,
 
     summary = {"step": start, "loss": None, "eval_loss": None, "resumed_from": resumed_from,
                "stopped": "completed", "tokens_per_s": None, "step_time_s": None,
-               "mfu": None, "compile_s": None, "output_dir": str(out_dir), "model_dir": None}
+               "mfu": None, "compile_s": None, "output_dir": str(out_dir), "model_dir": None,
+               "adapters_dir": None}
     pending: list[tuple[int, dict]] = []
     bar = tqdm(total=train.steps, initial=start, unit="step", desc=f"train {config.name}",
                disable=not (train.progress_bar and is_main))
@@ -240,10 +243,8 @@ def fit(config: ExperimentConfig, data=None, eval_data=None, *,
             summary["step"] = step
             ckpts.wait()
         if summary["stopped"] == "completed":
-            model_dir = out_dir / "model"
-            if step > start or not model_dir.exists():
-                _export_model(model_dir, config, task, state, frozen, data)
-            summary["model_dir"] = str(model_dir)
+            summary.update(_export(out_dir, config, task, state, frozen, data,
+                                   fresh=step > start))
     finally:
         bar.close()
         ckpts.close()
@@ -252,12 +253,39 @@ def fit(config: ExperimentConfig, data=None, eval_data=None, *,
     return summary
 
 
-def _export_model(model_dir: pathlib.Path, config, task: TrainTask, state, frozen, data):
-    """Write the model directory (replacing the one of an earlier, shorter run); the
-    tokenizer comes from the data iterator's ``tokenizer_dir`` attribute, if any."""
+def default_task(config: ExperimentConfig) -> TrainTask:
+    """Full training, or the PEFT task when ``peft.method`` is set (base: ``train.init_from``)."""
+    alpha = config.data.neftune_alpha
+    if config.peft.method != "none":
+        from cadenza.train.peft.task import peft_task
+
+        return peft_task(config, neftune_alpha=alpha)
+    return full_model_task(config.model, neftune_alpha=alpha, init_from=config.train.init_from)
+
+
+def _export(out_dir: pathlib.Path, config, task: TrainTask, state, frozen, data,
+            fresh: bool) -> dict:
+    """Write ``adapters/`` (PEFT) and ``model/`` (when the trained state folds into model
+    params), replacing those of an earlier, shorter run; with ``fresh=False`` (nothing
+    trained since the run resumed) existing ones are kept. The tokenizer comes from the
+    data iterator's ``tokenizer`` (its ``directory``), if any. Returns ``model_dir`` and
+    ``adapters_dir`` (None where absent)."""
     from cadenza.models import save_model
 
-    if model_dir.exists() and jax.process_index() == 0:
-        shutil.rmtree(model_dir)
-    save_model(model_dir, config, task.export(state.params, frozen),
-               tokenizer_dir=getattr(data, "tokenizer_dir", None))
+    model_dir, adapters_dir = out_dir / "model", out_dir / "adapters"
+    if fresh or not (model_dir.exists() or adapters_dir.exists()):
+        for d in (model_dir, adapters_dir):
+            if d.exists() and jax.process_index() == 0:
+                shutil.rmtree(d)
+        if task.save_adapters is not None:
+            task.save_adapters(adapters_dir, state.params)
+        params = task.export(state.params, frozen)
+        if params is not None:
+            save_model(model_dir, config, params, tokenizer_dir=_tokenizer_dir(data))
+    return {"model_dir": str(model_dir) if model_dir.exists() else None,
+            "adapters_dir": str(adapters_dir) if adapters_dir.exists() else None}
+
+
+def _tokenizer_dir(data):
+    tokenizer = getattr(data, "tokenizer", None)
+    return None if tokenizer is None else tokenizer.directory

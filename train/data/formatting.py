@@ -1,0 +1,131 @@
+"""Turning canonical records into token sequences with loss masks.
+
+Chat records are rendered with the tokenizer's chat template; assistant
+character spans (every assistant turn including its end-of-turn token, see
+:mod:`cadenza.models.chat_template`) become the loss mask: a token counts when
+its character span overlaps an assistant span. The whole rendering is
+tokenized at once (as transformers does), with exactly one BOS (added only if
+the template does not write it). Text records get one BOS, the text and an EOS,
+all trained.
+
+An example of ``n`` tokens becomes ``inputs = tokens[:-1]``, ``targets =
+tokens[1:]``, ``loss_mask = mask[1:]`` (``n - 1`` positions). Longer than
+``seq_len`` positions: ``truncate`` keeps the first ``seq_len``; ``drop``
+skips the example (reason ``too_long``). Counted either way.
+"""
+
+import collections
+
+import numpy as np
+
+from cadenza.errors import CadenzaError
+from cadenza.models.chat_template import ChatTemplate
+
+
+def decode_record(raw) -> dict:
+    """A record from a TFDS data source (bytes) as Python strings."""
+    def s(x):
+        return x.decode("utf-8") if isinstance(x, bytes) else str(x)
+
+    messages = raw.get("messages") or {"role": [], "content": []}
+    roles, contents = list(messages.get("role", [])), list(messages.get("content", []))
+    return {"messages": [{"role": s(r), "content": s(c)} for r, c in zip(roles, contents)],
+            "text": s(raw.get("text", b"")), "source": s(raw.get("source", b"?"))}
+
+
+class Formatter:
+    """Record -> ``{"inputs", "targets", "loss_mask"}`` numpy arrays, or None if skipped.
+
+    Args:
+      tokenizer: a :class:`cadenza.models.tokenizer.Tokenizer`.
+      seq_len: positions per example (the row length).
+      vocab_size: the model's vocabulary; ids at or beyond it are an error.
+      truncation: "truncate" or "drop".
+      problems: a :class:`cadenza.train.data.records.Problems` (skip/stop policy).
+      end_of_turn: strings ending assistant turns (default: the template's default).
+      pass_length: records in one pass over the data; if that many records in a row
+        are all skipped, raise (a repeating iterator would otherwise spin forever).
+      name: the dataset's name for that error.
+    """
+
+    def __init__(self, tokenizer, seq_len: int, vocab_size: int, truncation: str, problems,
+                 end_of_turn=None, pass_length=None, name="dataset"):
+        self.tokenizer = tokenizer
+        self.seq_len = seq_len
+        self.vocab_size = vocab_size
+        self.truncation = truncation
+        self.problems = problems
+        self.end_of_turn = end_of_turn
+        self.pass_length = pass_length
+        self.name = name
+        self._failed_in_a_row = 0
+        self._template = None
+        self.counts: collections.Counter = collections.Counter()
+
+    @property
+    def template(self) -> ChatTemplate:
+        if self._template is None:
+            self._template = ChatTemplate.from_tokenizer(self.tokenizer, self.end_of_turn)
+        return self._template
+
+    def tokens_and_mask(self, record: dict) -> tuple[list[int], list[bool]]:
+        """All tokens of ``record`` and which of them are trained (no truncation)."""
+        tok = self.tokenizer
+        if not record["messages"]:
+            ids = tok.encode(record["text"], add_bos=True)
+            if tok.eos_id is not None:
+                ids = ids + [tok.eos_id]
+            return ids, [True] * len(ids)
+        text, spans = self.template.render_with_spans(record["messages"])
+        ids, offsets = tok.encode_with_offsets(text, add_bos=True)
+        mask = [any(a < e and b > s for s, e in spans) for a, b in offsets]
+        return ids, mask
+
+    def __call__(self, raw):
+        out = self._format(raw)
+        self._failed_in_a_row = 0 if out is not None else self._failed_in_a_row + 1
+        if self.pass_length and self._failed_in_a_row >= self.pass_length:
+            raise CadenzaError(
+                f"no usable example in {self._failed_in_a_row} records (a full pass); skipped "
+                f"by reason: {dict(self.problems.counts)}", where=self.name,
+                fix="check the skipped reasons (data inspect) and the tokenizer / model vocab")
+        return out
+
+    def _format(self, raw):
+        record = decode_record(raw) if not isinstance(raw.get("source"), str) else raw
+        where = record["source"]
+        self.counts["examples"] += 1
+        try:
+            ids, mask = self.tokens_and_mask(record)
+        except CadenzaError as e:
+            self.problems.report("template_error", where, e.what)
+            return None
+        bos = self.tokenizer.bos_id
+        if bos is not None and ids.count(bos) > 1:
+            self.problems.report("extra_bos", where,
+                                 f"{ids.count(bos)} BOS tokens (text contains the BOS string)")
+            return None
+        bad = [i for i in ids if i >= self.vocab_size or i < 0]
+        if bad:
+            self.problems.report("token_out_of_vocab", where,
+                                 f"token id {bad[0]} is outside the model vocab "
+                                 f"(size {self.vocab_size})")
+            return None
+        if len(ids) - 1 > self.seq_len:
+            if self.truncation == "drop":
+                self.problems.report("too_long", where,
+                                     f"{len(ids) - 1} positions > seq_len {self.seq_len}")
+                return None
+            self.counts["truncated"] += 1
+            self.counts["truncated_tokens"] += len(ids) - 1 - self.seq_len
+            ids, mask = ids[:self.seq_len + 1], mask[:self.seq_len + 1]
+        if not any(mask[1:]):
+            self.problems.report("no_trained_tokens", where,
+                                 "no token left to train on (after truncation)")
+            return None
+        self.counts["kept"] += 1
+        self.counts["tokens"] += len(ids) - 1
+        self.counts["trained_tokens"] += int(sum(mask[1:]))
+        arr = np.asarray(ids, np.int32)
+        return {"inputs": arr[:-1], "targets": arr[1:],
+                "loss_mask": np.asarray(mask[1:], np.float32)}

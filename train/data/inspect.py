@@ -1,0 +1,69 @@
+"""What ``cadenza data inspect`` prints: formatted examples with masked tokens marked,
+and counts."""
+
+import json
+
+import numpy as np
+
+from cadenza.train.data import builders
+from cadenza.train.data.formatting import Formatter, decode_record
+from cadenza.train.data.pipeline import build_iterator, resolve_tokenizer
+from cadenza.train.data.records import Problems
+
+MASK_OPEN, MASK_CLOSE = "\u27e6", "\u27e7"  # ⟦ ⟧ around tokens without loss
+
+
+def mark_masked(tokenizer, ids, mask) -> str:
+    """Text of ``ids`` with every run of untrained tokens (``mask`` false) inside ⟦ ⟧."""
+    out, start = [], 0
+    for i in range(1, len(ids) + 1):
+        if i == len(ids) or bool(mask[i]) != bool(mask[start]):
+            text = tokenizer.decode(ids[start:i], skip_special_tokens=False)
+            out.append(text if mask[start] else f"{MASK_OPEN}{text}{MASK_CLOSE}")
+            start = i
+    return "".join(out)
+
+
+def inspect_data(config, *, examples: int = 3, split: str = "train", batches: int = 4) -> str:
+    """A report on ``config``'s data: per source the build counts and the first
+    ``examples`` formatted examples (full token stream, BOS included, masked
+    tokens in ⟦ ⟧), then counts over ``batches`` batches of the real iterator
+    (rows filled, trained tokens, truncated/skipped by reason)."""
+    data = config.data
+    tokenizer = resolve_tokenizer(config)
+    lines = [f"tokenizer: {tokenizer.source} (vocab {tokenizer.vocab_size}, bos={tokenizer.bos_id},"
+             f" eos={tokenizer.eos_id}, pad={tokenizer.pad_id})",
+             f"legend: text inside {MASK_OPEN} {MASK_CLOSE} has no loss; the rest is trained"]
+    for source in data.sources():
+        ds, shards, report = builders.open_split(source, data, split)
+        lines.append(f"\n== {source.format} {source.path or source.name or ''} "
+                     f"(weight {source.weight:g}): {len(ds)} records in {split!r}, "
+                     f"{len(shards)} file(s)")
+        if report:
+            lines.append("build: " + json.dumps({k: report[k] for k in
+                                                 ("read", "written", "skipped", "splits")}))
+        formatter = Formatter(tokenizer, config.train.seq_len, config.model.vocab_size,
+                              data.truncation, Problems("skip"), data.end_of_turn)
+        for i in range(min(examples, len(ds))):
+            record = decode_record(ds[i])
+            ids, mask = formatter.tokens_and_mask(record)
+            lines.append(f"-- example {i} ({record['source']}): {len(ids)} tokens, "
+                         f"{sum(mask)} trained")
+            lines.append(mark_masked(tokenizer, ids, mask))
+    it = build_iterator(config, split=split)
+    filled = trained = total = packed = 0
+    for _ in range(batches):
+        try:
+            b = next(it)
+        except StopIteration:
+            break
+        filled += int((b["segment_ids"] > 0).sum())
+        trained += int(b["loss_mask"].sum())
+        total += b["segment_ids"].size
+        packed += int(np.max(b["segment_ids"], axis=1).sum())
+    stats = it.stats()
+    lines.append(f"\n== iterator: {batches} batches of {config.train.batch_size} x "
+                 f"{config.train.seq_len}: {filled}/{total} positions filled "
+                 f"({filled / max(total, 1):.1%}) by {packed} examples, {trained} trained")
+    lines.append("counts: " + json.dumps(stats))
+    return "\n".join(lines)

@@ -1,0 +1,223 @@
+"""The training input pipeline: TFDS data sources -> grain -> packed host-local batches.
+
+Per source: ``tfds`` data source -> this host's share (every
+``process_count``-th record, or whole array_record files with
+``shard_by=files``) -> shuffle by ``seed`` (reshuffled each epoch) -> repeat
+(train only) -> format (tokens + loss mask, bad records skipped or stopped) ->
+weighted mixture of the sources -> first-fit / best-fit packing (or padding)
+-> batches of ``train.batch_size // process_count`` rows.
+
+Batches are dicts of numpy arrays ``[rows, seq_len]``: ``inputs``/``targets``
+int32, ``loss_mask`` float32, ``segment_ids`` int32 (0 = padding, 1.. = packed
+examples), ``positions`` int32 (restarting at 0 in every segment).
+"""
+
+import pathlib
+import sys
+
+import grain
+import grain.experimental as grain_experimental
+import numpy as np
+
+from cadenza.errors import CadenzaError, ConfigError
+from cadenza.models.tokenizer import load_tokenizer, train_tokenizer
+from cadenza.train.data import builders, stdlib
+from cadenza.train.data.formatting import Formatter
+from cadenza.train.data.records import Problems
+
+BATCH_KEYS = ("inputs", "targets", "loss_mask", "segment_ids", "positions")
+
+
+def resolve_tokenizer(config):
+    """The tokenizer of ``config``: ``data.tokenizer`` if set, else a byte-level BPE
+    trained on the stdlib code (``data.stdlib_modules``) to ``model.vocab_size``,
+    cached under the data dir."""
+    data = config.data
+    if data.tokenizer:
+        return load_tokenizer(data.tokenizer)
+    base = pathlib.Path(data.data_dir).expanduser() if data.data_dir \
+        else builders.default_data_dir()
+    key = builders._fingerprint(sys.version, data.stdlib_modules, config.model.vocab_size)
+    out = base / "tokenizers" / f"stdlib-bpe-{config.model.vocab_size}-{key}"
+    if (out / "tokenizer.json").is_file():
+        return load_tokenizer(out)
+    root = stdlib.stdlib_root()
+    texts = [(root / rel).read_text(encoding="utf-8", errors="replace")
+             for rel in stdlib.stdlib_files(data.stdlib_modules)]
+    return train_tokenizer(texts, config.model.vocab_size, out)
+
+
+class _Indexed:
+    """A random-access view of ``source`` at ``indices``."""
+
+    def __init__(self, source, indices):
+        self.source, self.indices = source, indices
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __getitem__(self, i):
+        return self.source[int(self.indices[i])]
+
+
+def host_share(source, shard_lengths, data, process_index, process_count, name):
+    """This host's records of ``source`` as a grain MapDataset.
+
+    ``shard_by=records``: records ``process_index::process_count``.
+    ``shard_by=files``: the records of files ``process_index::process_count``.
+
+    Raises:
+      CadenzaError: fewer files than hosts (files mode) or an empty share.
+    """
+    if data.shard_by == "files":
+        if len(shard_lengths) < process_count:
+            raise CadenzaError(
+                f"dataset {name} has {len(shard_lengths)} file(s) but there are "
+                f"{process_count} hosts", where="data.shard_by=files",
+                fix=f"rebuild with data.num_shards={process_count} (or a multiple), or use "
+                    "data.shard_by=records")
+        starts = np.concatenate([[0], np.cumsum(shard_lengths)])
+        indices = np.concatenate([np.arange(starts[f], starts[f + 1])
+                                  for f in range(process_index, len(shard_lengths),
+                                                 process_count)])
+        share = grain.MapDataset.source(_Indexed(source, indices))
+    else:
+        share = grain.MapDataset.source(source)[process_index::process_count]
+    if len(share) == 0:
+        raise CadenzaError(f"host {process_index} of {process_count} gets no records of {name}",
+                           where="data", fix="use fewer hosts or a larger dataset")
+    return share
+
+
+def _pad_example(ex, seq_len):
+    n = len(ex["inputs"])
+    pad = seq_len - n
+    return {"inputs": np.pad(ex["inputs"], (0, pad)), "targets": np.pad(ex["targets"], (0, pad)),
+            "loss_mask": np.pad(ex["loss_mask"], (0, pad)),
+            "segment_ids": np.pad(np.ones(n, np.int32), (0, pad)),
+            "positions": np.pad(np.arange(n, dtype=np.int32), (0, pad))}
+
+
+def _from_packed(b):
+    return {"inputs": b["inputs"], "targets": b["targets"], "loss_mask": b["loss_mask"],
+            "segment_ids": b["inputs_segment_ids"], "positions": b["inputs_positions"]}
+
+
+class _Finalize:
+    """Fix dtypes and pad a short (final, eval) batch to ``rows`` with padding rows."""
+
+    def __init__(self, rows, packed):
+        self.rows, self.packed = rows, packed
+
+    def __call__(self, batch):
+        batch = _from_packed(batch) if self.packed else batch
+        dtypes = {"loss_mask": np.float32}
+        out = {}
+        for k in BATCH_KEYS:
+            v = np.asarray(batch[k], dtypes.get(k, np.int32))
+            if v.shape[0] < self.rows:
+                v = np.pad(v, ((0, self.rows - v.shape[0]), (0, 0)))
+            out[k] = v
+        return out
+
+
+class DataIterator:
+    """Host-local batches with exact resume.
+
+    ``next(it)`` -> batch dict (module docstring); ``get_state()`` ->
+    JSON-serialisable dict; ``set_state(state)`` resumes exactly there (same
+    config, same process index/count). ``stats()`` reports counts (examples,
+    kept, truncated, trained tokens, skipped by reason) of *this* iterator since
+    it was created (not part of the state).
+    """
+
+    def __init__(self, dataset, formatters, problems, tokenizer, reports):
+        self._dataset = dataset
+        self._it = iter(dataset)
+        self.formatters = formatters
+        self.problems = problems
+        self.tokenizer = tokenizer
+        self.build_reports = reports
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        return next(self._it)
+
+    def get_state(self) -> dict:
+        return self._it.get_state()
+
+    def set_state(self, state: dict) -> None:
+        self._it.set_state(state)
+
+    def stats(self) -> dict:
+        total = {}
+        for f in self.formatters:
+            for k, v in f.counts.items():
+                total[k] = total.get(k, 0) + v
+        return {**total, "skipped": dict(self.problems.counts)}
+
+
+def build_iterator(config, *, split: str = "train", process_index: int = 0,
+                   process_count: int = 1) -> DataIterator:
+    """The input iterator of ``config`` (an ExperimentConfig) for this host.
+
+    Yields batches of ``train.batch_size // process_count`` rows of
+    ``train.seq_len`` positions. ``split="train"`` repeats forever (shuffled
+    per epoch if ``data.shuffle``); other splits (``"test"``: held out) run one
+    pass in order and pad the last batch with padding rows.
+
+    Raises:
+      ConfigError: batch size not divisible by the host count, bad host index.
+      CadenzaError: missing/empty datasets, fewer files than hosts, bad records
+        under ``on_error=stop``.
+    """
+    data, train = config.data, config.train
+    if not 0 <= process_index < process_count:
+        raise ConfigError(f"process_index {process_index} not in [0, {process_count})",
+                          where="build_iterator", fix="pass jax.process_index()/process_count()")
+    if train.batch_size % process_count:
+        raise ConfigError(f"train.batch_size={train.batch_size} is not divisible by "
+                          f"{process_count} hosts", where="train.batch_size",
+                          fix="use a multiple of the number of hosts")
+    rows = train.batch_size // process_count
+    is_train = split == "train"
+    tokenizer = resolve_tokenizer(config)
+    problems = Problems(data.on_error)
+    formatters, streams, weights, reports = [], [], [], []
+    for i, source in enumerate(data.sources()):
+        name = source.name or source.path or source.format
+        ds, shard_lengths, report = builders.open_split(source, data, split)
+        reports.append(report)
+        share = host_share(ds, shard_lengths, data, process_index, process_count, name)
+        pass_length = len(share)
+        if is_train:
+            if data.shuffle:
+                share = share.shuffle(seed=data.seed + i)
+            share = share.repeat(None)
+        formatter = Formatter(tokenizer, train.seq_len, config.model.vocab_size,
+                              data.truncation, problems, data.end_of_turn, pass_length, name)
+        formatters.append(formatter)
+        stream = share.map(formatter).filter(lambda x: x is not None)
+        # one reader thread and a small read-ahead: formatting stays in step with use
+        read = grain.ReadOptions(num_threads=1, prefetch_buffer_size=2 * rows)
+        streams.append(stream.to_iter_dataset(read))
+        weights.append(source.weight)
+    stream = streams[0] if len(streams) == 1 else grain.IterDataset.mix(streams, weights)
+    if data.packing:
+        packer = (grain_experimental.FirstFitPackIterDataset if data.packing_method == "first_fit"
+                  else grain_experimental.BestFitPackIterDataset)
+        length = {"inputs": train.seq_len, "targets": train.seq_len, "loss_mask": train.seq_len}
+        stream = packer(stream, length_struct=length, num_packing_bins=data.packing_bins,
+                        seed=data.seed, shuffle_bins=is_train)
+    else:
+        stream = stream.map(lambda ex: _pad_example(ex, train.seq_len))
+    stream = stream.batch(rows, drop_remainder=is_train).map(_Finalize(rows, data.packing))
+    if data.worker_count:
+        from absl import flags
+
+        if not flags.FLAGS.is_parsed():  # grain workers read absl flags; use their defaults
+            flags.FLAGS.mark_as_parsed()
+        stream = stream.mp_prefetch(grain.MultiprocessingOptions(num_workers=data.worker_count))
+    return DataIterator(stream, formatters, problems, tokenizer, reports)
