@@ -145,14 +145,15 @@ def _lud_decode(params, prompt, prompt_lengths, beta, *, model_config, max_new_t
     return LudResult(tokens=out[:, :max_new_tokens], num_tokens=n, steps=steps, cache=cache)
 
 
-def lud_generate(model_config, params, prompts: Sequence[Sequence[int]], lud, *,
+def lud_generate(model, params, prompts: Sequence[Sequence[int]], lud, *,
                  max_new_tokens: int, eos_id: int | None = None, pad_id: int = 0
                  ) -> LudResult:
     """Lexical Unit Decoding of a batch of prompts (one jitted prefill + ``while_loop``).
 
     Args:
-      model_config: the ModelConfig (the model must be LUD-fine-tuned for placeholders to
-        be useful; any model gives greedy output with ``lud.beta > 1`` or ``lookahead=0``).
+      model: a :class:`~cadenza.models.Transformer` or its ModelConfig (the model must be
+        LUD-fine-tuned for placeholders to be useful; any model gives greedy output with
+        ``lud.beta > 1`` or ``lookahead=0``).
       params: the model params.
       prompts: B token-id lists (ragged; each at least one token).
       lud: the :class:`~cadenza.decode.lud_config.LudConfig` (``lookahead`` m, ``beta``,
@@ -162,6 +163,8 @@ def lud_generate(model_config, params, prompts: Sequence[Sequence[int]], lud, *,
       pad_id: filler of ``tokens`` past each row's end.
 
     Returns a :class:`LudResult`; ``result.tokens_per_step()`` is the speed-up statistic.
+    Raises CadenzaError (before compiling) on empty or out-of-vocabulary prompts, or when
+    the longest prompt + ``max_new_tokens`` + ``lookahead`` exceeds the model's positions.
     Compiles once per (batch, longest prompt, max_new_tokens, lookahead, cut_repeats, ids);
     ``beta`` is a traced argument (sweeping it does not recompile).
     """
@@ -171,7 +174,17 @@ def lud_generate(model_config, params, prompts: Sequence[Sequence[int]], lud, *,
     if max_new_tokens < 1:
         raise CadenzaError(f"max_new_tokens={max_new_tokens} must be >= 1",
                            where="lud_generate", fix="ask for at least one token")
+    model_config = model.config if isinstance(model, Transformer) else model
     lengths = np.array([len(p) for p in prompts], np.int32)
+    if any(not 0 <= int(t) < model_config.vocab_size for p in prompts for t in p):
+        raise CadenzaError(f"a prompt token is outside the vocabulary "
+                           f"(0..{model_config.vocab_size - 1})", where="lud_generate",
+                           fix="encode prompts with the model's tokenizer")
+    need = int(lengths.max()) + max_new_tokens + lud.lookahead
+    if need > model_config.max_position_embeddings:
+        raise CadenzaError(f"the longest prompt + max_new_tokens + lookahead = {need} exceeds "
+                           f"max_position_embeddings={model_config.max_position_embeddings}",
+                           where="lud_generate", fix="shorten the prompt or generate fewer tokens")
     padded = np.full((len(prompts), int(lengths.max())), pad_id, np.int32)
     for i, p in enumerate(prompts):
         padded[i, :len(p)] = p

@@ -1,7 +1,5 @@
 """LUD decoding (METHODS 7.4/7.5): beta > 1 or m = 0 is greedy, the step mask, KV hygiene."""
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -104,4 +102,8 @@ def test_errors(model):
     with pytest.raises(CadenzaError, match="at least one token"):
         lud_generate(cfg, params, [[1], []], LudConfig(), max_new_tokens=4)
     with pytest.raises(CadenzaError, match="max_new_tokens"):
-        lud_generate(cfg, params, [[1]], dataclasses.replace(LudConfig()), max_new_tokens=0)
+        lud_generate(cfg, params, [[1]], LudConfig(), max_new_tokens=0)
+    with pytest.raises(CadenzaError, match="vocabulary"):
+        lud_generate(cfg, params, [[1, 512]], LudConfig(), max_new_tokens=4)
+    with pytest.raises(CadenzaError, match="max_position_embeddings"):
+        lud_generate(Transformer(cfg), params, [[1] * 1000], LudConfig(), max_new_tokens=30)
