@@ -107,3 +107,20 @@ def test_errors(model):
         lud_generate(cfg, params, [[1, 512]], LudConfig(), max_new_tokens=4)
     with pytest.raises(CadenzaError, match="max_position_embeddings"):
         lud_generate(Transformer(cfg), params, [[1] * 1000], LudConfig(), max_new_tokens=30)
+
+
+def test_cli_layer_uses_the_lud_section(model, capsys):
+    import argparse
+    import json
+
+    from cadenza.config import load_config
+    from cadenza.decode.lud_cli import run_lud
+
+    cfg, params = model
+    config = load_config(None, ["lud.beta=2.0"], preset="tiny")
+    args = argparse.Namespace(json=True, max_new_tokens=6, lookahead=2, beta=None)
+    assert run_lud(args, config, params, PROMPTS[:2], None) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    want = [greedy_reference(cfg, params, p, 6, eos_id=cfg.eos_token_id) for p in PROMPTS[:2]]
+    assert [r["token_ids"] for r in rows] == want
+    assert [r["steps"] for r in rows] == [len(w) for w in want]
