@@ -163,8 +163,9 @@ def lud_generate(model, params, prompts: Sequence[Sequence[int]], lud, *,
       pad_id: filler of ``tokens`` past each row's end.
 
     Returns a :class:`LudResult`; ``result.tokens_per_step()`` is the speed-up statistic.
-    Raises CadenzaError (before compiling) on empty or out-of-vocabulary prompts, or when
-    the longest prompt + ``max_new_tokens`` + ``lookahead`` exceeds the model's positions.
+    Raises CadenzaError (before compiling) on empty or out-of-vocabulary prompts, when
+    the longest prompt + ``max_new_tokens`` + ``lookahead`` exceeds the model's positions,
+    or on an invalid placeholder id.
     Compiles once per (batch, longest prompt, max_new_tokens, lookahead, cut_repeats, ids);
     ``beta`` is a traced argument (sweeping it does not recompile).
     """
@@ -192,4 +193,4 @@ def lud_generate(model, params, prompts: Sequence[Sequence[int]], lud, *,
                        jnp.float32(lud.beta), model_config=model_config,
                        max_new_tokens=max_new_tokens, lookahead=lud.lookahead,
                        cut_repeats=lud.cut_repeats, eos_id=eos_id, pad_id=pad_id,
-                       placeholder_id=lud.resolved_placeholder_id(model_config.vocab_size))
+                       placeholder_id=lud.placeholder_for(model_config))

@@ -8,6 +8,7 @@ cadenza's reconstruction choices and is documented where it is used
 
 import dataclasses
 
+from cadenza.errors import ConfigError
 from cadenza.validation import check_choice, check_range
 
 
@@ -57,6 +58,17 @@ class LudConfig:
         check_range(s, "lookahead", self.lookahead, low=0)
         check_range(s, "beta", self.beta, low=0.0)
 
-    def resolved_placeholder_id(self, vocab_size: int) -> int:
-        """The placeholder id for a vocabulary of ``vocab_size`` rows."""
-        return vocab_size - 1 if self.placeholder_id == -1 else self.placeholder_id
+    def placeholder_for(self, model_config) -> int:
+        """The placeholder id for ``model_config`` (-1 = its last vocabulary row).
+
+        Raises ConfigError unless it is a vocabulary row other than pad/BOS/EOS.
+        """
+        pid = model_config.vocab_size - 1 if self.placeholder_id == -1 else self.placeholder_id
+        special = {model_config.pad_token_id, model_config.bos_token_id,
+                   model_config.eos_token_id}
+        if not 0 <= pid < model_config.vocab_size or pid in special:
+            raise ConfigError(f"placeholder id {pid} is outside the vocabulary "
+                              f"(0..{model_config.vocab_size - 1}) or a pad/BOS/EOS id",
+                              where="lud.placeholder_id",
+                              fix="use -1 (the last row) or another id the tokenizer never emits")
+        return pid

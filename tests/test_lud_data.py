@@ -16,7 +16,7 @@ from cadenza.train.lud_data import (
     mark_units,
     token_confidences,
 )
-from cadenza.train.lud_task import check_placeholder_id, lud_task, with_placeholder_embedding
+from cadenza.train.lud_task import lud_task, with_placeholder_embedding
 
 PH = 511
 
@@ -140,6 +140,14 @@ def test_placeholder_row_starts_at_the_mean_embedding(tiny_config):
     assert lud_task(cfg, params, LudConfig()).trainable_params == cfg.num_params()
     for bad in (0, 2, 512):
         with pytest.raises(ConfigError, match="placeholder"):
-            check_placeholder_id(cfg, bad)
+            LudConfig(placeholder_id=bad).placeholder_for(cfg)
     with pytest.raises(ConfigError, match="lud.marking"):
         LudConfig(marking="span")
+
+
+def test_finetune_needs_a_base_model():
+    from cadenza.config import load_config
+    from cadenza.train.lud_task import finetune_lud
+
+    with pytest.raises(ConfigError, match="base model"):
+        finetune_lud(load_config(None, [], preset="tiny"))

@@ -29,8 +29,9 @@ def finetuned(tmp_path_factory):
     summary = fit(base_cfg, data=RowIterator(rows, 16), devices=devices)
     _, base = load_model(summary["model_dir"])
     cfg = load_config("tiny_lud", COMMON + [f"train.output_dir={out}/lud",
-                                            f"train.steps={LUD_STEPS}", "train.batch_size=16"])
-    lud_summary, params, stats = finetune_lud(cfg, base, tokens, devices=devices)
+                                            f"train.steps={LUD_STEPS}", "train.batch_size=16",
+                                            f"lud.base_model={summary['model_dir']}"])
+    lud_summary, params, stats = finetune_lud(cfg, devices=devices)  # base + corpus from cfg
     return cfg, base, params, stats, summary, lud_summary
 
 

@@ -279,5 +279,5 @@ def prepare_lud_rows(model_config, params, tokens: np.ndarray, lud, *, seq_len: 
     units = [mark_units(c, alpha=lud.alpha, max_unit=lud.max_unit, marking=lud.marking)
              for c in conf]
     return build_rows(windows, units, seq_len=seq_len,
-                      placeholder_id=lud.resolved_placeholder_id(model_config.vocab_size),
+                      placeholder_id=lud.placeholder_for(model_config),
                       pad_id=pad_id, placeholder_weight=lud.placeholder_weight)

@@ -38,16 +38,6 @@ def with_placeholder_embedding(params: dict, placeholder_id: int) -> dict:
                                 "embedding": table.at[placeholder_id].set(row)}}
 
 
-def check_placeholder_id(model_config, placeholder_id: int) -> None:
-    """Fail unless ``placeholder_id`` is a vocabulary row other than pad/BOS/EOS."""
-    special = {model_config.pad_token_id, model_config.bos_token_id, model_config.eos_token_id}
-    if not 0 <= placeholder_id < model_config.vocab_size or placeholder_id in special:
-        raise ConfigError(f"placeholder id {placeholder_id} is outside the vocabulary "
-                          f"(0..{model_config.vocab_size - 1}) or a pad/BOS/EOS id",
-                          where="lud.placeholder_id",
-                          fix="use -1 (the last row) or another id the tokenizer never emits")
-
-
 def lud_task(model_config, base_params: dict, lud) -> TrainTask:
     """Every param trainable, initialised from ``base_params`` with the placeholder row reset.
 
@@ -62,8 +52,7 @@ def lud_task(model_config, base_params: dict, lud) -> TrainTask:
     from cadenza.models import Transformer, abstract_params, param_shardings
 
     model = Transformer(model_config)
-    placeholder_id = lud.resolved_placeholder_id(model_config.vocab_size)
-    check_placeholder_id(model_config, placeholder_id)
+    placeholder_id = lud.placeholder_for(model_config)
 
     def apply(trainable, frozen, batch, rng):
         del frozen, rng
@@ -90,22 +79,34 @@ def lud_task(model_config, base_params: dict, lud) -> TrainTask:
         trainable_params=n, total_params=n)
 
 
-def finetune_lud(config, base_params: dict, tokens, *, devices=None):
+def finetune_lud(config, base_params: dict | None = None, tokens=None, *, devices=None):
     """Mark units with ``base_params`` on ``tokens``, build the rows and fine-tune with ``fit``.
 
     Args:
       config: the ExperimentConfig (``model``, ``train``, ``mesh`` and ``lud`` sections).
-      base_params: the model that marks the units and that is fine-tuned.
-      tokens: int [S] training token stream.
+      base_params: the model that marks the units and that is fine-tuned; None loads the
+        model directory ``lud.base_model``.
+      tokens: int [S] training token stream; None = the byte-level stdlib corpus
+        (:func:`~cadenza.train.lud_data.stdlib_byte_tokens`, for byte-level models such as
+        the tiny preset) [choice: until the LUD rows are built from the data pipeline].
       devices: passed to :func:`cadenza.train.fit`.
+
+    This is what ``cadenza train`` should call for a config with ``lud.base_model`` set.
 
     Returns ``(summary, params, stats)``: fit's summary, the fine-tuned params (read back
     from the exported model directory) and the row statistics (a dict).
     """
     from cadenza.models import load_model
-    from cadenza.train.lud_data import RowIterator, prepare_lud_rows
+    from cadenza.train.lud_data import RowIterator, prepare_lud_rows, stdlib_byte_tokens
     from cadenza.train.trainer import fit
 
+    if base_params is None:
+        if not config.lud.base_model:
+            raise ConfigError("LUD fine-tuning needs a base model", where="lud.base_model",
+                              fix="set lud.base_model to a model directory (or pass params)")
+        _, base_params = load_model(config.lud.base_model)
+    if tokens is None:
+        tokens = stdlib_byte_tokens()
     pad = config.model.pad_token_id or 0
     rows, stats = prepare_lud_rows(config.model, base_params, tokens, config.lud,
                                    seq_len=config.train.seq_len, pad_id=pad)
