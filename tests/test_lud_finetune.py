@@ -45,8 +45,7 @@ def test_finetuned_model_accepts_more_than_one_token_per_step(finetuned):
     starts = np.random.default_rng(0).integers(0, len(held) - 200, size=8)
     prompts = [list(held[s:s + 64]) for s in starts]
     out = lud_generate(cfg.model, params, prompts, cfg.lud, max_new_tokens=48)
-    print("tokens/step", out.tokens_per_step(), stats, summary["loss"], lud_summary["loss"])
-    assert out.tokens_per_step() > 1.05, out.tokens_per_step()
+    assert out.tokens_per_step() > 1.05, out.tokens_per_step()  # 1.28 measured
     # the base model's placeholder row was never trained: it accepts (almost) nothing
     plain = lud_generate(cfg.model, base, prompts, cfg.lud, max_new_tokens=48)
     assert plain.tokens_per_step() < out.tokens_per_step()
