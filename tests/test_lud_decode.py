@@ -109,17 +109,20 @@ def test_errors(model):
         lud_generate(Transformer(cfg), params, [[1] * 1000], LudConfig(), max_new_tokens=30)
 
 
-def test_cli_layer_uses_the_lud_section(model, capsys):
-    import argparse
+def test_generate_cli_method_lud_uses_the_lud_section(model, capsys, tmp_path):
     import json
 
+    from cadenza.cli import main
     from cadenza.config import load_config
-    from cadenza.decode.lud_cli import run_lud
+    from cadenza.models import save_model
 
     cfg, params = model
     config = load_config(None, ["lud.beta=2.0"], preset="tiny")
-    args = argparse.Namespace(json=True, max_new_tokens=6, lookahead=2, beta=None)
-    assert run_lud(args, config, params, PROMPTS[:2], None) == 0
+    d = save_model(tmp_path / "m", config, params)
+    ids = [",".join(map(str, p)) for p in PROMPTS[:2]]
+    assert main(["generate", "--checkpoint", str(d), "--method", "lud", "--json",
+                 "--max-new-tokens", "6", "--lookahead", "2",
+                 "--prompt-ids", ids[0], "--prompt-ids", ids[1]]) == 0
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     want = [greedy_reference(cfg, params, p, 6, eos_id=cfg.eos_token_id) for p in PROMPTS[:2]]
     assert [r["token_ids"] for r in rows] == want
