@@ -1,7 +1,7 @@
 """Typed experiment configs and the loader that builds them from YAML.
 
 An experiment is one frozen :class:`ExperimentConfig` with a section per
-area: ``model``, ``mesh``, ``train``, ``data``, ``peft`` and ``decode``.
+area: ``model``, ``mesh``, ``train``, ``data``, ``peft``, ``decode`` and ``lud``.
 Experiment YAML files name a model preset (``model.preset: tiny``, a file in
 ``configs/models/``) and override any field; ``section.field=value``
 overrides from the command line apply last. Parsing, merging and type
@@ -14,6 +14,7 @@ import difflib
 import pathlib
 
 from cadenza.decode.config import DecodeConfig
+from cadenza.decode.lud_config import LudConfig
 from cadenza.models.config import ModelConfig
 from cadenza.train.config import MESH_AXES, MeshConfig, TrainConfig  # noqa: F401 (re-export)
 from cadenza.train.data_config import DataConfig
@@ -31,6 +32,7 @@ class ExperimentConfig:
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     peft: PeftConfig = dataclasses.field(default_factory=PeftConfig)
     decode: DecodeConfig = dataclasses.field(default_factory=DecodeConfig)
+    lud: LudConfig = dataclasses.field(default_factory=LudConfig)
 
 
 CONFIG_ROOT = pathlib.Path(__file__).resolve().parent / "configs"

@@ -36,8 +36,9 @@ def register(subparsers) -> None:
                      help="a prompt as comma-separated token ids, e.g. 5,17,42")
     p.add_argument("--chat", action="store_true",
                    help="wrap each text prompt as a user turn in the tokenizer's chat template")
-    p.add_argument("--method", choices=["greedy", "sample", "superposed"],
-                   help="superposed: k drafts from one stream (needs --ngram unless --alpha 0)")
+    p.add_argument("--method", choices=["greedy", "sample", "superposed", "lud"],
+                   help="superposed: k drafts from one stream (needs --ngram unless --alpha 0); "
+                        "lud: lexical units in parallel (a LUD-fine-tuned model)")
     p.add_argument("--max-new-tokens", type=int)
     p.add_argument("--temperature", type=float)
     p.add_argument("--top-k", type=int, help="0 = off")
@@ -61,6 +62,10 @@ def register(subparsers) -> None:
     sp.add_argument("--ngram", metavar="PATH", help="n-gram table from `cadenza ngram build`")
     sp.add_argument("--candidates", type=int, help="top-C candidates per step (default 9)")
     sp.add_argument("--alpha", type=float, help="n-gram interpolation weight (default 0.54)")
+    lu = p.add_argument_group("lexical unit decoding (--method lud)")
+    lu.add_argument("--beta", type=float, help="placeholder acceptance threshold "
+                                               "(default: the model's lud.beta)")
+    lu.add_argument("--lookahead", type=int, help="placeholders per step (default: lud.lookahead)")
     p.add_argument("--json", action="store_true", help="one JSON object per prompt")
     p.set_defaults(func=_generate)
 
@@ -152,6 +157,10 @@ def _generate(args) -> int:
         from cadenza.decode.superposed_cli import run_superposed
 
         return run_superposed(args, config, params, prompts, tokenizer)
+    if args.method == "lud":
+        from cadenza.decode.lud_cli import run_lud
+
+        return run_lud(args, config, params, prompts, tokenizer)
     decode_config = _decode_config(config.decode, args, tokenizer)
     proxy = None
     if args.proxy_expert or args.proxy_anti:

@@ -41,7 +41,8 @@ def load_model(directory, mesh=None, rules=None):
     """Read a model directory: returns ``(ExperimentConfig, params)``.
 
     With ``mesh`` (and logical-axis ``rules``, default: the config's mesh
-    rules), every param is restored straight into its shard.
+    rules), every param is restored straight into its shard; without, onto the
+    first local device (also when the params were saved from a sharded run).
     """
     from cadenza.models.params import abstract_params, param_shardings
 
@@ -55,8 +56,11 @@ def load_model(directory, mesh=None, rules=None):
     target = abstract_params(config.model)
     if mesh is not None:
         shardings = param_shardings(config.model, mesh, rules or config.mesh.rules())
-        target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                              target, shardings)
+    else:  # one local device, whatever device set the params were saved from
+        one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        shardings = jax.tree.map(lambda _: one, target)
+    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                          target, shardings)
     with ocp.StandardCheckpointer() as ckptr:
         params = ckptr.restore(d / "params", target)
     return config, params

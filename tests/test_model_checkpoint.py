@@ -36,3 +36,16 @@ def test_save_then_load_round_trips_and_restores_sharded(tmp_path):
 def test_load_rejects_non_model_directory(tmp_path):
     with pytest.raises(CadenzaError, match="not a cadenza model directory"):
         load_model(tmp_path)
+
+
+def test_params_saved_sharded_load_onto_one_device(tmp_path):
+    config = load_config(None, [], preset="tiny")
+    mesh_cfg = MeshConfig(data=2, fsdp=2, tensor=2)
+    sharded = init_params(config.model, jax.random.key(0), mesh=make_mesh(mesh_cfg),
+                          rules=mesh_cfg.rules())
+    d = save_model(tmp_path / "m", config, sharded)
+    _, loaded = load_model(d)
+    leaf = loaded["layers"]["mlp"]["up_proj"]["kernel"]
+    assert len(leaf.devices()) == 1
+    np.testing.assert_array_equal(np.asarray(leaf),
+                                  np.asarray(sharded["layers"]["mlp"]["up_proj"]["kernel"]))

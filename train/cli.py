@@ -1,5 +1,6 @@
 """``cadenza train EXPERIMENT.yaml [section.field=value ...]``: a thin layer over
-:func:`cadenza.train.fit`."""
+:func:`cadenza.train.fit` (and :func:`cadenza.train.lud_task.finetune_lud` for configs
+that set ``lud.base_model``)."""
 
 
 def _train(args) -> int:
@@ -11,7 +12,13 @@ def _train(args) -> int:
 
     initialize()  # multi-host: join the other processes first (no-op for one process)
     config = load_config(args.experiment, args.overrides)
-    summary = fit(config)
+    if config.lud.base_model:  # LUD fine-tuning: mark units with the base, then fit
+        from cadenza.train.lud_task import finetune_lud
+
+        summary, _, stats = finetune_lud(config)
+        summary = {**summary, "lud_rows": stats}
+    else:
+        summary = fit(config)
     print(json.dumps(summary, indent=2))
     return 0
 

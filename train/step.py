@@ -5,7 +5,9 @@ Batches are dicts of [B, T] arrays (see ``cadenza.train.data``): ``inputs``,
 (float32, 1 = the token's loss counts). The loss is the mean over counted
 tokens of the whole global batch (all microbatches together), so
 accumulating M microbatches of B/M rows equals one batch of B rows; a batch
-with no counted tokens has loss 0 and zero gradients.
+with no counted tokens has loss 0 and zero gradients. Extra keys a task needs
+(e.g. LUD's ``lud_group`` [B, T]) are split into microbatches like the others and
+passed through to ``task.apply`` unchanged.
 """
 
 import flax.linen as nn
@@ -44,7 +46,7 @@ def _split_microbatches(batch: dict, microbatches: int) -> dict:
     def split(x):
         b = x.shape[0]
         return x.reshape(b // microbatches, microbatches, *x.shape[1:]).swapaxes(0, 1)
-    return {k: split(batch[k]) for k in BATCH_KEYS}
+    return {k: split(v) for k, v in batch.items()}
 
 
 def _loss_fn(task: TrainTask, rules, z_loss: float):
@@ -113,7 +115,7 @@ def make_eval_step(task: TrainTask, *, rules, param_shardings, frozen_shardings,
     loss = _loss_fn(task, rules, 0.0)
 
     def evaluate(trainable, frozen, batch):
-        _, (ce, count) = loss(trainable, frozen, {k: batch[k] for k in BATCH_KEYS}, None)
+        _, (ce, count) = loss(trainable, frozen, batch, None)
         return ce, count
 
     return jax.jit(evaluate, in_shardings=(param_shardings, frozen_shardings, batch_sharding),

@@ -52,7 +52,11 @@ class _Sigterm:
 
 
 def _global_batch(batch: dict, sharding, config: ExperimentConfig) -> dict:
-    """Host-local numpy rows -> global jax.Arrays [batch_size, seq_len] with ``sharding``."""
+    """Host-local numpy rows -> global jax.Arrays [batch_size, seq_len, ...] with ``sharding``.
+
+    The :data:`BATCH_KEYS` are required; extra keys (a task's own per-position arrays,
+    e.g. LUD's ``lud_group``) are converted the same way and passed through to the task.
+    """
     rows = config.train.batch_size // jax.process_count()
     out = {}
     for k in BATCH_KEYS:
@@ -60,14 +64,15 @@ def _global_batch(batch: dict, sharding, config: ExperimentConfig) -> dict:
             raise CadenzaError(f"the data batch has no {k!r} array (keys: {sorted(batch)})",
                                where="data iterator",
                                fix=f"yield dicts with the keys {list(BATCH_KEYS)}")
+    for k in batch:
         a = np.asarray(batch[k])
-        if a.shape != (rows, config.train.seq_len):
+        if a.shape[:2] != (rows, config.train.seq_len):
             raise CadenzaError(f"batch[{k!r}] has shape {a.shape}, expected "
-                               f"({rows}, {config.train.seq_len})", where="data iterator",
+                               f"({rows}, {config.train.seq_len}, ...)", where="data iterator",
                                fix="yield train.batch_size // process_count rows of "
                                    "train.seq_len tokens")
         out[k] = jax.make_array_from_process_local_data(
-            sharding, a, (config.train.batch_size, config.train.seq_len))
+            sharding, a, (config.train.batch_size, *a.shape[1:]))
     return out
 
 
