@@ -21,6 +21,7 @@ import dataclasses
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 KINDS = ("head", "confidence")
 
@@ -84,3 +85,19 @@ class StopRule:
             factor = jnp.exp(confidence)
         prod = prod * factor
         return prod, (i + 1 >= self.min_length) & (1.0 - prod > self.threshold)
+
+
+def save_accept_head(path, params) -> None:
+    """Write head params to an ``.npz`` (flat ``a/b/c`` keys; no pickling)."""
+    from flax.traverse_util import flatten_dict
+
+    flat = {"/".join(k): np.asarray(v) for k, v in flatten_dict(params).items()}
+    np.savez(path, **flat)
+
+
+def load_accept_head(path):
+    """Read head params written by :func:`save_accept_head` (pickles refused)."""
+    from flax.traverse_util import unflatten_dict
+
+    with np.load(path, allow_pickle=False) as f:
+        return unflatten_dict({tuple(k.split("/")): jnp.asarray(f[k]) for k in f.files})

@@ -37,7 +37,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from cadenza.decode import loop, sampling
+from cadenza.decode.adaptive import StopRule
 from cadenza.decode.config import DecodeConfig, SamplingSpec
+from cadenza.decode.ngram_draft import PromptLookup
 from cadenza.decode.verify import exact_accept, greedy_accept, verify
 from cadenza.errors import CadenzaError
 from cadenza.models.cache import KVCache
@@ -370,3 +372,19 @@ class DraftModel:
 
     def update(self, cache, emitted, lengths, n, active):
         return cache
+
+
+def drafter_from_config(config: DecodeConfig, draft_config=None):
+    """The drafter ``config.speculative`` names: :class:`DraftModel` (``draft_config`` =
+    the draft's ModelConfig; adaptive per ``config.adaptive``) or a prompt-lookup drafter."""
+    if config.speculative == "ngram":
+        return PromptLookup(gamma=config.gamma, max_ngram=config.ngram_max,
+                            min_ngram=config.ngram_min)
+    if config.speculative != "draft":
+        raise CadenzaError(f"decode.speculative={config.speculative!r} names no drafter",
+                           where="decode.speculative", fix="use 'draft' or 'ngram'")
+    if config.adaptive == "none":
+        return DraftModel(draft_config, config.gamma)
+    rule = StopRule(config.adaptive, config.adaptive_threshold, config.adaptive_min)
+    return DraftModel(draft_config, config.gamma, stop=rule,
+                      name="specdec++" if config.adaptive == "head" else "adaptive-confidence")
