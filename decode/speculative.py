@@ -158,9 +158,30 @@ class _Program:
         padded = jnp.concatenate([drafts, drafts[:, :1]], axis=1)
         emitted = jnp.where(j < n[:, None], padded, jnp.where(j == n[:, None], y[:, None], 0))
         lp = jnp.take_along_axis(logp, emitted[..., None], axis=-1)[..., 0]
+        active = ~c.done
+        prev = jnp.where(active, jnp.where(n > 0, padded[rows, jnp.maximum(n - 1, 0)], pending),
+                         s.prev)
+        pos = jnp.arange(g)[None, :]
+        act = active[:, None]
+        return SpecState(
+            core=self.advance(c, cache, emitted, lp, n), prev=prev,
+            drafter=self.drafter.update(dstate, emitted, lengths, n, active),
+            forwards=s.forwards + active.astype(jnp.int32),
+            proposed=s.proposed + jnp.sum(act & (pos < dlen[:, None]), axis=0, dtype=jnp.int32),
+            accepted=s.accepted + jnp.sum(act & (pos < n[:, None]), axis=0, dtype=jnp.int32))
+
+    def advance(self, c: loop.DecodeState, cache: KVCache, emitted, lp, n) -> loop.DecodeState:
+        """Emit ``emitted[:, :n+1]`` (int32 [B, W], log-probs ``lp`` [B, W]) for running rows.
+
+        Cuts at the first stop token and at ``max_new_tokens``; keeps ``n + 1``
+        more slots of ``cache`` (the target's) for running rows; finished rows
+        are left unchanged.
+        """
+        w = emitted.shape[1]
+        j = jnp.arange(w)[None, :]
         is_stop = jnp.any(emitted[..., None] == c.stop_ids[None, None, :], axis=-1) & (
             j <= n[:, None])
-        first_stop = jnp.min(jnp.where(is_stop, j, g + 1), axis=1)
+        first_stop = jnp.min(jnp.where(is_stop, j, w), axis=1)
         count = jnp.minimum(n + 1, first_stop + 1)
         active = ~c.done
         ng = jnp.minimum(c.num_generated + count, self.num_new)
@@ -169,25 +190,13 @@ class _Program:
         logprobs = jnp.where(active[:, None], write(c.logprobs, lp, c.num_generated), c.logprobs)
         seen = c.seen
         if seen is not None:
-            hot = jnp.any(jax.nn.one_hot(emitted, v, dtype=bool) & (j <= n[:, None])[..., None],
-                          axis=1)
-            seen = seen | (hot & active[:, None])
-        keep = jnp.where(active, n + 1, 0)
-        prev = jnp.where(active, jnp.where(n > 0, padded[rows, jnp.maximum(n - 1, 0)], pending),
-                         s.prev)
-        core = c.replace(
+            hot = jax.nn.one_hot(emitted, seen.shape[-1], dtype=bool) & (j <= n[:, None])[..., None]
+            seen = seen | (jnp.any(hot, axis=1) & active[:, None])
+        return c.replace(
             tokens=tokens, logprobs=logprobs, seen=seen, step=c.step + 1,
             num_generated=jnp.where(active, ng, c.num_generated),
             done=c.done | (active & ((first_stop <= n) | (ng >= self.num_new))),
-            caches=(cache.advance(keep),))
-        pos = jnp.arange(g)[None, :]
-        act = active[:, None]
-        return SpecState(
-            core=core, prev=prev,
-            drafter=self.drafter.update(dstate, emitted, lengths, n, active),
-            forwards=s.forwards + active.astype(jnp.int32),
-            proposed=s.proposed + jnp.sum(act & (pos < dlen[:, None]), axis=0, dtype=jnp.int32),
-            accepted=s.accepted + jnp.sum(act & (pos < n[:, None]), axis=0, dtype=jnp.int32))
+            caches=(cache.advance(jnp.where(active, n + 1, 0)),))
 
     def decode(self, params, state: SpecState) -> SpecState:
         """Run rounds until every row is done."""
@@ -236,15 +245,18 @@ def speculative_generate(target: Transformer, params, prompts, config: DecodeCon
         raise CadenzaError("stop strings need a tokenizer (they are matched on text)",
                            where="decode.stop", fix="pass tokenizer=..., or use stop_token_ids")
     padded_len, max_len = loop._check_models(models[:1], config, max(len(p) for p in ids))
-    max_len += drafter.gamma + 1
+    max_len += getattr(drafter, "slots", drafter.gamma + 1)
     b, n_new = len(ids), config.max_new_tokens
     seeds = [config.seed + i for i in range(b)] if seeds is None else [int(s) for s in seeds]
     if len(seeds) != b:
         raise CadenzaError(f"{len(seeds)} seeds for {b} prompts", where="generate(seeds=...)",
                            fix="give one seed per prompt")
-    program = _Program(target=target.config, drafter=drafter, spec=config.sampling_spec(),
-                       num_new=n_new, max_len=max_len,
-                       rules=None if rules is None else tuple(rules))
+    spec = config.sampling_spec()
+    if hasattr(drafter, "check_spec"):
+        drafter.check_spec(spec)
+    program = getattr(drafter, "program", _Program)(
+        target=target.config, drafter=drafter, spec=spec, num_new=n_new, max_len=max_len,
+        rules=None if rules is None else tuple(rules))
     lengths = np.array([len(p) for p in ids], np.int32)
     tokens = np.zeros((b, padded_len), np.int32)
     for i, p in enumerate(ids):
