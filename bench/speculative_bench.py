@@ -9,7 +9,8 @@ unless ``runs/spec_bench/{target,draft}/model`` exist: the target is a
 Prompts are windows of stdlib source files encoded with the target's
 tokenizer. After a warm-up call of each (compiling), it times plain greedy
 decoding of the target and of the draft, then every speculative method
-(draft model with fixed gamma, adaptive confidence rule, prompt lookup),
+(draft model with fixed gamma, adaptive confidence rule, prompt lookup,
+Medusa with heads trained here on the target's data, ``--medusa-steps``),
 checks each output equals plain greedy token for token, and reports decode
 tokens/s, speedup over plain greedy, mean accepted tokens per target
 forward, acceptance per draft position and the speedup predicted from those
@@ -30,6 +31,7 @@ import jax
 from cadenza.config import load_config
 from cadenza.decode import DecodeConfig, generate
 from cadenza.decode.adaptive import StopRule
+from cadenza.decode.medusa import Medusa
 from cadenza.decode.ngram_draft import PromptLookup
 from cadenza.decode.speculative import DraftModel, speculative_generate
 from cadenza.models import Transformer, load_model
@@ -66,6 +68,18 @@ def prompts(tokenizer, n: int, length: int) -> list[list[int]]:
     return out
 
 
+def medusa_heads(target, tparams, tcfg, num_heads: int, steps: int):
+    """Medusa-1 heads trained on the target's training data (base frozen)."""
+    from cadenza.train.data import build_iterator
+    from cadenza.train.medusa_task import train_medusa_heads
+
+    batches = (b["inputs"] for b in build_iterator(tcfg))
+    heads, losses = train_medusa_heads(target, tparams, batches, num_heads=num_heads,
+                                       steps=steps, learning_rate=3e-3)
+    print(f"medusa heads: loss {losses[0]:.3f} -> {losses[-1]:.3f}")
+    return heads
+
+
 def run_twice(fn):
     fn()                       # warm-up: compiles
     return fn()
@@ -78,6 +92,7 @@ def main():
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--prompt-len", type=int, default=64)
     parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--medusa-steps", type=int, default=60)
     parser.add_argument("--out", default="bench/results/cpu")
     args = parser.parse_args()
 
@@ -102,8 +117,13 @@ def main():
     methods += [("draft adaptive (confidence, max 8)",
                  DraftModel(dcfg.model, 8, stop=StopRule("confidence")))]
     methods += [(f"prompt lookup gamma={g}", PromptLookup(gamma=g)) for g in (4, 8)]
+    medusa = Medusa()
+    heads = medusa_heads(target, tparams, tcfg, medusa.num_heads, args.medusa_steps)
+    methods += [(f"medusa ({len(medusa.paths)}-node tree, {args.medusa_steps} head steps)",
+                 medusa)]
     for name, drafter in methods:
-        dp = (dparams, None) if isinstance(drafter, DraftModel) else None
+        dp = ((dparams, None) if isinstance(drafter, DraftModel)
+              else heads if isinstance(drafter, Medusa) else None)
         cost = c if isinstance(drafter, DraftModel) else 0.0
         res = run_twice(lambda d=drafter, dp=dp, cost=cost: speculative_generate(
             target, tparams, ids, cfg, drafter=d, draft_params=dp, cost_ratio=cost))
