@@ -18,8 +18,9 @@ import sys
 from cadenza.errors import CadenzaError
 
 # flags that set the DecodeConfig field of the same name when given
-_CONFIG_FLAGS = ("method", "max_new_tokens", "temperature", "top_k", "top_p", "min_p",
-                 "repetition_penalty", "seed", "max_len", "chunk_steps", "proxy_alpha")
+_CONFIG_FLAGS = ("max_new_tokens", "temperature", "top_k", "top_p", "min_p",
+                 "repetition_penalty", "seed", "max_len", "chunk_steps", "proxy_alpha", "draft",
+                 "gamma", "accept_head")
 
 
 def register(subparsers) -> None:
@@ -36,9 +37,20 @@ def register(subparsers) -> None:
                      help="a prompt as comma-separated token ids, e.g. 5,17,42")
     p.add_argument("--chat", action="store_true",
                    help="wrap each text prompt as a user turn in the tokenizer's chat template")
-    p.add_argument("--method", choices=["greedy", "sample", "superposed", "lud"],
-                   help="superposed: k drafts from one stream (needs --ngram unless --alpha 0); "
-                        "lud: lexical units in parallel (a LUD-fine-tuned model)")
+    p.add_argument("--method",
+                   choices=["greedy", "sample", "speculative", "ngram", "superposed", "lud"],
+                   help="speculative: draft model (--draft); ngram: prompt lookup; both are "
+                        "lossless (greedy unless --sample). superposed: k drafts from one "
+                        "stream (needs --ngram unless --alpha 0); lud: lexical units in "
+                        "parallel (a LUD-fine-tuned model)")
+    p.add_argument("--draft", metavar="DIR", help="draft model directory (--method speculative)")
+    p.add_argument("--gamma", type=int, help="draft tokens per round (the maximum if adaptive)")
+    p.add_argument("--adaptive", action="store_true",
+                   help="adaptive draft length: SpecDec++ head with --accept-head, else the "
+                        "draft's confidence")
+    p.add_argument("--accept-head", metavar="FILE", help="trained SpecDec++ head (.npz)")
+    p.add_argument("--sample", action="store_true",
+                   help="with --method speculative/ngram: exact speculative sampling")
     p.add_argument("--max-new-tokens", type=int)
     p.add_argument("--temperature", type=float)
     p.add_argument("--top-k", type=int, help="0 = off")
@@ -135,6 +147,13 @@ def _chat_stop_ids(tokenizer) -> list[int]:
 
 def _decode_config(base, args, tokenizer):
     fields = {f: getattr(args, f) for f in _CONFIG_FLAGS if getattr(args, f) is not None}
+    if args.method in ("greedy", "sample"):
+        fields["method"] = args.method
+    elif args.method is not None:
+        fields["speculative"] = "draft" if args.method == "speculative" else "ngram"
+        fields["method"] = "sample" if args.sample else "greedy"
+        if args.adaptive:
+            fields["adaptive"] = "head" if args.accept_head else "confidence"
     if args.stop:
         fields["stop"] = list(base.stop) + args.stop
     stop_ids = list(base.stop_token_ids) + list(args.stop_token_id or [])
@@ -172,7 +191,9 @@ def _generate(args) -> int:
         proxy = ProxyTuning(Transformer(ecfg.model), eparams, Transformer(acfg.model), aparams)
     model = Transformer(config.model)
     kwargs = dict(tokenizer=tokenizer, proxy=proxy)
-    if args.stream:
+    if decode_config.speculative != "none":
+        result = _speculative(model, params, prompts, decode_config, tokenizer, args)
+    elif args.stream:
         if len(prompts) != 1:
             raise CadenzaError("--stream takes exactly one prompt", where="--stream",
                                fix="give one prompt, or drop --stream")
@@ -188,6 +209,30 @@ def _generate(args) -> int:
         result = generate(model, params, prompts, decode_config, **kwargs)
     _print(result, args.json, show_text=not args.stream)
     return 0
+
+
+def _speculative(model, params, prompts, config, tokenizer, args):
+    from cadenza.decode.adaptive import load_accept_head
+    from cadenza.decode.speculative import (
+        check_draft_vocab,
+        drafter_from_config,
+        speculative_generate,
+    )
+    from cadenza.models import Transformer, load_model
+
+    if args.stream or args.proxy_expert or args.proxy_anti:
+        raise CadenzaError("speculative decoding does not combine with --stream or proxy-tuning",
+                           where="--method", fix="drop --stream / --proxy-*")
+    draft_params, draft_config = None, None
+    if config.speculative == "draft":
+        dcfg, dparams = load_model(config.draft)
+        draft_config = dcfg.model
+        check_draft_vocab(model, Transformer(draft_config))
+        head = load_accept_head(config.accept_head) if config.adaptive == "head" else None
+        draft_params = (dparams, head)
+    return speculative_generate(model, params, prompts, config,
+                                drafter=drafter_from_config(config, draft_config),
+                                draft_params=draft_params, tokenizer=tokenizer)
 
 
 def _print(result, as_json: bool, show_text: bool) -> None:

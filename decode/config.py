@@ -9,6 +9,8 @@ import dataclasses
 from cadenza.validation import check_choice, check_range, require
 
 METHODS = ("greedy", "sample")
+SPECULATIVE = ("none", "draft", "ngram")
+ADAPTIVE = ("none", "confidence", "head")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,6 +57,15 @@ class DecodeConfig:
     ``chunk_steps``: steps per on-device chunk when streaming or matching
     stop strings (one host sync per chunk).
     ``proxy_alpha``: weight of (expert - anti) logits in proxy-tuning / EFT.
+
+    Speculative decoding (:mod:`cadenza.decode.speculative`; lossless: greedy
+    output equals plain greedy, samples follow the target): ``speculative``
+    ``"draft"`` (a draft model at ``draft``, a model directory) or ``"ngram"``
+    (prompt lookup, n-grams of ``ngram_max`` down to ``ngram_min`` tokens);
+    ``gamma`` draft tokens per round (the maximum when adaptive);
+    ``adaptive`` ``"confidence"`` (training-free) or ``"head"`` (SpecDec++,
+    head file ``accept_head``) stops a draft once ``1 - prod(a) >
+    adaptive_threshold`` after at least ``adaptive_min`` tokens.
     """
 
     method: str = "greedy"
@@ -71,9 +82,33 @@ class DecodeConfig:
     max_len: int = 0
     chunk_steps: int = 32
     proxy_alpha: float = 1.0
+    speculative: str = "none"
+    draft: str = ""
+    gamma: int = 4
+    adaptive: str = "none"
+    adaptive_threshold: float = 0.3
+    adaptive_min: int = 2
+    accept_head: str = ""
+    ngram_max: int = 3
+    ngram_min: int = 1
 
     def __post_init__(self):
         s = "decode"
+        check_choice(s, "speculative", self.speculative, SPECULATIVE)
+        check_choice(s, "adaptive", self.adaptive, ADAPTIVE)
+        check_range(s, "gamma", self.gamma, low=1)
+        check_range(s, "adaptive_threshold", self.adaptive_threshold, low=0.0, high=1.0,
+                    low_inclusive=False, high_inclusive=False)
+        check_range(s, "adaptive_min", self.adaptive_min, low=1)
+        check_range(s, "ngram_min", self.ngram_min, low=1)
+        check_range(s, "ngram_max", self.ngram_max, low=self.ngram_min)
+        require(self.speculative != "draft" or bool(self.draft), "decode.draft",
+                "speculative=draft needs a draft model directory", "set decode.draft (--draft)")
+        require(self.adaptive == "none" or self.speculative == "draft", "decode.adaptive",
+                "an adaptive draft length needs speculative=draft", "set decode.speculative")
+        require(self.adaptive != "head" or bool(self.accept_head), "decode.accept_head",
+                "adaptive=head needs a trained SpecDec++ head file",
+                "set decode.accept_head (--accept-head), or use adaptive=confidence")
         self.sampling_spec()
         check_range(s, "max_new_tokens", self.max_new_tokens, low=1)
         check_range(s, "max_len", self.max_len, low=0)

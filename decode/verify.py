@@ -1,0 +1,131 @@
+"""The one verification primitive of the speculative family, its acceptance rules and rollback.
+
+Every speculative method (draft model, SpecDec++, n-gram, Medusa) proposes
+tokens, then calls :func:`verify` once to score them against the target's
+KV cache, then keeps a per-row number of them:
+
+- :func:`verify`: ``T`` new tokens per row at ``[L_b, L_b + T)``; query ``i``
+  sees cache slots ``< L_b`` and new token ``k`` iff ``tail_mask[i, k]``
+  (chain = lower-triangular, tree = ancestor-or-self). The keys/values are
+  written but ``lengths`` is not advanced: the caller accepts ``n_b`` and
+  advances (rollback = a lower ``lengths``; nothing is erased).
+- :func:`greedy_accept` / :func:`exact_accept`: how many of ``g_b`` chained
+  drafts a row keeps, and the token that follows them (the target's argmax,
+  the residual sample or the bonus token).
+- :func:`tree_mask`, :func:`compact`: token trees (ancestor mask; gather the
+  accepted path's keys/values into consecutive slots).
+"""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cadenza.models.cache import KVCache
+from cadenza.models.transformer import Transformer
+
+
+def verify(model: Transformer, params, cache: KVCache, tokens, positions=None, tail_mask=None,
+           rules=None):
+    """Score ``tokens`` int32 [B, T] against ``cache`` in one forward.
+
+    Args:
+      positions: int32 [B, T]; default ``cache.lengths[:, None] + arange(T)`` (a chain).
+      tail_mask: bool [T, T] or [B, T, T] visibility among the new tokens; default causal.
+      rules: logical-axis rules (sharded models) or None.
+
+    Returns ``(logits float32 [B, T, V], hidden [B, T, D], cache)`` with the new
+    keys/values written at ``[lengths, lengths + T)`` and ``lengths`` unchanged.
+    The caller must ensure ``lengths + T <= cache.max_len``.
+    """
+    with nn.logical_axis_rules(rules or ()):
+        return model.apply({"params": params}, tokens, positions=positions,
+                           attention_mask=tail_mask, cache=cache)
+
+
+def greedy_accept(drafts, target_logp, draft_len):
+    """Greedy rule: keep drafts while each equals the target's argmax.
+
+    Args:
+      drafts: int32 [B, G] proposed tokens d_1..d_G.
+      target_logp: float32 [B, G + 1, V]; row i scores d_{i+1}, row G is the bonus.
+      draft_len: int32 [B] number of real drafts per row (g_b <= G); later ones are ignored.
+
+    Returns ``(n int32 [B] accepted drafts, y int32 [B] = argmax of target_logp[:, n])``.
+    """
+    best = jnp.argmax(target_logp, axis=-1).astype(jnp.int32)            # [B, G+1]
+    g = drafts.shape[1]
+    good = (drafts == best[:, :g]) & (jnp.arange(g)[None, :] < draft_len[:, None])
+    n = jnp.sum(jnp.cumprod(good.astype(jnp.int32), axis=1), axis=1)
+    return n, jnp.take_along_axis(best, n[:, None], axis=1)[:, 0]
+
+
+def exact_accept(drafts, target_logp, draft_probs, draft_len, keys):
+    """The exact speculative-sampling rule (Leviathan et al. / Chen et al.).
+
+    d_i was drawn from ``draft_probs[:, i-1]`` = q_i (a point mass for n-gram
+    drafts). Accept d_i iff ``u_i * q_i(d_i) < p_i(d_i)`` (u_i ~ U(0,1)); n =
+    length of the accepted prefix (at most ``draft_len``). If n < g_b the next
+    token is drawn from ``norm(max(0, p_{n+1} - q_{n+1}))`` (p_{n+1} itself if
+    that is all zero), else from p_{n+1} (the bonus token). The output
+    tokens are then distributed exactly as the target's p.
+
+    Args:
+      drafts: int32 [B, G]; target_logp: float32 [B, G + 1, V] (after the same
+        warpers as the draft); draft_probs: float32 [B, G, V]; draft_len: int32 [B];
+      keys: PRNG keys [B] for this round (one per row).
+
+    Returns ``(n int32 [B], y int32 [B])``.
+    """
+    b, g = drafts.shape
+    p = jnp.exp(target_logp)
+    p_d = jnp.take_along_axis(p[:, :g], drafts[..., None], axis=-1)[..., 0]
+    q_d = jnp.take_along_axis(draft_probs, drafts[..., None], axis=-1)[..., 0]
+    u = jax.vmap(lambda k: jax.random.uniform(jax.random.fold_in(k, 0), (g,)))(keys)
+    ok = (u * q_d < p_d) & (jnp.arange(g)[None, :] < draft_len[:, None])
+    n = jnp.sum(jnp.cumprod(ok.astype(jnp.int32), axis=1), axis=1)
+    p_next = jnp.take_along_axis(p, n[:, None, None], axis=1)[:, 0]
+    q_next = jnp.take_along_axis(draft_probs, jnp.minimum(n, g - 1)[:, None, None], axis=1)[:, 0]
+    residual = jnp.maximum(p_next - q_next, 0.0)
+    use_residual = (n < draft_len)[:, None] & (jnp.sum(residual, -1, keepdims=True) > 0)
+    dist = jnp.where(use_residual, residual, p_next)
+    y = jax.vmap(lambda k, d: jax.random.categorical(jax.random.fold_in(k, 1), jnp.log(d)))(
+        keys, dist)
+    return n, y.astype(jnp.int32)
+
+
+def tree_mask(parents) -> np.ndarray:
+    """Ancestor-or-self mask bool [N, N] of a tree given ``parents`` (node 0 = root, parent -1).
+
+    Parents must precede their children (breadth-first order).
+    """
+    n = len(parents)
+    mask = np.eye(n, dtype=bool)
+    for i, par in enumerate(parents):
+        if par >= 0:
+            if par >= i:
+                raise ValueError(f"node {i}'s parent {par} does not precede it")
+            mask[i] |= mask[par]
+    return mask
+
+
+def compact(cache: KVCache, path) -> KVCache:
+    """Move a tree's accepted path into consecutive slots (lengths unchanged).
+
+    The tree was verified at slots ``[L_b, L_b + N)``; ``path`` int32 [B, P]
+    holds node indices (root first; entries past the accepted length may be
+    anything valid). Slots ``L_b + path[b, j]`` are copied to ``L_b + j``.
+    """
+    def row(k, v, pos, start, idx):
+        src = start + idx
+        k_g = jnp.take(k, src, axis=1)
+        v_g = jnp.take(v, src, axis=1)
+        p_g = jnp.take(pos, src, axis=0)
+        k = jax.lax.dynamic_update_slice(k, k_g, (0, start, 0, 0))
+        v = jax.lax.dynamic_update_slice(v, v_g, (0, start, 0, 0))
+        pos = jax.lax.dynamic_update_slice(pos, p_g, (start,))
+        return k, v, pos
+
+    k, v, pos = jax.vmap(row, in_axes=(1, 1, 0, 0, 0), out_axes=(1, 1, 0))(
+        cache.k, cache.v, cache.positions, cache.lengths, path)
+    return cache.replace(k=k, v=v, positions=pos)
