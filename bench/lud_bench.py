@@ -3,7 +3,7 @@
 Run: ``.venv/bin/python bench/lud_bench.py [--base-steps 400] [--lud-steps 200]``.
 
 1. Base model: the ``tiny`` preset trained with ``cadenza.train.fit`` on plain rows of the
-   byte-level stdlib corpus of ``cadenza demo`` (ids = byte + 3).
+   byte-level stdlib corpus (ids = byte + 3).
 2. LUD: the base model marks units (alpha, k from ``configs/experiments/tiny_lud.yaml``)
    and is fine-tuned on the placeholder rows (``finetune_lud``).
 3. Held-out prompts: windows of stdlib modules not in the training set. In one run it

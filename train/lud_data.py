@@ -27,8 +27,9 @@ reconstruction. Each choice the paper leaves open is flagged ``[choice]``:
    placeholders (their logits equal those of the row without placeholders).
 
 The placeholder token id must be a dedicated id, never the pad id (see
-``LudConfig.placeholder_id``). The stand-in corpus is the byte-level stdlib code of
-``cadenza demo`` (:func:`stdlib_byte_tokens`) until the data pipeline lands.
+``LudConfig.placeholder_id``). The corpus is byte-level stdlib code
+(:func:`stdlib_byte_tokens`) [choice: the data pipeline's BPE tokenizer uses every
+vocabulary id, leaving none free for the placeholder].
 """
 
 import dataclasses
@@ -45,18 +46,25 @@ from cadenza.errors import CadenzaError
 BATCH_ARRAYS = ("inputs", "targets", "loss_mask", "segment_ids", "positions", "lud_group")
 
 
-def stdlib_byte_tokens(modules: Sequence[str] | None = None) -> np.ndarray:
-    """Byte-level stdlib source as int32 token ids (byte + 3, as ``cadenza demo``).
+# Stdlib modules of the default LUD fine-tuning corpus (pure-Python, present in every
+# CPython 3.12 install).
+LUD_MODULES = ("textwrap.py", "string/__init__.py", "bisect.py", "heapq.py", "fnmatch.py",
+               "colorsys.py", "shlex.py", "glob.py")
 
-    ``modules`` are paths under the running Python's stdlib directory (default: the demo's
-    training modules); missing files are skipped.
+
+def stdlib_byte_tokens(modules: Sequence[str] | None = None) -> np.ndarray:
+    """Byte-level stdlib source as int32 token ids (byte + 3: 0 = pad, 1 = BOS, 2 = EOS,
+    as for byte-level n-gram tables).
+
+    ``modules`` are paths under the running Python's stdlib directory (default:
+    :data:`LUD_MODULES`); missing files are skipped.
     """
-    from cadenza.demo import _BYTE_OFFSET, _DEMO_MODULES
+    from cadenza.decode.ngram import BYTE_OFFSET
 
     root = pathlib.Path(sysconfig.get_paths()["stdlib"])
-    names = _DEMO_MODULES if modules is None else modules
+    names = LUD_MODULES if modules is None else modules
     text = b"".join((root / m).read_bytes() for m in names if (root / m).is_file())
-    return np.frombuffer(text, np.uint8).astype(np.int32) + _BYTE_OFFSET
+    return np.frombuffer(text, np.uint8).astype(np.int32) + BYTE_OFFSET
 
 
 def lm_rows(tokens: np.ndarray, seq_len: int, pad_id: int = 0) -> tuple[dict, "RowStats"]:
