@@ -166,3 +166,33 @@ def test_cli_train_reports_config_errors(capsys):
 
     assert main(["train", "tiny_pretrain", "mesh.data=3"]) == 2
     assert "multiply to 3, but there are 8 devices" in capsys.readouterr().err
+
+
+class _OneBatch:
+    """A held-out split with a single batch (the iterator protocol ends after it)."""
+
+    def __init__(self, config):
+        self.inner, self.left = _data(config, seed=9), 1
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if not self.left:
+            raise StopIteration
+        self.left -= 1
+        return next(self.inner)
+
+    def get_state(self):
+        return {"left": self.left}
+
+    def set_state(self, state):
+        self.left = state["left"]
+
+
+def test_eval_stops_at_the_end_of_a_short_heldout_split(tmp_path):
+    config = _config(tmp_path / "short", "train.steps=2", "train.eval_every=2",
+                     "train.eval_steps=4")
+    summary = fit(config, data=_data(config), eval_data=_OneBatch(config),
+                  devices=jax.devices()[:1])
+    assert summary["eval_loss"] is not None and summary["eval_loss"] > 0

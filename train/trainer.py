@@ -165,10 +165,11 @@ def fit(config: ExperimentConfig, data=None, eval_data=None, *,
         writer.resume_at(start)
 
     def evaluate(params):
+        """Mean held-out loss over up to ``eval_steps`` batches (fewer if the split ends)."""
         eval_data.set_state(eval_start)
         ce = count = 0.0
-        for _ in range(train.eval_steps):
-            c, n = eval_fn(params, frozen, _global_batch(next(eval_data), rows, config))
+        for _, batch in zip(range(train.eval_steps), eval_data):
+            c, n = eval_fn(params, frozen, _global_batch(batch, rows, config))
             ce, count = ce + float(c), count + float(n)
         return ce / max(count, 1.0)
 
