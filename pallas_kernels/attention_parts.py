@@ -7,7 +7,7 @@ XLA; :func:`merge_parts` combines them into the softmax over all keys.
 
 import jax.numpy as jnp
 
-from cadenza.pallas_kernels.attention_reference import _NEG, attention_mask
+from cadenza.pallas_kernels.attention_reference import attention_mask, masked_scores
 
 
 def tail_attention_with_lse(q, k, v, *, scale, q_positions, tail_mask=None, segment_ids=None,
@@ -22,14 +22,9 @@ def tail_attention_with_lse(q, k, v, *, scale, q_positions, tail_mask=None, segm
       row sees nothing) and lse float32 [B, T, Hq] (``-inf`` where it sees nothing).
     """
     b, t, hq, d = q.shape
-    hkv = k.shape[2]
     mask = attention_mask(q_positions=q_positions, tail_mask=tail_mask, segment_ids=segment_ids,
                           window=window)
-    qg = q.reshape(b, t, hkv, hq // hkv, d)
-    s = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
-    if logit_soft_cap:
-        s = logit_soft_cap * jnp.tanh(s / logit_soft_cap)
-    s = jnp.where(mask[:, None, None], s, _NEG)
+    s = masked_scores(q, k, mask, scale=scale, logit_soft_cap=logit_soft_cap)
     m = jnp.max(s, axis=-1, keepdims=True)
     p = jnp.where(mask[:, None, None], jnp.exp(s - m), 0.0)
     total = jnp.sum(p, axis=-1, keepdims=True)

@@ -49,6 +49,21 @@ def attention_mask(*, q_positions, tail_mask=None, segment_ids=None, window=0,
     return tail & ((window <= 0) | in_window)
 
 
+def masked_scores(q, k, mask, *, scale, logit_soft_cap=0.0):
+    """Grouped-query scores ``[B, Hkv, G, T, S]`` in float32: ``q.k * scale``, soft-capped
+    if ``logit_soft_cap > 0``, and a large negative number where ``mask`` [B, T, S] is False.
+
+    q: [B, T, Hq, D]; k: [B, S, Hkv, D] with Hq = G * Hkv.
+    """
+    b, t, hq, d = q.shape
+    hkv = k.shape[2]
+    qg = q.reshape(b, t, hkv, hq // hkv, d)
+    scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
+    if logit_soft_cap:
+        scores = logit_soft_cap * jnp.tanh(scores / logit_soft_cap)
+    return jnp.where(mask[:, None, None], scores, _NEG)
+
+
 def reference_attention(q, k, v, *, scale, q_positions, k_cache=None, v_cache=None,
                         cache_lengths=None, cache_positions=None, tail_mask=None,
                         segment_ids=None, window=0, logit_soft_cap=0.0):
@@ -66,18 +81,13 @@ def reference_attention(q, k, v, *, scale, q_positions, k_cache=None, v_cache=No
       [B, T, Hq, D] in q's dtype. Scores and softmax are computed in float32.
     """
     b, t, hq, d = q.shape
-    hkv = k.shape[2]
     if k_cache is not None:
         k = jnp.concatenate([k_cache.astype(k.dtype), k], axis=1)
         v = jnp.concatenate([v_cache.astype(v.dtype), v], axis=1)
     mask = attention_mask(q_positions=q_positions, tail_mask=tail_mask, segment_ids=segment_ids,
                           window=window, cache_lengths=cache_lengths,
                           cache_positions=cache_positions)
-    qg = q.reshape(b, t, hkv, hq // hkv, d)
-    scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
-    if logit_soft_cap:
-        scores = logit_soft_cap * jnp.tanh(scores / logit_soft_cap)
-    scores = jnp.where(mask[:, None, None], scores, _NEG)
+    scores = masked_scores(q, k, mask, scale=scale, logit_soft_cap=logit_soft_cap)
     probs = jax.nn.softmax(scores, axis=-1)
     probs = jnp.where(mask[:, None, None], probs, 0.0)
     out = jnp.einsum("bkgts,bskd->btkgd", probs.astype(v.dtype), v)
