@@ -12,7 +12,7 @@
 Names are imported lazily so that reading configs does not import JAX.
 """
 
-import importlib
+from cadenza.lazy_exports import lazy_getattr
 
 _EXPORTS = {
     "KVCache": "cadenza.models.cache",
@@ -39,8 +39,4 @@ _EXPORTS = {
 
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name):
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'cadenza.models' has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _EXPORTS)

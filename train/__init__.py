@@ -7,7 +7,7 @@
 Names are imported lazily so that reading configs does not import JAX.
 """
 
-import importlib
+from cadenza.lazy_exports import lazy_getattr
 
 _EXPORTS = {
     "fit": "cadenza.train.trainer",
@@ -19,8 +19,4 @@ _EXPORTS = {
 
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name):
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'cadenza.train' has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _EXPORTS)

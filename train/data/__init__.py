@@ -9,7 +9,7 @@
 Names are imported lazily (grain and TFDS load on first use).
 """
 
-import importlib
+from cadenza.lazy_exports import lazy_getattr
 
 _EXPORTS = {
     "build_iterator": "cadenza.train.data.pipeline",
@@ -25,8 +25,4 @@ _EXPORTS = {
 
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name):
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'cadenza.train.data' has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _EXPORTS)
