@@ -26,14 +26,13 @@ table), ``results.json``, ``results.md`` and ``results.png``.
 """
 
 import dataclasses
-import datetime
 import importlib.util
 import json
 import pathlib
-import platform
-import subprocess
 import time
 from collections.abc import Callable
+
+from cadenza.provenance import provenance
 
 # Sizes: {name: settings}. "fast" is for CI smoke tests; "default" fits in 10 minutes on
 # two CPU cores; "large" is for an accelerator.
@@ -308,22 +307,6 @@ def heldout_prompts(tokenizer, size: dict, count: int) -> list[tuple[str, list[i
 
 # --- the run ---------------------------------------------------------------------------------
 
-def _meta() -> dict:
-    import jax
-
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                                text=True, cwd=pathlib.Path(__file__).parent,
-                                check=False).stdout.strip() or None
-    except OSError:
-        commit = None
-    dev = jax.devices()[0]
-    return {"device": dev.platform, "device_kind": dev.device_kind,
-            "num_devices": jax.device_count(), "jax": jax.__version__, "commit": commit,
-            "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-            "host": platform.machine()}
-
-
 def _log(msg: str) -> None:
     from tqdm import tqdm
 
@@ -355,7 +338,8 @@ def run_quickstart(out_dir="runs/quickstart", fast: bool = False, large: bool = 
     size = SIZES[size_name]
     out = pathlib.Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    results = {"meta": {**_meta(), "size": size_name}, "sizes": size, "timings_s": {}}
+    results = {"meta": {**provenance(pathlib.Path(__file__).parent), "size": size_name},
+               "sizes": size, "timings_s": {}}
     t_all = time.perf_counter()
     progress_override = [] if progress else ["train.progress_bar=false"]
     marks = [t_all]

@@ -15,11 +15,9 @@ Writes ``bench/results/<device>/decode_throughput.{json,md}``.
 """
 
 import argparse
-import datetime
 import json
 import os
 import pathlib
-import platform
 import subprocess
 import sys
 import tempfile
@@ -30,6 +28,7 @@ import numpy as np
 from cadenza.config import load_config
 from cadenza.decode import DecodeConfig, generate
 from cadenza.models import Transformer, init_params, save_hf
+from cadenza.provenance import provenance, results_dir
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONFIGS = {
@@ -101,7 +100,6 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None, help="default: bench/results/<device>")
     args = ap.parse_args(argv)
 
-    device = jax.devices()[0].platform
     rows = []
     for name in args.configs.split(","):
         cfg = load_config(None, CONFIGS[name], preset="tiny").model
@@ -131,15 +129,8 @@ def main(argv=None) -> int:
                          **{k: c[k] for k in ("cadenza", "transformers", "greedy_tokens_equal")
                             if k in c}})
 
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True, cwd=ROOT).stdout.strip()
-    meta = {"device": device, "device_kind": jax.devices()[0].device_kind,
-            "cpu_count": os.cpu_count(), "load_avg_1m": os.getloadavg()[0],
-            "jax": jax.__version__, "python": platform.python_version(), "commit": commit,
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "dtype": "float32", "method": "greedy"}
-    out = pathlib.Path(args.out or ROOT / "bench" / "results" / device)
-    out.mkdir(parents=True, exist_ok=True)
+    meta = {**provenance(ROOT), "dtype": "float32", "method": "greedy"}
+    out = results_dir(__file__, args.out)
     (out / "decode_throughput.json").write_text(json.dumps({"meta": meta, "rows": rows},
                                                            indent=2) + "\n")
     lines = ["# Decode throughput (greedy, float32, random weights)", "",

@@ -21,10 +21,7 @@ reference continuation. Also the LM loss of base and LUD model on held-out real 
 
 import argparse
 import dataclasses
-import datetime
 import json
-import pathlib
-import subprocess
 import tempfile
 import time
 
@@ -35,6 +32,7 @@ import numpy as np
 from cadenza.config import load_config
 from cadenza.decode.lud import lud_generate
 from cadenza.models import Transformer, load_model
+from cadenza.provenance import provenance, results_dir
 from cadenza.train import fit
 from cadenza.train.lud_data import RowIterator, lm_rows, stdlib_byte_tokens
 from cadenza.train.lud_task import finetune_lud
@@ -147,23 +145,19 @@ def main():
             record(f"LUD m={lud.lookahead} cut_repeats={cut}", beta,
                    *timed(lambda lud=lud: run(lud), args.reps))
 
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True).stdout.strip()
     result = {
-        "platform": jax.devices()[0].platform, "device": str(jax.devices()[0]),
-        "jax": jax.__version__, "commit": commit,
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        **provenance(),
         "settings": {**vars(args), "lud": dataclasses.asdict(cfg.lud),
                      "seq_len": cfg.train.seq_len, "batch_size": cfg.train.batch_size},
         "training": {"base_loss": base_summary["loss"], "base_seconds": base_s,
                      "lud_loss": lud_summary["loss"], "lud_seconds": lud_s, "rows": stats},
         "held_out_lm_loss": lm_loss, "results": rows_out,
     }
-    out_dir = pathlib.Path(__file__).resolve().parent / "results" / "cpu"
-    out_dir.mkdir(parents=True, exist_ok=True)
+    commit = result["commit"]
+    out_dir = results_dir(__file__)
     (out_dir / "lud_bench.json").write_text(json.dumps(result, indent=2) + "\n")
     lines = [
-        f"# LUD vs greedy decoding ({result['platform']}, {result['device']}, jax "
+        f"# LUD vs greedy decoding ({result['device']}, {result['device_kind']}, jax "
         f"{result['jax']}, commit {commit}, {result['date']})", "",
         f"Tiny preset, byte-level stdlib code; base: {args.base_steps} steps (loss "
         f"{base_summary['loss']:.3f}); LUD fine-tune: {args.lud_steps} steps (loss "

@@ -8,10 +8,7 @@ step is jitted with the trainable params and optimizer state donated.
 """
 
 import argparse
-import datetime
 import json
-import pathlib
-import subprocess
 import time
 
 import jax
@@ -20,6 +17,7 @@ import optax
 
 from cadenza.config import load_config
 from cadenza.models import init_params
+from cadenza.provenance import provenance, results_dir
 from cadenza.train import peft
 
 
@@ -76,17 +74,12 @@ def main():
     p.add_argument("--seq", type=int, default=128)
     args = p.parse_args()
     rows = [measure(m, args) for m in ("none", "lora")]
-    device = jax.devices()[0].platform
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True).stdout.strip()
-    meta = {"device": jax.devices()[0].device_kind, "platform": device, "jax": jax.__version__,
-            "commit": commit, "date": datetime.datetime.now(datetime.UTC).isoformat(),
-            "config": vars(args)}
-    out = pathlib.Path(__file__).parent / "results" / device
-    out.mkdir(parents=True, exist_ok=True)
+    meta = {**provenance(), "config": vars(args)}
+    commit = meta["commit"]
+    out = results_dir(__file__)
     (out / "peft_memory.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     mib = 1 << 20
-    lines = [f"# LoRA vs full fine-tuning ({meta['device']}, jax {meta['jax']}, "
+    lines = [f"# LoRA vs full fine-tuning ({meta['device_kind']}, jax {meta['jax']}, "
              f"commit {commit}, {meta['date'][:10]})", "",
              f"Config: {args.layers} layers, hidden {args.hidden}, batch {args.batch} x "
              f"{args.seq}, AdamW, float32; LoRA r=8 on all projections.", "",

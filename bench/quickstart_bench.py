@@ -11,11 +11,9 @@ stage timings and the quickstart's own tables (training, LoRA, decoding methods)
 import argparse
 import json
 import os
-import pathlib
 import time
 
-import jax
-
+from cadenza.provenance import results_dir
 from cadenza.quickstart import render_markdown, run_quickstart
 
 
@@ -27,18 +25,15 @@ def main(argv=None) -> int:
     ap.add_argument("--run-dir", default="runs/quickstart-bench")
     ap.add_argument("--out", default=None, help="default: bench/results/<device>")
     args = ap.parse_args(argv)
-    dev = jax.devices()[0]
-    kind = dev.platform if dev.platform == "cpu" else dev.device_kind.replace(" ", "-").lower()
     load_before = os.getloadavg()[0]
     wall0, cpu0 = time.perf_counter(), time.process_time()
     results = run_quickstart(out_dir=args.run_dir, fast=args.fast, large=args.large,
                              progress=False)
     wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
-    bench = {"meta": {**results["meta"], "cpu_count": os.cpu_count(),
-                      "load_avg_1m_before": load_before, "load_avg_1m_after": os.getloadavg()[0]},
+    bench = {"meta": {**results["meta"], "load_avg_1m_before": load_before,
+                      "load_avg_1m_after": os.getloadavg()[0]},
              "wall_s": wall, "cpu_s": cpu, "quickstart": results}
-    out = pathlib.Path(args.out or pathlib.Path(__file__).parent / "results" / kind)
-    out.mkdir(parents=True, exist_ok=True)
+    out = results_dir(__file__, args.out)
     (out / "quickstart_bench.json").write_text(json.dumps(bench, indent=2, default=str) + "\n")
     m = bench["meta"]
     md = (f"# Quickstart timing ({m['size']})\n\nwall {wall:.0f}s, CPU {cpu:.0f}s (process, all "

@@ -24,6 +24,8 @@ import sys
 import tempfile
 import time
 
+from cadenza.provenance import device_label
+
 HERE = pathlib.Path(__file__).resolve().parent
 ROOT = HERE.parent
 QUICK_ARGS = {
@@ -38,14 +40,6 @@ QUICK_ARGS = {
     "peft_memory": ["--steps", "2", "--layers", "2", "--hidden", "64", "--seq", "64"],
 }
 RESULT_SUFFIXES = (".json", ".md", ".png")
-
-
-def device_dir() -> str:
-    """``cpu`` on CPU, else the device kind in lower case with dashes (e.g. ``nvidia-h100``)."""
-    import jax
-
-    dev = jax.devices()[0]
-    return dev.platform if dev.platform == "cpu" else dev.device_kind.replace(" ", "-").lower()
 
 
 def scripts() -> list[str]:
@@ -196,7 +190,7 @@ def main(argv=None) -> int:
             print(f"error: unknown benchmark(s) {unknown}; available: {names}", file=sys.stderr)
             return 2
         names = [n for n in names if n in wanted]
-    dest = HERE / "results" / (device_dir() + ("-quick" if args.quick else ""))
+    dest = HERE / "results" / (device_label() + ("-quick" if args.quick else ""))
     dest.mkdir(parents=True, exist_ok=True)
     runs = [run_script(n, args.quick, dest) for n in names]
     print(summarize(dest, runs, args.quick))

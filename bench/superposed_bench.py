@@ -22,10 +22,8 @@ The nucleus sampler here is a minimal one written for this benchmark
 
 import argparse
 import dataclasses
-import datetime
 import json
 import pathlib
-import subprocess
 import sysconfig
 import tempfile
 import time
@@ -39,6 +37,7 @@ from cadenza.config import load_config
 from cadenza.decode import ngram
 from cadenza.decode import superposed as sp
 from cadenza.models import KVCache, Transformer, init_params
+from cadenza.provenance import provenance, results_dir
 
 TRAIN_FILES = ("textwrap.py", "string/__init__.py", "bisect.py", "heapq.py", "fnmatch.py",
                "colorsys.py", "shlex.py", "glob.py", "argparse.py", "difflib.py")
@@ -151,7 +150,7 @@ def main():
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--prompts", type=int, default=8)
     parser.add_argument("--reps", type=int, default=3)
-    parser.add_argument("--out", default="bench/results/cpu")
+    parser.add_argument("--out", default=None, help="default: bench/results/<device>")
     args = parser.parse_args()
     root = pathlib.Path(sysconfig.get_paths()["stdlib"])
     train_files = [root / f for f in TRAIN_FILES if (root / f).is_file()]
@@ -218,12 +217,8 @@ def main():
         row("nucleus p=0.9 batched 3 rows/prompt", bat_s, 3 * b, bat_ppl,
             coherence(np.asarray(rep), np.asarray(nuc_bat), [n] * 3 * b, fourgrams)),
     ]
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True).stdout.strip()
     result = {
-        "benchmark": "superposed_vs_nucleus", "device": str(jax.devices()[0].device_kind),
-        "platform": jax.devices()[0].platform, "jax": jax.__version__, "commit": commit,
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "benchmark": "superposed_vs_nucleus", **provenance(),
         "model": {"preset": "tiny", "weights": f"trained {args.steps} steps on stdlib bytes",
                   "final_loss": loss, "train_seconds": train_s},
         "ngram_table": {"orders": manifest["orders"], "entries": manifest["entries"],
@@ -240,11 +235,11 @@ def main():
                     "superposed": [bytes(int(t) - 3 for t in sup_tokens[0, d] if t >= 3)
                                    .decode("utf-8", "replace") for d in range(k)]},
     }
-    out = pathlib.Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    commit = result["commit"]
+    out = results_dir(__file__, args.out)
     (out / "superposed_bench.json").write_text(json.dumps(result, indent=2) + "\n")
-    lines = [f"# Superposed Decoding vs nucleus sampling ({result['platform']}, "
-             f"{result['device']})", "",
+    lines = [f"# Superposed Decoding vs nucleus sampling ({result['device']}, "
+             f"{result['device_kind']})", "",
              f"jax {result['jax']}, commit {commit}, {result['date']}. Model: tiny preset, "
              f"{result['model']['weights']} (final loss {loss:.3f}). {b} prompts of "
              f"{PROMPT_LEN} held-out bytes, {n} new tokens, k = {k}; "

@@ -13,18 +13,15 @@ Writes JSON + Markdown to ``bench/results/<device>/train_throughput.*``.
 """
 
 import argparse
-import datetime
 import json
-import os
-import pathlib
 import platform
-import subprocess
 import time
 
 import jax
 import jax.numpy as jnp
 
 from cadenza.config import load_config
+from cadenza.provenance import provenance, results_dir
 from cadenza.train.mesh import batch_sharding, make_mesh, replicated, validate_sharding
 from cadenza.train.metrics import flops_per_token, peak_flops_per_device
 from cadenza.train.optim import make_optimizer, make_schedule
@@ -102,22 +99,17 @@ def main():
     p.add_argument("--only", choices=sorted(CONFIGS))
     args = p.parse_args()
     dev = jax.devices()[0]
-    kind = dev.platform if dev.platform == "cpu" else dev.device_kind.replace(" ", "-").lower()
     results = [bench(n, args.steps if n == "tiny" else args.big_steps)
                for n in CONFIGS if args.only in (None, n)]
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True).stdout.strip()
-    meta = {"device": f"{dev.device_kind} ({platform.processor() or platform.machine()})",
-            "num_devices": jax.device_count(), "jax": jax.__version__, "commit": commit,
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "load_average_1m": os.getloadavg()[0]}
-    out = pathlib.Path(__file__).parent / "results" / kind
-    out.mkdir(parents=True, exist_ok=True)
+    meta = provenance()
+    meta["device"] = f"{dev.device_kind} ({platform.processor() or platform.machine()})"
+    commit = meta["commit"]
+    out = results_dir(__file__)
     (out / "train_throughput.json").write_text(json.dumps({**meta, "results": results},
                                                           indent=2) + "\n")
     lines = [f"# Train-step throughput ({meta['device']}, {meta['num_devices']} device(s))", "",
              f"jax {meta['jax']}, commit {commit}, {meta['date']}, host load average "
-             f"{meta['load_average_1m']:.1f}. AdamW, donated state, "
+             f"{meta['load_avg_1m']:.1f}. AdamW, donated state, "
              "synthetic batches on device; MFU against the peak shown.", "",
              "| config | params | dtype | batch x seq | step (s) | steps/s | tokens/s | "
              "model TFLOP/s | peak TFLOP/s | MFU |", "|" + "---|" * 10]

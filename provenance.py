@@ -1,0 +1,50 @@
+"""Where a measured result came from: device, software versions, commit and date.
+
+Every benchmark and the quickstart stamp their results with :func:`provenance` and
+write them under :func:`results_dir` (``bench/results/<device_label()>``)."""
+
+import datetime
+import os
+import pathlib
+import platform
+import subprocess
+
+
+def device_label() -> str:
+    """``cpu`` on CPU, else the device kind in lower case with dashes (``nvidia-h100``)."""
+    import jax
+
+    dev = jax.devices()[0]
+    return dev.platform if dev.platform == "cpu" else dev.device_kind.replace(" ", "-").lower()
+
+
+def git_commit(cwd: str | os.PathLike | None = None) -> str | None:
+    """Short hash of HEAD for the repository at ``cwd`` (or ``GIT_DIR``); None outside git."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                             text=True, cwd=cwd, check=False).stdout.strip()
+    except OSError:
+        return None
+    return out or None
+
+
+def provenance(cwd: str | os.PathLike | None = None) -> dict:
+    """device (platform), device_kind, num_devices, host, cpu_count, load_avg_1m, jax,
+    python, commit, date (UTC, ISO seconds): the stamp every result file carries."""
+    import jax
+
+    dev = jax.devices()[0]
+    return {"device": dev.platform, "device_kind": dev.device_kind,
+            "num_devices": jax.device_count(), "host": platform.machine(),
+            "cpu_count": os.cpu_count(), "load_avg_1m": os.getloadavg()[0],
+            "jax": jax.__version__, "python": platform.python_version(),
+            "commit": git_commit(cwd),
+            "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")}
+
+
+def results_dir(script: str | os.PathLike, out: str | os.PathLike | None = None) -> pathlib.Path:
+    """``out`` if given, else ``<script's folder>/results/<device_label()>``; created."""
+    path = pathlib.Path(out) if out else (pathlib.Path(script).resolve().parent / "results"
+                                          / device_label())
+    path.mkdir(parents=True, exist_ok=True)
+    return path
