@@ -68,10 +68,16 @@ def init_state(task: TrainTask, optimizer, seed: int, mesh: Mesh, rules,
                shardings: TrainState) -> TrainState:
     """A fresh state: params from ``task.init_trainable``, optimizer state created
     directly in its shards (``jit`` with ``out_shardings``), step 0."""
-    params_rng, state_rng = jax.random.split(jax.random.key(seed))
+    params_rng = jax.random.split(jax.random.key(seed))[0]
     params = task.init_trainable(params_rng, mesh, rules)
     opt_state = jax.jit(optimizer.init, out_shardings=shardings.opt_state)(params)
-    put = lambda x: jax.device_put(x, shardings.step)  # noqa: E731
-    return TrainState(step=put(jnp.zeros((), jnp.int32)), params=params, opt_state=opt_state,
-                      rng=put(jax.random.key_data(state_rng)))
+
+    # Made by a jit, not device_put from the host: with several processes device_put
+    # checks that every process holds the same value (one cross-host gather per leaf).
+    def step_and_rng():
+        return (jnp.zeros((), jnp.int32),
+                jax.random.key_data(jax.random.split(jax.random.key(seed))[1]))
+
+    step, rng = jax.jit(step_and_rng, out_shardings=(shardings.step, shardings.rng))()
+    return TrainState(step=step, params=params, opt_state=opt_state, rng=rng)
 
