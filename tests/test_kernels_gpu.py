@@ -8,6 +8,7 @@ platform on this CPU, which checks every operation has a Mosaic GPU lowering.
 """
 
 import importlib.util
+import logging
 import pathlib
 
 import jax
@@ -16,6 +17,7 @@ import numpy as np
 import pytest
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from cadenza.pallas_kernels import attention as dispatch
 from cadenza.pallas_kernels.attention_reference import reference_attention
 from cadenza.pallas_kernels.decode_attention_gpu import decode_attention_gpu
 from cadenza.pallas_kernels.flash_attention_mosaic_gpu import flash_attention_mosaic_gpu
@@ -106,3 +108,33 @@ def test_kernels_lower_for_cuda():
     text = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(q, k, v).lower(
         lowering_platforms=("cuda",)).as_text()
     assert text.count("mosaic_gpu") >= 3   # forward, dq, dk/dv kernels
+
+
+def test_gpu_dispatch_uses_the_mosaic_kernels(monkeypatch, caplog):
+    """On a GPU backend (simulated: the platform is patched, kernels forced into GPU
+    interpret mode), ``auto`` sends what cuDNN cannot take (soft-cap + packing) to the
+    Mosaic flash kernel and cache attention to the decode kernel; a float32 case falls
+    back to XLA with one log line."""
+    monkeypatch.setattr(dispatch, "_platform", lambda: "gpu")
+    dispatch._logged.clear()
+    caplog.set_level(logging.WARNING, logger=dispatch.__name__)
+    q, k, v, seg, pos = _packed_batch(jax.random.key(3), 2, 64, 2, 1, 64, jnp.bfloat16)
+    flash_kw = dict(scale=0.2, q_positions=pos, segment_ids=seg, window=20, logit_soft_cap=3.0)
+    case = _decode_case(2, 3, 2, 1, 64, 128, [0, 100], jnp.bfloat16, seed=5)
+    decode_kw = dict(scale=0.2, window=0, logit_soft_cap=0.0)
+    # No mesh here: GPU interpret mode in jax 0.12 simulates one device, and under a
+    # multi-device shard_map its shared state collides (the shard_map wrapping is the
+    # TPU path's, tested in test_kernels_attention.py).
+    with plgpu.force_gpu_interpret_mode(INTERPRET):
+        flash = jax.jit(lambda q, k, v: dispatch.attention(q, k, v, implementation="auto",
+                                                           **flash_kw))(q, k, v)
+        decode = jax.jit(lambda c: dispatch.attention(implementation="pallas", **c,
+                                                      **decode_kw))(case)
+    assert not caplog.records, [r.getMessage() for r in caplog.records]
+    _close(flash, reference_attention(q, k, v, **flash_kw), 2e-2)
+    _close(decode, reference_attention(**case, **decode_kw), 2e-2)
+    q32, k32, v32 = (x.astype(jnp.float32) for x in (q, k, v))
+    out = dispatch.attention(q32, k32, v32, implementation="pallas", **flash_kw)
+    np.testing.assert_array_equal(out, reference_attention(q32, k32, v32, **flash_kw))
+    [record] = caplog.records
+    assert "Mosaic GPU: dtype float32" in record.getMessage()
