@@ -6,9 +6,10 @@
 Reports, in one run on one device:
 - flash attention (causal, GQA) forward and backward TFLOP/s per implementation
   available on the backend (TPU: splash ``pallas`` + ``xla``; GPU: ``cudnn`` +
-  ``xla``; CPU: ``xla``) and each one's ratio to the first;
+  our Mosaic GPU kernel ``pallas`` + ``xla``; CPU: ``xla``) and each one's
+  ratio to the first (on GPU: to cuDNN);
 - verify attention (T new tokens over a full KV cache) time for T in
-  {1, 4, 16, 64} per implementation (TPU: ``pallas`` + ``xla``; elsewhere
+  {1, 4, 16, 64} per implementation (TPU and GPU: ``pallas`` + ``xla``; CPU:
   ``xla``), its KV-read bandwidth and fraction of peak HBM bandwidth, and
   its cost relative to T=1.
 Results go to bench/results/<device>/kernels_attention.{json,md} with the
@@ -55,8 +56,8 @@ def _peak_hbm(kind):
 
 def _impls(kind):
     backend = jax.default_backend()
-    flash = {"tpu": ["pallas", "xla"], "gpu": ["cudnn", "xla"]}.get(backend, ["xla"])
-    verify = ["pallas", "xla"] if backend == "tpu" else ["xla"]
+    flash = {"tpu": ["pallas", "xla"], "gpu": ["cudnn", "pallas", "xla"]}.get(backend, ["xla"])
+    verify = ["pallas", "xla"] if backend in ("tpu", "gpu") else ["xla"]
     return flash, verify
 
 

@@ -3,12 +3,16 @@
 ``implementation`` (``model.attention_impl``):
 
 - ``"xla"``: the plain-XLA reference, always.
-- ``"pallas"``: the TPU Pallas kernels — splash flash attention for training
-  and prefill (no cache), the ragged verify/decode kernel with a cache. On a
-  CPU backend they run in Pallas interpret mode (tests, slow); on a GPU there
-  is no Pallas kernel yet and the call falls back to XLA.
+- ``"pallas"``: the Pallas kernels. TPU: splash flash attention for training
+  and prefill (no cache), the ragged verify/decode kernel with a cache; on a
+  CPU backend these run in Pallas interpret mode (tests, slow). GPU: the
+  Mosaic GPU (Hopper) kernels, flash attention fwd+bwd
+  (:mod:`~cadenza.pallas_kernels.flash_attention_mosaic_gpu`) and the ragged
+  verify/decode kernel (:mod:`~cadenza.pallas_kernels.decode_attention_gpu`).
 - ``"cudnn"``: cuDNN flash attention (GPU) for training/prefill; XLA otherwise.
-- ``"auto"``: ``pallas`` on TPU, ``cudnn`` on GPU, ``xla`` on CPU.
+- ``"auto"``: ``pallas`` on TPU; on GPU ``cudnn`` where cuDNN covers the case,
+  else the Mosaic GPU kernels (soft-cap, segment ids, cache attention); ``xla``
+  on CPU.
 
 Every case a kernel cannot take (shape, mask kind, soft-cap, sequence-sharded
 mesh, ...) falls back to the XLA reference with one log line per reason.
@@ -25,8 +29,10 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from cadenza.errors import ConfigError
+from cadenza.pallas_kernels import decode_attention_gpu as decode_gpu
 from cadenza.pallas_kernels import decode_attention_tpu as decode_tpu
 from cadenza.pallas_kernels import flash_attention_gpu as flash_gpu
+from cadenza.pallas_kernels import flash_attention_mosaic_gpu as flash_mgpu
 from cadenza.pallas_kernels import flash_attention_tpu as flash_tpu
 from cadenza.pallas_kernels.attention_reference import reference_attention
 
@@ -115,11 +121,15 @@ def _run_sharded(fn, arrays: dict, specs):
 
 
 def _flash_fn(impl, *, scale, window, logit_soft_cap):
-    """The training/prefill kernel for one static window, as ``fn(q, k, v, segment_ids=None)``."""
+    """The training/prefill kernel for one static window, as
+    ``fn(q, k, v, segment_ids=None[, q_positions])`` (``q_positions`` for ``mosaic_gpu``)."""
     if impl == "pallas":
         return functools.partial(flash_tpu.flash_attention_tpu, scale=scale, window=window,
                                  logit_soft_cap=logit_soft_cap,
                                  interpret=_platform() == "cpu")
+    if impl == "mosaic_gpu":
+        return functools.partial(flash_mgpu.flash_attention_mosaic_gpu, scale=scale,
+                                 window=window, logit_soft_cap=logit_soft_cap)
     return functools.partial(flash_gpu.flash_attention_cudnn, scale=scale, window=window)
 
 
@@ -144,23 +154,16 @@ def attention(q, k, v, *, implementation: str = "xla", scale, q_positions, k_cac
     backend = _platform()
     if impl == "xla":
         return reference_attention(q, k, v, **kw)
-    if impl == "pallas" and backend == "gpu":
-        reason = "no Pallas GPU kernel for this case (Mosaic GPU kernels not built yet)"
-    elif impl == "cudnn" and backend != "gpu":
+    if backend == "gpu":
+        out, reason = _gpu(impl, implementation == "auto", q, k, v, kw, window_choices)
+    elif impl == "cudnn":
         reason = f"cuDNN needs a GPU backend, not {backend}"
-    elif k_cache is not None:
-        if impl == "cudnn":
-            reason = "cuDNN path has no cache attention"
-        else:
-            reason = decode_tpu.unsupported_reason(k_cache)
+    elif k_cache is not None:   # pallas on TPU (or CPU: interpret mode)
+        reason = decode_tpu.unsupported_reason(k_cache)
         if reason is None:
             out, reason = _decode(q, k, v, kw, window_choices, interpret=backend == "cpu")
     else:
-        if impl == "pallas":
-            reason = flash_tpu.unsupported_reason(q, tail_mask=tail_mask)
-        else:
-            reason = flash_gpu.unsupported_reason(q, tail_mask=tail_mask, segment_ids=segment_ids,
-                                                  logit_soft_cap=logit_soft_cap)
+        reason = flash_tpu.unsupported_reason(q, tail_mask=tail_mask)
         if reason is None:
             out, reason = _flash_any_window(impl, q, k, v, kw, window_choices)
     if out is None:
@@ -169,9 +172,39 @@ def attention(q, k, v, *, implementation: str = "xla", scale, q_positions, k_cac
     return out
 
 
-def _decode(q, k, v, kw, window_choices, *, interpret):
-    """The TPU cache kernel; the new tokens among themselves via splash for long causal
-    chunks with a static window (prefill into a cache), else XLA."""
+def _gpu(impl, auto, q, k, v, kw, window_choices):
+    """GPU: cuDNN for training/prefill where it covers the case (``cudnn``, ``auto``), the
+    Mosaic GPU kernels for ``pallas`` and for what cuDNN cannot take under ``auto``."""
+    cache = kw["k_cache"] is not None
+    reasons = []
+    if impl == "cudnn":
+        reason = ("cuDNN path has no cache attention" if cache else flash_gpu.unsupported_reason(
+            q, tail_mask=kw["tail_mask"], segment_ids=kw["segment_ids"],
+            logit_soft_cap=kw["logit_soft_cap"]))
+        if reason is None:
+            out, reason = _flash_any_window("cudnn", q, k, v, kw, window_choices)
+            if out is not None:
+                return out, None
+        if not auto:
+            return None, reason
+        reasons.append(f"cuDNN: {reason}")
+    if cache:
+        reason = decode_gpu.unsupported_reason(kw["k_cache"])
+        if reason is None:
+            out, reason = _decode(q, k, v, kw, window_choices, interpret=None, gpu=True)
+    else:
+        reason = flash_mgpu.unsupported_reason(q, tail_mask=kw["tail_mask"])
+        if reason is None:
+            out, reason = _flash_any_window("mosaic_gpu", q, k, v, kw, window_choices)
+    if reason is None:
+        return out, None
+    return None, "; ".join(reasons + [f"Mosaic GPU: {reason}"])
+
+
+def _decode(q, k, v, kw, window_choices, *, interpret, gpu=False):
+    """The cache kernel (TPU, or Mosaic GPU when ``gpu``); on TPU the new tokens among
+    themselves via splash for long causal chunks with a static window (prefill into a
+    cache), else XLA."""
     arrays = {"q": q, "k": k, "v": v, "k_cache": kw["k_cache"], "v_cache": kw["v_cache"],
               "cache_lengths": kw["cache_lengths"], "cache_positions": kw["cache_positions"],
               "q_positions": kw["q_positions"]}
@@ -181,16 +214,20 @@ def _decode(q, k, v, kw, window_choices, *, interpret):
     window = _static_int(kw["window"])
     if window is None and len(set(window_choices or ())) == 1:
         window = window_choices[0]
-    splash_tail = (q.shape[1] > 64 and window is not None
+    splash_tail = (not gpu and q.shape[1] > 64 and window is not None
                    and flash_tpu.unsupported_reason(q, tail_mask=kw["tail_mask"]) is None)
     if window is None:
         arrays["window"] = jnp.asarray(kw["window"], jnp.int32)
     specs, reason = _mesh_specs(arrays)
     if reason:
         return None, reason
-    fn = functools.partial(decode_tpu.decode_attention_tpu, scale=kw["scale"],
-                           logit_soft_cap=kw["logit_soft_cap"], interpret=interpret,
-                           splash_tail=splash_tail)
+    if gpu:
+        fn = functools.partial(decode_gpu.decode_attention_gpu, scale=kw["scale"],
+                               logit_soft_cap=kw["logit_soft_cap"], interpret=interpret)
+    else:
+        fn = functools.partial(decode_tpu.decode_attention_tpu, scale=kw["scale"],
+                               logit_soft_cap=kw["logit_soft_cap"], interpret=interpret,
+                               splash_tail=splash_tail)
     if window is not None:
         fn = functools.partial(fn, window=window)
     return _run_sharded(fn, arrays, specs), None
@@ -207,6 +244,8 @@ def _flash_any_window(impl, q, k, v, kw, window_choices):
     arrays = {"q": q, "k": k, "v": v}
     if kw["segment_ids"] is not None:
         arrays["segment_ids"] = kw["segment_ids"]
+    if impl == "mosaic_gpu":
+        arrays["q_positions"] = kw["q_positions"]
     specs, reason = _mesh_specs(arrays)
     if reason:
         return None, reason
