@@ -169,3 +169,19 @@ def test_hosts_read_disjoint_documents(files):
         segs = _segments([next(it) for _ in range(4)])
         firsts.append({s[0] for s in segs if s[0][0] == it.tokenizer.bos_id})
     assert firsts[0] and firsts[1] and not firsts[0] & firsts[1]
+
+
+def test_cli_inspect_shows_the_pieces(files, capsys):
+    from cadenza.cli import main
+
+    overrides = [f"data.data_dir={files / 'prepared'}", f"data.tokenizer={files / 'tok'}",
+                 "data.format=text", f"data.path={files / 'long.jsonl'}",
+                 "data.heldout_fraction=0.2", "data.truncation=chunk", f"train.seq_len={SEQ}",
+                 "train.batch_size=4"]
+    assert main(["data", "inspect", "tiny_pretrain", *overrides, "-n", "5", "--batches",
+                 "2"]) == 0
+    out = capsys.readouterr().out
+    assert f"pieces of {SEQ}+{SEQ}+" in out
+    counts = json.loads(out.split("counts: ")[1].splitlines()[0])
+    assert counts["pieces"] > counts["kept"] > 0 and counts["chunked"] > 0
+    assert " segments, " in out
