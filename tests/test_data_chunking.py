@@ -141,9 +141,10 @@ def _in_a_document(state) -> bool:
     return isinstance(state, list) and any(_in_a_document(v) for v in state)
 
 
-@pytest.mark.parametrize("hosts", [1, 2])
-def test_resume_mid_document_reproduces_the_stream(files, hosts):
-    config = _config(files, _mixture(files), "data.packing_method=best_fit")
+@pytest.mark.parametrize("hosts, window", [(1, 0), (2, 8)])
+def test_resume_mid_document_reproduces_the_stream(files, hosts, window):
+    config = _config(files, _mixture(files), "data.packing_method=best_fit",
+                     f"data.shuffle_window={window}")
     it = build_iterator(config, process_index=hosts - 1, process_count=hosts)
     for _ in range(12):
         next(it)
@@ -159,6 +160,23 @@ def test_resume_mid_document_reproduces_the_stream(files, hosts):
     # both sources reach the batches
     text = [it.tokenizer.decode(s[0]) for s in _segments(expected)]
     assert any(t.startswith("zz") for t in text) and any(t.startswith("doc") for t in text)
+
+
+def _continuations(files, window):
+    """Unpacked rows (one piece each, in stream order) that continue the previous row's
+    document, and all rows that do not start a document."""
+    it = build_iterator(_config(files, "data.packing=false", f"data.shuffle_window={window}"))
+    rows = [(b["inputs"][r], b["targets"][r][b["segment_ids"][r] > 0])
+            for b in [next(it) for _ in range(8)] for r in range(4)]
+    inner = [i for i in range(1, len(rows)) if rows[i][0][0] != it.tokenizer.bos_id]
+    return sum(rows[i][0][0] == rows[i - 1][1][-1] for i in inner), len(inner)
+
+
+def test_shuffle_window_spreads_a_documents_pieces(files):
+    follows, inner = _continuations(files, 0)
+    assert follows == inner > 5  # in order: every inner piece follows its predecessor
+    follows, inner = _continuations(files, 64)
+    assert follows < inner / 2
 
 
 def test_hosts_read_disjoint_documents(files):

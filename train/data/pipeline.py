@@ -4,7 +4,8 @@ Per source: ``tfds`` data source -> this host's share (every
 ``process_count``-th record, or whole array_record files with
 ``shard_by=files``) -> shuffle by ``seed`` (reshuffled each epoch) -> repeat
 (train only) -> format (tokens + loss mask, bad records skipped or stopped) ->
-with ``truncation=chunk``: long text examples cut into ``seq_len`` pieces ->
+with ``truncation=chunk``: long text examples cut into ``seq_len`` pieces
+(shuffled in windows of ``shuffle_window`` pieces, train only) ->
 weighted mixture of the sources -> first-fit / best-fit packing (or padding)
 -> batches of ``train.batch_size // process_count`` rows.
 
@@ -219,6 +220,9 @@ def build_iterator(config, *, split: str = "train", process_index: int = 0,
         stream = stream.to_iter_dataset(read)
         if data.truncation == "chunk":
             stream = grain_experimental.FlatMapIterDataset(stream, _Pieces(train.seq_len))
+            if is_train and data.shuffle and data.shuffle_window:
+                stream = grain_experimental.WindowShuffleIterDataset(
+                    stream, window_size=data.shuffle_window, seed=data.seed + i)
         streams.append(stream)
         weights.append(source.weight)
     stream = streams[0] if len(streams) == 1 else grain.IterDataset.mix(streams, weights)
