@@ -55,9 +55,10 @@ class DataConfig:
     packing: bool = True
     packing_method: str = "first_fit"       # first_fit | best_fit
     packing_bins: int = 8
-    truncation: str = "truncate"            # truncate | drop (examples longer than seq_len)
+    truncation: str = "truncate"            # truncate | drop | chunk (examples > seq_len)
     seed: int = 0
     shuffle: bool = True
+    shuffle_window: int = 1024              # chunk: pieces shuffled together (train); 0 = off
     shard_by: str = "records"               # records | files (each host opens only its files)
     num_shards: Optional[int] = None        # array_record files per split when building
     heldout_fraction: float = 0.05          # share of records (stdlib: of modules) in "test"
@@ -79,9 +80,10 @@ class DataConfig:
                                   fix="give weights that sum to one, e.g. 0.7 and 0.3")
         check_choice(s, "on_error", self.on_error, ("skip", "stop"))
         check_choice(s, "packing_method", self.packing_method, ("first_fit", "best_fit"))
-        check_choice(s, "truncation", self.truncation, ("truncate", "drop"))
+        check_choice(s, "truncation", self.truncation, ("truncate", "drop", "chunk"))
         check_choice(s, "shard_by", self.shard_by, ("records", "files"))
         check_range(s, "packing_bins", self.packing_bins, low=1)
+        check_range(s, "shuffle_window", self.shuffle_window, low=0)
         check_range(s, "num_shards", self.num_shards, low=1, optional=True)
         check_range(s, "heldout_fraction", self.heldout_fraction, low=0.0, high=1.0,
                     high_inclusive=False)

@@ -11,7 +11,12 @@ all trained.
 An example of ``n`` tokens becomes ``inputs = tokens[:-1]``, ``targets =
 tokens[1:]``, ``loss_mask = mask[1:]`` (``n - 1`` positions). Longer than
 ``seq_len`` positions: ``truncate`` keeps the first ``seq_len``; ``drop``
-skips the example (reason ``too_long``). Counted either way.
+skips the example (reason ``too_long``); ``chunk`` keeps a text example whole
+and the pipeline cuts it into consecutive pieces of ``seq_len`` positions
+(:func:`split_into_pieces`: BOS only in the first piece, EOS only in the last,
+every token a target exactly once). Chat examples are never chunked (a reply
+would lose its prompt): under ``chunk`` a long one is dropped (``too_long``).
+Counted in every case.
 """
 
 import collections
@@ -33,14 +38,32 @@ def decode_record(raw) -> dict:
             "text": s(raw.get("text", b"")), "source": s(raw.get("source", b"?"))}
 
 
+def split_into_pieces(example: dict, seq_len: int) -> list[dict]:
+    """``example`` (``inputs``/``targets``/``loss_mask`` arrays of ``n`` positions) as
+    ``ceil(n / seq_len)`` consecutive pieces of ``seq_len`` positions (the last one
+    shorter unless ``seq_len`` divides ``n``).
+
+    Piece ``k`` holds positions ``[k * seq_len, (k + 1) * seq_len)``: concatenating
+    the pieces' arrays gives the example's arrays back, so the document's first token
+    (BOS) is an input of the first piece only and its last (EOS) a target of the last
+    piece only. Deterministic; the pieces are views of the example's arrays.
+    """
+    n = len(example["inputs"])
+    return [{k: v[start:start + seq_len] for k, v in example.items()}
+            for start in range(0, n, seq_len)]
+
+
 class Formatter:
     """Record -> ``{"inputs", "targets", "loss_mask"}`` numpy arrays, or None if skipped.
+
+    At most ``seq_len`` positions, except under ``truncation="chunk"``: a text
+    example longer than that comes whole, for :func:`split_into_pieces`.
 
     Args:
       tokenizer: a :class:`cadenza.models.tokenizer.Tokenizer`.
       seq_len: positions per example (the row length).
       vocab_size: the model's vocabulary; ids at or beyond it are an error.
-      truncation: "truncate" or "drop".
+      truncation: "truncate", "drop" or "chunk".
       problems: a :class:`cadenza.train.data.records.Problems` (skip/stop policy).
       end_of_turn: strings ending assistant turns (default: the template's default).
       pass_length: records in one pass over the data; if that many records in a row
@@ -111,10 +134,13 @@ class Formatter:
                                  f"token id {bad[0]} is outside the model vocab "
                                  f"(size {self.vocab_size})")
             return None
-        if len(ids) - 1 > self.seq_len:
-            if self.truncation == "drop":
-                self.problems.report("too_long", where,
-                                     f"{len(ids) - 1} positions > seq_len {self.seq_len}")
+        positions = len(ids) - 1
+        chunk = self.truncation == "chunk" and not record["messages"]
+        if positions > self.seq_len and not chunk:
+            if self.truncation != "truncate":
+                kind = "chat record (chat is never chunked)" if record["messages"] else "record"
+                self.problems.report("too_long", where, f"{kind} of {positions} positions > "
+                                                        f"seq_len {self.seq_len}")
                 return None
             self.counts["truncated"] += 1
             self.counts["truncated_tokens"] += len(ids) - 1 - self.seq_len
@@ -123,6 +149,10 @@ class Formatter:
             self.problems.report("no_trained_tokens", where,
                                  "no token left to train on (after truncation)")
             return None
+        if chunk:
+            pieces = -(-positions // self.seq_len)
+            self.counts["pieces"] += pieces
+            self.counts["chunked"] += int(pieces > 1)
         self.counts["kept"] += 1
         self.counts["tokens"] += len(ids) - 1
         self.counts["trained_tokens"] += int(sum(mask[1:]))

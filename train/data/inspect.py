@@ -6,7 +6,7 @@ import json
 import numpy as np
 
 from cadenza.train.data import builders
-from cadenza.train.data.formatting import Formatter, decode_record
+from cadenza.train.data.formatting import Formatter, decode_record, split_into_pieces
 from cadenza.train.data.pipeline import build_iterator, resolve_tokenizer
 from cadenza.train.data.records import Problems
 
@@ -24,11 +24,28 @@ def mark_masked(tokenizer, ids, mask) -> str:
     return "".join(out)
 
 
+def _long_policy(truncation: str, record: dict, ids: list, seq_len: int) -> str:
+    """What ``truncation`` does to an example of ``ids`` longer than ``seq_len`` positions
+    ("" if it fits)."""
+    positions = len(ids) - 1
+    if positions <= seq_len:
+        return ""
+    if truncation == "chunk" and not record["messages"]:
+        sizes = [len(p["inputs"]) for p in
+                 split_into_pieces({"inputs": np.arange(positions)}, seq_len)]
+        return f"; chunked into {len(sizes)} pieces of " + "+".join(map(str, sizes)) + \
+            " positions"
+    if truncation == "truncate":
+        return f"; truncated to {seq_len} of {positions} positions"
+    return f"; dropped ({positions} positions > seq_len {seq_len})"
+
+
 def inspect_data(config, *, examples: int = 3, split: str = "train", batches: int = 4) -> str:
     """A report on ``config``'s data: per source the build counts and the first
     ``examples`` formatted examples (full token stream, BOS included, masked
     tokens in ⟦ ⟧), then counts over ``batches`` batches of the real iterator
-    (rows filled, trained tokens, truncated/skipped by reason)."""
+    (rows filled, trained tokens, truncated/chunked/skipped by reason). With
+    ``data.truncation=chunk`` an example longer than ``seq_len`` shows its pieces."""
     data = config.data
     tokenizer = resolve_tokenizer(config)
     lines = [f"tokenizer: {tokenizer.source} (vocab {tokenizer.vocab_size}, bos={tokenizer.bos_id},"
@@ -42,13 +59,14 @@ def inspect_data(config, *, examples: int = 3, split: str = "train", batches: in
         if report:
             lines.append("build: " + json.dumps({k: report[k] for k in
                                                  ("read", "written", "skipped", "splits")}))
-        formatter = Formatter(tokenizer, config.train.seq_len, config.model.vocab_size,
+        seq = config.train.seq_len
+        formatter = Formatter(tokenizer, seq, config.model.vocab_size,
                               data.truncation, Problems("skip"), data.end_of_turn)
         for i in range(min(examples, len(ds))):
             record = decode_record(ds[i])
             ids, mask = formatter.tokens_and_mask(record)
             lines.append(f"-- example {i} ({record['source']}): {len(ids)} tokens, "
-                         f"{sum(mask)} trained")
+                         f"{sum(mask)} trained{_long_policy(data.truncation, record, ids, seq)}")
             lines.append(mark_masked(tokenizer, ids, mask))
     it = build_iterator(config, split=split)
     filled = trained = total = packed = 0
@@ -64,6 +82,6 @@ def inspect_data(config, *, examples: int = 3, split: str = "train", batches: in
     stats = it.stats()
     lines.append(f"\n== iterator: {batches} batches of {config.train.batch_size} x "
                  f"{config.train.seq_len}: {filled}/{total} positions filled "
-                 f"({filled / max(total, 1):.1%}) by {packed} examples, {trained} trained")
+                 f"({filled / max(total, 1):.1%}) by {packed} segments, {trained} trained")
     lines.append("counts: " + json.dumps(stats))
     return "\n".join(lines)

@@ -4,6 +4,8 @@ Per source: ``tfds`` data source -> this host's share (every
 ``process_count``-th record, or whole array_record files with
 ``shard_by=files``) -> shuffle by ``seed`` (reshuffled each epoch) -> repeat
 (train only) -> format (tokens + loss mask, bad records skipped or stopped) ->
+with ``truncation=chunk``: long text examples cut into ``seq_len`` pieces
+(shuffled in windows of ``shuffle_window`` pieces, train only) ->
 weighted mixture of the sources -> first-fit / best-fit packing (or padding)
 -> batches of ``train.batch_size // process_count`` rows.
 
@@ -22,7 +24,7 @@ import numpy as np
 from cadenza.errors import CadenzaError, ConfigError
 from cadenza.models.tokenizer import load_tokenizer, train_tokenizer
 from cadenza.train.data import builders, stdlib
-from cadenza.train.data.formatting import Formatter
+from cadenza.train.data.formatting import Formatter, split_into_pieces
 from cadenza.train.data.records import Problems
 
 BATCH_KEYS = ("inputs", "targets", "loss_mask", "segment_ids", "positions")
@@ -103,6 +105,18 @@ def _from_packed(b):
             "segment_ids": b["inputs_segment_ids"], "positions": b["inputs_positions"]}
 
 
+class _Pieces:
+    """grain flat-map transform: an example -> its :func:`split_into_pieces`. On resume
+    grain re-reads (and re-formats) the current record and skips the pieces already
+    given, so the iterator state stays a small JSON dict."""
+
+    def __init__(self, seq_len):
+        self.seq_len = seq_len
+
+    def flat_map(self, example):
+        return split_into_pieces(example, self.seq_len)
+
+
 class _Finalize:
     """Fix dtypes and pad a short (final, eval) batch to ``rows`` with padding rows."""
 
@@ -127,8 +141,9 @@ class DataIterator:
     ``next(it)`` -> batch dict (module docstring); ``get_state()`` ->
     JSON-serialisable dict; ``set_state(state)`` resumes exactly there (same
     config, same process index/count). ``stats()`` reports counts (examples,
-    kept, truncated, trained tokens, skipped by reason) of *this* iterator since
-    it was created (not part of the state).
+    kept, truncated, chunked documents and their pieces, tokens, trained tokens,
+    skipped by reason) of *this* iterator since it was created (not part of the
+    state; a resumed iterator re-formats the record it stopped in, counting it again).
     """
 
     def __init__(self, dataset, formatters, problems, tokenizer, reports):
@@ -202,7 +217,13 @@ def build_iterator(config, *, split: str = "train", process_index: int = 0,
         stream = share.map(formatter).filter(lambda x: x is not None)
         # one reader thread and a small read-ahead: formatting stays in step with use
         read = grain.ReadOptions(num_threads=1, prefetch_buffer_size=2 * rows)
-        streams.append(stream.to_iter_dataset(read))
+        stream = stream.to_iter_dataset(read)
+        if data.truncation == "chunk":
+            stream = grain_experimental.FlatMapIterDataset(stream, _Pieces(train.seq_len))
+            if is_train and data.shuffle and data.shuffle_window:
+                stream = grain_experimental.WindowShuffleIterDataset(
+                    stream, window_size=data.shuffle_window, seed=data.seed + i)
+        streams.append(stream)
         weights.append(source.weight)
     stream = streams[0] if len(streams) == 1 else grain.IterDataset.mix(streams, weights)
     if data.packing:
