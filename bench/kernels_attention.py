@@ -18,17 +18,15 @@ compare XLA only).
 """
 
 import argparse
-import datetime
 import json
-import pathlib
 import statistics
-import subprocess
 import time
 
 import jax
 import jax.numpy as jnp
 
 from cadenza.pallas_kernels.attention import attention
+from cadenza.provenance import provenance, results_dir
 
 # peak HBM bandwidth in bytes/s by device kind (vendor figures)
 PEAK_HBM = {"H100": 3.35e12, "H200": 4.8e12, "TPU v5 lite": 8.19e11, "TPU v5e": 8.19e11,
@@ -113,13 +111,6 @@ def bench_verify(impls, b, s, hq, hkv, d, dtype, iters, peak):
     return rows
 
 
-def _commit():
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
 
 def _markdown(meta, flash, verify):
     lines = [f"# Attention kernels on {meta['device']}", "",
@@ -146,7 +137,7 @@ def main(argv=None):
     parser.add_argument("--size", choices=sorted(SIZES),
                         help="default: tiny on CPU, full on accelerators")
     parser.add_argument("--iters", type=int, default=10)
-    parser.add_argument("--out", default=str(pathlib.Path(__file__).parent / "results"))
+    parser.add_argument("--out", default=None, help="default: bench/results/<device>")
     args = parser.parse_args(argv)
     dev = jax.devices()[0]
     size = args.size or ("tiny" if dev.platform == "cpu" else "full")
@@ -156,13 +147,11 @@ def main(argv=None):
     peak = _peak_hbm(dev.device_kind)
     flash = bench_flash(flash_impls, *cfg["flash"], dtype, args.iters)
     verify = bench_verify(verify_impls, *cfg["verify"], dtype, args.iters, peak)
-    meta = dict(device=dev.device_kind, platform=dev.platform, jax=jax.__version__,
-                commit=_commit(), date=datetime.datetime.now(datetime.UTC).isoformat(
-                    timespec="seconds"), size=size, dtype=cfg["dtype"],
+    meta = dict(provenance(), device=dev.device_kind, platform=dev.platform,
+                size=size, dtype=cfg["dtype"],
                 flash_shape=list(cfg["flash"]), verify_shape=list(cfg["verify"]),
                 peak_hbm_bytes_per_s=peak)
-    out = pathlib.Path(args.out) / dev.device_kind.replace(" ", "_")
-    out.mkdir(parents=True, exist_ok=True)
+    out = results_dir(__file__, args.out)
     (out / "kernels_attention.json").write_text(
         json.dumps(dict(meta=meta, flash=flash, verify=verify), indent=2) + "\n")
     md = _markdown(meta, flash, verify)
