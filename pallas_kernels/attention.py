@@ -31,7 +31,7 @@ from flax import linen as nn
 from cadenza.errors import ConfigError
 from cadenza.pallas_kernels import decode_attention_gpu as decode_gpu
 from cadenza.pallas_kernels import decode_attention_tpu as decode_tpu
-from cadenza.pallas_kernels import flash_attention_gpu as flash_gpu
+from cadenza.pallas_kernels import flash_attention_cudnn as flash_cudnn
 from cadenza.pallas_kernels import flash_attention_mosaic_gpu as flash_mgpu
 from cadenza.pallas_kernels import flash_attention_tpu as flash_tpu
 from cadenza.pallas_kernels.attention_reference import reference_attention
@@ -130,7 +130,7 @@ def _flash_fn(impl, *, scale, window, logit_soft_cap):
     if impl == "mosaic_gpu":
         return functools.partial(flash_mgpu.flash_attention_mosaic_gpu, scale=scale,
                                  window=window, logit_soft_cap=logit_soft_cap)
-    return functools.partial(flash_gpu.flash_attention_cudnn, scale=scale, window=window)
+    return functools.partial(flash_cudnn.flash_attention_cudnn, scale=scale, window=window)
 
 
 def attention(q, k, v, *, implementation: str = "xla", scale, q_positions, k_cache=None,
@@ -178,7 +178,7 @@ def _gpu(impl, auto, q, k, v, kw, window_choices):
     cache = kw["k_cache"] is not None
     reasons = []
     if impl == "cudnn":
-        reason = ("cuDNN path has no cache attention" if cache else flash_gpu.unsupported_reason(
+        reason = ("cuDNN path has no cache attention" if cache else flash_cudnn.unsupported_reason(
             q, tail_mask=kw["tail_mask"], segment_ids=kw["segment_ids"],
             logit_soft_cap=kw["logit_soft_cap"]))
         if reason is None:

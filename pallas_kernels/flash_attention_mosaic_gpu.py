@@ -1,6 +1,6 @@
 """Training/prefill flash attention on NVIDIA Hopper (Pallas Mosaic GPU), forward and backward.
 
-For what cuDNN (:mod:`cadenza.pallas_kernels.flash_attention_gpu`) does not
+For what cuDNN (:mod:`cadenza.pallas_kernels.flash_attention_cudnn`) does not
 cover: logit soft-capping, and segment ids (packing) together with a sliding
 window; also causal and GQA. Exactly the reference's visibility rule for a
 sequence over itself: key ``j`` visible to query ``i`` iff ``j <= i``, same
