@@ -13,6 +13,9 @@ UV_VERSION := 0.13.9
 UV := .uv/bin/uv
 export UV_PYTHON_DOWNLOADS := never
 export UV_PYTHON := $(PY312)
+# pytest-xdist workers for make test (whole test files per worker: module fixtures are
+# built once); most tests are single-threaded compiles, so 2 workers use both cores.
+TEST_WORKERS ?= 2
 
 .PHONY: demo test ref-env bench clean
 
@@ -32,7 +35,7 @@ bench: .venv/.synced .venv-ref/.synced
 	.venv/bin/cadenza bench all $(BENCH_ARGS)
 
 test: .venv/.synced .venv-ref/.synced
-	.venv/bin/python -m pytest
+	.venv/bin/python -m pytest -n $(TEST_WORKERS) --dist loadfile
 
 .venv-ref/.synced: $(UV) requirements-ref.txt
 	@test -n "$(PY311)" || { echo "error: Python 3.11 not found; set PY311=/path/to/python3.11" >&2; exit 2; }

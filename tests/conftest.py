@@ -51,3 +51,16 @@ def tiny_model_config(family: str = "llama", *overrides: str):
 @pytest.fixture
 def tiny_config():
     return tiny_model_config
+
+
+@pytest.fixture(autouse=True)
+def _restore_cadenza_logger():
+    """Tests that run ``setup_logging`` (distributed init, the CLI) install a handler on
+    that test's captured stderr and stop propagation; restore the logger afterwards so
+    later tests (in any order, e.g. under pytest-xdist) log normally."""
+    import logging
+
+    log = logging.getLogger("cadenza")
+    saved = (list(log.handlers), log.level, log.propagate)
+    yield
+    log.handlers[:], log.level, log.propagate = saved
