@@ -9,8 +9,9 @@ so output stays lossless; only the amount of drafting changes.
 - ``kind="head"`` (SpecDec++, Huang et al. 2024): a_i = P_accept(d_i) from a
   small head on the draft's final hidden state when d_i is fed
   (:class:`AcceptHead`); after sampling d_s the product runs over i < s.
-  Default threshold 0.3, lengths 2..20. Train it with
-  :func:`cadenza.train.specdec_task.train_accept_head`.
+  Default threshold 0.3, lengths 2..20. Train it with ``cadenza train`` and
+  ``train.task: specdec`` (:mod:`cadenza.train.specdec_task`); it is saved as a head
+  directory (:func:`save_accept_head` / :func:`load_accept_head`).
 - ``kind="confidence"`` (training-free): a_i = q_i(d_i), the draft's own
   probability of the token it proposed (the top probability when greedy);
   the product runs over i <= s.
@@ -21,7 +22,6 @@ import dataclasses
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 KINDS = ("head", "confidence")
 
@@ -87,17 +87,24 @@ class StopRule:
         return prod, (i + 1 >= self.min_length) & (1.0 - prod > self.threshold)
 
 
-def save_accept_head(path, params) -> None:
-    """Write head params to an ``.npz`` (flat ``a/b/c`` keys; no pickling)."""
-    from flax.traverse_util import flatten_dict
+def save_accept_head(directory, params, hidden_size: int, blocks: int = 3):
+    """Write a trained head to a new head directory (:mod:`cadenza.decode.head_dir`, kind
+    ``accept``) recording ``blocks`` and the draft model's ``hidden_size``."""
+    from cadenza.decode.head_dir import save_head_dir
 
-    flat = {"/".join(k): np.asarray(v) for k, v in flatten_dict(params).items()}
-    np.savez(path, **flat)
+    return save_head_dir(directory, "accept", {"blocks": blocks, "hidden_size": hidden_size},
+                         params)
 
 
-def load_accept_head(path):
-    """Read head params written by :func:`save_accept_head` (pickles refused)."""
-    from flax.traverse_util import unflatten_dict
+def load_accept_head(directory, draft_config):
+    """Read a head directory written by :func:`save_accept_head` for the draft model
+    ``draft_config``: returns ``(params, blocks)``. Raises CadenzaError (before compiling)
+    if it was trained on a draft with another hidden size, naming both."""
+    from cadenza.decode.head_dir import check_meta, load_head_dir, read_meta
 
-    with np.load(path, allow_pickle=False) as f:
-        return unflatten_dict({tuple(k.split("/")): jnp.asarray(f[k]) for k in f.files})
+    meta = read_meta(directory, "accept")
+    check_meta(meta, {"hidden_size": draft_config.hidden_size}, directory, "the draft model")
+    blocks = int(meta["blocks"])
+    abstract = jax.eval_shape(
+        lambda: init_accept_head(draft_config.hidden_size, jax.random.key(0), blocks))
+    return load_head_dir(directory, "accept", abstract)[1], blocks

@@ -20,7 +20,7 @@ from cadenza.errors import CadenzaError
 # flags that set the DecodeConfig field of the same name when given
 _CONFIG_FLAGS = ("max_new_tokens", "temperature", "top_k", "top_p", "min_p",
                  "repetition_penalty", "seed", "max_len", "chunk_steps", "proxy_alpha", "draft",
-                 "gamma", "accept_head")
+                 "gamma", "accept_head", "heads")
 
 
 def register(subparsers) -> None:
@@ -38,9 +38,11 @@ def register(subparsers) -> None:
     p.add_argument("--chat", action="store_true",
                    help="wrap each text prompt as a user turn in the tokenizer's chat template")
     p.add_argument("--method",
-                   choices=["greedy", "sample", "speculative", "ngram", "superposed", "lud"],
-                   help="speculative: draft model (--draft); ngram: prompt lookup; both are "
-                        "lossless (greedy unless --sample). superposed: k drafts from one "
+                   choices=["greedy", "sample", "speculative", "ngram", "medusa", "superposed",
+                            "lud"],
+                   help="speculative: draft model (--draft); ngram: prompt lookup; medusa: "
+                        "trained heads and a token tree (--heads); all three are lossless "
+                        "(greedy unless --sample). superposed: k drafts from one "
                         "stream (needs --ngram unless --alpha 0); lud: lexical units in "
                         "parallel (a LUD-fine-tuned model)")
     p.add_argument("--draft", metavar="DIR", help="draft model directory (--method speculative)")
@@ -48,9 +50,12 @@ def register(subparsers) -> None:
     p.add_argument("--adaptive", action="store_true",
                    help="adaptive draft length: SpecDec++ head with --accept-head, else the "
                         "draft's confidence")
-    p.add_argument("--accept-head", metavar="FILE", help="trained SpecDec++ head (.npz)")
+    p.add_argument("--accept-head", metavar="DIR",
+                   help="trained SpecDec++ head directory (cadenza train, train.task=specdec)")
+    p.add_argument("--heads", metavar="DIR",
+                   help="trained Medusa head directory (cadenza train, train.task=medusa)")
     p.add_argument("--sample", action="store_true",
-                   help="with --method speculative/ngram: exact speculative sampling")
+                   help="with --method speculative/ngram/medusa: exact speculative sampling")
     p.add_argument("--max-new-tokens", type=int)
     p.add_argument("--temperature", type=float)
     p.add_argument("--top-k", type=int, help="0 = off")
@@ -150,7 +155,7 @@ def _decode_config(base, args, tokenizer):
     if args.method in ("greedy", "sample"):
         fields["method"] = args.method
     elif args.method is not None:
-        fields["speculative"] = "draft" if args.method == "speculative" else "ngram"
+        fields["speculative"] = "draft" if args.method == "speculative" else args.method
         fields["method"] = "sample" if args.sample else "greedy"
         if args.adaptive:
             fields["adaptive"] = "head" if args.accept_head else "confidence"
@@ -213,6 +218,7 @@ def _generate(args) -> int:
 
 def _speculative(model, params, prompts, config, tokenizer, args):
     from cadenza.decode.adaptive import load_accept_head
+    from cadenza.decode.medusa import load_medusa_heads
     from cadenza.decode.speculative import (
         check_draft_vocab,
         drafter_from_config,
@@ -223,15 +229,21 @@ def _speculative(model, params, prompts, config, tokenizer, args):
     if args.stream or args.proxy_expert or args.proxy_anti:
         raise CadenzaError("speculative decoding does not combine with --stream or proxy-tuning",
                            where="--method", fix="drop --stream / --proxy-*")
-    draft_params, draft_config = None, None
+    if config.speculative == "medusa":
+        drafter, heads = load_medusa_heads(config.heads, model.config)
+        return speculative_generate(model, params, prompts, config, drafter=drafter,
+                                    draft_params=heads, tokenizer=tokenizer)
+    draft_params, draft_config, blocks = None, None, 3
     if config.speculative == "draft":
         dcfg, dparams = load_model(config.draft)
         draft_config = dcfg.model
         check_draft_vocab(model, Transformer(draft_config))
-        head = load_accept_head(config.accept_head) if config.adaptive == "head" else None
+        head = None
+        if config.adaptive == "head":
+            head, blocks = load_accept_head(config.accept_head, draft_config)
         draft_params = (dparams, head)
     return speculative_generate(model, params, prompts, config,
-                                drafter=drafter_from_config(config, draft_config),
+                                drafter=drafter_from_config(config, draft_config, blocks),
                                 draft_params=draft_params, tokenizer=tokenizer)
 
 

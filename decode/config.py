@@ -9,7 +9,7 @@ import dataclasses
 from cadenza.validation import check_choice, check_range, require
 
 METHODS = ("greedy", "sample")
-SPECULATIVE = ("none", "draft", "ngram")
+SPECULATIVE = ("none", "draft", "ngram", "medusa")
 ADAPTIVE = ("none", "confidence", "head")
 
 
@@ -60,11 +60,12 @@ class DecodeConfig:
 
     Speculative decoding (:mod:`cadenza.decode.speculative`; lossless: greedy
     output equals plain greedy, samples follow the target): ``speculative``
-    ``"draft"`` (a draft model at ``draft``, a model directory) or ``"ngram"``
-    (prompt lookup, n-grams of ``ngram_max`` down to ``ngram_min`` tokens);
-    ``gamma`` draft tokens per round (the maximum when adaptive);
+    ``"draft"`` (a draft model at ``draft``, a model directory), ``"ngram"``
+    (prompt lookup, n-grams of ``ngram_max`` down to ``ngram_min`` tokens) or
+    ``"medusa"`` (trained Medusa heads and their tree at ``heads``, a head directory);
+    ``gamma`` draft tokens per round (the maximum when adaptive; not used by medusa);
     ``adaptive`` ``"confidence"`` (training-free) or ``"head"`` (SpecDec++,
-    head file ``accept_head``) stops a draft once ``1 - prod(a) >
+    head directory ``accept_head``) stops a draft once ``1 - prod(a) >
     adaptive_threshold`` after at least ``adaptive_min`` tokens.
     """
 
@@ -89,6 +90,7 @@ class DecodeConfig:
     adaptive_threshold: float = 0.3
     adaptive_min: int = 2
     accept_head: str = ""
+    heads: str = ""
     ngram_max: int = 3
     ngram_min: int = 1
 
@@ -104,10 +106,13 @@ class DecodeConfig:
         check_range(s, "ngram_max", self.ngram_max, low=self.ngram_min)
         require(self.speculative != "draft" or bool(self.draft), "decode.draft",
                 "speculative=draft needs a draft model directory", "set decode.draft (--draft)")
+        require(self.speculative != "medusa" or bool(self.heads), "decode.heads",
+                "speculative=medusa needs a trained Medusa head directory",
+                "set decode.heads (--heads)")
         require(self.adaptive == "none" or self.speculative == "draft", "decode.adaptive",
                 "an adaptive draft length needs speculative=draft", "set decode.speculative")
         require(self.adaptive != "head" or bool(self.accept_head), "decode.accept_head",
-                "adaptive=head needs a trained SpecDec++ head file",
+                "adaptive=head needs a trained SpecDec++ head directory",
                 "set decode.accept_head (--accept-head), or use adaptive=confidence")
         self.sampling_spec()
         check_range(s, "max_new_tokens", self.max_new_tokens, low=1)

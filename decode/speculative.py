@@ -386,9 +386,10 @@ class DraftModel:
         return cache
 
 
-def drafter_from_config(config: DecodeConfig, draft_config=None):
+def drafter_from_config(config: DecodeConfig, draft_config=None, head_blocks: int = 3):
     """The drafter ``config.speculative`` names: :class:`DraftModel` (``draft_config`` =
-    the draft's ModelConfig; adaptive per ``config.adaptive``) or a prompt-lookup drafter."""
+    the draft's ModelConfig; adaptive per ``config.adaptive``, ``head_blocks`` = the
+    SpecDec++ head's residual blocks) or a prompt-lookup drafter."""
     if config.speculative == "ngram":
         return PromptLookup(gamma=config.gamma, max_ngram=config.ngram_max,
                             min_ngram=config.ngram_min)
@@ -397,6 +398,7 @@ def drafter_from_config(config: DecodeConfig, draft_config=None):
                            where="decode.speculative", fix="use 'draft' or 'ngram'")
     if config.adaptive == "none":
         return DraftModel(draft_config, config.gamma)
-    rule = StopRule(config.adaptive, config.adaptive_threshold, config.adaptive_min)
+    rule = StopRule(config.adaptive, config.adaptive_threshold, config.adaptive_min,
+                    blocks=head_blocks)
     return DraftModel(draft_config, config.gamma, stop=rule,
                       name="specdec++" if config.adaptive == "head" else "adaptive-confidence")

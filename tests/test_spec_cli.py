@@ -1,4 +1,4 @@
-"""``cadenza generate --method speculative|ngram`` on model directories."""
+"""``cadenza generate --method speculative|ngram|medusa`` on model and head directories."""
 
 import json
 
@@ -8,6 +8,8 @@ import pytest
 from cadenza.cli import main
 from cadenza.config import load_config
 from cadenza.decode import DecodeConfig, generate
+from cadenza.decode.adaptive import init_accept_head, save_accept_head
+from cadenza.decode.medusa import Medusa, init_medusa_heads, save_medusa_heads
 from cadenza.models import Transformer, init_params, save_model
 
 PROMPTS = [[1, 17, 42, 99, 5], [1, 300], [1, 7, 7, 7, 200, 201, 202, 31, 64]]
@@ -27,6 +29,13 @@ def dirs(tmp_path_factory):
     target = saved(tmp, "target", [], 0)
     draft = saved(tmp, "draft", SMALL, 1)
     other = saved(tmp, "other", SMALL + ["model.vocab_size=256"], 2)
+    medusa = Medusa(paths=((0,), (1,), (0, 0), (0, 1), (0, 0, 0)))
+    heads = init_medusa_heads(target[1].model, target[2], medusa.num_heads)
+    save_medusa_heads(tmp / "heads", medusa, target[1].model, heads)
+    save_medusa_heads(tmp / "other_heads", medusa, other[1].model,
+                      init_medusa_heads(other[1].model, other[2], medusa.num_heads))
+    accept = init_accept_head(draft[1].model.hidden_size, jax.random.key(3))
+    save_accept_head(tmp / "accept", accept, draft[1].model.hidden_size)
     return target, draft, other
 
 
@@ -38,11 +47,15 @@ def run(capsys, argv):
 
 
 @pytest.mark.parametrize("method", [["--method", "speculative", "--gamma", "3"],
-                                    ["--method", "ngram", "--gamma", "4"]])
+                                    ["--method", "speculative", "--adaptive", "--accept-head",
+                                     "ACCEPT", "--gamma", "5"],
+                                    ["--method", "ngram", "--gamma", "4"],
+                                    ["--method", "medusa", "--heads", "HEADS"]])
 def test_speculative_cli_equals_plain_greedy(dirs, capsys, method):
     (tdir, tconfig, tparams), (ddir, _, _), _ = dirs
     argv = ["generate", "--checkpoint", str(tdir), "--json", "--max-new-tokens", "16",
-            "--ignore-eos"] + method
+            "--ignore-eos"] + [str(tdir.parent / e.lower()) if e.isupper() else e
+                               for e in method]
     if method[1] == "speculative":
         argv += ["--draft", str(ddir)]
     rows = run(capsys, argv)
@@ -51,7 +64,9 @@ def test_speculative_cli_equals_plain_greedy(dirs, capsys, method):
     assert [r["token_ids"] for r in rows] == plain.token_ids
     s = rows[0]["stats"]
     assert s["mean_accepted_per_forward"] >= 1.0 and s["target_forwards"] > 0
-    assert len(s["acceptance_per_position"]) == int(method[-1])
+    gamma = 3 if method[1] == "medusa" else int(method[-1])     # the tree is 3 deep
+    assert len(s["acceptance_per_position"]) == gamma
+    assert s["method"] == {"--adaptive": "specdec++"}.get(method[2], method[1])
     assert {"predicted_speedup", "decode_tokens_per_s", "mean_draft_length"} <= set(s)
 
 
@@ -59,9 +74,25 @@ def test_speculative_cli_equals_plain_greedy(dirs, capsys, method):
     (["--method", "speculative"], "needs a draft model directory"),
     (["--method", "ngram", "--adaptive"], "needs speculative=draft"),
     (["--method", "speculative", "--draft", "OTHER"], "(256 tokens) differs from the target"),
+    (["--method", "medusa"], "needs a trained Medusa head directory"),
+    (["--method", "medusa", "--heads", "OTHER_HEADS"],
+     "vocab_size: the head has 256, the target model has 512"),
+    (["--method", "speculative", "--draft", "DRAFT", "--adaptive", "--accept-head", "HEADS"],
+     "holds a 'medusa' head"),
 ])
 def test_speculative_cli_errors_exit_2(dirs, capsys, extra, message):
     (tdir, _, _), _, (odir, _, _) = dirs
-    extra = [str(odir) if e == "OTHER" else e for e in extra]
+    extra = [str(odir.parent / e.lower()) if e.isupper() else e for e in extra]
     assert main(["generate", "--checkpoint", str(tdir), "--prompt-ids", "1,5"] + extra) == 2
     assert message in capsys.readouterr().err
+
+
+def test_medusa_cli_sampling_is_seeded(dirs, capsys):
+    (tdir, _, _), _, _ = dirs
+    argv = ["generate", "--checkpoint", str(tdir), "--json", "--max-new-tokens", "8",
+            "--ignore-eos", "--method", "medusa", "--heads", str(tdir.parent / "heads"),
+            "--sample", "--temperature", "2.0", "--seed", "7"]
+    first, again = run(capsys, list(argv)), run(capsys, list(argv))
+    assert [r["token_ids"] for r in first] == [r["token_ids"] for r in again]
+    assert all(len(r["token_ids"]) == 8 for r in first)
+    assert first[0]["stats"]["method"] == "medusa" and first[0]["stats"]["target_forwards"] > 0

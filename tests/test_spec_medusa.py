@@ -1,14 +1,35 @@
-"""Medusa heads: a fresh head reproduces the base logits; tree decoding == plain greedy."""
+"""Medusa heads: a fresh head reproduces the base logits; tree decoding == plain greedy (also
+with a repetition penalty); exact tree sampling follows the target (chi-square); head
+directories round-trip and refuse a different target."""
+
+import dataclasses
+import importlib.util
+import pathlib
 
 import jax
 import numpy as np
 import pytest
 
 from cadenza.decode import DecodeConfig, generate
-from cadenza.decode.medusa import Medusa, MedusaHeads, init_medusa_heads
+from cadenza.decode.medusa import (
+    Medusa,
+    MedusaHeads,
+    init_medusa_heads,
+    load_medusa_heads,
+    save_medusa_heads,
+)
 from cadenza.decode.speculative import speculative_generate
 from cadenza.errors import CadenzaError
 from cadenza.models import Transformer, init_params
+
+# the chi-square helpers of the speculative sampling test (test modules are not importable
+# by name under --import-mode=importlib)
+_path = pathlib.Path(__file__).with_name("test_spec_sampling.py")
+_spec = importlib.util.spec_from_file_location("_spec_sampling_helpers", _path)
+chi = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(chi)
+chi.N = 2                    # this private copy enumerates the first two tokens (64 cells)
+SAMPLES = 8_000
 
 PROMPTS = [[1, 17, 42, 99, 5], [1, 300], [1, 7, 7, 7, 200, 201, 202, 31, 64]]
 
@@ -41,11 +62,53 @@ def test_tree_greedy_equals_plain_greedy(target):
     np.testing.assert_allclose(np.concatenate(res.logprobs), np.concatenate(plain.logprobs),
                                atol=1e-4)
     assert res.stats["mean_accepted_per_forward"] >= 1.0
-    with pytest.raises(CadenzaError, match="greedy"):
-        speculative_generate(model, params, PROMPTS, DecodeConfig(method="sample"),
-                             drafter=drafter, draft_params=heads)
     with pytest.raises(ValueError, match="no parent"):
         Medusa(paths=((0,), (1, 0)))
+    with pytest.raises(ValueError, match="only 2 heads"):
+        Medusa(heads=2)
+
+
+def test_tree_greedy_with_repetition_penalty_equals_plain_greedy(target):
+    model, params = target
+    cfg = DecodeConfig(max_new_tokens=12, ignore_eos=True, repetition_penalty=1.5)
+    drafter = Medusa(paths=((0,), (1,), (0, 0), (0, 1), (0, 0, 0)))
+    heads = chi.perturbed(init_medusa_heads(model.config, params, drafter.num_heads), 0.3)
+    res = speculative_generate(model, params, PROMPTS, cfg, drafter=drafter, draft_params=heads)
+    assert res.token_ids == generate(model, params, PROMPTS, cfg).token_ids
+
+
+def test_tree_sampling_matches_target(tiny_config):
+    """Sequential elimination on the tree: the first two tokens follow the warped target
+    (temperature, top-k and repetition penalty as in the speculative chi-square test)."""
+    model, params = chi.toy(tiny_config)
+    drafter = Medusa()
+    heads = chi.perturbed(init_medusa_heads(model.config, params, drafter.num_heads), 0.3)
+    res = speculative_generate(model, params, [chi.PROMPT] * SAMPLES,
+                               dataclasses.replace(chi.CFG, max_new_tokens=chi.N), drafter=drafter,
+                               draft_params=heads, seeds=list(range(SAMPLES)))
+    joint, _ = chi.enumerate_warped(model, params)
+    pvalue, impossible = chi.chi_square(np.asarray(res.token_ids), joint)
+    assert impossible == 0 and pvalue > 1e-3, pvalue
+    assert 0.1 < res.stats["acceptance_per_position"][0] < 1.0
+
+
+def test_head_directory_round_trip_and_mismatch(target, tmp_path, tiny_config):
+    model, params = target
+    drafter = Medusa(paths=((0,), (1,), (0, 0)), blocks=2, heads=3)
+    heads = init_medusa_heads(model.config, params, 3, blocks=2)
+    save_medusa_heads(tmp_path / "h", drafter, model.config, heads)
+    back, loaded = load_medusa_heads(tmp_path / "h", model.config)
+    assert back == drafter
+    for a, b in zip(jax.tree.leaves(heads), jax.tree.leaves(loaded)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    with pytest.raises(CadenzaError, match="already exists"):
+        save_medusa_heads(tmp_path / "h", drafter, model.config, heads)
+    other = tiny_config("llama", "model.vocab_size=256")
+    with pytest.raises(CadenzaError, match="vocab_size: the head has 512, the target model has "
+                                           "256"):
+        load_medusa_heads(tmp_path / "h", other)
+    with pytest.raises(CadenzaError, match="not a head directory"):
+        load_medusa_heads(tmp_path, model.config)
 
 
 def test_medusa_training_learns_a_periodic_sequence(target):

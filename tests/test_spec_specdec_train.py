@@ -5,8 +5,10 @@ import itertools
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from cadenza.decode.adaptive import load_accept_head, save_accept_head
+from cadenza.errors import CadenzaError
 from cadenza.models import Transformer, init_params
 from cadenza.train.specdec_task import specdec_examples, train_accept_head
 
@@ -40,7 +42,10 @@ def test_head_loss_decreases_and_round_trips(tiny_config, tmp_path):
     head, losses = train_accept_head(target, tp, draft, dp, itertools.cycle(list(data)),
                                      steps=40, learning_rate=3e-3)
     assert np.mean(losses[-8:]) < np.mean(losses[:8])
-    save_accept_head(tmp_path / "head.npz", head)
-    back = load_accept_head(tmp_path / "head.npz")
+    save_accept_head(tmp_path / "head", head, draft.config.hidden_size)
+    back, blocks = load_accept_head(tmp_path / "head", draft.config)
+    assert blocks == 3
     for a, b in zip(jax.tree.leaves(head), jax.tree.leaves(back)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(jnp.asarray(b)))
+    with pytest.raises(CadenzaError, match="hidden_size: the head has 32, the draft model has 64"):
+        load_accept_head(tmp_path / "head", target.config)

@@ -59,6 +59,59 @@ class MeshConfig:
         return tuple((k, tuple(v) if v else None) for k, v in self.logical_axis_rules.items())
 
 
+TASKS = ("lm", "medusa", "specdec")
+
+
+@dataclasses.dataclass(frozen=True)
+class MedusaTrainConfig:
+    """``train.medusa``: Medusa-1 heads on the frozen ``train.init_from`` model.
+
+    ``num_heads`` heads of ``blocks`` residual blocks each; head k's cross-entropy is
+    weighted ``decay**k``. ``tree``: the decoding tree saved with the heads, a list of
+    index paths (e.g. ``[[0], [1], [0, 0]]``), at most ``num_heads`` deep; empty = the
+    default tree (:data:`cadenza.decode.medusa.DEFAULT_PATHS`) cut to ``num_heads``.
+    """
+
+    num_heads: int = 4
+    blocks: int = 1
+    decay: float = 0.8
+    tree: list[list[int]] = dataclasses.field(default_factory=list)
+
+    def __post_init__(self):
+        s = "train.medusa"
+        check_range(s, "num_heads", self.num_heads, low=1)
+        check_range(s, "blocks", self.blocks, low=1)
+        check_range(s, "decay", self.decay, low=0.0, high=1.0, low_inclusive=False)
+        for i, path in enumerate(self.tree):
+            if not path or min(path) < 0 or len(path) > self.num_heads:
+                raise ConfigError(f"tree path {list(path)} is not 1..{self.num_heads} "
+                                  "indices >= 0", where=f"{s}.tree[{i}]",
+                                  fix="give paths like [0], [0, 1], no deeper than num_heads")
+            if len(path) > 1 and list(path[:-1]) not in [list(p) for p in self.tree]:
+                raise ConfigError(f"tree path {list(path)} has no parent {list(path[:-1])}",
+                                  where=f"{s}.tree[{i}]", fix="add the parent path too")
+
+
+@dataclasses.dataclass(frozen=True)
+class SpecDecTrainConfig:
+    """``train.specdec``: the SpecDec++ acceptance head of the draft model ``draft`` (a model
+    directory) against the target ``train.init_from`` (both frozen). ``blocks`` residual
+    blocks; rejections weigh ``reject_weight``; a random ``keep_fraction`` of positions keep
+    the true token (no loss there)."""
+
+    draft: Optional[str] = None
+    blocks: int = 3
+    reject_weight: float = 6.0
+    keep_fraction: float = 0.15
+
+    def __post_init__(self):
+        s = "train.specdec"
+        check_range(s, "blocks", self.blocks, low=1)
+        check_range(s, "reject_weight", self.reject_weight, low=0.0, low_inclusive=False)
+        check_range(s, "keep_fraction", self.keep_fraction, low=0.0, high=1.0,
+                    high_inclusive=False)
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """Optimisation and run settings of ``cadenza train``.
@@ -76,6 +129,10 @@ class TrainConfig:
     ``init_from``: a model directory (``cadenza.models.save_model``) whose params
     start the run: the frozen base for PEFT, the starting point of full
     fine-tuning; None starts from random init (PEFT needs a base).
+    ``task``: what is trained: ``lm`` (the model, or PEFT adapters), ``medusa`` (Medusa
+    heads, section ``medusa``) or ``specdec`` (the SpecDec++ head, section ``specdec``);
+    the head tasks keep ``init_from`` frozen and write a head directory to
+    ``<output_dir>/adapters`` instead of a model.
     """
 
     output_dir: str = "runs/default"
@@ -106,9 +163,20 @@ class TrainConfig:
     progress_bar: bool = True
     peak_tflops_per_device: float = 0.0
     init_from: Optional[str] = None
+    task: str = "lm"
+    medusa: MedusaTrainConfig = dataclasses.field(default_factory=MedusaTrainConfig)
+    specdec: SpecDecTrainConfig = dataclasses.field(default_factory=SpecDecTrainConfig)
 
     def __post_init__(self):
         s = "train"
+        check_choice(s, "task", self.task, TASKS)
+        if self.task != "lm" and not self.init_from:
+            raise ConfigError(f"train.task={self.task} trains heads on a frozen model, but "
+                              "none is given", where="train.init_from",
+                              fix="set train.init_from to the model directory")
+        if self.task == "specdec" and not self.specdec.draft:
+            raise ConfigError("train.task=specdec needs the draft model", where="train.specdec"
+                              ".draft", fix="set train.specdec.draft to a model directory")
         for name in ("steps", "batch_size", "seq_len", "microbatches", "log_every",
                      "keep_checkpoints", "eval_steps"):
             check_range(s, name, getattr(self, name), low=1)

@@ -7,7 +7,8 @@ tokens of the whole global batch (all microbatches together), so
 accumulating M microbatches of B/M rows equals one batch of B rows; a batch
 with no counted tokens has loss 0 and zero gradients. Extra keys a task needs
 (e.g. LUD's ``lud_group`` [B, T]) are split into microbatches like the others and
-passed through to ``task.apply`` unchanged.
+passed through to ``task.apply`` unchanged. A task with its own ``loss`` (trained heads)
+replaces the cross-entropy; its sums are averaged the same way.
 """
 
 import flax.linen as nn
@@ -52,6 +53,9 @@ def _split_microbatches(batch: dict, microbatches: int) -> dict:
 def _loss_fn(task: TrainTask, rules, z_loss: float):
     def loss(trainable, frozen, mb, rng):
         with nn.logical_axis_rules(rules):
+            if task.loss is not None:           # the task's own objective (e.g. heads)
+                objective, ce, count = task.loss(trainable, frozen, mb, rng)
+                return objective, (ce, count)
             logits = task.apply(trainable, frozen, mb, rng)
         objective, ce, count = token_losses(logits, mb["targets"], mb["loss_mask"], z_loss)
         return objective, (ce, count)

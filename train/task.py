@@ -46,7 +46,12 @@ class TrainTask:
         work only for the trainable ones).
       wrap_optimizer: tx -> tx for the trainable tree (LoRA+ scales B's updates).
       save_adapters: (directory, trainable) -> None, or None; PEFT writes its adapters
-        (``<output_dir>/adapters``) at the end of a run.
+        (``<output_dir>/adapters``) at the end of a run (head tasks: their head directory).
+      loss: (trainable, frozen, batch, rng) -> ``(objective_sum, loss_sum, count)`` float32
+        scalars (sums over the microbatch and the count they are averaged over), or None
+        for the masked next-token cross-entropy of ``apply``'s logits. Tasks that train
+        something other than next-token logits set it (Medusa and SpecDec++ heads); the
+        trainer's z-loss is not added to it.
     """
 
     abstract_trainable: Callable[[], PyTree]
@@ -60,6 +65,7 @@ class TrainTask:
     abstract_frozen: Callable[[Mesh, Any], PyTree] = lambda mesh, rules: {}
     wrap_optimizer: Callable[[Any], Any] = lambda tx: tx
     save_adapters: Callable[[Any, PyTree], None] | None = None
+    loss: Callable[[PyTree, PyTree, dict, Any], tuple] | None = None
 
 
 def full_model_task(model_config: ModelConfig, neftune_alpha: float = 0.0,

@@ -255,8 +255,13 @@ def fit(config: ExperimentConfig, data=None, eval_data=None, *,
 
 
 def default_task(config: ExperimentConfig) -> TrainTask:
-    """Full training, or the PEFT task when ``peft.method`` is set (base: ``train.init_from``)."""
+    """Full training, or the PEFT task when ``peft.method`` is set (base: ``train.init_from``),
+    or the Medusa / SpecDec++ head task ``train.task`` names."""
     alpha = config.data.neftune_alpha
+    if config.train.task != "lm":
+        from cadenza.train.head_fit import head_task
+
+        return head_task(config)
     if config.peft.method != "none":
         from cadenza.train.peft.task import peft_task
 
