@@ -148,23 +148,31 @@ def plot(data: dict, name: str, path: pathlib.Path) -> bool:
 
 
 def summarize(dest: pathlib.Path, runs: list[dict], quick: bool) -> str:
-    """Write ``summary.md`` (and the plots) for the results in ``dest``; returns the text."""
+    """Write ``summary.md`` (and the plots) for the results in ``dest``; returns the text.
+
+    Lists ``runs`` and, marked "not rerun", every other benchmark whose results are
+    already in ``dest`` (each row keeps its own commit and date)."""
     now = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
     lines = [f"# Benchmarks ({dest.name}{', quick settings' if quick else ''})", "",
              f"Summary written {now}. Numbers below come from each benchmark's results file.", "",
              "| benchmark | device | jax | commit | date | exit | run time (s) | plot |",
              "|---|---|---|---|---|---|---|---|"]
     sections = []
-    for r in runs:
+    ran = {r["script"] for r in runs}
+    earlier = [{"script": n, "returncode": "not rerun", "seconds": None,
+                "files": [f.name for f in (dest / f"{n}.json", dest / f"{n}.md") if f.is_file()]}
+               for n in scripts() if n not in ran and (dest / f"{n}.json").is_file()]
+    for r in sorted(runs + earlier, key=lambda r: r["script"]):
         name = r["script"]
         js = dest / f"{name}.json"
         data = json.loads(js.read_text()) if js.is_file() and f"{name}.json" in r["files"] \
             else None
         m = _meta(data) if data else {}
         drawn = data is not None and plot(data, name, dest / f"{name}.png")
+        seconds = "—" if r["seconds"] is None else f"{r['seconds']:.0f}"
         lines.append(f"| {name} | {m.get('device', '—')} | {m.get('jax', '—')} | "
                      f"{m.get('commit', '—')} | {m.get('date', '—')} | {r['returncode']} | "
-                     f"{r['seconds']:.0f} | {f'![{name}]({name}.png)' if drawn else '—'} |")
+                     f"{seconds} | {f'![{name}]({name}.png)' if drawn else '—'} |")
         md = dest / f"{name}.md"
         if f"{name}.md" in r["files"]:
             body = md.read_text().strip().splitlines()
