@@ -7,9 +7,11 @@ Both models are trained by cadenza (:func:`cadenza.train.fit`, the
 unless ``<runs>/{target,draft}/model`` exist (``--runs``, default
 ``runs/spec_bench``, so reruns skip training): the target is a 4-layer,
 256-wide model, the draft the 2-layer, 64-wide ``tiny`` preset (about 20x
-fewer parameters). Both are served in ``--dtype`` (default bfloat16: params
-cast after loading; the plain greedy baseline uses the same cast target, and
-a float32 greedy row is shown for reference). Prompts are windows of stdlib
+fewer parameters). Both are served in ``--dtype`` (default float32; with
+bfloat16 the params are cast after loading, the plain greedy baseline uses the
+same cast target and a float32 greedy row is shown for reference; measured:
+bfloat16 verify forwards over T tokens round differently from one-token steps,
+so greedy outputs diverge from plain greedy at near-ties). Prompts are windows of stdlib
 source files, decoded one at a time (``--batch`` rows per call).
 
 Each of ``--repeats`` rounds runs every method once, interleaved (the machine
@@ -24,7 +26,7 @@ one greedy step) and one from the measured cost of a forward over ``T``
 tokens (``fwd(T)/fwd(1)``, table below the results). A second table measures
 ``fwd(T)/fwd(1)`` for randomly initialised models of several sizes in float32
 and bfloat16, which says when a verify forward is nearly free on this device.
-Results: ``<out>/speculative_bench.{json,md}``.
+Results: ``<out>/speculative_bench.{json,md}`` (``speculative_bench_bfloat16.*`` in bfloat16).
 """
 
 import argparse
@@ -180,7 +182,7 @@ def main():
     parser.add_argument("--target-steps", type=int, default=200)
     parser.add_argument("--draft-steps", type=int, default=400)
     parser.add_argument("--runs", default="runs/spec_bench", help="trained models (cached)")
-    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--prompts", type=int, default=4)
     parser.add_argument("--batch", type=int, default=1, help="rows per decode call")
     parser.add_argument("--prompt-len", type=int, default=64)
@@ -292,8 +294,9 @@ def main():
               "cost_sweep": sweep}
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "speculative_bench.json").write_text(json.dumps(report, indent=2, default=str))
-    (out / "speculative_bench.md").write_text(render(report))
+    stem = "speculative_bench" + ("" if args.dtype == "float32" else f"_{args.dtype}")
+    (out / f"{stem}.json").write_text(json.dumps(report, indent=2, default=str))
+    (out / f"{stem}.md").write_text(render(report))
     print(render(report))
 
 
