@@ -1,61 +1,93 @@
 """Speculative decoding family vs plain greedy decoding of the target, side by side in one run.
 
-Run: ``.venv/bin/python bench/speculative_bench.py [--target-steps 300] [--draft-steps 300]``.
+Run: ``.venv/bin/python bench/speculative_bench.py [--target-steps 200] [--draft-steps 400]``.
 
 Both models are trained by cadenza (:func:`cadenza.train.fit`, the
 ``tiny_pretrain`` experiment on the stdlib code data with its BPE tokenizer)
-unless ``runs/spec_bench/{target,draft}/model`` exist: the target is a
-4-layer, 256-wide model, the draft the 2-layer, 64-wide ``tiny`` preset.
-Prompts are windows of stdlib source files encoded with the target's
-tokenizer. After a warm-up call of each (compiling), it times plain greedy
-decoding of the target and of the draft, then every speculative method
-(draft model with fixed gamma, adaptive confidence rule, prompt lookup,
-Medusa with heads trained here on the target's data, ``--medusa-steps``),
-checks each output equals plain greedy token for token, and reports decode
-tokens/s, speedup over plain greedy, mean accepted tokens per target
-forward, acceptance per draft position and the speedup predicted from those
-numbers with the measured cost ratio c = t_draft / t_target (per token of
-plain greedy). Results: ``bench/results/cpu/speculative_bench.{json,md}``.
+unless ``<runs>/{target,draft}/model`` exist (``--runs``, default
+``runs/spec_bench``, so reruns skip training): the target is a 4-layer,
+256-wide model, the draft the 2-layer, 64-wide ``tiny`` preset (about 20x
+fewer parameters). Both are served in ``--dtype`` (default float32; with
+bfloat16 the params are cast after loading, the plain greedy baseline uses the
+same cast target and a float32 greedy row is shown for reference; measured:
+bfloat16 verify forwards over T tokens round differently from one-token steps,
+so greedy outputs diverge from plain greedy at near-ties). Prompts are windows of stdlib
+source files, decoded one at a time (``--batch`` rows per call).
+
+Each of ``--repeats`` rounds runs every method once, interleaved (the machine
+is shared, so methods are compared within a round and the median over rounds
+is reported): plain greedy of the target, draft model with fixed gamma, the
+adaptive confidence rule, prompt lookup (n-gram), optionally Medusa
+(``--medusa-steps`` > 0 trains heads). Each output is checked token for token
+against plain greedy. Reported per method: decode tokens/s (prefill
+excluded), speedup, accepted tokens per target forward, acceptance per draft
+position, and two predicted speedups: the library's (a verify forward costs
+one greedy step) and one from the measured cost of a forward over ``T``
+tokens (``fwd(T)/fwd(1)``, table below the results). A second table measures
+``fwd(T)/fwd(1)`` for randomly initialised models of several sizes in float32
+and bfloat16, which says when a verify forward is nearly free on this device.
+Results: ``<out>/speculative_bench.{json,md}`` (``speculative_bench_bfloat16.*`` in bfloat16).
 """
 
 import argparse
 import dataclasses
 import datetime
 import json
+import os
 import pathlib
+import platform
+import statistics
 import subprocess
 import sysconfig
+import time
 
 import jax
+import jax.numpy as jnp
 
 from cadenza.config import load_config
 from cadenza.decode import DecodeConfig, generate
 from cadenza.decode.adaptive import StopRule
-from cadenza.decode.medusa import Medusa
 from cadenza.decode.ngram_draft import PromptLookup
 from cadenza.decode.speculative import DraftModel, speculative_generate
-from cadenza.models import Transformer, load_model
+from cadenza.decode.verify import verify
+from cadenza.models import KVCache, Transformer, init_params, load_model
 from cadenza.models.checkpoint import tokenizer_dir
 from cadenza.models.tokenizer import load_tokenizer
 
-RUNS = pathlib.Path("runs/spec_bench")
 TARGET = ["model.hidden_size=256", "model.num_layers=4", "model.num_heads=8",
           "model.num_kv_heads=4", "model.intermediate_size=768"]
-PROMPT_FILES = ("calendar.py", "locale.py", "pprint.py", "reprlib.py")
+PROMPT_FILES = ("calendar.py", "locale.py", "pprint.py", "reprlib.py", "textwrap.py",
+                "fnmatch.py", "heapq.py", "bisect.py")
+# Sizes of the forward-cost sweep (random init): name -> model overrides.
+SWEEP = {
+    "quickstart target (4L d128)": ["model.num_layers=4", "model.hidden_size=128",
+                                    "model.num_heads=4", "model.num_kv_heads=2",
+                                    "model.intermediate_size=384"],
+    "bench target (4L d256)": TARGET + ["model.vocab_size=512"],
+    "6L d512, vocab 2048": ["model.num_layers=6", "model.hidden_size=512", "model.num_heads=8",
+                            "model.num_kv_heads=4", "model.intermediate_size=1536",
+                            "model.vocab_size=2048"],
+}
 
 
-def trained(name: str, overrides: list[str], steps: int) -> pathlib.Path:
-    """The model directory of ``runs/spec_bench/<name>``, trained with fit if absent."""
-    model_dir = RUNS / name / "model"
+def trained(runs: pathlib.Path, name: str, overrides: list[str], steps: int) -> pathlib.Path:
+    """The model directory ``<runs>/<name>/model``, trained with fit if absent."""
+    model_dir = runs / name / "model"
     if not (model_dir / "config.yaml").exists():
         from cadenza.train.trainer import fit
 
         config = load_config("tiny_pretrain", overrides + [
-            f"train.output_dir={RUNS / name}", f"train.steps={steps}", "train.eval_every=0",
+            f"train.output_dir={runs / name}", f"train.steps={steps}", "train.eval_every=0",
             f"train.checkpoint_every={steps}", f"train.log_every={steps}"])
         summary = fit(config)
         print(f"trained {name}: loss {summary['loss']:.3f}")
     return model_dir
+
+
+def serving(model_config, params, dtype: str):
+    """The model config and params cast to ``dtype`` for decoding (compute and params)."""
+    cfg = dataclasses.replace(model_config, dtype=dtype, param_dtype=dtype)
+    return cfg, jax.tree.map(lambda x: x.astype(dtype), params)
 
 
 def prompts(tokenizer, n: int, length: int) -> list[list[int]]:
@@ -66,6 +98,48 @@ def prompts(tokenizer, n: int, length: int) -> list[list[int]]:
         ids = tokenizer.encode(text[len(text) // 2:], add_bos=True)
         out.append(ids[:length])
     return out
+
+
+def forward_seconds(model: Transformer, params, tokens: int, prefix: int, max_len: int,
+                    iters: int, repeats: int) -> float:
+    """Median seconds of one cached forward over ``tokens`` new tokens per row (batch 1)
+    after ``prefix`` cached tokens: ``iters`` forwards in one jitted loop, ``repeats`` times."""
+    def run(params, cache):
+        def body(i, carry):
+            cache, acc = carry
+            new = jnp.full((1, tokens), i % 7, jnp.int32)
+            logits, _, cache = verify(model, params, cache.with_lengths(prefix), new)
+            return cache, acc + logits[0, -1, 0]
+        return jax.lax.fori_loop(0, iters, body, (cache, jnp.float32(0)))[1]
+
+    fn = jax.jit(run)
+    cache = KVCache.create(model.config, 1, max_len)
+    jax.block_until_ready(fn(params, cache))
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(params, cache))
+        times.append((time.perf_counter() - t0) / iters)
+    return statistics.median(times)
+
+
+def cost_sweep(tokens: list[int], repeats: int) -> list[dict]:
+    """fwd(T)/fwd(1) for the :data:`SWEEP` sizes (random init) in float32 and bfloat16."""
+    rows = []
+    for name, overrides in SWEEP.items():
+        for dtype in ("float32", "bfloat16"):
+            cfg = load_config("tiny_pretrain", overrides + [f"model.dtype={dtype}",
+                                                            f"model.param_dtype={dtype}"]).model
+            params = init_params(cfg, jax.random.key(0), mesh=None, rules=None)
+            model = Transformer(cfg)
+            iters = 20 if cfg.num_params() > 1e7 else 100
+            secs = {t: forward_seconds(model, params, t, 160, 256, iters, repeats)
+                    for t in tokens}
+            rows.append({"model": name, "params": cfg.num_params(), "dtype": dtype,
+                         "fwd_ms": {t: s * 1e3 for t, s in secs.items()},
+                         "ratio": {t: s / secs[1] for t, s in secs.items()}})
+            print(rows[-1])
+    return rows
 
 
 def medusa_heads(target, tparams, tcfg, num_heads: int, steps: int):
@@ -80,96 +154,204 @@ def medusa_heads(target, tparams, tcfg, num_heads: int, steps: int):
     return heads
 
 
-def run_twice(fn):
-    fn()                       # warm-up: compiles
-    return fn()
+def decode_all(fn, batches):
+    """Run ``fn(batch)`` per batch; (token ids, decode seconds, tokens decoded, stats list)."""
+    ids, secs, decoded, stats = [], 0.0, 0, []
+    for batch in batches:
+        res = fn(batch)
+        ids += res.token_ids
+        secs += res.stats["decode_s"]
+        decoded += sum(len(t) - 1 for t in res.token_ids)   # the first token comes from prefill
+        stats.append(res.stats)
+    return ids, secs, decoded, stats
+
+
+def _meta(args) -> dict:
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                            text=True).stdout.strip()
+    return {"benchmark": "speculative_vs_plain_greedy", "device": jax.devices()[0].platform,
+            "device_kind": str(jax.devices()[0].device_kind), "cpu_count": os.cpu_count(),
+            "load_avg_1m": os.getloadavg()[0], "jax": jax.__version__,
+            "python": platform.python_version(), "commit": commit,
+            "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+            **{k: v for k, v in vars(args).items() if k != "out"}}
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--target-steps", type=int, default=300)
-    parser.add_argument("--draft-steps", type=int, default=300)
-    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--target-steps", type=int, default=200)
+    parser.add_argument("--draft-steps", type=int, default=400)
+    parser.add_argument("--runs", default="runs/spec_bench", help="trained models (cached)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--prompts", type=int, default=4)
+    parser.add_argument("--batch", type=int, default=1, help="rows per decode call")
     parser.add_argument("--prompt-len", type=int, default=64)
     parser.add_argument("--new-tokens", type=int, default=128)
-    parser.add_argument("--medusa-steps", type=int, default=60)
+    parser.add_argument("--gammas", default="2,4,6")
+    parser.add_argument("--ngram-gammas", default="4,8")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--medusa-steps", type=int, default=0, help="0 = no Medusa row")
+    parser.add_argument("--no-sweep", action="store_true", help="skip the size sweep")
     parser.add_argument("--out", default="bench/results/cpu")
     args = parser.parse_args()
 
-    tdir = trained("target", TARGET, args.target_steps)
-    ddir = trained("draft", [], args.draft_steps)
-    (tcfg, tparams), (dcfg, dparams) = load_model(tdir), load_model(ddir)
-    target, draft = Transformer(tcfg.model), Transformer(dcfg.model)
+    runs = pathlib.Path(args.runs)
+    tdir = trained(runs, "target", TARGET, args.target_steps)
+    ddir = trained(runs, "draft", [], args.draft_steps)
+    (tcfg, tparams32), (dcfg, dparams32) = load_model(tdir), load_model(ddir)
+    tmodel_cfg, tparams = serving(tcfg.model, tparams32, args.dtype)
+    dmodel_cfg, dparams = serving(dcfg.model, dparams32, args.dtype)
+    target, draft = Transformer(tmodel_cfg), Transformer(dmodel_cfg)
     tok = load_tokenizer(tokenizer_dir(tdir))
-    ids = prompts(tok, args.batch, args.prompt_len)
+    ids = prompts(tok, args.prompts, args.prompt_len)
+    batches = [ids[i:i + args.batch] for i in range(0, len(ids), args.batch)]
     cfg = DecodeConfig(max_new_tokens=args.new_tokens, ignore_eos=True)
+    gammas = [int(g) for g in args.gammas.split(",") if g]
+    ngram_gammas = [int(g) for g in args.ngram_gammas.split(",") if g]
 
-    plain = run_twice(lambda: generate(target, tparams, ids, cfg))
-    plain_draft = run_twice(lambda: generate(draft, dparams, ids, cfg))
-    base_tps = plain.stats["decode_tokens_per_s"]
-    c = base_tps / plain_draft.stats["decode_tokens_per_s"]
-    rows = [{"method": "plain greedy (target)", "tokens_per_s": base_tps, "speedup": 1.0,
-             "identical": True},
-            {"method": "plain greedy (draft)",
-             "tokens_per_s": plain_draft.stats["decode_tokens_per_s"],
-             "speedup": plain_draft.stats["decode_tokens_per_s"] / base_tps, "identical": None}]
-    methods = [(f"draft gamma={g}", DraftModel(dcfg.model, g)) for g in (2, 4, 6)]
-    methods += [("draft adaptive (confidence, max 8)",
-                 DraftModel(dcfg.model, 8, stop=StopRule("confidence")))]
-    methods += [(f"prompt lookup gamma={g}", PromptLookup(gamma=g)) for g in (4, 8)]
-    medusa = Medusa()
-    heads = medusa_heads(target, tparams, tcfg, medusa.num_heads, args.medusa_steps)
-    methods += [(f"medusa ({len(medusa.paths)}-node tree, {args.medusa_steps} head steps)",
-                 medusa)]
-    for name, drafter in methods:
-        dp = ((dparams, None) if isinstance(drafter, DraftModel)
-              else heads if isinstance(drafter, Medusa) else None)
-        cost = c if isinstance(drafter, DraftModel) else 0.0
-        res = run_twice(lambda d=drafter, dp=dp, cost=cost: speculative_generate(
-            target, tparams, ids, cfg, drafter=d, draft_params=dp, cost_ratio=cost))
-        s = res.stats
-        rows.append({"method": name, "tokens_per_s": s["decode_tokens_per_s"],
-                     "speedup": s["decode_tokens_per_s"] / base_tps,
-                     "predicted_speedup": s["predicted_speedup"],
-                     "identical": res.token_ids == plain.token_ids,
-                     "mean_accepted_per_forward": s["mean_accepted_per_forward"],
-                     "mean_draft_length": s["mean_draft_length"],
-                     "acceptance_per_position": s["acceptance_per_position"]})
-        print(rows[-1])
+    # name -> (fn(batch) -> GenerateResult, is speculative, drafter)
+    methods = {"plain greedy (target)": (lambda b: generate(target, tparams, b, cfg), None)}
+    if args.dtype != "float32":
+        t32 = Transformer(tcfg.model)
+        methods["plain greedy (target, float32)"] = (
+            lambda b: generate(t32, tparams32, b, cfg), None)
+    methods["plain greedy (draft)"] = (lambda b: generate(draft, dparams, b, cfg), None)
+    drafters = [(f"draft gamma={g}", DraftModel(dmodel_cfg, g), (dparams, None)) for g in gammas]
+    drafters += [("draft adaptive (confidence, max 6)",
+                  DraftModel(dmodel_cfg, 6, stop=StopRule("confidence")), (dparams, None))]
+    drafters += [(f"n-gram (prompt lookup) gamma={g}", PromptLookup(gamma=g), None)
+                 for g in ngram_gammas]
+    if args.medusa_steps:
+        from cadenza.decode.medusa import Medusa
 
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True).stdout.strip()
-    report = {
-        "benchmark": "speculative_vs_plain_greedy", "device": str(jax.devices()[0].device_kind),
-        "platform": jax.devices()[0].platform, "jax": jax.__version__, "commit": commit,
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "target": dataclasses.asdict(tcfg.model), "draft": dataclasses.asdict(dcfg.model),
-        "target_steps": args.target_steps, "draft_steps": args.draft_steps,
-        "batch": args.batch, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
-        "cost_ratio_measured": c, "rows": rows,
-    }
+        medusa = Medusa()
+        heads = medusa_heads(Transformer(tcfg.model), tparams32, tcfg, medusa.num_heads,
+                             args.medusa_steps)
+        drafters += [(f"medusa ({len(medusa.paths)}-node tree, {args.medusa_steps} head "
+                      f"steps)", medusa, jax.tree.map(lambda x: x.astype(args.dtype), heads))]
+    for name, drafter, dp in drafters:
+        methods[name] = (lambda b, d=drafter, dp=dp: speculative_generate(
+            target, tparams, b, cfg, drafter=d, draft_params=dp, cost_ratio=0.0), drafter)
+
+    outputs, tps = {}, {name: [] for name in methods}
+    for name, (fn, _) in methods.items():                # warm-up: compiles every program
+        outputs[name] = decode_all(fn, batches)
+    for r in range(args.repeats):
+        for name, (fn, _) in methods.items():
+            _, secs, decoded, _ = decode_all(fn, batches)
+            tps[name].append(decoded / secs)
+        print(f"round {r + 1}/{args.repeats}: " + ", ".join(
+            f"{n} {v[-1]:.0f}" for n, v in tps.items()))
+
+    # Measured cost of a target forward over T tokens (same prefix length as the prompts).
+    max_gamma = max(gammas + ngram_gammas + [6])
+    costs = {t: forward_seconds(target, tparams, t, args.prompt_len + args.new_tokens // 2,
+                                args.prompt_len + args.new_tokens + max_gamma + 1, 100,
+                                args.repeats) for t in range(1, max_gamma + 2)}
+    draft_step = forward_seconds(draft, dparams, 1, args.prompt_len + args.new_tokens // 2,
+                                 args.prompt_len + args.new_tokens + max_gamma + 1, 100,
+                                 args.repeats)
+    c = draft_step / costs[1]
+    base = statistics.median(tps["plain greedy (target)"])
+    best_plain = max(statistics.median(tps[n]) for n in methods
+                     if n.startswith("plain greedy (target"))
+    greedy_ids = outputs["plain greedy (target)"][0]
+    rows = []
+    for name, (fn, drafter) in methods.items():
+        med = statistics.median(tps[name])
+        row = {"method": name, "tokens_per_s": med, "tokens_per_s_rounds": tps[name],
+               "speedup": med / base, "speedup_vs_best_plain_greedy": med / best_plain}
+        if drafter is None:
+            row["identical"] = True if name == "plain greedy (target)" else None
+            rows.append(row)
+            continue
+        out_ids, _, decoded, stats = outputs[name]
+        forwards = sum(s["target_forwards"] for s in stats)
+        proposed = sum(s["mean_draft_length"] * s["target_forwards"] for s in stats)
+        per_forward = decoded / forwards
+        mean_draft = proposed / forwards
+        per_pos = [[s["acceptance_per_position"][i] for s in stats
+                    if s["acceptance_per_position"][i] is not None]
+                   for i in range(drafter.gamma)]
+        verify_ratio = costs[min(drafter.gamma + 1, max(costs))] / costs[1]
+        draft_c = c if isinstance(drafter, DraftModel) else 0.0
+        row.update({
+            "identical": out_ids == greedy_ids, "mean_accepted_per_forward": per_forward,
+            "mean_draft_length": mean_draft,
+            "acceptance_per_position": [statistics.mean(p) if p else None for p in per_pos],
+            "predicted_speedup_verify_1_step": per_forward / (mean_draft * draft_c + 1.0),
+            "verify_cost_ratio": verify_ratio,
+            "predicted_speedup_measured_costs": per_forward / (mean_draft * draft_c
+                                                               + verify_ratio)})
+        rows.append(row)
+    sweep = [] if args.no_sweep else cost_sweep([1, 3, 5, 9], args.repeats)
+
+    report = {"meta": _meta(args), "target": dataclasses.asdict(tmodel_cfg),
+              "draft": dataclasses.asdict(dmodel_cfg),
+              "target_params": tmodel_cfg.num_params(), "draft_params": dmodel_cfg.num_params(),
+              "forward_ms": {t: s * 1e3 for t, s in costs.items()},
+              "draft_forward_ms": draft_step * 1e3, "cost_ratio_draft": c, "rows": rows,
+              "cost_sweep": sweep}
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "speculative_bench.json").write_text(json.dumps(report, indent=2, default=str))
+    stem = "speculative_bench" + ("" if args.dtype == "float32" else f"_{args.dtype}")
+    (out / f"{stem}.json").write_text(json.dumps(report, indent=2, default=str))
+    (out / f"{stem}.md").write_text(render(report))
+    print(render(report))
+
+
+def _f(x, spec):
+    return "" if x is None else format(x, spec)
+
+
+def render(report: dict) -> str:
+    m = report["meta"]
     lines = [
         "# Speculative decoding vs plain greedy (target)", "",
-        f"device {report['device']} ({report['platform']}), jax {jax.__version__}, commit "
-        f"{commit}, {report['date']}; batch {args.batch}, prompt {args.prompt_len} tokens, "
-        f"{args.new_tokens} new tokens; measured c = t_draft/t_target = {c:.3f}", "",
-        "| method | tokens/s | speedup | predicted | identical to greedy | accepted/forward "
-        "| mean draft len | acceptance per position |",
-        "|---|---|---|---|---|---|---|---|"]
-    for r in rows:
+        f"device {m['device_kind']} ({m['cpu_count']} cores, load {m['load_avg_1m']:.1f} at "
+        f"the end), jax {m['jax']}, commit {m['commit']}, {m['date']}. Target "
+        f"{report['target_params'] / 1e6:.2f}M params ({m['target_steps']} steps), draft "
+        f"{report['draft_params'] / 1e6:.2f}M ({m['draft_steps']} steps), served in "
+        f"{m['dtype']}; {m['prompts']} prompts of {m['prompt_len']} tokens, batch {m['batch']}, "
+        f"{m['new_tokens']} new tokens; decode tokens/s (prefill excluded), median of "
+        f"{m['repeats']} interleaved rounds.", "",
+        "Speedup is over plain greedy of the served target; \"vs best greedy\" is over the "
+        "faster of its float32 and served-dtype greedy.", "",
+        "| method | tokens/s | speedup | vs best greedy | identical to greedy | accepted/forward "
+        "| mean draft len | predicted (verify = 1 step) | predicted (measured costs) "
+        "| acceptance per position |",
+        "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in report["rows"]:
         acc = r.get("acceptance_per_position")
         acc = " ".join("-" if a is None else f"{a:.2f}" for a in acc) if acc else ""
-        pred = r.get("predicted_speedup")
         lines.append(
-            f"| {r['method']} | {r['tokens_per_s']:.1f} | {r['speedup']:.2f}x | "
-            f"{'' if pred is None else f'{pred:.2f}x'} | {r['identical']} | "
-            f"{r.get('mean_accepted_per_forward', '') and round(r['mean_accepted_per_forward'], 2)}"
-            f" | {r.get('mean_draft_length', '') and round(r['mean_draft_length'], 2)} | {acc} |")
-    (out / "speculative_bench.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+            f"| {r['method']} | {r['tokens_per_s']:.0f} | {r['speedup']:.2f}x | "
+            f"{r['speedup_vs_best_plain_greedy']:.2f}x | "
+            f"{_f(r['identical'], '')} | {_f(r.get('mean_accepted_per_forward'), '.2f')} | "
+            f"{_f(r.get('mean_draft_length'), '.2f')} | "
+            f"{_f(r.get('predicted_speedup_verify_1_step'), '.2f')} | "
+            f"{_f(r.get('predicted_speedup_measured_costs'), '.2f')} | {acc} |")
+    f1 = report["forward_ms"][1]
+    lines += ["", "Measured target forward over T new tokens (batch 1; draft forward "
+              f"{report['draft_forward_ms']:.3f} ms = {report['cost_ratio_draft']:.3f} of a "
+              "target step):", "",
+              "| T | " + " | ".join(str(t) for t in report["forward_ms"]) + " |",
+              "|---|" + "---|" * len(report["forward_ms"]),
+              "| ms | " + " | ".join(f"{v:.3f}" for v in report["forward_ms"].values()) + " |",
+              "| / fwd(1) | " + " | ".join(f"{v / f1:.2f}" for v in report["forward_ms"].values())
+              + " |"]
+    if report["cost_sweep"]:
+        ts = list(report["cost_sweep"][0]["fwd_ms"])
+        lines += ["", "Cost of a forward over T tokens vs one token, random-init models "
+                  "(batch 1, 160 cached tokens):", "",
+                  "| model | params | dtype | fwd(1) ms | " + " | ".join(
+                      f"fwd({t})/fwd(1)" for t in ts[1:]) + " |",
+                  "|---|---|---|---|" + "---|" * (len(ts) - 1)]
+        for r in report["cost_sweep"]:
+            lines.append(f"| {r['model']} | {r['params'] / 1e6:.1f}M | {r['dtype']} | "
+                         f"{r['fwd_ms'][ts[0]]:.3f} | " + " | ".join(
+                             f"{r['ratio'][t]:.2f}" for t in ts[1:]) + " |")
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

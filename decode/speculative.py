@@ -245,7 +245,9 @@ def speculative_generate(target: Transformer, params, prompts, config: DecodeCon
         raise CadenzaError("stop strings need a tokenizer (they are matched on text)",
                            where="decode.stop", fix="pass tokenizer=..., or use stop_token_ids")
     padded_len, max_len = loop._check_models(models[:1], config, max(len(p) for p in ids))
-    max_len += getattr(drafter, "slots", drafter.gamma + 1)
+    # Room for a round's drafts, rounded up to a multiple of 16 slots (odd cache sizes
+    # measured slower on CPU; slots past a row's length are masked, so outputs are unchanged).
+    max_len = -(-(max_len + getattr(drafter, "slots", drafter.gamma + 1)) // 16) * 16
     b, n_new = len(ids), config.max_new_tokens
     seeds = [config.seed + i for i in range(b)] if seeds is None else [int(s) for s in seeds]
     if len(seeds) != b:
