@@ -36,7 +36,8 @@ QUICK_ARGS = {
     "superposed_bench": ["--steps", "10", "--prompts", "2", "--reps", "1", "--new-tokens", "8"],
     "quickstart_bench": ["--fast"],
     "speculative_bench": ["--target-steps", "20", "--draft-steps", "20", "--batch", "1",
-                          "--new-tokens", "16", "--medusa-steps", "5"],
+                          "--new-tokens", "16", "--medusa-steps", "5", "--no-sweep",
+                          "--repeats", "1"],
     "peft_memory": ["--steps", "2", "--layers", "2", "--hidden", "64", "--seq", "64"],
 }
 RESULT_SUFFIXES = (".json", ".md", ".png")

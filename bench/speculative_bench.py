@@ -17,8 +17,8 @@ source files, decoded one at a time (``--batch`` rows per call).
 Each of ``--repeats`` rounds runs every method once, interleaved (the machine
 is shared, so methods are compared within a round and the median over rounds
 is reported): plain greedy of the target, draft model with fixed gamma, the
-adaptive confidence rule, prompt lookup (n-gram), optionally Medusa
-(``--medusa-steps`` > 0 trains heads). Each output is checked token for token
+adaptive confidence rule, prompt lookup (n-gram) and Medusa
+(heads trained here, ``--medusa-steps``; 0 skips it). Each output is checked token for token
 against plain greedy. Reported per method: decode tokens/s (prefill
 excluded), speedup, accepted tokens per target forward, acceptance per draft
 position, and two predicted speedups: the library's (a verify forward costs
@@ -26,18 +26,15 @@ one greedy step) and one from the measured cost of a forward over ``T``
 tokens (``fwd(T)/fwd(1)``, table below the results). A second table measures
 ``fwd(T)/fwd(1)`` for randomly initialised models of several sizes in float32
 and bfloat16, which says when a verify forward is nearly free on this device.
-Results: ``<out>/speculative_bench.{json,md}`` (``speculative_bench_bfloat16.*`` in bfloat16).
+Results: ``bench/results/<device>/speculative_bench.{json,md}``
+(``speculative_bench_bfloat16.*`` in bfloat16).
 """
 
 import argparse
 import dataclasses
-import datetime
 import json
-import os
 import pathlib
-import platform
 import statistics
-import subprocess
 import sysconfig
 import time
 
@@ -53,6 +50,7 @@ from cadenza.decode.verify import verify
 from cadenza.models import KVCache, Transformer, init_params, load_model
 from cadenza.models.checkpoint import tokenizer_dir
 from cadenza.models.tokenizer import load_tokenizer
+from cadenza.provenance import provenance, results_dir
 
 TARGET = ["model.hidden_size=256", "model.num_layers=4", "model.num_heads=8",
           "model.num_kv_heads=4", "model.intermediate_size=768"]
@@ -167,13 +165,7 @@ def decode_all(fn, batches):
 
 
 def _meta(args) -> dict:
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True).stdout.strip()
-    return {"benchmark": "speculative_vs_plain_greedy", "device": jax.devices()[0].platform,
-            "device_kind": str(jax.devices()[0].device_kind), "cpu_count": os.cpu_count(),
-            "load_avg_1m": os.getloadavg()[0], "jax": jax.__version__,
-            "python": platform.python_version(), "commit": commit,
-            "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+    return {"benchmark": "speculative_vs_plain_greedy", **provenance(),
             **{k: v for k, v in vars(args).items() if k != "out"}}
 
 
@@ -190,9 +182,9 @@ def main():
     parser.add_argument("--gammas", default="2,4,6")
     parser.add_argument("--ngram-gammas", default="4,8")
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--medusa-steps", type=int, default=0, help="0 = no Medusa row")
+    parser.add_argument("--medusa-steps", type=int, default=200, help="0 = no Medusa row")
     parser.add_argument("--no-sweep", action="store_true", help="skip the size sweep")
-    parser.add_argument("--out", default="bench/results/cpu")
+    parser.add_argument("--out", default=None, help="default: bench/results/<device>")
     args = parser.parse_args()
 
     runs = pathlib.Path(args.runs)
@@ -292,8 +284,7 @@ def main():
               "forward_ms": {t: s * 1e3 for t, s in costs.items()},
               "draft_forward_ms": draft_step * 1e3, "cost_ratio_draft": c, "rows": rows,
               "cost_sweep": sweep}
-    out = pathlib.Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = results_dir(__file__, args.out)
     stem = "speculative_bench" + ("" if args.dtype == "float32" else f"_{args.dtype}")
     (out / f"{stem}.json").write_text(json.dumps(report, indent=2, default=str))
     (out / f"{stem}.md").write_text(render(report))

@@ -3,7 +3,8 @@
 Covers causal self-attention (no cache) with GQA and a sliding window in
 float16/bfloat16. Not covered: soft-capping, segment ids, custom masks among the
 new tokens, float32, head_dim > 128 or not a multiple of 8; the dispatcher sends
-soft-capping and packing to the Mosaic GPU kernel (:mod:`cadenza.pallas_kernels.flash_attention_mosaic_gpu`).
+soft-capping and packing to the Mosaic GPU kernel
+(:mod:`cadenza.pallas_kernels.flash_attention_mosaic_gpu`).
 """
 
 import jax
