@@ -2,8 +2,9 @@
 
     .venv/bin/python bench/run_all.py [--quick] [--only a,b]
 
-Each script runs in a staging copy of bench/ (as a subprocess, with this repository's
-git metadata and reference env), so its own output conventions do not matter: every
+Each script runs from a staging copy of bench/ (as a subprocess in the repository root,
+so caches such as trained bench models under ``runs/`` are reused between runs, with
+this repository's git metadata and reference env); every
 JSON / Markdown / PNG it writes under its results folder is collected into
 ``bench/results/<device>/`` (``<device>-quick/`` with ``--quick``, so smoke runs never
 replace real results). Then ``summary.md`` lists each benchmark with its device, jax
@@ -71,7 +72,7 @@ def run_script(name: str, quick: bool, dest: pathlib.Path) -> dict:
                *(QUICK_ARGS.get(name, []) if quick else [])]
         print(f"== {name}: {' '.join(cmd[1:])}", flush=True)
         t0 = time.perf_counter()
-        rc = subprocess.call(cmd, cwd=stage, env=env)
+        rc = subprocess.call(cmd, cwd=ROOT, env=env)
         seconds = time.perf_counter() - t0
         collected = []
         results = stage / "bench" / "results"

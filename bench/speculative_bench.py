@@ -69,14 +69,16 @@ SWEEP = {
 
 
 def trained(runs: pathlib.Path, name: str, overrides: list[str], steps: int) -> pathlib.Path:
-    """The model directory ``<runs>/<name>/model``, trained with fit if absent."""
-    model_dir = runs / name / "model"
+    """The model directory ``<runs>/<name>-<steps>steps/model``, trained with fit if absent
+    (so a run with other step counts, e.g. ``--quick``, never reuses these)."""
+    out = runs / f"{name}-{steps}steps"
+    model_dir = out / "model"
+    config = load_config("tiny_pretrain", overrides + [
+        f"train.output_dir={out}", f"train.steps={steps}", "train.eval_every=0",
+        f"train.checkpoint_every={steps}", f"train.log_every={steps}"])
     if not (model_dir / "config.yaml").exists():
         from cadenza.train.trainer import fit
 
-        config = load_config("tiny_pretrain", overrides + [
-            f"train.output_dir={runs / name}", f"train.steps={steps}", "train.eval_every=0",
-            f"train.checkpoint_every={steps}", f"train.log_every={steps}"])
         summary = fit(config)
         print(f"trained {name}: loss {summary['loss']:.3f}")
     return model_dir
