@@ -52,3 +52,41 @@ def merge_parts(outs, lses):
     total = jnp.sum(w, axis=0)
     out = sum(wi[..., None] * oi for wi, oi in zip(w, outs))
     return out / jnp.where(total > 0, total, 1.0)[..., None]
+
+
+
+def group_rows(q, q_positions, num_kv_heads: int, padded_rows: int, dtype):
+    """Lay the query out as the cache kernels read it: per (batch row, kv head), the GQA
+    group's ``g * T`` query rows ordered (group member, token), zero-padded to
+    ``padded_rows``.
+
+    Args: q [B, T, Hq, D] with Hq = g * num_kv_heads; q_positions int32 [B, T].
+
+    Returns: q rows in ``dtype`` [B, Hkv, padded_rows, D] and their positions int32
+      [B, padded_rows] (the same for every kv head; padding rows get position 0 and
+      are dropped by :func:`ungroup_rows`).
+    """
+    b, t, hq, d = q.shape
+    g, rows = hq // num_kv_heads, hq // num_kv_heads * t
+    qr = q.reshape(b, t, num_kv_heads, g, d).transpose(0, 2, 3, 1, 4)
+    qr = qr.reshape(b, num_kv_heads, rows, d)
+    qr = jnp.pad(qr, ((0, 0), (0, 0), (0, padded_rows - rows), (0, 0))).astype(dtype)
+    qpos = jnp.pad(jnp.tile(q_positions.astype(jnp.int32), (1, g)),
+                   ((0, 0), (0, padded_rows - rows)))
+    return qr, qpos
+
+
+def ungroup_rows(o, lse, t: int, g: int):
+    """Inverse of :func:`group_rows` for per-split kernel outputs.
+
+    Args: o float32 [B, Hkv, splits, padded_rows, D]; lse float32 [B, Hkv, splits,
+      padded_rows]; T new tokens; g query heads per kv head.
+
+    Returns: ``(outs, lses)``: [splits, B, T, Hq, D] and [splits, B, T, Hq] (see
+      :func:`merge_parts`).
+    """
+    b, hkv, splits, _, d = o.shape
+    rows = g * t
+    o = o[:, :, :, :rows].reshape(b, hkv, splits, g, t, d).transpose(2, 0, 4, 1, 3, 5)
+    lse = lse[:, :, :, :rows].reshape(b, hkv, splits, g, t).transpose(2, 0, 4, 1, 3)
+    return o.reshape(splits, b, t, hkv * g, d), lse.reshape(splits, b, t, hkv * g)

@@ -37,7 +37,12 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from cadenza.pallas_kernels.attention_parts import merge_parts, tail_attention_with_lse
+from cadenza.pallas_kernels.attention_parts import (
+    group_rows,
+    merge_parts,
+    tail_attention_with_lse,
+    ungroup_rows,
+)
 from cadenza.pallas_kernels.attention_reference import _NEG
 from cadenza.pallas_kernels.mosaic_gpu_parts import (
     DTYPES,
@@ -157,9 +162,7 @@ def cache_attention_gpu(q, k_cache, v_cache, *, cache_lengths, cache_positions, 
     bps = -(-n_blocks // num_splits)
     dtype = k_cache.dtype
     # rows ordered (group member, token); padded to whole row blocks
-    qr = q.reshape(b, t, hkv, g, d).transpose(0, 2, 3, 1, 4).reshape(b, hkv, rows, d)
-    qr = jnp.pad(qr, ((0, 0), (0, 0), (0, r - rows), (0, 0))).astype(dtype)
-    qpos = jnp.pad(jnp.tile(q_positions.astype(jnp.int32), (1, g)), ((0, 0), (0, r - rows)))
+    qr, qpos = group_rows(q, q_positions, hkv, r, dtype)
     lens = cache_lengths.astype(jnp.int32)
     win = jnp.asarray(window, jnp.int32).reshape(1)
     kernel = functools.partial(_cache_kernel, scale=float(scale),
@@ -185,9 +188,8 @@ def cache_attention_gpu(q, k_cache, v_cache, *, cache_lengths, cache_positions, 
         compiler_params=plgpu.CompilerParams(approx_math=True),
         interpret=interpret,
     )(lens, win, qr, qpos, k_cache, v_cache, cache_positions.astype(jnp.int32))
-    o = o[:, :, :, :rows].reshape(b, hkv, num_splits, g, t, d).transpose(2, 0, 4, 1, 3, 5)
-    lse = lse[:, :, :, :rows].reshape(b, hkv, num_splits, g, t).transpose(2, 0, 4, 1, 3)
-    return list(o.reshape(num_splits, b, t, hq, d)), list(lse.reshape(num_splits, b, t, hq))
+    outs, lses = ungroup_rows(o, lse, t, g)
+    return list(outs), list(lses)
 
 
 def decode_attention_gpu(q, k, v, *, scale, q_positions, k_cache, v_cache, cache_lengths,

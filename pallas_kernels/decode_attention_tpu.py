@@ -27,7 +27,12 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from cadenza.pallas_kernels.attention_parts import merge_parts, tail_attention_with_lse
+from cadenza.pallas_kernels.attention_parts import (
+    group_rows,
+    merge_parts,
+    tail_attention_with_lse,
+    ungroup_rows,
+)
 from cadenza.pallas_kernels.attention_reference import _NEG
 from cadenza.pallas_kernels.flash_attention_tpu import flash_attention_tpu
 
@@ -124,9 +129,7 @@ def cache_attention_tpu(q, k_cache, v_cache, *, cache_lengths, cache_positions, 
     block_q = min(-(-rows // 8) * 8, BLOCK_Q)
     r = -(-rows // block_q) * block_q
     # rows ordered (group member, token); padded to a multiple of the row block
-    qr = q.reshape(b, t, hkv, g, d).transpose(0, 2, 3, 1, 4).reshape(b, hkv, rows, d)
-    qr = jnp.pad(qr, ((0, 0), (0, 0), (0, r - rows), (0, 0))).astype(k_cache.dtype)
-    qpos = jnp.pad(jnp.tile(q_positions.astype(jnp.int32), (1, g)), ((0, 0), (0, r - rows)))
+    qr, qpos = group_rows(q, q_positions, hkv, r, k_cache.dtype)
     qpos = qpos[:, :, None]
     kf = k_cache.reshape(b, s, hkv * d)
     vf = v_cache.reshape(b, s, hkv * d)
@@ -172,9 +175,8 @@ def cache_attention_tpu(q, k_cache, v_cache, *, cache_lengths, cache_positions, 
         interpret=interpret,
         name="cadenza_cache_attention",
     )(lens, win, qr, qpos, kf, vf, cpos)
-    o = o[:, :, :, :rows].reshape(b, hkv, num_splits, g, t, d).transpose(2, 0, 4, 1, 3, 5)
-    lse = lse[:, :, :, :rows, 0].reshape(b, hkv, num_splits, g, t).transpose(2, 0, 4, 1, 3)
-    return (list(o.reshape(num_splits, b, t, hq, d)), list(lse.reshape(num_splits, b, t, hq)))
+    outs, lses = ungroup_rows(o, lse[..., 0], t, g)
+    return list(outs), list(lses)
 
 
 def decode_attention_tpu(q, k, v, *, scale, q_positions, k_cache, v_cache, cache_lengths,
