@@ -28,6 +28,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from cadenza.errors import CadenzaError
+from cadenza.outputs import atomic_dir, require_complete
 from cadenza.train.peft.model import PeftModel, build
 from cadenza.train.peft.sites import get_path, projection_sites, set_path
 from cadenza.train.peft_config import PeftConfig
@@ -46,16 +47,14 @@ def save_adapters(directory, config, trainable) -> pathlib.Path:
     from cadenza.config import to_yaml
 
     d = pathlib.Path(directory).absolute()
-    if (d / "adapters").exists():
-        raise CadenzaError("an adapter directory already exists here", where=str(d),
-                           fix="choose a new output directory or delete the old one")
     if config.peft.method == "none":
         raise CadenzaError("peft.method is 'none': there are no adapters to save",
                            where="peft.method", fix="save full models with save_model")
-    d.mkdir(parents=True, exist_ok=True)
-    (d / "config.yaml").write_text(to_yaml(config))
-    with ocp.StandardCheckpointer() as ckptr:
-        ckptr.save(d / "adapters", trainable)
+    with atomic_dir(d) as tmp:
+        tmp.mkdir(parents=True, exist_ok=True)
+        (tmp / "config.yaml").write_text(to_yaml(config))
+        with ocp.StandardCheckpointer() as ckptr:
+            ckptr.save(tmp / "adapters", trainable)
     return d
 
 
@@ -92,6 +91,7 @@ def load_adapters(directory, base_config, *, mesh=None, rules=None):
         raise CadenzaError("not a cadenza adapter directory (needs config.yaml and adapters/)",
                            where=str(d), fix="pass a directory written by save_adapters or "
                                              "'cadenza convert peft-import'")
+    require_complete(d, "adapter directory")
     peft_config = load_config(d / "config.yaml").peft
     pm = build(base_config.model, peft_config)
     with ocp.StandardCheckpointer() as ckptr:
