@@ -49,6 +49,13 @@ def _differences(section: str, old, new, free=()) -> list[str]:
     return out
 
 
+def model_differences(saved, model) -> list[str]:
+    """The shape-defining fields of two ModelConfigs that differ (not the compute-only
+    ``preset``/``dtype``/``remat_policy``/``attention_impl``), one "model.field: checkpoint
+    has A, this run has B" line each."""
+    return _differences("model", saved, model, _MODEL_FREE_FIELDS)
+
+
 def changed_hyperparameters(saved: ExperimentConfig, config: ExperimentConfig) -> list[str]:
     """The training hyperparameters (``train.*`` fields that change the updates: learning
     rate, schedule, steps, batch size, seed, optimizer, ...) that differ, one
