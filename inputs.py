@@ -25,3 +25,18 @@ def read_text(path, what: str) -> str:
         raise CadenzaError(f"{what} is not UTF-8 text (byte 0x{data[e.start]:02x} at offset "
                            f"{e.start}, line {line})", where=f"{p}:{line}",
                            fix="re-encode the file as UTF-8 (e.g. iconv -t utf-8)") from None
+
+
+def load_npy(path):
+    """The array of the ``.npy`` file ``path``, memory-mapped read-only. Never unpickles:
+    a file holding Python objects (a pickle) is refused with a :class:`CadenzaError`, as is
+    a file that is not a valid ``.npy``."""
+    import numpy as np
+
+    try:
+        return np.load(path, mmap_mode="r", allow_pickle=False)
+    except ValueError as e:
+        pickled = "allow_pickle" in str(e) or "object" in str(e).lower()
+        raise CadenzaError("holds pickled Python objects, which cadenza never loads" if pickled
+                           else f"is not a valid .npy array file ({e})", where=str(path),
+                           fix="rebuild the file with cadenza (plain numeric arrays)") from None

@@ -127,7 +127,8 @@ def fit(config: ExperimentConfig, data=None, eval_data=None, *,
     (last, or None), ``resumed_from`` (step or None), ``skipped_checkpoints`` (newer
     checkpoints that failed verification on resume: ``[{"step", "reason"}]``),
     ``stopped`` ("completed", "sigterm" or "sigint": the latter two saved a checkpoint
-    first), ``tokens_per_s``, ``step_time_s``, ``mfu`` (None when the device peak
+    first), ``skipped_records`` (bad records left out of the data by reason, ``{"build",
+    "formatting", "total"}``; None for iterators without counts), ``tokens_per_s``, ``step_time_s``, ``mfu`` (None when the device peak
     is unknown), ``compile_s``, ``output_dir``, ``model_dir`` and ``adapters_dir``
     (None if stopped early or not written: prefix/prompt tuning has no merged model,
     full training no adapters).
@@ -275,6 +276,7 @@ def _fit(config, data, eval_data, task, devices, allow_changes) -> dict:
                     summary["stopped"] = stop.received
                     break
             summary["step"] = step
+            summary["skipped_records"] = _skipped_records(data)
             ckpts.wait()
         if summary["stopped"] == "completed":
             summary.update(_export(out_dir, config, task, state, frozen, data,
@@ -326,6 +328,21 @@ def _export(out_dir: pathlib.Path, config, task: TrainTask, state, frozen, data,
                     save_model(tmp, config, params, tokenizer_dir=_tokenizer_dir(data))
     return {"model_dir": str(model_dir) if model_dir in wanted else None,
             "adapters_dir": str(adapters_dir) if adapters_dir in wanted else None}
+
+
+def _skipped_records(data) -> dict | None:
+    """Bad records left out of the training data, by reason: ``build`` (when the dataset
+    was prepared) and ``formatting`` (by this run's iterator); None for iterators that do
+    not count them (e.g. synthetic batches)."""
+    if not hasattr(data, "stats"):
+        return None
+    build: dict = {}
+    for report in getattr(data, "build_reports", None) or []:
+        for reason, n in (report or {}).get("skipped", {}).items():
+            build[reason] = build.get(reason, 0) + n
+    formatting = data.stats().get("skipped", {})
+    return {"build": build, "formatting": formatting,
+            "total": sum(build.values()) + sum(formatting.values())}
 
 
 def _tokenizer_dir(data):
