@@ -174,23 +174,33 @@ def test_failed_first_run_does_not_poison_its_output_dir(tmp_path):
     assert load_config(out / "checkpoints" / "config.yaml").data.seed == 0
 
 
-def test_cli_exit_codes_for_signals(tmp_path, capsys, monkeypatch):
+def test_cli_exit_codes_for_ctrl_c_and_sigterm(tmp_path, capsys, monkeypatch):
+    """Ctrl-C and SIGTERM both save a checkpoint, then exit 130 / 143 (not 0)."""
     import cadenza.train.trainer as trainer
 
+    stops = iter([(1, signal.SIGINT), (2, signal.SIGTERM)])
+
     class StopAt(SyntheticBatches):
+        def __init__(self, *a, at):
+            super().__init__(*a)
+            self.at = at
+
         def __next__(self):
-            if self.index == 1:
-                os.kill(os.getpid(), signal.SIGTERM)
+            if self.index == self.at[0]:
+                os.kill(os.getpid(), self.at[1])
             return super().__next__()
 
     real_fit = trainer.fit
     monkeypatch.setattr(trainer, "fit", lambda config, **kw: real_fit(
-        config, StopAt(4, 16, config.model.vocab_size), devices=ONE, **kw))
+        config, StopAt(4, 16, config.model.vocab_size, at=next(stops)), devices=ONE, **kw))
     experiment = tmp_path / "exp.yaml"
     experiment.write_text(to_yaml(_config(tmp_path / "r")))
-    capsys.readouterr()
-    assert main(["train", str(experiment)]) == 143
-    out = capsys.readouterr().out
-    assert json.loads(out[out.index("{"):])["stopped"] == "sigterm"
-    assert sorted(p.name for p in (tmp_path / "r" / "checkpoints").iterdir()
-                  if p.name.isdigit()) == ["2"]
+    saved = []
+    for code, name in ((130, "sigint"), (143, "sigterm")):
+        capsys.readouterr()
+        assert main(["train", str(experiment)]) == code
+        out = capsys.readouterr().out
+        assert json.loads(out[out.index("{"):])["stopped"] == name
+        saved.append(sorted(p.name for p in (tmp_path / "r" / "checkpoints").iterdir()
+                            if p.name.isdigit()))
+    assert saved == [["2"], ["2", "3"]]

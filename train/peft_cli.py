@@ -68,11 +68,12 @@ def _peft_export(args) -> int:
 def _peft_import(args) -> int:
     import dataclasses
 
-    from cadenza.config import load_config
     from cadenza.train.peft.artifacts import peft_import, save_adapters
 
-    config = load_config(f"{args.model}/config.yaml")
-    pm, trainable = peft_import(args.hf_adapter, config)
+    from cadenza.models.checkpoint import load_model
+
+    config, base_params = load_model(args.model)  # checks a saved base-weight copy
+    pm, trainable = peft_import(args.hf_adapter, config, base_params)
     save_adapters(args.out, dataclasses.replace(config, peft=pm.peft_config), trainable)
     print(f"imported a {pm.method} adapter ({len(pm.sites)} projections) to {args.out}")
     return 0
