@@ -259,3 +259,54 @@ def test_peft_import_accepts_peft_s_lm_head_base_copy(lora_dirs, tmp_path, capsy
     _error(capsys, ["convert", "peft-import", "--model", str(lora_dirs / "base"), "--hf-adapter",
                     str(hf), "--out", str(tmp_path / "ad2")],
            "lm_head.base_layer.weight (the base weight peft saved with the adapter) differs")
+
+
+def _data(tmp_path, path, data_dir, fraction):
+    return load_config(None, ["data.format=alpaca", f"data.path={path}",
+                              f"data.data_dir={tmp_path / data_dir}",
+                              f"data.heldout_fraction={fraction}"], preset="tiny").data
+
+
+def test_held_out_split_does_not_depend_on_path_spelling_and_missing_split_is_clear(
+        tmp_path, monkeypatch):
+    import json
+
+    from cadenza.errors import CadenzaError
+    from cadenza.train.data import builders
+
+    (tmp_path / "d").mkdir()
+    f = tmp_path / "d" / "a.jsonl"
+    f.write_text("".join(json.dumps({"instruction": f"q{i}", "output": f"a{i}"}) + "\n"
+                         for i in range(24)))
+    held_out = []
+    for spelling, where in ((str(f), "one"), (f"{tmp_path}/d/../d/./a.jsonl", "two")):
+        data = _data(tmp_path, spelling, where, 0.3)
+        ds, _, _ = builders.open_split(data.sources()[0], data, "test")
+        held_out.append(sorted(str(ds[i]["messages"]) for i in range(len(ds))))
+    assert held_out[0] == held_out[1] and 0 < len(held_out[0]) < 24
+    one = tmp_path / "one.jsonl"
+    one.write_text(json.dumps({"instruction": "q", "output": "a"}) + "\n")
+    data = _data(tmp_path, one, "three", 0.05)
+    report = builders.build(data.sources()[0], data)
+    missing = ({"train", "test"} - set(report["splits"])).pop()  # one record: one split
+    with pytest.raises(CadenzaError, match=f"has no '{missing}' split: its 1 records gave "
+                                           "none to it .*train.eval_every=0"):
+        builders.open_split(data.sources()[0], data, missing)
+
+
+def test_ngram_table_rebuild_is_atomic(tmp_path, capsys, monkeypatch):
+    from cadenza.decode import ngram
+
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("abcabcabd\n")
+    out = tmp_path / "table"
+    argv = ["ngram", "build", "--input", str(corpus), "--byte-level", "--out", str(out)]
+    assert main(argv) == 0
+    before = _hashes(out)
+
+    def crash(*a, **k):
+        raise OSError(28, "No space left on device", "pair_keys.npy")
+
+    monkeypatch.setattr(ngram.np, "save", crash)
+    _error(capsys, argv, "the disk is full")
+    assert _hashes(out) == before and not list(tmp_path.glob(".table.partial*"))

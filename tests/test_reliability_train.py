@@ -204,3 +204,17 @@ def test_cli_exit_codes_for_ctrl_c_and_sigterm(tmp_path, capsys, monkeypatch):
         saved.append(sorted(p.name for p in (tmp_path / "r" / "checkpoints").iterdir()
                             if p.name.isdigit()))
     assert saved == [["2"], ["2", "3"]]
+
+
+def test_skipped_record_totals_are_reported():
+    from cadenza.train.trainer import skipped_records
+
+    class Counted(SyntheticBatches):
+        build_reports = [{"skipped": {"malformed_json": 2}}, {"skipped": {"too_long": 1}}]
+
+        def stats(self):
+            return {"skipped": {"too_long": 3}}
+
+    assert skipped_records(Counted(4, 16, 512)) == {
+        "build": {"malformed_json": 2, "too_long": 1}, "formatting": {"too_long": 3}, "total": 6}
+    assert skipped_records(SyntheticBatches(4, 16, 512)) is None

@@ -276,7 +276,7 @@ def _fit(config, data, eval_data, task, devices, allow_changes) -> dict:
                     summary["stopped"] = stop.received
                     break
             summary["step"] = step
-            summary["skipped_records"] = _skipped_records(data)
+            summary["skipped_records"] = skipped_records(data)
             ckpts.wait()
         if summary["stopped"] == "completed":
             summary.update(_export(out_dir, config, task, state, frozen, data,
@@ -330,7 +330,7 @@ def _export(out_dir: pathlib.Path, config, task: TrainTask, state, frozen, data,
             "adapters_dir": str(adapters_dir) if adapters_dir in wanted else None}
 
 
-def _skipped_records(data) -> dict | None:
+def skipped_records(data) -> dict | None:
     """Bad records left out of the training data, by reason: ``build`` (when the dataset
     was prepared) and ``formatting`` (by this run's iterator); None for iterators that do
     not count them (e.g. synthetic batches)."""
