@@ -18,6 +18,7 @@ import errno
 import json
 import os
 import pathlib
+import re
 import shutil
 import socket
 import sys
@@ -70,15 +71,13 @@ def _partial_path(target: pathlib.Path) -> pathlib.Path:
 
 
 def _remove_dead_partials(target: pathlib.Path) -> None:
-    """Delete temp siblings of ``target`` left by writers on this host that are gone."""
+    """Delete temp siblings of ``target`` (also nested ones, ``..name.partial-h-1.partial-
+    h-1``) left by writers on this host that are gone."""
     host = socket.gethostname()
-    for p in target.parent.glob(f".{target.name}{_PARTIAL}*"):
-        tag = p.name[len(f".{target.name}{_PARTIAL}"):]
-        if not tag:
-            continue
-        p_host, _, pid = tag[1:].rpartition("-")
-        if p_host == host and pid.isdigit() and not _alive(int(pid)):
-            shutil.rmtree(p, ignore_errors=True)
+    for p in target.parent.glob(f".*{target.name}{_PARTIAL}-*"):
+        writers = re.findall(rf"{re.escape(_PARTIAL)}-(.+?)-(\d+)(?=\.|$)", p.name)
+        if any(h == host and not _alive(int(pid)) for h, pid in writers):
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink()
 
 
 @contextlib.contextmanager
@@ -120,7 +119,7 @@ def atomic_dir(target, *, replace: bool = False):
                 tmp.mkdir(parents=True, exist_ok=True)
                 stamp = {"written": datetime.datetime.now(datetime.timezone.utc).isoformat()}
                 (tmp / MARKER).write_text(json.dumps(stamp) + "\n")
-                _swap_in(tmp, target)
+                _swap_in(tmp, target, replace)
     except BaseException:
         if index == 0:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -128,9 +127,20 @@ def atomic_dir(target, *, replace: bool = False):
     _sync(f"atomic-done:{target.name}")
 
 
-def _swap_in(tmp: pathlib.Path, target: pathlib.Path) -> None:
-    """Rename ``tmp`` to ``target``; an existing ``target`` is moved aside first and
-    deleted only after the new one is in place."""
+def _swap_in(tmp: pathlib.Path, target: pathlib.Path, replace: bool) -> None:
+    """Rename ``tmp`` to ``target``. With ``replace``, an existing ``target`` is moved
+    aside first and deleted only after the new one is in place; without, only a missing
+    or empty ``target`` is replaced (another writer that finished first wins)."""
+    if not replace:
+        try:
+            os.replace(tmp, target)
+        except OSError as e:
+            if e.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR):
+                raise
+            raise CadenzaError("another writer created this output directory while this "
+                               "one was being written; it was left as it is", where=str(target),
+                               fix="choose a new output directory") from None
+        return
     if target.exists() or target.is_symlink():
         old = target.with_name(f".{target.name}{_OLD}-{os.getpid()}")
         os.replace(target, old)

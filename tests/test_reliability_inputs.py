@@ -310,3 +310,39 @@ def test_ngram_table_rebuild_is_atomic(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(ngram.np, "save", crash)
     _error(capsys, argv, "the disk is full")
     assert _hashes(out) == before and not list(tmp_path.glob(".table.partial*"))
+
+
+# What transformers 5.23's LlamaTokenizer gives for a folder holding only this
+# tokenizer.model (recorded; the reference env has no protobuf to load it there). Text
+# that starts with a space is left out: cadenza keeps sentencepiece's "▁▁" there.
+SP_TEXTS = {
+    "Hello world": ["▁Hello", "▁world"],
+    "Hello<start_of_turn>user": ["▁Hello", "<start_of_turn>", "us", "er"],
+    "<start_of_turn>user": ["<start_of_turn>", "us", "er"],
+    "a <s> b": ["▁a", "▁", "<s>", "▁", "<0x62>"],
+    "x</s>y": ["▁", "x", "</s>", "<0x79>"],
+    "<s>Hi there": ["<s>", "Hi", "▁there"],
+    "Hi\n<end_of_turn>\nthere": ["▁Hi", "<0x0A>", "<end_of_turn>", "<0x0A>", "th", "ere"],
+}
+
+
+def test_sentencepiece_dummy_prefix_around_special_tokens_matches_transformers(tmp_path):
+    import sentencepiece as spm
+
+    from cadenza.models.tokenizer import load_tokenizer
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(["Hello world, this is a test.", "Hi there friend",
+                                 "user model turn text"] * 50))
+    (tmp_path / "tok").mkdir()
+    spm.SentencePieceTrainer.Train(
+        input=str(corpus), model_prefix=str(tmp_path / "tok" / "tokenizer"), vocab_size=340,
+        model_type="bpe", byte_fallback=True, pad_id=0, bos_id=1, eos_id=2, unk_id=3,
+        user_defined_symbols=["<start_of_turn>", "<end_of_turn>"], minloglevel=2,
+        normalization_rule_name="identity", remove_extra_whitespaces=False)
+    tok = load_tokenizer(tmp_path / "tok")
+    for text, pieces in SP_TEXTS.items():
+        ids, offsets = tok.encode_with_offsets(text, add_bos=False)
+        assert [tok.id_to_token(i) for i in ids] == pieces, text
+        assert tok.decode(ids, skip_special_tokens=False) == text
+        assert offsets[-1][1] == len(text) and offsets[0][0] == 0

@@ -58,8 +58,8 @@ def copy(run, tmp_path):
     return dst
 
 
-# Trains the fixture's run in a child that SIGKILLs itself once model/'s files are written
-# but before the directory is renamed into place.
+# Reruns a run in a child that SIGKILLs itself once model/'s files are written but before
+# the directory is renamed into place.
 KILL_DURING_EXPORT = """
 import os, signal, sys
 import jax
@@ -67,9 +67,12 @@ import cadenza.outputs as outputs
 from cadenza.config import load_config, to_yaml
 from cadenza.train import SyntheticBatches, fit
 
-def swap_in(tmp, target):
+real_swap_in = outputs._swap_in
+
+def swap_in(tmp, target, replace):
     if target.name == "model":
         os.kill(os.getpid(), signal.SIGKILL)
+    real_swap_in(tmp, target, replace)
 
 outputs._swap_in = swap_in
 config = load_config(None, sys.argv[1:], preset="tiny")
@@ -77,18 +80,19 @@ fit(config, SyntheticBatches(4, 16, config.model.vocab_size), devices=jax.device
 """
 
 
-def test_sigkill_during_export_then_rerun_writes_model_and_it_decodes(tmp_path, capsys):
-    out = tmp_path / "r"
+def test_sigkill_during_export_then_rerun_writes_model_and_it_decodes(copy, capsys):
+    out = copy
+    shutil.rmtree(out / "model")  # the run's last step is done: the rerun goes to the export
     env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=jax.config.jax_compilation_cache_dir,
                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5")
     proc = subprocess.run([sys.executable, "-c", KILL_DURING_EXPORT, *BASE,
                            f"train.output_dir={out}"], env=env, timeout=600)
     assert proc.returncode == -signal.SIGKILL
     assert not (out / "model").exists()  # never a half-written model/
-    assert list(tmp_path.glob("r/.model.partial-*"))  # the killed writer's temp folder
+    assert list(out.glob(".model.partial-*/params"))  # the killed writer's whole temp folder
     summary = _fit(out)  # rerun the same command: nothing to train, export again
     assert summary["resumed_from"] == 4 and summary["model_dir"] == str(out / "model")
-    assert (out / "model" / MARKER).is_file() and not list(out.glob(".model.partial*"))
+    assert (out / "model" / MARKER).is_file() and not list(out.glob(".*model.partial*"))
     assert not (out / LOCK).exists()
     capsys.readouterr()
     assert main(["generate", "--checkpoint", str(out / "model"), "--prompt-ids", "5,6,7",
