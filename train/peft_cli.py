@@ -68,9 +68,8 @@ def _peft_export(args) -> int:
 def _peft_import(args) -> int:
     import dataclasses
 
-    from cadenza.train.peft.artifacts import peft_import, save_adapters
-
     from cadenza.models.checkpoint import load_model
+    from cadenza.train.peft.artifacts import peft_import, save_adapters
 
     config, base_params = load_model(args.model)  # checks a saved base-weight copy
     pm, trainable = peft_import(args.hf_adapter, config, base_params)
