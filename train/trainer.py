@@ -129,7 +129,8 @@ def fit(config: ExperimentConfig, data=None, eval_data=None, *,
     ``stopped`` ("completed", "sigterm" or "sigint": the latter two saved a checkpoint
     first), ``skipped_records`` (bad records left out of the data by reason, ``{"build",
     "formatting", "total"}``; None for iterators without counts), ``tokens_per_s``,
-    ``step_time_s``, ``mfu`` (None when the device peak is unknown), ``compile_s``, ``output_dir``, ``model_dir`` and ``adapters_dir``
+    ``step_time_s``, ``mfu`` (None when the device peak is unknown), ``compile_s``,
+    ``output_dir``, ``model_dir`` and ``adapters_dir``
     (None if stopped early or not written: prefix/prompt tuning has no merged model,
     full training no adapters).
 
@@ -209,8 +210,8 @@ def _fit(config, data, eval_data, task, devices, allow_changes) -> dict:
 
     summary = {"step": start, "loss": None, "eval_loss": None, "resumed_from": resumed_from,
                "skipped_checkpoints": skipped, "skipped_records": None, "stopped": "completed",
-               "tokens_per_s": None, "step_time_s": None, "mfu": None, "compile_s": None, "output_dir": str(out_dir), "model_dir": None,
-               "adapters_dir": None}
+               "tokens_per_s": None, "step_time_s": None, "mfu": None, "compile_s": None,
+               "output_dir": str(out_dir), "model_dir": None, "adapters_dir": None}
     pending: list[tuple[int, dict]] = []
     bar = tqdm(total=train.steps, initial=start, unit="step", desc=f"train {config.name}",
                disable=not (train.progress_bar and is_main))
