@@ -161,20 +161,24 @@ def test_resume_with_changed_hyperparameters_is_refused_unless_allowed(copy):
                                            r"train.learning_rate: checkpoint has 0.0003"):
         _fit(copy, "train.learning_rate=1e-2", "train.steps=6")
     assert _hashes(copy) == before
-    summary = _fit(copy, "train.learning_rate=1e-2", "train.steps=6", allow_changes=True)
-    assert summary["resumed_from"] == 4 and summary["step"] == 6
+    with pytest.raises(CadenzaError, match=r"train.seed: checkpoint has 0, this run has 5"):
+        _fit(copy, "train.seed=5")
+    summary = _fit(copy, "train.seed=5", allow_changes=True)  # allowed: recorded
+    assert summary["resumed_from"] == 4 and summary["step"] == 4
     record = json.loads((copy / "checkpoints" / "changes.jsonl").read_text())
-    assert record["resumed_from_step"] == 4 and len(record["changes"]) == 2
-    saved = load_config(copy / "checkpoints" / "config.yaml")
-    assert saved.train.learning_rate == 1e-2 and saved.train.steps == 6
+    assert record["resumed_from_step"] == 4
+    assert record["changes"] == ["train.seed: checkpoint has 0, this run has 5"]
+    assert load_config(copy / "checkpoints" / "config.yaml").train.seed == 5
 
 
 def test_failed_first_run_does_not_poison_its_output_dir(tmp_path):
+    from cadenza.train.checkpoints import Checkpoints
+
     out = tmp_path / "r"
     (out / "checkpoints").mkdir(parents=True)
     other = _config(out, "data.seed=7")  # a first run that failed before any checkpoint
     (out / "checkpoints" / "config.yaml").write_text(to_yaml(other))
-    assert _fit(out)["stopped"] == "completed"
+    Checkpoints(out, _config(out), keep=2, async_save=False).close()  # no "cannot resume"
     assert load_config(out / "checkpoints" / "config.yaml").data.seed == 0
 
 
