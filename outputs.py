@@ -187,8 +187,7 @@ def disk_errors(where):
         if e.errno not in _DISK_ERRORS:
             raise
         what, fix = _DISK_ERRORS[e.errno]
-        raise CadenzaError(f"cannot write: {what} ({e.filename or where})", where=str(where),
-                           fix=fix) from e
+        raise CadenzaError(f"{what} ({e.filename or where})", where=str(where), fix=fix) from e
 
 
 def _alive(pid: int) -> bool:

@@ -230,7 +230,7 @@ def test_disk_full_and_read_only_are_one_line_errors(lora_dirs, tmp_path, monkey
             raise OSError(code, "simulated", "params")
 
         monkeypatch.setattr(ocp.StandardCheckpointer, "save", fail)
-        with pytest.raises(CadenzaError, match=f"cannot write: {text}"):
+        with pytest.raises(CadenzaError, match=text):
             save_model(tmp_path / "m", cfg, params)
         assert not list(tmp_path.iterdir())  # no partial directory left behind
 
@@ -346,3 +346,17 @@ def test_sentencepiece_dummy_prefix_around_special_tokens_matches_transformers(t
         assert [tok.id_to_token(i) for i in ids] == pieces, text
         assert tok.decode(ids, skip_special_tokens=False) == text
         assert offsets[-1][1] == len(text) and offsets[0][0] == 0
+
+
+def test_cli_turns_a_read_only_output_into_one_line(tmp_path, capsys, monkeypatch):
+    import errno
+    import pathlib
+
+    def read_only(*a, **k):
+        raise OSError(errno.EROFS, "Read-only file system", str(tmp_path / "x"))
+
+    monkeypatch.setattr(pathlib.Path, "mkdir", read_only)
+    f = tmp_path / "a.jsonl"
+    f.write_text('{"instruction": "q", "output": "a"}\n')
+    _error(capsys, ["data", "build", "--format", "alpaca", "--input", str(f), "--out",
+                    str(tmp_path / "new" / "d")], "the file system is read-only")
