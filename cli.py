@@ -1,8 +1,9 @@
 """The ``cadenza`` command line: one entry point, one subcommand per job.
 
 Each subcommand is a thin layer over a library function. A user error
-(:class:`cadenza.errors.CadenzaError`) prints one line, ``error: ...``, and
-exits with status 2; ``--debug`` shows the traceback instead.
+(:class:`cadenza.errors.CadenzaError`; also a full disk, a read-only file system or a
+permission error) prints one line, ``error: ...``, and exits with status 2; ``--debug``
+shows the traceback instead. Ctrl-C outside a training loop exits with 130.
 """
 
 import argparse
@@ -11,6 +12,7 @@ import sys
 
 from cadenza import __version__
 from cadenza.errors import CadenzaError
+from cadenza.outputs import disk_errors
 
 # Modules that add subcommands: each has ``register(subparsers)``, imports
 # nothing heavy at module level, and sets ``func`` on its parsers.
@@ -87,12 +89,18 @@ def main(argv=None) -> int:
         parser.print_help()
         return 0 if args.command is None else 2
     try:
-        return args.func(args)
+        with disk_errors(f"cadenza {args.command}"):  # full disk, read-only, permissions
+            return args.func(args)
     except CadenzaError as e:
         if args.debug:
             raise
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print("error: interrupted (Ctrl-C)", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -15,11 +15,38 @@ from omegaconf import errors as oc_errors
 
 from cadenza.config import CONFIG_ROOT, ExperimentConfig, preset_names, suggest
 from cadenza.errors import ConfigError
+from cadenza.inputs import read_text
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml's safe loader, except that a key repeated in one mapping is an error (plain
+    YAML loading keeps the last one and silently drops the first)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            try:
+                first = seen.setdefault(key, key_node.start_mark.line + 1)
+            except TypeError:  # an unhashable key: the base class reports it
+                continue
+            if first != key_node.start_mark.line + 1:
+                raise ConfigError(
+                    f"key {key!r} appears twice in one mapping (lines {first} and "
+                    f"{key_node.start_mark.line + 1}); the second would silently replace the "
+                    "first", where=f"{key_node.start_mark.name}:{key_node.start_mark.line + 1}",
+                    fix="merge the two into one entry")
+        return super().construct_mapping(node, deep=deep)
 
 
 def _read_yaml(path: pathlib.Path, what: str) -> dict:
     try:
-        data = yaml.safe_load(path.read_text())
+        loader = _UniqueKeyLoader(read_text(path, what))
+        loader.name = str(path)  # error positions name the file
+        try:
+            data = loader.get_single_data()
+        finally:
+            loader.dispose()
     except yaml.YAMLError as e:
         raise ConfigError(f"{what} is not valid YAML: {e}", where=str(path),
                           fix="correct the YAML syntax at the position shown") from None

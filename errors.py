@@ -20,3 +20,10 @@ class CadenzaError(Exception):
 
 class ConfigError(CadenzaError):
     """An invalid config file, field, value or command-line override."""
+
+
+def one_line(e: BaseException, limit: int = 300) -> str:
+    """``"Type: message"`` of ``e`` on one line, cut at ``limit`` characters (library
+    errors, e.g. orbax/tensorstore ones, span many lines) for a CadenzaError message."""
+    text = " ".join(str(e).split()) or type(e).__name__
+    return f"{type(e).__name__}: {text[:limit]}" + ("..." if len(text) > limit else "")

@@ -120,7 +120,9 @@ def _prompts(args, tokenizer, why_none):
         path = pathlib.Path(args.prompts_file)
         if not path.is_file():
             raise CadenzaError("no such file", where=str(path), fix="give a text file")
-        texts = path.read_text().splitlines()
+        from cadenza.inputs import read_text  # a clear error for a non-UTF-8 file
+
+        texts = read_text(path, "prompts file").splitlines()
         empty = [i + 1 for i, t in enumerate(texts) if not t.strip()]
         if empty:
             raise CadenzaError(f"empty prompt lines {empty[:10]}", where=str(path),

@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cadenza.errors import CadenzaError
+from cadenza.inputs import load_npy
 
 FORMAT = "cadenza-ngram"
 VERSION = 1
@@ -323,7 +324,7 @@ def load_ngram_table(path) -> NgramTable:
         if not file.is_file():
             raise CadenzaError(f"missing {file.name}", where=str(root),
                                fix="rebuild the table with `cadenza ngram build`")
-        arrays[name] = np.load(file, mmap_mode="r", allow_pickle=False)
+        arrays[name] = load_npy(file)  # cadenza.inputs: memory-mapped, never unpickled
     return NgramTable(manifest=manifest, **arrays)
 
 

@@ -17,10 +17,13 @@ def _build(args) -> int:
                         "sha256": tokenizer_fingerprint(args.tokenizer),
                         "vocab_size": tokenizer.vocab_size, "bos_id": tokenizer.bos_id,
                         "eos_id": tokenizer.eos_id}
-    manifest = build_from_files(args.input, args.out, tokenizer=tokenizer,
-                                tokenizer_id=tokenizer_id, max_order=args.max_order,
-                                add_bos=not args.no_bos, add_eos=not args.no_eos,
-                                doc_per_line=args.doc_per_line)
+    from cadenza.outputs import atomic_dir  # an old table is replaced only when whole
+
+    with atomic_dir(args.out, replace=(pathlib.Path(args.out) / "manifest.json").is_file()) as tmp:
+        manifest = build_from_files(args.input, tmp, tokenizer=tokenizer,
+                                    tokenizer_id=tokenizer_id, max_order=args.max_order,
+                                    add_bos=not args.no_bos, add_eos=not args.no_eos,
+                                    doc_per_line=args.doc_per_line)
     corpus = manifest["corpus"]
     print(f"n-gram table (orders {manifest['orders'][0]}..{manifest['max_order']}) -> {args.out}: "
           f"{corpus['documents']} documents, {corpus['tokens']} tokens, "

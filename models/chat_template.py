@@ -23,8 +23,12 @@ of the next and of the whole conversation), which is checked: a template that
 rewrites earlier turns raises a clear error instead of producing a wrong mask.
 """
 
+import contextlib
 import datetime
 import json
+import signal
+import threading
+import time
 
 from cadenza.errors import CadenzaError
 
@@ -93,12 +97,82 @@ def _environment():
     def strftime_now(fmt):
         return datetime.datetime.now().strftime(fmt)
 
-    env = jinja2.sandbox.ImmutableSandboxedEnvironment(
+    class LimitedSandbox(jinja2.sandbox.ImmutableSandboxedEnvironment):
+        """The sandbox plus limits: ``*``/``**`` may not build values above MAX_CHARS
+        (characters, items or digits), and calls, ``range`` items and output chunks check
+        the render's deadline (``self.deadline``, a ``time.monotonic()`` value)."""
+
+        intercepted_binops = frozenset({"*", "**"})
+        deadline = float("inf")
+
+        def check_time(self):
+            if time.monotonic() > self.deadline:
+                raise _RenderLimit(f"rendering took longer than {MAX_SECONDS:g} s (a loop "
+                                   "that does not end, or one far too large)")
+
+        def call_binop(self, context, operator, left, right):
+            if operator == "*":
+                seq, n = (left, right) if isinstance(right, int) else (right, left)
+                if isinstance(seq, (str, list, tuple)) and isinstance(n, int) \
+                        and len(seq) * n > MAX_CHARS:
+                    raise _RenderLimit(f"'*' would build a value of {len(seq) * n} items (the "
+                                       f"limit is {MAX_CHARS})")
+            if operator == "**" and isinstance(left, int) and isinstance(right, int) \
+                    and abs(left) > 1 and right * max(abs(left).bit_length(), 1) > 4 * MAX_CHARS:
+                raise _RenderLimit(f"'**' would build a number of about {right} * "
+                                   f"{abs(left).bit_length()} bits")
+            return super().call_binop(context, operator, left, right)
+
+        def call(self, __context, __obj, *args, **kwargs):
+            self.check_time()
+            return super().call(__context, __obj, *args, **kwargs)
+
+    env = LimitedSandbox(
         trim_blocks=True, lstrip_blocks=True, extensions=[GenerationTag, jinja2.ext.loopcontrols])
+    safe_range = env.globals["range"]
+
+    def limited_range(*args):
+        for i in safe_range(*args):
+            env.check_time()
+            yield i
+
     env.filters["tojson"] = tojson
     env.globals.update(raise_exception=raise_exception, strftime_now=strftime_now,
-                       dict=DictFactory(), namespace=SafeNamespace)
+                       dict=DictFactory(), namespace=SafeNamespace, range=limited_range)
     return env
+
+
+# Limits of one render: wall time (seconds) and size (characters of output; also items of
+# a value built with '*'). Real chat templates render in milliseconds and kilobytes.
+MAX_SECONDS = 10.0
+MAX_CHARS = 1 << 24
+
+
+class _RenderLimit(Exception):
+    """A render went over MAX_SECONDS or MAX_CHARS."""
+
+
+@contextlib.contextmanager
+def _alarm(seconds: float):
+    """Raise :class:`_RenderLimit` in the main thread after ``seconds`` (SIGALRM): the
+    backstop for loops that call nothing the sandbox sees. Other threads rely on the
+    sandbox's checks alone."""
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getitimer(signal.ITIMER_REAL)[0] > 0:
+        yield
+        return
+
+    def fire(signum, frame):
+        raise _RenderLimit(f"rendering took longer than {seconds:g} s (a loop that does not "
+                           "end, or one far too large)")
+
+    previous = signal.signal(signal.SIGALRM, fire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 class ChatTemplate:
@@ -146,17 +220,40 @@ class ChatTemplate:
         import jinja2
 
         variables = {**self.special_tokens, **kwargs}
+        env = self._template.environment
+        env.deadline = time.monotonic() + MAX_SECONDS
         try:
-            return self._template.render(messages=[dict(m) for m in messages],
-                                         tools=variables.pop("tools", None),
-                                         documents=variables.pop("documents", None),
-                                         add_generation_prompt=add_generation_prompt,
-                                         **variables)
+            with _alarm(MAX_SECONDS + 1.0):
+                parts, size = [], 0
+                for chunk in self._template.generate(
+                        messages=[dict(m) for m in messages],
+                        tools=variables.pop("tools", None),
+                        documents=variables.pop("documents", None),
+                        add_generation_prompt=add_generation_prompt, **variables):
+                    size += len(chunk)
+                    if size > MAX_CHARS:
+                        raise _RenderLimit(f"the output exceeds {MAX_CHARS} characters")
+                    env.check_time()
+                    parts.append(chunk)
+                return "".join(parts)
+        except jinja2.exceptions.SecurityError as e:
+            raise CadenzaError(f"chat template tried something the sandbox forbids: {e}",
+                               where="chat_template",
+                               fix="the template is broken or malicious: use the model's "
+                                   "published template in tokenizer_config.json") from None
         except jinja2.TemplateError as e:
             raise CadenzaError(f"chat template refused the conversation: {e}",
                                where="chat_template",
                                fix="change the conversation (roles, order) to what the "
                                    "template accepts") from None
+        except (_RenderLimit, OverflowError, RecursionError, MemoryError) as e:
+            raise CadenzaError(f"chat template cannot be rendered: {e or type(e).__name__}",
+                               where="chat_template",
+                               fix="correct the template in tokenizer_config.json (limits: "
+                                   f"{MAX_SECONDS:g} s and {MAX_CHARS} characters per "
+                                   "render)") from None
+        finally:
+            env.deadline = float("inf")
 
     def render_with_spans(self, messages) -> tuple[str, list[tuple[int, int]]]:
         """``(text, spans)``: the rendered conversation and the ``[start, end)`` character

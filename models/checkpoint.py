@@ -5,6 +5,8 @@ Layout of a model directory (written by HF import, training export, adapter merg
     DIR/config.yaml     the resolved ExperimentConfig (``cadenza.config.to_yaml``)
     DIR/params/         the params pytree, an orbax StandardCheckpointer checkpoint
     DIR/tokenizer/      tokenizer files (tokenizer.json, tokenizer_config.json, ...), optional
+    DIR/.cadenza-complete  the completeness marker (``cadenza.outputs``): the directory is
+                        written under a temporary name and renamed when whole
 
 Params are restored directly into their shards when a mesh is given.
 """
@@ -16,24 +18,25 @@ import jax
 import orbax.checkpoint as ocp
 
 from cadenza.config import ExperimentConfig, load_config, to_yaml
-from cadenza.errors import CadenzaError
+from cadenza.errors import CadenzaError, one_line
+from cadenza.outputs import atomic_dir, require_complete
 
 
 def save_model(directory, config: ExperimentConfig, params, tokenizer_dir=None) -> pathlib.Path:
     """Write ``config``, ``params`` and a copy of ``tokenizer_dir``'s files to ``directory``.
 
-    ``directory`` must not already hold params (no silent overwrite). Returns its path.
+    ``directory`` must not exist or be empty (no silent overwrite). It is written under
+    a temporary sibling name and renamed into place when complete
+    (:func:`cadenza.outputs.atomic_dir`). Returns its path.
     """
     d = pathlib.Path(directory).absolute()
-    if (d / "params").exists():
-        raise CadenzaError("a model directory already exists here", where=str(d),
-                           fix="choose a new output directory or delete the old one")
-    d.mkdir(parents=True, exist_ok=True)
-    (d / "config.yaml").write_text(to_yaml(config))
-    with ocp.StandardCheckpointer() as ckptr:
-        ckptr.save(d / "params", params)
-    if tokenizer_dir is not None:
-        shutil.copytree(tokenizer_dir, d / "tokenizer", dirs_exist_ok=True)
+    with atomic_dir(d) as tmp:
+        tmp.mkdir(parents=True, exist_ok=True)
+        (tmp / "config.yaml").write_text(to_yaml(config))
+        with ocp.StandardCheckpointer() as ckptr:
+            ckptr.save(tmp / "params", params)
+        if tokenizer_dir is not None:
+            shutil.copytree(tokenizer_dir, tmp / "tokenizer", dirs_exist_ok=True)
     return d
 
 
@@ -52,6 +55,7 @@ def load_model(directory, mesh=None, rules=None):
                            where=str(d),
                            fix="pass the directory written by 'cadenza convert hf-import' or "
                                "by training (its model/ folder)")
+    require_complete(d, "model directory")
     config = load_config(d / "config.yaml")
     target = abstract_params(config.model)
     if mesh is not None:
@@ -61,8 +65,15 @@ def load_model(directory, mesh=None, rules=None):
         shardings = jax.tree.map(lambda _: one, target)
     target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                           target, shardings)
-    with ocp.StandardCheckpointer() as ckptr:
-        params = ckptr.restore(d / "params", target)
+    try:
+        with ocp.StandardCheckpointer() as ckptr:
+            params = ckptr.restore(d / "params", target)
+    except Exception as e:  # orbax/tensorstore: corrupt, truncated or mis-shaped arrays
+        raise CadenzaError(f"cannot read the params ({one_line(e)})",
+                           where=str(d / "params"),
+                           fix="the files are corrupt, truncated or do not match config.yaml's "
+                               "model; re-create the directory (rerun the export or import)")\
+            from e
     return config, params
 
 

@@ -17,6 +17,7 @@ from cadenza.models.config import ModelConfig
 from cadenza.models.hf_config import hf_config_from_model
 from cadenza.models.hf_import import INDEX_FILE, TOKENIZER_FILES
 from cadenza.models.hf_weights import get_path, hf_shape, to_hf, weight_specs
+from cadenza.outputs import atomic_dir
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 2**30
 
@@ -112,21 +113,22 @@ def save_hf(model, hf_dir, *, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) ->
     if (out / "config.json").exists() or list(out.glob("*.safetensors")):
         raise CadenzaError("an HF checkpoint already exists here", where=str(out),
                            fix="choose a new output directory or delete the old one")
-    out.mkdir(parents=True, exist_ok=True)
-    shards = _shards(_hf_tensors(config, params), max_shard_bytes)
-    if len(shards) == 1:
-        _write_shard(out / "model.safetensors", shards[0])
-    else:
-        weight_map, total = {}, 0
-        for k, shard in enumerate(shards):
-            name = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
-            total += _write_shard(out / name, shard)
-            weight_map.update({t[0]: name for t in shard})
-        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-        (out / INDEX_FILE).write_text(json.dumps(index, indent=2))
-    if tokenizer is not None:
-        for name in TOKENIZER_FILES:
-            if (tokenizer / name).is_file():
-                shutil.copyfile(tokenizer / name, out / name)
-    (out / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
+    with atomic_dir(out) as tmp:  # written under a temporary name, renamed when complete
+        tmp.mkdir(parents=True)
+        shards = _shards(_hf_tensors(config, params), max_shard_bytes)
+        if len(shards) == 1:
+            _write_shard(tmp / "model.safetensors", shards[0])
+        else:
+            weight_map, total = {}, 0
+            for k, shard in enumerate(shards):
+                name = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
+                total += _write_shard(tmp / name, shard)
+                weight_map.update({t[0]: name for t in shard})
+            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+            (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2))
+        if tokenizer is not None:
+            for name in TOKENIZER_FILES:
+                if (tokenizer / name).is_file():
+                    shutil.copyfile(tokenizer / name, tmp / name)
+        (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
     return out

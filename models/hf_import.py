@@ -10,6 +10,7 @@
   tokenizer files copied.
 """
 
+import collections
 import dataclasses
 import json
 import logging
@@ -323,6 +324,13 @@ def read_hf(hf_dir, dtype: str | None = None, mesh=None, rules=None):
 
         shardings = param_shardings(config, mesh, rules)
     target = jnp.dtype(config.param_dtype)
+    cast = collections.Counter(info.dtype for name, info in ckpt.tensors.items()
+                               if info.dtype.startswith(("F", "BF"))
+                               and info.dtype != _SAFETENSORS_DTYPE.get(target.name))
+    if cast:
+        ckpt.notes.append("cast to " + target.name + ": " + ", ".join(
+            f"{n} {dt} tensor{'s' if n > 1 else ''}" for dt, n in sorted(cast.items()))
+            + (" (float64 loses precision)" if "F64" in cast else ""))
     params: dict = {}
     for spec, per_layer in plan:
         shape = ((config.num_layers,) if spec.layered else ()) + tuple(per_layer)
@@ -335,11 +343,29 @@ def read_hf(hf_dir, dtype: str | None = None, mesh=None, rules=None):
     return ckpt, config, params
 
 
+_SAFETENSORS_DTYPE = {"float32": "F32", "float16": "F16", "bfloat16": "BF16",
+                      "float64": "F64"}
+
+
+def check_finite(values, name: str, where) -> None:
+    """Raise a :class:`CadenzaError` if the float array ``values`` (the tensor ``name``
+    read from the file ``where``) holds NaN or inf: such weights decode garbage."""
+    values = np.asarray(values)
+    if values.dtype.kind in "fV" or values.dtype.name == "bfloat16":
+        bad = int(values.size - np.count_nonzero(np.isfinite(values.astype(np.float32))))
+        if bad:
+            raise CadenzaError(f"tensor {name} holds {bad} NaN/inf value{'s' * (bad > 1)}",
+                               where=str(where), fix="the checkpoint is corrupt or was saved "
+                               "from a diverged run: re-download or re-export it")
+
+
 def _reader(ckpt: HFCheckpoint, spec, per_layer, num_layers: int, dtype):
     """``read(index) -> np.ndarray``: the block ``index`` (slices in cadenza layout) of a leaf."""
 
     def block(name, index):
-        return read_block(spec.layout, ckpt.tensor(name), per_layer, index)
+        values = read_block(spec.layout, ckpt.tensor(name), per_layer, index)
+        check_finite(values, name, ckpt.tensors[name].file)
+        return values
 
     def read(index):
         if not spec.layered:

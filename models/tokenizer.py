@@ -15,6 +15,7 @@ strings inside the text (``<|im_start|>``, ``<s>``) become their special ids,
 as in transformers.
 """
 
+import functools
 import json
 import pathlib
 import re
@@ -90,9 +91,12 @@ class _SPBackend:
         self.special_re = None
 
     def split_on(self, specials) -> None:
-        """Treat these strings (those in the vocabulary) as special tokens inside text."""
-        known = [s for s in specials if s and self.token_to_id(s) is not None]
-        self.special_re = (re.compile("|".join(re.escape(s) for s in sorted(known, key=len,
+        """Treat these strings (those in the vocabulary) and the model's user-defined
+        symbols as special tokens inside text (transformers makes both added tokens)."""
+        user = [p.piece for p in self._proto.pieces
+                if p.type == p.Type.Value("USER_DEFINED")]
+        known = [s for s in list(specials) + user if s and self.token_to_id(s) is not None]
+        self.special_re = (re.compile("|".join(re.escape(s) for s in sorted(set(known), key=len,
                                                                             reverse=True)))
                            if known else None)
 
@@ -110,28 +114,62 @@ class _SPBackend:
         return {i for i in range(self.sp.GetPieceSize())
                 if self.sp.IsControl(i) or self.sp.IsUnknown(i)}
 
-    def _encode_plain(self, text: str, base: int, ids: list, offsets: list) -> None:
+    def _encode_plain(self, text: str, base: int, ids: list, offsets: list,
+                      dummy_prefix: bool) -> None:
+        """Append the pieces of ``text`` (no special tokens inside); without
+        ``dummy_prefix`` the model's dummy-prefix "▁" is not added in front (text after
+        a special token, as transformers encodes it)."""
         if not text:
             return
-        proto = self.sp.Encode(text, return_type="proto")
-        # piece offsets are byte offsets into ``text``; map them to characters
+        sentinel = "" if dummy_prefix else self._sentinel
+        proto = self.sp.Encode(sentinel + text, return_type="proto")
+        skip = 0
+        if sentinel:
+            skip = len(self._sentinel_ids)
+            if [p.id for p in proto.pieces[:skip]] != self._sentinel_ids or (
+                    len(proto.pieces) > skip and proto.pieces[skip].begin < len(sentinel.encode())):
+                proto, skip, sentinel = self.sp.Encode(text, return_type="proto"), 0, ""
+        shift = len(sentinel.encode("utf-8"))
+        # piece offsets are byte offsets into ``sentinel + text``; map them to characters
         char_of_byte = []
         for ci, ch in enumerate(text):
             char_of_byte.extend([ci] * len(ch.encode("utf-8")))
         char_of_byte.append(len(text))
-        for p in proto.pieces:
+        for p in proto.pieces[skip:]:
             ids.append(p.id)
-            offsets.append((base + char_of_byte[p.begin], base + char_of_byte[p.end]))
+            offsets.append((base + char_of_byte[max(p.begin - shift, 0)],
+                            base + char_of_byte[p.end - shift]))
+
+    @functools.cached_property
+    def _proto(self):
+        """The model's ModelProto (pieces with their types, normalizer options)."""
+        from sentencepiece import sentencepiece_model_pb2
+
+        return sentencepiece_model_pb2.ModelProto.FromString(self.sp.serialized_model_proto())
+
+    @functools.cached_property
+    def _sentinel(self) -> str:
+        """A prefix whose pieces absorb the dummy prefix (transformers uses the unk piece
+        the same way); empty when the model adds no dummy prefix."""
+        adds = self._proto.normalizer_spec.add_dummy_prefix
+        text = self.sp.IdToPiece(self.sp.unk_id()) if adds else ""
+        self._sentinel_ids = list(self.sp.EncodeAsIds(text)) if text else []
+        return text
 
     def encode(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """Ids and character offsets of ``text``. Special tokens (and user-defined
+        symbols) in the text become their ids; the model's dummy prefix "▁" is added at
+        the start of the text only (not after a special token, not before one), as
+        transformers' tokenizers encode; otherwise the pieces are sentencepiece's (also
+        for text that starts with a space, which keeps ``decode(encode(t)) == t``)."""
         ids, offsets, pos = [], [], 0
         if self.special_re is not None:
             for m in self.special_re.finditer(text):
-                self._encode_plain(text[pos:m.start()], pos, ids, offsets)
+                self._encode_plain(text[pos:m.start()], pos, ids, offsets, pos == 0)
                 ids.append(self.sp.PieceToId(m.group()))
                 offsets.append((m.start(), m.end()))
                 pos = m.end()
-        self._encode_plain(text[pos:], pos, ids, offsets)
+        self._encode_plain(text[pos:], pos, ids, offsets, pos == 0)
         return ids, offsets
 
     def decode(self, ids, skip_special_tokens: bool) -> str:
@@ -141,11 +179,20 @@ class _SPBackend:
         out, run = [], []
         for i in ids:
             if self.sp.IsControl(i):
-                out.append(self.sp.DecodeIds(run) + self.sp.IdToPiece(i))
+                out.append(self._decode_run(run, first=not out) + self.sp.IdToPiece(i))
                 run = []
             else:
                 run.append(i)
-        return "".join(out) + self.sp.DecodeIds(run)
+        return "".join(out) + self._decode_run(run, first=not out)
+
+    def _decode_run(self, run: list[int], first: bool) -> str:
+        """Text of ``run``; after a special token (not ``first``) a leading "▁" is a real
+        space, not a dummy prefix to drop (see :meth:`encode`)."""
+        if first or not run or not self._sentinel:
+            return self.sp.DecodeIds(run)
+        prefix = self.sp.DecodeIds(self._sentinel_ids)
+        text = self.sp.DecodeIds(self._sentinel_ids + run)
+        return text[len(prefix):] if text.startswith(prefix) else self.sp.DecodeIds(run)
 
 
 class Tokenizer:

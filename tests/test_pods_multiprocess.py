@@ -76,7 +76,7 @@ def train_then_resume(out) -> list[dict]:
 
     first = config(out, 6)
     second = config(out, 9)
-    return [fit(first, HostShare(first)), fit(second, HostShare(second))]
+    return [fit(first, HostShare(first)), fit(second, HostShare(second), allow_changes=True)]
 
 
 def worker(out_dir: str) -> None:

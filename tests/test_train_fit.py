@@ -71,7 +71,8 @@ def test_sharded_matches_single_device(sharded_run, tmp_path):
 def test_restore_onto_other_mesh(sharded_run, shape):
     config, out, _ = sharded_run
     data, fsdp, tensor = shape
-    new = _config(out, f"mesh.data={data}", f"mesh.fsdp={fsdp}", f"mesh.tensor={tensor}")
+    new = _config(out, "train.steps=20", f"mesh.data={data}", f"mesh.fsdp={fsdp}",
+                  f"mesh.tensor={tensor}")
     devices = jax.devices()[:data * fsdp * tensor]
     task, opt = full_model_task(new.model), make_optimizer(new.train)
 

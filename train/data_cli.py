@@ -1,6 +1,7 @@
 """``cadenza data build`` and ``cadenza data inspect``."""
 
 import json
+import pathlib
 
 
 def _build(args) -> int:
@@ -18,6 +19,10 @@ def _build(args) -> int:
                      f"data.on_error={args.on_error or 'skip'}"]
         config = load_config(None, overrides)
         sources, data_dir = config.data.sources(), args.out
+        if pathlib.Path(args.out).exists() and not pathlib.Path(args.out).is_dir():
+            raise ConfigError("--out names an existing file; it must be a folder (the build "
+                              "writes a dataset folder in it)", where=args.out,
+                              fix="pass a new or existing folder")
     else:
         if not args.experiment:
             raise ConfigError("give an experiment CONFIG or --format/--input/--out",

@@ -7,8 +7,8 @@ arrays with the batch sharding.
 """
 
 import pathlib
-import shutil
 import signal
+import sys
 import threading
 import time
 
@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 from cadenza.config import ExperimentConfig
 from cadenza.errors import CadenzaError
+from cadenza.outputs import OutputLock, atomic_dir, is_complete
 from cadenza.train.checkpoints import Checkpoints
 from cadenza.train.mesh import batch_sharding, make_mesh, replicated, validate_sharding
 from cadenza.train.metrics import MetricsWriter, flops_per_token, peak_flops_per_device
@@ -31,24 +32,34 @@ class NonFiniteError(CadenzaError):
     """The loss or gradient norm became NaN/inf; the run stopped without saving after it."""
 
 
-class _Sigterm:
-    """Turns SIGTERM into a flag the loop polls (only in the main thread)."""
+class _StopSignals:
+    """Turns SIGTERM and the first Ctrl-C (SIGINT) into a flag the loop polls (only in the
+    main thread): the run saves a checkpoint and stops. ``received`` is "sigterm",
+    "sigint" or None; a second Ctrl-C interrupts at once (KeyboardInterrupt)."""
+
+    _NAMES = {signal.SIGTERM: "sigterm", signal.SIGINT: "sigint"}
 
     def __init__(self):
-        self.received = False
-        self._previous = None
+        self.received = None
+        self._previous = {}
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
+            for signum in self._NAMES:
+                self._previous[signum] = signal.signal(signum, self._handle)
         return self
 
     def _handle(self, signum, frame):
-        self.received = True
+        if self.received == "sigint" and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.received = self.received or self._NAMES[signum]
+        if signum == signal.SIGINT:
+            print("\ncadenza: interrupted: saving a checkpoint, then stopping (Ctrl-C again "
+                  "to stop without saving)", file=sys.stderr)
 
     def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
 
 
 def _global_batch(batch: dict, sharding, config: ExperimentConfig) -> dict:
@@ -84,7 +95,7 @@ def _build_iterator(config: ExperimentConfig, split: str):
 
 
 def fit(config: ExperimentConfig, data=None, eval_data=None, *,
-        task: TrainTask | None = None, devices=None) -> dict:
+        task: TrainTask | None = None, devices=None, allow_changes: bool = False) -> dict:
     """Train ``config`` for ``config.train.steps`` updates; resume if its output dir holds a
     checkpoint.
 
@@ -100,14 +111,26 @@ def fit(config: ExperimentConfig, data=None, eval_data=None, *,
       task: the trainable/frozen split (default: :func:`full_model_task`; PEFT passes its
         own).
       devices: the devices of the mesh (default: all of ``jax.devices()``).
+      allow_changes: resume even though training hyperparameters (learning rate, steps,
+        batch size, ...) differ from the checkpoint's; the changes are recorded in
+        ``checkpoints/changes.jsonl`` and ``checkpoints/config.yaml`` is updated. Without
+        it such a resume is refused with the list of changed fields.
 
     Writes to ``train.output_dir``: ``metrics.jsonl``, ``tensorboard/``, ``checkpoints/``
-    and, when the run completes, ``model/`` (``cadenza.models.save_model``).
+    and, when the run completes, ``model/`` (``cadenza.models.save_model``). The
+    directory is locked for the run (``.cadenza.lock``, see :class:`cadenza.outputs.
+    OutputLock`); ``model/`` and ``adapters/`` are written under temporary names and
+    renamed when complete, and a rerun of a completed run rewrites any that are missing
+    or incomplete (e.g. after a SIGKILL during the export).
 
     Returns a summary dict: ``step`` (updates done), ``loss`` (last), ``eval_loss``
-    (last, or None), ``resumed_from`` (step or None), ``stopped`` ("completed" or
-    "sigterm"), ``tokens_per_s``, ``step_time_s``, ``mfu`` (None when the device peak
-    is unknown), ``compile_s``, ``output_dir``, ``model_dir`` and ``adapters_dir``
+    (last, or None), ``resumed_from`` (step or None), ``skipped_checkpoints`` (newer
+    checkpoints that failed verification on resume: ``[{"step", "reason"}]``),
+    ``stopped`` ("completed", "sigterm" or "sigint": the latter two saved a checkpoint
+    first), ``skipped_records`` (bad records left out of the data by reason, ``{"build",
+    "formatting", "total"}``; None for iterators without counts), ``tokens_per_s``,
+    ``step_time_s``, ``mfu`` (None when the device peak is unknown), ``compile_s``,
+    ``output_dir``, ``model_dir`` and ``adapters_dir``
     (None if stopped early or not written: prefix/prompt tuning has no merged model,
     full training no adapters).
 
@@ -115,11 +138,21 @@ def fit(config: ExperimentConfig, data=None, eval_data=None, *,
       ConfigError: mesh/batch/model shapes that do not fit the devices (before compiling).
       NonFiniteError: a non-finite loss or gradient; names the step, and no checkpoint
         is written for it or any later step.
-      CadenzaError: an incompatible checkpoint in the output dir, malformed batches.
+      CadenzaError: an incompatible checkpoint in the output dir, changed hyperparameters
+        (without ``allow_changes``), another run holding the output dir, no checkpoint that
+        restores, malformed batches.
     """
-    train = config.train
     devices = jax.devices() if devices is None else list(devices)
     validate_sharding(config, len(devices))
+    with OutputLock(config.train.output_dir) as lock:
+        if lock.stale:
+            print(f"cadenza: took over the lock of a run that is gone: {lock.stale}",
+                  file=sys.stderr)
+        return _fit(config, data, eval_data, task, devices, allow_changes)
+
+
+def _fit(config, data, eval_data, task, devices, allow_changes) -> dict:
+    train = config.train
     mesh = make_mesh(config.mesh, devices)
     rules = config.mesh.rules()
     task = task or default_task(config)
@@ -133,13 +166,15 @@ def fit(config: ExperimentConfig, data=None, eval_data=None, *,
     is_main = jax.process_index() == 0
 
     ckpts = Checkpoints(out_dir, config, keep=train.keep_checkpoints,
-                        async_save=train.async_checkpoints)
+                        async_save=train.async_checkpoints, allow_changes=allow_changes)
     data = _build_iterator(config, "train") if data is None else data
-    resumed_from = ckpts.latest_step()
+    restored = ckpts.restore_newest_good(abstract_state(task, optimizer, shardings))
+    resumed_from, skipped = restored.step, restored.skipped
+    for s in skipped:
+        print(f"cadenza: skipped checkpoint step {s['step']}: {s['reason']}", file=sys.stderr)
     if resumed_from is not None:
-        state, data_state = ckpts.restore(resumed_from,
-                                          abstract_state(task, optimizer, shardings))
-        data.set_state(data_state)
+        state = restored.state
+        data.set_state(restored.data_state)
     else:
         state = init_state(task, optimizer, train.seed, mesh, rules, shardings)
     if train.eval_every and eval_data is None:
@@ -174,9 +209,9 @@ def fit(config: ExperimentConfig, data=None, eval_data=None, *,
         return ce / max(count, 1.0)
 
     summary = {"step": start, "loss": None, "eval_loss": None, "resumed_from": resumed_from,
-               "stopped": "completed", "tokens_per_s": None, "step_time_s": None,
-               "mfu": None, "compile_s": None, "output_dir": str(out_dir), "model_dir": None,
-               "adapters_dir": None}
+               "skipped_checkpoints": skipped, "skipped_records": None, "stopped": "completed",
+               "tokens_per_s": None, "step_time_s": None, "mfu": None, "compile_s": None,
+               "output_dir": str(out_dir), "model_dir": None, "adapters_dir": None}
     pending: list[tuple[int, dict]] = []
     bar = tqdm(total=train.steps, initial=start, unit="step", desc=f"train {config.name}",
                disable=not (train.progress_bar and is_main))
@@ -196,7 +231,7 @@ def fit(config: ExperimentConfig, data=None, eval_data=None, *,
         return fetched[-1][1] if fetched else {}
 
     try:
-        with _Sigterm() as sigterm, jax.set_mesh(mesh):
+        with _StopSignals() as stop, jax.set_mesh(mesh):
             step = start
             while step < train.steps:
                 try:
@@ -217,7 +252,7 @@ def fit(config: ExperimentConfig, data=None, eval_data=None, *,
                     steps_since += 1
                 final = step == train.steps
                 save_due = (train.checkpoint_every and step % train.checkpoint_every == 0)
-                if step % train.log_every == 0 or final or save_due or sigterm.received:
+                if step % train.log_every == 0 or final or save_due or stop.received:
                     m = flush(step)
                     record = {"loss": float(m["loss"]), "lr": float(m["lr"]),
                               "grad_norm": float(m["grad_norm"]), "tokens": float(m["tokens"])}
@@ -236,12 +271,13 @@ def fit(config: ExperimentConfig, data=None, eval_data=None, *,
                     if writer is not None:
                         writer.write(step, record)
                     bar.set_postfix(loss=f"{record['loss']:.4f}")
-                if save_due or final or sigterm.received:
+                if save_due or final or stop.received:
                     ckpts.save(step, state, data.get_state())
-                if sigterm.received:
-                    summary["stopped"] = "sigterm"
+                if stop.received:
+                    summary["stopped"] = stop.received
                     break
             summary["step"] = step
+            summary["skipped_records"] = skipped_records(data)
             ckpts.wait()
         if summary["stopped"] == "completed":
             summary.update(_export(out_dir, config, task, state, frozen, data,
@@ -271,29 +307,43 @@ def default_task(config: ExperimentConfig) -> TrainTask:
 
 def _export(out_dir: pathlib.Path, config, task: TrainTask, state, frozen, data,
             fresh: bool) -> dict:
-    """Write ``adapters/`` (PEFT) and ``model/`` (when the trained state folds into model
-    params), replacing those of an earlier, shorter run; with ``fresh=False`` (nothing
-    trained since the run resumed) existing ones are kept. The tokenizer comes from the
-    data iterator's ``tokenizer`` (its ``directory``), if any. Returns ``model_dir`` and
-    ``adapters_dir`` (None where absent)."""
+    """Write ``adapters/`` (PEFT, head tasks) and ``model/`` (when the trained state folds
+    into model params), each under a temporary name renamed into place when complete
+    (:func:`cadenza.outputs.atomic_dir`), replacing those of an earlier, shorter run. With
+    ``fresh=False`` (nothing trained since the run resumed) complete ones are kept and
+    missing or incomplete ones (an interrupted export) are written. The tokenizer comes
+    from the data iterator's ``tokenizer`` (its ``directory``), if any. Returns
+    ``model_dir`` and ``adapters_dir`` (None where absent)."""
     from cadenza.models import save_model
 
     model_dir, adapters_dir = out_dir / "model", out_dir / "adapters"
-    if fresh or not (model_dir.exists() or adapters_dir.exists()):
-        for d in (model_dir, adapters_dir):
-            if d.exists() and jax.process_index() == 0:
-                shutil.rmtree(d)
-        if jax.process_count() > 1:  # no host may look for an old directory before it is gone
-            from jax.experimental import multihost_utils
+    params = task.export(state.params, frozen)
+    wanted = ([adapters_dir] if task.save_adapters is not None else []) + (
+        [model_dir] if params is not None else [])
+    for d in wanted:
+        if fresh or not is_complete(d):
+            with atomic_dir(d, replace=True) as tmp:
+                if d == adapters_dir:
+                    task.save_adapters(tmp, state.params)
+                else:
+                    save_model(tmp, config, params, tokenizer_dir=_tokenizer_dir(data))
+    return {"model_dir": str(model_dir) if model_dir in wanted else None,
+            "adapters_dir": str(adapters_dir) if adapters_dir in wanted else None}
 
-            multihost_utils.sync_global_devices("cadenza:export")
-        if task.save_adapters is not None:
-            task.save_adapters(adapters_dir, state.params)
-        params = task.export(state.params, frozen)
-        if params is not None:
-            save_model(model_dir, config, params, tokenizer_dir=_tokenizer_dir(data))
-    return {"model_dir": str(model_dir) if model_dir.exists() else None,
-            "adapters_dir": str(adapters_dir) if adapters_dir.exists() else None}
+
+def skipped_records(data) -> dict | None:
+    """Bad records left out of the training data, by reason: ``build`` (when the dataset
+    was prepared) and ``formatting`` (by this run's iterator); None for iterators that do
+    not count them (e.g. synthetic batches)."""
+    if not hasattr(data, "stats"):
+        return None
+    build: dict = {}
+    for report in getattr(data, "build_reports", None) or []:
+        for reason, n in (report or {}).get("skipped", {}).items():
+            build[reason] = build.get(reason, 0) + n
+    formatting = data.stats().get("skipped", {})
+    return {"build": build, "formatting": formatting,
+            "total": sum(build.values()) + sum(formatting.values())}
 
 
 def _tokenizer_dir(data):

@@ -22,6 +22,7 @@ import sys
 import tensorflow_datasets as tfds
 
 from cadenza.errors import CadenzaError
+from cadenza.outputs import atomic_file
 from cadenza.train.data import stdlib
 from cadenza.train.data.records import Problems, expand_paths, read_records
 
@@ -95,9 +96,12 @@ class LocalFiles(_Builder):
         return ", ".join(self.paths)
 
     def _keyed_records(self):
+        # The split follows the record's content, not its file:line, so the held-out
+        # records do not depend on how the input path is spelled (or where it lives).
         for record in read_records(self.builder_config.name, self.paths, self.problems,
                                    self.counts):
-            yield record["source"], record
+            content = {k: v for k, v in record.items() if k != "source"}
+            yield json.dumps(content, sort_keys=True, ensure_ascii=False), record
 
 
 class Stdlib(_Builder):
@@ -181,8 +185,8 @@ def build(source, data, data_dir=None, *, rebuild=False) -> dict:
     report = {**builder.report(), "data_dir": str(where), "name": name,
               "splits": {k: v.num_examples for k, v in builder.info.splits.items()},
               "shards": {k: v.num_shards for k, v in builder.info.splits.items()}}
-    report_path.parent.mkdir(parents=True, exist_ok=True)
-    report_path.write_text(json.dumps(report, indent=2))
+    with atomic_file(report_path, overwrite=True) as tmp:  # the build's completeness marker
+        tmp.write_text(json.dumps(report, indent=2))
     return report
 
 
@@ -196,6 +200,12 @@ def open_split(source, data, split: str):
     """
     where, name = source_location(source, data)
     report = None if source.format == "tfds" else build(source, data)
+    if report is not None and split not in report["splits"]:
+        raise CadenzaError(f"dataset {name!r} has no {split!r} split: its {report['written']} "
+                           f"records gave none to it (held-out fraction "
+                           f"{data.heldout_fraction}; splits {report['splits']})",
+                           where=str(where), fix="add records, raise data.heldout_fraction, or "
+                           "train without held-out eval (train.eval_every=0)")
     try:
         builder = tfds.builder(name, data_dir=str(where))
         info = builder.info.splits[split]

@@ -91,9 +91,11 @@ def expand_paths(pattern: str) -> list[pathlib.Path]:
 
 def _json_objects(path: pathlib.Path, problems: Problems, counts: collections.Counter):
     """Yield ``(line, object)`` from a JSON array file or a JSONL file; ``counts["read"]``
-    counts every non-blank line (or array item; a broken array counts once)."""
+    counts every non-blank line (or array item; a broken array counts once). A ``.jsonl``
+    file is always one record per line (a line holding an array is one bad record);
+    other files starting with ``[`` are one JSON array."""
     data = path.read_bytes()
-    if data.lstrip()[:1] == b"[":  # one JSON array
+    if path.suffix != ".jsonl" and data.lstrip()[:1] == b"[":  # one JSON array
         counts["read"] += 1
         try:
             text = data.decode("utf-8")

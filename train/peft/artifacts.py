@@ -28,6 +28,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from cadenza.errors import CadenzaError
+from cadenza.outputs import atomic_dir, require_complete
 from cadenza.train.peft.model import PeftModel, build
 from cadenza.train.peft.sites import get_path, projection_sites, set_path
 from cadenza.train.peft_config import PeftConfig
@@ -46,16 +47,14 @@ def save_adapters(directory, config, trainable) -> pathlib.Path:
     from cadenza.config import to_yaml
 
     d = pathlib.Path(directory).absolute()
-    if (d / "adapters").exists():
-        raise CadenzaError("an adapter directory already exists here", where=str(d),
-                           fix="choose a new output directory or delete the old one")
     if config.peft.method == "none":
         raise CadenzaError("peft.method is 'none': there are no adapters to save",
                            where="peft.method", fix="save full models with save_model")
-    d.mkdir(parents=True, exist_ok=True)
-    (d / "config.yaml").write_text(to_yaml(config))
-    with ocp.StandardCheckpointer() as ckptr:
-        ckptr.save(d / "adapters", trainable)
+    with atomic_dir(d) as tmp:
+        tmp.mkdir(parents=True, exist_ok=True)
+        (tmp / "config.yaml").write_text(to_yaml(config))
+        with ocp.StandardCheckpointer() as ckptr:
+            ckptr.save(tmp / "adapters", trainable)
     return d
 
 
@@ -92,6 +91,7 @@ def load_adapters(directory, base_config, *, mesh=None, rules=None):
         raise CadenzaError("not a cadenza adapter directory (needs config.yaml and adapters/)",
                            where=str(d), fix="pass a directory written by save_adapters or "
                                              "'cadenza convert peft-import'")
+    require_complete(d, "adapter directory")
     peft_config = load_config(d / "config.yaml").peft
     pm = build(base_config.model, peft_config)
     with ocp.StandardCheckpointer() as ckptr:
@@ -159,12 +159,37 @@ def peft_export(directory, pm: PeftModel, trainable) -> pathlib.Path:
     return d
 
 
-def peft_import(directory, base_config):
+_HF_BASE_COPY = re.compile(r"base_model\.model\.(lm_head|model\.embed_tokens)\.base_layer\.weight")
+
+
+def _check_base_copy(key: str, value, base_config, base_params, where: str) -> None:
+    """peft saves the base weight of a targeted ``lm_head`` / ``embed_tokens`` next to the
+    adapter (``save_embedding_layers``); it must be this base's weight (same shape and,
+    when ``base_params`` are given, the same values)."""
+    model = base_config.model
+    head = _HF_BASE_COPY.fullmatch(key).group(1) == "lm_head" and not model.tie_embeddings
+    want = (model.vocab_size, model.hidden_size)
+    if tuple(value.shape) != want:
+        raise CadenzaError(f"{key} has shape {tuple(value.shape)}, this base has {want}",
+                           where=where, fix="use adapters made for this base model")
+    if base_params is not None:
+        base = (np.asarray(base_params["lm_head"]["kernel"], np.float32).T if head
+                else np.asarray(base_params["embed"]["embedding"], np.float32))
+        if not np.allclose(np.asarray(value, np.float32), base, rtol=1e-2, atol=1e-3):
+            raise CadenzaError(f"{key} (the base weight peft saved with the adapter) differs "
+                               "from this base model's", where=where,
+                               fix="use the base model the adapter was trained on")
+
+
+def peft_import(directory, base_config, base_params=None):
     """Read a Hugging Face peft LoRA/DoRA adapter for the base ``base_config``.
 
     Returns ``(peft_model, trainable)`` in cadenza's layout. Fails clearly on
     other peft types, options cadenza does not implement, modules absent
     from the base, layer subsets under ``scan_layers`` and shape mismatches.
+    A copy of the base's ``lm_head`` / ``embed_tokens`` weight that peft saves with
+    adapters targeting them is checked against ``base_params`` (when given; else its
+    shape only) and not imported (cadenza keeps the base weights with the base).
     """
     from safetensors.numpy import load_file
 
@@ -187,6 +212,9 @@ def peft_import(directory, base_config):
     sites = {s.name: s for s in projection_sites(model_cfg)}
     found: dict[str, dict] = {}
     for key, value in tensors.items():
+        if _HF_BASE_COPY.fullmatch(key):
+            _check_base_copy(key, value, base_config, base_params, str(w_path))
+            continue
         m = _HF_KEY.fullmatch(key)
         if not m:
             raise CadenzaError(f"unrecognised adapter tensor {key!r}", where=str(w_path),
