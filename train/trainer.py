@@ -6,6 +6,7 @@ function with the state donated, and host-local data batches become global
 arrays with the batch sharding.
 """
 
+import json
 import pathlib
 import shutil
 import signal
@@ -242,6 +243,8 @@ def fit(config: ExperimentConfig, data=None, eval_data=None, *,
                     summary["stopped"] = "sigterm"
                     break
             summary["step"] = step
+            if step == start and start:  # resumed at the end: report what the run logged
+                summary.update(_last_logged(out_dir))
             ckpts.wait()
         if summary["stopped"] == "completed":
             summary.update(_export(out_dir, config, task, state, frozen, data,
@@ -294,6 +297,15 @@ def _export(out_dir: pathlib.Path, config, task: TrainTask, state, frozen, data,
             save_model(model_dir, config, params, tokenizer_dir=_tokenizer_dir(data))
     return {"model_dir": str(model_dir) if model_dir.exists() else None,
             "adapters_dir": str(adapters_dir) if adapters_dir.exists() else None}
+
+
+def _last_logged(out_dir: pathlib.Path) -> dict:
+    """``loss`` and ``eval_loss`` of the last record in ``metrics.jsonl`` (those absent
+    from it are left out), for a run that resumes with no step left to train."""
+    path = out_dir / "metrics.jsonl"
+    lines = path.read_text().splitlines() if path.is_file() else []
+    last = json.loads(lines[-1]) if lines else {}
+    return {k: last[k] for k in ("loss", "eval_loss") if k in last}
 
 
 def _tokenizer_dir(data):
