@@ -4,41 +4,65 @@ Nothing is downloaded: the interpreter's standard library is the corpus.
 
 1. **Data**: the stdlib code corpus (``stdlib_code``) and docstring -> body
    instruction pairs (``stdlib_instruct``) are built as TFDS datasets, and a
-   byte-level BPE tokenizer is trained on the code (``cadenza.train.data``).
+   byte-level BPE tokenizer is trained on the code (``cadenza.train.data``); the
+   unigram cross-entropy of each is the baseline printed beside every loss.
 2. **Pretraining**: a small target model and a much smaller draft model are
-   trained on the code corpus with :func:`cadenza.train.fit`; each module is cut into
-   ``seq_len`` pieces (``data.truncation=chunk``, pieces shuffled in windows of
-   :data:`PRETRAIN_SHUFFLE_WINDOW`), so the models see whole modules, not only their
-   first ``seq_len`` tokens.
-3. **Instruction tuning**: the target is LoRA-tuned on the instruction pairs;
-   the held-out (per-module split) loss is measured before and after.
-4. **Decoding**: held-out docstrings are completed with every decoding method
-   this build has (greedy, speculative decoding with the draft model or an
-   n-gram drafter, Superposed Decoding with k = 3, LUD); a table reports
-   tokens/s, speedup over greedy, accepted tokens per target forward and
-   whether the greedy-equivalent methods reproduced greedy exactly.
+   trained on the code corpus with :func:`cadenza.train.fit` for several passes over
+   it; each module is cut into ``seq_len`` pieces (``data.truncation=chunk``, pieces
+   shuffled in windows of :data:`PRETRAIN_SHUFFLE_WINDOW`), held-out modules are
+   evaluated as it trains.
+3. **Instruction tuning**: the target is LoRA-tuned on the instruction pairs; the
+   held-out (per-module split) loss and a measured task (:mod:`cadenza.quickstart_eval`:
+   first-line exact match and syntax pass@k of held-out function bodies) are reported
+   before and after, with sample completions. Medusa heads are trained on the tuned
+   target, and a copy of it is LUD-fine-tuned with one extra vocabulary row (the
+   placeholder id, :func:`cadenza.models.vocab.extend_vocab`).
+4. **Decoding**: held-out docstrings from several modules are completed with every
+   decoding method of the build (:data:`cadenza.quickstart_methods.DECODE_METHODS`),
+   timed interleaved over repeats (medians with the spread); a table reports tokens/s
+   end to end and decode-only, speedup over greedy, accepted tokens per target forward
+   and whether the greedy-equivalent methods reproduced greedy exactly.
 
-A stage whose library is not part of this build is reported as "not available
-in this build" (never a made-up number). Decoding methods are entries of
-:data:`DECODE_METHODS`; a new one is a function ``(ctx) -> MethodRun``.
+A stage whose library is not part of this build is reported as "not available in this
+build" (never a made-up number).
 
-Everything lands under ``out_dir``: ``data/`` (datasets, tokenizer),
-``target/``, ``draft/``, ``sft/`` (each a ``fit`` output: checkpoints,
-``tensorboard/``, ``metrics.jsonl``, ``model/``), ``ngram/`` (the n-gram
-table), ``results.json``, ``results.md`` and ``results.png``.
+Rerunning into the same ``out_dir`` is safe: each finished stage records its result
+under ``stages/`` (written atomically) and is reused; an interrupted training stage
+resumes from its checkpoint. Delete ``stages/<name>.json`` to redo a stage.
+
+Everything lands under ``out_dir``: ``data/`` (datasets, tokenizer), ``target/``,
+``draft/``, ``sft/``, ``medusa/``, ``lud/`` (each a ``fit`` output: checkpoints,
+``tensorboard/``, ``metrics.jsonl``, ``model/`` or ``adapters/``), ``ngram/`` (the
+n-gram table), ``stages/``, ``results.json``, ``results.md`` and ``results.png``.
 """
 
-import dataclasses
-import importlib.util
+import hashlib
 import json
+import os
 import pathlib
 import time
 from collections.abc import Callable
 
 from cadenza.provenance import provenance
+from cadenza.quickstart_eval import (
+    heldout_loss,
+    score_task,
+    task_examples,
+    unigram_cross_entropy,
+)
+from cadenza.quickstart_methods import (
+    DECODE_METHODS,
+    Context,
+    Unavailable,
+    time_methods,
+)
+from cadenza.quickstart_report import render_markdown, write_results
 
 # Sizes: {name: settings}. "fast" is for CI smoke tests; "default" fits in 10 minutes on
-# two CPU cores; "large" is for an accelerator.
+# two CPU cores; "large" is for an accelerator. ``prompts`` held-out prompts are timed
+# ``repeats`` times per method; ``task_examples`` held-out functions (bodies of at most
+# ``max_body_tokens`` tokens, so a completion can finish them) are scored with
+# ``task_samples`` sampled bodies each.
 SIZES: dict[str, dict] = {
     "fast": dict(
         target=dict(num_layers=2, hidden_size=64, num_heads=4, num_kv_heads=2,
@@ -46,7 +70,9 @@ SIZES: dict[str, dict] = {
         draft=dict(num_layers=1, hidden_size=32, num_heads=2, num_kv_heads=1,
                    intermediate_size=64),
         vocab_size=384, seq_len=192, batch_size=8, target_steps=6, draft_steps=4, lora_steps=4,
-        eval_steps=2, prompts=2, new_tokens=8, lora_rank=4,
+        medusa_steps=3, lud_steps=3, lud_tokens=4000, eval_every=3, eval_steps=2, prompts=2,
+        repeats=2, new_tokens=8, lora_rank=4, task_examples=2, task_samples=2,
+        max_body_tokens=10_000,
         modules=["textwrap.py", "bisect.py", "heapq.py", "fnmatch.py", "shlex.py", "glob.py",
                  "string/__init__.py", "sched.py", "secrets.py"]),
     "default": dict(
@@ -54,8 +80,10 @@ SIZES: dict[str, dict] = {
                     intermediate_size=384),
         draft=dict(num_layers=1, hidden_size=64, num_heads=2, num_kv_heads=1,
                    intermediate_size=192),
-        vocab_size=512, seq_len=128, batch_size=8, target_steps=60, draft_steps=60,
-        lora_steps=30, eval_steps=4, prompts=3, new_tokens=32, lora_rank=8,
+        vocab_size=512, seq_len=128, batch_size=8, target_steps=1500, draft_steps=800,
+        lora_steps=150, medusa_steps=150, lud_steps=150, lud_tokens=150_000, eval_every=250,
+        eval_steps=4, prompts=8, repeats=5, new_tokens=128, lora_rank=8, task_examples=16,
+        task_samples=5, max_body_tokens=120,
         modules=["json/", "textwrap.py", "string/__init__.py", "collections/", "functools.py",
                  "heapq.py", "bisect.py", "fnmatch.py", "shlex.py", "glob.py", "argparse.py",
                  "dataclasses.py", "enum.py", "pathlib.py", "csv.py", "base64.py", "difflib.py",
@@ -67,165 +95,20 @@ SIZES: dict[str, dict] = {
                     intermediate_size=1536),
         draft=dict(num_layers=2, hidden_size=128, num_heads=4, num_kv_heads=2,
                    intermediate_size=384),
-        vocab_size=2048, seq_len=512, batch_size=16, target_steps=2000, draft_steps=1000,
-        lora_steps=300, eval_steps=16, prompts=8, new_tokens=128, lora_rank=16,
-        modules=None),
+        vocab_size=2048, seq_len=512, batch_size=16, target_steps=4000, draft_steps=2000,
+        lora_steps=300, medusa_steps=300, lud_steps=300, lud_tokens=1_000_000,
+        eval_every=500, eval_steps=16, prompts=16, repeats=5, new_tokens=128, lora_rank=16,
+        task_examples=64, task_samples=10, max_body_tokens=120, modules=None),
 }
 
 # Pieces shuffled together when pretraining on chunked modules: ~40 modules' worth at
 # seq_len 128 (filling it tokenizes them, ~7 s on two CPU cores).
 PRETRAIN_SHUFFLE_WINDOW = 4096
+# Held-out functions taken per module, so prompts come from several modules.
+PER_MODULE = 3
 
 
-class Unavailable(Exception):
-    """A stage whose library is not part of this build (reported, never faked)."""
-
-
-@dataclasses.dataclass
-class MethodRun:
-    """One decoding method over the prompts (timed after a warm-up call that compiles).
-
-    ``token_ids``: generated ids per prompt; ``seconds``: wall time of the fastest of
-    two timed passes over all prompts; ``accepted_per_forward``: tokens emitted per
-    target forward in the decode loop (None where it does not apply);
-    ``greedy_equivalent``: the method promises greedy's output exactly; ``notes``: shown
-    in the table.
-    """
-
-    token_ids: list[list[int]]
-    seconds: float
-    accepted_per_forward: float | None
-    greedy_equivalent: bool
-    notes: str = ""
-
-
-@dataclasses.dataclass
-class Context:
-    """What the decoding methods need: models, params, prompts and settings."""
-
-    target: object          # Transformer of the (instruction-tuned) target
-    target_params: dict
-    draft: object           # Transformer of the draft model
-    draft_params: dict
-    tokenizer: object
-    prompts: list[list[int]]
-    new_tokens: int
-    out_dir: pathlib.Path
-    code_files: list[pathlib.Path]
-    extras: dict = dataclasses.field(default_factory=dict)
-
-
-def _have(module: str) -> bool:
-    try:
-        return importlib.util.find_spec(module) is not None
-    except ModuleNotFoundError:
-        return False
-
-
-def _require(module: str) -> None:
-    if not _have(module):
-        raise Unavailable(f"not available in this build ({module} is missing)")
-
-
-def _timed(fn: Callable[[], object], repeats: int = 2) -> tuple[object, float]:
-    """Call ``fn`` once to compile, then ``repeats`` times; the output and the fastest time."""
-    fn()
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        out = fn()
-        best = min(best, time.perf_counter() - t0)
-    return out, best
-
-
-# --- decoding methods ------------------------------------------------------------------------
-
-def _greedy(ctx: Context) -> MethodRun:
-    from cadenza.decode import DecodeConfig, generate
-
-    cfg = DecodeConfig(method="greedy", max_new_tokens=ctx.new_tokens)
-
-    def run():
-        return [generate(ctx.target, ctx.target_params, [p], cfg) for p in ctx.prompts]
-
-    results, seconds = _timed(run)
-    ids = [r.token_ids[0] for r in results]
-    return MethodRun(ids, seconds, 1.0, greedy_equivalent=True,
-                     notes="one target forward per token (KV cache, jitted while_loop)")
-
-
-def _speculative(ctx: Context, drafter, draft_params, notes: str) -> MethodRun:
-    from cadenza.decode import DecodeConfig
-    from cadenza.decode.speculative import speculative_generate
-
-    cfg = DecodeConfig(method="greedy", max_new_tokens=ctx.new_tokens)
-
-    def run():
-        return [speculative_generate(ctx.target, ctx.target_params, [p], cfg, drafter=drafter,
-                                     draft_params=draft_params) for p in ctx.prompts]
-
-    results, seconds = _timed(run)
-    decoded = sum(len(r.token_ids[0]) - 1 for r in results)
-    forwards = sum(r.stats["target_forwards"] for r in results)
-    return MethodRun([r.token_ids[0] for r in results], seconds,
-                     decoded / forwards if forwards else None, greedy_equivalent=True,
-                     notes=notes)
-
-
-def _speculative_draft_model(ctx: Context) -> MethodRun:
-    _require("cadenza.decode.speculative")
-    from cadenza.decode.speculative import DraftModel
-
-    gamma = 4
-    return _speculative(ctx, DraftModel(ctx.draft.config, gamma=gamma),
-                        (ctx.draft_params, None),
-                        f"draft model ({ctx.draft.config.num_params() / 1e6:.2f}M params), "
-                        f"gamma={gamma}, greedy acceptance")
-
-
-def _speculative_ngram(ctx: Context) -> MethodRun:
-    _require("cadenza.decode.ngram_draft")
-    from cadenza.decode.ngram_draft import PromptLookup
-
-    drafter = PromptLookup(gamma=4, max_ngram=3)
-    return _speculative(ctx, drafter, None,
-                        "prompt-lookup n-gram drafts (no draft model), gamma=4")
-
-
-def _superposed(ctx: Context) -> MethodRun:
-    from cadenza.decode.ngram import load_ngram_table
-    from cadenza.decode.superposed import SuperposedConfig, superposed_generate
-
-    table = load_ngram_table(ctx.extras["ngram_dir"]).to_device()
-    cfg = SuperposedConfig(num_drafts=3, max_new_tokens=ctx.new_tokens)
-
-    def run():
-        return [superposed_generate(ctx.target, ctx.target_params, [p], table, cfg)
-                for p in ctx.prompts]
-
-    outs, seconds = _timed(run)
-    ids = [[int(t) for t in o.tokens[0, 0, :o.lengths[0, 0]]] for o in outs]
-    return MethodRun(ids, seconds, None, greedy_equivalent=False,
-                     notes="k=3 drafts from one stream; tokens/s counts the best draft")
-
-
-def _lud(ctx: Context) -> MethodRun:
-    _require("cadenza.decode.lud")
-    raise Unavailable("not run: LUD needs its own fine-tune (with a free placeholder token id), "
-                      "which this quickstart does not include yet")
-
-
-# (name, function). A method whose library is missing raises Unavailable.
-DECODE_METHODS: list[tuple[str, Callable[[Context], MethodRun]]] = [
-    ("greedy", _greedy),
-    ("speculative (draft model)", _speculative_draft_model),
-    ("speculative (n-gram draft)", _speculative_ngram),
-    ("superposed (k=3)", _superposed),
-    ("LUD", _lud),
-]
-
-
-# --- configs, data, training -----------------------------------------------------------------
+# --- configs and stages ----------------------------------------------------------------------
 
 def _overrides(model: dict, prefix: str = "model") -> list[str]:
     return [f"{prefix}.{k}={v}" for k, v in model.items()]
@@ -241,8 +124,8 @@ def experiment(name: str, out_dir: pathlib.Path, size: dict, model: dict, *, fmt
         f"name={name}", f"train.output_dir={out_dir / name}", f"train.steps={steps}",
         f"train.batch_size={size['batch_size']}", f"train.seq_len={size['seq_len']}",
         "train.learning_rate=3e-3", f"train.warmup_steps={max(1, steps // 10)}",
-        "train.log_every=5", f"train.checkpoint_every={steps}", "train.keep_checkpoints=1",
-        f"train.eval_steps={size['eval_steps']}", "mesh.data=-1",
+        f"train.log_every={max(1, min(25, steps // 20))}", f"train.checkpoint_every={steps}",
+        "train.keep_checkpoints=1", f"train.eval_steps={size['eval_steps']}", "mesh.data=-1",
         f"model.vocab_size={size['vocab_size']}", f"data.format={fmt}",
         f"data.data_dir={out_dir / 'data'}", "data.heldout_fraction=0.1",
         *_overrides(model), *extra]
@@ -251,65 +134,103 @@ def experiment(name: str, out_dir: pathlib.Path, size: dict, model: dict, *, fmt
     return load_config(None, overrides, preset="tiny")
 
 
-def heldout_loss(config, params, max_batches: int) -> float:
-    """Mean next-token cross-entropy of ``params`` over the held-out ("test") split of
-    ``config``'s data, on counted (assistant) tokens of at most ``max_batches`` batches."""
-    import jax
+class Stages:
+    """Finished stages of one quickstart folder: ``stages/<name>.json`` holds a stage's
+    result and the fingerprint of the settings it ran with; a stage with a matching
+    record is reused instead of run again. Records are written atomically, after the
+    stage's own outputs."""
 
-    from cadenza.models import Transformer
-    from cadenza.train.data import build_iterator
-    from cadenza.train.step import token_losses
+    def __init__(self, out: pathlib.Path, size: dict):
+        self.dir = out / "stages"
+        self.fingerprint = hashlib.sha256(
+            json.dumps(size, sort_keys=True).encode()).hexdigest()[:16]
 
-    model = Transformer(config.model)
+    def run(self, name: str, fn: Callable[[], dict]) -> dict:
+        """``fn()``'s result, from the record of an earlier run when there is one."""
+        path = self.dir / f"{name}.json"
+        if path.is_file():
+            record = json.loads(path.read_text())
+            if record.get("fingerprint") == self.fingerprint:
+                _log(f"{name}: reusing the finished stage ({path})")
+                return record["result"]
+            _log(f"{name}: settings changed since {path} was written; running it again")
+        result = fn()
+        self.dir.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(json.dumps({"fingerprint": self.fingerprint, "result": result},
+                                  default=str))
+        os.replace(tmp, path)
+        return result
 
-    @jax.jit
-    def losses(params, batch):
-        logits = model.apply({"params": params}, batch["inputs"], positions=batch["positions"],
-                             segment_ids=batch["segment_ids"])[0]
-        _, ce, count = token_losses(logits, batch["targets"], batch["loss_mask"])
-        return ce, count
 
-    ce = count = 0.0
-    for i, batch in enumerate(build_iterator(config, split="test")):
-        if i == max_batches:
-            break
-        c, n = losses(params, batch)
-        ce, count = ce + float(c), count + float(n)
-    return ce / max(count, 1.0)
-
-
-def lora_tune(config) -> dict:
-    """LoRA-tune ``config.train.init_from`` with ``config`` (``peft.method=lora``) via
-    :func:`cadenza.train.fit`; returns its summary (``model_dir``: the merged model).
-
-    Raises Unavailable when this build has no PEFT training task."""
-    _require("cadenza.train.peft.task")
+def _fit_summary(cfg) -> dict:
+    """Train ``cfg`` with :func:`cadenza.train.fit` (resuming from its checkpoint if any) and
+    keep what the report needs."""
     from cadenza.train import fit
 
-    return fit(config)
+    summary = fit(cfg)
+    keys = ("step", "loss", "eval_loss", "tokens_per_s", "compile_s", "model_dir",
+            "adapters_dir")
+    return {"params": cfg.model.num_params(), **{k: summary[k] for k in keys}}
 
 
-def heldout_prompts(tokenizer, size: dict, count: int) -> list[tuple[str, list[int]]]:
-    """``count`` docstring prompts from held-out modules: (source location, chat-rendered
-    token ids ending with the assistant turn's opening)."""
-    from cadenza.models.chat_template import ChatTemplate
-    from cadenza.train.data import stdlib
+def _have(module: str) -> bool:
+    import importlib.util
 
-    template = ChatTemplate.from_tokenizer(tokenizer)
-    root = stdlib.stdlib_root()
-    found = []
-    for rel in stdlib.stdlib_files(size["modules"]):
-        if not stdlib.is_heldout(rel, 0.1):
-            continue
-        for instruction, _, line in stdlib.instruction_pairs((root / rel).read_text("utf-8"), rel):
-            text = template.render([{"role": "user", "content": instruction}],
-                                   add_generation_prompt=True)
-            ids = tokenizer.encode(text, add_bos=True)
-            if len(ids) <= size["seq_len"]:
-                found.append((f"{rel}:{line}", ids))
-            if len(found) == count:
-                return found
-    return found
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:
+        return False
+
+
+def _decode_bodies(model, params, examples, tokenizer, new_tokens: int, *, samples: int = 0,
+                   seed: int = 0) -> list:
+    """Greedy bodies (``samples=0``: a list of str) or ``samples`` sampled bodies per example
+    (temperature 0.8: a list of lists), decoded as one batch."""
+    from cadenza.decode import DecodeConfig, generate
+
+    prompts = [e["prompt"] for e in examples]
+    if not samples:
+        cfg = DecodeConfig(method="greedy", max_new_tokens=new_tokens)
+        return generate(model, params, prompts, cfg, tokenizer=tokenizer).text
+    cfg = DecodeConfig(method="sample", temperature=0.8, max_new_tokens=new_tokens)
+    rows = [p for p in prompts for _ in range(samples)]
+    texts = generate(model, params, rows, cfg, tokenizer=tokenizer,
+                     seeds=[seed + i for i in range(len(rows))]).text
+    return [texts[i * samples:(i + 1) * samples] for i in range(len(prompts))]
+
+
+def _task(model, params, examples, tokenizer, size) -> tuple[dict, list[str]]:
+    """The measured task's scores for one model, and its greedy bodies."""
+    greedy = _decode_bodies(model, params, examples, tokenizer, size["new_tokens"])
+    sampled = _decode_bodies(model, params, examples, tokenizer, size["new_tokens"],
+                             samples=size["task_samples"])
+    return score_task(examples, greedy, sampled), greedy
+
+
+def _lud_model(out: pathlib.Path, size: dict, sft_cfg, tuned_params, tokenizer, code_files):
+    """LUD-fine-tune a copy of the tuned target with one extra vocabulary row as the
+    placeholder id, on the code corpus's tokens; returns fit's summary."""
+    import numpy as np
+
+    from cadenza.models.vocab import extend_vocab
+    from cadenza.train.lud_task import finetune_lud
+
+    vocab = sft_cfg.model.vocab_size
+    base = experiment("lud", out, size, size["target"], fmt="stdlib_code",
+                      steps=size["lud_steps"], extra=[
+                          "train.progress_bar=false", "train.learning_rate=1e-3",
+                          f"lud.placeholder_id={vocab}"])
+    config, params = extend_vocab(base, tuned_params, 1)
+    tokens = []
+    for path in code_files:
+        tokens += tokenizer.encode(path.read_text("utf-8"), add_bos=True)
+        if len(tokens) >= size["lud_tokens"]:
+            break
+    summary, _, stats = finetune_lud(config, params, np.asarray(tokens[:size["lud_tokens"]]))
+    return {"step": summary["step"], "loss": summary["loss"], "eval_loss": None,
+            "tokens_per_s": summary["tokens_per_s"], "params": config.model.num_params(),
+            "model_dir": summary["model_dir"], "rows": stats}
 
 
 # --- the run ---------------------------------------------------------------------------------
@@ -325,16 +246,15 @@ def run_quickstart(out_dir="runs/quickstart", fast: bool = False, large: bool = 
     """Run the four stages (module docstring) and write the results under ``out_dir``.
 
     ``fast``: a few steps of tiny models (CI smoke test); ``large``: bigger models
-    and more steps (for an accelerator). Returns the results dict that is also written
-    to ``results.json``: ``meta``, ``sizes``, ``timings_s`` per stage, ``data`` (dataset
-    reports), ``train`` (fit summaries), ``lora`` (held-out losses or the reason it is
-    unavailable), ``prompts`` and ``decode`` (one row per method).
+    and more steps (for an accelerator). Rerunning into the same ``out_dir`` reuses
+    finished stages and resumes interrupted training. Returns the results dict that is
+    also written to ``results.json``: ``meta``, ``sizes``, ``timings_s`` per stage,
+    ``data`` (dataset reports), ``unigram`` (baselines), ``train`` (fit summaries),
+    ``lora`` (held-out losses or the reason it is unavailable), ``task`` (measured task
+    before/after), ``samples`` and ``decode`` (one row per method, timing settings).
     """
-    from tqdm import tqdm
-
     from cadenza.decode.ngram import build_from_files, tokenizer_fingerprint
     from cadenza.models import Transformer, load_model
-    from cadenza.train import fit
     from cadenza.train.data import build_iterator, stdlib
 
     if fast and large:
@@ -345,6 +265,7 @@ def run_quickstart(out_dir="runs/quickstart", fast: bool = False, large: bool = 
     size = SIZES[size_name]
     out = pathlib.Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    stages = Stages(out, size)
     results = {"meta": {**provenance(pathlib.Path(__file__).parent), "size": size_name},
                "sizes": size, "timings_s": {}}
     t_all = time.perf_counter()
@@ -356,10 +277,11 @@ def run_quickstart(out_dir="runs/quickstart", fast: bool = False, large: bool = 
         marks.append(time.perf_counter())
         results["timings_s"][name] = marks[-1] - marks[-2]
 
-    # 1. data + tokenizer
+    # 1. data + tokenizer + unigram baselines
     _log(f"1/4 data: stdlib corpus + instruction pairs, BPE tokenizer (vocab "
          f"{size['vocab_size']}) -> {out / 'data'}")
-    pretrain = [*progress_override, "data.truncation=chunk",
+    evals = [f"train.eval_every={size['eval_every']}"]
+    pretrain = [*progress_override, *evals, "data.truncation=chunk",
                 f"data.shuffle_window={PRETRAIN_SHUFFLE_WINDOW}"]
     code_cfg = experiment("target", out, size, size["target"], fmt="stdlib_code",
                           steps=size["target_steps"], extra=pretrain)
@@ -367,73 +289,107 @@ def run_quickstart(out_dir="runs/quickstart", fast: bool = False, large: bool = 
                            steps=size["draft_steps"], extra=pretrain)
     sft_cfg = experiment("sft", out, size, size["target"], fmt="stdlib_instruct",
                          steps=size["lora_steps"], extra=[
-                             *progress_override, "peft.method=lora",
+                             *progress_override, *evals, "peft.method=lora",
                              f"train.init_from={out / 'target' / 'model'}",
                              f"peft.rank={size['lora_rank']}", "train.learning_rate=5e-3"])
-    results["data"] = {}
-    for name, cfg in (("code", code_cfg), ("instruct", sft_cfg)):
-        it = build_iterator(cfg, split="train")
-        next(it)
-        results["data"][name] = [{k: r[k] for k in ("read", "written", "skipped", "splits")}
-                                 for r in it.build_reports]
-        tokenizer = it.tokenizer
+    medusa_cfg = experiment("medusa", out, size, size["target"], fmt="stdlib_instruct",
+                            steps=size["medusa_steps"], extra=[
+                                *progress_override, "train.task=medusa",
+                                f"train.init_from={out / 'sft' / 'model'}",
+                                "train.learning_rate=1e-3"])
+
+    def data_stage():
+        reports = {}
+        for name, cfg in (("code", code_cfg), ("instruct", sft_cfg)):
+            it = build_iterator(cfg, split="train")
+            next(it)
+            reports[name] = [{k: r[k] for k in ("read", "written", "skipped", "splits")}
+                             for r in it.build_reports]
+        return {"reports": reports, "unigram": {
+            "code": unigram_cross_entropy(code_cfg, 8 * size["eval_steps"]),
+            "instruct": unigram_cross_entropy(sft_cfg, 8 * size["eval_steps"])}}
+
+    data = stages.run("data", data_stage)
+    results["data"], results["unigram"] = data["reports"], data["unigram"]
+    tokenizer = build_iterator(sft_cfg, split="train").tokenizer
     stage("data")
 
     # 2. pretraining
-    _log("2/4 pretraining the target and the draft model on the code corpus")
+    _log("2/4 pretraining the target and the draft model on the code corpus (unigram "
+         f"baseline {results['unigram']['code']['heldout']:.3f} nats held-out)")
     results["train"] = {}
     for name, cfg in (("target", code_cfg), ("draft", draft_cfg)):
-        summary = fit(cfg)
-        results["train"][name] = {"params": cfg.model.num_params(), **{
-            k: summary[k] for k in ("step", "loss", "tokens_per_s", "compile_s", "model_dir")}}
-        _log(f"{name}: {cfg.model.num_params() / 1e6:.2f}M params, loss {summary['loss']:.3f} "
-             f"after {summary['step']} steps")
+        t = results["train"][name] = stages.run(name, lambda cfg=cfg: _fit_summary(cfg))
+        _log(f"{name}: {t['params'] / 1e6:.2f}M params, loss {t['loss']:.3f} (held-out "
+             f"{t['eval_loss'] or float('nan'):.3f}) after {t['step']} steps")
     stage("pretrain")
 
-    # 3. LoRA instruction tuning
+    # 3. LoRA instruction tuning, the measured task, Medusa heads, the LUD model
     _log("3/4 LoRA instruction tuning of the target on docstring -> body pairs")
+    code_files = [stdlib.stdlib_root() / rel for rel in stdlib.stdlib_files(size["modules"])]
+    target = Transformer(code_cfg.model)
     _, target_params = load_model(out / "target" / "model")
-    lora = {"heldout_loss_before": heldout_loss(sft_cfg, target_params, size["eval_steps"])}
-    tuned_params = target_params
-    try:
-        summary = lora_tune(sft_cfg)
-        _, tuned_params = load_model(summary["model_dir"])
-        lora["heldout_loss_after"] = heldout_loss(sft_cfg, tuned_params, size["eval_steps"])
-        lora["steps"] = summary["step"]
-    except Unavailable as e:
-        lora["unavailable"] = str(e)
-        _log(f"LoRA: {e}; decoding uses the pretrained target")
-    results["lora"] = lora
-    stage("lora")
+    examples = task_examples(tokenizer, size["modules"], 0.1, size["seq_len"],
+                             size["max_body_tokens"], PER_MODULE,
+                             max(size["task_examples"], size["prompts"]))
+
+    def lora_stage():
+        lora = {"heldout_loss_before": heldout_loss(sft_cfg, target_params,
+                                                    size["eval_steps"])}
+        task = {}
+        task["before"], before = _task(target, target_params, examples, tokenizer, size)
+        if not _have("cadenza.train.peft.task"):
+            lora["unavailable"] = "not available in this build (cadenza.train.peft is missing)"
+            return {"lora": lora, "task": task, "bodies": {"before": before}}
+        summary = _fit_summary(sft_cfg)
+        _, tuned = load_model(summary["model_dir"])
+        lora.update(heldout_loss_after=heldout_loss(sft_cfg, tuned, size["eval_steps"]),
+                    steps=summary["step"])
+        task["after"], after = _task(target, tuned, examples, tokenizer, size)
+        return {"lora": lora, "task": task, "train": summary,
+                "bodies": {"before": before, "after": after}}
+
+    tuned_stage = stages.run("lora", lora_stage)
+    results["lora"], results["task"] = tuned_stage["lora"], tuned_stage["task"]
+    if "train" in tuned_stage:
+        results["train"]["sft"] = tuned_stage["train"]
+        _, tuned_params = load_model(out / "sft" / "model")
+    else:
+        tuned_params = target_params
+    results["samples"] = _samples(examples, tuned_stage["bodies"])
+    _log(f"held-out loss {results['lora']['heldout_loss_before']:.3f} -> "
+         f"{results['lora'].get('heldout_loss_after', float('nan')):.3f}; task "
+         + ", ".join(f"{k}: {json.dumps(v)}" for k, v in results["task"].items()))
+    extras = {}
+    if "train" in tuned_stage:
+        results["train"]["medusa"] = stages.run("medusa", lambda: _fit_summary(medusa_cfg))
+        extras["medusa_dir"] = results["train"]["medusa"]["adapters_dir"]
+        results["train"]["lud"] = stages.run("lud", lambda: _lud_model(
+            out, size, sft_cfg, tuned_params, tokenizer, code_files))
+    else:
+        extras["medusa_skipped"] = extras["lud_skipped"] = "no tuned target (LoRA unavailable)"
+    stage("tune")
 
     # 4. decoding
     _log("4/4 decoding held-out docstrings with every method in this build")
-    code_files = [stdlib.stdlib_root() / rel for rel in stdlib.stdlib_files(size["modules"])]
     ngram_dir = out / "ngram"
-    build_from_files([str(p) for p in code_files], ngram_dir, tokenizer=tokenizer,
-                     tokenizer_id={"kind": "dir", "sha256":
-                                   tokenizer_fingerprint(tokenizer.directory)}, max_order=6)
-    prompts = heldout_prompts(tokenizer, size, size["prompts"])
-    results["prompts"] = [loc for loc, _ in prompts]
+    if not (ngram_dir / "manifest.json").is_file():
+        build_from_files([str(p) for p in code_files], ngram_dir, tokenizer=tokenizer,
+                         tokenizer_id={"kind": "dir", "sha256":
+                                       tokenizer_fingerprint(tokenizer.directory)},
+                         max_order=6)
+    extras["ngram_dir"] = ngram_dir
+    if "lud" in results["train"]:
+        from cadenza.decode.lud_config import LudConfig
+
+        lud_cfg, lud_params = load_model(results["train"]["lud"]["model_dir"])
+        extras["lud"] = (Transformer(lud_cfg.model), lud_params,
+                         LudConfig(placeholder_id=lud_cfg.model.vocab_size - 1))
     _, draft_params = load_model(out / "draft" / "model")
-    ctx = Context(Transformer(code_cfg.model), tuned_params, Transformer(draft_cfg.model),
-                  draft_params, tokenizer, [ids for _, ids in prompts], size["new_tokens"], out,
-                  code_files, extras={"ngram_dir": ngram_dir})
-    rows = []
-    greedy = None
-    for name, method in tqdm(DECODE_METHODS, desc="decode methods", unit="method",
-                             disable=not progress):
-        try:
-            run = method(ctx)
-        except Unavailable as e:
-            rows.append({"method": name, "available": False, "notes": str(e)})
-            continue
-        rows.append(_row(name, run, greedy))
-        if name == "greedy":
-            greedy = run
-    results["decode"] = rows
-    results["sample"] = {"prompt": tokenizer.decode(ctx.prompts[0]),
-                         "greedy": tokenizer.decode(greedy.token_ids[0])}
+    timed = examples[:size["prompts"]]
+    ctx = Context(target, tuned_params, Transformer(draft_cfg.model), draft_params, tokenizer,
+                  [e["prompt"] for e in timed], size["new_tokens"], out, extras)
+    results["decode"] = stages.run("decode", lambda: _decode_stage(ctx, size, timed))
     stage("decode")
     results["timings_s"]["total"] = time.perf_counter() - t_all
     write_results(out, results)
@@ -442,87 +398,44 @@ def run_quickstart(out_dir="runs/quickstart", fast: bool = False, large: bool = 
     return results
 
 
-def _row(name: str, run: MethodRun, greedy: MethodRun | None) -> dict:
-    tokens = sum(len(i) for i in run.token_ids)
-    tps = tokens / run.seconds if run.seconds > 0 else None
-    row = {"method": name, "available": True, "tokens": tokens, "seconds": run.seconds,
-           "tokens_per_s": tps, "notes": run.notes,
-           "accepted_per_forward": run.accepted_per_forward}
-    if greedy is None:
-        row["speedup"] = 1.0
-        row["matches_greedy"] = True if run.greedy_equivalent else None
-    else:
-        g_tps = sum(len(i) for i in greedy.token_ids) / greedy.seconds
-        row["speedup"] = tps / g_tps if tps else None
-        row["matches_greedy"] = (run.token_ids == greedy.token_ids
-                                 if run.greedy_equivalent else None)
-    return row
-
-
-def _fmt(x, spec: str) -> str:
-    return "—" if x is None else format(x, spec)
-
-
-def render_markdown(results: dict) -> str:
-    """The results as a Markdown report (meta line, training, LoRA, decoding table)."""
-    m = results["meta"]
-    lines = [f"# cadenza quickstart ({m['size']})", "",
-             f"device: {m['device']} ({m['device_kind']}, {m['num_devices']} device(s)), "
-             f"jax {m['jax']}, commit {m['commit']}, {m['date']}; total "
-             f"{results['timings_s'].get('total', 0):.0f}s "
-             f"(" + ", ".join(f"{k} {v:.0f}s" for k, v in results["timings_s"].items()
-                              if k != "total") + ")", "",
-             "## Training", "", "| model | params | steps | final loss | tokens/s |",
-             "|---|---|---|---|---|"]
-    for name, t in results["train"].items():
-        lines.append(f"| {name} | {t['params'] / 1e6:.2f}M | {t['step']} | {t['loss']:.3f} | "
-                     f"{_fmt(t['tokens_per_s'], '.0f')} |")
-    lora = results["lora"]
-    lines += ["", "## LoRA instruction tuning (held-out modules)", ""]
-    if "unavailable" in lora:
-        lines.append(f"held-out loss of the pretrained target: {lora['heldout_loss_before']:.3f}"
-                     f"; LoRA: {lora['unavailable']}")
-    else:
-        lines.append(f"held-out loss: {lora['heldout_loss_before']:.3f} before -> "
-                     f"{lora['heldout_loss_after']:.3f} after {lora['steps']} LoRA steps")
-    lines += ["", f"## Decoding ({len(results['prompts'])} held-out docstrings, one at a time)",
-              "", "| method | tokens/s | speedup vs greedy | accepted tokens / target forward | "
-              "reproduces greedy exactly | notes |", "|---|---|---|---|---|---|"]
-    for r in results["decode"]:
-        if not r["available"]:
-            lines.append(f"| {r['method']} | — | — | — | — | {r['notes']} |")
+def _samples(examples: list[dict], bodies: dict, count: int = 3) -> list[dict]:
+    """Up to ``count`` examples from different modules with each model's greedy body."""
+    shown, modules = [], set()
+    for i, e in enumerate(examples):
+        module = e["where"].split(":")[0]
+        if module in modules:
             continue
-        match = {True: "yes", False: "NO", None: "n/a"}[r["matches_greedy"]]
-        lines.append(f"| {r['method']} | {_fmt(r['tokens_per_s'], '.1f')} | "
-                     f"{_fmt(r['speedup'], '.2f')}x | {_fmt(r['accepted_per_forward'], '.2f')} | "
-                     f"{match} | {r['notes']} |")
-    return "\n".join(lines) + "\n"
+        modules.add(module)
+        shown.append({"where": e["where"], "header": e["header"], "body": e["body"],
+                      **{k: v[i] for k, v in bodies.items()}})
+        if len(shown) == count:
+            break
+    return shown
 
 
-def write_results(out: pathlib.Path, results: dict) -> None:
-    """Write ``results.json``, ``results.md`` and ``results.png`` (training losses and
-    decoding tokens/s, titled with device, jax version, commit and date)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    (out / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
-    (out / "results.md").write_text(render_markdown(results))
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-    for name in ("target", "draft", "sft"):
-        path = out / name / "metrics.jsonl"
-        if path.is_file():
-            recs = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
-            ax1.plot([r["step"] for r in recs], [r["loss"] for r in recs], label=name)
-    ax1.set(xlabel="step", ylabel="training loss", title="training")
-    ax1.legend()
-    rows = [r for r in results["decode"] if r["available"]]
-    ax2.barh([r["method"] for r in rows], [r["tokens_per_s"] or 0 for r in rows])
-    ax2.set(xlabel="tokens/s", title="decoding (held-out docstrings)")
-    m = results["meta"]
-    fig.suptitle(f"cadenza quickstart: {m['device']} ({m['device_kind']}), jax {m['jax']}, "
-                 f"commit {m['commit']}, {m['date']}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(out / "results.png", dpi=100)
-    plt.close(fig)
+def _decode_stage(ctx: Context, size: dict, timed: list[dict]) -> dict:
+    """Build every method, time the available ones interleaved, and tabulate them."""
+    methods, rows = {}, {}
+    for name, builder in DECODE_METHODS:
+        try:
+            methods[name] = builder(ctx)
+        except Unavailable as e:
+            rows[name] = {"method": name, "available": False, "notes": str(e)}
+    timings = time_methods(methods, size["repeats"])
+    greedy_ids = timings["greedy"]["token_ids"]
+    for name, t in timings.items():
+        m = methods[name]
+        rows[name] = {"method": name, "available": True, "notes": m.notes,
+                      "tokens": t["tokens"], "tokens_per_s": t["tokens_per_s"],
+                      "decode_tokens_per_s": t["decode_tokens_per_s"], "speedup": t["speedup"],
+                      "accepted_per_forward": t["accepted_per_forward"],
+                      "deterministic": t["deterministic"],
+                      "matches_greedy": (t["token_ids"] == greedy_ids
+                                         if m.greedy_equivalent else None)}
+    first = timed[0]
+    texts = {name: ctx.tokenizer.decode(t["token_ids"][0]) for name, t in timings.items()}
+    return {"prompts": len(timed), "modules": len({e["where"].split(":")[0] for e in timed}),
+            "new_tokens": size["new_tokens"], "repeats": size["repeats"],
+            "prompt_where": [e["where"] for e in timed],
+            "rows": [rows[name] for name, _ in DECODE_METHODS],
+            "method_samples": {"where": first["where"], "texts": texts}}

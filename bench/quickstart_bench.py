@@ -2,7 +2,8 @@
 
     .venv/bin/python bench/quickstart_bench.py [--fast | --large] [--out DIR]
 
-Runs :func:`cadenza.quickstart.run_quickstart` into ``runs/quickstart-bench`` and writes
+Runs :func:`cadenza.quickstart.run_quickstart` into a new folder under ``runs/`` (never
+one with finished stages, which a rerun would reuse instead of timing) and writes
 ``quickstart_bench.{json,md}`` to ``bench/results/<device>/``: device, jax version,
 commit, date, host load, wall seconds, CPU seconds of the process (all threads), the
 stage timings and the quickstart's own tables (training, LoRA, decoding methods).
@@ -11,10 +12,13 @@ stage timings and the quickstart's own tables (training, LoRA, decoding methods)
 import argparse
 import json
 import os
+import pathlib
+import tempfile
 import time
 
 from cadenza.provenance import results_dir
-from cadenza.quickstart import render_markdown, run_quickstart
+from cadenza.quickstart import run_quickstart
+from cadenza.quickstart_report import render_markdown
 
 
 def main(argv=None) -> int:
@@ -22,9 +26,16 @@ def main(argv=None) -> int:
     size = ap.add_mutually_exclusive_group()
     size.add_argument("--fast", action="store_true")
     size.add_argument("--large", action="store_true")
-    ap.add_argument("--run-dir", default="runs/quickstart-bench")
+    ap.add_argument("--run-dir", default=None,
+                    help="a new folder for the run (default: a fresh runs/quickstart-bench-*)")
     ap.add_argument("--out", default=None, help="default: bench/results/<device>")
     args = ap.parse_args(argv)
+    if args.run_dir is None:
+        pathlib.Path("runs").mkdir(exist_ok=True)
+        args.run_dir = tempfile.mkdtemp(prefix="quickstart-bench-", dir="runs")
+    elif (pathlib.Path(args.run_dir) / "stages").exists():
+        ap.error(f"{args.run_dir} holds finished quickstart stages (a rerun reuses them): "
+                 "pass a new --run-dir")
     load_before = os.getloadavg()[0]
     wall0, cpu0 = time.perf_counter(), time.process_time()
     results = run_quickstart(out_dir=args.run_dir, fast=args.fast, large=args.large,

@@ -113,9 +113,10 @@ def _bars(data: dict, name: str) -> tuple[list[str], dict[str, list[float]], str
                                          "backward": [r["bwd_ms"] for r in rs]}, \
             "attention ms (lower is better)"
     if name == "quickstart_bench":
-        rs = [r for r in data["quickstart"]["decode"] if r["available"]]
-        return [r["method"] for r in rs], {"tokens/s": [r["tokens_per_s"] for r in rs]}, \
-            "quickstart decoding tokens/s"
+        rs = [r for r in data["quickstart"]["decode"]["rows"] if r["available"]]
+        return [r["method"] for r in rs], {
+            "tokens/s": [r["tokens_per_s"]["median"] for r in rs]}, \
+            "quickstart decoding tokens/s (median)"
     return None
 
 

@@ -1,12 +1,13 @@
 """A shortened quickstart (``fast=True``: tiny models, a few steps) end to end on 8 fake CPU
-devices: every artefact lands under the output dir and the table is honest."""
+devices: every artefact lands under the output dir, the table is honest, and a second run
+into the same folder reuses or resumes every stage."""
 
 import json
 
 from cadenza.quickstart import DECODE_METHODS, run_quickstart
 
 
-def test_fast_quickstart_end_to_end(tmp_path):
+def test_fast_quickstart_end_to_end_and_rerun(tmp_path):
     out = tmp_path / "qs"
     results = run_quickstart(out_dir=out, fast=True, progress=False)
 
@@ -29,22 +30,44 @@ def test_fast_quickstart_end_to_end(tmp_path):
     assert results["train"]["target"]["step"] == 6 and results["train"]["draft"]["step"] == 4
     assert results["train"]["target"]["params"] > 2 * results["train"]["draft"]["params"]
     lora = results["lora"]
-    assert lora["heldout_loss_before"] > 0
-    assert ("unavailable" in lora) != ("heldout_loss_after" in lora)
+    assert lora["heldout_loss_after"] < lora["heldout_loss_before"]
+    # baselines and the measured task, before and after LoRA
+    assert 0 < results["unigram"]["code"]["heldout"] < 10
+    for key in ("before", "after"):
+        task = results["task"][key]
+        assert task["examples"] == 2 and 0 <= task["pass@1"] <= 1
+    # the report shows held-out prompts with the greedy completions before and after LoRA
+    assert results["samples"] and "Original body:" in md
+    for s in results["samples"]:
+        assert s["header"] in md and "Pretrained target:" in md and "After LoRA:" in md
 
     # decoding: one row per method, in order; greedy is the baseline; greedy-equivalent
     # methods reproduce greedy exactly; unavailable methods show no numbers
-    rows = results["decode"]
+    rows = results["decode"]["rows"]
     assert [r["method"] for r in rows] == [name for name, _ in DECODE_METHODS]
-    assert len(results["prompts"]) == 2
+    assert results["decode"]["prompts"] == 2 and results["decode"]["repeats"] == 2
     greedy = rows[0]
-    assert greedy["available"] and greedy["speedup"] == 1.0 and greedy["tokens"] > 0
+    assert greedy["available"] and greedy["speedup"]["median"] == 1.0 and greedy["tokens"] > 0
     for r in rows:
         if not r["available"]:
             assert r["notes"].startswith(("not available in this build", "not run:"))
             assert f"| {r['method']} | — | — | — | — |" in md
             continue
-        assert r["tokens_per_s"] > 0
+        assert r["tokens_per_s"]["min"] > 0
         if r["matches_greedy"] is not None:
             assert r["matches_greedy"] is True, r
-    assert "superposed (k=3)" in [r["method"] for r in rows if r["available"]]
+    available = {r["method"] for r in rows if r["available"]}
+    assert {"superposed (k=3)", "Medusa", "LUD", "sampling (T=0.8)"} <= available
+    for name in results["decode"]["method_samples"]["texts"]:
+        assert f"{name}:" in md
+
+    # a second run reuses the finished stages; one whose record is gone resumes its
+    # finished training run (nothing left to train) and reports the same numbers
+    (out / "stages" / "target.json").unlink()
+    (out / "stages" / "decode.json").unlink()
+    again = run_quickstart(out_dir=out, fast=True, progress=False)
+    assert again["train"]["target"]["loss"] == results["train"]["target"]["loss"]
+    assert again["train"]["target"]["step"] == 6
+    assert again["lora"] == results["lora"] and again["task"] == results["task"]
+    assert [r["method"] for r in again["decode"]["rows"]] == [r["method"] for r in rows]
+    assert (out / "results.md").read_text().count("| greedy |") == 1

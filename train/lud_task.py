@@ -25,7 +25,7 @@ import jax.numpy as jnp
 
 from cadenza.errors import ConfigError
 from cadenza.train.lud_data import lud_attention_mask
-from cadenza.train.task import TrainTask
+from cadenza.train.task import TrainTask, donatable_copy
 
 
 def with_placeholder_embedding(params: dict, placeholder_id: int) -> dict:
@@ -63,10 +63,9 @@ def lud_task(model_config, base_params: dict, lud) -> TrainTask:
 
     def init_trainable(rng, mesh, rules):
         del rng
-        params = with_placeholder_embedding(base_params, placeholder_id)
         # a copy: the train step donates its state, ``base_params`` must stay usable
-        return jax.device_put(params, param_shardings(model_config, mesh, rules),
-                              may_alias=False)
+        return donatable_copy(with_placeholder_embedding(base_params, placeholder_id),
+                              param_shardings(model_config, mesh, rules))
 
     n = model_config.num_params()
     return TrainTask(

@@ -34,7 +34,7 @@ from cadenza.train.head_fit import (
     frozen_params,
     param_count,
 )
-from cadenza.train.task import TrainTask
+from cadenza.train.task import TrainTask, donatable_copy
 
 
 def medusa_drafter(medusa) -> Medusa:
@@ -106,7 +106,7 @@ def medusa_task(model_config, medusa, base) -> TrainTask:
         base_params = loaded.get("params") or load_frozen(mesh, rules)
         fresh = init_medusa_heads(model_config, base_params, drafter.num_heads, drafter.blocks)
         # copies: the head projections start as the same LM-head buffer (the step donates)
-        return jax.device_put(fresh, shardings(mesh, rules), may_alias=False)
+        return donatable_copy(fresh, shardings(mesh, rules))
 
     def apply(trainable, frozen, batch, rng):
         del rng

@@ -116,6 +116,17 @@ def noisy_apply(model, variables, batch, rng, neftune_alpha: float, **apply_kwar
 _RUNTIME_FIELDS = ("preset", "dtype", "remat_policy", "attention_impl")
 
 
+def donatable_copy(tree, shardings):
+    """``tree`` placed with ``shardings`` in buffers of its own, so the train step may donate
+    them while the caller keeps using ``tree``.
+
+    (jax 0.12's ``device_put(..., may_alias=False)`` onto a replicated multi-device
+    sharding still reuses the source buffer for one device's shard: copy first.)"""
+    import jax.numpy as jnp
+
+    return jax.device_put(jax.tree.map(lambda x: jnp.array(x, copy=True), tree), shardings)
+
+
 def load_base_params(model_config: ModelConfig, directory, mesh, rules):
     """Params of the model directory ``directory``, placed on ``mesh``; fails clearly
     unless it was saved for the same model shape as ``model_config``."""

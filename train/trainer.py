@@ -6,6 +6,7 @@ function with the state donated, and host-local data batches become global
 arrays with the batch sharding.
 """
 
+import json
 import pathlib
 import signal
 import sys
@@ -278,6 +279,8 @@ def _fit(config, data, eval_data, task, devices, allow_changes) -> dict:
                     break
             summary["step"] = step
             summary["skipped_records"] = skipped_records(data)
+            if step == start and start:  # resumed at the end: report what the run logged
+                summary.update(_last_logged(out_dir))
             ckpts.wait()
         if summary["stopped"] == "completed":
             summary.update(_export(out_dir, config, task, state, frozen, data,
@@ -344,6 +347,15 @@ def skipped_records(data) -> dict | None:
     formatting = data.stats().get("skipped", {})
     return {"build": build, "formatting": formatting,
             "total": sum(build.values()) + sum(formatting.values())}
+
+
+def _last_logged(out_dir: pathlib.Path) -> dict:
+    """``loss`` and ``eval_loss`` of the last record in ``metrics.jsonl`` (those absent
+    from it are left out), for a run that resumes with no step left to train."""
+    path = out_dir / "metrics.jsonl"
+    lines = path.read_text().splitlines() if path.is_file() else []
+    last = json.loads(lines[-1]) if lines else {}
+    return {k: last[k] for k in ("loss", "eval_loss") if k in last}
 
 
 def _tokenizer_dir(data):
