@@ -7,7 +7,8 @@ tokenizer). Sampling flags override the checkpoint config's ``decode``
 section. Output: each prompt's text (or ids) and the stats, or with
 ``--json`` one JSON object per prompt: ``token_ids`` (generated, prompt
 excluded), ``text`` (with a tokenizer), ``logprobs``, ``finish_reason``,
-``stats``.
+``stats`` (``import_s``: importing JAX and the decoder, ``load_s``: reading the model,
+``compile_s``, ``prefill_s``, ``decode_s``, ...).
 """
 
 import dataclasses
@@ -15,6 +16,7 @@ import json
 import pathlib
 import re
 import sys
+import time
 
 from cadenza.errors import CadenzaError
 
@@ -190,11 +192,14 @@ def _decode_config(base, args, tokenizer):
 
 
 def _generate(args) -> int:
+    started = time.perf_counter()
     from cadenza.decode.loop import ProxyTuning, generate, stream
     from cadenza.models import Transformer, load_model
 
+    imported = time.perf_counter()
     config, params = load_model(args.checkpoint)
     tokenizer, why_none = _load_tokenizer(args.checkpoint)
+    startup = {"import_s": imported - started, "load_s": time.perf_counter() - imported}
     prompts = _prompts(args, tokenizer, why_none)
     if args.method == "superposed":
         from cadenza.decode.superposed_cli import run_superposed
@@ -231,6 +236,7 @@ def _generate(args) -> int:
             print()
     else:
         result = generate(model, params, prompts, decode_config, **kwargs)
+    result.stats.update(startup)  # with compile_s, prefill_s, decode_s: where the time went
     _print(result, args.json, show_text=not args.stream)
     return 0
 
@@ -280,5 +286,6 @@ def _print(result, as_json: bool, show_text: bool) -> None:
     if not as_json:
         s = result.stats
         print(f"[prefill {s['prefill_s'] * 1e3:.1f} ms, decode {s['decode_tokens_per_s']:.1f} "
-              f"tokens/s over {s['steps']} steps, compile {s['compile_s']:.1f} s]",
+              f"tokens/s over {s['steps']} steps, compile {s['compile_s']:.1f} s, "
+              f"import {s.get('import_s', 0):.1f} s, load {s.get('load_s', 0):.1f} s]",
               file=sys.stderr)
