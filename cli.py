@@ -7,6 +7,7 @@ exits with status 2; ``--debug`` shows the traceback instead.
 
 import argparse
 import importlib
+import json
 import sys
 
 from cadenza import __version__
@@ -38,6 +39,19 @@ def command_group(subparsers, name: str, help: str):
         parser = subparsers.add_parser(name, help=help)
         return parser.add_subparsers(dest=f"{name}_command", metavar="SUBCOMMAND")
     return next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+
+
+def json_line(record, **extra) -> str:
+    """One JSON line for a report dataclass ``record`` (numpy arrays as lists) plus
+    ``extra`` fields (e.g. its derived properties): what ``--json`` options print."""
+    import dataclasses
+
+    def plain(value):
+        if hasattr(value, "tolist"):  # numpy arrays and scalars
+            return value.tolist()
+        raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+    return json.dumps({**dataclasses.asdict(record), **extra}, default=plain)
 
 
 class DefaultsHelpFormatter(argparse.HelpFormatter):

@@ -14,7 +14,9 @@ dataset.
 """
 
 import collections
+import contextlib
 import hashlib
+import io
 import json
 import pathlib
 import sys
@@ -177,7 +179,8 @@ def build(source, data, data_dir=None, *, rebuild=False) -> dict:
         num_shards=data.num_shards,
         download_mode=tfds.download.GenerateMode.REUSE_CACHE_IF_EXISTS if not rebuild
         else tfds.download.GenerateMode.FORCE_REDOWNLOAD)
-    builder.download_and_prepare(download_config=download_config)
+    with contextlib.redirect_stdout(io.StringIO()):  # TFDS prints "Downloading ..." there
+        builder.download_and_prepare(download_config=download_config)
     report = {**builder.report(), "data_dir": str(where), "name": name,
               "splits": {k: v.num_examples for k, v in builder.info.splits.items()},
               "shards": {k: v.num_shards for k, v in builder.info.splits.items()}}

@@ -49,14 +49,15 @@ class Problems:
     """Counts bad records by reason; ``stop`` raises at the first one.
 
     ``report(reason, where, detail)`` raises :class:`CadenzaError` under the stop
-    policy, else counts it and logs the first few of each reason.
+    policy, else counts it, keeps the first ``keep`` of each reason as examples and
+    logs one warning per reason (the counts are reported at the end).
     """
 
-    def __init__(self, on_error: str = "skip", log_first: int = 3):
+    def __init__(self, on_error: str = "skip", keep: int = 3):
         self.on_error = on_error
         self.counts: collections.Counter = collections.Counter()
         self.examples: dict[str, list[str]] = {}
-        self._log_first = log_first
+        self._keep = keep
 
     def report(self, reason: str, where: str, detail: str) -> None:
         if self.on_error == "stop":
@@ -65,9 +66,11 @@ class Problems:
                                " (or set on_error=skip to skip and count such records)")
         self.counts[reason] += 1
         seen = self.examples.setdefault(reason, [])
-        if len(seen) < self._log_first:
+        if not seen:
+            log.warning("skipped record (%s) at %s: %s (further ones are counted, not shown)",
+                        reason, where, detail)
+        if len(seen) < self._keep:
             seen.append(f"{where}: {detail}")
-            log.warning("skipped record (%s) at %s: %s", reason, where, detail)
 
     @property
     def skipped(self) -> int:
