@@ -59,7 +59,8 @@ def register(subparsers) -> None:
                                        "records read, written and skipped by reason.")
     build.add_argument("experiment", nargs="?", help="experiment YAML or shipped name")
     build.add_argument("overrides", nargs="*", metavar="section.field=value")
-    build.add_argument("--format", choices=("alpaca", "sharegpt", "messages", "text"))
+    build.add_argument("--format", choices=("alpaca", "sharegpt", "messages", "text"),
+                       help="record format of --input (see docs/data.md)")
     build.add_argument("--input", help="input file, directory or glob")
     build.add_argument("--out", help="output data dir")
     build.add_argument("--on-error", choices=("skip", "stop"), default=None,
@@ -72,6 +73,6 @@ def register(subparsers) -> None:
     inspect.add_argument("experiment", help="experiment YAML or shipped name")
     inspect.add_argument("overrides", nargs="*", metavar="section.field=value")
     inspect.add_argument("-n", "--examples", type=int, default=3, help="examples per dataset")
-    inspect.add_argument("--split", default="train")
+    inspect.add_argument("--split", default="train", help="dataset split to show")
     inspect.add_argument("--batches", type=int, default=4, help="iterator batches to count")
     inspect.set_defaults(func=_inspect)

@@ -196,7 +196,7 @@ class WandbMetrics:
                                config=hparams or {}, reinit="finish_previous")
 
     def write(self, step: int, record: dict) -> None:
-        self._run.log({tensorboard_tag(k): v for k, v in record.items()}, step=step)
+        self._run.log({tensorboard_tag(k): v for k, v in record.items()}, step=step, commit=True)
 
     def close(self) -> None:
         self._run.finish()
