@@ -64,21 +64,8 @@ def test_token_ids_need_no_loadable_tokenizer(hf_dir, tmp_path, capsys):
     assert "its tokenizer does not load" in capsys.readouterr().err
 
 
-# What libtpu prints when it initialises on a machine without TPUs.
-LIBTPU_NOISE = ("libtpu", "TPU_WORKER_HOSTNAMES", "TPU_ACCELERATOR_TYPE", "E0000",
-                "Logging before InitGoogle")
 
-
-def cli_env(**extra):
-    """The environment of a CLI subprocess as a user's shell has it: no JAX_PLATFORMS (the
-    test process sets one), so the CLI's own platform choice is what runs."""
-    import os
-
-    env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
-    return {**env, **extra}
-
-
-def test_cli_prints_no_libtpu_lines_on_a_machine_without_tpus(hf_dir):
+def test_cli_prints_no_libtpu_lines_on_a_machine_without_tpus(hf_dir, cli_env, libtpu_noise):
     import subprocess
     import sys
 
@@ -86,4 +73,4 @@ def test_cli_prints_no_libtpu_lines_on_a_machine_without_tpus(hf_dir):
                         "--prompt-ids", "1,2,3", "--max-new-tokens", "3", "--json"],
                        capture_output=True, text=True, timeout=300, env=cli_env())
     assert r.returncode == 0, r.stderr
-    assert not [n for n in LIBTPU_NOISE if n in r.stderr], r.stderr
+    assert not libtpu_noise(r.stderr), r.stderr
