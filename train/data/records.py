@@ -10,6 +10,11 @@ A canonical record is ``{"messages": [{"role", "content"}...], "text": str,
 - ``messages``: JSONL (or JSON array) of ``{"messages": [{"role", "content"}...]}``.
 - ``text``: ``.jsonl`` files of ``{"text"}``; any other file is one document.
 
+Besides JSON, records (the same fields, one per row) come from Parquet files
+(``.parquet``), Arrow files (``.arrow``) and Hugging Face ``datasets`` folders written
+by ``save_to_disk`` (a ``Dataset`` folder: its arrow files in order; a ``DatasetDict``
+folder: its ``train`` split), read locally with pyarrow.
+
 Problems (malformed JSON, non-UTF-8 bytes, unknown roles, no assistant turn,
 missing fields, empty records) go to a :class:`Problems` counter that either
 raises at the first one (``on_error="stop"``) or counts and logs them
@@ -42,7 +47,9 @@ FIXES = {
     "no_trained_tokens": "raise train.seq_len (the reply was cut off) or drop the record",
     "malformed_source": "exclude the module (data.stdlib_modules)",
     "template_error": "make the conversation match what the chat template accepts",
+    "unreadable_table": "rewrite the file (pandas.DataFrame.to_parquet, Dataset.save_to_disk)",
 }
+TABLE_SUFFIXES = (".parquet", ".arrow")
 
 
 class Problems:
@@ -77,10 +84,39 @@ class Problems:
         return sum(self.counts.values())
 
 
+def hf_dataset_files(directory: pathlib.Path) -> list[pathlib.Path] | None:
+    """The arrow files of a ``datasets`` ``save_to_disk`` folder in order (a DatasetDict:
+    its ``train`` split), or None when ``directory`` is not one.
+
+    Raises:
+      CadenzaError: a DatasetDict without a ``train`` split, or a listed file missing.
+    """
+    if (directory / "dataset_dict.json").is_file():
+        splits = json.loads((directory / "dataset_dict.json").read_text()).get("splits", [])
+        if "train" not in splits:
+            raise CadenzaError(f"this datasets folder has no train split (splits: {splits})",
+                               where=str(directory),
+                               fix=f"point the path at one split's folder, e.g. "
+                                   f"{directory / splits[0]}" if splits else "save a split")
+        return hf_dataset_files(directory / "train")
+    if not (directory / "state.json").is_file():
+        return None
+    state = json.loads((directory / "state.json").read_text())
+    files = [directory / f["filename"] for f in state.get("_data_files", [])]
+    missing = [f.name for f in files if not f.is_file()]
+    if missing or not files:
+        raise CadenzaError(f"datasets folder lists missing arrow files {missing[:3]}",
+                           where=str(directory), fix="save the dataset again (save_to_disk)")
+    return files
+
+
 def expand_paths(pattern: str) -> list[pathlib.Path]:
-    """The files named by ``pattern`` (a path, a directory or a glob), sorted."""
+    """The files named by ``pattern`` (a path, a directory or a glob), sorted; for a
+    ``datasets`` folder its arrow files (:func:`hf_dataset_files`)."""
     p = pathlib.Path(pattern).expanduser()
-    if p.is_dir():
+    if p.is_dir() and (listed := hf_dataset_files(p)) is not None:
+        files = listed
+    elif p.is_dir():
         files = sorted(q for q in p.rglob("*") if q.is_file())
     elif p.is_file():
         files = [p]
@@ -192,6 +228,33 @@ def _messages(obj, where, problems):
 CHAT_PARSERS = {"alpaca": _alpaca, "sharegpt": _sharegpt, "messages": _messages}
 
 
+def _table_rows(path: pathlib.Path, problems: Problems, counts: collections.Counter):
+    """Yield ``(row number, row dict)`` from a Parquet file or an Arrow (IPC stream or
+    file) table; ``counts["read"]`` counts rows (an unreadable file counts once)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        if path.suffix == ".parquet":
+            batches = pq.ParquetFile(path).iter_batches()
+        else:
+            with pa.memory_map(str(path)) as source:
+                try:
+                    table = pa.ipc.open_stream(source).read_all()
+                except pa.ArrowInvalid:  # the random-access file format
+                    table = pa.ipc.open_file(source).read_all()
+            batches = table.to_batches()
+        row = 0
+        for batch in batches:
+            for obj in batch.to_pylist():
+                row += 1
+                counts["read"] += 1
+                yield row, obj
+    except (pa.ArrowException, OSError) as e:
+        counts["read"] += 1
+        problems.report("unreadable_table", f"{path}", str(e).splitlines()[0])
+
+
 def read_records(format: str, files, problems: Problems, counts: collections.Counter):
     """Yield canonical records from ``files`` in ``format`` (see the module docstring).
 
@@ -199,7 +262,7 @@ def read_records(format: str, files, problems: Problems, counts: collections.Cou
     """
     for path in files:
         path = pathlib.Path(path)
-        if format == "text" and path.suffix != ".jsonl":
+        if format == "text" and path.suffix not in (".jsonl", *TABLE_SUFFIXES):
             counts["read"] += 1
             try:
                 text = path.read_bytes().decode("utf-8")
@@ -211,7 +274,9 @@ def read_records(format: str, files, problems: Problems, counts: collections.Cou
                 continue
             yield {"messages": [], "text": text, "source": f"{path}:1"}
             continue
-        for line, obj in _json_objects(path, problems, counts):
+        rows = _table_rows(path, problems, counts) if path.suffix in TABLE_SUFFIXES \
+            else _json_objects(path, problems, counts)
+        for line, obj in rows:
             where = f"{path}:{line}"
             if format == "text":
                 text = _string_field(obj, "text", where, problems)
