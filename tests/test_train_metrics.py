@@ -3,8 +3,6 @@
 
 import json
 
-import pytest
-
 from cadenza.config import load_config
 from cadenza.train.metrics import (
     MetricsWriter,
@@ -48,7 +46,8 @@ def test_jsonl_text_and_tensorboard(tmp_path, capsys):
     assert lines[0].endswith("eta 45s")  # 90 steps left at 0.5 s, compile not counted
     assert "eval_loss 2.2000" in lines[1] and lines[1].endswith("eta 20s")
     events = _events(tmp_path / "tensorboard")
-    scalars = [(v.tag, e.step) for e in events for v in e.summary.value if v.HasField("simple_value")]
+    scalars = [(v.tag, e.step) for e in events for v in e.summary.value
+               if v.HasField("simple_value")]
     assert {"train/loss", "train/lr", "eval/loss", "train/step_time_s"} <= {t for t, _ in scalars}
     assert [s for t, s in scalars if t == "train/loss"] == [10, 20]
     assert "loss" not in {t for t, _ in scalars}
