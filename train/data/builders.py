@@ -129,6 +129,15 @@ def _fingerprint(*parts) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:12]
 
 
+def _file_stat(path) -> tuple:
+    """``(absolute path, size, modification time)`` of a local file or a URL path."""
+    if isinstance(path, pathlib.Path):
+        st = path.stat()
+        return str(path.resolve()), st.st_size, st.st_mtime_ns
+    st = path.stat()  # etils.epath: a StatResult with length and mtime
+    return str(path), st.length, st.mtime
+
+
 def source_location(source, data) -> tuple[pathlib.Path, str]:
     """``(data_dir, tfds_name)`` where ``source`` (a DataSource) is prepared.
 
@@ -146,7 +155,7 @@ def source_location(source, data) -> tuple[pathlib.Path, str]:
     if source.format == "tfds":
         return base, source.name
     files = expand_paths(source.path)
-    stats = [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
+    stats = [_file_stat(f) for f in files]
     return base / f"local-{source.format}-{_fingerprint(stats, *options)}", \
         f"local_files/{source.format}"
 

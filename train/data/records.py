@@ -110,16 +110,49 @@ def hf_dataset_files(directory: pathlib.Path) -> list[pathlib.Path] | None:
     return files
 
 
+def as_path(path):
+    """``path`` as a path object: local paths as :class:`pathlib.Path`, URLs such as
+    ``gs://bucket/data`` (``gs``, ``s3``, ``az``, ``hf``) as ``etils.epath`` paths
+    (fsspec file systems: gcsfs for ``gs://``, ...)."""
+    if "://" in str(path):
+        from etils import epath
+
+        return epath.Path(str(path))
+    return pathlib.Path(path).expanduser()
+
+
+def _url_glob(pattern: str) -> list:
+    """Files matching a glob in a URL: the part before the first wildcard is the root."""
+    parts = pattern.split("/")
+    first = next((i for i, part in enumerate(parts) if any(c in part for c in "*?[")), None)
+    if first is None:
+        return []
+    root = as_path("/".join(parts[:first]))
+    return [q for q in root.glob("/".join(parts[first:])) if q.is_file()] \
+        if root.is_dir() else []
+
+
+def _url_files(directory):
+    """Every file below the URL path ``directory``, listed folder by folder."""
+    for q in directory.iterdir():
+        yield from _url_files(q) if q.is_dir() else [q]
+
+
 def expand_paths(pattern: str) -> list[pathlib.Path]:
-    """The files named by ``pattern`` (a path, a directory or a glob), sorted; for a
-    ``datasets`` folder its arrow files (:func:`hf_dataset_files`)."""
-    p = pathlib.Path(pattern).expanduser()
+    """The files named by ``pattern`` (a path, a directory or a glob; local or a URL, see
+    :func:`as_path`), sorted; for a ``datasets`` folder its arrow files
+    (:func:`hf_dataset_files`)."""
+    p = as_path(pattern)
     if p.is_dir() and (listed := hf_dataset_files(p)) is not None:
         files = listed
-    elif p.is_dir():
+    elif p.is_dir() and isinstance(p, pathlib.Path):
         files = sorted(q for q in p.rglob("*") if q.is_file())
+    elif p.is_dir():  # a URL (its file systems refuse recursive globs)
+        files = sorted(_url_files(p), key=str)
     elif p.is_file():
         files = [p]
+    elif "://" in str(pattern):
+        files = sorted(_url_glob(str(pattern)), key=str)
     else:
         files = sorted(pathlib.Path(q) for q in glob.glob(str(p), recursive=True))
     if not files:
@@ -236,9 +269,9 @@ def _table_rows(path: pathlib.Path, problems: Problems, counts: collections.Coun
 
     try:
         if path.suffix == ".parquet":
-            batches = pq.ParquetFile(path).iter_batches()
+            batches = pq.ParquetFile(path.open("rb")).iter_batches()
         else:
-            with pa.memory_map(str(path)) as source:
+            with path.open("rb") as source:
                 try:
                     table = pa.ipc.open_stream(source).read_all()
                 except pa.ArrowInvalid:  # the random-access file format
@@ -261,7 +294,7 @@ def read_records(format: str, files, problems: Problems, counts: collections.Cou
     ``counts["read"]`` counts every record seen (good or bad); bad ones go to ``problems``.
     """
     for path in files:
-        path = pathlib.Path(path)
+        path = as_path(path)
         if format == "text" and path.suffix not in (".jsonl", *TABLE_SUFFIXES):
             counts["read"] += 1
             try:
