@@ -6,12 +6,17 @@ from cadenza.cli import json_line
 
 
 def _compile(args) -> int:
+    import jax
+
     from cadenza.config import load_config
     from cadenza.train.aot import compile_for_slice
     from cadenza.train.topology import parse_slice
 
     tpu_slice = parse_slice(args.topology)
     config = load_config(args.experiment, args.overrides)
+    # executables for an abstract TPU slice cannot be read back from the persistent cache
+    # without a TPU client (JAX warns on every hit): compile them afresh
+    jax.config.update("jax_enable_compilation_cache", False)
     print(f"compiling the train{' and decode' if args.decode else ''} step of {config.name} "
           f"for {tpu_slice.name} ({tpu_slice.topology}) ...", file=sys.stderr, flush=True)
     reports = compile_for_slice(config, tpu_slice, decode=args.decode,
