@@ -4,6 +4,7 @@
 #   make test   - the whole test suite
 #   make ref-env - the Python 3.11 PyTorch/transformers reference env (parity tests;
 #                  make test builds it too)
+#   ACCEL=tpu|gpu|none picks the accelerator extra of .venv (default tpu)
 
 SHELL := /bin/bash
 PY312 ?= $(firstword $(wildcard $(shell pyenv root 2>/dev/null)/versions/3.12.1/bin/python3.12) $(shell command -v python3.12))
@@ -17,16 +18,26 @@ export UV_PYTHON := $(PY312)
 # built once); most tests are single-threaded compiles, so 2 workers use both cores.
 TEST_WORKERS ?= 2
 
-.PHONY: demo test ref-env bench clean
+.PHONY: demo test ref-env bench clean FORCE
 
 $(UV):
 	@test -n "$(PY312)" || { echo "error: Python 3.12 not found; set PY312=/path/to/python3.12" >&2; exit 2; }
 	$(PY312) -m venv .uv
 	.uv/bin/pip install --quiet uv==$(UV_VERSION)
 
-.venv/.synced: $(UV) pyproject.toml uv.lock Makefile
-	$(UV) sync --frozen --quiet --extra tpu
+# Accelerator extra installed with the locked environment: tpu (libtpu; also compiles
+# for TPU slices on any machine), gpu (CUDA 12 jaxlib plugin) or none (CPU only).
+# Switching (make ACCEL=gpu demo) re-syncs .venv.
+ACCEL ?= tpu
+ACCEL_EXTRA := $(if $(filter-out none,$(ACCEL)),--extra $(ACCEL))
+.venv/.synced: $(UV) pyproject.toml uv.lock Makefile \
+		$(if $(filter-out $(ACCEL),$(shell cat .venv/.accel 2>/dev/null)),FORCE)
+	@case "$(ACCEL)" in tpu|gpu|none) ;; *) echo "error: ACCEL=$(ACCEL): use tpu, gpu or none" >&2; exit 2;; esac
+	$(UV) sync --frozen --quiet $(ACCEL_EXTRA)
+	echo $(ACCEL) > .venv/.accel
 	touch $@
+
+FORCE:
 
 demo: .venv/.synced
 	.venv/bin/cadenza quickstart

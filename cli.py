@@ -8,11 +8,13 @@ shows the traceback instead. Ctrl-C outside a training loop exits with 130.
 
 import argparse
 import importlib
+import json
 import sys
 
 from cadenza import __version__
 from cadenza.errors import CadenzaError
 from cadenza.outputs import disk_errors
+from cadenza.runtime_env import configure_cli
 
 # Modules that add subcommands: each has ``register(subparsers)``, imports
 # nothing heavy at module level, and sets ``func`` on its parsers.
@@ -41,6 +43,60 @@ def command_group(subparsers, name: str, help: str):
     return next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
 
 
+def json_line(record, **extra) -> str:
+    """One JSON line for a report dataclass ``record`` (numpy arrays as lists) plus
+    ``extra`` fields (e.g. its derived properties): what ``--json`` options print."""
+    import dataclasses
+
+    def plain(value):
+        if hasattr(value, "tolist"):  # numpy arrays and scalars
+            return value.tolist()
+        raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+    return json.dumps({**dataclasses.asdict(record), **extra}, default=plain)
+
+
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    """Help that shows each option's default (unless it is None/False or already stated)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        default = action.default
+        if (default not in (None, False, argparse.SUPPRESS) and "default" not in text
+                and action.option_strings):
+            text = f"{text} (default: %(default)s)".strip()
+        return text
+
+
+def _use_defaults_formatter(parser: argparse.ArgumentParser) -> None:
+    """Give ``parser`` and every sub-parser below it :class:`DefaultsHelpFormatter`."""
+    parser.formatter_class = DefaultsHelpFormatter
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in set(action.choices.values()):
+                _use_defaults_formatter(child)
+
+
+def _first_comment(path) -> str:
+    """The first ``# ...`` line of a YAML file, without the ``#``."""
+    for line in path.read_text().splitlines():
+        if line.startswith("#"):
+            return line.lstrip("# ").strip()
+    return ""
+
+
+def _config_list(args) -> int:
+    from cadenza.config_loading import CONFIG_ROOT
+
+    for title, folder in (("experiments", "experiments"), ("model presets", "models")):
+        print(f"{title}:")
+        files = sorted((CONFIG_ROOT / folder).glob("*.yaml"))
+        width = max(len(f.stem) for f in files)
+        for f in files:
+            print(f"  {f.stem:<{width}}  {_first_comment(f)}")
+    return 0
+
+
 def _config_show(args) -> int:
     from cadenza.config import load_config, to_yaml
 
@@ -55,6 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"cadenza {__version__}")
     parser.add_argument("--debug", action="store_true",
                         help="show full tracebacks for user errors")
+    parser.add_argument("--compile-cache", metavar="DIR|off", default=None,
+                        help="JAX persistent compilation cache folder, or 'off' (default: "
+                             "$CADENZA_COMPILE_CACHE, else ~/.cache/cadenza/jax-compile)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     config = sub.add_parser("config", help="inspect experiment configs")
@@ -64,9 +123,13 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("overrides", nargs="*", metavar="section.field=value",
                       help="overrides applied after the file")
     show.set_defaults(func=_config_show)
+    listing = config_sub.add_parser(
+        "list", help="the shipped experiments and model presets, one line each")
+    listing.set_defaults(func=_config_list)
 
     for module in AREA_COMMANDS:
         importlib.import_module(module).register(sub)
+    _use_defaults_formatter(parser)
     return parser
 
 
@@ -88,6 +151,7 @@ def main(argv=None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 0 if args.command is None else 2
+    configure_cli(args.compile_cache)  # before any command imports JAX
     try:
         with disk_errors(f"cadenza {args.command}"):  # full disk, read-only, permissions
             return args.func(args)

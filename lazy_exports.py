@@ -15,3 +15,15 @@ def lazy_getattr(package: str, exports: dict[str, str]):
         raise AttributeError(f"module {package!r} has no attribute {name!r}")
 
     return __getattr__
+
+
+class LazyModule:
+    """A stand-in for the module ``name`` that imports it on first attribute access, for
+    modules only some platforms use (e.g. the GPU kernels: importing Mosaic GPU costs
+    seconds that a CPU or TPU run does not need to pay)."""
+
+    def __init__(self, name: str):
+        self._name = name
+
+    def __getattr__(self, attr):
+        return getattr(importlib.import_module(self._name), attr)

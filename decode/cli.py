@@ -7,13 +7,16 @@ tokenizer). Sampling flags override the checkpoint config's ``decode``
 section. Output: each prompt's text (or ids) and the stats, or with
 ``--json`` one JSON object per prompt: ``token_ids`` (generated, prompt
 excluded), ``text`` (with a tokenizer), ``logprobs``, ``finish_reason``,
-``stats``.
+``stats`` (``import_s``: importing JAX and the decoder, ``load_s``: reading the model,
+``compile_s``, ``prefill_s``, ``decode_s``, ...).
 """
 
 import dataclasses
 import json
 import pathlib
+import re
 import sys
+import time
 
 from cadenza.errors import CadenzaError
 
@@ -28,7 +31,8 @@ def register(subparsers) -> None:
         "generate", help="generate text from a model directory",
         description="Decode continuations of prompts with a cadenza model directory.")
     p.add_argument("--checkpoint", required=True, metavar="DIR",
-                   help="model directory (config.yaml, params/, optional tokenizer/)")
+                   help="model directory (config.yaml, params/, optional tokenizer/) "
+                        "or Hugging Face folder (config.json, *.safetensors)")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", action="append", metavar="TEXT", help="a text prompt")
     src.add_argument("--prompts-file", metavar="FILE",
@@ -56,14 +60,18 @@ def register(subparsers) -> None:
                    help="trained Medusa head directory (cadenza train, train.task=medusa)")
     p.add_argument("--sample", action="store_true",
                    help="with --method speculative/ngram/medusa: exact speculative sampling")
-    p.add_argument("--max-new-tokens", type=int)
-    p.add_argument("--temperature", type=float)
+    p.add_argument("--max-new-tokens", type=int,
+                   help="tokens to generate per prompt (default: the model's decode section, 64)")
+    p.add_argument("--temperature", type=float,
+                   help="sampling temperature > 0 (default: decode section, 1.0)")
     p.add_argument("--top-k", type=int, help="0 = off")
     p.add_argument("--top-p", type=float, help="in (0, 1]; 1 = off")
     p.add_argument("--min-p", type=float, help="in [0, 1); 0 = off")
-    p.add_argument("--repetition-penalty", type=float)
+    p.add_argument("--repetition-penalty", type=float, help="1 = off (default: decode section)")
     p.add_argument("--seed", type=int, help="row i uses seed + i")
-    p.add_argument("--stop", action="append", metavar="TEXT", help="stop string (repeatable)")
+    p.add_argument("--stop", action="append", metavar="TEXT",
+                   help="stop string (repeatable); escapes \\n \\t \\r \\\\ \\xHH \\uHHHH "
+                        "are decoded, so --stop '\\n\\n' stops at a blank line")
     p.add_argument("--stop-token-id", action="append", type=int, metavar="ID",
                    help="stop token id (repeatable), besides EOS")
     p.add_argument("--ignore-eos", action="store_true", help="do not stop at EOS")
@@ -98,7 +106,10 @@ def _load_tokenizer(directory):
         from cadenza.models.tokenizer import load_tokenizer
     except ImportError:
         return None, "cadenza.models.tokenizer is not available in this installation"
-    return load_tokenizer(tdir), None
+    try:
+        return load_tokenizer(tdir), None
+    except CadenzaError as e:  # only text prompts and text output need it
+        return None, f"its tokenizer does not load ({e})"
 
 
 def _prompts(args, tokenizer, why_none):
@@ -144,6 +155,16 @@ def _prompts(args, tokenizer, why_none):
     return [tokenizer.encode(t, add_bos=True) for t in texts]
 
 
+_ESCAPE = re.compile(r"\\(?:x[0-9a-fA-F]{2}|u[0-9a-fA-F]{4}|[ntr\\])")
+_SIMPLE_ESCAPES = {"\\n": "\n", "\\t": "\t", "\\r": "\r", "\\\\": "\\"}
+
+
+def unescape(text: str) -> str:
+    """``text`` with the escapes \\n \\t \\r \\\\ \\xHH \\uHHHH decoded (a shell passes them
+    literally); any other backslash stays as it is."""
+    return _ESCAPE.sub(lambda m: _SIMPLE_ESCAPES.get(m[0]) or chr(int(m[0][2:], 16)), text)
+
+
 def _chat_stop_ids(tokenizer) -> list[int]:
     """Ids of the chat template's end-of-turn tokens that the tokenizer has."""
     from cadenza.models.chat_template import ChatTemplate
@@ -162,7 +183,7 @@ def _decode_config(base, args, tokenizer):
         if args.adaptive:
             fields["adaptive"] = "head" if args.accept_head else "confidence"
     if args.stop:
-        fields["stop"] = list(base.stop) + args.stop
+        fields["stop"] = list(base.stop) + [unescape(s) for s in args.stop]
     stop_ids = list(base.stop_token_ids) + list(args.stop_token_id or [])
     if args.chat and tokenizer is not None:
         stop_ids += _chat_stop_ids(tokenizer)
@@ -173,11 +194,14 @@ def _decode_config(base, args, tokenizer):
 
 
 def _generate(args) -> int:
+    started = time.perf_counter()
     from cadenza.decode.loop import ProxyTuning, generate, stream
     from cadenza.models import Transformer, load_model
 
+    imported = time.perf_counter()
     config, params = load_model(args.checkpoint)
     tokenizer, why_none = _load_tokenizer(args.checkpoint)
+    startup = {"import_s": imported - started, "load_s": time.perf_counter() - imported}
     prompts = _prompts(args, tokenizer, why_none)
     if args.method == "superposed":
         from cadenza.decode.superposed_cli import run_superposed
@@ -214,6 +238,7 @@ def _generate(args) -> int:
             print()
     else:
         result = generate(model, params, prompts, decode_config, **kwargs)
+    result.stats.update(startup)  # with compile_s, prefill_s, decode_s: where the time went
     _print(result, args.json, show_text=not args.stream)
     return 0
 
@@ -263,5 +288,6 @@ def _print(result, as_json: bool, show_text: bool) -> None:
     if not as_json:
         s = result.stats
         print(f"[prefill {s['prefill_s'] * 1e3:.1f} ms, decode {s['decode_tokens_per_s']:.1f} "
-              f"tokens/s over {s['steps']} steps, compile {s['compile_s']:.1f} s]",
+              f"tokens/s over {s['steps']} steps, compile {s['compile_s']:.1f} s, "
+              f"import {s.get('import_s', 0):.1f} s, load {s.get('load_s', 0):.1f} s]",
               file=sys.stderr)

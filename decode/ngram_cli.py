@@ -1,6 +1,7 @@
 """``cadenza ngram build``: count n-grams of a text corpus into a memory-mapped table."""
 
 import argparse
+import sys
 
 
 def _build(args) -> int:
@@ -17,6 +18,8 @@ def _build(args) -> int:
                         "sha256": tokenizer_fingerprint(args.tokenizer),
                         "vocab_size": tokenizer.vocab_size, "bos_id": tokenizer.bos_id,
                         "eos_id": tokenizer.eos_id}
+    print(f"counting n-grams (orders up to {args.max_order}) of {args.input} ...",
+          file=sys.stderr, flush=True)
     from cadenza.outputs import atomic_dir  # an old table is replaced only when whole
 
     with atomic_dir(args.out, replace=(pathlib.Path(args.out) / "manifest.json").is_file()) as tmp:

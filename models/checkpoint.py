@@ -19,6 +19,7 @@ import orbax.checkpoint as ocp
 
 from cadenza.config import ExperimentConfig, load_config, to_yaml
 from cadenza.errors import CadenzaError, one_line
+from cadenza.models.hf_folder import has_tokenizer, is_hf_folder, load_hf_folder
 from cadenza.outputs import atomic_dir, require_complete
 
 
@@ -41,7 +42,8 @@ def save_model(directory, config: ExperimentConfig, params, tokenizer_dir=None) 
 
 
 def load_model(directory, mesh=None, rules=None):
-    """Read a model directory: returns ``(ExperimentConfig, params)``.
+    """Read a model directory, or a Hugging Face folder converted in memory
+    (:mod:`cadenza.models.hf_folder`): returns ``(ExperimentConfig, params)``.
 
     With ``mesh`` (and logical-axis ``rules``, default: the config's mesh
     rules), every param is restored straight into its shard; without, onto the
@@ -50,11 +52,18 @@ def load_model(directory, mesh=None, rules=None):
     from cadenza.models.params import abstract_params, param_shardings
 
     d = pathlib.Path(directory).absolute()
+    if not d.is_dir():
+        raise CadenzaError("no such model directory", where=str(d),
+                           fix="check the path (a cadenza model directory or a Hugging Face "
+                               "folder with config.json and *.safetensors)")
+    if is_hf_folder(d):
+        return load_hf_folder(d, mesh=mesh, rules=rules)
     if not (d / "config.yaml").is_file() or not (d / "params").is_dir():
         raise CadenzaError("not a cadenza model directory (needs config.yaml and params/)",
                            where=str(d),
                            fix="pass the directory written by 'cadenza convert hf-import' or "
-                               "by training (its model/ folder)")
+                               "by training (its model/ folder), or a Hugging Face folder "
+                               "(config.json and *.safetensors)")
     require_complete(d, "model directory")
     config = load_config(d / "config.yaml")
     target = abstract_params(config.model)
@@ -78,6 +87,9 @@ def load_model(directory, mesh=None, rules=None):
 
 
 def tokenizer_dir(directory) -> pathlib.Path | None:
-    """The model directory's tokenizer folder, or None if it has none."""
+    """The model directory's tokenizer folder (a Hugging Face folder itself when it holds
+    tokenizer files), or None if it has none."""
+    if is_hf_folder(directory):
+        return pathlib.Path(directory) if has_tokenizer(directory) else None
     t = pathlib.Path(directory) / "tokenizer"
     return t if t.is_dir() else None

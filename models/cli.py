@@ -1,6 +1,6 @@
 """``cadenza convert``: Hugging Face import, export and logit parity check."""
 
-from cadenza.cli import CONVERT_HELP, command_group
+from cadenza.cli import CONVERT_HELP, command_group, json_line
 
 
 def _quiet_library_notes() -> None:
@@ -36,12 +36,13 @@ def _check(args) -> int:
     from cadenza.models.hf_check import check_hf
 
     return _report(check_hf(args.hf_dirs, num_prompts=args.prompts, prompt_len=args.length,
-                            rtol=args.rtol, kl_tol=args.kl_tol, ref_python=args.ref_python))
+                            rtol=args.rtol, kl_tol=args.kl_tol, ref_python=args.ref_python),
+                   as_json=args.json)
 
 
-def _report(reports) -> int:
+def _report(reports, as_json: bool = False) -> int:
     for r in reports:
-        print(r.format())
+        print(json_line(r, passed=r.passed) if as_json else r.format())
     return 0 if all(r.passed for r in reports) else 1
 
 
@@ -74,4 +75,6 @@ def register(subparsers) -> None:
                      help="max |logit diff| allowed, relative to the logit scale")
     chk.add_argument("--kl-tol", type=float, default=1e-6, help="max KL allowed per position")
     chk.add_argument("--ref-python", default=None, help="Python of the reference env")
+    chk.add_argument("--json", action="store_true",
+                     help="one JSON object per checkpoint (per-position diffs and KL, verdict)")
     chk.set_defaults(func=_check)

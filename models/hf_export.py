@@ -92,7 +92,8 @@ def save_hf(model, hf_dir, *, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) ->
         host memory holds one shard (plus the gathered leaf being split).
 
     The tensors keep the params' dtype. Tokenizer and generation files are
-    copied from the model directory's tokenizer/ folder when there is one.
+    copied from the model directory's tokenizer/ folder when there is one, with
+    the BOS behaviour made cadenza's (:func:`align_bos`).
 
     Raises:
       CadenzaError: the config uses a feature the family's transformers
@@ -130,5 +131,47 @@ def save_hf(model, hf_dir, *, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) ->
             for name in TOKENIZER_FILES:
                 if (tokenizer / name).is_file():
                     shutil.copyfile(tokenizer / name, tmp / name)
+            align_bos(tmp)
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
     return out
+
+
+def align_bos(hf_dir) -> bool:
+    """Make the tokenizer files in ``hf_dir`` add a BOS as cadenza's tokenizer does.
+
+    cadenza puts the BOS token in front of encoded text itself; a ``tokenizer.json``
+    whose post-processor does not (e.g. one trained by cadenza) gets a template
+    post-processor adding it, and ``tokenizer_config.json`` says ``add_bos_token``,
+    so transformers encodes the same text to the same ids. Nothing changes for
+    tokenizers without a BOS token or that already add it. Returns whether a file
+    was changed.
+    """
+    import tokenizers
+    from tokenizers import processors
+
+    from cadenza.models.tokenizer import load_tokenizer
+
+    out = pathlib.Path(hf_dir)
+    if not (out / "tokenizer.json").is_file():
+        return False
+    try:
+        ours = load_tokenizer(out)
+    except CadenzaError:  # cadenza cannot encode with it either: nothing to align
+        return False
+    if ours.bos_id is None:
+        return False
+    tok = tokenizers.Tokenizer.from_file(str(out / "tokenizer.json"))
+    if tok.encode("a", add_special_tokens=True).ids[:1] == [ours.bos_id]:
+        return False
+    bos = processors.TemplateProcessing(
+        single=f"{ours.bos_token} $A", pair=f"{ours.bos_token} $A {ours.bos_token} $B",
+        special_tokens=[(ours.bos_token, ours.bos_id)])
+    tok.post_processor = bos if tok.post_processor is None \
+        else processors.Sequence([tok.post_processor, bos])
+    tok.save(str(out / "tokenizer.json"))
+    config_path = out / "tokenizer_config.json"
+    if config_path.is_file():
+        config = json.loads(config_path.read_text())
+        config.update(add_bos_token=True, add_eos_token=False)
+        config_path.write_text(json.dumps(config, indent=2) + "\n")
+    return True

@@ -7,7 +7,8 @@ A batch holds lists of jobs::
 
     {"create": [{"dir": D, "model_type": "llama", "config": {...}, "seed": 0}],
      "logits": [{"dir": D, "tokens": "in.npy", "out": "out.npy"}],
-     "generate": [{"dir": D, "tokens": "in.npy", "max_new_tokens": N, "out": "out.npy"}]}
+     "generate": [{"dir": D, "tokens": "in.npy", "max_new_tokens": N, "out": "out.npy"}],
+     "encode": [{"dir": D, "texts": ["..."], "out": "ids.json"}]}
 
 ``create`` builds a random-init model with transformers (no download) and
 saves it with ``save_pretrained`` (safetensors). Weights are redrawn so that
@@ -15,7 +16,9 @@ every tensor matters (norm scales and biases are not left at 1 or 0).
 ``logits`` loads a saved model in float32 with eager attention and writes the
 float32 logits for int token ids ``[B, T]``. ``generate`` runs greedy
 ``model.generate`` on each row of ``[B, T]`` alone (no padding, EOS ignored) and
-writes the ``[B, N]`` new tokens. Arrays travel as .npy files;
+writes the ``[B, N]`` new tokens. ``encode`` loads the folder's tokenizer with
+``AutoTokenizer`` and writes the ids of each text (special tokens added) as JSON.
+Arrays travel as .npy files;
 nothing is pickled, and remote code is never allowed.
 """
 
@@ -79,6 +82,13 @@ def generate(job: dict) -> None:
     np.save(job["out"], np.stack(rows).astype(np.int32))
 
 
+def encode(job: dict) -> None:
+    tokenizer = transformers.AutoTokenizer.from_pretrained(job["dir"], trust_remote_code=False)
+    ids = [tokenizer(text)["input_ids"] for text in job["texts"]]
+    with open(job["out"], "w") as f:
+        json.dump(ids, f)
+
+
 def main() -> None:
     replies, sys.stdout = sys.stdout, sys.stderr  # library prints must not corrupt replies
     for line in sys.stdin:
@@ -90,6 +100,8 @@ def main() -> None:
                 logits(job)
             for job in jobs.get("generate", []):
                 generate(job)
+            for job in jobs.get("encode", []):
+                encode(job)
             reply = {"ok": True}
         except Exception:  # reported to the caller, which raises
             reply = {"ok": False, "error": traceback.format_exc()}

@@ -29,12 +29,15 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from cadenza.errors import ConfigError
-from cadenza.pallas_kernels import decode_attention_gpu as decode_gpu
-from cadenza.pallas_kernels import decode_attention_tpu as decode_tpu
-from cadenza.pallas_kernels import flash_attention_cudnn as flash_cudnn
-from cadenza.pallas_kernels import flash_attention_mosaic_gpu as flash_mgpu
-from cadenza.pallas_kernels import flash_attention_tpu as flash_tpu
+from cadenza.lazy_exports import LazyModule
 from cadenza.pallas_kernels.attention_reference import reference_attention
+
+# The kernels import Pallas' TPU / GPU back ends (seconds); only the platform in use pays.
+decode_gpu = LazyModule("cadenza.pallas_kernels.decode_attention_gpu")
+decode_tpu = LazyModule("cadenza.pallas_kernels.decode_attention_tpu")
+flash_cudnn = LazyModule("cadenza.pallas_kernels.flash_attention_cudnn")
+flash_mgpu = LazyModule("cadenza.pallas_kernels.flash_attention_mosaic_gpu")
+flash_tpu = LazyModule("cadenza.pallas_kernels.flash_attention_tpu")
 
 IMPLEMENTATIONS = ("auto", "xla", "pallas", "cudnn")
 

@@ -64,3 +64,29 @@ def _restore_cadenza_logger():
     saved = (list(log.handlers), log.level, log.propagate)
     yield
     log.handlers[:], log.level, log.propagate = saved
+
+
+# What libtpu prints when it initialises on a machine without TPUs.
+LIBTPU_NOISE = ("libtpu", "TPU_WORKER_HOSTNAMES", "TPU_ACCELERATOR_TYPE", "E0000",
+                "Logging before InitGoogle")
+
+
+@pytest.fixture
+def libtpu_noise():
+    """``noise(stderr)``: the libtpu start-up markers found in ``stderr`` (none expected)."""
+    return lambda text: [n for n in LIBTPU_NOISE if n in text]
+
+
+@pytest.fixture
+def cli_env():
+    """``env(**extra)``: the environment of a CLI subprocess as a user's shell has it: no
+    JAX_PLATFORMS and no fake CPU devices (this process sets both), so the CLI's own
+    platform choice runs."""
+    def env(**extra):
+        out = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
+        flags = out.pop("XLA_FLAGS", "").replace("--xla_force_host_platform_device_count=8", "")
+        if flags.strip():
+            out["XLA_FLAGS"] = flags.strip()
+        return {**out, **extra}
+
+    return env

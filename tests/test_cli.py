@@ -40,3 +40,88 @@ def test_debug_flag_shows_traceback():
     r = _run("--debug", "config", "show", "tiny_pretrain", "train.stepz=5")
     assert r.returncode != 0 and "Traceback" in r.stderr
 
+
+
+def test_config_list_names_every_experiment_and_preset_on_one_line(capsys):
+    from cadenza.config import CONFIG_ROOT
+
+    assert main(["config", "list"]) == 0
+    out = capsys.readouterr().out
+    for folder in ("experiments", "models"):
+        for f in (CONFIG_ROOT / folder).glob("*.yaml"):
+            (line,) = [ln for ln in out.splitlines() if ln.split()[:1] == [f.stem]]
+            assert len(line.split()) > 1, line  # with its description
+    assert "METHODS.md" not in out
+
+
+def _help(capsys, *command) -> str:
+    with pytest.raises(SystemExit):
+        main([*command, "--help"])
+    return capsys.readouterr().out
+
+
+def test_every_option_has_help_and_shows_its_default(capsys):
+    import argparse
+
+    from cadenza.cli import build_parser
+
+    def options(parser):
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for child in action.choices.values():
+                    yield from options(child)
+            elif action.option_strings and action.help != argparse.SUPPRESS:
+                yield parser, action
+
+    for parser, action in options(build_parser()):
+        assert action.help, f"{parser.prog} {action.option_strings} has no help"
+    text = _help(capsys, "convert", "check")
+    assert "random prompts (default: 3)" in text and "(default: None)" not in text
+    assert "decode section, 64" in _help(capsys, "generate")
+
+
+@pytest.mark.parametrize("given, meant", [
+    (r"\n\n", "\n\n"), (r"a\tb", "a\tb"), (r"\\n", "\\n"), (r"\x41\u00e9", "A\u00e9"),
+    ("\u00e9\n", "\u00e9\n"), (r"\q", r"\q")])
+def test_stop_escapes(given, meant):
+    from cadenza.decode.cli import unescape
+
+    assert unescape(given) == meant
+
+
+def test_stop_flag_reaches_the_decode_config_unescaped():
+    from cadenza.cli import build_parser, parse_args
+    from cadenza.decode.cli import _decode_config
+    from cadenza.decode.config import DecodeConfig
+
+    args = parse_args(build_parser(), ["generate", "--checkpoint", "m", "--prompt", "p",
+                                       "--stop", r"\n\n", "--stop", "END"])
+    assert _decode_config(DecodeConfig(), args, None).stop == ["\n\n", "END"]
+
+
+def test_platforms_and_compile_cache_defaults(tmp_path, monkeypatch):
+    from cadenza import runtime_env
+
+    import importlib.util
+
+    monkeypatch.setattr(runtime_env, "tpu_chips_visible", lambda: False)
+    if importlib.util.find_spec("libtpu") is not None:  # the tpu extra (make's default)
+        assert runtime_env.default_platforms({}) in ("cpu", "cuda,cpu")
+    else:  # nothing would print: JAX chooses
+        assert runtime_env.default_platforms({}) is None
+    assert runtime_env.default_platforms({"JAX_PLATFORMS": "tpu"}) is None
+    monkeypatch.setattr(runtime_env, "tpu_chips_visible", lambda: True)
+    assert runtime_env.default_platforms({}) is None
+    env = {"XDG_CACHE_HOME": str(tmp_path)}
+    assert runtime_env.compile_cache_dir(None, env) == str(tmp_path / "cadenza" / "jax-compile")
+    assert runtime_env.compile_cache_dir("off", env) is None
+    assert runtime_env.compile_cache_dir(None, {"CADENZA_COMPILE_CACHE": "/x"}) == "/x"
+    runtime_env.configure_cli("off", env)
+    assert "JAX_COMPILATION_CACHE_DIR" not in env
+    runtime_env.configure_cli(None, env)
+    assert env["JAX_COMPILATION_CACHE_DIR"] == str(tmp_path / "cadenza" / "jax-compile")
+    env = {"TPU_WORKER_ID": "3"}
+    monkeypatch.setattr(runtime_env, "tpu_chips_visible", lambda: False)
+    runtime_env.quiet_libtpu_for_aot("v5p-8", env)
+    assert env == {"TPU_SKIP_MDS_QUERY": "1", "TPU_ACCELERATOR_TYPE": "v5p-8",
+                   "TPU_WORKER_ID": "3", "TPU_WORKER_HOSTNAMES": "localhost"}

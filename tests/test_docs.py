@@ -2,6 +2,7 @@
 README.md and docs/*.md parses with the real argument parser (including its subcommands'
 choices and types), and the blocks marked ``<!-- tested -->`` run and exit 0."""
 
+import os
 import pathlib
 import re
 import shlex
@@ -61,6 +62,23 @@ def test_tested_block_runs(page, tested, line, cmd, tmp_path):
         cmd = [sys.executable, "-m", "cadenza", *cmd[1:]]
     r = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, f"{page}: {line!r} failed:\n{r.stdout[-2000:]}\n{r.stderr[-2000:]}"
+
+
+SCRIPT = re.compile(r"<!-- tested-script -->\s*\n```bash\n(.*?)```", re.S)
+
+
+@pytest.mark.parametrize("page, script", [
+    pytest.param(p.name, m.group(1), id=f"{p.name}-{i}") for p in PAGES
+    for i, m in enumerate(SCRIPT.finditer(p.read_text()))])
+def test_tested_script_runs_as_one_and_prints_no_libtpu_lines(page, script, tmp_path,
+                                                               cli_env, libtpu_noise):
+    """A ``<!-- tested-script -->`` block (a recipe whose steps build on each other) runs
+    as one bash script in a fresh folder, with ``cadenza`` on PATH, as a user's shell."""
+    env = cli_env(PATH=f"{pathlib.Path(sys.executable).parent}:{os.environ['PATH']}")
+    r = subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=tmp_path, env=env,
+                       capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, f"{page}: failed:\n{r.stdout[-2000:]}\n{r.stderr[-3000:]}"
+    assert not libtpu_noise(r.stderr), r.stderr
 
 
 def test_quoted_numbers_come_from_the_results_files_they_cite():

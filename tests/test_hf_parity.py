@@ -160,6 +160,24 @@ def test_cli_import_writes_a_model_directory_with_tokenizer_files(hf_models, tmp
     _assert_same_params(load_hf(tmp_path / "hf")[1], params)
 
 
+def test_exported_tokenizer_encodes_like_cadenza_in_transformers(ref, tmp_path):
+    """A cadenza-trained tokenizer (no BOS post-processor) as hf-export writes it
+    (:func:`align_bos`): transformers' AutoTokenizer adds the same BOS and gives the same
+    ids as cadenza's encode."""
+    from cadenza.models.hf_export import align_bos
+    from cadenza.models.tokenizer import load_tokenizer, train_tokenizer
+
+    texts = ["def f(x):\n    return x + 1\n", "hello world", "  spaced\ttabs", "é ü ß"]
+    tok = train_tokenizer(texts * 20, 300, tmp_path / "hf")
+    assert align_bos(tmp_path / "hf") and not align_bos(tmp_path / "hf")  # once is enough
+    ref.run({"encode": [{"dir": str(tmp_path / "hf"), "texts": texts,
+                         "out": str(tmp_path / "ids.json")}]})
+    theirs = json.loads((tmp_path / "ids.json").read_text())
+    ours = [tok.encode(t) for t in texts]
+    assert ours == theirs and all(ids[0] == tok.bos_id for ids in ours)
+    assert [load_tokenizer(tmp_path / "hf").encode(t) for t in texts] == ours
+
+
 @pytest.mark.parametrize("family", ["llama", "mistral", "qwen2"])
 def test_greedy_decoding_matches_transformers_generate(hf_models, ref, tmp_path, family):
     """cadenza.decode.generate (greedy) == transformers' greedy generate, token for token,

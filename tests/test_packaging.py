@@ -1,4 +1,6 @@
-"""The wheel installs `cadenza` and nothing else (no generic top-level modules)."""
+"""The wheel installs `cadenza` and nothing else (no generic top-level modules), and
+declares compatible version ranges (no exact pins) so it installs into existing
+environments."""
 
 import pathlib
 import subprocess
@@ -19,3 +21,10 @@ def test_wheel_holds_only_the_cadenza_package(tmp_path):
     assert "cadenza/configs/models/tiny.yaml" in names
     assert "cadenza/configs/experiments/tiny_pretrain.yaml" in names
     assert not any(n.startswith("cadenza/tests/") for n in names)
+    metadata = zipfile.ZipFile(wheel).read(
+        f"{wheel.name.split('-py3')[0]}.dist-info/METADATA").decode()
+    requires = [line.split(":", 1)[1].split(";")[0].strip() for line in metadata.splitlines()
+                if line.startswith("Requires-Dist:")]
+    assert requires and not [r for r in requires if "==" in r], requires
+    assert all(">=" in r and "<" in r.replace("<=", "") for r in requires), requires
+    assert "Requires-Python: <3.14,>=3.12" in metadata

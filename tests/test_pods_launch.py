@@ -39,8 +39,13 @@ def test_dry_run_prints_the_whole_plan(capsys):
     assert (f".venv/bin/cadenza preflight --expect-revision {revision} --expect-devices 16 "
             f"--expect-jax {jax.__version__} --min-free-gib 20") in cmds[3]
     assert "--worker=all" in cmds[3]
-    assert ".venv/bin/cadenza train tiny_pretrain train.steps=10 > ~/cadenza-train.log" in cmds[4]
+    code = f"cadenza/code/{revision[:12]}"
+    assert (f"cd cadenza/runs && (setsid nohup ../../{code}/.venv/bin/cadenza train tiny_pretrain "
+            "train.steps=10 > ~/cadenza-train.log") in cmds[4]
     assert "--worker=all" in cmds[4]
+    # code and outputs are apart: the only deletion is this revision's code folder
+    assert [c for c in cmds if "rm " in c] == [cmds[2]]
+    assert re.findall(r"rm -rf (\S+);", cmds[2]) == [code]
     assert cmds[5].startswith("gcloud compute tpus tpu-vm ssh pod1 --worker=0 '--command=tail")
     assert len(cmds) == 6
     assert "create the v5p-32 slice (4 workers)" in out
@@ -55,7 +60,8 @@ def test_dry_run_without_create_and_with_a_local_experiment_file(tmp_path, capsy
     assert not any(" create " in c for c in cmds)
     assert all(c.endswith("--zone=z --project=proj") for c in cmds)
     assert "--expect-devices 16" in cmds[2]
-    assert ".venv/bin/cadenza train run/my_exp.yaml >" in cmds[3]
+    assert re.search(r"\.venv/bin/cadenza train \.\./\.\./cadenza/code/\w+/run/my_exp\.yaml >",
+                     cmds[3])
 
 
 def test_launch_rejects_bad_configs_before_any_command(capsys):

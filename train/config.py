@@ -126,9 +126,14 @@ class TrainConfig:
     ``checkpoint_every`` of 0 disable periodic eval / saves (a checkpoint is
     always written at the end). ``peak_tflops_per_device`` of 0 looks the
     accelerator up by name for MFU (unknown devices report no MFU).
-    ``init_from``: a model directory (``cadenza.models.save_model``) whose params
-    start the run: the frozen base for PEFT, the starting point of full
-    fine-tuning; None starts from random init (PEFT needs a base).
+    ``init_from``: a model directory (``cadenza.models.save_model``) or a Hugging Face
+    folder (config.json + safetensors) whose params start the run: the frozen base for
+    PEFT, the starting point of full fine-tuning; None starts from random init (PEFT
+    needs a base). Its tokenizer is the data's unless ``data.tokenizer`` is set.
+    Logging: every ``log_every`` steps a line goes to ``metrics.jsonl``, ``train.log``
+    (and stdout unless a progress bar is shown: only on a terminal), TensorBoard
+    (``tensorboard``; tags ``train/...``, ``eval/...``, the config as hyperparameters)
+    and Weights & Biases when ``wandb_project`` is set.
     ``task``: what is trained: ``lm`` (the model, or PEFT adapters), ``medusa`` (Medusa
     heads, section ``medusa``) or ``specdec`` (the SpecDec++ head, section ``specdec``);
     the head tasks keep ``init_from`` frozen and write a head directory to
@@ -160,7 +165,8 @@ class TrainConfig:
     keep_checkpoints: int = 2
     async_checkpoints: bool = True
     tensorboard: bool = True
-    progress_bar: bool = True
+    progress_bar: bool = True               # only on a terminal; else text log lines
+    wandb_project: Optional[str] = None     # log to Weights & Biases (the wandb extra)
     peak_tflops_per_device: float = 0.0
     init_from: Optional[str] = None
     task: str = "lm"

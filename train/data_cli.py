@@ -2,6 +2,7 @@
 
 import json
 import pathlib
+import sys
 
 
 def _build(args) -> int:
@@ -30,16 +31,18 @@ def _build(args) -> int:
         extra = [f"data.on_error={args.on_error}"] if args.on_error else []
         config = load_config(args.experiment, list(args.overrides) + extra)
         sources, data_dir = [s for s in config.data.sources() if s.format != "tfds"], None
-    for source in sources:
+    for i, source in enumerate(sources):
+        print(f"[{i + 1}/{len(sources)}] preparing {source.format} "
+              f"{source.path or source.name or ''}".rstrip(), file=sys.stderr, flush=True)
         report = builders.build(source, config.data, data_dir, rebuild=args.rebuild)
+        if args.json:  # one object per dataset: the build report
+            print(json.dumps(report))
+            continue
         print(f"{report['name']} -> {report['data_dir']}")
         print(f"  read {report['read']}, written {report['written']} "
               f"(splits {report['splits']}, files {report['shards']}), "
               f"skipped {sum(report['skipped'].values())}"
               + (f" by reason {json.dumps(report['skipped'])}" if report["skipped"] else ""))
-        for reason, examples in report["skipped_examples"].items():
-            for e in examples:
-                print(f"    {reason}: {e}")
     return 0
 
 
@@ -61,17 +64,20 @@ def register(subparsers) -> None:
                                        "records read, written and skipped by reason.")
     build.add_argument("experiment", nargs="?", help="experiment YAML or shipped name")
     build.add_argument("overrides", nargs="*", metavar="section.field=value")
-    build.add_argument("--format", choices=("alpaca", "sharegpt", "messages", "text"))
+    build.add_argument("--format", choices=("alpaca", "sharegpt", "messages", "text"),
+                       help="record format of --input (see docs/data.md)")
     build.add_argument("--input", help="input file, directory or glob")
     build.add_argument("--out", help="output data dir")
     build.add_argument("--on-error", choices=("skip", "stop"), default=None,
                        help="skip and count bad records (default) or stop at the first")
     build.add_argument("--rebuild", action="store_true", help="rebuild even if prepared")
+    build.add_argument("--json", action="store_true",
+                       help="print each dataset's build report as one JSON object")
     build.set_defaults(func=_build)
     inspect = sub.add_parser("inspect", help="show formatted examples with loss masks, and counts")
     inspect.add_argument("experiment", help="experiment YAML or shipped name")
     inspect.add_argument("overrides", nargs="*", metavar="section.field=value")
     inspect.add_argument("-n", "--examples", type=int, default=3, help="examples per dataset")
-    inspect.add_argument("--split", default="train")
+    inspect.add_argument("--split", default="train", help="dataset split to show")
     inspect.add_argument("--batches", type=int, default=4, help="iterator batches to count")
     inspect.set_defaults(func=_inspect)

@@ -6,13 +6,18 @@ The plan, in order (each step stops the launch if it fails):
 2. Pack the code locally: ``git archive`` of the current commit (uncommitted
    changes to tracked files included via ``git stash create``) plus a
    ``REVISION`` file and the experiment file, into one tarball.
-3. Copy it to every worker, unpack into ``~/cadenza`` and install the locked
-   environment with the ``tpu`` extra (``uv sync --frozen --extra tpu``).
+3. Copy it to every worker, unpack into ``~/cadenza/code/<revision>`` (that folder
+   alone is replaced) and install the locked environment with the ``tpu`` extra
+   (``uv sync --frozen --extra tpu``).
 4. Preflight on every worker (``cadenza preflight``): same revision, same JAX
    version as here, the slice's device count, free disk; the roll call in
    ``cadenza.train.distributed`` names hosts that never join.
-5. Start ``cadenza train`` on every worker (detached, logging to
-   ``~/cadenza-train.log``) and follow worker 0's log until the run ends.
+5. Start ``cadenza train`` on every worker from ``~/cadenza/runs`` (detached,
+   logging to ``~/cadenza-train.log``) and follow worker 0's log until the run ends.
+
+Code and outputs live in separate folders: a relative ``train.output_dir`` lands in
+``~/cadenza/runs``, which no launch deletes, so relaunching (new code or the same)
+resumes from the checkpoints there.
 """
 
 import dataclasses
@@ -29,7 +34,9 @@ from cadenza.train.preflight import PACKAGE_ROOT, REVISION_FILE
 from cadenza.train.topology import TpuSlice
 
 UV_VERSION = "0.13.9"
-REMOTE_DIR = "~/cadenza"
+# relative to the workers' home folder, where gcloud's ssh commands start
+CODE_ROOT = "cadenza/code"  # one folder per shipped revision
+RUNS_DIR = "cadenza/runs"  # the working directory of training: outputs, never deleted
 REMOTE_LOG = "~/cadenza-train.log"
 REMOTE_PID = "~/cadenza-train.pid"
 # TPU VM software versions per chip generation (override with --version).
@@ -72,10 +79,11 @@ def _gcloud(launch: TpuLaunch, verb: str, *args: str) -> tuple[str, ...]:
     return tuple(base)
 
 
-def _remote_experiment(launch: TpuLaunch) -> str:
-    """The experiment argument as the workers see it (a shipped file lands in run/)."""
+def _remote_experiment(launch: TpuLaunch, code: str) -> str:
+    """The experiment argument as the workers see it (a shipped file lands in the
+    ``run/`` folder of the code folder ``code``)."""
     path = pathlib.Path(launch.experiment)
-    return f"run/{path.name}" if path.is_file() else launch.experiment
+    return f"{code}run/{path.name}" if path.is_file() else launch.experiment
 
 
 def plan(launch: TpuLaunch, revision: str, archive: str, jax_version: str) -> list[Step]:
@@ -93,8 +101,9 @@ def plan(launch: TpuLaunch, revision: str, archive: str, jax_version: str) -> li
     steps.append(Step(f"pack revision {revision} into {archive}", None))
     steps.append(Step("copy the code to every worker", _gcloud(
         launch, "scp", archive, f"{launch.name}:{remote_tar}", "--worker=all")))
-    install = (f"set -e; rm -rf {REMOTE_DIR}; mkdir -p {REMOTE_DIR}; "
-               f"tar -xzf {remote_tar} -C {REMOTE_DIR}; cd {REMOTE_DIR}; "
+    code = f"{CODE_ROOT}/{revision[:12]}"
+    install = (f"set -e; rm -rf {code}; mkdir -p {code} {RUNS_DIR}; "
+               f"tar -xzf {remote_tar} -C {code}; cd {code}; "
                f"python3 -m pip install --user --quiet uv=={UV_VERSION}; "
                "~/.local/bin/uv sync --frozen --extra tpu --managed-python --python 3.12")
     steps.append(Step("unpack and install the locked environment (tpu extra) on every worker",
@@ -105,10 +114,11 @@ def plan(launch: TpuLaunch, revision: str, archive: str, jax_version: str) -> li
                             "--min-free-gib", f"{launch.min_free_gib:g}"])
     steps.append(Step("preflight on every worker: revision, jax version, devices, free disk",
                       _gcloud(launch, "ssh", launch.name, "--worker=all",
-                              f"--command=cd {REMOTE_DIR} && {preflight}")))
-    train = shlex.join([".venv/bin/cadenza", "train", _remote_experiment(launch),
-                        *launch.overrides])
-    start = (f"cd {REMOTE_DIR} && (setsid nohup {train} > {REMOTE_LOG} 2>&1 < /dev/null & "
+                              f"--command=cd {code} && {preflight}")))
+    up = "../" * len(RUNS_DIR.split("/"))  # from RUNS_DIR back to the home folder
+    train = shlex.join([f"{up}{code}/.venv/bin/cadenza", "train",
+                        _remote_experiment(launch, f"{up}{code}/"), *launch.overrides])
+    start = (f"cd {RUNS_DIR} && (setsid nohup {train} > {REMOTE_LOG} 2>&1 < /dev/null & "
              f"echo $! > {REMOTE_PID})")
     steps.append(Step("start training on every worker", _gcloud(
         launch, "ssh", launch.name, "--worker=all", f"--command={start}")))

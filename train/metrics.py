@@ -54,22 +54,50 @@ def peak_flops_per_device(device, override_tflops: float = 0.0) -> float | None:
     return None
 
 
-class MetricsWriter:
-    """Appends one JSON object per logged step to ``<dir>/metrics.jsonl`` and, when
-    ``tensorboard``, scalars to TensorBoard event files under ``<dir>/tensorboard``.
+def tensorboard_tag(name: str) -> str:
+    """The namespaced TensorBoard tag of a metric: ``eval_loss`` -> ``eval/loss``, anything
+    else under ``train/`` (``loss`` -> ``train/loss``)."""
+    return f"eval/{name[5:]}" if name.startswith("eval_") else f"train/{name}"
 
-    ``resume_at(step)`` drops JSONL lines of steps after ``step`` (written by a run that
-    was killed after its last checkpoint), so a resumed run's file is one clean curve.
+
+def flat_hparams(config) -> dict:
+    """The experiment ``config`` (a dataclass) as ``{"section.field": value}`` with
+    str/int/float/bool values (lists and None become strings), for trackers'
+    hyperparameter tables."""
+    import dataclasses
+
+    out = {}
+
+    def walk(prefix, value):
+        if dataclasses.is_dataclass(value):
+            for f in dataclasses.fields(value):
+                walk(f"{prefix}{f.name}.", getattr(value, f.name))
+        else:
+            key = prefix[:-1]
+            out[key] = value if isinstance(value, (str, int, float, bool)) else str(value)
+
+    walk("", config)
+    return out
+
+
+def format_duration(seconds: float) -> str:
+    """``75`` -> ``1m15s``, ``3720`` -> ``1h02m``."""
+    s = int(round(seconds))
+    if s >= 3600:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
+
+
+class JsonlMetrics:
+    """One JSON object per logged step in ``<dir>/metrics.jsonl``.
+
+    ``resume_at(step)`` drops lines of steps after ``step`` (written by a run that was
+    killed after its last checkpoint), so a resumed run's file is one clean curve.
     """
 
-    def __init__(self, directory, tensorboard: bool = True):
+    def __init__(self, directory):
         self.path = pathlib.Path(directory) / "metrics.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._tb = None
-        if tensorboard:
-            from tensorboardX import SummaryWriter
-
-            self._tb = SummaryWriter(str(pathlib.Path(directory) / "tensorboard"))
         self._file = None
 
     def resume_at(self, step: int) -> None:
@@ -78,20 +106,124 @@ class MetricsWriter:
                      if ln.strip() and json.loads(ln)["step"] <= step]
             self.path.write_text("".join(ln + "\n" for ln in lines))
 
-    def write(self, step: int, metrics: dict) -> None:
-        """Log ``metrics`` (name -> float or None) at ``step``; None values are skipped."""
+    def write(self, step: int, record: dict) -> None:
         if self._file is None:
             self._file = open(self.path, "a")
-        record = {"step": step, **{k: v for k, v in metrics.items() if v is not None}}
-        self._file.write(json.dumps(record) + "\n")
+        self._file.write(json.dumps({"step": step, **record}) + "\n")
         self._file.flush()
-        if self._tb is not None:
-            for k, v in record.items():
-                if k != "step":
-                    self._tb.add_scalar(k, v, step)
 
     def close(self) -> None:
         if self._file is not None:
             self._file.close()
-        if self._tb is not None:
-            self._tb.close()
+
+
+class TensorBoardMetrics:
+    """Scalars under ``<dir>/tensorboard`` with namespaced tags (:func:`tensorboard_tag`)
+    and, when given, the run's hyperparameters (the HParams dashboard) and config text."""
+
+    def __init__(self, directory, hparams: dict | None = None, config_text: str | None = None):
+        from tensorboardX import SummaryWriter
+        from tensorboardX.summary import hparams as hparams_summaries
+
+        self._tb = SummaryWriter(str(pathlib.Path(directory) / "tensorboard"))
+        if hparams:
+            for summary in hparams_summaries(hparams, {"train/loss": 0.0, "eval/loss": 0.0}):
+                self._tb.file_writer.add_summary(summary)
+        if config_text:
+            self._tb.add_text("config", f"```\n{config_text}\n```", 0)
+
+    def write(self, step: int, record: dict) -> None:
+        for k, v in record.items():
+            self._tb.add_scalar(tensorboard_tag(k), v, step)
+
+    def close(self) -> None:
+        self._tb.close()
+
+
+class TextLogMetrics:
+    """Plain-text lines (``step 10/100 | loss 2.3456 | ... | eta 1m15s``) appended to
+    ``<dir>/train.log`` and, with ``echo``, printed to stdout. The ETA comes from the
+    measured step time, which excludes compilation."""
+
+    KEYS = (("loss", "{:.4f}"), ("eval_loss", "{:.4f}"), ("lr", "{:.2e}"),
+            ("grad_norm", "{:.3f}"), ("tokens_per_s", "{:.0f}"), ("step_time_s", "{:.3f}"),
+            ("mfu", "{:.1%}"))
+
+    def __init__(self, directory, total_steps: int, name: str = "", echo: bool = True):
+        self.path = pathlib.Path(directory) / "train.log"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.total, self.name, self.echo = total_steps, name, echo
+        self._file = None
+
+    def line(self, step: int, record: dict) -> str:
+        """The log line of ``record`` at ``step``."""
+        parts = [f"{self.name} step {step}/{self.total}".strip()]
+        parts += [f"{k} {fmt.format(record[k])}" for k, fmt in self.KEYS
+                  if record.get(k) is not None]
+        if record.get("step_time_s") and step < self.total:
+            parts.append(f"eta {format_duration(record['step_time_s'] * (self.total - step))}")
+        return " | ".join(parts)
+
+    def write(self, step: int, record: dict) -> None:
+        text = self.line(step, record)
+        if self._file is None:
+            self._file = open(self.path, "a")
+        self._file.write(text + "\n")
+        self._file.flush()
+        if self.echo:
+            print(text, flush=True)
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+
+
+class WandbMetrics:
+    """Weights & Biases run in ``project`` (the ``wandb`` extra; ``WANDB_MODE=offline``
+    writes it locally under ``<dir>/wandb`` for a later ``wandb sync``): namespaced
+    metrics as TensorBoard's, the hyperparameters as the run config."""
+
+    def __init__(self, directory, project: str, name: str, hparams: dict | None = None):
+        try:
+            import wandb
+        except ImportError:
+            from cadenza.errors import ConfigError
+
+            raise ConfigError("train.wandb_project is set but wandb is not installed",
+                              where="train.wandb_project",
+                              fix="pip install 'cadenza[wandb]', or unset it") from None
+        self._run = wandb.init(project=project, name=name, dir=str(directory),
+                               config=hparams or {}, reinit="finish_previous")
+
+    def write(self, step: int, record: dict) -> None:
+        self._run.log({tensorboard_tag(k): v for k, v in record.items()}, step=step, commit=True)
+
+    def close(self) -> None:
+        self._run.finish()
+
+
+class MetricsWriter:
+    """Sends each logged step to every backend: :class:`JsonlMetrics` always, plus those
+    given (:class:`TensorBoardMetrics`, :class:`TextLogMetrics`, :class:`WandbMetrics`,
+    or anything with ``write(step, record)`` and ``close()``).
+
+    ``resume_at(step)``: see :class:`JsonlMetrics`.
+    """
+
+    def __init__(self, directory, backends=()):
+        self.jsonl = JsonlMetrics(directory)
+        self.path = self.jsonl.path
+        self.backends = [self.jsonl, *backends]
+
+    def resume_at(self, step: int) -> None:
+        self.jsonl.resume_at(step)
+
+    def write(self, step: int, metrics: dict) -> None:
+        """Log ``metrics`` (name -> float or None) at ``step``; None values are skipped."""
+        record = {k: v for k, v in metrics.items() if v is not None}
+        for backend in self.backends:
+            backend.write(step, record)
+
+    def close(self) -> None:
+        for backend in self.backends:
+            backend.close()

@@ -1,16 +1,31 @@
 """Subcommands for running on pods: ``compile``, ``preflight`` and ``launch tpu``."""
 
+import sys
+
+from cadenza.cli import json_line
+
 
 def _compile(args) -> int:
+    import jax
+
     from cadenza.config import load_config
     from cadenza.train.aot import compile_for_slice
     from cadenza.train.topology import parse_slice
 
     tpu_slice = parse_slice(args.topology)
     config = load_config(args.experiment, args.overrides)
+    # executables for an abstract TPU slice cannot be read back from the persistent cache
+    # without a TPU client (JAX warns on every hit): compile them afresh
+    jax.config.update("jax_enable_compilation_cache", False)
+    print(f"compiling the train{' and decode' if args.decode else ''} step of {config.name} "
+          f"for {tpu_slice.name} ({tpu_slice.topology}) ...", file=sys.stderr, flush=True)
     reports = compile_for_slice(config, tpu_slice, decode=args.decode,
                                 decode_batch=args.decode_batch)
-    print("\n\n".join(r.format() for r in reports))
+    if args.json:
+        for r in reports:
+            print(json_line(r, total_bytes=r.total_bytes, fits=r.fits, verdict=r.verdict()))
+    else:
+        print("\n\n".join(r.format() for r in reports))
     return 0 if all(r.fits for r in reports) else 1
 
 
@@ -22,7 +37,10 @@ def _preflight(args) -> int:
     facts = check_host(revision=args.expect_revision, devices=args.expect_devices,
                        jax_version=args.expect_jax, min_free_gib=args.min_free_gib,
                        disk_path=args.disk_path)
-    print(f"preflight ok: {facts.summary()}")  # every host reports
+    if args.json:
+        print(json_line(facts, ok=True))
+    else:
+        print(f"preflight ok: {facts.summary()}")  # every host reports
     return 0
 
 
@@ -55,6 +73,8 @@ def register(sub) -> None:
     comp.add_argument("--decode", action="store_true", help="also compile a one-token decode step")
     comp.add_argument("--decode-batch", type=int, default=None,
                       help="decode batch size (default: train.batch_size)")
+    comp.add_argument("--json", action="store_true",
+                      help="one JSON object per compiled step (bytes, FLOPs, fits)")
     comp.set_defaults(func=_compile)
 
     pre = sub.add_parser(
@@ -66,6 +86,7 @@ def register(sub) -> None:
     pre.add_argument("--expect-jax", default=None, help="jax version, e.g. 0.12.0.1")
     pre.add_argument("--min-free-gib", type=float, default=0.0, help="free disk needed")
     pre.add_argument("--disk-path", default=".", help="where the free disk is measured")
+    pre.add_argument("--json", action="store_true", help="print this host's facts as JSON")
     pre.set_defaults(func=_preflight)
 
     launch = sub.add_parser("launch", help="launch a run on a cluster")

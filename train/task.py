@@ -136,10 +136,13 @@ def load_base_params(model_config: ModelConfig, directory, mesh, rules):
     from cadenza.models import load_model
 
     saved, params = load_model(directory, mesh=mesh, rules=rules)
-    diffs = [f"model.{f.name}: {directory} has {getattr(saved.model, f.name)!r}, this run has "
-             f"{getattr(model_config, f.name)!r}" for f in dataclasses.fields(model_config)
+    # head_dim 0 means hidden_size // num_heads: compare what the shapes use
+    mine, theirs = (dataclasses.replace(c, head_dim=c.resolved_head_dim)
+                    for c in (model_config, saved.model))
+    diffs = [f"model.{f.name}: {directory} has {getattr(theirs, f.name)!r}, this run has "
+             f"{getattr(mine, f.name)!r}" for f in dataclasses.fields(model_config)
              if f.name not in _RUNTIME_FIELDS
-             and getattr(saved.model, f.name) != getattr(model_config, f.name)]
+             and getattr(theirs, f.name) != getattr(mine, f.name)]
     if diffs:
         raise CadenzaError("train.init_from holds a different model: " + "; ".join(diffs),
                            where=str(pathlib.Path(directory)),

@@ -13,6 +13,7 @@ import math
 import os
 
 from cadenza.errors import CadenzaError
+from cadenza.runtime_env import quiet_libtpu_for_aot
 
 GIB = 1024**3
 
@@ -89,6 +90,7 @@ class TpuSlice:
         TPU, so concurrent compiles need not take libtpu's one-process lock file.
         """
         os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+        quiet_libtpu_for_aot(self.name)
         try:
             from jax.experimental import topologies
         except ImportError as e:  # pragma: no cover - jax always ships it

@@ -195,7 +195,8 @@ def _fit(config, data, eval_data, task, devices, allow_changes) -> dict:
     peak = peak_flops_per_device(devices[0], train.peak_tflops_per_device)
     tokens_per_step = train.batch_size * train.seq_len
 
-    writer = MetricsWriter(out_dir, tensorboard=train.tensorboard) if is_main else None
+    show_bar = train.progress_bar and is_main and sys.stderr.isatty()  # no \r in log files
+    writer = _metrics_writer(config, out_dir, echo=not show_bar) if is_main else None
     start = int(state.step)
     if writer is not None:
         writer.resume_at(start)
@@ -215,7 +216,7 @@ def _fit(config, data, eval_data, task, devices, allow_changes) -> dict:
                "output_dir": str(out_dir), "model_dir": None, "adapters_dir": None}
     pending: list[tuple[int, dict]] = []
     bar = tqdm(total=train.steps, initial=start, unit="step", desc=f"train {config.name}",
-               disable=not (train.progress_bar and is_main))
+               disable=not show_bar)
     t_start, t_mark, steps_since = time.perf_counter(), None, 0
 
     def flush(step: int) -> dict:
@@ -249,6 +250,7 @@ def _fit(config, data, eval_data, task, devices, allow_changes) -> dict:
                     jax.block_until_ready(metrics)
                     summary["compile_s"] = time.perf_counter() - t_start
                     t_mark, steps_since = time.perf_counter(), 0
+                    _restart_rate(bar, step)  # the bar's ETA leaves compilation out
                 else:
                     steps_since += 1
                 final = step == train.steps
@@ -291,6 +293,33 @@ def _fit(config, data, eval_data, task, devices, allow_changes) -> dict:
         if writer is not None:
             writer.close()
     return summary
+
+
+def _metrics_writer(config: ExperimentConfig, out_dir: pathlib.Path, echo: bool):
+    """JSONL, the text log (echoed to stdout when ``echo``), TensorBoard and W&B as
+    ``train.tensorboard`` / ``train.wandb_project`` ask."""
+    from cadenza.config import to_yaml
+    from cadenza.train.metrics import (
+        TensorBoardMetrics,
+        TextLogMetrics,
+        WandbMetrics,
+        flat_hparams,
+    )
+
+    train, hparams = config.train, flat_hparams(config)
+    backends = [TextLogMetrics(out_dir, train.steps, name=f"[{config.name}]", echo=echo)]
+    if train.tensorboard:
+        backends.append(TensorBoardMetrics(out_dir, hparams, to_yaml(config)))
+    if train.wandb_project:
+        backends.append(WandbMetrics(out_dir, train.wandb_project, config.name, hparams))
+    return MetricsWriter(out_dir, backends)
+
+
+def _restart_rate(bar, step: int) -> None:
+    """Restart ``bar``'s clock at ``step`` so its rate and ETA count only later steps."""
+    bar.reset(total=bar.total)
+    bar.initial = bar.n = bar.last_print_n = step
+    bar.refresh()
 
 
 def default_task(config: ExperimentConfig) -> TrainTask:

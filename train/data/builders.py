@@ -14,7 +14,9 @@ dataset.
 """
 
 import collections
+import contextlib
 import hashlib
+import io
 import json
 import pathlib
 import sys
@@ -131,6 +133,15 @@ def _fingerprint(*parts) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:12]
 
 
+def _file_stat(path) -> tuple:
+    """``(absolute path, size, modification time)`` of a local file or a URL path."""
+    if isinstance(path, pathlib.Path):
+        st = path.stat()
+        return str(path.resolve()), st.st_size, st.st_mtime_ns
+    st = path.stat()  # etils.epath: a StatResult with length and mtime
+    return str(path), st.length, st.mtime
+
+
 def source_location(source, data) -> tuple[pathlib.Path, str]:
     """``(data_dir, tfds_name)`` where ``source`` (a DataSource) is prepared.
 
@@ -148,7 +159,7 @@ def source_location(source, data) -> tuple[pathlib.Path, str]:
     if source.format == "tfds":
         return base, source.name
     files = expand_paths(source.path)
-    stats = [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
+    stats = [_file_stat(f) for f in files]
     return base / f"local-{source.format}-{_fingerprint(stats, *options)}", \
         f"local_files/{source.format}"
 
@@ -181,7 +192,8 @@ def build(source, data, data_dir=None, *, rebuild=False) -> dict:
         num_shards=data.num_shards,
         download_mode=tfds.download.GenerateMode.REUSE_CACHE_IF_EXISTS if not rebuild
         else tfds.download.GenerateMode.FORCE_REDOWNLOAD)
-    builder.download_and_prepare(download_config=download_config)
+    with contextlib.redirect_stdout(io.StringIO()):  # TFDS prints "Downloading ..." there
+        builder.download_and_prepare(download_config=download_config)
     report = {**builder.report(), "data_dir": str(where), "name": name,
               "splits": {k: v.num_examples for k, v in builder.info.splits.items()},
               "shards": {k: v.num_shards for k, v in builder.info.splits.items()}}

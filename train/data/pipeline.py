@@ -22,6 +22,7 @@ import grain.experimental as grain_experimental
 import numpy as np
 
 from cadenza.errors import CadenzaError, ConfigError
+from cadenza.models.hf_folder import has_tokenizer
 from cadenza.models.tokenizer import load_tokenizer, train_tokenizer
 from cadenza.train.data import builders, stdlib
 from cadenza.train.data.formatting import Formatter, split_into_pieces
@@ -31,12 +32,19 @@ BATCH_KEYS = ("inputs", "targets", "loss_mask", "segment_ids", "positions")
 
 
 def resolve_tokenizer(config):
-    """The tokenizer of ``config``: ``data.tokenizer`` if set, else a byte-level BPE
-    trained on the stdlib code (``data.stdlib_modules``) to ``model.vocab_size``,
-    cached under the data dir."""
+    """The tokenizer of ``config``: ``data.tokenizer`` if set, else the tokenizer of the
+    ``train.init_from`` model (a model directory's tokenizer/ or a Hugging Face folder's
+    files) if it has one, else a byte-level BPE trained on the stdlib code
+    (``data.stdlib_modules``) to ``model.vocab_size``, cached under the data dir."""
     data = config.data
     if data.tokenizer:
         return load_tokenizer(data.tokenizer)
+    if config.train.init_from:
+        from cadenza.models.checkpoint import tokenizer_dir
+
+        tdir = tokenizer_dir(config.train.init_from)
+        if tdir is not None and has_tokenizer(tdir):
+            return load_tokenizer(tdir)
     base = pathlib.Path(data.data_dir).expanduser() if data.data_dir \
         else builders.default_data_dir()
     key = builders._fingerprint(sys.version, data.stdlib_modules, config.model.vocab_size)

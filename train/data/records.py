@@ -10,6 +10,11 @@ A canonical record is ``{"messages": [{"role", "content"}...], "text": str,
 - ``messages``: JSONL (or JSON array) of ``{"messages": [{"role", "content"}...]}``.
 - ``text``: ``.jsonl`` files of ``{"text"}``; any other file is one document.
 
+Besides JSON, records (the same fields, one per row) come from Parquet files
+(``.parquet``), Arrow files (``.arrow``) and Hugging Face ``datasets`` folders written
+by ``save_to_disk`` (a ``Dataset`` folder: its arrow files in order; a ``DatasetDict``
+folder: its ``train`` split), read locally with pyarrow.
+
 Problems (malformed JSON, non-UTF-8 bytes, unknown roles, no assistant turn,
 missing fields, empty records) go to a :class:`Problems` counter that either
 raises at the first one (``on_error="stop"``) or counts and logs them
@@ -42,21 +47,24 @@ FIXES = {
     "no_trained_tokens": "raise train.seq_len (the reply was cut off) or drop the record",
     "malformed_source": "exclude the module (data.stdlib_modules)",
     "template_error": "make the conversation match what the chat template accepts",
+    "unreadable_table": "rewrite the file (pandas.DataFrame.to_parquet, Dataset.save_to_disk)",
 }
+TABLE_SUFFIXES = (".parquet", ".arrow")
 
 
 class Problems:
     """Counts bad records by reason; ``stop`` raises at the first one.
 
     ``report(reason, where, detail)`` raises :class:`CadenzaError` under the stop
-    policy, else counts it and logs the first few of each reason.
+    policy, else counts it, keeps the first ``keep`` of each reason as examples and
+    logs one warning per reason (the counts are reported at the end).
     """
 
-    def __init__(self, on_error: str = "skip", log_first: int = 3):
+    def __init__(self, on_error: str = "skip", keep: int = 3):
         self.on_error = on_error
         self.counts: collections.Counter = collections.Counter()
         self.examples: dict[str, list[str]] = {}
-        self._log_first = log_first
+        self._keep = keep
 
     def report(self, reason: str, where: str, detail: str) -> None:
         if self.on_error == "stop":
@@ -65,22 +73,86 @@ class Problems:
                                " (or set on_error=skip to skip and count such records)")
         self.counts[reason] += 1
         seen = self.examples.setdefault(reason, [])
-        if len(seen) < self._log_first:
+        if not seen:
+            log.warning("skipped record (%s) at %s: %s (further ones are counted, not shown)",
+                        reason, where, detail)
+        if len(seen) < self._keep:
             seen.append(f"{where}: {detail}")
-            log.warning("skipped record (%s) at %s: %s", reason, where, detail)
 
     @property
     def skipped(self) -> int:
         return sum(self.counts.values())
 
 
+def hf_dataset_files(directory: pathlib.Path) -> list[pathlib.Path] | None:
+    """The arrow files of a ``datasets`` ``save_to_disk`` folder in order (a DatasetDict:
+    its ``train`` split), or None when ``directory`` is not one.
+
+    Raises:
+      CadenzaError: a DatasetDict without a ``train`` split, or a listed file missing.
+    """
+    if (directory / "dataset_dict.json").is_file():
+        splits = json.loads((directory / "dataset_dict.json").read_text()).get("splits", [])
+        if "train" not in splits:
+            raise CadenzaError(f"this datasets folder has no train split (splits: {splits})",
+                               where=str(directory),
+                               fix=f"point the path at one split's folder, e.g. "
+                                   f"{directory / splits[0]}" if splits else "save a split")
+        return hf_dataset_files(directory / "train")
+    if not (directory / "state.json").is_file():
+        return None
+    state = json.loads((directory / "state.json").read_text())
+    files = [directory / f["filename"] for f in state.get("_data_files", [])]
+    missing = [f.name for f in files if not f.is_file()]
+    if missing or not files:
+        raise CadenzaError(f"datasets folder lists missing arrow files {missing[:3]}",
+                           where=str(directory), fix="save the dataset again (save_to_disk)")
+    return files
+
+
+def as_path(path):
+    """``path`` as a path object: local paths as :class:`pathlib.Path`, URLs such as
+    ``gs://bucket/data`` (``gs``, ``s3``, ``az``, ``hf``) as ``etils.epath`` paths
+    (fsspec file systems: gcsfs for ``gs://``, ...)."""
+    if "://" in str(path):
+        from etils import epath
+
+        return epath.Path(str(path))
+    return pathlib.Path(path).expanduser()
+
+
+def _url_glob(pattern: str) -> list:
+    """Files matching a glob in a URL: the part before the first wildcard is the root."""
+    parts = pattern.split("/")
+    first = next((i for i, part in enumerate(parts) if any(c in part for c in "*?[")), None)
+    if first is None:
+        return []
+    root = as_path("/".join(parts[:first]))
+    return [q for q in root.glob("/".join(parts[first:])) if q.is_file()] \
+        if root.is_dir() else []
+
+
+def _url_files(directory):
+    """Every file below the URL path ``directory``, listed folder by folder."""
+    for q in directory.iterdir():
+        yield from _url_files(q) if q.is_dir() else [q]
+
+
 def expand_paths(pattern: str) -> list[pathlib.Path]:
-    """The files named by ``pattern`` (a path, a directory or a glob), sorted."""
-    p = pathlib.Path(pattern).expanduser()
-    if p.is_dir():
+    """The files named by ``pattern`` (a path, a directory or a glob; local or a URL, see
+    :func:`as_path`), sorted; for a ``datasets`` folder its arrow files
+    (:func:`hf_dataset_files`)."""
+    p = as_path(pattern)
+    if p.is_dir() and (listed := hf_dataset_files(p)) is not None:
+        files = listed
+    elif p.is_dir() and isinstance(p, pathlib.Path):
         files = sorted(q for q in p.rglob("*") if q.is_file())
+    elif p.is_dir():  # a URL (its file systems refuse recursive globs)
+        files = sorted(_url_files(p), key=str)
     elif p.is_file():
         files = [p]
+    elif "://" in str(pattern):
+        files = sorted(_url_glob(str(pattern)), key=str)
     else:
         files = sorted(pathlib.Path(q) for q in glob.glob(str(p), recursive=True))
     if not files:
@@ -191,14 +263,41 @@ def _messages(obj, where, problems):
 CHAT_PARSERS = {"alpaca": _alpaca, "sharegpt": _sharegpt, "messages": _messages}
 
 
+def _table_rows(path: pathlib.Path, problems: Problems, counts: collections.Counter):
+    """Yield ``(row number, row dict)`` from a Parquet file or an Arrow (IPC stream or
+    file) table; ``counts["read"]`` counts rows (an unreadable file counts once)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        if path.suffix == ".parquet":
+            batches = pq.ParquetFile(path.open("rb")).iter_batches()
+        else:
+            with path.open("rb") as source:
+                try:
+                    table = pa.ipc.open_stream(source).read_all()
+                except pa.ArrowInvalid:  # the random-access file format
+                    table = pa.ipc.open_file(source).read_all()
+            batches = table.to_batches()
+        row = 0
+        for batch in batches:
+            for obj in batch.to_pylist():
+                row += 1
+                counts["read"] += 1
+                yield row, obj
+    except (pa.ArrowException, OSError) as e:
+        counts["read"] += 1
+        problems.report("unreadable_table", f"{path}", str(e).splitlines()[0])
+
+
 def read_records(format: str, files, problems: Problems, counts: collections.Counter):
     """Yield canonical records from ``files`` in ``format`` (see the module docstring).
 
     ``counts["read"]`` counts every record seen (good or bad); bad ones go to ``problems``.
     """
     for path in files:
-        path = pathlib.Path(path)
-        if format == "text" and path.suffix != ".jsonl":
+        path = as_path(path)
+        if format == "text" and path.suffix not in (".jsonl", *TABLE_SUFFIXES):
             counts["read"] += 1
             try:
                 text = path.read_bytes().decode("utf-8")
@@ -210,7 +309,9 @@ def read_records(format: str, files, problems: Problems, counts: collections.Cou
                 continue
             yield {"messages": [], "text": text, "source": f"{path}:1"}
             continue
-        for line, obj in _json_objects(path, problems, counts):
+        rows = _table_rows(path, problems, counts) if path.suffix in TABLE_SUFFIXES \
+            else _json_objects(path, problems, counts)
+        for line, obj in rows:
             where = f"{path}:{line}"
             if format == "text":
                 text = _string_field(obj, "text", where, problems)
