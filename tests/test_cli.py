@@ -100,9 +100,9 @@ def test_stop_flag_reaches_the_decode_config_unescaped():
 
 
 def test_platforms_and_compile_cache_defaults(tmp_path, monkeypatch):
-    from cadenza import runtime_env
-
     import importlib.util
+
+    from cadenza import runtime_env
 
     monkeypatch.setattr(runtime_env, "tpu_chips_visible", lambda: False)
     if importlib.util.find_spec("libtpu") is not None:  # the tpu extra (make's default)
