@@ -58,7 +58,8 @@ GPU_PIP := .uv/bin/python -m pip
 GPU_PLATFORM := --only-binary=:all: --python-version 3.12 --implementation cp \
 	--platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64
 JAX011_TESTS ?= tests/test_kernels_attention.py tests/test_kernels_gpu.py tests/test_model.py \
-	tests/test_decode_loop.py tests/test_decode_sampling.py tests/test_gpu_check.py
+	tests/test_decode_loop.py tests/test_decode_sampling.py tests/test_gpu_check.py \
+	tests/test_kernels_upstream.py
 
 .PHONY: gpu-wheels gpu-bundle gpu-check-dry-run jax011-env test-jax011
 

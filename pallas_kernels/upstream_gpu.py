@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 
 
-def _tokamax():
+def import_tokamax():
     """tokamax, or the reason it cannot be imported. tokamax 0.0.17 imports
     ``xprof.cli.tools`` at import time for its own profiler-based benchmarking, which
     these rows do not use; xprof (22 MB, compiled, with server dependencies) is not on
@@ -59,7 +59,7 @@ def flash_kernels(scale: float):
             (q * scale).astype(q.dtype), k, v, cfg)
     except ImportError as e:
         missing.append(f"jax attention_mgpu: {e}")
-    tokamax, why = _tokamax()
+    tokamax, why = import_tokamax()
     if tokamax is None:
         missing.append(why)
     else:
@@ -122,7 +122,7 @@ def verify_kernels(scale: float, page_size: int = 16, interpret: bool = False):
         fns[f"jax paged_attention (triton, page {page_size})"] = (pages, paged)
     except ImportError as e:
         missing.append(f"jax paged_attention: {e}")
-    tokamax, why = _tokamax()
+    tokamax, why = import_tokamax()
     if tokamax is None:
         missing.append(why)
     else:

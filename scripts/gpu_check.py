@@ -68,7 +68,9 @@ STEPS = (
     Step("kernel-tests", (PY, "-m", "pytest", "tests/test_kernels_gpu.py", "-q",
                           "-p", "no:cacheprovider", "--junitxml={out}/kernels_gpu_tests.xml"),
          150, "Mosaic GPU decode/verify + flash fwd/bwd kernels vs the jnp reference, "
-              "on hardware", env=(("CADENZA_GPU_KERNEL_TESTS", "hardware"),)),
+              "on hardware",
+         # tests/conftest.py defaults JAX_PLATFORMS to cpu: name the GPU explicitly
+         env=(("CADENZA_GPU_KERNEL_TESTS", "hardware"), ("JAX_PLATFORMS", "cuda"))),
     Step("attention-bench", (PY, "bench/kernels_attention.py", "--upstream", "--iters", "10"),
          150, "flash fwd/bwd TFLOP/s: ours vs cuDNN vs XLA vs jax attention_mgpu vs "
               "tokamax; verify T=1,4,16,64 as a fraction of HBM bandwidth, with jax's "
