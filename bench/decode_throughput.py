@@ -131,13 +131,15 @@ def main(argv=None) -> int:
                     help="compute and weight dtype of both sides")
     ap.add_argument("--hf-python", default=None,
                     help="python with torch + transformers (default .venv-ref/bin/python)")
+    ap.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
+                    help="extra config override for every model, e.g. model.attention_impl=xla")
     ap.add_argument("--out", default=None, help="default: bench/results/<device>")
     args = ap.parse_args(argv)
     peak = peak_hbm_bytes_per_s(jax.devices()[0])
 
     rows = []
     for name in args.configs.split(","):
-        cfg32 = load_config(None, CONFIGS[name], preset="tiny").model
+        cfg32 = load_config(None, CONFIGS[name] + args.override, preset="tiny").model
         params32 = init_params(cfg32, jax.random.key(0))
         n_params = sum(x.size for x in jax.tree.leaves(params32))
         cfg = dataclasses.replace(cfg32, dtype=args.dtype, param_dtype=args.dtype)
@@ -175,6 +177,7 @@ def main(argv=None) -> int:
                             if k in c}})
 
     meta = {**provenance(ROOT), "dtype": args.dtype, "method": "greedy",
+            "overrides": args.override,
             "peak_hbm_bytes_per_s": peak}
     out = results_dir(__file__, args.out)
     (out / "decode_throughput.json").write_text(json.dumps({"meta": meta, "rows": rows},

@@ -65,8 +65,9 @@ def measured_matmul_flops(dtype: str, n: int = 2048, reps: int = 5) -> float:
     return 2 * n ** 3 / best
 
 
-def bench(name: str, steps: int, lora_rank: int = 0) -> dict:
-    overrides = CONFIGS[name] + ["train.warmup_steps=1", "mesh.data=-1"]
+def bench(name: str, steps: int, lora_rank: int = 0, extra: tuple[str, ...] = ()) -> dict:
+    """One config's row; ``extra``: more config overrides (``model.attention_impl=xla``)."""
+    overrides = CONFIGS[name] + ["train.warmup_steps=1", "mesh.data=-1", *extra]
     with tempfile.TemporaryDirectory() as tmp:
         if lora_rank:   # the frozen base is read from a model directory, as fit does
             base = load_config(None, overrides, preset="tiny")
@@ -74,7 +75,8 @@ def bench(name: str, steps: int, lora_rank: int = 0) -> dict:
                                   init_params(base.model, jax.random.key(0)))
             overrides += ["peft.method=lora", f"peft.rank={lora_rank}",
                           f"train.init_from={base_dir}"]
-        return _bench(name, steps, load_config(None, overrides, preset="tiny"), lora_rank)
+        row = _bench(name, steps, load_config(None, overrides, preset="tiny"), lora_rank)
+        return {**row, "overrides": list(extra)}
 
 
 def _bench(name: str, steps: int, config, lora_rank: int) -> dict:
@@ -133,11 +135,13 @@ def main():
     p.add_argument("--big-steps", type=int, default=3, help="timed steps for the 100M config")
     p.add_argument("--only", choices=sorted(CONFIGS))
     p.add_argument("--lora-rank", type=int, default=0, help="time LoRA of this rank (0: full)")
+    p.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra config override, e.g. model.attention_impl=xla")
     args = p.parse_args()
     dev = jax.devices()[0]
     names = [args.only] if args.only else [n for n in CONFIGS if n != "1b"]
-    results = [bench(n, args.steps if n == "tiny" else args.big_steps, args.lora_rank)
-               for n in names]
+    results = [bench(n, args.steps if n == "tiny" else args.big_steps, args.lora_rank,
+                     tuple(args.override)) for n in names]
     meta = provenance()
     meta["device"] = f"{dev.device_kind} ({platform.processor() or platform.machine()})"
     commit = meta["commit"]

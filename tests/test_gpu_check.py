@@ -41,13 +41,17 @@ def _py(code):
 
 def test_run_limits_each_step_and_the_budget(tmp_path):
     """A hanging step is killed at its limit and the run goes on; a failing one is
-    reported; a step the budget cannot cover is skipped; results are stamped and packed."""
+    reported and its fallback runs (a passing one's does not); a step the budget cannot
+    cover is skipped; results are stamped and packed."""
     results = tmp_path / "repo" / "bench" / "results"
     made = results / "cpu" / "made.json"
     steps = (gpu_check.Step("writes", _py(f"import pathlib; p = pathlib.Path({str(made)!r}); "
                                           "p.parent.mkdir(parents=True); p.write_text('{}')"),
                             30, "writes a results file"),
+             gpu_check.Step("not-needed", _py("raise SystemExit(4)"), 30, "fallback",
+                            only_if_failed="writes"),
              gpu_check.Step("fails", _py("raise SystemExit(3)"), 30, "fails"),
+             gpu_check.Step("fallback", _py("pass"), 30, "fallback", only_if_failed="fails"),
              gpu_check.Step("hangs", _py("import time; time.sleep(60)"), 30, "hangs"),
              gpu_check.Step("late", _py("pass"), 30, "no budget left"))
     out = tmp_path / "out"
@@ -63,6 +67,7 @@ def test_run_limits_each_step_and_the_budget(tmp_path):
     status = {r["step"]: r["status"] for r in summary["steps"]}
     assert status["writes"] == "passed" and status["hangs"] == "timed out"
     assert status["fails"] == "failed" and status["late"].startswith("skipped")
+    assert status["not-needed"] == "not needed" and status["fallback"] == "passed"
     assert summary["meta"]["jax"] and summary["meta"]["date"]
     with tarfile.open(out / "gpu_check_results.tar.gz") as tar:
         assert sorted(tar.getnames()) == ["bench/results/cpu/gpu_check.json",
