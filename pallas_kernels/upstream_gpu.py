@@ -59,14 +59,21 @@ def flash_kernels(scale: float):
             (q * scale).astype(q.dtype), k, v, cfg)
     except ImportError as e:
         missing.append(f"jax attention_mgpu: {e}")
+    _add_tokamax(fns, missing, lambda tokamax, impl: lambda q, k, v: (
+        tokamax.dot_product_attention(q, k, v, scale=scale, is_causal=True,
+                                      implementation=impl)))
+    return fns, missing
+
+
+def _add_tokamax(fns: dict, missing: list, make):
+    """``fns["tokamax <impl>"] = make(tokamax, impl)`` for its mosaic and triton
+    implementations, or why tokamax is missing onto ``missing``."""
     tokamax, why = import_tokamax()
     if tokamax is None:
         missing.append(why)
-    else:
-        for impl in ("mosaic", "triton"):
-            fns[f"tokamax {impl}"] = lambda q, k, v, impl=impl: tokamax.dot_product_attention(
-                q, k, v, scale=scale, is_causal=True, implementation=impl)
-    return fns, missing
+        return
+    for impl in ("mosaic", "triton"):
+        fns[f"tokamax {impl}"] = make(tokamax, impl)
 
 
 def _fold(q, hkv: int):
@@ -122,15 +129,10 @@ def verify_kernels(scale: float, page_size: int = 16, interpret: bool = False):
         fns[f"jax paged_attention (triton, page {page_size})"] = (pages, paged)
     except ImportError as e:
         missing.append(f"jax paged_attention: {e}")
-    tokamax, why = import_tokamax()
-    if tokamax is None:
-        missing.append(why)
-    else:
-        for impl in ("mosaic", "triton"):
-            fns[f"tokamax {impl}"] = (lambda kc, vc: (kc, vc), lambda q, kv, lengths, impl=impl:
-                                      tokamax.dot_product_attention(
-                                          q, kv[0], kv[1], scale=scale, implementation=impl,
-                                          key_value_seq_lengths=lengths))
+    _add_tokamax(fns, missing, lambda tokamax, impl: (
+        lambda kc, vc: (kc, vc),
+        lambda q, kv, lengths: tokamax.dot_product_attention(
+            q, kv[0], kv[1], scale=scale, implementation=impl, key_value_seq_lengths=lengths)))
     return fns, missing
 
 
