@@ -51,6 +51,7 @@ class Step:
     what: str
     env: tuple[tuple[str, str], ...] = ()
     only_if_failed: str | None = None    # a fallback: runs only when this step did not pass
+    required: bool = False               # when it does not pass, the later steps are skipped
 
     def command(self, python: str, out: pathlib.Path) -> list[str]:
         """The argv to run, placeholders filled."""
@@ -64,8 +65,10 @@ class Step:
 
 # In priority order: correctness first, then the numbers the issue's goals name.
 STEPS = (
-    Step("device", (PY, "-c", "import jax; print('jax', jax.__version__, jax.devices())"),
-         60, "JAX sees the GPU (version, devices)"),
+    Step("device", (PY, "-c", "import jax; print('jax', jax.__version__, jax.devices()); "
+                              "assert jax.default_backend() == 'gpu', 'JAX sees no GPU'"),
+         60, "JAX sees the GPU (version, devices); without one the rest is skipped",
+         required=True),
     Step("kernel-tests", (PY, "-m", "pytest", "tests/test_kernels_gpu.py", "-q",
                           "-p", "no:cacheprovider", "--junitxml={out}/kernels_gpu_tests.xml"),
          150, "Mosaic GPU decode/verify + flash fwd/bwd kernels vs the jnp reference, "
@@ -221,11 +224,15 @@ def run(steps: tuple[Step, ...], out: pathlib.Path, budget_s: int,
                 rows.append({"step": step.name, "status": "not needed", "rc": None,
                              "seconds": 0, "limit_s": step.limit_s, "what": step.what})
                 continue
-            if left < MIN_STEP_S:
-                rows.append({"step": step.name, "status": "skipped (budget spent)", "rc": None,
+            broken = next((r["step"] for r in rows if r.get("required")
+                           and r["status"] != "passed"), None)
+            if left < MIN_STEP_S or broken:
+                why = f"{broken} did not pass" if broken else "budget spent"
+                rows.append({"step": step.name, "status": f"skipped ({why})", "rc": None,
                              "seconds": 0, "limit_s": step.limit_s, "what": step.what})
                 continue
-            rows.append(run_step(step, out, min(step.limit_s, left), log))
+            rows.append({**run_step(step, out, min(step.limit_s, left), log),
+                         "required": step.required})
             print(f"{rows[-1]['step']}: {rows[-1]['status']} in {rows[-1]['seconds']} s",
                   flush=True)
     # Every child is done: this process may take the GPU now, to stamp the summary.

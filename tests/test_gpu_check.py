@@ -76,6 +76,14 @@ def test_run_limits_each_step_and_the_budget(tmp_path):
     assert "===== hangs: timed out" in (out / "gpu_check.log").read_text()
 
 
+def test_a_required_step_that_fails_skips_the_rest(tmp_path):
+    steps = (gpu_check.Step("device", _py("raise SystemExit(1)"), 30, "no GPU", required=True),
+             gpu_check.Step("bench", _py("pass"), 30, "would run on the CPU"))
+    assert gpu_check.run(steps, tmp_path / "out", 60, results=tmp_path / "b" / "results") == 1
+    summary = json.loads((tmp_path / "b" / "results" / "cpu" / "gpu_check.json").read_text())
+    assert [r["status"] for r in summary["steps"]] == ["failed", "skipped (device did not pass)"]
+
+
 def test_wheels_and_working_tree_fit_what_travels():
     """Declared wheel sizes (or the downloaded folder, when present) + the working tree
     stay under 64 MiB; a downloaded folder holds exactly the declared wheels."""
