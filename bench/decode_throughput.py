@@ -119,6 +119,54 @@ def roofline_fraction(step_bytes: int, steps_per_s: float, peak: float | None):
     return None if peak is None else step_bytes * steps_per_s / peak
 
 
+def config_rows(name, cfg, n_params: int, cases: list[dict], args, peak) -> list[dict]:
+    """One results row per batch of ``cases`` (one config), with the HBM roofline fraction
+    of each side measured so far."""
+    rows = []
+    for c in cases:
+        step_bytes = decode_step_bytes(cfg, n_params, c["batch"],
+                                       args.prompt_len + args.new_tokens // 2)
+        for side in ("cadenza", "transformers"):
+            if side in c:
+                c[side]["hbm_roofline_fraction"] = roofline_fraction(
+                    step_bytes, c[side]["decode_tokens_per_s"] / c["batch"], peak)
+        rows.append({"config": name, "params": n_params, "batch": c["batch"],
+                     "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
+                     "step_bytes": step_bytes,
+                     **{k: c[k] for k in ("cadenza", "transformers", "greedy_tokens_equal")
+                        if k in c}})
+    return rows
+
+
+def write_results(rows: list[dict], args, peak) -> None:
+    """decode_throughput.{json,md} under the results folder, stamped."""
+    meta = {**provenance(ROOT), "dtype": args.dtype, "method": "greedy",
+            "overrides": args.override,
+            "peak_hbm_bytes_per_s": peak}
+    out = results_dir(__file__, args.out)
+    (out / "decode_throughput.json").write_text(json.dumps({"meta": meta, "rows": rows},
+                                                           indent=2) + "\n")
+    lines = [f"# Decode throughput (greedy, {args.dtype}, random weights)", "",
+             ", ".join(f"{k}: {v}" for k, v in meta.items()), "",
+             "| config | params | batch | cadenza decode tok/s | transformers decode tok/s | "
+             "cadenza prefill ms | transformers prefill ms | cadenza compile s | "
+             "greedy tokens equal | cadenza HBM roofline | transformers HBM roofline |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        hf = r.get("transformers", {})
+        fmt = lambda v, s=1.0: f"{v * s:.1f}" if v is not None else "-"  # noqa: E731
+        pct = lambda v: f"{v:.0%}" if v is not None else "n/a"  # noqa: E731
+        lines.append(f"| {r['config']} | {r['params'] / 1e6:.1f}M | {r['batch']} | "
+                     f"{fmt(r['cadenza']['decode_tokens_per_s'])} | "
+                     f"{fmt(hf.get('decode_tokens_per_s'))} | "
+                     f"{fmt(r['cadenza']['prefill_s'], 1e3)} | {fmt(hf.get('prefill_s'), 1e3)} | "
+                     f"{fmt(r['cadenza']['compile_s'])} | {r.get('greedy_tokens_equal', '-')} | "
+                     f"{pct(r['cadenza'].get('hbm_roofline_fraction'))} | "
+                     f"{pct(hf.get('hbm_roofline_fraction'))} |")
+    (out / "decode_throughput.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--configs", default="tiny,100m")
@@ -152,6 +200,9 @@ def main(argv=None) -> int:
             ours, tokens = bench_cadenza(model, params, prompts, args.new_tokens, args.repeats)
             cases.append({"batch": b, "prompts": prompts, "cadenza": ours, "tokens": tokens})
             print(f"{name} b={b}: cadenza {ours['decode_tokens_per_s']:.1f} tok/s", flush=True)
+        # written now too, so a run stopped during the transformers side keeps these rows
+        write_results(rows + config_rows(name, cfg, int(n_params), cases, args, peak), args,
+                      peak)
         if not args.no_hf:
             with tempfile.TemporaryDirectory() as tmp:
                 hf_dir = save_hf((cfg32, params32), pathlib.Path(tmp) / "hf")
@@ -163,44 +214,8 @@ def main(argv=None) -> int:
                 c["greedy_tokens_equal"] = c["tokens"] == h["tokens"]
                 print(f"{name} b={c['batch']}: transformers {h['decode_tokens_per_s']:.1f} tok/s,"
                       f" tokens equal: {c['greedy_tokens_equal']}", flush=True)
-        for c in cases:
-            step_bytes = decode_step_bytes(cfg, int(n_params), c["batch"],
-                                           args.prompt_len + args.new_tokens // 2)
-            for side in ("cadenza", "transformers"):
-                if side in c:
-                    c[side]["hbm_roofline_fraction"] = roofline_fraction(
-                        step_bytes, c[side]["decode_tokens_per_s"] / c["batch"], peak)
-            rows.append({"config": name, "params": int(n_params), "batch": c["batch"],
-                         "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
-                         "step_bytes": step_bytes,
-                         **{k: c[k] for k in ("cadenza", "transformers", "greedy_tokens_equal")
-                            if k in c}})
-
-    meta = {**provenance(ROOT), "dtype": args.dtype, "method": "greedy",
-            "overrides": args.override,
-            "peak_hbm_bytes_per_s": peak}
-    out = results_dir(__file__, args.out)
-    (out / "decode_throughput.json").write_text(json.dumps({"meta": meta, "rows": rows},
-                                                           indent=2) + "\n")
-    lines = [f"# Decode throughput (greedy, {args.dtype}, random weights)", "",
-             ", ".join(f"{k}: {v}" for k, v in meta.items()), "",
-             "| config | params | batch | cadenza decode tok/s | transformers decode tok/s | "
-             "cadenza prefill ms | transformers prefill ms | cadenza compile s | "
-             "greedy tokens equal | cadenza HBM roofline | transformers HBM roofline |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        hf = r.get("transformers", {})
-        fmt = lambda v, s=1.0: f"{v * s:.1f}" if v is not None else "-"  # noqa: E731
-        pct = lambda v: f"{v:.0%}" if v is not None else "n/a"  # noqa: E731
-        lines.append(f"| {r['config']} | {r['params'] / 1e6:.1f}M | {r['batch']} | "
-                     f"{fmt(r['cadenza']['decode_tokens_per_s'])} | "
-                     f"{fmt(hf.get('decode_tokens_per_s'))} | "
-                     f"{fmt(r['cadenza']['prefill_s'], 1e3)} | {fmt(hf.get('prefill_s'), 1e3)} | "
-                     f"{fmt(r['cadenza']['compile_s'])} | {r.get('greedy_tokens_equal', '-')} | "
-                     f"{pct(r['cadenza'].get('hbm_roofline_fraction'))} | "
-                     f"{pct(hf.get('hbm_roofline_fraction'))} |")
-    (out / "decode_throughput.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+        rows += config_rows(name, cfg, int(n_params), cases, args, peak)
+    write_results(rows, args, peak)
     return 0
 
 

@@ -137,6 +137,7 @@ def main():
     p.add_argument("--lora-rank", type=int, default=0, help="time LoRA of this rank (0: full)")
     p.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
                    help="extra config override, e.g. model.attention_impl=xla")
+    p.add_argument("--out", default=None, help="default: bench/results/<device>")
     args = p.parse_args()
     dev = jax.devices()[0]
     names = [args.only] if args.only else [n for n in CONFIGS if n != "1b"]
@@ -145,7 +146,7 @@ def main():
     meta = provenance()
     meta["device"] = f"{dev.device_kind} ({platform.processor() or platform.machine()})"
     commit = meta["commit"]
-    out = results_dir(__file__)
+    out = results_dir(__file__, args.out)
     stem = "train_throughput_lora" if args.lora_rank else "train_throughput"
     (out / f"{stem}.json").write_text(json.dumps({**meta, "results": results},
                                                           indent=2) + "\n")

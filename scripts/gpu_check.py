@@ -39,6 +39,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 TRAVEL_LIMIT = 64 * 2 ** 20        # bytes of working tree + carried paths a device call takes
 MIN_STEP_S = 30                    # a step with less time than this left is skipped
 PY = "{python}"                    # replaced by the interpreter running this script
+# the fallback steps' results (XLA attention), apart from the steps' own
+XLA_RESULTS = "bench/results/gpu-xla-attention"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,7 +78,7 @@ STEPS = (
          # tests/conftest.py defaults JAX_PLATFORMS to cpu: name the GPU explicitly
          env=(("CADENZA_GPU_KERNEL_TESTS", "hardware"), ("JAX_PLATFORMS", "cuda"))),
     Step("attention-bench", (PY, "bench/kernels_attention.py", "--upstream", "--iters", "10"),
-         150, "flash fwd/bwd TFLOP/s: ours vs cuDNN vs XLA vs jax attention_mgpu vs "
+         180, "flash fwd/bwd TFLOP/s: ours vs cuDNN vs XLA vs jax attention_mgpu vs "
               "tokamax; verify T=1,4,16,64 as a fraction of HBM bandwidth, with jax's "
               "Triton decode/paged kernels"),
     Step("decode-1b", (PY, "bench/decode_throughput.py", "--configs", "1b", "--batches", "1,16",
@@ -90,13 +92,14 @@ STEPS = (
     Step("decode-1b-xla", (PY, "bench/decode_throughput.py", "--configs", "1b", "--batches",
                            "1,16", "--dtype", "bfloat16", "--hf-python", PY, "--prompt-len",
                            "128", "--new-tokens", "128", "--repeats", "3",
-                           "--override", "model.attention_impl=xla"),
+                           "--override", "model.attention_impl=xla", "--out", XLA_RESULTS),
          150, "decode-1b with XLA attention (only if decode-1b failed)",
          env=(("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.5"),), only_if_failed="decode-1b"),
     Step("train-1b-full", (PY, "bench/train_throughput.py", "--only", "1b", "--big-steps", "5"),
          120, "full fine-tuning step at ~1.1B params: tokens/s and MFU"),
     Step("train-1b-full-xla", (PY, "bench/train_throughput.py", "--only", "1b", "--big-steps",
-                               "5", "--override", "model.attention_impl=xla"),
+                               "5", "--override", "model.attention_impl=xla",
+                               "--out", XLA_RESULTS),
          120, "train-1b-full with XLA attention (only if train-1b-full failed)",
          only_if_failed="train-1b-full"),
     Step("train-1b-lora", (PY, "bench/train_throughput.py", "--only", "1b", "--big-steps", "5",
