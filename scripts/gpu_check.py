@@ -12,8 +12,9 @@ Here, with no GPU::
 
 Each step is one subprocess with its own time limit (its whole process group is killed
 when it runs over, so one hang costs only its own limit), run in :data:`STEPS` order while
-the overall budget (``--budget-s``, default 470 s) lasts: a step gets the smaller of its
-limit and what is left, and one that would get under 30 s is skipped and reported. The
+the overall budget lasts (``--budget-s``, default 440 s: with the install and the
+summary the whole run stays under 8 minutes): a step gets the smaller of its limit and
+what is left, and one that would get under 30 s is skipped and reported. The
 benchmarks write their usual stamped results files (:mod:`cadenza.provenance`) under
 ``bench/results/<device>/``; at the end this writes ``gpu_check.{json,md}`` (the step
 table, stamped) beside them and packs every results file the run wrote into
@@ -307,7 +308,7 @@ def main(argv=None) -> int:
     mode.add_argument("--bundle", type=pathlib.Path, metavar="WHEELS",
                       help="stamp the commit into WHEELS and check what travels fits")
     p.add_argument("--only", help="comma list of steps (default: all)")
-    p.add_argument("--budget-s", type=int, default=470, help="overall seconds for all steps")
+    p.add_argument("--budget-s", type=int, default=440, help="overall seconds for all steps")
     args = p.parse_args(argv)
     if args.bundle:
         return bundle(args.bundle)
