@@ -58,3 +58,45 @@ ref-env: .venv-ref/.synced
 
 clean:
 	rm -rf .venv .venv-ref .uv
+
+# --- The lent GPU machine (docs/kernels.md, "Running on a lent GPU") ---------------------
+#   make gpu-bundle  - .gpu-wheels/: the wheels the GPU image lacks + the commit stamp; checks
+#                      that they and the working tree fit the 64 MiB that travel
+#   make test-jax011 - kernel, model and decode tests on JAX 0.11.2 (the GPU image's), CPU,
+#                      in .venv-jax011 built like that image (not part of make test)
+GPU_WHEELS := .gpu-wheels
+GPU_PIP := .uv/bin/python -m pip
+GPU_PLATFORM := --only-binary=:all: --python-version 3.12 --implementation cp \
+	--platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64
+JAX011_TESTS ?= tests/test_kernels_attention.py tests/test_kernels_gpu.py tests/test_model.py \
+	tests/test_decode_loop.py tests/test_decode_sampling.py tests/test_gpu_check.py \
+	tests/test_kernels_upstream.py
+
+.PHONY: gpu-wheels gpu-bundle gpu-check-dry-run jax011-env test-jax011
+
+$(GPU_WHEELS)/.done: $(UV) scripts/gpu/wheels.txt scripts/gpu/wheels-sdist.txt
+	rm -rf $(GPU_WHEELS) && mkdir -p $(GPU_WHEELS)
+	$(GPU_PIP) download --quiet --no-deps --require-hashes $(GPU_PLATFORM) -d $(GPU_WHEELS) \
+		-r scripts/gpu/wheels.txt
+	$(GPU_PIP) wheel --quiet --no-deps --require-hashes -w $(GPU_WHEELS) -r scripts/gpu/wheels-sdist.txt
+	touch $@
+
+gpu-wheels: $(GPU_WHEELS)/.done
+
+gpu-bundle: gpu-wheels .venv/.synced
+	.venv/bin/python scripts/gpu_check.py --bundle $(GPU_WHEELS)
+
+gpu-check-dry-run: .venv/.synced
+	.venv/bin/python scripts/gpu_check.py --dry-run
+
+.venv-jax011/.synced: $(UV) scripts/gpu/requirements-jax011.txt $(GPU_WHEELS)/.done
+	$(UV) venv --quiet --allow-existing --python $(PY312) .venv-jax011
+	$(UV) pip sync --quiet --python .venv-jax011/bin/python scripts/gpu/requirements-jax011.txt
+	$(UV) pip install --quiet --python .venv-jax011/bin/python --no-deps $(GPU_WHEELS)/*.whl
+	$(UV) pip install --quiet --python .venv-jax011/bin/python --no-deps -e .
+	touch $@
+
+jax011-env: .venv-jax011/.synced
+
+test-jax011: .venv-jax011/.synced
+	.venv-jax011/bin/python -m pytest -p no:cacheprovider $(JAX011_TESTS)

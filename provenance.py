@@ -30,7 +30,10 @@ def git_commit(cwd: str | os.PathLike | None = None) -> str | None:
 
 def provenance(cwd: str | os.PathLike | None = None) -> dict:
     """device (platform), device_kind, num_devices, host, cpu_count, load_avg_1m, jax,
-    python, commit, date (UTC, ISO seconds): the stamp every result file carries."""
+    python, commit, date (UTC, ISO seconds): the stamp every result file carries.
+
+    ``commit`` is ``$CADENZA_COMMIT`` when set (scripts/gpu_check.sh sets it: a copied
+    working tree may have no git history), else :func:`git_commit`."""
     import jax
 
     dev = jax.devices()[0]
@@ -38,7 +41,7 @@ def provenance(cwd: str | os.PathLike | None = None) -> dict:
             "num_devices": jax.device_count(), "host": platform.machine(),
             "cpu_count": os.cpu_count(), "load_avg_1m": os.getloadavg()[0],
             "jax": jax.__version__, "python": platform.python_version(),
-            "commit": git_commit(cwd),
+            "commit": os.environ.get("CADENZA_COMMIT") or git_commit(cwd),
             "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")}
 
 

@@ -27,7 +27,9 @@ tokens (``fwd(T)/fwd(1)``, table below the results). A second table measures
 ``fwd(T)/fwd(1)`` for randomly initialised models of several sizes in float32
 and bfloat16, which says when a verify forward is nearly free on this device.
 Results: ``bench/results/<device>/speculative_bench.{json,md}``
-(``speculative_bench_bfloat16.*`` in bfloat16).
+(``speculative_bench_bfloat16.*`` in bfloat16). ``--sweep-only`` runs the second
+table alone (no training, no data pipeline: what scripts/gpu_check.py runs on a GPU)
+into ``speculative_sweep.{json,md}``.
 """
 
 import argparse
@@ -186,8 +188,12 @@ def main():
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--medusa-steps", type=int, default=200, help="0 = no Medusa row")
     parser.add_argument("--no-sweep", action="store_true", help="skip the size sweep")
+    parser.add_argument("--sweep-only", action="store_true",
+                        help="only the fwd(T)/fwd(1) size sweep (random init, no training)")
     parser.add_argument("--out", default=None, help="default: bench/results/<device>")
     args = parser.parse_args()
+    if args.sweep_only:
+        return write_sweep(args, cost_sweep([1, 3, 5, 9], args.repeats))
 
     runs = pathlib.Path(args.runs)
     tdir = trained(runs, "target", TARGET, args.target_steps)
@@ -293,6 +299,36 @@ def main():
     print(render(report))
 
 
+def write_sweep(args, sweep: list[dict]) -> int:
+    """``speculative_sweep.{json,md}``: the size sweep alone, stamped."""
+    meta = _meta(args)
+    out = results_dir(__file__, args.out)
+    (out / "speculative_sweep.json").write_text(json.dumps({"meta": meta, "cost_sweep": sweep},
+                                                           indent=2, default=str))
+    lines = _sweep_table(sweep)
+    head = [f"# Forward over T tokens vs one token on {meta['device_kind']}", "",
+            f"jax {meta['jax']}, commit {meta['commit']}, {meta['date']}, load "
+            f"{meta['load_avg_1m']:.1f}; median of {args.repeats} repeats."]
+    md = "\n".join(head + lines) + "\n"
+    (out / "speculative_sweep.md").write_text(md)
+    print(md)
+    return 0
+
+
+def _sweep_table(sweep: list[dict]) -> list[str]:
+    ts = list(sweep[0]["fwd_ms"])
+    lines = ["", "Cost of a forward over T tokens vs one token, random-init models "
+             "(batch 1, 160 cached tokens):", "",
+             "| model | params | dtype | fwd(1) ms | " + " | ".join(
+                 f"fwd({t})/fwd(1)" for t in ts[1:]) + " |",
+             "|---|---|---|---|" + "---|" * (len(ts) - 1)]
+    for r in sweep:
+        lines.append(f"| {r['model']} | {r['params'] / 1e6:.1f}M | {r['dtype']} | "
+                     f"{r['fwd_ms'][ts[0]]:.3f} | " + " | ".join(
+                         f"{r['ratio'][t]:.2f}" for t in ts[1:]) + " |")
+    return lines
+
+
 def _f(x, spec):
     return "" if x is None else format(x, spec)
 
@@ -334,18 +370,9 @@ def render(report: dict) -> str:
               "| / fwd(1) | " + " | ".join(f"{v / f1:.2f}" for v in report["forward_ms"].values())
               + " |"]
     if report["cost_sweep"]:
-        ts = list(report["cost_sweep"][0]["fwd_ms"])
-        lines += ["", "Cost of a forward over T tokens vs one token, random-init models "
-                  "(batch 1, 160 cached tokens):", "",
-                  "| model | params | dtype | fwd(1) ms | " + " | ".join(
-                      f"fwd({t})/fwd(1)" for t in ts[1:]) + " |",
-                  "|---|---|---|---|" + "---|" * (len(ts) - 1)]
-        for r in report["cost_sweep"]:
-            lines.append(f"| {r['model']} | {r['params'] / 1e6:.1f}M | {r['dtype']} | "
-                         f"{r['fwd_ms'][ts[0]]:.3f} | " + " | ".join(
-                             f"{r['ratio'][t]:.2f}" for t in ts[1:]) + " |")
+        lines += _sweep_table(report["cost_sweep"])
     return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

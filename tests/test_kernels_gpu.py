@@ -5,10 +5,16 @@ CPU while simulating GMEM/SMEM, TMA copies, barriers and ``wgmma``: it proves
 the kernels' semantics, not their speed nor that they fit an H100's registers
 and SMEM. ``test_kernels_lower_for_cuda`` additionally lowers them for the CUDA
 platform on this CPU, which checks every operation has a Mosaic GPU lowering.
+
+``CADENZA_GPU_KERNEL_TESTS=hardware`` runs the same tests on a GPU instead
+(no interpret mode, the real backend; scripts/gpu_check.py sets it); with that
+switch and no GPU backend, every test fails rather than silently interpreting.
 """
 
+import contextlib
 import importlib.util
 import logging
+import os
 import pathlib
 
 import jax
@@ -29,7 +35,16 @@ _tpu_tests = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(_tpu_tests)
 _decode_case, _normal = _tpu_tests._decode_case, _tpu_tests._normal
 
-INTERPRET = plgpu.InterpretGPUParams()
+ON_HARDWARE = os.environ.get("CADENZA_GPU_KERNEL_TESTS") == "hardware"
+INTERPRET = None if ON_HARDWARE else plgpu.InterpretGPUParams()
+
+
+@pytest.fixture(autouse=True)
+def _backend_matches_mode():
+    """On hardware the kernels must meet a real GPU, never a CPU fallback."""
+    if ON_HARDWARE:
+        assert jax.default_backend() == "gpu", (
+            f"CADENZA_GPU_KERNEL_TESTS=hardware but JAX's backend is {jax.default_backend()}")
 
 
 def _close(out, ref, tol):
@@ -111,11 +126,12 @@ def test_kernels_lower_for_cuda():
 
 
 def test_gpu_dispatch_uses_the_mosaic_kernels(monkeypatch, caplog):
-    """On a GPU backend (simulated: the platform is patched, kernels forced into GPU
-    interpret mode), ``auto`` sends what cuDNN cannot take (soft-cap + packing) to the
+    """On a GPU backend (on CPU simulated: the platform is patched, kernels forced into
+    GPU interpret mode), ``auto`` sends what cuDNN cannot take (soft-cap + packing) to the
     Mosaic flash kernel and cache attention to the decode kernel; a float32 case falls
     back to XLA with one log line."""
-    monkeypatch.setattr(dispatch, "_platform", lambda: "gpu")
+    if not ON_HARDWARE:
+        monkeypatch.setattr(dispatch, "_platform", lambda: "gpu")
     dispatch._logged.clear()
     caplog.set_level(logging.WARNING, logger=dispatch.__name__)
     q, k, v, seg, pos = _packed_batch(jax.random.key(3), 2, 64, 2, 1, 64, jnp.bfloat16)
@@ -125,7 +141,7 @@ def test_gpu_dispatch_uses_the_mosaic_kernels(monkeypatch, caplog):
     # No mesh here: GPU interpret mode in jax 0.12 simulates one device, and under a
     # multi-device shard_map its shared state collides (the shard_map wrapping is the
     # TPU path's, tested in test_kernels_attention.py).
-    with plgpu.force_gpu_interpret_mode(INTERPRET):
+    with contextlib.nullcontext() if ON_HARDWARE else plgpu.force_gpu_interpret_mode(INTERPRET):
         flash = jax.jit(lambda q, k, v: dispatch.attention(q, k, v, implementation="auto",
                                                            **flash_kw))(q, k, v)
         decode = jax.jit(lambda c: dispatch.attention(implementation="pallas", **c,

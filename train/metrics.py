@@ -1,4 +1,5 @@
-"""Training metrics: the FLOPs model behind MFU, and the JSONL/TensorBoard writer."""
+"""Training metrics: the FLOPs model behind MFU, the devices' peaks (FLOP/s and HBM
+bytes/s), and the JSONL/TensorBoard writer."""
 
 import json
 import pathlib
@@ -10,6 +11,14 @@ PEAK_FLOPS = {
     "H200": 989e12, "H100": 989e12, "A100": 312e12, "L4": 121e12,
     "TPU v6 lite": 918e12, "TPU v5 lite": 197e12, "TPU v5p": 459e12, "TPU v5": 459e12,
     "TPU v4": 275e12,
+}
+
+# Peak HBM bandwidth in bytes/s per device (vendor figures), matched like PEAK_FLOPS;
+# the roofline of memory-bound work (decode steps, attention over a KV cache).
+PEAK_HBM = {
+    "H200": 4.8e12, "H100": 3.35e12, "A100": 2.04e12, "L4": 3.0e11,
+    "TPU v6 lite": 1.64e12, "TPU v5 lite": 8.19e11, "TPU v5e": 8.19e11, "TPU v5p": 2.765e12,
+    "TPU v5": 2.765e12, "TPU v4": 1.2e12,
 }
 
 
@@ -52,6 +61,13 @@ def peak_flops_per_device(device, override_tflops: float = 0.0) -> float | None:
         if name in kind:
             return flops
     return None
+
+
+def peak_hbm_bytes_per_s(device) -> float | None:
+    """Peak HBM bandwidth of ``device`` from :data:`PEAK_HBM` by device kind, else None
+    (CPU: no roofline is reported)."""
+    kind = getattr(device, "device_kind", "")
+    return next((bw for name, bw in PEAK_HBM.items() if name in kind), None)
 
 
 def tensorboard_tag(name: str) -> str:
