@@ -7,12 +7,13 @@ from typing import Optional
 from cadenza.errors import ConfigError
 from cadenza.validation import check_choice, check_range
 
-FORMATS = ("stdlib_code", "stdlib_instruct", "alpaca", "sharegpt", "messages", "text", "tfds")
+FORMATS = ("stdlib_code", "stdlib_instruct", "alpaca", "sharegpt", "messages", "text", "tfds",
+           "preference")
 
 
 def _check_source(where: str, format: str, path, name) -> None:
     check_choice(where, "format", format, FORMATS)
-    if format in ("alpaca", "sharegpt", "messages", "text") and not path:
+    if format in ("alpaca", "sharegpt", "messages", "text", "preference") and not path:
         raise ConfigError(f"format {format!r} reads local files but no path is given",
                           where=f"{where}.path", fix="set path to the input file (or a glob)")
     if format == "tfds" and not name:
@@ -78,6 +79,13 @@ class DataConfig:
                 raise ConfigError(f"mixture weights sum to {total:g}, not 1",
                                   where="data.mixture",
                                   fix="give weights that sum to one, e.g. 0.7 and 0.3")
+        formats = {m.format for m in self.sources()}
+        if "preference" in formats and len(formats) > 1:
+            others = sorted(formats - {"preference"})
+            raise ConfigError(f"a mixture mixes preference pairs with {others} examples",
+                              where="data.mixture",
+                              fix="train preference pairs (train.task dpo/orpo) in their own "
+                                  "run, after SFT on the other data")
         check_choice(s, "on_error", self.on_error, ("skip", "stop"))
         check_choice(s, "packing_method", self.packing_method, ("first_fit", "best_fit"))
         check_choice(s, "truncation", self.truncation, ("truncate", "drop", "chunk"))
@@ -89,6 +97,11 @@ class DataConfig:
                     high_inclusive=False)
         check_range(s, "neftune_alpha", self.neftune_alpha, low=0.0)
         check_range(s, "worker_count", self.worker_count, low=0)
+
+    @property
+    def is_preference(self) -> bool:
+        """True when the data are preference pairs (``format: preference``)."""
+        return all(m.format == "preference" for m in self.sources())
 
     def sources(self) -> list[DataSource]:
         """The datasets to read: the mixture, or the single source with weight 1."""
