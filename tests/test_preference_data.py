@@ -2,54 +2,14 @@
 response), packed pair rows, bad records counted, ``cadenza data inspect`` showing both
 sides."""
 
-import json
-
 import numpy as np
 import pytest
 
 from cadenza.config import load_config
 from cadenza.errors import CadenzaError, ConfigError
-from cadenza.models.tokenizer import train_tokenizer
 from cadenza.train.data import build_iterator
 from cadenza.train.data.formatting import Formatter, pair_budget
 from cadenza.train.data.records import Problems, read_records
-
-WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa".split()
-
-
-def pair_records(n=24):
-    """``n`` preference records: the answer repeats the word (chosen) or gives the next
-    one (rejected); every third uses ``messages`` with an earlier assistant turn."""
-    out = []
-    for i in range(n):
-        w, other = WORDS[i % 10], WORDS[(i + 1) % 10]
-        if i % 3:
-            out.append({"prompt": f"say {w}", "chosen": w, "rejected": f"{other} {other}"})
-        else:
-            out.append({"messages": [{"role": "user", "content": "hi"},
-                                     {"role": "assistant", "content": "hello"},
-                                     {"role": "user", "content": f"say {w}"}],
-                        "chosen": [{"role": "assistant", "content": w}],
-                        "rejected": other})
-    return out
-
-
-@pytest.fixture(scope="module")
-def pref_files(tmp_path_factory):
-    d = tmp_path_factory.mktemp("pref")
-    lines = [json.dumps(r) for r in pair_records()]
-    lines += ['{"prompt": "x", "chosen": "same", "rejected": "same"}', '{"prompt": "x"}',
-              "{not json"]
-    (d / "pairs.jsonl").write_text("\n".join(lines) + "\n")
-    train_tokenizer([" ".join(WORDS) + " say hi hello"] * 20, 300, d / "tok")
-    return d
-
-
-def pref_config(d, *overrides):
-    return load_config(None, [f"data.data_dir={d / 'prepared'}", f"data.tokenizer={d / 'tok'}",
-                              "data.format=preference", f"data.path={d / 'pairs.jsonl'}",
-                              "data.heldout_fraction=0.2", "train.seq_len=64",
-                              "train.batch_size=2", *overrides], preset="tiny")
 
 
 def test_records_parse_and_bad_ones_are_counted(pref_files):
@@ -88,8 +48,8 @@ def test_pair_example_trains_only_each_response(pref_files):
     assert short(record) is None and short.problems.counts["too_long"] == 1
 
 
-def test_packed_rows_hold_whole_pairs(pref_files):
-    it = build_iterator(pref_config(pref_files))
+def test_packed_rows_hold_whole_pairs(pref_files, pref_config):
+    it = build_iterator(pref_config())
     for b in [next(it) for _ in range(3)]:
         assert set(b) == {"inputs", "targets", "loss_mask", "segment_ids", "positions"}
         seg = b["segment_ids"]
@@ -100,14 +60,14 @@ def test_packed_rows_hold_whole_pairs(pref_files):
                 pos = b["positions"][row][seg[row] == s]
                 np.testing.assert_array_equal(pos, np.arange(len(pos)))
                 assert b["loss_mask"][row][seg[row] == s].sum() > 0
-    unpacked = next(build_iterator(pref_config(pref_files, "data.packing=false")))
+    unpacked = next(build_iterator(pref_config("data.packing=false")))
     assert set(np.unique(unpacked["segment_ids"])) == {0, 1, 2}
 
 
-def test_inspect_shows_both_sides_and_mixing_is_refused(pref_files):
+def test_inspect_shows_both_sides_and_mixing_is_refused(pref_files, pref_config):
     from cadenza.train.data.inspect import inspect_data
 
-    out = inspect_data(pref_config(pref_files), examples=2, batches=1)
+    out = inspect_data(pref_config(), examples=2, batches=1)
     assert "[chosen]" in out and "[rejected]" in out and "preference pair of" in out
     with pytest.raises(ConfigError, match="mixes preference"):
         load_config(None, ["data.mixture=[{format: preference, path: a, weight: 0.5}, "

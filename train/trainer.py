@@ -26,6 +26,9 @@ from cadenza.train.state import abstract_state, init_state, state_shardings
 from cadenza.train.step import BATCH_KEYS, make_eval_step, make_train_step
 from cadenza.train.task import TrainTask, full_model_task
 
+# Metrics every step reports (a task's extra metrics are the others).
+_STEP_METRICS = ("loss", "objective", "grad_norm", "lr", "tokens", "finite")
+
 
 class NonFiniteError(CadenzaError):
     """The loss or gradient norm became NaN/inf; the run stopped without saving after it."""
@@ -165,13 +168,16 @@ def fit(config: ExperimentConfig, data=None, eval_data=None, *,
         writer.resume_at(start)
 
     def evaluate(params):
-        """Mean held-out loss over up to ``eval_steps`` batches (fewer if the split ends)."""
+        """Mean held-out loss over up to ``eval_steps`` batches (fewer if the split ends),
+        and the means of the task's extra metrics (named ``eval_<metric>``)."""
         eval_data.set_state(eval_start)
         ce = count = 0.0
+        extra: dict = {}
         for _, batch in zip(range(train.eval_steps), eval_data):
-            c, n = eval_fn(params, frozen, _global_batch(batch, rows, config))
+            c, n, e = eval_fn(params, frozen, _global_batch(batch, rows, config))
             ce, count = ce + float(c), count + float(n)
-        return ce / max(count, 1.0)
+            extra = {k: extra.get(k, 0.0) + float(v) for k, v in e.items()}
+        return ce / max(count, 1.0), {f"eval_{k}": v / max(count, 1.0) for k, v in extra.items()}
 
     summary = {"step": start, "loss": None, "eval_loss": None, "resumed_from": resumed_from,
                "stopped": "completed", "tokens_per_s": None, "step_time_s": None,
@@ -223,6 +229,7 @@ def fit(config: ExperimentConfig, data=None, eval_data=None, *,
                               "grad_norm": float(m["grad_norm"]), "tokens": float(m["tokens"])}
                     if train.z_loss:
                         record["objective"] = float(m["objective"])
+                    record.update({k: float(v) for k, v in m.items() if k not in _STEP_METRICS})
                     if steps_since:
                         dt = (time.perf_counter() - t_mark) / steps_since
                         tps = tokens_per_step / dt
@@ -231,7 +238,9 @@ def fit(config: ExperimentConfig, data=None, eval_data=None, *,
                         summary.update(step_time_s=dt, tokens_per_s=tps, mfu=mfu)
                         t_mark, steps_since = time.perf_counter(), 0
                     if train.eval_every and (step % train.eval_every == 0 or final):
-                        record["eval_loss"] = summary["eval_loss"] = evaluate(state.params)
+                        record["eval_loss"], eval_extra = evaluate(state.params)
+                        summary["eval_loss"] = record["eval_loss"]
+                        record.update(eval_extra)
                     summary.update(step=step, loss=record["loss"])
                     if writer is not None:
                         writer.write(step, record)
@@ -256,8 +265,13 @@ def fit(config: ExperimentConfig, data=None, eval_data=None, *,
 
 def default_task(config: ExperimentConfig) -> TrainTask:
     """Full training, or the PEFT task when ``peft.method`` is set (base: ``train.init_from``),
-    or the Medusa / SpecDec++ head task ``train.task`` names."""
+    or the Medusa / SpecDec++ head task or the DPO / ORPO preference task ``train.task``
+    names."""
     alpha = config.data.neftune_alpha
+    if config.train.task in ("dpo", "orpo") or config.data.is_preference:
+        from cadenza.train.preference_task import preference_task
+
+        return preference_task(config)
     if config.train.task != "lm":
         from cadenza.train.head_fit import head_task
 
