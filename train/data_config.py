@@ -68,6 +68,10 @@ class DataConfig:
     #                                             <|eot_id|>, <|im_end|>, <end_of_turn>, ...)
     neftune_alpha: float = 0.0              # NEFTune noise scale; 0 = off (training only)
     worker_count: int = 0                   # grain multiprocessing workers; 0 = in-process
+    response_mask_prob: float = 0.0         # Masked Thought: response inputs masked (training)
+    response_mask_id: Optional[int] = None  # the id they become (default: model.pad_token_id)
+    balance: str = "tokens"                 # tokens: one token mean | sources: mean of the
+    #                                         mixture sources' token means (task-balanced)
 
     def __post_init__(self):
         s = "data"
@@ -97,6 +101,10 @@ class DataConfig:
                     high_inclusive=False)
         check_range(s, "neftune_alpha", self.neftune_alpha, low=0.0)
         check_range(s, "worker_count", self.worker_count, low=0)
+        check_range(s, "response_mask_prob", self.response_mask_prob, low=0.0, high=1.0,
+                    high_inclusive=False)
+        check_range(s, "response_mask_id", self.response_mask_id, low=0, optional=True)
+        check_choice(s, "balance", self.balance, ("tokens", "sources"))
 
     @property
     def is_preference(self) -> bool:

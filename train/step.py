@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from cadenza.train.loss_shaping import SOURCE_KEY, balance_sources, mask_responses
 from cadenza.train.state import TrainState
 from cadenza.train.task import TrainTask
 
@@ -51,8 +52,10 @@ def _split_microbatches(batch: dict, microbatches: int) -> dict:
     return {k: split(v) for k, v in batch.items()}
 
 
-def _loss_fn(task: TrainTask, rules, z_loss: float):
+def _loss_fn(task: TrainTask, rules, z_loss: float, response_mask=(0.0, 0)):
     def loss(trainable, frozen, mb, rng):
+        if rng is not None and response_mask[0]:   # Masked Thought: training steps only
+            mb = mask_responses(mb, jax.random.fold_in(rng, 0x6D61736B), *response_mask)
         with nn.logical_axis_rules(rules):
             if task.loss is not None:           # the task's own objective (e.g. heads)
                 objective, ce, count, *extra = task.loss(trainable, frozen, mb, rng)
@@ -66,8 +69,13 @@ def _loss_fn(task: TrainTask, rules, z_loss: float):
 def make_train_step(task: TrainTask, optimizer: optax.GradientTransformation,
                     schedule: optax.Schedule, *, microbatches: int, z_loss: float, rules,
                     state_shardings: TrainState, frozen_shardings, batch_sharding,
-                    metric_sharding):
+                    metric_sharding, response_mask_prob: float = 0.0, response_mask_id: int = 0,
+                    num_sources: int = 1):
     """The jitted step ``(state, frozen, batch) -> (state, metrics)``.
+
+    Loss shaping (:mod:`cadenza.train.loss_shaping`): ``response_mask_prob > 0`` masks
+    response input ids with ``response_mask_id`` (Masked Thought); a batch with
+    ``source_ids`` gets the task-balanced loss over ``num_sources`` sources.
 
     ``state`` is donated (its buffers are reused for the new state); ``frozen`` is
     read only. Metrics (float32 scalars, replicated): ``loss`` (mean cross-entropy over
@@ -76,12 +84,14 @@ def make_train_step(task: TrainTask, optimizer: optax.GradientTransformation,
     ``finite`` (1.0 when loss and gradient norm are finite), plus the extra metrics of a
     task ``loss`` (averaged like the loss). Call it under ``jax.set_mesh(mesh)``.
     """
-    loss_fn = _loss_fn(task, rules, z_loss)
+    loss_fn = _loss_fn(task, rules, z_loss, (response_mask_prob, response_mask_id))
     loss_and_grad = jax.value_and_grad(loss_fn, has_aux=True)
     param_shardings = state_shardings.params
 
     def step(state: TrainState, frozen, batch):
         rng, step_rng = jax.random.split(jax.random.wrap_key_data(state.rng))
+        if SOURCE_KEY in batch:
+            batch = balance_sources(batch, num_sources)
         micro = _split_microbatches(batch, microbatches)
         zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
         zeros = jax.lax.with_sharding_constraint(zeros, param_shardings)
@@ -120,13 +130,16 @@ def make_train_step(task: TrainTask, optimizer: optax.GradientTransformation,
 
 
 def make_eval_step(task: TrainTask, *, rules, param_shardings, frozen_shardings, batch_sharding,
-                   metric_sharding):
+                   metric_sharding, num_sources: int = 1):
     """The jitted ``(trainable, frozen, batch) -> (ce_sum, count, extra_sums)`` over one eval
     batch (float32 scalars and a dict of them, empty unless the task's ``loss`` returns
-    extra metrics; the eval loss is the ratio of the sums over batches)."""
+    extra metrics; the eval loss is the ratio of the sums over batches; a batch with
+    ``source_ids`` is task-balanced as in training)."""
     loss = _loss_fn(task, rules, 0.0)
 
     def evaluate(trainable, frozen, batch):
+        if SOURCE_KEY in batch:
+            batch = balance_sources(batch, num_sources)
         _, (ce, count, extra) = loss(trainable, frozen, batch, None)
         return ce, count, extra
 

@@ -149,13 +149,14 @@ def fit(config: ExperimentConfig, data=None, eval_data=None, *,
         eval_data = _build_iterator(config, "test")
     eval_start = eval_data.get_state() if eval_data is not None else None
 
+    shaping = loss_shaping_options(config)
     step_fn = make_train_step(task, optimizer, schedule, microbatches=train.microbatches,
                               z_loss=train.z_loss, rules=rules, state_shardings=shardings,
                               frozen_shardings=frozen_shardings, batch_sharding=rows,
-                              metric_sharding=rep)
+                              metric_sharding=rep, **shaping)
     eval_fn = make_eval_step(task, rules=rules, param_shardings=shardings.params,
                              frozen_shardings=frozen_shardings, batch_sharding=rows,
-                             metric_sharding=rep)
+                             metric_sharding=rep, num_sources=shaping["num_sources"])
 
     trainable = None if task.trainable_params == task.total_params else task.trainable_params
     flops = flops_per_token(config.model, train.seq_len, trainable)
@@ -261,6 +262,18 @@ def fit(config: ExperimentConfig, data=None, eval_data=None, *,
         if writer is not None:
             writer.close()
     return summary
+
+
+def loss_shaping_options(config: ExperimentConfig) -> dict:
+    """The loss-shaping keyword arguments of :func:`make_train_step` from ``config.data``:
+    Masked Thought's probability and mask id (default: the model's pad id) and the
+    number of sources the task-balanced loss averages over."""
+    data = config.data
+    mask_id = data.response_mask_id
+    return {"response_mask_prob": data.response_mask_prob,
+            "response_mask_id": (mask_id if mask_id is not None
+                                 else config.model.pad_token_id or 0),
+            "num_sources": len(data.sources())}
 
 
 def default_task(config: ExperimentConfig) -> TrainTask:

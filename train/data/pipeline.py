@@ -11,7 +11,9 @@ weighted mixture of the sources -> first-fit / best-fit packing (or padding)
 
 Batches are dicts of numpy arrays ``[rows, seq_len]``: ``inputs``/``targets``
 int32, ``loss_mask`` float32, ``segment_ids`` int32 (0 = padding, 1.. = packed
-examples), ``positions`` int32 (restarting at 0 in every segment).
+examples), ``positions`` int32 (restarting at 0 in every segment); with
+``data.balance: sources`` also ``source_ids`` int32 (the mixture source of each
+position, for the task-balanced loss, :mod:`cadenza.train.loss_shaping`).
 
 Preference data (``format: preference``) packs whole pairs: the k-th pair of a row has
 segment ids ``2k - 1`` (prompt + chosen) and ``2k`` (prompt + rejected), positions
@@ -31,6 +33,7 @@ from cadenza.models.tokenizer import load_tokenizer, train_tokenizer
 from cadenza.train.data import builders, stdlib
 from cadenza.train.data.formatting import PAIR_KEYS, Formatter, split_into_pieces
 from cadenza.train.data.records import Problems
+from cadenza.train.loss_shaping import SOURCE_KEY
 
 BATCH_KEYS = ("inputs", "targets", "loss_mask", "segment_ids", "positions")
 
@@ -105,7 +108,7 @@ def _pad_example(ex, seq_len):
 
 
 def _from_packed(b):
-    out = {k: b[k] for k in ("inputs", "targets", "loss_mask", *PAIR_KEYS) if k in b}
+    out = {k: b[k] for k in ("inputs", "targets", "loss_mask", SOURCE_KEY, *PAIR_KEYS) if k in b}
     return {**out, "segment_ids": b["inputs_segment_ids"], "positions": b["inputs_positions"]}
 
 
@@ -132,6 +135,16 @@ class _Pieces:
         return split_into_pieces(example, self.seq_len)
 
 
+class _SourceIds:
+    """Tag every position of an example with its mixture source index (``source_ids``)."""
+
+    def __init__(self, index):
+        self.index = index
+
+    def __call__(self, example):
+        return {**example, SOURCE_KEY: np.full(len(example["inputs"]), self.index, np.int32)}
+
+
 class _Finalize:
     """Fix dtypes and pad a short (final, eval) batch to ``rows`` with padding rows."""
 
@@ -143,7 +156,7 @@ class _Finalize:
         batch = pair_layout(batch) if self.pairs else batch
         dtypes = {"loss_mask": np.float32}
         out = {}
-        for k in BATCH_KEYS:
+        for k in BATCH_KEYS + ((SOURCE_KEY,) if SOURCE_KEY in batch else ()):
             v = np.asarray(batch[k], dtypes.get(k, np.int32))
             if v.shape[0] < self.rows:
                 v = np.pad(v, ((0, self.rows - v.shape[0]), (0, 0)))
@@ -231,6 +244,8 @@ def build_iterator(config, *, split: str = "train", process_index: int = 0,
                               data.truncation, problems, data.end_of_turn, pass_length, name)
         formatters.append(formatter)
         stream = share.map(formatter).filter(lambda x: x is not None)
+        if data.balance == "sources":
+            stream = stream.map(_SourceIds(i))
         # one reader thread and a small read-ahead: formatting stays in step with use
         read = grain.ReadOptions(num_threads=1, prefetch_buffer_size=2 * rows)
         stream = stream.to_iter_dataset(read)
@@ -246,7 +261,8 @@ def build_iterator(config, *, split: str = "train", process_index: int = 0,
     if data.packing:
         packer = (grain_experimental.FirstFitPackIterDataset if data.packing_method == "first_fit"
                   else grain_experimental.BestFitPackIterDataset)
-        keys = ("inputs", "targets", "loss_mask") + (PAIR_KEYS if pairs else ())
+        keys = ("inputs", "targets", "loss_mask") + (PAIR_KEYS if pairs else ()) + (
+            (SOURCE_KEY,) if data.balance == "sources" else ())
         length = {k: train.seq_len for k in keys}
         stream = packer(stream, length_struct=length, num_packing_bins=data.packing_bins,
                         seed=data.seed, shuffle_bins=is_train)
