@@ -124,7 +124,7 @@ def _reference_logits(config):
         return model.apply({"params": params}, batch["inputs"], positions=batch["positions"],
                            segment_ids=batch["segment_ids"])[0]
 
-    if config.peft.method == "none":
+    if config.peft.method in ("none", "partial", "lisa", "hft"):   # the whole model trains
         return (lambda frozen, batch: plain(frozen["reference"], batch)), True
     if config.peft.method != "qlora":   # the frozen base params are complete
         return (lambda frozen, batch: plain(frozen["task"]["params"], batch)), False
@@ -166,7 +166,11 @@ def preference_task(config) -> TrainTask:
                           "does not combine with preference pairs", where="peft.method",
                           fix="use lora, dora, qlora or ia3, or full fine-tuning")
     alpha = config.data.neftune_alpha
-    if config.peft.method != "none":
+    if config.peft.method in ("partial", "lisa", "hft"):
+        from cadenza.train.peft.selective import selective_task
+
+        inner = selective_task(config, neftune_alpha=alpha)
+    elif config.peft.method != "none":
         from cadenza.train.peft.task import peft_task
 
         inner = peft_task(config, neftune_alpha=alpha)

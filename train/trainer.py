@@ -289,6 +289,10 @@ def default_task(config: ExperimentConfig) -> TrainTask:
         from cadenza.train.head_fit import head_task
 
         return head_task(config)
+    if config.peft.method in ("partial", "lisa", "hft"):
+        from cadenza.train.peft.selective import selective_task
+
+        return selective_task(config, neftune_alpha=alpha)
     if config.peft.method != "none":
         from cadenza.train.peft.task import peft_task
 
