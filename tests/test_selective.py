@@ -137,3 +137,10 @@ def test_lisa_resume_restores_the_sampling(tmp_path):
     losses = [json.loads(line)["loss"] for line in
               (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
     assert len(losses) == 6
+
+
+@pytest.mark.parametrize("name", ["tiny_dpo", "tiny_orpo", "tiny_lisa", "tiny_sft_shaped",
+                                  "llama3_8b_lora_dpo"])
+def test_post_training_configs_load(name):
+    config = load_config(name, ["data.path=pairs.jsonl"])
+    assert config.name == name
