@@ -141,11 +141,13 @@ def _reference_logits(config):
 
 def preference_task(config) -> TrainTask:
     """The DPO / ORPO task of ``config`` (``train.task``, ``train.preference``) around the
-    full-model task or, with ``peft.method`` set, the PEFT task (base ``train.init_from``).
+    full-model task or, with ``peft.method`` set, the PEFT or selective task (base
+    ``train.init_from``). The frozen tree is ``{"task": the inner task's frozen tree}``,
+    plus ``"reference"`` (the ``init_from`` params) for DPO when the whole model trains.
 
     Raises:
       ConfigError: the data are not preference pairs, or preference pairs under another
-        task; head tasks and prefix/prompt tuning are not combined with DPO.
+        task, or prefix / prompt tuning (which change the sequence layout).
     """
     import dataclasses
 
