@@ -90,3 +90,55 @@ def cli_env():
         return {**out, **extra}
 
     return env
+# ----- preference pairs (tests of the preference data format and tasks) -----
+
+PREF_WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa".split()
+
+
+def pair_records(n=24):
+    """``n`` preference records: the answer repeats the word (chosen) or gives the next
+    one (rejected); every third uses ``messages`` with an earlier assistant turn."""
+    out = []
+    for i in range(n):
+        w, other = PREF_WORDS[i % 10], PREF_WORDS[(i + 1) % 10]
+        if i % 3:
+            out.append({"prompt": f"say {w}", "chosen": w, "rejected": f"{other} {other}"})
+        else:
+            out.append({"messages": [{"role": "user", "content": "hi"},
+                                     {"role": "assistant", "content": "hello"},
+                                     {"role": "user", "content": f"say {w}"}],
+                        "chosen": [{"role": "assistant", "content": w}],
+                        "rejected": other})
+    return out
+
+
+@pytest.fixture(scope="session")
+def pref_files(tmp_path_factory):
+    """Preference pairs (``pairs.jsonl``: :func:`pair_records` and three bad records) and
+    a small tokenizer (``tok``)."""
+    import json
+
+    from cadenza.models.tokenizer import train_tokenizer
+
+    d = tmp_path_factory.mktemp("pref")
+    lines = [json.dumps(r) for r in pair_records()]
+    lines += ['{"prompt": "x", "chosen": "same", "rejected": "same"}', '{"prompt": "x"}',
+              "{not json"]
+    (d / "pairs.jsonl").write_text("\n".join(lines) + "\n")
+    train_tokenizer([" ".join(PREF_WORDS) + " say hi hello"] * 20, 300, d / "tok")
+    return d
+
+
+@pytest.fixture(scope="session")
+def pref_config(pref_files):
+    """``(*overrides) -> ExperimentConfig``: a tiny experiment reading ``pref_files`` as
+    preference data (rows of 64 positions, batches of 2)."""
+    from cadenza.config import load_config
+
+    def make(*overrides):
+        return load_config(None, [
+            f"data.data_dir={pref_files / 'prepared'}", f"data.tokenizer={pref_files / 'tok'}",
+            "data.format=preference", f"data.path={pref_files / 'pairs.jsonl'}",
+            "data.heldout_fraction=0.2", "train.seq_len=64", "train.batch_size=2",
+            *overrides], preset="tiny")
+    return make

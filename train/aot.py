@@ -198,7 +198,7 @@ def lower_train_step(config, mesh, task=None):
     from cadenza.train.optim import make_optimizer, make_schedule
     from cadenza.train.state import abstract_state, state_shardings
     from cadenza.train.step import BATCH_KEYS, make_train_step
-    from cadenza.train.trainer import default_task
+    from cadenza.train.trainer import default_task, loss_shaping_options
 
     train = config.train
     validate_sharding(config, mesh.devices.size)
@@ -215,7 +215,8 @@ def lower_train_step(config, mesh, task=None):
     step = make_train_step(task, optimizer, schedule, microbatches=train.microbatches,
                            z_loss=train.z_loss, rules=rules, state_shardings=shardings,
                            frozen_shardings=jax.tree.map(lambda a: a.sharding, frozen),
-                           batch_sharding=rows, metric_sharding=replicated(mesh))
+                           batch_sharding=rows, metric_sharding=replicated(mesh),
+                           **loss_shaping_options(config))
     with jax.set_mesh(mesh):
         lowered = step.lower(state, frozen, batch)
     return LoweredStep("train", lowered, (state, frozen, batch),

@@ -59,7 +59,30 @@ class MeshConfig:
         return tuple((k, tuple(v) if v else None) for k, v in self.logical_axis_rules.items())
 
 
-TASKS = ("lm", "medusa", "specdec")
+TASKS = ("lm", "medusa", "specdec", "dpo", "orpo")
+HEAD_TASKS = ("medusa", "specdec")
+PREFERENCE_TASKS = ("dpo", "orpo")
+
+
+@dataclasses.dataclass(frozen=True)
+class PreferenceTrainConfig:
+    """``train.preference``: the objective of ``train.task`` dpo / orpo on preference pairs.
+
+    DPO: ``beta`` scales the policy-vs-reference log-ratio; ``loss`` is ``sigmoid``
+    (the DPO paper), ``ipo`` (squared distance of the length-averaged log-ratio margin
+    to ``1 / (2 beta)``) or ``hinge`` (``relu(1 - beta * margin)``). ORPO: the chosen
+    response's length-averaged NLL plus ``orpo_lambda`` times the odds-ratio term.
+    """
+
+    beta: float = 0.1
+    loss: str = "sigmoid"
+    orpo_lambda: float = 0.1
+
+    def __post_init__(self):
+        s = "train.preference"
+        check_range(s, "beta", self.beta, low=0.0, low_inclusive=False)
+        check_choice(s, "loss", self.loss, ("sigmoid", "ipo", "hinge"))
+        check_range(s, "orpo_lambda", self.orpo_lambda, low=0.0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,7 +160,9 @@ class TrainConfig:
     ``task``: what is trained: ``lm`` (the model, or PEFT adapters), ``medusa`` (Medusa
     heads, section ``medusa``) or ``specdec`` (the SpecDec++ head, section ``specdec``);
     the head tasks keep ``init_from`` frozen and write a head directory to
-    ``<output_dir>/adapters`` instead of a model.
+    ``<output_dir>/adapters`` instead of a model. ``dpo`` / ``orpo`` train the model (or
+    PEFT adapters) on preference pairs (section ``preference``); DPO's reference is the
+    ``init_from`` model.
     """
 
     output_dir: str = "runs/default"
@@ -172,11 +197,16 @@ class TrainConfig:
     task: str = "lm"
     medusa: MedusaTrainConfig = dataclasses.field(default_factory=MedusaTrainConfig)
     specdec: SpecDecTrainConfig = dataclasses.field(default_factory=SpecDecTrainConfig)
+    preference: PreferenceTrainConfig = dataclasses.field(default_factory=PreferenceTrainConfig)
 
     def __post_init__(self):
         s = "train"
         check_choice(s, "task", self.task, TASKS)
-        if self.task != "lm" and not self.init_from:
+        if self.task == "dpo" and not self.init_from:
+            raise ConfigError("train.task=dpo needs the reference model (the SFT model it "
+                              "starts from)", where="train.init_from",
+                              fix="set train.init_from to the model directory")
+        if self.task in HEAD_TASKS and not self.init_from:
             raise ConfigError(f"train.task={self.task} trains heads on a frozen model, but "
                               "none is given", where="train.init_from",
                               fix="set train.init_from to the model directory")

@@ -64,7 +64,8 @@ def register(subparsers) -> None:
                                        "records read, written and skipped by reason.")
     build.add_argument("experiment", nargs="?", help="experiment YAML or shipped name")
     build.add_argument("overrides", nargs="*", metavar="section.field=value")
-    build.add_argument("--format", choices=("alpaca", "sharegpt", "messages", "text"),
+    build.add_argument("--format", choices=("alpaca", "sharegpt", "messages", "text",
+                                            "preference"),
                        help="record format of --input (see docs/data.md)")
     build.add_argument("--input", help="input file, directory or glob")
     build.add_argument("--out", help="output data dir")

@@ -7,12 +7,13 @@ from typing import Optional
 from cadenza.errors import ConfigError
 from cadenza.validation import check_choice, check_range
 
-FORMATS = ("stdlib_code", "stdlib_instruct", "alpaca", "sharegpt", "messages", "text", "tfds")
+FORMATS = ("stdlib_code", "stdlib_instruct", "alpaca", "sharegpt", "messages", "text", "tfds",
+           "preference")
 
 
 def _check_source(where: str, format: str, path, name) -> None:
     check_choice(where, "format", format, FORMATS)
-    if format in ("alpaca", "sharegpt", "messages", "text") and not path:
+    if format in ("alpaca", "sharegpt", "messages", "text", "preference") and not path:
         raise ConfigError(f"format {format!r} reads local files but no path is given",
                           where=f"{where}.path", fix="set path to the input file (or a glob)")
     if format == "tfds" and not name:
@@ -67,6 +68,10 @@ class DataConfig:
     #                                             <|eot_id|>, <|im_end|>, <end_of_turn>, ...)
     neftune_alpha: float = 0.0              # NEFTune noise scale; 0 = off (training only)
     worker_count: int = 0                   # grain multiprocessing workers; 0 = in-process
+    response_mask_prob: float = 0.0         # Masked Thought: response inputs masked (training)
+    response_mask_id: Optional[int] = None  # the id they become (default: model.pad_token_id)
+    balance: str = "tokens"                 # tokens: one token mean | sources: mean of the
+    #                                         mixture sources' token means (task-balanced)
 
     def __post_init__(self):
         s = "data"
@@ -78,6 +83,13 @@ class DataConfig:
                 raise ConfigError(f"mixture weights sum to {total:g}, not 1",
                                   where="data.mixture",
                                   fix="give weights that sum to one, e.g. 0.7 and 0.3")
+        formats = {m.format for m in self.sources()}
+        if "preference" in formats and len(formats) > 1:
+            others = sorted(formats - {"preference"})
+            raise ConfigError(f"a mixture mixes preference pairs with {others} examples",
+                              where="data.mixture",
+                              fix="train preference pairs (train.task dpo/orpo) in their own "
+                                  "run, after SFT on the other data")
         check_choice(s, "on_error", self.on_error, ("skip", "stop"))
         check_choice(s, "packing_method", self.packing_method, ("first_fit", "best_fit"))
         check_choice(s, "truncation", self.truncation, ("truncate", "drop", "chunk"))
@@ -89,6 +101,15 @@ class DataConfig:
                     high_inclusive=False)
         check_range(s, "neftune_alpha", self.neftune_alpha, low=0.0)
         check_range(s, "worker_count", self.worker_count, low=0)
+        check_range(s, "response_mask_prob", self.response_mask_prob, low=0.0, high=1.0,
+                    high_inclusive=False)
+        check_range(s, "response_mask_id", self.response_mask_id, low=0, optional=True)
+        check_choice(s, "balance", self.balance, ("tokens", "sources"))
+
+    @property
+    def is_preference(self) -> bool:
+        """True when the data are preference pairs (``format: preference``)."""
+        return all(m.format == "preference" for m in self.sources())
 
     def sources(self) -> list[DataSource]:
         """The datasets to read: the mixture, or the single source with weight 1."""

@@ -3,9 +3,13 @@
 Methods: ``none`` (full fine-tuning), ``lora``, ``lora_plus`` (LoRA with the
 learning rate of B = ``lora_plus_ratio`` x that of A), ``dora``, ``qlora``
 (LoRA on a base whose targeted kernels are stored NF4 or int8), ``ia3``,
-``prefix`` and ``prompt``. ``targets`` is a regex matched (``re.fullmatch``)
-against projection module paths such as ``layers.attn.q_proj`` (scanned) or
-``layer_3.mlp.down_proj`` (unscanned); None picks the method's default.
+``prefix`` and ``prompt``, and the selective methods that train part of the model's own
+weights (:mod:`cadenza.train.peft.selective`): ``partial`` (params matching ``trainable``,
+layers ``trainable_layers``), ``lisa`` (``lisa_layers`` sampled layers every ``period``
+steps) and ``hft`` (a random half of the matrices every ``period`` steps). ``targets`` is a
+regex matched (``re.fullmatch``) against projection module paths such as
+``layers.attn.q_proj`` (scanned) or ``layer_3.mlp.down_proj`` (unscanned); None picks the
+method's default.
 """
 
 import dataclasses
@@ -15,7 +19,8 @@ from typing import Optional
 
 from cadenza.validation import check_choice, check_range, require
 
-METHODS = ("none", "lora", "lora_plus", "dora", "qlora", "ia3", "prefix", "prompt")
+METHODS = ("none", "lora", "lora_plus", "dora", "qlora", "ia3", "prefix", "prompt",
+           "partial", "lisa", "hft")
 LORA_METHODS = ("lora", "lora_plus", "dora", "qlora")
 DEFAULT_TARGETS = {
     "lora": r".*attn\.(q|k|v|o)_proj",
@@ -61,6 +66,10 @@ class PeftConfig:
     prefix_hidden_size: int = 0
     prompt_init: str = "random"
     prompt_init_ids: list[int] = dataclasses.field(default_factory=list)
+    trainable: Optional[str] = None
+    trainable_layers: list[int] = dataclasses.field(default_factory=list)
+    lisa_layers: int = 2
+    period: int = 20
 
     def __post_init__(self):
         s = "peft"
@@ -88,7 +97,13 @@ class PeftConfig:
         require(self.targets is None or self.method in DEFAULT_TARGETS, "peft.targets",
                 f"method {self.method!r} takes no targets (it does not wrap projections)",
                 "remove peft.targets")
-        for field in ("targets", "ia3_feedforward"):
+        check_range(s, "lisa_layers", self.lisa_layers, low=1)
+        check_range(s, "period", self.period, low=1)
+        require((self.trainable is None and not self.trainable_layers)
+                or self.method == "partial", "peft.trainable",
+                f"method {self.method!r} does not read trainable / trainable_layers",
+                "set peft.method=partial, or remove them")
+        for field in ("targets", "ia3_feedforward", "trainable"):
             pattern = getattr(self, field)
             if pattern is not None:
                 try:

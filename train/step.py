@@ -7,8 +7,9 @@ tokens of the whole global batch (all microbatches together), so
 accumulating M microbatches of B/M rows equals one batch of B rows; a batch
 with no counted tokens has loss 0 and zero gradients. Extra keys a task needs
 (e.g. LUD's ``lud_group`` [B, T]) are split into microbatches like the others and
-passed through to ``task.apply`` unchanged. A task with its own ``loss`` (trained heads)
-replaces the cross-entropy; its sums are averaged the same way.
+passed through to ``task.apply`` unchanged. A task with its own ``loss`` (trained heads,
+preference objectives) replaces the cross-entropy; its sums are averaged the same way,
+and so are the extra metric sums it may return (reported under their own names).
 """
 
 import flax.linen as nn
@@ -16,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from cadenza.train.loss_shaping import SOURCE_KEY, balance_sources, mask_responses
 from cadenza.train.state import TrainState
 from cadenza.train.task import TrainTask
 
@@ -50,50 +52,64 @@ def _split_microbatches(batch: dict, microbatches: int) -> dict:
     return {k: split(v) for k, v in batch.items()}
 
 
-def _loss_fn(task: TrainTask, rules, z_loss: float):
+def _loss_fn(task: TrainTask, rules, z_loss: float, response_mask=(0.0, 0)):
     def loss(trainable, frozen, mb, rng):
+        if rng is not None and response_mask[0]:   # Masked Thought: training steps only
+            mb = mask_responses(mb, jax.random.fold_in(rng, 0x6D61736B), *response_mask)
         with nn.logical_axis_rules(rules):
             if task.loss is not None:           # the task's own objective (e.g. heads)
-                objective, ce, count = task.loss(trainable, frozen, mb, rng)
-                return objective, (ce, count)
+                objective, ce, count, *extra = task.loss(trainable, frozen, mb, rng)
+                return objective, (ce, count, extra[0] if extra else {})
             logits = task.apply(trainable, frozen, mb, rng)
         objective, ce, count = token_losses(logits, mb["targets"], mb["loss_mask"], z_loss)
-        return objective, (ce, count)
+        return objective, (ce, count, {})
     return loss
 
 
 def make_train_step(task: TrainTask, optimizer: optax.GradientTransformation,
                     schedule: optax.Schedule, *, microbatches: int, z_loss: float, rules,
                     state_shardings: TrainState, frozen_shardings, batch_sharding,
-                    metric_sharding):
+                    metric_sharding, response_mask_prob: float = 0.0, response_mask_id: int = 0,
+                    num_sources: int = 1):
     """The jitted step ``(state, frozen, batch) -> (state, metrics)``.
+
+    Loss shaping (:mod:`cadenza.train.loss_shaping`): ``response_mask_prob > 0`` masks
+    response input ids with ``response_mask_id`` (Masked Thought); a batch with
+    ``source_ids`` gets the task-balanced loss over ``num_sources`` sources.
 
     ``state`` is donated (its buffers are reused for the new state); ``frozen`` is
     read only. Metrics (float32 scalars, replicated): ``loss`` (mean cross-entropy over
     counted tokens), ``objective`` (with z-loss), ``grad_norm`` (global norm before
     clipping), ``lr`` (the rate used by this update), ``tokens`` (counted tokens) and
-    ``finite`` (1.0 when loss and gradient norm are finite). Call it under
-    ``jax.set_mesh(mesh)``.
+    ``finite`` (1.0 when loss and gradient norm are finite), plus the extra metrics of a
+    task ``loss`` (averaged like the loss). Call it under ``jax.set_mesh(mesh)``.
     """
-    loss_and_grad = jax.value_and_grad(_loss_fn(task, rules, z_loss), has_aux=True)
+    loss_fn = _loss_fn(task, rules, z_loss, (response_mask_prob, response_mask_id))
+    loss_and_grad = jax.value_and_grad(loss_fn, has_aux=True)
     param_shardings = state_shardings.params
 
     def step(state: TrainState, frozen, batch):
         rng, step_rng = jax.random.split(jax.random.wrap_key_data(state.rng))
+        if SOURCE_KEY in batch:
+            batch = balance_sources(batch, num_sources)
         micro = _split_microbatches(batch, microbatches)
         zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
         zeros = jax.lax.with_sharding_constraint(zeros, param_shardings)
 
         def accumulate(carry, xs):
-            grads, objective, ce, count = carry
+            grads, objective, ce, count, extra = carry
             mb, i = xs
-            (obj, (c, n)), g = loss_and_grad(state.params, frozen, mb,
-                                             jax.random.fold_in(step_rng, i))
+            (obj, (c, n, e)), g = loss_and_grad(state.params, frozen, mb,
+                                                jax.random.fold_in(step_rng, i))
             grads = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), grads, g)
-            return (grads, objective + obj, ce + c, count + n), None
+            extra = jax.tree.map(jnp.add, extra, e)
+            return (grads, objective + obj, ce + c, count + n, extra), None
 
-        init = (zeros, jnp.float32(0), jnp.float32(0), jnp.float32(0))
-        (grads, objective, ce, count), _ = jax.lax.scan(
+        first = jax.tree.map(lambda x: x[0], micro)
+        extra_shapes = jax.eval_shape(loss_fn, state.params, frozen, first, step_rng)[1][2]
+        init = (zeros, jnp.float32(0), jnp.float32(0), jnp.float32(0),
+                jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), extra_shapes))
+        (grads, objective, ce, count, extra), _ = jax.lax.scan(
             accumulate, init, (micro, jnp.arange(microbatches)))
         denom = jnp.maximum(count, 1.0)
         grads = jax.tree.map(lambda g, p: (g / denom).astype(p.dtype), grads, state.params)
@@ -103,7 +119,8 @@ def make_train_step(task: TrainTask, optimizer: optax.GradientTransformation,
         loss = ce / denom
         metrics = {"loss": loss, "objective": objective / denom, "grad_norm": grad_norm,
                    "lr": jnp.asarray(schedule(state.step), jnp.float32), "tokens": count,
-                   "finite": (jnp.isfinite(loss) & jnp.isfinite(grad_norm)).astype(jnp.float32)}
+                   "finite": (jnp.isfinite(loss) & jnp.isfinite(grad_norm)).astype(jnp.float32),
+                   **{k: v / denom for k, v in extra.items()}}
         new = TrainState(step=state.step + 1, params=params, opt_state=opt_state,
                          rng=jax.random.key_data(rng))
         return new, metrics
@@ -113,14 +130,18 @@ def make_train_step(task: TrainTask, optimizer: optax.GradientTransformation,
 
 
 def make_eval_step(task: TrainTask, *, rules, param_shardings, frozen_shardings, batch_sharding,
-                   metric_sharding):
-    """The jitted ``(trainable, frozen, batch) -> (ce_sum, count)`` over one eval batch
-    (float32 scalars; the eval loss is the ratio of their sums over batches)."""
+                   metric_sharding, num_sources: int = 1):
+    """The jitted ``(trainable, frozen, batch) -> (ce_sum, count, extra_sums)`` over one eval
+    batch (float32 scalars and a dict of them, empty unless the task's ``loss`` returns
+    extra metrics; the eval loss is the ratio of the sums over batches; a batch with
+    ``source_ids`` is task-balanced as in training)."""
     loss = _loss_fn(task, rules, 0.0)
 
     def evaluate(trainable, frozen, batch):
-        _, (ce, count) = loss(trainable, frozen, batch, None)
-        return ce, count
+        if SOURCE_KEY in batch:
+            batch = balance_sources(batch, num_sources)
+        _, (ce, count, extra) = loss(trainable, frozen, batch, None)
+        return ce, count, extra
 
     return jax.jit(evaluate, in_shardings=(param_shardings, frozen_shardings, batch_sharding),
                    out_shardings=metric_sharding)

@@ -50,8 +50,10 @@ class TrainTask:
       loss: (trainable, frozen, batch, rng) -> ``(objective_sum, loss_sum, count)`` float32
         scalars (sums over the microbatch and the count they are averaged over), or None
         for the masked next-token cross-entropy of ``apply``'s logits. Tasks that train
-        something other than next-token logits set it (Medusa and SpecDec++ heads); the
-        trainer's z-loss is not added to it.
+        something other than next-token logits set it (Medusa and SpecDec++ heads, the
+        preference objectives); the trainer's z-loss is not added to it. It may return a
+        fourth element, a dict of extra float32 metric sums averaged over the same count
+        and reported by name (train and eval).
     """
 
     abstract_trainable: Callable[[], PyTree]

@@ -28,6 +28,9 @@ from cadenza.train.state import abstract_state, init_state, state_shardings
 from cadenza.train.step import BATCH_KEYS, make_eval_step, make_train_step
 from cadenza.train.task import TrainTask, full_model_task
 
+# Metrics every step reports (a task's extra metrics are the others).
+_STEP_METRICS = ("loss", "objective", "grad_norm", "lr", "tokens", "finite")
+
 
 class NonFiniteError(CadenzaError):
     """The loss or gradient norm became NaN/inf; the run stopped without saving after it."""
@@ -182,13 +185,14 @@ def _fit(config, data, eval_data, task, devices, allow_changes) -> dict:
         eval_data = _build_iterator(config, "test")
     eval_start = eval_data.get_state() if eval_data is not None else None
 
+    shaping = loss_shaping_options(config)
     step_fn = make_train_step(task, optimizer, schedule, microbatches=train.microbatches,
                               z_loss=train.z_loss, rules=rules, state_shardings=shardings,
                               frozen_shardings=frozen_shardings, batch_sharding=rows,
-                              metric_sharding=rep)
+                              metric_sharding=rep, **shaping)
     eval_fn = make_eval_step(task, rules=rules, param_shardings=shardings.params,
                              frozen_shardings=frozen_shardings, batch_sharding=rows,
-                             metric_sharding=rep)
+                             metric_sharding=rep, num_sources=shaping["num_sources"])
 
     trainable = None if task.trainable_params == task.total_params else task.trainable_params
     flops = flops_per_token(config.model, train.seq_len, trainable)
@@ -202,13 +206,16 @@ def _fit(config, data, eval_data, task, devices, allow_changes) -> dict:
         writer.resume_at(start)
 
     def evaluate(params):
-        """Mean held-out loss over up to ``eval_steps`` batches (fewer if the split ends)."""
+        """Mean held-out loss over up to ``eval_steps`` batches (fewer if the split ends),
+        and the means of the task's extra metrics (named ``eval_<metric>``)."""
         eval_data.set_state(eval_start)
         ce = count = 0.0
+        extra: dict = {}
         for _, batch in zip(range(train.eval_steps), eval_data):
-            c, n = eval_fn(params, frozen, _global_batch(batch, rows, config))
+            c, n, e = eval_fn(params, frozen, _global_batch(batch, rows, config))
             ce, count = ce + float(c), count + float(n)
-        return ce / max(count, 1.0)
+            extra = {k: extra.get(k, 0.0) + float(v) for k, v in e.items()}
+        return ce / max(count, 1.0), {f"eval_{k}": v / max(count, 1.0) for k, v in extra.items()}
 
     summary = {"step": start, "loss": None, "eval_loss": None, "resumed_from": resumed_from,
                "skipped_checkpoints": skipped, "skipped_records": None, "stopped": "completed",
@@ -261,6 +268,7 @@ def _fit(config, data, eval_data, task, devices, allow_changes) -> dict:
                               "grad_norm": float(m["grad_norm"]), "tokens": float(m["tokens"])}
                     if train.z_loss:
                         record["objective"] = float(m["objective"])
+                    record.update({k: float(v) for k, v in m.items() if k not in _STEP_METRICS})
                     if steps_since:
                         dt = (time.perf_counter() - t_mark) / steps_since
                         tps = tokens_per_step / dt
@@ -269,7 +277,9 @@ def _fit(config, data, eval_data, task, devices, allow_changes) -> dict:
                         summary.update(step_time_s=dt, tokens_per_s=tps, mfu=mfu)
                         t_mark, steps_since = time.perf_counter(), 0
                     if train.eval_every and (step % train.eval_every == 0 or final):
-                        record["eval_loss"] = summary["eval_loss"] = evaluate(state.params)
+                        record["eval_loss"], eval_extra = evaluate(state.params)
+                        summary["eval_loss"] = record["eval_loss"]
+                        record.update(eval_extra)
                     summary.update(step=step, loss=record["loss"])
                     if writer is not None:
                         writer.write(step, record)
@@ -320,16 +330,35 @@ def _restart_rate(bar, step: int) -> None:
     bar.reset(total=bar.total)
     bar.initial = bar.n = bar.last_print_n = step
     bar.refresh()
+def loss_shaping_options(config: ExperimentConfig) -> dict:
+    """The loss-shaping keyword arguments of :func:`make_train_step` from ``config.data``:
+    Masked Thought's probability and mask id (default: the model's pad id) and the
+    number of sources the task-balanced loss averages over."""
+    data = config.data
+    mask_id = data.response_mask_id
+    return {"response_mask_prob": data.response_mask_prob,
+            "response_mask_id": (mask_id if mask_id is not None
+                                 else config.model.pad_token_id or 0),
+            "num_sources": len(data.sources())}
 
 
 def default_task(config: ExperimentConfig) -> TrainTask:
     """Full training, or the PEFT task when ``peft.method`` is set (base: ``train.init_from``),
-    or the Medusa / SpecDec++ head task ``train.task`` names."""
+    or the Medusa / SpecDec++ head task or the DPO / ORPO preference task ``train.task``
+    names."""
     alpha = config.data.neftune_alpha
+    if config.train.task in ("dpo", "orpo") or config.data.is_preference:
+        from cadenza.train.preference_task import preference_task
+
+        return preference_task(config)
     if config.train.task != "lm":
         from cadenza.train.head_fit import head_task
 
         return head_task(config)
+    if config.peft.method in ("partial", "lisa", "hft"):
+        from cadenza.train.peft.selective import selective_task
+
+        return selective_task(config, neftune_alpha=alpha)
     if config.peft.method != "none":
         from cadenza.train.peft.task import peft_task
 

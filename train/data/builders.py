@@ -1,7 +1,8 @@
 """TFDS builders (no TensorFlow: array_record files, read back with ``tfds.data_source``).
 
-- :class:`LocalFiles`: alpaca / sharegpt / messages / text files (builder configs
-  named after the format).
+- :class:`LocalFiles`: alpaca / sharegpt / messages / text / preference files (builder
+  configs named after the format; preference records add ``chosen`` and ``rejected``
+  turn lists to the features).
 - :class:`Stdlib`: the running interpreter's standard library (configs ``code``
   and ``instruct``).
 
@@ -28,12 +29,13 @@ from cadenza.outputs import atomic_file
 from cadenza.train.data import stdlib
 from cadenza.train.data.records import Problems, expand_paths, read_records
 
-FEATURES = {
-    "messages": tfds.features.Sequence({"role": tfds.features.Text(),
-                                        "content": tfds.features.Text()}),
-    "text": tfds.features.Text(),
-    "source": tfds.features.Text(),
-}
+
+def _turns():
+    return tfds.features.Sequence({"role": tfds.features.Text(), "content": tfds.features.Text()})
+
+
+FEATURES = {"messages": _turns(), "text": tfds.features.Text(), "source": tfds.features.Text()}
+PREFERENCE_FEATURES = {**FEATURES, "chosen": _turns(), "rejected": _turns()}
 REPORT_FILE = "build_report.json"
 
 
@@ -53,7 +55,8 @@ class _Builder(tfds.core.GeneratorBasedBuilder):
         super().__init__(**kwargs)
 
     def _info(self):
-        return self.dataset_info_from_configs(features=tfds.features.FeaturesDict(FEATURES))
+        features = PREFERENCE_FEATURES if self.builder_config.name == "preference" else FEATURES
+        return self.dataset_info_from_configs(features=tfds.features.FeaturesDict(features))
 
     def _keyed_records(self):
         """Yield ``(split_key, record)``; the split follows a hash of the key."""
@@ -85,10 +88,10 @@ class _Builder(tfds.core.GeneratorBasedBuilder):
 
 
 class LocalFiles(_Builder):
-    """Local alpaca / sharegpt / messages / text files as a TFDS dataset."""
+    """Local alpaca / sharegpt / messages / text / preference files as a TFDS dataset."""
 
     BUILDER_CONFIGS = [tfds.core.BuilderConfig(name=f) for f in
-                       ("alpaca", "sharegpt", "messages", "text")]
+                       ("alpaca", "sharegpt", "messages", "text", "preference")]
 
     def __init__(self, *, paths=(), **kwargs):
         self.paths = [str(p) for p in paths]

@@ -17,6 +17,18 @@ and the pipeline cuts it into consecutive pieces of ``seq_len`` positions
 every token a target exactly once). Chat examples are never chunked (a reply
 would lose its prompt): under ``chunk`` a long one is dropped (``too_long``).
 Counted in every case.
+
+A preference record (``chosen`` / ``rejected`` turn lists after the prompt in
+``messages``) becomes one *pair* example: the prompt + chosen sequence followed by the
+prompt + rejected sequence (each with its own BOS), only the chosen / rejected
+assistant turns trained (earlier assistant turns of the prompt are context).
+``pair_side`` (int32: 1 chosen, 2 rejected) and ``pair_positions`` (restarting at 0 in
+each side) say which positions belong to which side; the pipeline turns them into
+segment ids ``2k - 1`` (chosen) and ``2k`` (rejected) for the k-th pair of a row, so
+the two sides never attend to each other. A pair always fits one row: longer than
+``seq_len`` positions together, ``truncate`` cuts the longer response(s) (each side
+keeps at least half the row when it needs it, see :func:`pair_budget`), ``drop`` and
+``chunk`` skip it (``too_long``).
 """
 
 import collections
@@ -32,10 +44,33 @@ def decode_record(raw) -> dict:
     def s(x):
         return x.decode("utf-8") if isinstance(x, bytes) else str(x)
 
-    messages = raw.get("messages") or {"role": [], "content": []}
-    roles, contents = list(messages.get("role", [])), list(messages.get("content", []))
-    return {"messages": [{"role": s(r), "content": s(c)} for r, c in zip(roles, contents)],
-            "text": s(raw.get("text", b"")), "source": s(raw.get("source", b"?"))}
+    def turns(m):
+        m = m or {"role": [], "content": []}
+        return [{"role": s(r), "content": s(c)}
+                for r, c in zip(list(m.get("role", [])), list(m.get("content", [])))]
+
+    record = {"messages": turns(raw.get("messages")), "text": s(raw.get("text", b"")),
+              "source": s(raw.get("source", b"?"))}
+    if "chosen" in raw:
+        record["chosen"], record["rejected"] = turns(raw["chosen"]), turns(raw["rejected"])
+    return record
+
+
+PAIR_KEYS = ("pair_side", "pair_positions")
+
+
+def pair_budget(chosen: int, rejected: int, seq_len: int) -> tuple[int, int]:
+    """Positions kept of a pair's chosen and rejected sequences so that they fill at most
+    ``seq_len`` positions together: a side shorter than half the row stays whole and the
+    other gets the rest; otherwise each keeps half (the chosen side the odd one)."""
+    half = seq_len // 2
+    if chosen + rejected <= seq_len:
+        return chosen, rejected
+    if chosen <= seq_len - half:
+        return chosen, seq_len - chosen
+    if rejected <= half:
+        return seq_len - rejected, rejected
+    return seq_len - half, half
 
 
 def split_into_pieces(example: dict, seq_len: int) -> list[dict]:
@@ -99,10 +134,35 @@ class Formatter:
             if tok.eos_id is not None:
                 ids = ids + [tok.eos_id]
             return ids, [True] * len(ids)
-        text, spans = self.template.render_with_spans(record["messages"])
-        ids, offsets = tok.encode_with_offsets(text, add_bos=True)
+        return self._chat_tokens(record["messages"])
+
+    def side_tokens_and_mask(self, record: dict, side: str) -> tuple[list[int], list[bool]]:
+        """Tokens of a preference record's prompt followed by its ``side`` ("chosen" or
+        "rejected") turns, and which are trained (the side's assistant turns only)."""
+        skip = sum(m["role"] == "assistant" for m in record["messages"])
+        return self._chat_tokens(record["messages"] + record[side], skip)
+
+    def _chat_tokens(self, messages, skip_turns: int = 0):
+        text, spans = self.template.render_with_spans(messages)
+        spans = spans[skip_turns:]
+        ids, offsets = self.tokenizer.encode_with_offsets(text, add_bos=True)
         mask = [any(a < e and b > s for s, e in spans) for a, b in offsets]
         return ids, mask
+
+    def _valid_ids(self, ids, where) -> bool:
+        """False (reported) for a second BOS or ids outside the model vocab."""
+        bos = self.tokenizer.bos_id
+        if bos is not None and ids.count(bos) > 1:
+            self.problems.report("extra_bos", where,
+                                 f"{ids.count(bos)} BOS tokens (text contains the BOS string)")
+            return False
+        bad = [i for i in ids if i >= self.vocab_size or i < 0]
+        if bad:
+            self.problems.report("token_out_of_vocab", where,
+                                 f"token id {bad[0]} is outside the model vocab "
+                                 f"(size {self.vocab_size})")
+            return False
+        return True
 
     def __call__(self, raw):
         out = self._format(raw)
@@ -118,21 +178,14 @@ class Formatter:
         record = decode_record(raw) if not isinstance(raw.get("source"), str) else raw
         where = record["source"]
         self.counts["examples"] += 1
+        if "chosen" in record:
+            return self._format_pair(record, where)
         try:
             ids, mask = self.tokens_and_mask(record)
         except CadenzaError as e:
             self.problems.report("template_error", where, e.what)
             return None
-        bos = self.tokenizer.bos_id
-        if bos is not None and ids.count(bos) > 1:
-            self.problems.report("extra_bos", where,
-                                 f"{ids.count(bos)} BOS tokens (text contains the BOS string)")
-            return None
-        bad = [i for i in ids if i >= self.vocab_size or i < 0]
-        if bad:
-            self.problems.report("token_out_of_vocab", where,
-                                 f"token id {bad[0]} is outside the model vocab "
-                                 f"(size {self.vocab_size})")
+        if not self._valid_ids(ids, where):
             return None
         positions = len(ids) - 1
         chunk = self.truncation == "chunk" and not record["messages"]
@@ -159,3 +212,43 @@ class Formatter:
         arr = np.asarray(ids, np.int32)
         return {"inputs": arr[:-1], "targets": arr[1:],
                 "loss_mask": np.asarray(mask[1:], np.float32)}
+
+    def _format_pair(self, record, where):
+        """A preference record as one pair example (module docstring), or None."""
+        sides = []
+        for side in ("chosen", "rejected"):
+            try:
+                ids, mask = self.side_tokens_and_mask(record, side)
+            except CadenzaError as e:
+                self.problems.report("template_error", where, f"{side}: {e.what}")
+                return None
+            if not self._valid_ids(ids, where):
+                return None
+            sides.append((ids, mask))
+        lengths = [len(ids) - 1 for ids, _ in sides]
+        if sum(lengths) > self.seq_len:
+            if self.truncation != "truncate":
+                self.problems.report("too_long", where, f"preference pair of {lengths[0]} + "
+                                     f"{lengths[1]} positions > seq_len {self.seq_len}")
+                return None
+            kept = pair_budget(*lengths, self.seq_len)
+            self.counts["truncated"] += 1
+            self.counts["truncated_tokens"] += sum(lengths) - sum(kept)
+            sides = [(ids[:k + 1], mask[:k + 1]) for (ids, mask), k in zip(sides, kept)]
+            lengths = list(kept)
+        for side, (_, mask) in zip(("chosen", "rejected"), sides):
+            if not any(mask[1:]):
+                self.problems.report("no_trained_tokens", where,
+                                     f"the {side} response has no token left to train on "
+                                     "(after truncation)")
+                return None
+        self.counts["kept"] += 1
+        self.counts["tokens"] += sum(lengths)
+        self.counts["trained_tokens"] += sum(int(sum(mask[1:])) for _, mask in sides)
+        arrays = [np.asarray(ids, np.int32) for ids, _ in sides]
+        return {"inputs": np.concatenate([a[:-1] for a in arrays]),
+                "targets": np.concatenate([a[1:] for a in arrays]),
+                "loss_mask": np.concatenate([np.asarray(m[1:], np.float32) for _, m in sides]),
+                "pair_side": np.repeat(np.int32([1, 2]), lengths),
+                "pair_positions": np.concatenate([np.arange(n, dtype=np.int32)
+                                                  for n in lengths])}

@@ -6,7 +6,12 @@ import json
 import numpy as np
 
 from cadenza.train.data import builders
-from cadenza.train.data.formatting import Formatter, decode_record, split_into_pieces
+from cadenza.train.data.formatting import (
+    Formatter,
+    decode_record,
+    pair_budget,
+    split_into_pieces,
+)
 from cadenza.train.data.pipeline import build_iterator, resolve_tokenizer
 from cadenza.train.data.records import Problems
 
@@ -40,6 +45,23 @@ def _long_policy(truncation: str, record: dict, ids: list, seq_len: int) -> str:
     return f"; dropped ({positions} positions > seq_len {seq_len})"
 
 
+def _pair_lines(formatter, record, i, seq_len) -> list[str]:
+    """Both sides of preference example ``i``, masked tokens marked, and what a row of
+    ``seq_len`` positions does to the pair."""
+    sides = [formatter.side_tokens_and_mask(record, s) for s in ("chosen", "rejected")]
+    lengths = [len(ids) - 1 for ids, _ in sides]
+    kept = pair_budget(*lengths, seq_len)
+    fate = "" if kept == tuple(lengths) else (
+        f"; truncated to {kept[0]} + {kept[1]}" if formatter.truncation == "truncate"
+        else "; dropped (longer than seq_len)")
+    lines = [f"-- example {i} ({record['source']}): preference pair of {lengths[0]} + "
+             f"{lengths[1]} positions{fate}"]
+    for side, (ids, mask) in zip(("chosen", "rejected"), sides):
+        lines.append(f"[{side}] {len(ids)} tokens, {sum(mask)} trained")
+        lines.append(mark_masked(formatter.tokenizer, ids, mask))
+    return lines
+
+
 def inspect_data(config, *, examples: int = 3, split: str = "train", batches: int = 4) -> str:
     """A report on ``config``'s data: per source the build counts and the first
     ``examples`` formatted examples (full token stream, BOS included, masked
@@ -64,6 +86,9 @@ def inspect_data(config, *, examples: int = 3, split: str = "train", batches: in
                               data.truncation, Problems("skip"), data.end_of_turn)
         for i in range(min(examples, len(ds))):
             record = decode_record(ds[i])
+            if "chosen" in record:
+                lines.extend(_pair_lines(formatter, record, i, seq))
+                continue
             ids, mask = formatter.tokens_and_mask(record)
             lines.append(f"-- example {i} ({record['source']}): {len(ids)} tokens, "
                          f"{sum(mask)} trained{_long_policy(data.truncation, record, ids, seq)}")

@@ -11,7 +11,14 @@ weighted mixture of the sources -> first-fit / best-fit packing (or padding)
 
 Batches are dicts of numpy arrays ``[rows, seq_len]``: ``inputs``/``targets``
 int32, ``loss_mask`` float32, ``segment_ids`` int32 (0 = padding, 1.. = packed
-examples), ``positions`` int32 (restarting at 0 in every segment).
+examples), ``positions`` int32 (restarting at 0 in every segment); with
+``data.balance: sources`` also ``source_ids`` int32 (the mixture source of each
+position, for the task-balanced loss, :mod:`cadenza.train.loss_shaping`).
+
+Preference data (``format: preference``) packs whole pairs: the k-th pair of a row has
+segment ids ``2k - 1`` (prompt + chosen) and ``2k`` (prompt + rejected), positions
+restart in each; the preference tasks (:mod:`cadenza.train.preference_task`) read the
+pairs from that layout.
 """
 
 import pathlib
@@ -25,8 +32,9 @@ from cadenza.errors import CadenzaError, ConfigError
 from cadenza.models.hf_folder import has_tokenizer
 from cadenza.models.tokenizer import load_tokenizer, train_tokenizer
 from cadenza.train.data import builders, stdlib
-from cadenza.train.data.formatting import Formatter, split_into_pieces
+from cadenza.train.data.formatting import PAIR_KEYS, Formatter, split_into_pieces
 from cadenza.train.data.records import Problems
+from cadenza.train.loss_shaping import SOURCE_KEY
 
 BATCH_KEYS = ("inputs", "targets", "loss_mask", "segment_ids", "positions")
 
@@ -102,15 +110,25 @@ def host_share(source, shard_lengths, data, process_index, process_count, name):
 def _pad_example(ex, seq_len):
     n = len(ex["inputs"])
     pad = seq_len - n
-    return {"inputs": np.pad(ex["inputs"], (0, pad)), "targets": np.pad(ex["targets"], (0, pad)),
-            "loss_mask": np.pad(ex["loss_mask"], (0, pad)),
-            "segment_ids": np.pad(np.ones(n, np.int32), (0, pad)),
+    out = {k: np.pad(v, (0, pad)) for k, v in ex.items()}
+    return {**out, "segment_ids": np.pad(np.ones(n, np.int32), (0, pad)),
             "positions": np.pad(np.arange(n, dtype=np.int32), (0, pad))}
 
 
 def _from_packed(b):
-    return {"inputs": b["inputs"], "targets": b["targets"], "loss_mask": b["loss_mask"],
-            "segment_ids": b["inputs_segment_ids"], "positions": b["inputs_positions"]}
+    out = {k: b[k] for k in ("inputs", "targets", "loss_mask", SOURCE_KEY, *PAIR_KEYS) if k in b}
+    return {**out, "segment_ids": b["inputs_segment_ids"], "positions": b["inputs_positions"]}
+
+
+def pair_layout(batch: dict) -> dict:
+    """Rows of packed preference pairs (segment ``k`` = pair ``k``, with ``pair_side`` and
+    ``pair_positions``) as segment ids ``2k - 1`` (chosen) / ``2k`` (rejected) and
+    positions restarting in each side (module docstring); the pair keys are dropped."""
+    seg, side = batch["segment_ids"], batch["pair_side"]
+    out = {k: v for k, v in batch.items() if k not in PAIR_KEYS}
+    out["segment_ids"] = np.where(seg > 0, 2 * seg - (side == 1), 0).astype(np.int32)
+    out["positions"] = np.where(seg > 0, batch["pair_positions"], 0).astype(np.int32)
+    return out
 
 
 class _Pieces:
@@ -125,17 +143,28 @@ class _Pieces:
         return split_into_pieces(example, self.seq_len)
 
 
+class _SourceIds:
+    """Tag every position of an example with its mixture source index (``source_ids``)."""
+
+    def __init__(self, index):
+        self.index = index
+
+    def __call__(self, example):
+        return {**example, SOURCE_KEY: np.full(len(example["inputs"]), self.index, np.int32)}
+
+
 class _Finalize:
     """Fix dtypes and pad a short (final, eval) batch to ``rows`` with padding rows."""
 
-    def __init__(self, rows, packed):
-        self.rows, self.packed = rows, packed
+    def __init__(self, rows, packed, pairs=False):
+        self.rows, self.packed, self.pairs = rows, packed, pairs
 
     def __call__(self, batch):
         batch = _from_packed(batch) if self.packed else batch
+        batch = pair_layout(batch) if self.pairs else batch
         dtypes = {"loss_mask": np.float32}
         out = {}
-        for k in BATCH_KEYS:
+        for k in BATCH_KEYS + ((SOURCE_KEY,) if SOURCE_KEY in batch else ()):
             v = np.asarray(batch[k], dtypes.get(k, np.int32))
             if v.shape[0] < self.rows:
                 v = np.pad(v, ((0, self.rows - v.shape[0]), (0, 0)))
@@ -223,6 +252,8 @@ def build_iterator(config, *, split: str = "train", process_index: int = 0,
                               data.truncation, problems, data.end_of_turn, pass_length, name)
         formatters.append(formatter)
         stream = share.map(formatter).filter(lambda x: x is not None)
+        if data.balance == "sources":
+            stream = stream.map(_SourceIds(i))
         # one reader thread and a small read-ahead: formatting stays in step with use
         read = grain.ReadOptions(num_threads=1, prefetch_buffer_size=2 * rows)
         stream = stream.to_iter_dataset(read)
@@ -234,15 +265,18 @@ def build_iterator(config, *, split: str = "train", process_index: int = 0,
         streams.append(stream)
         weights.append(source.weight)
     stream = streams[0] if len(streams) == 1 else grain.IterDataset.mix(streams, weights)
+    pairs = data.is_preference
     if data.packing:
         packer = (grain_experimental.FirstFitPackIterDataset if data.packing_method == "first_fit"
                   else grain_experimental.BestFitPackIterDataset)
-        length = {"inputs": train.seq_len, "targets": train.seq_len, "loss_mask": train.seq_len}
+        keys = ("inputs", "targets", "loss_mask") + (PAIR_KEYS if pairs else ()) + (
+            (SOURCE_KEY,) if data.balance == "sources" else ())
+        length = {k: train.seq_len for k in keys}
         stream = packer(stream, length_struct=length, num_packing_bins=data.packing_bins,
                         seed=data.seed, shuffle_bins=is_train)
     else:
         stream = stream.map(lambda ex: _pad_example(ex, train.seq_len))
-    stream = stream.batch(rows, drop_remainder=is_train).map(_Finalize(rows, data.packing))
+    stream = stream.batch(rows, drop_remainder=is_train).map(_Finalize(rows, data.packing, pairs))
     if data.worker_count:
         from absl import flags
 

@@ -9,6 +9,11 @@ A canonical record is ``{"messages": [{"role", "content"}...], "text": str,
   (``human``/``user``, ``gpt``/``assistant``/``model``, ``system``).
 - ``messages``: JSONL (or JSON array) of ``{"messages": [{"role", "content"}...]}``.
 - ``text``: ``.jsonl`` files of ``{"text"}``; any other file is one document.
+- ``preference``: JSON array or JSONL of ``{"prompt" | "messages", "chosen", "rejected",
+  "system"?}``: the prompt is a string (one user turn) or a list of ``{"role", "content"}``
+  turns; ``chosen`` / ``rejected`` are strings (one assistant turn) or lists of turns
+  with at least one assistant turn. The record keeps the prompt in ``messages`` and the
+  two continuations in ``chosen`` / ``rejected``.
 
 Besides JSON, records (the same fields, one per row) come from Parquet files
 (``.parquet``), Arrow files (``.arrow``) and Hugging Face ``datasets`` folders written
@@ -48,6 +53,7 @@ FIXES = {
     "malformed_source": "exclude the module (data.stdlib_modules)",
     "template_error": "make the conversation match what the chat template accepts",
     "unreadable_table": "rewrite the file (pandas.DataFrame.to_parquet, Dataset.save_to_disk)",
+    "identical_pair": "give a rejected response that differs from the chosen one",
 }
 TABLE_SUFFIXES = (".parquet", ".arrow")
 
@@ -288,6 +294,50 @@ def _table_rows(path: pathlib.Path, problems: Problems, counts: collections.Coun
     except (pa.ArrowException, OSError) as e:
         counts["read"] += 1
         problems.report("unreadable_table", f"{path}", str(e).splitlines()[0])
+def _response(obj, key, where, problems):
+    """``chosen`` / ``rejected`` of a preference record as a list of turns, or None."""
+    value = obj.get(key)
+    if isinstance(value, str):
+        turns = [{"role": "assistant", "content": value}]
+    elif isinstance(value, list):
+        turns = _turns(obj, key, "role", "content", {r: r for r in ROLES}, where, problems)
+        if turns is None:
+            return None
+    else:
+        problems.report("missing_field", where,
+                        f"field {key!r} must be a string or a list of turns")
+        return None
+    if not any(t["role"] == "assistant" for t in turns):
+        problems.report("no_assistant_turn", where, f"{key!r} has no assistant turn")
+        return None
+    if not any(t["content"].strip() for t in turns if t["role"] == "assistant"):
+        problems.report("empty", where, f"{key!r} is empty")
+        return None
+    return turns
+
+
+def _preference(obj, where, problems):
+    """A preference record's ``(prompt turns, chosen turns, rejected turns)``, or None."""
+    if not isinstance(obj, dict):
+        problems.report("missing_field", where, "a preference record must be a JSON object")
+        return None
+    if "messages" in obj:
+        prompt = _messages(obj, where, problems)
+    else:
+        text = _string_field(obj, "prompt", where, problems)
+        prompt = None if text is None else [{"role": "user", "content": text}]
+    system = None if prompt is None else _string_field(obj, "system", where, problems, False)
+    if system is None:
+        return None
+    prompt = ([{"role": "system", "content": system}] if system else []) + prompt
+    chosen = _response(obj, "chosen", where, problems)
+    rejected = None if chosen is None else _response(obj, "rejected", where, problems)
+    if rejected is None:
+        return None
+    if chosen == rejected:
+        problems.report("identical_pair", where, "chosen and rejected are the same")
+        return None
+    return prompt, chosen, rejected
 
 
 def read_records(format: str, files, problems: Problems, counts: collections.Counter):
@@ -319,6 +369,12 @@ def read_records(format: str, files, problems: Problems, counts: collections.Cou
                     problems.report("empty", where, "empty text")
                 elif text is not None:
                     yield {"messages": [], "text": text, "source": where}
+                continue
+            if format == "preference":
+                pair = _preference(obj, where, problems)
+                if pair is not None:
+                    yield {"messages": pair[0], "text": "", "source": where,
+                           "chosen": pair[1], "rejected": pair[2]}
                 continue
             messages = CHAT_PARSERS[format](obj, where, problems)
             if messages is None:

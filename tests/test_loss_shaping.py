@@ -1,0 +1,122 @@
+"""SFT loss shaping: Masked Thought (response inputs masked in training steps only,
+prompts never, the masked fraction ~ p) and the task-balanced loss over a mixture (one
+source = today's loss bit for bit)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cadenza.config import load_config
+from cadenza.train.loss_shaping import balance_sources, mask_responses, response_inputs
+from cadenza.train.mesh import batch_sharding, make_mesh, replicated
+from cadenza.train.optim import make_optimizer, make_schedule
+from cadenza.train.state import init_state, state_shardings
+from cadenza.train.step import make_train_step, token_losses
+from cadenza.train.task import full_model_task
+
+
+def chat_batch(rows=8, t=128, seed=0):
+    """Rows of packed chat-like segments: a prompt (untrained) then a response (trained)."""
+    rng = np.random.default_rng(seed)
+    seg, mask, pos = (np.zeros((rows, t), np.int32) for _ in range(3))
+    for r in range(rows):
+        start, s = 0, 1
+        while start < t - 8:
+            prompt, reply = rng.integers(2, 12), rng.integers(2, 20)
+            end = min(start + prompt + reply, t)
+            seg[r, start:end], pos[r, start:end] = s, np.arange(end - start)
+            mask[r, start + prompt - 1:end] = 1     # targets from the last prompt token on
+            start, s = end, s + 1
+    mask = mask.astype(np.float32)
+    return {"inputs": jnp.asarray(rng.integers(3, 500, (rows, t)), jnp.int32),
+            "targets": jnp.asarray(rng.integers(3, 500, (rows, t)), jnp.int32),
+            "loss_mask": jnp.asarray(mask), "segment_ids": jnp.asarray(seg),
+            "positions": jnp.asarray(pos)}
+
+
+def test_masked_thought_masks_about_p_of_the_responses_and_no_prompt():
+    batch = chat_batch()
+    assert mask_responses(batch, jax.random.key(0), 0.0, 0) is batch      # p = 0: untouched
+    response = np.asarray(response_inputs(batch["loss_mask"], batch["segment_ids"]))
+    # an input is a response token iff it is the target of a trained position before it
+    expected = np.zeros_like(response)
+    expected[:, 1:] = ((np.asarray(batch["loss_mask"])[:, :-1] > 0)
+                       & (np.asarray(batch["segment_ids"])[:, 1:]
+                          == np.asarray(batch["segment_ids"])[:, :-1]))
+    np.testing.assert_array_equal(response, expected & (np.asarray(batch["segment_ids"]) > 0))
+    p, n = 0.2, int(response.sum())
+    out = mask_responses(batch, jax.random.key(1), p, 0)
+    changed = np.asarray(out["inputs"] != batch["inputs"])
+    assert not (changed & ~response).any()                  # prompts never masked
+    assert (np.asarray(out["inputs"])[changed] == 0).all()
+    for k in ("targets", "loss_mask", "segment_ids", "positions"):
+        assert out[k] is batch[k]
+    sd = np.sqrt(n * p * (1 - p))          # binomial: 4.5 sd either side (about 1 in 10^5)
+    assert abs(changed.sum() - n * p) < 4.5 * sd, (changed.sum(), n)
+
+
+def test_balanced_loss_is_the_mean_of_the_sources_token_means():
+    batch = chat_batch(rows=4, t=64, seed=1)
+    ce = jax.random.uniform(jax.random.key(2), batch["loss_mask"].shape)
+    one = balance_sources({**batch, "source_ids": jnp.zeros_like(batch["segment_ids"])}, 1)
+    np.testing.assert_array_equal(one["loss_mask"], batch["loss_mask"])   # bit for bit
+    assert "source_ids" not in one
+    src = jnp.asarray(np.random.default_rng(3).integers(0, 3, batch["segment_ids"].shape))
+    src = jnp.where(src == 2, 3, src)                  # source 2 absent, 3 of 4 present
+    mask = batch["loss_mask"]
+    three = balance_sources({**batch, "source_ids": src}, 4)
+    means = [float((ce * mask * (src == s)).sum() / (mask * (src == s)).sum()) for s in (0, 1, 3)]
+    np.testing.assert_allclose(float((ce * three["loss_mask"]).sum() / three["loss_mask"].sum()),
+                               np.mean(means), rtol=1e-5)
+    np.testing.assert_allclose(three["loss_mask"].sum(), mask.sum(), rtol=1e-6)
+
+
+def test_train_step_applies_the_shaping():
+    config = load_config(None, ["train.batch_size=4", "train.seq_len=64", "mesh.data=1"],
+                         preset="tiny")
+    mesh = make_mesh(config.mesh, jax.devices()[:1])
+    rules = config.mesh.rules()
+    task, opt = full_model_task(config.model), make_optimizer(config.train)
+    shardings = state_shardings(task, opt, mesh, rules)
+    rows = batch_sharding(mesh, rules)
+    batch = chat_batch(rows=4, t=64, seed=4)
+    src = jnp.asarray(np.arange(64)[None, :].repeat(4, 0) % 2, jnp.int32)
+    params = init_state(task, opt, 0, mesh, rules, shardings).params
+    logits = jax.jit(lambda p, b: task.apply(p, {}, b, None))(params, batch)
+    ce = [token_losses(logits, batch["targets"], batch["loss_mask"] * (src == s))
+          for s in (0, 1)]
+    balanced = np.mean([float(c / n) for _, c, n in ce])
+    plain = float(ce[0][1] + ce[1][1]) / float(ce[0][2] + ce[1][2])
+    losses = {}
+    for name, prob, b in (("balanced", 0.0, {**batch, "source_ids": src}),
+                          ("masked", 0.5, batch)):
+        step = make_train_step(task, opt, make_schedule(config.train), microbatches=2,
+                               z_loss=0.0, rules=rules, state_shardings=shardings,
+                               frozen_shardings={}, batch_sharding=rows,
+                               metric_sharding=replicated(mesh), response_mask_prob=prob,
+                               response_mask_id=0, num_sources=2)
+        with jax.set_mesh(mesh):
+            state = init_state(task, opt, 0, mesh, rules, shardings)
+            losses[name] = float(step(state, {}, b)[1]["loss"])
+    np.testing.assert_allclose(losses["balanced"], balanced, rtol=1e-5)
+    assert abs(balanced - plain) > 1e-4
+    assert abs(losses["masked"] - plain) > 1e-3     # masked inputs change the loss
+
+
+def test_pipeline_tags_each_position_with_its_source(tmp_path, pref_files):
+    from cadenza.train.data import build_iterator
+
+    for name, word in (("a", "alpha"), ("b", "beta gamma")):
+        (tmp_path / f"{name}.jsonl").write_text("".join(f'{{"text": "{word} {i}"}}\n'
+                                                        for i in range(20)))
+    mixture = (f"data.mixture=[{{format: text, path: {tmp_path / 'a.jsonl'}, weight: 0.5}}, "
+               f"{{format: text, path: {tmp_path / 'b.jsonl'}, weight: 0.5}}]")
+    config = load_config(None, [mixture, "data.balance=sources", f"data.data_dir={tmp_path}",
+                                f"data.tokenizer={pref_files / 'tok'}", "train.seq_len=32",
+                                "train.batch_size=4"], preset="tiny")
+    b = next(build_iterator(config))
+    src, seg = b["source_ids"], b["segment_ids"]
+    assert set(np.unique(src[seg > 0])) == {0, 1}
+    for row in range(4):       # one source per packed example
+        for s in np.unique(seg[row][seg[row] > 0]):
+            assert len(np.unique(src[row][seg[row] == s])) == 1
