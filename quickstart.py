@@ -184,8 +184,8 @@ def _speculative_draft_model(ctx: Context) -> MethodRun:
 
 
 def _speculative_ngram(ctx: Context) -> MethodRun:
-    _require("cadenza.decode.ngram_draft")
-    from cadenza.decode.ngram_draft import PromptLookup
+    _require("cadenza.decode.prompt_lookup")
+    from cadenza.decode.prompt_lookup import PromptLookup
 
     drafter = PromptLookup(gamma=4, max_ngram=3)
     return _speculative(ctx, drafter, None,
@@ -193,7 +193,7 @@ def _speculative_ngram(ctx: Context) -> MethodRun:
 
 
 def _superposed(ctx: Context) -> MethodRun:
-    from cadenza.decode.ngram import load_ngram_table
+    from cadenza.decode.ngram_table import load_ngram_table
     from cadenza.decode.superposed import SuperposedConfig, superposed_generate
 
     table = load_ngram_table(ctx.extras["ngram_dir"]).to_device()
@@ -332,7 +332,7 @@ def run_quickstart(out_dir="runs/quickstart", fast: bool = False, large: bool = 
     """
     from tqdm import tqdm
 
-    from cadenza.decode.ngram import build_from_files, tokenizer_fingerprint
+    from cadenza.decode.ngram_table import build_from_files, tokenizer_fingerprint
     from cadenza.models import Transformer, load_model
     from cadenza.train import fit
     from cadenza.train.data import build_iterator, stdlib

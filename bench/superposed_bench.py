@@ -34,7 +34,7 @@ import numpy as np
 import optax
 
 from cadenza.config import load_config
-from cadenza.decode import ngram
+from cadenza.decode import ngram_table
 from cadenza.decode import superposed as sp
 from cadenza.models import KVCache, Transformer, init_params
 from cadenza.provenance import provenance, results_dir
@@ -46,7 +46,7 @@ PROMPT_LEN = 15
 
 
 def _ids(path: pathlib.Path) -> np.ndarray:
-    return np.frombuffer(path.read_bytes(), np.uint8).astype(np.int32) + ngram.BYTE_OFFSET
+    return np.frombuffer(path.read_bytes(), np.uint8).astype(np.int32) + ngram_table.BYTE_OFFSET
 
 
 def train(cfg, files, steps: int, seed: int = 0):
@@ -161,8 +161,8 @@ def main():
     params, loss = train(cfg, train_files, args.steps)
     train_s = time.perf_counter() - t0
     table_dir = tempfile.mkdtemp(prefix="superposed_ngram_")
-    manifest = ngram.build_from_files([str(f) for f in train_files], table_dir, max_order=6)
-    table = ngram.load_ngram_table(table_dir)
+    manifest = ngram_table.build_from_files([str(f) for f in train_files], table_dir, max_order=6)
+    table = ngram_table.load_ngram_table(table_dir)
     fourgrams = set()
     for f in train_files:
         ids = [1] + _ids(f).tolist() + [2]

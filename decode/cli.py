@@ -217,8 +217,8 @@ def _generate(args) -> int:
 
 
 def _speculative(model, params, prompts, config, tokenizer, args):
-    from cadenza.decode.adaptive import load_accept_head
     from cadenza.decode.medusa import load_medusa_heads
+    from cadenza.decode.specdec_head import load_accept_head
     from cadenza.decode.speculative import (
         check_draft_vocab,
         drafter_from_config,

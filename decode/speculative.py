@@ -37,9 +37,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from cadenza.decode import loop, sampling
-from cadenza.decode.adaptive import StopRule
 from cadenza.decode.config import DecodeConfig, SamplingSpec
-from cadenza.decode.ngram_draft import PromptLookup
+from cadenza.decode.prompt_lookup import PromptLookup
+from cadenza.decode.specdec_head import StopRule
 from cadenza.decode.verify import exact_accept, greedy_accept, verify
 from cadenza.errors import CadenzaError
 from cadenza.models.cache import KVCache
@@ -227,7 +227,7 @@ def speculative_generate(target: Transformer, params, prompts, config: DecodeCon
       target, params: the target model and its params.
       prompts, config, tokenizer, seeds, mesh, rules: as :func:`cadenza.decode.generate`.
       drafter: a :class:`DraftModel` (``draft_params`` = (draft params, head params
-        or None)), :class:`cadenza.decode.ngram_draft.PromptLookup`, ...
+        or None)), :class:`cadenza.decode.prompt_lookup.PromptLookup`, ...
       cost_ratio: c = time of one draft forward / one target forward, for the
         predicted speedup (default: the drafter's estimate, e.g. the parameter ratio).
 
@@ -312,7 +312,7 @@ class DraftModel:
     """Drafter: a small model with its own KV cache proposing ``gamma`` tokens per round.
 
     ``config``: the draft's ModelConfig. ``stop``: None for a fixed length, else
-    an :class:`cadenza.decode.adaptive.StopRule` (SpecDec++ head or confidence
+    an :class:`cadenza.decode.specdec_head.StopRule` (SpecDec++ head or confidence
     rule) that ends a row's draft early (``gamma`` is then the maximum).
 
     Cache bookkeeping: each round the draft re-feeds ``[prev, pending]`` at

@@ -5,7 +5,7 @@ the authors' reference code):
 
 1. ``probs = softmax(logits / temperature)``; keep the top C and renormalise.
 2. ``g[d, c] = sum_j lambda_j * P_j(c | last j tokens of draft d)`` from the
-   n-gram table (:mod:`cadenza.decode.ngram`), only for j <= absolute position.
+   n-gram table (:mod:`cadenza.decode.ngram_table`), only for j <= absolute position.
 3. ``s = (1 - alpha) * log p + alpha * log g``; a candidate with ``g = 0`` (or
    ``p = 0``) scores -inf; a draft whose row is all -inf falls back to
    ``(1 - alpha) * log p - penalty``. ``alpha = 0`` means "n-gram off": ``s = log p``.
@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cadenza.decode.ngram import DeviceNgramTable, NgramTable, ngram_probs
+from cadenza.decode.ngram_table import DeviceNgramTable, NgramTable, ngram_probs
 from cadenza.errors import CadenzaError
 from cadenza.models.cache import KVCache
 from cadenza.models.transformer import Transformer

@@ -13,7 +13,7 @@ from cadenza.errors import CadenzaError
 
 def check_table_tokenizer(table, tokenizer) -> None:
     """Fail unless the n-gram table was built with ``tokenizer`` (or both are byte-level)."""
-    from cadenza.decode.ngram import tokenizer_fingerprint
+    from cadenza.decode.ngram_table import tokenizer_fingerprint
 
     made_with = table.manifest.get("tokenizer") or {}
     if tokenizer is None:
@@ -33,7 +33,7 @@ def check_table_tokenizer(table, tokenizer) -> None:
 
 def run_superposed(args, config, params, prompts, tokenizer) -> int:
     """Decode ``prompts`` (token-id lists) with Superposed Decoding and print the k drafts."""
-    from cadenza.decode.ngram import load_ngram_table
+    from cadenza.decode.ngram_table import load_ngram_table
     from cadenza.decode.superposed import SuperposedConfig, superposed_generate
     from cadenza.models import Transformer
 

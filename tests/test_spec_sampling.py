@@ -9,7 +9,7 @@ import numpy as np
 from scipy import stats
 
 from cadenza.decode import DecodeConfig, sampling
-from cadenza.decode.ngram_draft import PromptLookup
+from cadenza.decode.prompt_lookup import PromptLookup
 from cadenza.decode.speculative import DraftModel, speculative_generate
 from cadenza.models import Transformer, init_params
 

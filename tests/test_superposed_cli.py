@@ -7,7 +7,7 @@ import pytest
 
 from cadenza.cli import main
 from cadenza.config import load_config
-from cadenza.decode.ngram import build_from_files
+from cadenza.decode.ngram_table import build_from_files
 from cadenza.models import init_params, save_model
 
 

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cadenza.decode import ngram
+from cadenza.decode import ngram_table
 from cadenza.decode import superposed as sp
 from cadenza.models import KVCache, Transformer, init_params
 
@@ -131,8 +131,8 @@ def markov_table(tmp_path_factory):
             doc.append(int(succ[doc[-1], rng.integers(0, 4)]))
         docs.append(doc)
     out = tmp_path_factory.mktemp("markov")
-    ngram.build_ngram_table(docs, out, vocab_size=V, max_order=6)
-    return ngram.load_ngram_table(out).to_device(), brute_counts(docs, 6), succ
+    ngram_table.build_ngram_table(docs, out, vocab_size=V, max_order=6)
+    return ngram_table.load_ngram_table(out).to_device(), brute_counts(docs, 6), succ
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.06])
@@ -218,8 +218,8 @@ def test_weights_sum_to_one_and_mix_embeddings():
 
 
 def test_empty_table_hits_penalty(tmp_path):
-    ngram.build_ngram_table([], tmp_path, vocab_size=V, max_order=6)
-    table = ngram.load_ngram_table(tmp_path).to_device()
+    ngram_table.build_ngram_table([], tmp_path, vocab_size=V, max_order=6)
+    table = ngram_table.load_ngram_table(tmp_path).to_device()
     cfg = sp.SuperposedConfig(temperature=1.0)
     logits = jax.random.normal(jax.random.key(2), (2, V))
     state = sp.init_state(jnp.ones((2, 6), jnp.int32) * 3, jnp.full((2,), 6), cfg)
@@ -352,8 +352,8 @@ def test_drafts_are_distinct_valid_and_scored_as_described(tiny_config, tmp_path
     rng = np.random.default_rng(0)
     docs = [rng.integers(3, cfg.vocab_size, 3000) for _ in range(8)]
     docs += [p + [int(t)] for p, row in zip(prompts, top0) for t in row]
-    ngram.build_ngram_table(docs, tmp_path, vocab_size=cfg.vocab_size, max_order=6)
-    table = ngram.load_ngram_table(tmp_path).to_device()
+    ngram_table.build_ngram_table(docs, tmp_path, vocab_size=cfg.vocab_size, max_order=6)
+    table = ngram_table.load_ngram_table(tmp_path).to_device()
     counts = brute_counts(docs, 6)
 
     @jax.jit
