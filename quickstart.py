@@ -140,36 +140,33 @@ def _timed(fn: Callable[[], object], repeats: int = 2) -> tuple[object, float]:
 
 # --- decoding methods ------------------------------------------------------------------------
 
-def _greedy(ctx: Context) -> MethodRun:
+def _run_method(ctx: Context, name: str, fields: dict, resources: dict, notes: str,
+                greedy_equivalent: bool) -> MethodRun:
+    """Run the registry's method ``name`` (config ``fields`` as in ``with_fields``, in-memory
+    ``resources``) on every prompt, one prompt per call."""
     from cadenza.decode import DecodeConfig, generate
+    from cadenza.decode.config import with_fields
+    from cadenza.decode.registry import entry
 
-    cfg = DecodeConfig(method="greedy", max_new_tokens=ctx.new_tokens)
-
-    def run():
-        return [generate(ctx.target, ctx.target_params, [p], cfg) for p in ctx.prompts]
-
-    results, seconds = _timed(run)
-    ids = [r.token_ids[0] for r in results]
-    return MethodRun(ids, seconds, 1.0, greedy_equivalent=True,
-                     notes="one target forward per token (KV cache, jitted while_loop)")
-
-
-def _speculative(ctx: Context, drafter, draft_params, notes: str) -> MethodRun:
-    from cadenza.decode import DecodeConfig
-    from cadenza.decode.speculative import speculative_generate
-
-    cfg = DecodeConfig(method="greedy", max_new_tokens=ctx.new_tokens)
+    entry(name)
+    cfg = with_fields(DecodeConfig(method=name, max_new_tokens=ctx.new_tokens), **fields)
 
     def run():
-        return [speculative_generate(ctx.target, ctx.target_params, [p], cfg, drafter=drafter,
-                                     draft_params=draft_params) for p in ctx.prompts]
+        return [generate(ctx.target, ctx.target_params, [p], cfg, **resources)
+                for p in ctx.prompts]
 
     results, seconds = _timed(run)
-    decoded = sum(len(r.token_ids[0]) - 1 for r in results)
-    forwards = sum(r.stats["target_forwards"] for r in results)
-    return MethodRun([r.token_ids[0] for r in results], seconds,
-                     decoded / forwards if forwards else None, greedy_equivalent=True,
-                     notes=notes)
+    per_forward = 1.0 if name == "greedy" else None
+    forwards = sum(r.stats.get("target_forwards", 0) for r in results)
+    if forwards:
+        per_forward = sum(len(r.token_ids[0]) - 1 for r in results) / forwards
+    return MethodRun([r.token_ids[0] for r in results], seconds, per_forward,
+                     greedy_equivalent=greedy_equivalent, notes=notes)
+
+
+def _greedy(ctx: Context) -> MethodRun:
+    return _run_method(ctx, "greedy", {}, {}, "one target forward per token (KV cache, jitted "
+                       "while_loop)", greedy_equivalent=True)
 
 
 def _speculative_draft_model(ctx: Context) -> MethodRun:
@@ -177,36 +174,27 @@ def _speculative_draft_model(ctx: Context) -> MethodRun:
     from cadenza.decode.speculative import DraftModel
 
     gamma = 4
-    return _speculative(ctx, DraftModel(ctx.draft.config, gamma=gamma),
-                        (ctx.draft_params, None),
-                        f"draft model ({ctx.draft.config.num_params() / 1e6:.2f}M params), "
-                        f"gamma={gamma}, greedy acceptance")
+    return _run_method(ctx, "speculative", {"speculative__gamma": gamma},
+                       {"drafter": DraftModel(ctx.draft.config, gamma=gamma),
+                        "draft_params": (ctx.draft_params, None)},
+                       f"draft model ({ctx.draft.config.num_params() / 1e6:.2f}M params), "
+                       f"gamma={gamma}, greedy acceptance", greedy_equivalent=True)
 
 
 def _speculative_ngram(ctx: Context) -> MethodRun:
     _require("cadenza.decode.prompt_lookup")
-    from cadenza.decode.prompt_lookup import PromptLookup
-
-    drafter = PromptLookup(gamma=4, max_ngram=3)
-    return _speculative(ctx, drafter, None,
-                        "prompt-lookup n-gram drafts (no draft model), gamma=4")
+    return _run_method(ctx, "ngram", {"speculative__gamma": 4, "speculative__ngram_max": 3}, {},
+                       "prompt-lookup n-gram drafts (no draft model), gamma=4",
+                       greedy_equivalent=True)
 
 
 def _superposed(ctx: Context) -> MethodRun:
     from cadenza.decode.ngram_table import load_ngram_table
-    from cadenza.decode.superposed import SuperposedConfig, superposed_generate
 
     table = load_ngram_table(ctx.extras["ngram_dir"]).to_device()
-    cfg = SuperposedConfig(num_drafts=3, max_new_tokens=ctx.new_tokens)
-
-    def run():
-        return [superposed_generate(ctx.target, ctx.target_params, [p], table, cfg)
-                for p in ctx.prompts]
-
-    outs, seconds = _timed(run)
-    ids = [[int(t) for t in o.tokens[0, 0, :o.lengths[0, 0]]] for o in outs]
-    return MethodRun(ids, seconds, None, greedy_equivalent=False,
-                     notes="k=3 drafts from one stream; tokens/s counts the best draft")
+    return _run_method(ctx, "superposed", {"superposed__num_drafts": 3}, {"table": table},
+                       "k=3 drafts from one stream; tokens/s counts the best draft",
+                       greedy_equivalent=False)
 
 
 def _lud(ctx: Context) -> MethodRun:
@@ -215,7 +203,8 @@ def _lud(ctx: Context) -> MethodRun:
                       "which this quickstart does not include yet")
 
 
-# (name, function). A method whose library is missing raises Unavailable.
+# (label, function), one per registered method the quickstart runs (names checked against
+# cadenza.decode.registry). A method whose library is missing raises Unavailable.
 DECODE_METHODS: list[tuple[str, Callable[[Context], MethodRun]]] = [
     ("greedy", _greedy),
     ("speculative (draft model)", _speculative_draft_model),

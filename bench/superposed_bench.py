@@ -34,8 +34,8 @@ import numpy as np
 import optax
 
 from cadenza.config import load_config
-from cadenza.decode import ngram_table
-from cadenza.decode import superposed as sp
+from cadenza.decode import DecodeConfig, generate, ngram_table
+from cadenza.decode.config import SuperposedConfig
 from cadenza.models import KVCache, Transformer, init_params
 from cadenza.provenance import provenance, results_dir
 
@@ -173,21 +173,22 @@ def main():
     starts = rng.integers(0, len(held) - PROMPT_LEN, size=args.prompts)
     prompts = np.stack([held[s:s + PROMPT_LEN] for s in starts]).astype(np.int32)
     b, n, k = args.prompts, args.new_tokens, 3
-    config = sp.SuperposedConfig(num_drafts=k, max_new_tokens=n)
+    config = DecodeConfig(method="superposed", max_new_tokens=n,
+                          superposed=SuperposedConfig(num_drafts=k))
     device_table = table.to_device()
-    lens = jnp.full((b,), PROMPT_LEN, jnp.int32)
     p_dev = jnp.asarray(prompts)
     nucleus = nucleus_fn(model, n, top_p=0.9, temperature=1.0)
     keys = [jax.random.key(i) for i in range(3)]
 
-    sup_s, (sup_out, _) = timed(lambda: sp.superposed_decode(
-        model, params, p_dev, lens, device_table, config, cfg.eos_token_id), args.reps)
+    sup_s, sup_res = timed(lambda: generate(model, params, prompts.tolist(), config,
+                                            table=device_table), args.reps)
     seq_s, nuc_seq = timed(lambda: [nucleus(params, p_dev, key) for key in keys], args.reps)
     rep = jnp.repeat(p_dev, k, axis=0)
     bat_s, nuc_bat = timed(lambda: nucleus(params, rep, keys[0]), args.reps)
 
     ppl = perplexity_fn(model)
-    sup_tokens, sup_lengths = np.asarray(sup_out[0]), np.asarray(sup_out[1])
+    sup_tokens = np.asarray(sup_res.extras["tokens"])
+    sup_lengths = np.asarray(sup_res.extras["lengths"])
     flat_prompts = np.repeat(prompts, k, axis=0)
     sup_ppl = np.asarray(ppl(params, jnp.asarray(flat_prompts),
                              jnp.asarray(sup_tokens.reshape(b * k, n)),

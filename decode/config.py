@@ -223,12 +223,6 @@ class DecodeConfig:
                     "remove it or give at least one character")
         for i, t in enumerate(self.stop_token_ids):
             check_range(s, f"stop_token_ids[{i}]", t, low=0)
-        require(self.method != "speculative" or bool(self.speculative.draft),
-                "decode.speculative.draft", "method speculative needs a draft model directory",
-                "set decode.speculative.draft (--draft)")
-        require(self.method != "medusa" or bool(self.medusa.heads), "decode.medusa.heads",
-                "method medusa needs a trained Medusa head directory",
-                "set decode.medusa.heads (--heads)")
         require(self.speculative.adaptive == "none" or self.method == "speculative",
                 "decode.speculative.adaptive", "an adaptive draft length needs a draft model",
                 "set decode.method=speculative, or adaptive=none")

@@ -12,10 +12,11 @@ from collections.abc import Callable, Iterator
 
 from cadenza.decode.config import DecodeConfig
 from cadenza.errors import CadenzaError
+from cadenza.validation import require
 
 # flags every method takes (cadenza generate)
 SHARED_FLAGS = ("--max-new-tokens", "--seed", "--stop", "--stop-token-id", "--ignore-eos",
-                "--max-len", "--json", "--chat")
+                "--max-len", "--json", "--chat", "--adapter")
 SAMPLING_FLAGS = ("--temperature", "--top-k", "--top-p", "--min-p")
 
 
@@ -76,11 +77,18 @@ def _load_drafter(forward, config):
     if config.method == "medusa":
         from cadenza.decode.medusa import load_medusa_heads
 
+        require(bool(config.medusa.heads), "decode.medusa.heads",
+                "method medusa needs a trained Medusa head directory",
+                "set decode.medusa.heads (--heads)")
+
         return load_medusa_heads(config.medusa.heads, forward.config)
     from cadenza.decode.specdec_head import StopRule, load_accept_head
     from cadenza.decode.speculative import DraftModel, check_draft_vocab
     from cadenza.models import load_model
 
+    require(bool(s.draft), "decode.speculative.draft",
+            "method speculative needs a draft model directory",
+            "set decode.speculative.draft (--draft)")
     dcfg, dparams = load_model(s.draft)
     check_draft_vocab(forward.config, dcfg.model)
     head, blocks = None, 3

@@ -33,11 +33,16 @@ from typing import Any
 import flax.struct
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from cadenza.decode.config import SuperposedConfig
 from cadenza.decode.method import Batch, Emitted, Harvest, MethodBase
-from cadenza.decode.ngram_table import DeviceNgramTable, NgramTable, load_ngram_table, ngram_probs
+from cadenza.decode.ngram_table import (
+    DeviceNgramTable,
+    NgramTable,
+    load_ngram_table,
+    ngram_probs,
+    tokenizer_fingerprint,
+)
 from cadenza.decode.plain import first_logits
 from cadenza.errors import CadenzaError
 
@@ -247,11 +252,23 @@ class Superposed(MethodBase):
                                "perplexities": ppl, "finished": fin})
 
     def host_extras(self, extras: dict, tokenizer) -> dict:
-        """Adds ``texts`` [B][k] (up to the first EOS) when there is a tokenizer."""
+        """Adds ``drafts`` [B][k] (dicts: ``token_ids``, ``perplexity``, ``finished`` and,
+        with a tokenizer, ``text`` up to the first EOS) and then ``texts`` [B][k]."""
+        toks, lens = extras["tokens"], extras["lengths"]
+        drafts = []
+        for b in range(toks.shape[0]):
+            row = []
+            for d in range(toks.shape[1]):
+                ids = toks[b, d, :lens[b, d]].tolist()
+                draft = {"token_ids": ids, "perplexity": float(extras["perplexities"][b, d]),
+                         "finished": bool(extras["finished"][b, d])}
+                if tokenizer is not None:
+                    draft["text"] = tokenizer.decode(_until_eos(ids, self.eos_id))
+                row.append(draft)
+            drafts.append(row)
+        extras["drafts"] = drafts
         if tokenizer is not None:
-            toks, lens = extras["tokens"], extras["lengths"]
-            extras["texts"] = [[tokenizer.decode(_until_eos(toks[b, d, :lens[b, d]], self.eos_id))
-                                for d in range(toks.shape[1])] for b in range(toks.shape[0])]
+            extras["texts"] = [[d["text"] for d in row] for row in drafts]
         return extras
 
 
@@ -269,6 +286,7 @@ def superposed_method(forward, params, config, table=None, tokenizer=None):
     if sc.alpha > 0:
         if table is None and sc.table:
             table = load_ngram_table(sc.table)
+            check_table_tokenizer(table, tokenizer)
         if table is None:
             raise CadenzaError("alpha > 0 needs an n-gram table", where="decode.superposed.table",
                                fix="build one with `cadenza ngram build` (--ngram) or set alpha=0")
@@ -286,6 +304,24 @@ def superposed_method(forward, params, config, table=None, tokenizer=None):
     return Superposed(forward=forward, config=sc, eos_id=eos), (params, device_table)
 
 
-def _until_eos(ids: np.ndarray, eos_id: int | None) -> list[int]:
+def check_table_tokenizer(table, tokenizer) -> None:
+    """Fail unless the n-gram table was built with ``tokenizer`` (or both are byte-level)."""
+    made_with = table.manifest.get("tokenizer") or {}
+    if tokenizer is None:
+        if made_with.get("kind") != "byte-level":
+            raise CadenzaError("the n-gram table was built with a tokenizer, but the model "
+                               "has none", where="decode.superposed.table (--ngram)",
+                               fix="build the table with --byte-level, or use a model with a "
+                                   "tokenizer/ folder")
+        return
+    expected = tokenizer_fingerprint(tokenizer.directory)
+    if made_with.get("sha256") != expected:
+        raise CadenzaError(f"the n-gram table was built with another tokenizer "
+                           f"({made_with or 'unknown'})", where="decode.superposed.table (--ngram)",
+                           fix=f"rebuild it: cadenza ngram build --tokenizer "
+                               f"{tokenizer.directory} ...")
+
+
+def _until_eos(ids, eos_id: int | None) -> list[int]:
     ids = [int(i) for i in ids]
     return ids[:ids.index(eos_id)] if eos_id is not None and eos_id in ids else ids

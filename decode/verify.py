@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cadenza.decode.forward import as_forward
 from cadenza.models.cache import KVCache
 
 
@@ -28,7 +29,7 @@ def verify(forward, params, cache: KVCache, tokens, positions=None, tail_mask=No
     """Score ``tokens`` int32 [B, T] against ``cache`` in one forward.
 
     Args:
-      forward: a forward (:mod:`cadenza.decode.forward`); params: its params.
+      forward: a forward (:mod:`cadenza.decode.forward`) or a Transformer; params: its params.
       positions: int32 [B, T]; default ``cache.lengths[:, None] + arange(T)`` (a chain).
       tail_mask: bool [T, T] or [B, T, T] visibility among the new tokens; default causal.
 
@@ -36,7 +37,8 @@ def verify(forward, params, cache: KVCache, tokens, positions=None, tail_mask=No
     keys/values written at ``[lengths, lengths + T)`` and ``lengths`` unchanged.
     The caller must ensure ``lengths + T <= cache.max_len``.
     """
-    return forward(params, tokens, positions=positions, attention_mask=tail_mask, cache=cache)
+    return as_forward(forward)(params, tokens, positions=positions, attention_mask=tail_mask,
+                               cache=cache)
 
 
 def greedy_accept(drafts, target_logp, draft_len):

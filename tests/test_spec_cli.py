@@ -72,7 +72,7 @@ def test_speculative_cli_equals_plain_greedy(dirs, capsys, method):
 
 @pytest.mark.parametrize("extra, message", [
     (["--method", "speculative"], "needs a draft model directory"),
-    (["--method", "ngram", "--adaptive"], "needs speculative=draft"),
+    (["--method", "ngram", "--adaptive"], "--adaptive does not apply to --method ngram"),
     (["--method", "speculative", "--draft", "OTHER"], "(256 tokens) differs from the target"),
     (["--method", "medusa"], "needs a trained Medusa head directory"),
     (["--method", "medusa", "--heads", "OTHER_HEADS"],
