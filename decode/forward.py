@@ -52,16 +52,26 @@ class ModelForward:
                                                   method=Transformer.embed_tokens)
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)
 class PeftForward:
     """An adapted model: ``peft`` a PeftModel; params are ``(trainable, frozen)``.
 
     The cache starts with the adapter's virtual tokens (prefix K/V, or the
     prefilled soft prompt) so that decoding equals the cache-free forward.
+    Equality and hashing go by the PeftModel's description (its config holds lists).
     """
 
     peft: Any
     rules: tuple | None = None
+
+    def _key(self):
+        return (repr(self.peft), self.rules)
+
+    def __eq__(self, other):
+        return isinstance(other, PeftForward) and self._key() == other._key()
+
+    def __hash__(self):
+        return hash(self._key())
 
     @property
     def config(self):

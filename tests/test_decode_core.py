@@ -61,10 +61,13 @@ def _peft(method):
 
 
 def _cache_free_greedy(pm, trainable, frozen, prompt, n):
-    fn = jax.jit(lambda t, f, x: pm.apply(t, f, x)[0][0, -1])
+    """Greedy by full recomputation without a cache (right-padded to one width: causal
+    attention makes the padding invisible to the position read)."""
+    fn = jax.jit(lambda t, f, x, i: pm.apply(t, f, x)[0][0, i])
     seq = list(prompt)
     for _ in range(n):
-        seq.append(int(jnp.argmax(fn(trainable, frozen, jnp.asarray([seq])))))
+        padded = jnp.asarray([seq + [0] * (len(prompt) + n - len(seq))])
+        seq.append(int(jnp.argmax(fn(trainable, frozen, padded, len(seq) - 1))))
     return seq[len(prompt):]
 
 
@@ -113,7 +116,7 @@ def test_superposed_and_lud_on_a_three_axis_mesh_equal_one_device(small):
         for k in one.extras:
             if k != "drafts":
                 np.testing.assert_allclose(np.asarray(many.extras[k], np.float64),
-                                           np.asarray(one.extras[k], np.float64), rtol=1e-4)
+                                           np.asarray(one.extras[k], np.float64), rtol=1e-3)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -25,10 +25,12 @@ def model(request):
 
 def greedy_reference(cfg, params, prompt, new_tokens, eos_id=None):
     """Greedy decoding by full recomputation (no cache): the test's own reference loop."""
-    forward = jax.jit(lambda p, x: Transformer(cfg).apply({"params": p}, x)[0][0, -1])
+    forward = jax.jit(lambda p, x, i: Transformer(cfg).apply({"params": p}, x)[0][0, i])
     seq = list(prompt)
+    width = len(prompt) + new_tokens       # right padding is invisible to causal attention
     for _ in range(new_tokens):
-        seq.append(int(jnp.argmax(forward(params, jnp.asarray([seq])))))
+        padded = jnp.asarray([seq + [0] * (width - len(seq))])
+        seq.append(int(jnp.argmax(forward(params, padded, len(seq) - 1))))
         if seq[-1] == eos_id:
             break
     return seq[len(prompt):]
