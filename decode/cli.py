@@ -297,6 +297,8 @@ def _print(result, as_json: bool, show_text: bool) -> None:
             for d, draft in enumerate(row.get("drafts", [])[1:], start=1):
                 print(f"--- prompt {i}, draft {d} (perplexity {draft['perplexity']:.2f})")
                 print(draft.get("text", " ".join(map(str, draft["token_ids"]))))
+    for message in result.stats.get("errors", []):
+        print(f"warning: {message}", file=sys.stderr)
     if not as_json:
         s = result.stats
         line = (f"[{s['method']}: prefill {s['prefill_s'] * 1e3:.1f} ms, decode "

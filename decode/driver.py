@@ -51,7 +51,9 @@ class GenerateResult:
     excluded. ``logprobs``: log-probability of each returned token under the
     distribution it was chosen from (after repetition penalty and warpers;
     the method's own score where it has no such distribution).
-    ``finish_reasons``: ``"stop_token"``, ``"stop_string"`` or ``"length"``.
+    ``finish_reasons``: ``"stop_token"``, ``"stop_string"``, ``"length"`` or
+    ``"error"`` (the model produced NaN or infinite logits; the row stopped before
+    that token, and ``stats["errors"]`` says which rows and where).
     ``stats``: ``method``, prompt/generated token counts, ``compile_s``,
     ``prefill_s``, ``decode_s``, ``decode_tokens_per_s``, ``steps`` (decode
     loop iterations), ``chunks`` (host syncs after prefill), ``batch``,
@@ -257,6 +259,7 @@ class Rows:
         logprobs = np.asarray(out.logprobs[:, lo:hi])
         num = np.asarray(out.num_generated)
         done = np.asarray(out.done) if hasattr(out, "done") else np.ones(len(self.ids), bool)
+        error = np.zeros(len(self.ids), bool) if out.error is None else np.asarray(out.error)
         stopped = np.zeros(len(self.ids), bool)
         for r in range(len(self.ids)):
             if self.reasons[r] is not None:
@@ -264,7 +267,9 @@ class Rows:
             n = max(0, min(hi, int(num[r])) - lo)
             self.ids[r] += tokens[r, :n].tolist()
             self.logprobs[r] += logprobs[r, :n].tolist()
-            if done[r]:
+            if error[r]:
+                self.reasons[r] = "error"
+            elif done[r]:
                 self.reasons[r] = ("stop_token" if self.ids[r] and self.ids[r][-1] in self.stop_ids
                                    else "length")
             if self.stops and n:
@@ -386,6 +391,10 @@ def run(method, params, prompts, config: DecodeConfig | None = None, *, tokenize
         "decode_tokens_per_s": decoded / decode_s if decode_s > 0 else 0.0,
         "wall_s": time.perf_counter() - t_start,
     }
+    errors = [f"row {r}: the model produced NaN or infinite logits after {len(rows.ids[r])} "
+              f"tokens; the row stopped there" for r in range(b) if rows.reasons[r] == "error"]
+    if errors:
+        stats["errors"] = errors
     extras = dict(harvest.extras)
     if hasattr(method, "host_stats"):
         stats.update(method.host_stats(params, harvest, decoded))

@@ -32,7 +32,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from cadenza.decode.method import Batch, Emitted, MethodBase
+from cadenza.decode.method import Batch, Emitted, MethodBase, not_finite
 
 
 @flax.struct.dataclass
@@ -133,7 +133,7 @@ class Lud(MethodBase):
         active = ~s.out.done
         keep = active[:, None]
         new_cache = new_cache.with_lengths(s.cache.lengths + jnp.where(active, p, 0))
-        return LudState(out=s.out.append(cand, lp, count), cache=new_cache,
+        return LudState(out=s.out.append(cand, lp, count, not_finite(logits)), cache=new_cache,
                         pending=jnp.where(keep, cand, s.pending), count=jnp.where(active, count, p),
                         steps=s.steps + active)
 

@@ -109,36 +109,24 @@ class Medusa:
 
     def propose(self, heads, state, ctx):
         """Node tokens: head ``depth - 1``'s ``rank``-th best guess (point masses)."""
-        _, _, head, rank, _, _ = self.tree()
+        head, rank = self.head_rank()
         vocab = ctx.forward.config.vocab_size
         guesses = MedusaHeads(self.num_heads, vocab, self.blocks).apply(
             {"params": heads}, ctx.hidden)                                 # [B, K, V]
         top = jax.lax.top_k(guesses, int(rank.max()) + 1)[1].astype(jnp.int32)
-        tokens = top[:, head[1:], rank[1:]]
+        tokens = top[:, head, rank]
         return Proposal(tokens=tokens, valid=jnp.ones(tokens.shape, bool), q=None,
                         parents=self.parents), state
 
     def observe(self, heads, state, obs):
         return state
 
-    def tree(self):
-        """numpy buffers: parents [N], depth [N], head [N], rank [N], root paths [N, D + 1]
-        and children [N, C] (each node's, in rank order, -1 padded)."""
-        nodes = [()] + list(self.paths)
-        index = {p: i for i, p in enumerate(nodes)}
-        parents = np.asarray([-1] + [index[p[:-1]] for p in self.paths], np.int32)
-        depth = np.asarray([len(p) for p in nodes], np.int32)
-        head = np.maximum(depth - 1, 0)
-        rank = np.asarray([0] + [p[-1] for p in self.paths], np.int32)
-        retrieve = np.zeros((len(nodes), self.gamma + 1), np.int32)
-        for i, p in enumerate(nodes):
-            retrieve[i, :len(p) + 1] = [index[p[:j]] for j in range(len(p) + 1)]
-        kids = [[i for i in range(1, len(nodes)) if parents[i] == a] for a in range(len(nodes))]
-        children = np.full((len(nodes), max(len(k) for k in kids)), -1, np.int32)
-        for a, k in enumerate(kids):
-            children[a, :len(k)] = k
-        return parents, depth, head, rank, retrieve, children
-
+    def head_rank(self) -> tuple[np.ndarray, np.ndarray]:
+        """Per node (``paths`` order): the head that guesses it (depth - 1) and the rank of
+        its guess, numpy int32 [N] each."""
+        head = np.asarray([len(p) - 1 for p in self.paths], np.int32)
+        rank = np.asarray([p[-1] for p in self.paths], np.int32)
+        return head, rank
 
 def save_medusa_heads(directory, drafter: Medusa, model_config, params):
     """Write trained heads and their tree to a new head directory

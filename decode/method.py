@@ -52,7 +52,8 @@ class Emitted:
 
     tokens: int32 [B, W] (W >= num_new; extra room for a round's overshoot);
     logprobs: float32 [B, W]; num_generated: int32 [B]; done: bool [B];
-    step: int32 [] steps run; stop_ids: int32 [S]; num_new (static).
+    step: int32 [] steps run; stop_ids: int32 [S]; error: bool [B] rows stopped
+    because the model produced NaN or infinite logits; num_new (static).
     """
 
     tokens: jax.Array
@@ -61,6 +62,7 @@ class Emitted:
     done: jax.Array
     step: jax.Array
     stop_ids: jax.Array
+    error: jax.Array
     num_new: int = flax.struct.field(pytree_node=False)
 
     @classmethod
@@ -71,7 +73,7 @@ class Emitted:
                    logprobs=jnp.zeros((b, w), jnp.float32),
                    num_generated=jnp.zeros((b,), jnp.int32), done=jnp.zeros((b,), bool),
                    step=jnp.zeros((), jnp.int32), stop_ids=batch.stop_ids,
-                   num_new=batch.num_new)
+                   error=jnp.zeros((b,), bool), num_new=batch.num_new)
 
     @property
     def last(self) -> jax.Array:
@@ -79,12 +81,17 @@ class Emitted:
         idx = jnp.maximum(self.num_generated - 1, 0)[:, None]
         return jnp.take_along_axis(self.tokens, idx, axis=1)[:, 0]
 
-    def append(self, tokens, logprobs, count) -> "Emitted":
+    def append(self, tokens, logprobs, count, bad=None) -> "Emitted":
         """Append ``tokens[:, :count]`` (int32 [B, K], log-probs float32 [B, K]) to running rows.
 
         A row ends after its first stop id among them or at ``num_new`` tokens;
-        finished rows are unchanged. ``step`` advances by one.
+        finished rows are unchanged. ``step`` advances by one. ``bad`` (bool [B],
+        optional): rows whose logits were not finite: they append nothing and
+        stop with ``error`` set.
         """
+        if bad is not None:
+            bad = bad & ~self.done
+            count = jnp.where(bad, 0, count)
         k = tokens.shape[1]
         j = jnp.arange(k)[None, :]
         is_stop = jnp.any(tokens[..., None] == self.stop_ids[None, None, :], axis=-1) & (
@@ -100,18 +107,27 @@ class Emitted:
             logprobs=jnp.where(keep, write(self.logprobs, logprobs, self.num_generated),
                                self.logprobs),
             num_generated=jnp.where(active, ng, self.num_generated), step=self.step + 1,
-            done=self.done | (active & ((first_stop < count) | (ng >= self.num_new))))
+            done=self.done | (active & ((first_stop < count) | (ng >= self.num_new))) | (
+                False if bad is None else bad),
+            error=self.error if bad is None else self.error | bad)
+
+
+def not_finite(logits) -> jax.Array:
+    """bool [B]: rows of ``logits`` float [B, ..., V] holding a NaN or an infinity."""
+    return ~jnp.all(jnp.isfinite(logits.reshape(logits.shape[0], -1)), axis=-1)
 
 
 @flax.struct.dataclass
 class Harvest:
     """What a finished state hands the host: ``tokens`` int32 [B, W], ``logprobs``
-    float32 [B, W], ``num_generated`` int32 [B], ``extras`` (arrays, method-specific)."""
+    float32 [B, W], ``num_generated`` int32 [B], ``extras`` (arrays, method-specific),
+    ``error`` bool [B] (rows stopped by non-finite logits) or None."""
 
     tokens: jax.Array
     logprobs: jax.Array
     num_generated: jax.Array
     extras: dict
+    error: jax.Array | None = None
 
 
 class Method(Protocol):
@@ -143,7 +159,7 @@ class MethodBase:
     def harvest(self, state) -> Harvest:
         """The emitted tokens; ``extras`` from :meth:`extras`."""
         o = state.out
-        return Harvest(o.tokens, o.logprobs, o.num_generated, self.extras(state))
+        return Harvest(o.tokens, o.logprobs, o.num_generated, self.extras(state), o.error)
 
     def extras(self, state) -> dict:
         """Method-specific arrays for the result's ``extras`` (none by default)."""

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 
 from cadenza.decode import sampling
 from cadenza.decode.config import SamplingSpec
-from cadenza.decode.method import Batch, Emitted, MethodBase
+from cadenza.decode.method import Batch, Emitted, MethodBase, not_finite
 from cadenza.errors import CadenzaError
 
 
@@ -124,7 +124,7 @@ class Plain(MethodBase):
         logp = sampling.log_probs(logits, self.spec, state.seen)
         tok, lp = sampling.select(logp, self.spec, state.keys, out.step)
         one = jnp.ones_like(out.num_generated)
-        return state.replace(out=out.append(tok[:, None], lp[:, None], one),
+        return state.replace(out=out.append(tok[:, None], lp[:, None], one, not_finite(logits)),
                              seen=mark_seen(state.seen, tok[:, None], one, ~out.done))
 
     def prefill(self, params, batch: Batch) -> PlainState:

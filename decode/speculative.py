@@ -41,7 +41,7 @@ from cadenza.decode import sampling
 from cadenza.decode.config import SamplingSpec
 from cadenza.decode.driver import generate_with
 from cadenza.decode.forward import ModelForward, as_forward, prefix_slots
-from cadenza.decode.method import Batch, Emitted, MethodBase
+from cadenza.decode.method import Batch, Emitted, MethodBase, not_finite
 from cadenza.decode.plain import check_top_k, first_logits, mark_seen, seen_mask
 from cadenza.decode.verify import (
     compact,
@@ -244,7 +244,7 @@ class Speculative(MethodBase):
         logp = sampling.log_probs(logits, self.spec, seen)
         tok, lp = sampling.select(logp, self.spec, keys, out.step)
         one = jnp.ones_like(batch.lengths)
-        out = out.append(tok[:, None], lp[:, None], one)
+        out = out.append(tok[:, None], lp[:, None], one, not_finite(logits))
         d = self.depth
         prev = jnp.take_along_axis(batch.tokens, (batch.lengths - 1)[:, None], axis=1)[:, 0]
         pre = Prefilled(batch=batch, first=tok, hidden=hidden, forward=self.forward)
@@ -312,7 +312,8 @@ class Speculative(MethodBase):
         pos = jnp.arange(1, d + 1)[None, :]
         has = jnp.any(valid[:, None, :] & (depth[None, None, :] == pos[..., None]), axis=-1)
         return SpecState(
-            out=out.append(emitted, lp, n + 1), cache=cache.advance(jnp.where(active, n + 1, 0)),
+            out=out.append(emitted, lp, n + 1, not_finite(logits)),
+            cache=cache.advance(jnp.where(active, n + 1, 0)),
             seen=mark_seen(s.seen, emitted, n + 1, active), keys=s.keys,
             prev=jnp.where(active, nodes[rows, win], s.prev),
             hidden=jnp.where(act, hidden[rows, win], s.hidden),

@@ -192,3 +192,24 @@ def test_a_drafter_written_in_a_test_file_is_verified_and_emitted(small):
     s = res.stats
     assert s["method"] == "repeat-last" and len(s["acceptance_per_position"]) == 2
     assert s["target_forwards"] <= 2 * (N - 1)
+
+
+def test_non_finite_logits_stop_the_row_with_an_error(small, tmp_path, capsys):
+    import json
+
+    from cadenza.cli import main
+    from cadenza.models import save_model
+
+    cfg, model, params = small
+    emb = params["embed"]["embedding"]
+    broken = {**params, "embed": {"embedding": emb.at[7].set(jnp.nan)}}
+    prompts = [[1, 5], [1, 7]]                    # row 1 reads the NaN row
+    res = generate(model, broken, prompts, GREEDY)
+    assert res.finish_reasons == ["length", "error"] and res.token_ids[1] == []
+    assert res.token_ids[0] == generate(model, params, prompts[:1], GREEDY).token_ids[0]
+    assert "row 1" in res.stats["errors"][0]
+    d = save_model(tmp_path / "m", cfg, broken)
+    assert main(["generate", "--checkpoint", str(d), "--json", "--ignore-eos",
+                 "--max-new-tokens", "2", "--prompt-ids", "1,7"]) == 0
+    out = capsys.readouterr()
+    assert json.loads(out.out)["finish_reason"] == "error" and "NaN" in out.err
