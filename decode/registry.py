@@ -39,6 +39,8 @@ class MethodEntry:
 
 
 def _build_plain(forward, params, config, *, proxy=None, **_):
+    import jax.numpy as jnp
+
     from cadenza.decode.forward import as_forward
     from cadenza.decode.plain import Plain
 
@@ -55,8 +57,6 @@ def _build_plain(forward, params, config, *, proxy=None, **_):
         all_params += [proxy.expert_params, proxy.anti_params]
     method = Plain(forwards=tuple(forwards), spec=config.sampling_spec(), name=config.method)
     method.check()
-    import jax.numpy as jnp
-
     return method, (tuple(all_params), jnp.float32(config.proxy.alpha))
 
 
