@@ -18,7 +18,6 @@ import dataclasses
 from cadenza.errors import CadenzaError
 from cadenza.validation import check_choice, check_range, require
 
-METHODS = ("greedy", "sample", "speculative", "ngram", "medusa", "superposed", "lud")
 ADAPTIVE = ("none", "confidence", "head")
 
 
@@ -213,8 +212,10 @@ class DecodeConfig:
     proxy: ProxyConfig = dataclasses.field(default_factory=ProxyConfig)
 
     def __post_init__(self):
+        from cadenza.decode.registry import REGISTRY   # the method names (no JAX imported)
+
         s = "decode"
-        check_choice(s, "method", self.method, METHODS)
+        check_choice(s, "method", self.method, tuple(REGISTRY))
         check_range(s, "max_new_tokens", self.max_new_tokens, low=1)
         check_range(s, "max_len", self.max_len, low=0)
         check_range(s, "chunk_steps", self.chunk_steps, low=1)
