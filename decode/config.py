@@ -212,7 +212,7 @@ class DecodeConfig:
     proxy: ProxyConfig = dataclasses.field(default_factory=ProxyConfig)
 
     def __post_init__(self):
-        from cadenza.decode.registry import REGISTRY   # the method names (no JAX imported)
+        from cadenza.decode.registry import REGISTRY  # the method names (no JAX imported)
 
         s = "decode"
         check_choice(s, "method", self.method, tuple(REGISTRY))
