@@ -38,11 +38,11 @@ n-gram table), ``stages/``, ``results.json``, ``results.md`` and ``results.png``
 
 import hashlib
 import json
-import os
 import pathlib
 import time
 from collections.abc import Callable
 
+from cadenza.outputs import atomic_file
 from cadenza.provenance import provenance
 from cadenza.quickstart_eval import (
     heldout_loss,
@@ -155,11 +155,9 @@ class Stages:
                 return record["result"]
             _log(f"{name}: settings changed since {path} was written; running it again")
         result = fn()
-        self.dir.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(json.dumps({"fingerprint": self.fingerprint, "result": result},
-                                  default=str))
-        os.replace(tmp, path)
+        with atomic_file(path, overwrite=True) as tmp:
+            tmp.write_text(json.dumps({"fingerprint": self.fingerprint, "result": result},
+                                      default=str))
         return result
 
 
@@ -188,12 +186,14 @@ def _decode_bodies(model, params, examples, tokenizer, new_tokens: int, *, sampl
     """Greedy bodies (``samples=0``: a list of str) or ``samples`` sampled bodies per example
     (temperature 0.8: a list of lists), decoded as one batch."""
     from cadenza.decode import DecodeConfig, generate
+    from cadenza.decode.config import with_fields
 
     prompts = [e["prompt"] for e in examples]
     if not samples:
         cfg = DecodeConfig(method="greedy", max_new_tokens=new_tokens)
         return generate(model, params, prompts, cfg, tokenizer=tokenizer).text
-    cfg = DecodeConfig(method="sample", temperature=0.8, max_new_tokens=new_tokens)
+    cfg = with_fields(DecodeConfig(method="sample", max_new_tokens=new_tokens),
+                      sampling__temperature=0.8)
     rows = [p for p in prompts for _ in range(samples)]
     texts = generate(model, params, rows, cfg, tokenizer=tokenizer,
                      seeds=[seed + i for i in range(len(rows))]).text
@@ -253,8 +253,9 @@ def run_quickstart(out_dir="runs/quickstart", fast: bool = False, large: bool = 
     ``lora`` (held-out losses or the reason it is unavailable), ``task`` (measured task
     before/after), ``samples`` and ``decode`` (one row per method, timing settings).
     """
-    from cadenza.decode.ngram import build_from_files, tokenizer_fingerprint
+    from cadenza.decode.ngram_table import build_from_files, tokenizer_fingerprint
     from cadenza.models import Transformer, load_model
+    from cadenza.outputs import atomic_dir, is_complete
     from cadenza.train.data import build_iterator, stdlib
 
     if fast and large:
@@ -373,11 +374,12 @@ def run_quickstart(out_dir="runs/quickstart", fast: bool = False, large: bool = 
     # 4. decoding
     _log("4/4 decoding held-out docstrings with every method in this build")
     ngram_dir = out / "ngram"
-    if not (ngram_dir / "manifest.json").is_file():
-        build_from_files([str(p) for p in code_files], ngram_dir, tokenizer=tokenizer,
-                         tokenizer_id={"kind": "dir", "sha256":
-                                       tokenizer_fingerprint(tokenizer.directory)},
-                         max_order=6)
+    if not is_complete(ngram_dir):  # written whole or not at all
+        with atomic_dir(ngram_dir, replace=True) as tmp:
+            build_from_files([str(p) for p in code_files], tmp, tokenizer=tokenizer,
+                             tokenizer_id={"kind": "dir", "sha256":
+                                           tokenizer_fingerprint(tokenizer.directory)},
+                             max_order=6)
     extras["ngram_dir"] = ngram_dir
     if "lud" in results["train"]:
         from cadenza.decode.lud_config import LudConfig

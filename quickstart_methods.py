@@ -14,6 +14,8 @@ import statistics
 import time
 from collections.abc import Callable
 
+import numpy as np
+
 
 class Unavailable(Exception):
     """A method or stage whose library or inputs are not part of this run (reported)."""
@@ -72,46 +74,37 @@ def _require(module: str) -> None:
         raise Unavailable(f"not available in this build ({module} is missing)")
 
 
-def _config(ctx: Context, **fields):
-    from cadenza.decode import DecodeConfig
+def _run(ctx: Context, name: str, fields: dict, resources: dict, model=None, params=None):
+    """A ``run()`` decoding every prompt alone with the registry's method ``name`` (config
+    ``fields`` as in :func:`cadenza.decode.config.with_fields`, in-memory ``resources``)."""
+    from cadenza.decode import DecodeConfig, generate
+    from cadenza.decode.config import with_fields
 
-    return DecodeConfig(max_new_tokens=ctx.new_tokens, **fields)
+    cfg = with_fields(DecodeConfig(method=name, max_new_tokens=ctx.new_tokens), **fields)
+    model = ctx.target if model is None else model
+    params = ctx.target_params if params is None else params
 
+    def run() -> Pass:
+        results = [generate(model, params, [p], cfg, tokenizer=ctx.tokenizer, **resources)
+                   for p in ctx.prompts]
+        forwards = [r.stats.get("target_forwards", r.extras.get("steps")) for r in results]
+        forwards = [None if f is None else int(np.sum(f)) for f in forwards]
+        return Pass([r.token_ids[0] for r in results],
+                    sum(r.stats["decode_s"] for r in results),
+                    sum(len(r.token_ids[0]) - 1 for r in results),
+                    None if None in forwards else sum(forwards))
 
-def _from_results(results) -> Pass:
-    """A Pass from one GenerateResult per prompt."""
-    forwards = [r.stats.get("target_forwards") for r in results]
-    return Pass([r.token_ids[0] for r in results],
-                sum(r.stats["decode_s"] for r in results),
-                sum(len(r.token_ids[0]) - 1 for r in results),
-                None if None in forwards else sum(forwards))
+    return run
 
 
 def _greedy(ctx: Context) -> Method:
-    from cadenza.decode import generate
-
-    cfg = _config(ctx, method="greedy")
-    return Method(lambda: _from_results([generate(ctx.target, ctx.target_params, [p], cfg)
-                                         for p in ctx.prompts]),
-                  True, "one target forward per token (KV cache, jitted while_loop)")
+    return Method(_run(ctx, "greedy", {}, {}), True,
+                  "one target forward per token (KV cache, jitted while_loop)")
 
 
 def _sample(ctx: Context) -> Method:
-    from cadenza.decode import generate
-
-    cfg = _config(ctx, method="sample", temperature=0.8, seed=0)
-    return Method(lambda: _from_results([generate(ctx.target, ctx.target_params, [p], cfg)
-                                         for p in ctx.prompts]),
-                  False, "temperature 0.8, fixed seeds (one target forward per token)")
-
-
-def _speculative(ctx: Context, drafter, draft_params, notes: str, **fields) -> Method:
-    from cadenza.decode.speculative import speculative_generate
-
-    cfg = _config(ctx, method="greedy", **fields)
-    return Method(lambda: _from_results([
-        speculative_generate(ctx.target, ctx.target_params, [p], cfg, drafter=drafter,
-                             draft_params=draft_params) for p in ctx.prompts]), True, notes)
+    return Method(_run(ctx, "sample", {"sampling__temperature": 0.8}, {}), False,
+                  "temperature 0.8, fixed seeds (one target forward per token)")
 
 
 def _draft_model(ctx: Context) -> Method:
@@ -119,30 +112,32 @@ def _draft_model(ctx: Context) -> Method:
     from cadenza.decode.speculative import DraftModel
 
     gamma = 4
-    return _speculative(ctx, DraftModel(ctx.draft.config, gamma=gamma), (ctx.draft_params, None),
-                        f"LM-pretrained draft model ({ctx.draft.config.num_params() / 1e6:.2f}M "
-                        f"params; not distilled), gamma={gamma}, greedy acceptance")
+    return Method(_run(ctx, "speculative", {"speculative__gamma": gamma},
+                       {"drafter": DraftModel(ctx.draft.config, gamma=gamma),
+                        "draft_params": (ctx.draft_params, None)}), True,
+                  f"LM-pretrained draft model ({ctx.draft.config.num_params() / 1e6:.2f}M "
+                  f"params; not distilled), gamma={gamma}, greedy acceptance")
 
 
 def _adaptive(ctx: Context) -> Method:
-    _require("cadenza.decode.adaptive")
-    from cadenza.decode.adaptive import StopRule
+    _require("cadenza.decode.specdec_head")
+    from cadenza.decode.specdec_head import StopRule
     from cadenza.decode.speculative import DraftModel
 
     gamma, threshold = 8, 0.7
     drafter = DraftModel(ctx.draft.config, gamma, stop=StopRule("confidence", threshold, 1),
                          name="adaptive-confidence")
-    return _speculative(ctx, drafter, (ctx.draft_params, None),
-                        f"same draft, training-free confidence stop rule (at most {gamma}, "
-                        f"stop when P(reject) > {threshold})")
+    return Method(_run(ctx, "speculative", {"speculative__gamma": gamma,
+                                            "speculative__adaptive": "confidence"},
+                       {"drafter": drafter, "draft_params": (ctx.draft_params, None)}), True,
+                  f"same draft, training-free confidence stop rule (at most {gamma}, "
+                  f"stop when P(reject) > {threshold})")
 
 
 def _prompt_lookup(ctx: Context) -> Method:
-    _require("cadenza.decode.ngram_draft")
-    from cadenza.decode.ngram_draft import PromptLookup
-
-    return _speculative(ctx, PromptLookup(gamma=4, max_ngram=3), None,
-                        "prompt-lookup n-gram drafts (no draft model), gamma=4")
+    _require("cadenza.decode.prompt_lookup")
+    return Method(_run(ctx, "ngram", {"speculative__gamma": 4, "speculative__ngram_max": 3},
+                       {}), True, "prompt-lookup n-gram drafts (no draft model), gamma=4")
 
 
 def _medusa(ctx: Context) -> Method:
@@ -152,42 +147,29 @@ def _medusa(ctx: Context) -> Method:
     from cadenza.decode.medusa import load_medusa_heads
 
     drafter, heads = load_medusa_heads(ctx.extras["medusa_dir"], ctx.target.config)
-    return _speculative(ctx, drafter, heads, f"{drafter.num_heads} Medusa heads trained on the "
-                        f"tuned target, {len(drafter.paths)}-node tree")
+    return Method(_run(ctx, "medusa", {}, {"drafter": drafter, "draft_params": heads}), True,
+                  f"{drafter.num_heads} Medusa heads trained on the tuned target, "
+                  f"{len(drafter.paths)}-node tree")
 
 
 def _superposed(ctx: Context) -> Method:
-    from cadenza.decode.ngram import load_ngram_table
-    from cadenza.decode.superposed import SuperposedConfig, superposed_generate
+    _require("cadenza.decode.superposed")
+    from cadenza.decode.ngram_table import load_ngram_table
 
     table = load_ngram_table(ctx.extras["ngram_dir"]).to_device()
-    cfg = SuperposedConfig(num_drafts=3, max_new_tokens=ctx.new_tokens)
-
-    def run():
-        outs = [superposed_generate(ctx.target, ctx.target_params, [p], table, cfg)
-                for p in ctx.prompts]
-        ids = [[int(t) for t in o.tokens[0, 0, :o.lengths[0, 0]]] for o in outs]
-        return Pass(ids, None, sum(len(i) for i in ids), None)
-
-    return Method(run, False, "k=3 drafts from one stream; tokens/s counts the best draft")
+    return Method(_run(ctx, "superposed", {"superposed__num_drafts": 3}, {"table": table}),
+                  False, "k=3 drafts from one stream; tokens/s counts the best draft")
 
 
 def _lud(ctx: Context) -> Method:
     _require("cadenza.decode.lud")
     if "lud" not in ctx.extras:
         raise Unavailable(f"not run: {ctx.extras.get('lud_skipped', 'no LUD model')}")
-    from cadenza.decode.lud import lud_generate
-
     model, params, lud = ctx.extras["lud"]
-
-    def run():
-        outs = [lud_generate(model, params, [p], lud, max_new_tokens=ctx.new_tokens)
-                for p in ctx.prompts]
-        ids = [[int(t) for t in o.tokens[0, :int(o.num_tokens[0])]] for o in outs]
-        return Pass(ids, None, sum(len(i) for i in ids), sum(int(o.steps[0]) for o in outs))
-
-    return Method(run, False, f"the tuned target LUD-fine-tuned (one extra vocabulary row for "
-                  f"the placeholder), lookahead {lud.lookahead}, beta {lud.beta}")
+    return Method(_run(ctx, "lud", {}, {"lud": lud}, model=model, params=params), False,
+                  f"the tuned target LUD-fine-tuned (one extra vocabulary row for the "
+                  f"placeholder), lookahead {lud.lookahead}, beta {lud.beta}; accepted tokens "
+                  f"per model call")
 
 
 # (name, builder). A builder whose library or inputs are missing raises Unavailable.

@@ -1,8 +1,9 @@
 """The quickstart's report: ``results.json``, ``results.md`` and ``results.png``."""
 
 import json
-import os
 import pathlib
+
+from cadenza.outputs import atomic_file
 
 
 def _fmt(x, spec: str) -> str:
@@ -106,9 +107,8 @@ def render_markdown(results: dict) -> str:
 
 
 def _write_atomic(path: pathlib.Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    with atomic_file(path, overwrite=True) as tmp:
+        tmp.write_bytes(data)
 
 
 def write_results(out: pathlib.Path, results: dict) -> None:

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cadenza.config import load_config
-from cadenza.decode.lud import lud_generate
+from cadenza.decode import DecodeConfig, generate
 from cadenza.models import Transformer, load_model
 from cadenza.provenance import provenance, results_dir
 from cadenza.train import fit
@@ -112,11 +112,13 @@ def main():
     lm_loss = {name: float(nll(p, jnp.asarray(windows), 1).mean())
                for name, p in (("base", base_params), ("lud", params))}
 
+    decode = DecodeConfig(method="lud", max_new_tokens=args.new_tokens, ignore_eos=True)
+
     def run(lud, p=params):
-        return lud_generate(mc, p, prompts, lud, max_new_tokens=args.new_tokens)
+        return generate(Transformer(mc), p, prompts, decode, lud=lud)
 
     def quality(out, greedy_tokens):
-        gen = np.asarray(out.tokens)
+        gen = np.asarray(out.token_ids)
         seqs = jnp.asarray(np.concatenate([np.asarray(prompts), gen], axis=1))
         return {"nll_lud_model": float(nll(params, seqs, args.prompt_len).mean()),
                 "nll_base_model": float(nll(base_params, seqs, args.prompt_len).mean()),
@@ -127,13 +129,13 @@ def main():
     rows_out = []
     greedy_lud = dataclasses.replace(cfg.lud, lookahead=0)
     g_wall, g_cpu, g_out = timed(lambda: run(greedy_lud), args.reps)
-    greedy_tokens = np.asarray(g_out.tokens)
+    greedy_tokens = np.asarray(g_out.token_ids)
 
     def record(method, beta, wall, cpu, out):
         rows_out.append({"method": method, "beta": beta, "wall_s": wall, "cpu_s": cpu,
                          "tokens_per_s": total / wall, "tokens_per_cpu_s": total / cpu,
-                         "tokens_per_step": out.tokens_per_step(),
-                         "cpu_ms_per_step": 1e3 * cpu / int(np.max(out.steps)),
+                         "tokens_per_step": out.stats["tokens_per_step"],
+                         "cpu_ms_per_step": 1e3 * cpu / int(np.max(out.extras["steps"])),
                          "speedup_wall": g_wall / wall, "speedup_cpu": g_cpu / cpu,
                          **quality(out, greedy_tokens)})
 

@@ -45,8 +45,8 @@ import jax.numpy as jnp
 
 from cadenza.config import load_config
 from cadenza.decode import DecodeConfig, generate
-from cadenza.decode.adaptive import StopRule
-from cadenza.decode.ngram_draft import PromptLookup
+from cadenza.decode.prompt_lookup import PromptLookup
+from cadenza.decode.specdec_head import StopRule
 from cadenza.decode.speculative import DraftModel, speculative_generate
 from cadenza.decode.verify import verify
 from cadenza.models import KVCache, Transformer, init_params, load_model

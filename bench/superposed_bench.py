@@ -34,8 +34,8 @@ import numpy as np
 import optax
 
 from cadenza.config import load_config
-from cadenza.decode import ngram
-from cadenza.decode import superposed as sp
+from cadenza.decode import DecodeConfig, generate, ngram_table
+from cadenza.decode.config import SuperposedConfig
 from cadenza.models import KVCache, Transformer, init_params
 from cadenza.provenance import provenance, results_dir
 
@@ -46,7 +46,7 @@ PROMPT_LEN = 15
 
 
 def _ids(path: pathlib.Path) -> np.ndarray:
-    return np.frombuffer(path.read_bytes(), np.uint8).astype(np.int32) + ngram.BYTE_OFFSET
+    return np.frombuffer(path.read_bytes(), np.uint8).astype(np.int32) + ngram_table.BYTE_OFFSET
 
 
 def train(cfg, files, steps: int, seed: int = 0):
@@ -161,8 +161,8 @@ def main():
     params, loss = train(cfg, train_files, args.steps)
     train_s = time.perf_counter() - t0
     table_dir = tempfile.mkdtemp(prefix="superposed_ngram_")
-    manifest = ngram.build_from_files([str(f) for f in train_files], table_dir, max_order=6)
-    table = ngram.load_ngram_table(table_dir)
+    manifest = ngram_table.build_from_files([str(f) for f in train_files], table_dir, max_order=6)
+    table = ngram_table.load_ngram_table(table_dir)
     fourgrams = set()
     for f in train_files:
         ids = [1] + _ids(f).tolist() + [2]
@@ -173,21 +173,22 @@ def main():
     starts = rng.integers(0, len(held) - PROMPT_LEN, size=args.prompts)
     prompts = np.stack([held[s:s + PROMPT_LEN] for s in starts]).astype(np.int32)
     b, n, k = args.prompts, args.new_tokens, 3
-    config = sp.SuperposedConfig(num_drafts=k, max_new_tokens=n)
+    config = DecodeConfig(method="superposed", max_new_tokens=n,
+                          superposed=SuperposedConfig(num_drafts=k))
     device_table = table.to_device()
-    lens = jnp.full((b,), PROMPT_LEN, jnp.int32)
     p_dev = jnp.asarray(prompts)
     nucleus = nucleus_fn(model, n, top_p=0.9, temperature=1.0)
     keys = [jax.random.key(i) for i in range(3)]
 
-    sup_s, (sup_out, _) = timed(lambda: sp.superposed_decode(
-        model, params, p_dev, lens, device_table, config, cfg.eos_token_id), args.reps)
+    sup_s, sup_res = timed(lambda: generate(model, params, prompts.tolist(), config,
+                                            table=device_table), args.reps)
     seq_s, nuc_seq = timed(lambda: [nucleus(params, p_dev, key) for key in keys], args.reps)
     rep = jnp.repeat(p_dev, k, axis=0)
     bat_s, nuc_bat = timed(lambda: nucleus(params, rep, keys[0]), args.reps)
 
     ppl = perplexity_fn(model)
-    sup_tokens, sup_lengths = np.asarray(sup_out[0]), np.asarray(sup_out[1])
+    sup_tokens = np.asarray(sup_res.extras["tokens"])
+    sup_lengths = np.asarray(sup_res.extras["lengths"])
     flat_prompts = np.repeat(prompts, k, axis=0)
     sup_ppl = np.asarray(ppl(params, jnp.asarray(flat_prompts),
                              jnp.asarray(sup_tokens.reshape(b * k, n)),

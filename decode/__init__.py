@@ -1,8 +1,10 @@
-"""Decoding: the jitted prefill + ``lax.while_loop`` generate loop and its samplers.
+"""Decoding: one driver, a method interface, a registry of methods.
 
-- :func:`generate`: ragged prompt batch -> :class:`GenerateResult` (ids, text, logprobs, stats).
-- :func:`stream`: the same, yielding :class:`StreamChunk` every N decode steps.
-- :class:`ProxyTuning`: proxy-tuning / EFT partners decoded in lockstep.
+- :func:`generate` / :func:`stream`: decode a ragged prompt batch with the method
+  ``DecodeConfig.method`` names (:mod:`cadenza.decode.registry`) -> :class:`GenerateResult`.
+- :mod:`cadenza.decode.driver`: validation, bucketing, compile cache, chunking, results.
+- :mod:`cadenza.decode.method`: the interface a method implements.
+- :mod:`cadenza.decode.speculative`: the speculative round and its drafters' interface.
 - :mod:`cadenza.decode.sampling`: pure jittable logit processing and token selection.
 
 Names are imported lazily so that reading configs does not import JAX.
@@ -12,12 +14,13 @@ from cadenza.lazy_exports import lazy_getattr
 
 _EXPORTS = {
     "DecodeConfig": "cadenza.decode.config",
+    "SamplingConfig": "cadenza.decode.config",
     "SamplingSpec": "cadenza.decode.config",
-    "GenerateResult": "cadenza.decode.loop",
-    "ProxyTuning": "cadenza.decode.loop",
-    "StreamChunk": "cadenza.decode.loop",
-    "generate": "cadenza.decode.loop",
-    "stream": "cadenza.decode.loop",
+    "GenerateResult": "cadenza.decode.driver",
+    "StreamChunk": "cadenza.decode.driver",
+    "ProxyTuning": "cadenza.decode.plain",
+    "generate": "cadenza.decode.registry",
+    "stream": "cadenza.decode.registry",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -3,16 +3,22 @@
 
 Prompts come from ``--prompt TEXT`` (repeatable), ``--prompts-file`` (one
 prompt per line) or ``--prompt-ids 5,17,42`` (repeatable; works without a
-tokenizer). Sampling flags override the checkpoint config's ``decode``
-section. Output: each prompt's text (or ids) and the stats, or with
-``--json`` one JSON object per prompt: ``token_ids`` (generated, prompt
-excluded), ``text`` (with a tokenizer), ``logprobs``, ``finish_reason``,
-``stats`` (``import_s``: importing JAX and the decoder, ``load_s``: reading the model,
-``compile_s``, ``prefill_s``, ``decode_s``, ...).
+tokenizer). ``--method`` picks a method of the registry
+(:mod:`cadenza.decode.registry`); flags override the checkpoint config's
+``decode`` section (and ``lud`` for --beta/--lookahead). Each method takes the
+shared flags plus the ones its registry entry declares; any other flag is
+refused (exit 2), as is --stream with --json. Output: each prompt's text (or
+ids) and the stats, or with ``--json`` one JSON object per prompt:
+``token_ids`` (generated, prompt excluded), ``text`` (with a tokenizer),
+``logprobs``, ``finish_reason``, ``stats`` (``import_s``: importing JAX and the decoder,
+``load_s``: reading the model, ``compile_s``, ``prefill_s``, ``decode_s``, ...) and the
+method's per-prompt extras
+(superposed: ``drafts``; lud: ``steps``). Non-finite numbers print as null.
 """
 
 import dataclasses
 import json
+import math
 import pathlib
 import re
 import sys
@@ -20,16 +26,15 @@ import time
 
 from cadenza.errors import CadenzaError
 
-# flags that set the DecodeConfig field of the same name when given
-_CONFIG_FLAGS = ("max_new_tokens", "temperature", "top_k", "top_p", "min_p",
-                 "repetition_penalty", "seed", "max_len", "chunk_steps", "proxy_alpha", "draft",
-                 "gamma", "accept_head", "heads")
-
 
 def register(subparsers) -> None:
+    from cadenza.decode.registry import REGISTRY
+
     p = subparsers.add_parser(
         "generate", help="generate text from a model directory",
-        description="Decode continuations of prompts with a cadenza model directory.")
+        description="Decode continuations of prompts with a cadenza model directory. Each "
+                    "--method takes the shared flags plus its own; a flag the chosen method "
+                    "does not use is an error.")
     p.add_argument("--checkpoint", required=True, metavar="DIR",
                    help="model directory (config.yaml, params/, optional tokenizer/) "
                         "or Hugging Face folder (config.json, *.safetensors)")
@@ -39,35 +44,16 @@ def register(subparsers) -> None:
                      help="text prompts, one per line (empty lines are an error)")
     src.add_argument("--prompt-ids", action="append", metavar="IDS",
                      help="a prompt as comma-separated token ids, e.g. 5,17,42")
+    p.add_argument("--adapter", metavar="DIR",
+                   help="decode through a cadenza adapter directory on this base model "
+                        "(every adapter method, prefix and prompt tuning included)")
     p.add_argument("--chat", action="store_true",
                    help="wrap each text prompt as a user turn in the tokenizer's chat template")
-    p.add_argument("--method",
-                   choices=["greedy", "sample", "speculative", "ngram", "medusa", "superposed",
-                            "lud"],
-                   help="speculative: draft model (--draft); ngram: prompt lookup; medusa: "
-                        "trained heads and a token tree (--heads); all three are lossless "
-                        "(greedy unless --sample). superposed: k drafts from one "
-                        "stream (needs --ngram unless --alpha 0); lud: lexical units in "
-                        "parallel (a LUD-fine-tuned model)")
-    p.add_argument("--draft", metavar="DIR", help="draft model directory (--method speculative)")
-    p.add_argument("--gamma", type=int, help="draft tokens per round (the maximum if adaptive)")
-    p.add_argument("--adaptive", action="store_true",
-                   help="adaptive draft length: SpecDec++ head with --accept-head, else the "
-                        "draft's confidence")
-    p.add_argument("--accept-head", metavar="DIR",
-                   help="trained SpecDec++ head directory (cadenza train, train.task=specdec)")
-    p.add_argument("--heads", metavar="DIR",
-                   help="trained Medusa head directory (cadenza train, train.task=medusa)")
-    p.add_argument("--sample", action="store_true",
-                   help="with --method speculative/ngram/medusa: exact speculative sampling")
+    p.add_argument("--method", choices=list(REGISTRY),
+                   help="; ".join(f"{e.name}: {e.summary}" for e in REGISTRY.values())
+                   + " (default: the model's decode.method)")
     p.add_argument("--max-new-tokens", type=int,
                    help="tokens to generate per prompt (default: the model's decode section, 64)")
-    p.add_argument("--temperature", type=float,
-                   help="sampling temperature > 0 (default: decode section, 1.0)")
-    p.add_argument("--top-k", type=int, help="0 = off")
-    p.add_argument("--top-p", type=float, help="in (0, 1]; 1 = off")
-    p.add_argument("--min-p", type=float, help="in [0, 1); 0 = off")
-    p.add_argument("--repetition-penalty", type=float, help="1 = off (default: decode section)")
     p.add_argument("--seed", type=int, help="row i uses seed + i")
     p.add_argument("--stop", action="append", metavar="TEXT",
                    help="stop string (repeatable); escapes \\n \\t \\r \\\\ \\xHH \\uHHHH "
@@ -76,22 +62,42 @@ def register(subparsers) -> None:
                    help="stop token id (repeatable), besides EOS")
     p.add_argument("--ignore-eos", action="store_true", help="do not stop at EOS")
     p.add_argument("--max-len", type=int, help="KV-cache slots per row (default: as needed)")
-    p.add_argument("--stream", action="store_true",
-                   help="print text as it is generated (one prompt only)")
-    p.add_argument("--chunk-steps", type=int, help="decode steps per host sync when streaming")
-    p.add_argument("--proxy-expert", metavar="DIR", help="proxy-tuning: small tuned model")
-    p.add_argument("--proxy-anti", metavar="DIR", help="proxy-tuning: small untuned model")
-    p.add_argument("--proxy-alpha", type=float, help="proxy-tuning weight (default 1)")
-    sp = p.add_argument_group("superposed decoding (--method superposed)")
-    sp.add_argument("--k", type=int, default=3, help="number of drafts (default 3)")
-    sp.add_argument("--ngram", metavar="PATH", help="n-gram table from `cadenza ngram build`")
-    sp.add_argument("--candidates", type=int, help="top-C candidates per step (default 9)")
-    sp.add_argument("--alpha", type=float, help="n-gram interpolation weight (default 0.54)")
+    p.add_argument("--json", action="store_true", help="one JSON object per prompt")
+    sa = p.add_argument_group("sampling (--method sample; speculative methods with --sample)")
+    sa.add_argument("--temperature", type=float,
+                    help="softmax temperature (also --method superposed's)")
+    sa.add_argument("--top-k", type=int, help="0 = off")
+    sa.add_argument("--top-p", type=float, help="in (0, 1]; 1 = off")
+    sa.add_argument("--min-p", type=float, help="in [0, 1); 0 = off")
+    sa.add_argument("--repetition-penalty", type=float, help="1 = off (greedy too)")
+    pl = p.add_argument_group("greedy and sample")
+    pl.add_argument("--stream", action="store_true",
+                    help="print text as it is generated (one prompt only; not with --json)")
+    pl.add_argument("--chunk-steps", type=int, help="decode steps per host sync when streaming")
+    pl.add_argument("--proxy-expert", metavar="DIR", help="proxy-tuning: small tuned model")
+    pl.add_argument("--proxy-anti", metavar="DIR", help="proxy-tuning: small untuned model")
+    pl.add_argument("--proxy-alpha", type=float, help="proxy-tuning weight (default 1)")
+    sp = p.add_argument_group("speculative methods (speculative, ngram, medusa; all lossless)")
+    sp.add_argument("--sample", action="store_true", help="exact speculative sampling")
+    sp.add_argument("--draft", metavar="DIR", help="draft model directory (speculative)")
+    sp.add_argument("--gamma", type=int,
+                    help="draft tokens per round (the maximum if adaptive; speculative, ngram)")
+    sp.add_argument("--adaptive", action="store_true",
+                    help="adaptive draft length: SpecDec++ head with --accept-head, else the "
+                         "draft's confidence")
+    sp.add_argument("--accept-head", metavar="DIR",
+                    help="trained SpecDec++ head directory (cadenza train, train.task=specdec)")
+    sp.add_argument("--heads", metavar="DIR",
+                    help="trained Medusa head directory (cadenza train, train.task=medusa)")
+    su = p.add_argument_group("superposed decoding (--method superposed)")
+    su.add_argument("--k", type=int, help="number of drafts (default 3)")
+    su.add_argument("--ngram", metavar="PATH", help="n-gram table from `cadenza ngram build`")
+    su.add_argument("--candidates", type=int, help="top-C candidates per step (default 9)")
+    su.add_argument("--alpha", type=float, help="n-gram interpolation weight (default 0.54)")
     lu = p.add_argument_group("lexical unit decoding (--method lud)")
     lu.add_argument("--beta", type=float, help="placeholder acceptance threshold "
                                                "(default: the model's lud.beta)")
     lu.add_argument("--lookahead", type=int, help="placeholders per step (default: lud.lookahead)")
-    p.add_argument("--json", action="store_true", help="one JSON object per prompt")
     p.set_defaults(func=_generate)
 
 
@@ -173,15 +179,66 @@ def _chat_stop_ids(tokenizer) -> list[int]:
     return [i for i in ids if i is not None]
 
 
+# flag -> (decode section or None, field); superposed reads --temperature into its section
+_FIELDS = {
+    "--max-new-tokens": (None, "max_new_tokens"), "--seed": (None, "seed"),
+    "--max-len": (None, "max_len"), "--chunk-steps": (None, "chunk_steps"),
+    "--temperature": ("sampling", "temperature"), "--top-k": ("sampling", "top_k"),
+    "--top-p": ("sampling", "top_p"), "--min-p": ("sampling", "min_p"),
+    "--repetition-penalty": ("sampling", "repetition_penalty"),
+    "--proxy-expert": ("proxy", "expert"), "--proxy-anti": ("proxy", "anti"),
+    "--proxy-alpha": ("proxy", "alpha"), "--sample": ("speculative", "sample"),
+    "--draft": ("speculative", "draft"), "--gamma": ("speculative", "gamma"),
+    "--accept-head": ("speculative", "accept_head"), "--heads": ("medusa", "heads"),
+    "--k": ("superposed", "num_drafts"), "--ngram": ("superposed", "table"),
+    "--candidates": ("superposed", "num_candidates"), "--alpha": ("superposed", "alpha"),
+}
+
+
+def _given(args) -> list[str]:
+    """The method-specific and shared flags the user gave (not the prompt sources)."""
+    out = []
+    for action_flag in list(_FIELDS) + ["--stop", "--stop-token-id", "--ignore-eos", "--json",
+                                        "--chat", "--stream", "--adaptive", "--beta",
+                                        "--lookahead"]:
+        v = getattr(args, action_flag[2:].replace("-", "_"))
+        if v is not None and v is not False:
+            out.append(action_flag)
+    return out
+
+
+def check_flags(method: str, given: list[str]) -> None:
+    """Refuse flags that ``method`` does not take (from the registry), and --stream with
+    --json, naming the methods that do take the flag."""
+    from cadenza.decode.registry import REGISTRY, SHARED_FLAGS
+
+    allowed = set(SHARED_FLAGS) | set(REGISTRY[method].flags)
+    for flag in given:
+        if flag not in allowed:
+            users = [e.name for e in REGISTRY.values() if flag in e.flags]
+            raise CadenzaError(f"{flag} does not apply to --method {method}",
+                               where=flag, fix=f"drop {flag}, or use --method "
+                                               f"{' / '.join(users)}")
+    if "--stream" in given and "--json" in given:
+        raise CadenzaError("--stream prints text as it comes; --json prints one object per "
+                           "prompt at the end", where="--stream",
+                           fix="drop --stream or --json")
+
+
 def _decode_config(base, args, tokenizer):
-    fields = {f: getattr(args, f) for f in _CONFIG_FLAGS if getattr(args, f) is not None}
-    if args.method in ("greedy", "sample"):
-        fields["method"] = args.method
-    elif args.method is not None:
-        fields["speculative"] = "draft" if args.method == "speculative" else args.method
-        fields["method"] = "sample" if args.sample else "greedy"
-        if args.adaptive:
-            fields["adaptive"] = "head" if args.accept_head else "confidence"
+    from cadenza.decode.config import with_fields
+
+    method = args.method or base.method
+    fields = {"method": method}
+    for flag, (section, name) in _FIELDS.items():
+        v = getattr(args, flag[2:].replace("-", "_"))
+        if v is None or v is False:
+            continue
+        if flag == "--temperature" and method == "superposed":
+            section = "superposed"
+        fields[f"{section}__{name}" if section else name] = v
+    if args.adaptive:
+        fields["speculative__adaptive"] = "head" if args.accept_head else "confidence"
     if args.stop:
         fields["stop"] = list(base.stop) + [unescape(s) for s in args.stop]
     stop_ids = list(base.stop_token_ids) + list(args.stop_token_id or [])
@@ -190,52 +247,41 @@ def _decode_config(base, args, tokenizer):
     fields["stop_token_ids"] = sorted(set(stop_ids))
     if args.ignore_eos:
         fields["ignore_eos"] = True
-    return dataclasses.replace(base, **fields)
+    return with_fields(base, **fields)
 
 
 def _generate(args) -> int:
     started = time.perf_counter()
-    from cadenza.decode.loop import ProxyTuning, generate, stream
+    from cadenza.decode.registry import generate, stream
     from cadenza.models import Transformer, load_model
 
     imported = time.perf_counter()
     config, params = load_model(args.checkpoint)
+    method = args.method or config.decode.method
+    check_flags(method, _given(args))
     tokenizer, why_none = _load_tokenizer(args.checkpoint)
     startup = {"import_s": imported - started, "load_s": time.perf_counter() - imported}
     prompts = _prompts(args, tokenizer, why_none)
-    if args.method == "superposed":
-        from cadenza.decode.superposed_cli import run_superposed
-
-        return run_superposed(args, config, params, prompts, tokenizer)
-    if args.method == "lud":
-        from cadenza.decode.lud_cli import run_lud
-
-        return run_lud(args, config, params, prompts, tokenizer)
     decode_config = _decode_config(config.decode, args, tokenizer)
-    proxy = None
-    if args.proxy_expert or args.proxy_anti:
-        if not (args.proxy_expert and args.proxy_anti):
-            raise CadenzaError("proxy-tuning needs both --proxy-expert and --proxy-anti",
-                               where="--proxy-expert/--proxy-anti", fix="give both directories")
-        (ecfg, eparams), (acfg, aparams) = (load_model(args.proxy_expert),
-                                            load_model(args.proxy_anti))
-        proxy = ProxyTuning(Transformer(ecfg.model), eparams, Transformer(acfg.model), aparams)
+    lud = dataclasses.replace(config.lud, **{k: getattr(args, k) for k in ("beta", "lookahead")
+                                             if getattr(args, k) is not None})
+    kwargs = dict(tokenizer=tokenizer, lud=lud)
     model = Transformer(config.model)
-    kwargs = dict(tokenizer=tokenizer, proxy=proxy)
-    if decode_config.speculative != "none":
-        result = _speculative(model, params, prompts, decode_config, tokenizer, args)
-    elif args.stream:
+    if args.adapter:
+        from cadenza.train.peft.artifacts import load_adapters
+
+        model, trainable = load_adapters(args.adapter, config)
+        params = (trainable, model.freeze(params))
+    if args.stream:
         if len(prompts) != 1:
             raise CadenzaError("--stream takes exactly one prompt", where="--stream",
                                fix="give one prompt, or drop --stream")
         result = None
         for chunk in stream(model, params, prompts, decode_config, **kwargs):
-            if not args.json:
-                print(chunk.text[0] if chunk.text else " ".join(map(str, chunk.token_ids[0])),
-                      end="" if chunk.text else " ", flush=True)
+            print(chunk.text[0] if chunk.text else " ".join(map(str, chunk.token_ids[0])),
+                  end="" if chunk.text else " ", flush=True)
             result = chunk.result
-        if not args.json:
-            print()
+        print()
     else:
         result = generate(model, params, prompts, decode_config, **kwargs)
     result.stats.update(startup)  # with compile_s, prefill_s, decode_s: where the time went
@@ -243,51 +289,49 @@ def _generate(args) -> int:
     return 0
 
 
-def _speculative(model, params, prompts, config, tokenizer, args):
-    from cadenza.decode.adaptive import load_accept_head
-    from cadenza.decode.medusa import load_medusa_heads
-    from cadenza.decode.speculative import (
-        check_draft_vocab,
-        drafter_from_config,
-        speculative_generate,
-    )
-    from cadenza.models import Transformer, load_model
+def _finite(x):
+    """``x`` with non-finite floats replaced by None (JSON has no NaN or infinity)."""
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, dict):
+        return {k: _finite(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_finite(v) for v in x]
+    return x
 
-    if args.stream or args.proxy_expert or args.proxy_anti:
-        raise CadenzaError("speculative decoding does not combine with --stream or proxy-tuning",
-                           where="--method", fix="drop --stream / --proxy-*")
-    if config.speculative == "medusa":
-        drafter, heads = load_medusa_heads(config.heads, model.config)
-        return speculative_generate(model, params, prompts, config, drafter=drafter,
-                                    draft_params=heads, tokenizer=tokenizer)
-    draft_params, draft_config, blocks = None, None, 3
-    if config.speculative == "draft":
-        dcfg, dparams = load_model(config.draft)
-        draft_config = dcfg.model
-        check_draft_vocab(model, Transformer(draft_config))
-        head = None
-        if config.adaptive == "head":
-            head, blocks = load_accept_head(config.accept_head, draft_config)
-        draft_params = (dparams, head)
-    return speculative_generate(model, params, prompts, config,
-                                drafter=drafter_from_config(config, draft_config, blocks),
-                                draft_params=draft_params, tokenizer=tokenizer)
+
+def _row_extras(extras: dict, i: int) -> dict:
+    """Row ``i`` of every per-row extra (first axis = prompts), as JSON-ready values."""
+    out = {}
+    for k, v in extras.items():
+        v = v[i]
+        out[k] = v.tolist() if hasattr(v, "tolist") else v
+    return out
 
 
 def _print(result, as_json: bool, show_text: bool) -> None:
     for i, ids in enumerate(result.token_ids):
         row = {"token_ids": ids, "finish_reason": result.finish_reasons[i],
-               "logprobs": result.logprobs[i], "stats": result.stats}
+               "logprobs": result.logprobs[i], "stats": result.stats,
+               **_row_extras(result.extras, i)}
         if result.text is not None:
             row["text"] = result.text[i]
         if as_json:
-            print(json.dumps(row))
+            print(json.dumps(_finite(row), allow_nan=False))
         elif show_text:
             print(f"--- prompt {i} ({result.finish_reasons[i]}, {len(ids)} tokens)")
             print(row.get("text", " ".join(map(str, ids))))
+            for d, draft in enumerate(row.get("drafts", [])[1:], start=1):
+                print(f"--- prompt {i}, draft {d} (perplexity {draft['perplexity']:.2f})")
+                print(draft.get("text", " ".join(map(str, draft["token_ids"]))))
+    for message in result.stats.get("errors", []):
+        print(f"warning: {message}", file=sys.stderr)
     if not as_json:
         s = result.stats
-        print(f"[prefill {s['prefill_s'] * 1e3:.1f} ms, decode {s['decode_tokens_per_s']:.1f} "
-              f"tokens/s over {s['steps']} steps, compile {s['compile_s']:.1f} s, "
-              f"import {s.get('import_s', 0):.1f} s, load {s.get('load_s', 0):.1f} s]",
-              file=sys.stderr)
+        line = (f"[{s['method']}: prefill {s['prefill_s'] * 1e3:.1f} ms, decode "
+                f"{s['decode_tokens_per_s']:.1f} tokens/s over {s['steps']} steps, compile "
+                f"{s['compile_s']:.1f} s, import {s.get('import_s', 0):.1f} s, load "
+                f"{s.get('load_s', 0):.1f} s")
+        if "tokens_per_step" in s:
+            line += f", {s['tokens_per_step']:.2f} tokens per step"
+        print(line + "]", file=sys.stderr)

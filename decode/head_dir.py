@@ -10,7 +10,7 @@ vocabulary and hidden sizes); :func:`check_meta` compares them with the model
 the head is loaded for, and :func:`load_head_dir` checks every param's shape,
 so a mismatch fails with both values named before anything is compiled.
 Writers: :func:`cadenza.decode.medusa.save_medusa_heads`,
-:func:`cadenza.decode.adaptive.save_accept_head` (and ``cadenza train`` with
+:func:`cadenza.decode.specdec_head.save_accept_head` (and ``cadenza train`` with
 ``train.task`` medusa / specdec).
 """
 

@@ -1,4 +1,4 @@
-"""Lexical Unit Decoding (LUD): parallel decoding of confident spans (METHODS.md section 7.4).
+"""Lexical Unit Decoding (LUD): parallel decoding of confident spans.
 
 Each step feeds, per row, ``[pending real tokens (1..m+1, padded to m+1), m placeholders]``
 (W = 2m + 1 slots) on top of the KV cache, which holds every committed real token:
@@ -20,44 +20,32 @@ token: beta > 1 or m = 0 gives greedy decoding.
 
 [choices] Only greedy t_0 (no sampling); EOS ends a row at the first EOS among the
 accepted tokens; accepted tokens past ``max_new_tokens`` are cut; accepted placeholder
-tokens are not verified (lossy, as in the paper); the optional lossless mode of
-METHODS 7.5 is not built. Prompts are right-padded and prefilled at once; all but each
-prompt's last token are committed, the last one is the first pending token.
+tokens are not verified (lossy, as in the paper); an optional lossless mode
+(verifying placeholder tokens) is not built. Prompts are right-padded and prefilled
+at once; all but each prompt's last token are committed, the last one is the first pending token.
 """
 
-import functools
-from collections.abc import Sequence
+import dataclasses
+from typing import Any
 
 import flax.struct
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from cadenza.errors import CadenzaError
-from cadenza.models.cache import KVCache
-from cadenza.models.transformer import Transformer
+from cadenza.decode.method import Batch, Emitted, MethodBase, not_finite
 
 
 @flax.struct.dataclass
-class LudResult:
-    """LUD output.
+class LudState:
+    """out: the emitted tokens (``out.step`` counts the prefill and steps); cache: only
+    committed real tokens below ``lengths``; pending int32 [B, m + 1] the uncommitted
+    real tokens (``count`` [B] of them); steps int32 [B] model calls per running row."""
 
-    Attributes:
-      tokens: int32 [B, max_new_tokens] generated tokens (``pad_id`` after ``num_tokens``).
-      num_tokens: int32 [B] generated tokens per row (an EOS counts and ends the row).
-      steps: int32 [B] model calls per row after the prefill.
-      cache: the final KVCache: slots below ``lengths`` hold exactly the committed real
-        tokens (prompt and generated; the last pending tokens are not committed).
-    """
-
-    tokens: jax.Array
-    num_tokens: jax.Array
+    out: Emitted
+    cache: Any
+    pending: jax.Array
+    count: jax.Array
     steps: jax.Array
-    cache: KVCache
-
-    def tokens_per_step(self) -> float:
-        """Mean generated tokens per model call over all rows (1.0 = greedy)."""
-        return float(np.sum(self.num_tokens)) / max(float(np.sum(self.steps)), 1.0)
 
 
 def _step_mask(p: jax.Array, m: int) -> jax.Array:
@@ -85,112 +73,84 @@ def accepted_count(cand: jax.Array, conf: jax.Array, beta, cut_repeats: bool) ->
     return 1 + jnp.sum(jnp.cumprod(ok.astype(jnp.int32), axis=1), axis=1)
 
 
-@functools.partial(jax.jit, static_argnames=("model_config", "max_new_tokens", "lookahead",
-                                             "cut_repeats", "eos_id", "pad_id",
-                                             "placeholder_id"))
-def _lud_decode(params, prompt, prompt_lengths, beta, *, model_config, max_new_tokens: int,
-                lookahead: int, cut_repeats: bool, eos_id: int | None,
-                pad_id: int, placeholder_id: int) -> LudResult:
-    model = Transformer(model_config)
-    b, plen = prompt.shape
-    m = lookahead
-    w = 2 * m + 1
-    cache = KVCache.create(model_config, b, plen + max_new_tokens + w)
-    _, _, cache = model.apply({"params": params}, prompt, cache=cache)
-    cache = cache.with_lengths(prompt_lengths - 1)
-    last = jnp.take_along_axis(prompt, (prompt_lengths - 1)[:, None], axis=1)[:, 0]
-    pending = jnp.full((b, m + 1), pad_id, jnp.int32).at[:, 0].set(last)
-    out = jnp.full((b, max_new_tokens + m + 1), pad_id, jnp.int32)
-    zeros = jnp.zeros((b,), jnp.int32)
-    init = (cache, pending, jnp.ones((b,), jnp.int32), out, zeros, zeros,
-            jnp.zeros((b,), bool))
-    slot = jnp.arange(m + 1)
+@dataclasses.dataclass(frozen=True)
+class Lud(MethodBase):
+    """LUD as a method: ``forward``, ``lookahead`` m, ``cut_repeats``, ``placeholder_id``,
+    ``pad_id``. Params: ``(model params, beta)`` (beta traced: sweeping it does not
+    recompile). ``extras["steps"]``: model calls per row after the prefill; the
+    result's ``stats["tokens_per_step"]`` is the speed-up statistic (1.0 = greedy).
+    Log-probs: t_0's under the model, a placeholder token's its confidence's log."""
 
-    def body(state):
-        cache, pending, p, out, n, steps, done = state
-        ph = jnp.full((b, m), placeholder_id, jnp.int32)
-        tokens = jnp.concatenate([pending, ph], axis=1)
-        lengths = cache.lengths[:, None]
+    forward: Any
+    lookahead: int
+    cut_repeats: bool
+    placeholder_id: int
+    pad_id: int = 0
+    name: str = "lud"
+
+    @property
+    def slots(self) -> int:
+        return 2 * self.lookahead + 1
+
+    def model_configs(self):
+        return [self.forward.config]
+
+    def prefill(self, params, batch: Batch) -> LudState:
+        """Cache every prompt token but the last, which becomes the first pending token."""
+        mparams, _ = params
+        b, m = batch.tokens.shape[0], self.lookahead
+        cache = self.forward.init_cache(mparams, b, batch.max_len)
+        start = cache.lengths
+        _, _, cache = self.forward(mparams, batch.tokens, cache=cache,
+                                   logits_at=jnp.zeros((b, 1), jnp.int32))
+        cache = cache.with_lengths(start + batch.lengths - 1)
+        last = jnp.take_along_axis(batch.tokens, (batch.lengths - 1)[:, None], axis=1)[:, 0]
+        out = Emitted.create(batch, extra=m + 1)
+        return LudState(out=out.replace(step=out.step + 1), cache=cache,
+                        pending=jnp.full((b, m + 1), self.pad_id, jnp.int32).at[:, 0].set(last),
+                        count=jnp.ones((b,), jnp.int32), steps=jnp.zeros((b,), jnp.int32))
+
+    def step(self, params, s: LudState) -> LudState:
+        """Feed the pending tokens and m placeholders; keep t_0 and the confident t_j."""
+        mparams, beta = params
+        m = self.lookahead
+        b = s.pending.shape[0]
+        slot = jnp.arange(m + 1)
+        p = s.count
+        tokens = jnp.concatenate([s.pending, jnp.full((b, m), self.placeholder_id, jnp.int32)],
+                                 axis=1)
+        lengths = s.cache.lengths[:, None]
         positions = jnp.concatenate(
             [lengths + slot[None], lengths + p[:, None] - 1 + jnp.arange(1, m + 1)[None]], axis=1)
-        logits, _, new_cache = model.apply({"params": params}, tokens, positions=positions,
-                                           attention_mask=_step_mask(p, m), cache=cache)
-        t0 = jnp.argmax(jnp.take_along_axis(logits, (p - 1)[:, None, None], axis=1)[:, 0],
-                        axis=-1).astype(jnp.int32)
-        ph_logits = logits[:, m + 1:]
-        t_ph = jnp.argmax(ph_logits, axis=-1).astype(jnp.int32)               # [B, m]
-        conf = jnp.max(jax.nn.softmax(ph_logits, axis=-1), axis=-1)
-        cand = jnp.concatenate([t0[:, None], t_ph], axis=1)                   # [B, m + 1]
-        count = accepted_count(cand, conf, beta, cut_repeats)
-        finished = jnp.zeros((b,), bool)
-        if eos_id is not None:
-            is_eos = (cand == eos_id) & (slot[None] < count[:, None])
-            first_eos = jnp.argmax(is_eos, axis=1)
-            has_eos = jnp.any(is_eos, axis=1)
-            count = jnp.where(has_eos, first_eos + 1, count)
-            finished = has_eos
-        count = jnp.minimum(count, max_new_tokens - n)
-        finished = finished | (n + count >= max_new_tokens)
-        active = ~done
-        written = jax.vmap(lambda o, c, s: jax.lax.dynamic_update_slice(o, c, (s,)))(
-            out, jnp.where(slot[None] < count[:, None], cand, pad_id), n)
+        read = jnp.concatenate([(p - 1)[:, None], m + 1 + jnp.arange(m)[None].repeat(b, 0)], 1)
+        logits, _, new_cache = self.forward(mparams, tokens, positions=positions,
+                                            attention_mask=_step_mask(p, m), cache=s.cache,
+                                            logits_at=read)
+        logp = jax.nn.log_softmax(logits, axis=-1)                              # [B, m+1, V]
+        cand = jnp.argmax(logits, axis=-1).astype(jnp.int32)                    # [B, m+1]
+        lp = jnp.max(logp, axis=-1)
+        count = accepted_count(cand, jnp.exp(lp[:, 1:]), beta, self.cut_repeats)
+        active = ~s.out.done
         keep = active[:, None]
-        new_cache = new_cache.with_lengths(cache.lengths + jnp.where(active, p, 0))
-        return (new_cache, jnp.where(keep, cand, pending), jnp.where(active, count, p),
-                jnp.where(keep, written, out), n + jnp.where(active, count, 0),
-                steps + active, done | finished)
+        new_cache = new_cache.with_lengths(s.cache.lengths + jnp.where(active, p, 0))
+        return LudState(out=s.out.append(cand, lp, count, not_finite(logits)), cache=new_cache,
+                        pending=jnp.where(keep, cand, s.pending), count=jnp.where(active, count, p),
+                        steps=s.steps + active)
 
-    cache, _, _, out, n, steps, _ = jax.lax.while_loop(
-        lambda s: ~jnp.all(s[-1]), body, init)
-    return LudResult(tokens=out[:, :max_new_tokens], num_tokens=n, steps=steps, cache=cache)
+    def extras(self, state: LudState) -> dict:
+        return {"steps": state.steps}
+
+    def host_stats(self, params, harvest, decoded: int) -> dict:
+        """``tokens_per_step``: generated tokens per model call over all rows."""
+        steps = max(int(harvest.extras["steps"].sum()), 1)
+        return {"tokens_per_step": float(harvest.num_generated.sum()) / steps}
 
 
-def lud_generate(model, params, prompts: Sequence[Sequence[int]], lud, *,
-                 max_new_tokens: int, eos_id: int | None = None, pad_id: int = 0
-                 ) -> LudResult:
-    """Lexical Unit Decoding of a batch of prompts (one jitted prefill + ``while_loop``).
+def lud_method(forward, params, lud) -> Lud:
+    """The :class:`Lud` method for ``forward`` and ``lud`` (a LudConfig; None = defaults);
+    raises before compiling on an invalid placeholder id."""
+    from cadenza.decode.lud_config import LudConfig
 
-    Args:
-      model: a :class:`~cadenza.models.Transformer` or its ModelConfig (the model must be
-        LUD-fine-tuned for placeholders to be useful; any model gives greedy output with
-        ``lud.beta > 1`` or ``lookahead=0``).
-      params: the model params.
-      prompts: B token-id lists (ragged; each at least one token).
-      lud: the :class:`~cadenza.decode.lud_config.LudConfig` (``lookahead`` m, ``beta``,
-        ``cut_repeats``, ``placeholder_id``).
-      max_new_tokens: tokens to generate per row (fewer if the row emits ``eos_id``).
-      eos_id: the end-of-sequence id, or None to always generate ``max_new_tokens``.
-      pad_id: filler of ``tokens`` past each row's end.
-
-    Returns a :class:`LudResult`; ``result.tokens_per_step()`` is the speed-up statistic.
-    Raises CadenzaError (before compiling) on empty or out-of-vocabulary prompts, when
-    the longest prompt + ``max_new_tokens`` + ``lookahead`` exceeds the model's positions,
-    or on an invalid placeholder id.
-    Compiles once per (batch, longest prompt, max_new_tokens, lookahead, cut_repeats, ids);
-    ``beta`` is a traced argument (sweeping it does not recompile).
-    """
-    if not prompts or any(len(p) == 0 for p in prompts):
-        raise CadenzaError("every prompt needs at least one token", where="lud_generate",
-                           fix="pass non-empty token-id lists (e.g. start with BOS)")
-    if max_new_tokens < 1:
-        raise CadenzaError(f"max_new_tokens={max_new_tokens} must be >= 1",
-                           where="lud_generate", fix="ask for at least one token")
-    model_config = model.config if isinstance(model, Transformer) else model
-    lengths = np.array([len(p) for p in prompts], np.int32)
-    if any(not 0 <= int(t) < model_config.vocab_size for p in prompts for t in p):
-        raise CadenzaError(f"a prompt token is outside the vocabulary "
-                           f"(0..{model_config.vocab_size - 1})", where="lud_generate",
-                           fix="encode prompts with the model's tokenizer")
-    need = int(lengths.max()) + max_new_tokens + lud.lookahead
-    if need > model_config.max_position_embeddings:
-        raise CadenzaError(f"the longest prompt + max_new_tokens + lookahead = {need} exceeds "
-                           f"max_position_embeddings={model_config.max_position_embeddings}",
-                           where="lud_generate", fix="shorten the prompt or generate fewer tokens")
-    padded = np.full((len(prompts), int(lengths.max())), pad_id, np.int32)
-    for i, p in enumerate(prompts):
-        padded[i, :len(p)] = p
-    return _lud_decode(params, jnp.asarray(padded), jnp.asarray(lengths),
-                       jnp.float32(lud.beta), model_config=model_config,
-                       max_new_tokens=max_new_tokens, lookahead=lud.lookahead,
-                       cut_repeats=lud.cut_repeats, eos_id=eos_id, pad_id=pad_id,
-                       placeholder_id=lud.placeholder_for(model_config))
+    lud = lud or LudConfig()
+    return Lud(forward=forward, lookahead=lud.lookahead, cut_repeats=lud.cut_repeats,
+               placeholder_id=lud.placeholder_for(forward.config))

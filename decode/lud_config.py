@@ -1,6 +1,6 @@
 """Config section ``lud``: Lexical Unit Decoding (marking, placeholder data, decoding).
 
-LUD (METHODS.md section 7) has no reference code; every field below is one of
+LUD (Sun et al., 2024) has no reference code; every field below is one of
 cadenza's reconstruction choices and is documented where it is used
 (:mod:`cadenza.train.lud_data`, :mod:`cadenza.train.lud_task`,
 :mod:`cadenza.decode.lud`).

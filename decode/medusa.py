@@ -1,4 +1,4 @@
-"""Medusa heads and tree verification (greedy and exact sampling), on the speculative loop.
+"""Medusa: trained heads proposing a static token tree, a drafter of the speculative round.
 
 Heads (:class:`MedusaHeads`): K heads on the target's final hidden state h
 at the position that produced the pending token y; head k guesses the token
@@ -11,14 +11,12 @@ frozen); they are saved as a head directory (:func:`save_medusa_heads`,
 
 Tree (static, :class:`Medusa` ``paths``): each path ``(i_1, .., i_d)`` is a
 node at depth d holding the ``i_d``-th best token of head d - 1 whose parent
-is ``(i_1, .., i_{d-1})``; the root is y. One round verifies the root and
-every node in one :func:`~cadenza.decode.verify.verify` call (positions
-``L + depth``, ancestor-or-self mask, causal over the cached prefix; with a
-repetition penalty each node counts the tokens on its root path as seen).
-Acceptance (:func:`tree_greedy_accept`, :func:`tree_sample_accept`) picks
-the deepest accepted node and the token y' after it; the node's root path's
-keys/values are compacted into ``[L, L + depth + 1)``, y' becomes the new
-pending token and the node's hidden state feeds the heads next round.
+is ``(i_1, .., i_{d-1})``; the root is the pending token y. The heads read the
+target's hidden state where it produced y, which the speculative round keeps
+(from the prefill's last prompt position, then from the accepted node), so
+the target runs once per prompt and once per round. Verification, acceptance
+(greedy, or exact sampling with point masses) and compaction are the round's
+(:mod:`cadenza.decode.speculative`).
 """
 
 import dataclasses
@@ -28,11 +26,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cadenza.decode import sampling
-from cadenza.decode.speculative import SpecState, _Program, round_keys
-from cadenza.decode.verify import compact, tree_mask, verify
+from cadenza.decode.speculative import Proposal
 from cadenza.errors import CadenzaError
-from cadenza.models.transformer import Transformer
 
 DEFAULT_PATHS = ((0,), (1,), (2,), (0, 0), (0, 1), (1, 0), (0, 0, 0), (0, 1, 0), (0, 0, 0, 0))
 
@@ -67,74 +62,6 @@ def init_medusa_heads(model_config, base_params, num_heads: int, blocks: int = 1
                          for k in range(num_heads)}}
 
 
-def tree_greedy_accept(nodes, logp, parents, depth):
-    """Greedy tree rule: a node is good iff its token is the target's argmax at its parent.
-
-    Args:
-      nodes: int32 [B, N] node tokens (node 0 = root); logp: float32 [B, N, V] the
-        target's next-token log-probs at each node; parents, depth: numpy int32 [N]
-      (the root's parent is -1, its depth 0).
-    Returns ``(win int32 [B], y int32 [B])``: the deepest node whose whole root path is
-    good (the first such in node order) and the argmax after it.
-    """
-    best = jnp.argmax(logp, axis=-1).astype(jnp.int32)                 # [B, N]
-    good = (nodes == best[:, np.maximum(parents, 0)]).at[:, 0].set(True)
-    anc = jnp.asarray(tree_mask(parents))
-    path_ok = jnp.all(good[:, None, :] | ~anc[None], axis=-1)          # [B, N]
-    win = jnp.argmax(jnp.where(path_ok, jnp.asarray(depth)[None], -1), axis=1).astype(jnp.int32)
-    return win, jnp.take_along_axis(best, win[:, None], axis=1)[:, 0]
-
-
-def tree_sample_accept(nodes, logp, children, depth, keys):
-    """Exact sampling on a token tree with point-mass drafts (sequential elimination).
-
-    From the root: r = p at the current node; its children c_1, c_2, .. (rank order)
-    are tried in turn, c_j accepted with probability ``r(c_j) / sum(r)``, else
-    ``r(c_j) = 0``; an accepted child becomes the current node (r = its p), and
-    when all are rejected (or there are none) y ~ r and the walk stops. The
-    emitted path plus y is then distributed exactly as the target's own samples.
-
-    Args:
-      nodes: int32 [B, N]; logp: float32 [B, N, V] (warped, as the plain sampler's);
-      children: numpy int32 [N, C], each node's children in trial order, -1 padded;
-      depth: numpy int32 [N];
-      keys: per-row PRNG keys [B] of this round.
-    Returns ``(win int32 [B] the last accepted node, y int32 [B])``.
-    """
-    b, _, v = logp.shape
-    levels, width = int(depth.max()) + 1, children.shape[1]
-    ch = jnp.asarray(children)
-    p = jnp.exp(logp)
-    rows = jnp.arange(b)
-    u = jax.vmap(lambda k: jax.random.uniform(jax.random.fold_in(k, 0), (levels, width)))(keys)
-    vocab = jnp.arange(v)[None, :]
-
-    def try_child(d, j, carry):
-        cur, alive, r, nxt, took = carry
-        c = ch[cur, j]
-        valid = alive & ~took & (c >= 0)
-        tok = nodes[rows, jnp.maximum(c, 0)]
-        r_tok = jnp.take_along_axis(r, tok[:, None], axis=1)[:, 0]
-        acc = valid & (u[:, d, j] * jnp.sum(r, axis=-1) < r_tok)
-        r = jnp.where((valid & ~acc)[:, None] & (vocab == tok[:, None]), 0.0, r)
-        return cur, alive, r, jnp.where(acc, c, nxt), took | acc
-
-    def level(d, carry):                 # a walk visits at most one node per depth
-        cur, alive, r = carry
-        r = jnp.where(alive[:, None], p[rows, cur], r)
-        cur, alive, r, nxt, took = jax.lax.fori_loop(
-            0, width, lambda j, c: try_child(d, j, c),
-            (cur, alive, r, cur, jnp.zeros((b,), bool)))
-        return nxt, alive & took, r
-
-    cur, _, r = jax.lax.fori_loop(0, levels, level, (jnp.zeros((b,), jnp.int32),
-                                                      jnp.ones((b,), bool), p[:, 0]))
-    r = jnp.where(jnp.sum(r, axis=-1, keepdims=True) > 0, r, p[rows, cur])
-    y = jax.vmap(lambda k, d: jax.random.categorical(jax.random.fold_in(k, 1), jnp.log(d)))(
-        keys, r)
-    return cur, y.astype(jnp.int32)
-
-
 @dataclasses.dataclass(frozen=True)
 class Medusa:
     """Medusa drafter: ``paths`` is the static tree, ``blocks`` per head, ``heads`` the
@@ -162,42 +89,44 @@ class Medusa:
         return max(len(p) for p in self.paths)
 
     @property
-    def slots(self) -> int:             # cache slots a round writes beyond L
-        return len(self.paths) + 1
-
-    @property
     def num_heads(self) -> int:
         return self.heads or self.gamma
 
-    program = property(lambda self: TreeProgram)
+    @property
+    def parents(self) -> tuple:
+        """Each node's parent (-1 = the pending token), nodes in ``paths`` order."""
+        index = {p: i for i, p in enumerate(self.paths)}
+        return tuple(index[p[:-1]] if len(p) > 1 else -1 for p in self.paths)
 
-    def models(self):
-        return []
-
-    def init(self, program, draft_params, tokens, lengths, first):
-        return None          # TreeProgram.prefill sets the hidden state the heads read
+    def check(self, forward, draft_params) -> None:
+        """Nothing to check before compiling (the head directory was checked on loading)."""
 
     def cost_ratio(self, params, draft_params) -> float:
         return 0.0
 
-    def tree(self):
-        """numpy buffers: parents [N], depth [N], head [N], rank [N], root paths [N, D + 1]
-        and children [N, C] (each node's, in rank order, -1 padded)."""
-        nodes = [()] + list(self.paths)
-        index = {p: i for i, p in enumerate(nodes)}
-        parents = np.asarray([-1] + [index[p[:-1]] for p in self.paths], np.int32)
-        depth = np.asarray([len(p) for p in nodes], np.int32)
-        head = np.maximum(depth - 1, 0)
-        rank = np.asarray([0] + [p[-1] for p in self.paths], np.int32)
-        retrieve = np.zeros((len(nodes), self.gamma + 1), np.int32)
-        for i, p in enumerate(nodes):
-            retrieve[i, :len(p) + 1] = [index[p[:j]] for j in range(len(p) + 1)]
-        kids = [[i for i in range(1, len(nodes)) if parents[i] == a] for a in range(len(nodes))]
-        children = np.full((len(nodes), max(len(k) for k in kids)), -1, np.int32)
-        for a, k in enumerate(kids):
-            children[a, :len(k)] = k
-        return parents, depth, head, rank, retrieve, children
+    def init(self, draft_params, pre):
+        return None          # the heads read the round's target hidden state
 
+    def propose(self, heads, state, ctx):
+        """Node tokens: head ``depth - 1``'s ``rank``-th best guess (point masses)."""
+        head, rank = self.head_rank()
+        vocab = ctx.forward.config.vocab_size
+        guesses = MedusaHeads(self.num_heads, vocab, self.blocks).apply(
+            {"params": heads}, ctx.hidden)                                 # [B, K, V]
+        top = jax.lax.top_k(guesses, int(rank.max()) + 1)[1].astype(jnp.int32)
+        tokens = top[:, head, rank]
+        return Proposal(tokens=tokens, valid=jnp.ones(tokens.shape, bool), q=None,
+                        parents=self.parents), state
+
+    def observe(self, heads, state, obs):
+        return state
+
+    def head_rank(self) -> tuple[np.ndarray, np.ndarray]:
+        """Per node (``paths`` order): the head that guesses it (depth - 1) and the rank of
+        its guess, numpy int32 [N] each."""
+        head = np.asarray([len(p) - 1 for p in self.paths], np.int32)
+        rank = np.asarray([p[-1] for p in self.paths], np.int32)
+        return head, rank
 
 def save_medusa_heads(directory, drafter: Medusa, model_config, params):
     """Write trained heads and their tree to a new head directory
@@ -230,64 +159,3 @@ def load_medusa_heads(directory, model_config):
     abstract = jax.eval_shape(lambda: heads.init(
         jax.random.key(0), jnp.zeros((1, model_config.hidden_size)))["params"])
     return drafter, load_head_dir(directory, "medusa", abstract)[1]
-
-
-@dataclasses.dataclass(frozen=True)
-class TreeProgram(_Program):
-    """The speculative loop with a Medusa tree round (see module docstring)."""
-
-    def prefill(self, params, tokens, lengths, seeds, stop_ids) -> SpecState:
-        state = super().prefill(params, tokens, lengths, seeds, stop_ids)
-        _, hidden, _ = verify(Transformer(self.target), params[0], None, tokens, rules=self.rules)
-        last = jnp.take_along_axis(hidden, (lengths - 1)[:, None, None], axis=1)[:, 0]
-        return state.replace(drafter=last)
-
-    def _round(self, params, s: SpecState) -> SpecState:
-        tparams, heads = params
-        m: Medusa = self.drafter
-        parents, depth, head, rank, retrieve, children = m.tree()
-        c = s.core
-        b, g = c.tokens.shape[0], m.gamma
-        rows = jnp.arange(b)
-        pending = c.tokens[rows, c.num_generated - 1]
-        cache = c.caches[0]
-        guesses = MedusaHeads(m.num_heads, self.target.vocab_size, m.blocks).apply(
-            {"params": heads}, s.drafter)                                   # [B, K, V]
-        top = jax.lax.top_k(guesses, int(rank.max()) + 1)[1].astype(jnp.int32)
-        nodes = top[:, head, rank].at[:, 0].set(pending)                   # [B, N]
-        anc = tree_mask(parents)
-        logits, hidden, cache = verify(
-            Transformer(self.target), tparams, cache, nodes,
-            positions=cache.lengths[:, None] + jnp.asarray(depth)[None, :],
-            tail_mask=jnp.asarray(anc), rules=self.rules)
-        n_nodes, v = nodes.shape[1], logits.shape[-1]
-        seen = None
-        if c.seen is not None:            # a node has seen the tokens on its root path
-            hot = jax.nn.one_hot(nodes, v, dtype=jnp.float32)
-            on_path = jnp.einsum("ik,bkv->biv", jnp.asarray(anc, jnp.float32), hot) > 0
-            seen = (c.seen[:, None] | on_path).reshape(b * n_nodes, v)
-        logp = sampling.log_probs(logits.reshape(b * n_nodes, v), self.spec, seen
-                                  ).reshape(b, n_nodes, v)
-        if self.spec.method == "greedy":
-            win, y = tree_greedy_accept(nodes, logp, parents, depth)
-        else:
-            win, y = tree_sample_accept(nodes, logp, children, depth,
-                                        round_keys(c.keys, c.step))
-        n = jnp.asarray(depth)[win]
-        path = jnp.asarray(retrieve)[win]                                  # [B, D + 1]
-        j = jnp.arange(g + 1)[None, :]
-        nxt = jnp.take_along_axis(nodes, jnp.minimum(path[:, 1:], n_nodes - 1), axis=1)
-        emitted = jnp.where(j < n[:, None], jnp.concatenate([nxt, nxt[:, :1]], axis=1),
-                            jnp.where(j == n[:, None], y[:, None], 0))
-        lp = jnp.take_along_axis(jnp.take_along_axis(logp, path[..., None], axis=1),
-                                 emitted[..., None], axis=-1)[..., 0]
-        active = ~c.done
-        core = self.advance(c, compact(cache, path), emitted, lp, n)
-        act = active[:, None]
-        pos = jnp.arange(g)[None, :]
-        return SpecState(
-            core=core, prev=s.prev,
-            drafter=jnp.where(act, hidden[rows, win], s.drafter),
-            forwards=s.forwards + active.astype(jnp.int32),
-            proposed=s.proposed + jnp.sum(act & (pos >= 0), axis=0, dtype=jnp.int32),
-            accepted=s.accepted + jnp.sum(act & (pos < n[:, None]), axis=0, dtype=jnp.int32))

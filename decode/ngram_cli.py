@@ -7,7 +7,7 @@ import sys
 def _build(args) -> int:
     import pathlib
 
-    from cadenza.decode.ngram import build_from_files, tokenizer_fingerprint
+    from cadenza.decode.ngram_table import build_from_files, tokenizer_fingerprint
 
     tokenizer = tokenizer_id = None
     if args.tokenizer:

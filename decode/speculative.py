@@ -1,68 +1,199 @@
-"""Speculative decoding on device: a drafter proposes, the target verifies, rows advance raggedly.
+"""Speculative decoding: one tree-shaped round for every drafter; rows advance raggedly.
 
-``speculative_generate(target, params, prompts, config, drafter=...)`` runs
-one jitted prefill (the plain loop's, :mod:`cadenza.decode.loop`) and one
-jitted ``lax.while_loop`` of *rounds*. Per round and row ``b`` (``L_b`` = the
-target's cached length, ``y`` = the pending token, emitted but not cached):
+Per round and row ``b`` (``L_b`` = the target's cached length, ``y`` = the
+pending token, emitted but not cached):
 
-1. the drafter proposes ``g_b <= gamma`` tokens d_1..d_g (a draft model
-   with a fixed or adaptive length, or prompt lookup), with the draft
-   distributions q_i they were drawn from (after the *same* warpers);
-2. the target scores ``[y, d_1..d_gamma]`` at ``[L_b, L_b + gamma]`` in one
-   :func:`~cadenza.decode.verify.verify` call (row i scores d_{i+1});
-3. greedy: the longest prefix equal to the target's argmax, then the
-   argmax after it; sampling: the exact rule with residual and bonus token
-   (:func:`~cadenza.decode.verify.exact_accept`), so outputs are distributed
-   as the target's own samples;
-4. the row emits d_1..d_n and a new pending token (cut at a stop token or
-   ``max_new_tokens``), its cache length becomes ``L_b + n + 1`` (rollback =
-   lengths), and the drafter updates its own state.
+1. the drafter proposes a :class:`Proposal`: ``N`` node tokens whose parents
+   are static (``drafter.parents``; -1 = the pending token, so a chain of
+   ``gamma`` tokens has parents ``(-1, 0, 1, ..)``), a per-row validity mask
+   (a chain of ``g_b <= gamma`` drafts marks the rest invalid) and, for drafts
+   sampled from a distribution, ``q`` (None for point masses);
+2. the target scores ``[y, nodes]`` at positions ``L_b + depth`` with the
+   ancestor-or-self mask in one :func:`~cadenza.decode.verify.verify` call;
+3. acceptance (:mod:`cadenza.decode.verify`): greedy keeps the deepest path of
+   nodes equal to the target's argmax at their parent; sampling uses the exact
+   rule (chains with ``q``: residual and bonus token; point masses: sequential
+   elimination), so outputs follow the target's own distribution;
+4. the row emits the accepted path and the token after it (cut at a stop id
+   and ``max_new_tokens``), the path's keys/values are compacted into
+   consecutive slots (trees only) and the cache length becomes ``L_b + n + 1``;
+5. the drafter's ``observe`` sees what happened (the target's logits and
+   hidden states at every node, the accepted path), so drafters that learn
+   from the target need no program of their own.
 
-Finished rows keep computing (static shapes) but nothing of theirs changes.
-Stop strings are matched on the host after the loop (the outputs are
-identical; a row only decodes past its stop string). The result is a
-:class:`~cadenza.decode.loop.GenerateResult` whose ``stats`` add
-``target_forwards``, ``mean_accepted_per_forward`` (tokens emitted per row
-per target forward, bonus included), ``acceptance_per_position``,
+A drafter (:class:`Drafter`) is a frozen dataclass with ``name``, ``parents``,
+``init``, ``propose``, ``observe``, ``check`` and ``cost_ratio``; a new one is
+one file (see docs/decoding.md). The result's ``stats`` add
+``target_forwards``, ``mean_accepted_per_forward`` (tokens emitted per row per
+target forward, bonus included), ``acceptance_per_position`` (per depth),
 ``mean_draft_length``, ``cost_ratio`` and ``predicted_speedup``.
 """
 
 import dataclasses
-import time
-from typing import Any
+from typing import Any, Protocol
 
 import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from cadenza.decode import loop, sampling
-from cadenza.decode.adaptive import StopRule
-from cadenza.decode.config import DecodeConfig, SamplingSpec
-from cadenza.decode.ngram_draft import PromptLookup
-from cadenza.decode.verify import exact_accept, greedy_accept, verify
+from cadenza.decode import sampling
+from cadenza.decode.config import SamplingSpec
+from cadenza.decode.driver import generate_with
+from cadenza.decode.forward import ModelForward, as_forward, prefix_slots
+from cadenza.decode.method import Batch, Emitted, MethodBase, not_finite
+from cadenza.decode.plain import check_top_k, first_logits, mark_seen, seen_mask
+from cadenza.decode.verify import (
+    compact,
+    exact_accept,
+    tree_greedy_accept,
+    tree_mask,
+    tree_sample_accept,
+    verify,
+)
 from cadenza.errors import CadenzaError
-from cadenza.models.cache import KVCache
-from cadenza.models.transformer import Transformer
+
+
+@flax.struct.dataclass
+class Proposal:
+    """A drafter's proposal for one round.
+
+    tokens: int32 [B, N] node tokens; valid: bool [B, N] (an invalid node and
+    its descendants are never accepted); q: float32 [B, N, V] the distribution
+    each node was drawn from (chains only), or None for point masses;
+    parents: static tuple of N ints, each node's parent (-1 = the pending
+    token; parents precede children). Node positions are ``L + depth``.
+    """
+
+    tokens: jax.Array
+    valid: jax.Array
+    q: jax.Array | None = None
+    parents: tuple = flax.struct.field(pytree_node=False, default=())
+
+
+@flax.struct.dataclass
+class Context:
+    """What a drafter sees when proposing: ``prev`` int32 [B] the token before the
+    pending one; ``pending`` int32 [B]; ``lengths`` int32 [B] the target's cached
+    tokens; ``hidden`` [B, D] the target's final hidden state where it produced
+    ``pending``; ``seen`` bool [B, V] or None; ``keys``: this round's per-row keys
+    (None when greedy); ``spec`` (static): the sampler settings; ``forward``
+    (static): the target's forward."""
+
+    prev: jax.Array
+    pending: jax.Array
+    lengths: jax.Array
+    hidden: jax.Array
+    seen: jax.Array | None
+    keys: jax.Array | None
+    spec: SamplingSpec = flax.struct.field(pytree_node=False)
+    forward: Any = flax.struct.field(pytree_node=False)
+
+
+@flax.struct.dataclass
+class Observation:
+    """What verification decided, for ``Drafter.observe``: ``logits`` float32 [B, N + 1, V]
+    and ``hidden`` [B, N + 1, D] of the target at the root (index 0) and every node;
+    ``path`` int32 [B, D + 1] node indices of the accepted path (root first, valid up
+    to ``n``); ``n`` int32 [B] accepted nodes; ``emitted`` int32 [B, D + 1] the
+    accepted tokens then the next pending token; ``active`` bool [B] rows that were
+    running; ``lengths`` int32 [B] the row's cached tokens before the round (as in
+    :class:`Context`)."""
+
+    logits: jax.Array
+    hidden: jax.Array
+    path: jax.Array
+    n: jax.Array
+    emitted: jax.Array
+    active: jax.Array
+    lengths: jax.Array
+
+
+@flax.struct.dataclass
+class Prefilled:
+    """What ``Drafter.init`` sees after the target's prefill: ``batch``; ``first`` int32
+    [B] the first emitted token; ``hidden`` [B, D] the target's last prompt hidden
+    state; ``forward`` (static): the target's forward."""
+
+    batch: Batch
+    first: jax.Array
+    hidden: jax.Array
+    forward: Any = flax.struct.field(pytree_node=False)
+
+
+class Drafter(Protocol):
+    """A proposer of draft tokens (a frozen, hashable dataclass)."""
+
+    name: str
+    parents: tuple
+
+    def check(self, forward, draft_params) -> None: ...
+
+    def cost_ratio(self, params, draft_params) -> float: ...
+
+    def init(self, draft_params, pre: Prefilled) -> Any: ...
+
+    def propose(self, draft_params, state, ctx: Context) -> tuple[Proposal, Any]: ...
+
+    def observe(self, draft_params, state, obs: Observation) -> Any: ...
+
+
+def chain(gamma: int) -> tuple:
+    """Parents of a chain of ``gamma`` nodes: ``(-1, 0, 1, .., gamma - 2)``."""
+    return tuple(range(-1, gamma - 1))
+
+
+@dataclasses.dataclass(frozen=True)
+class Tree:
+    """Static buffers of a round's tree (root = the pending token, index 0)."""
+
+    parents: np.ndarray     # int32 [N + 1], root -1
+    depth: np.ndarray       # int32 [N + 1]
+    retrieve: np.ndarray    # int32 [N + 1, D + 1] root path of each node (root first)
+    children: np.ndarray    # int32 [N + 1, C] children in node order, -1 padded
+    is_chain: bool
+
+    @classmethod
+    def of(cls, node_parents: tuple) -> "Tree":
+        parents = np.asarray([-1] + [p + 1 for p in node_parents], np.int32)
+        n = len(parents)
+        depth = np.zeros(n, np.int32)
+        for i in range(1, n):
+            if not 0 <= parents[i] < i:
+                raise ValueError(f"node {i - 1}'s parent {parents[i] - 1} does not precede it")
+            depth[i] = depth[parents[i]] + 1
+        d = int(depth.max())
+        retrieve = np.zeros((n, d + 1), np.int32)
+        for i in range(n):
+            path, j = [], i
+            while j >= 0:
+                path.append(j)
+                j = parents[j]
+            retrieve[i, :len(path)] = path[::-1]
+        kids = [[i for i in range(1, n) if parents[i] == a] for a in range(n)]
+        children = np.full((n, max(max(len(k) for k in kids), 1)), -1, np.int32)
+        for a, k in enumerate(kids):
+            children[a, :len(k)] = k
+        is_chain = all(parents[i] == i - 1 for i in range(n))
+        return cls(parents, depth, retrieve, children, is_chain)
 
 
 @flax.struct.dataclass
 class SpecState:
-    """The round loop's carry.
+    """The round loop's carry: ``out`` (buffers ``max_new_tokens + depth + 1`` wide;
+    ``out.step`` counts the prefill and rounds), the target ``cache``, ``seen``/``keys``
+    as in plain decoding, ``prev`` int32 [B] the token before the pending one,
+    ``hidden`` [B, D] (see :class:`Context`), the ``drafter``'s state, ``forwards``
+    int32 [B] target forwards while the row ran, ``proposed``/``accepted`` int32 [D]
+    per depth, how often a running row proposed / accepted a node there."""
 
-    core: the plain loop's :class:`~cadenza.decode.loop.DecodeState` with a
-      token buffer ``max_new_tokens + gamma + 1`` wide (``step`` = rounds
-      run), ``caches = (target cache,)``;
-    drafter: the drafter's own state (draft cache, context buffer, ...);
-    prev: int32 [B] the token before the pending one (last prompt token at first);
-    forwards: int32 [B] target forwards while the row was running;
-    proposed, accepted: int32 [gamma] per draft position, how often a running
-      row proposed / accepted a token there.
-    """
-
-    core: loop.DecodeState
-    drafter: Any
+    out: Emitted
+    cache: Any
+    seen: jax.Array | None
+    keys: jax.Array | None
     prev: jax.Array
+    hidden: jax.Array
+    drafter: Any
     forwards: jax.Array
     proposed: jax.Array
     accepted: jax.Array
@@ -75,245 +206,207 @@ def round_keys(keys, step):
     return jax.vmap(lambda k: jax.random.fold_in(k, step))(keys)
 
 
-def draw(logits, spec: SamplingSpec, seen, keys, salt: int):
-    """Warp ``logits`` [B, V] with ``spec`` and pick one token per row.
-
-    ``keys`` are round keys (None when greedy); the draw uses ``fold_in(key, salt)``.
-    Returns ``(tokens int32 [B], log-probs float32 [B, V])``.
-    """
-    logp = sampling.log_probs(logits, spec, seen)
-    tok, _ = sampling.select(logp, spec, keys, salt)
-    return tok, logp
-
-
 @dataclasses.dataclass(frozen=True)
-class _Program:
-    """Static description of one compiled speculative loop (hashable)."""
+class Speculative(MethodBase):
+    """The speculative method: ``forward`` (the target), ``drafter``, ``spec``.
 
-    target: Any            # ModelConfig
-    drafter: Any           # a drafter (DraftModel, PromptLookup, ...): frozen dataclass
+    Params: ``(target params, draft params)``.
+    """
+
+    forward: Any
+    drafter: Any
     spec: SamplingSpec
-    num_new: int
-    max_len: int
-    rules: Any
+    name: str = "speculative"
 
     @property
-    def gamma(self) -> int:
-        return self.drafter.gamma
+    def tree(self) -> Tree:
+        return Tree.of(tuple(self.drafter.parents))
 
-    def _plain(self) -> loop._Program:
-        return loop._Program(model_configs=(self.target,), spec=self.spec,
-                             num_new=self.num_new + self.gamma + 1, max_len=self.max_len,
-                             rules=self.rules)
+    @property
+    def depth(self) -> int:
+        return int(self.tree.depth.max())
 
-    def prefill(self, params, tokens, lengths, seeds, stop_ids) -> SpecState:
-        """Prompts int32 [B, T] right-padded, lengths [B] -> state with the first token chosen."""
+    @property
+    def slots(self) -> int:
+        return len(self.drafter.parents) + 1
+
+    def model_configs(self):
+        return [self.forward.config]
+
+    def prefill(self, params, batch: Batch) -> SpecState:
+        """Prompts -> state with the first token chosen (one target forward)."""
         tparams, dparams = params
-        core = self._plain().prefill((tparams,), jnp.float32(0.0), tokens, lengths, seeds,
-                                     stop_ids)
-        core = core.replace(done=core.done | (core.num_generated >= self.num_new))
-        prev = jnp.take_along_axis(tokens, (lengths - 1)[:, None], axis=1)[:, 0]
-        g = self.gamma
+        logits, hidden, cache = first_logits(self.forward, tparams, batch)
+        vocab = logits.shape[-1]
+        seen = seen_mask(batch, vocab) if self.spec.uses_history else None
+        keys = sampling.row_keys(batch.seeds) if self.spec.method == "sample" else None
+        out = Emitted.create(batch, extra=self.depth + 1)
+        logp = sampling.log_probs(logits, self.spec, seen)
+        tok, lp = sampling.select(logp, self.spec, keys, out.step)
+        one = jnp.ones_like(batch.lengths)
+        out = out.append(tok[:, None], lp[:, None], one, not_finite(logits))
+        d = self.depth
+        prev = jnp.take_along_axis(batch.tokens, (batch.lengths - 1)[:, None], axis=1)[:, 0]
+        pre = Prefilled(batch=batch, first=tok, hidden=hidden, forward=self.forward)
         return SpecState(
-            core=core, prev=prev,
-            drafter=self.drafter.init(self, dparams, tokens, lengths, core.tokens[:, 0]),
-            forwards=jnp.zeros_like(lengths), proposed=jnp.zeros((g,), jnp.int32),
-            accepted=jnp.zeros((g,), jnp.int32))
+            out=out, cache=cache, seen=mark_seen(seen, tok[:, None], one, ~out.done), keys=keys,
+            prev=prev, hidden=hidden, drafter=self.drafter.init(dparams, pre),
+            forwards=jnp.zeros_like(batch.lengths), proposed=jnp.zeros((d,), jnp.int32),
+            accepted=jnp.zeros((d,), jnp.int32))
 
-    def _seen_per_position(self, seen, drafts):
-        """seen [B, V] -> [B, G+1, V]: position i also counts d_1..d_i (repetition penalty)."""
-        if seen is None:
-            return None
-        v = seen.shape[-1]
-        hot = jnp.cumsum(jax.nn.one_hot(drafts, v, dtype=jnp.int32), axis=1) > 0
-        return jnp.concatenate([seen[:, None], seen[:, None] | hot], axis=1)
-
-    def _round(self, params, s: SpecState) -> SpecState:
+    def step(self, params, s: SpecState) -> SpecState:
+        """One round: propose, verify once, accept, emit, observe."""
         tparams, dparams = params
-        c = s.core
-        b, g = c.tokens.shape[0], self.gamma
+        tree, out = self.tree, s.out
+        b = out.tokens.shape[0]
         rows = jnp.arange(b)
-        pending = c.tokens[rows, c.num_generated - 1]
-        cache = c.caches[0]
-        lengths = cache.lengths
-        keys = round_keys(c.keys, c.step)
-        drafts, q, dlen, dstate = self.drafter.propose(
-            self, dparams, s.drafter, s.prev, pending, lengths, c.seen, keys)
-        dlen = jnp.minimum(dlen, g)
-        model = Transformer(self.target)
-        logits, _, cache = verify(model, tparams, cache,
-                                  jnp.concatenate([pending[:, None], drafts], axis=1),
-                                  rules=self.rules)
-        seen_i = self._seen_per_position(c.seen, drafts)
-        v = logits.shape[-1]
-        logp = sampling.log_probs(logits.reshape(b * (g + 1), v), self.spec,
-                                  None if seen_i is None else seen_i.reshape(b * (g + 1), v)
-                                  ).reshape(b, g + 1, v)
+        pending = out.last
+        lengths = s.cache.lengths
+        tokens_cached = lengths - prefix_slots(self.forward)
+        keys = round_keys(s.keys, out.step)
+        ctx = Context(prev=s.prev, pending=pending, lengths=tokens_cached, hidden=s.hidden,
+                      seen=s.seen, keys=keys, spec=self.spec, forward=self.forward)
+        prop, dstate = self.drafter.propose(dparams, s.drafter, ctx)
+        if tuple(prop.parents) != tuple(self.drafter.parents):
+            raise ValueError(f"the proposal's parents {prop.parents} differ from the drafter's "
+                             f"{self.drafter.parents}")
+        nodes = jnp.concatenate([pending[:, None], prop.tokens], axis=1)          # [B, N+1]
+        valid = jnp.concatenate([jnp.ones((b, 1), bool), prop.valid], axis=1)
+        depth = jnp.asarray(tree.depth)
+        anc = tree_mask(tree.parents)
+        logits, hidden, cache = verify(
+            self.forward, tparams, s.cache, nodes, positions=lengths[:, None] + depth[None, :],
+            tail_mask=None if tree.is_chain else jnp.asarray(anc))
+        n_nodes, v = nodes.shape[1], logits.shape[-1]
+        seen = None
+        if s.seen is not None:            # a node has seen the tokens on its root path
+            hot = jax.nn.one_hot(nodes, v, dtype=jnp.float32)
+            on_path = jnp.einsum("ik,bkv->biv", jnp.asarray(anc, jnp.float32), hot) > 0
+            seen = (s.seen[:, None] | on_path).reshape(b * n_nodes, v)
+        logp = sampling.log_probs(logits.reshape(b * n_nodes, v), self.spec, seen
+                                  ).reshape(b, n_nodes, v)
         if self.spec.method == "greedy":
-            n, y = greedy_accept(drafts, logp, dlen)
+            win, y = tree_greedy_accept(nodes, logp, tree.parents, tree.depth, valid)
+        elif prop.q is not None:
+            if not tree.is_chain:
+                raise ValueError("draft distributions q are supported for chains only")
+            win, y = exact_accept(prop.tokens, logp, prop.q,
+                                  jnp.sum(jnp.cumprod(prop.valid, axis=1), axis=1), keys)
         else:
-            n, y = exact_accept(drafts, logp, q, dlen, keys)
-        # emitted: d_1..d_n, y  (n + 1 tokens), written at slots num_generated..
-        j = jnp.arange(g + 1)[None, :]
-        padded = jnp.concatenate([drafts, drafts[:, :1]], axis=1)
-        emitted = jnp.where(j < n[:, None], padded, jnp.where(j == n[:, None], y[:, None], 0))
-        lp = jnp.take_along_axis(logp, emitted[..., None], axis=-1)[..., 0]
-        active = ~c.done
-        prev = jnp.where(active, jnp.where(n > 0, padded[rows, jnp.maximum(n - 1, 0)], pending),
-                         s.prev)
-        pos = jnp.arange(g)[None, :]
+            win, y = tree_sample_accept(nodes, logp, tree.children, tree.depth, keys, valid)
+        n = depth[win]
+        path = jnp.asarray(tree.retrieve)[win]                                   # [B, D+1]
+        d = path.shape[1] - 1
+        j = jnp.arange(d + 1)[None, :]
+        on = jnp.take_along_axis(nodes, jnp.minimum(jnp.roll(path, -1, axis=1), n_nodes - 1),
+                                 axis=1)
+        emitted = jnp.where(j < n[:, None], on, jnp.where(j == n[:, None], y[:, None], 0))
+        lp = jnp.take_along_axis(jnp.take_along_axis(logp, path[..., None], axis=1),
+                                 emitted[..., None], axis=-1)[..., 0]
+        active = ~out.done
+        if not tree.is_chain:
+            cache = compact(cache, path)
+        obs = Observation(logits=logits, hidden=hidden, path=path, n=n, emitted=emitted,
+                          active=active, lengths=tokens_cached)
         act = active[:, None]
+        pos = jnp.arange(1, d + 1)[None, :]
+        has = jnp.any(valid[:, None, :] & (depth[None, None, :] == pos[..., None]), axis=-1)
         return SpecState(
-            core=self.advance(c, cache, emitted, lp, n), prev=prev,
-            drafter=self.drafter.update(dstate, emitted, lengths, n, active),
+            out=out.append(emitted, lp, n + 1, not_finite(logits)),
+            cache=cache.advance(jnp.where(active, n + 1, 0)),
+            seen=mark_seen(s.seen, emitted, n + 1, active), keys=s.keys,
+            prev=jnp.where(active, nodes[rows, win], s.prev),
+            hidden=jnp.where(act, hidden[rows, win], s.hidden),
+            drafter=self.drafter.observe(dparams, dstate, obs),
             forwards=s.forwards + active.astype(jnp.int32),
-            proposed=s.proposed + jnp.sum(act & (pos < dlen[:, None]), axis=0, dtype=jnp.int32),
-            accepted=s.accepted + jnp.sum(act & (pos < n[:, None]), axis=0, dtype=jnp.int32))
+            proposed=s.proposed + jnp.sum(act & has, axis=0, dtype=jnp.int32),
+            accepted=s.accepted + jnp.sum(act & (pos <= n[:, None]), axis=0, dtype=jnp.int32))
 
-    def advance(self, c: loop.DecodeState, cache: KVCache, emitted, lp, n) -> loop.DecodeState:
-        """Emit ``emitted[:, :n+1]`` (int32 [B, W], log-probs ``lp`` [B, W]) for running rows.
+    def extras(self, state: SpecState) -> dict:
+        return {"forwards": state.forwards, "proposed": state.proposed,
+                "accepted": state.accepted}
 
-        Cuts at the first stop token and at ``max_new_tokens``; keeps ``n + 1``
-        more slots of ``cache`` (the target's) for running rows; finished rows
-        are left unchanged.
-        """
-        w = emitted.shape[1]
-        j = jnp.arange(w)[None, :]
-        is_stop = jnp.any(emitted[..., None] == c.stop_ids[None, None, :], axis=-1) & (
-            j <= n[:, None])
-        first_stop = jnp.min(jnp.where(is_stop, j, w), axis=1)
-        count = jnp.minimum(n + 1, first_stop + 1)
-        active = ~c.done
-        ng = jnp.minimum(c.num_generated + count, self.num_new)
-        write = jax.vmap(lambda buf, x, at: jax.lax.dynamic_update_slice(buf, x, (at,)))
-        tokens = jnp.where(active[:, None], write(c.tokens, emitted, c.num_generated), c.tokens)
-        logprobs = jnp.where(active[:, None], write(c.logprobs, lp, c.num_generated), c.logprobs)
-        seen = c.seen
-        if seen is not None:
-            hot = jax.nn.one_hot(emitted, seen.shape[-1], dtype=bool) & (j <= n[:, None])[..., None]
-            seen = seen | (jnp.any(hot, axis=1) & active[:, None])
-        return c.replace(
-            tokens=tokens, logprobs=logprobs, seen=seen, step=c.step + 1,
-            num_generated=jnp.where(active, ng, c.num_generated),
-            done=c.done | (active & ((first_stop <= n) | (ng >= self.num_new))),
-            caches=(cache.advance(jnp.where(active, n + 1, 0)),))
-
-    def decode(self, params, state: SpecState) -> SpecState:
-        """Run rounds until every row is done."""
-        return jax.lax.while_loop(lambda s: ~jnp.all(s.core.done),
-                                  lambda s: self._round(params, s), state)
+    def host_stats(self, params, harvest, decoded: int) -> dict:
+        """The speculative statistics (see the module docstring)."""
+        e = harvest.extras
+        forwards = int(np.asarray(e["forwards"]).sum())
+        proposed, accepted = np.asarray(e["proposed"]), np.asarray(e["accepted"])
+        per_forward = decoded / forwards if forwards else 0.0
+        mean_draft = float(proposed.sum() / forwards) if forwards else 0.0
+        c = self.drafter.cost_ratio(params[0], params[1])
+        return {"method": self.drafter.name, "gamma": self.depth, "target_forwards": forwards,
+                "mean_accepted_per_forward": per_forward,
+                "acceptance_per_position": [float(a / p) if p else None
+                                            for a, p in zip(accepted, proposed)],
+                "mean_draft_length": mean_draft, "cost_ratio": c,
+                "predicted_speedup": per_forward / (mean_draft * c + 1.0)}
 
 
-def check_draft_vocab(target: Transformer, draft: Transformer) -> None:
+def param_count(params) -> int:
+    """Number of parameters in a pytree."""
+    return int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))
+
+
+def speculative_method(target, drafter, config, draft_params=None, rules=None) -> Speculative:
+    """The :class:`Speculative` method for ``target`` (a model or forward) and ``drafter``,
+    validated (vocabularies, ``top_k``) before anything compiles."""
+    forward = as_forward(target, rules)
+    spec = config.sampling_spec()
+    check_top_k(spec, forward.config.vocab_size)
+    drafter.check(forward, draft_params)
+    return Speculative(forward=forward, drafter=drafter, spec=spec)
+
+
+def speculative_generate(target, params, prompts, config=None, *, drafter, draft_params=None,
+                         tokenizer=None, seeds=None, cost_ratio: float | None = None, mesh=None,
+                         rules=None):
+    """Decode a ragged batch with speculative decoding; lossless w.r.t. the target.
+
+    Args:
+      target, params: the target model (Transformer, PeftModel or forward) and its params.
+      prompts, config, tokenizer, seeds, mesh, rules: as :func:`cadenza.decode.generate`
+        (greedy unless ``config.sampling_spec()`` samples: method sample, or a
+        speculative method with ``decode.speculative.sample``).
+      drafter: a :class:`Drafter` (:class:`DraftModel` with ``draft_params`` = (draft
+        params, head params or None), :class:`~cadenza.decode.prompt_lookup.PromptLookup`,
+        :class:`~cadenza.decode.medusa.Medusa` with its head params, or your own).
+      cost_ratio: overrides the drafter's estimate of t_draft / t_target in the stats.
+
+    Returns a :class:`~cadenza.decode.driver.GenerateResult`. Greedy output equals
+    plain greedy token for token (up to float ties); sampled outputs follow the
+    target's distribution. Raises CadenzaError before compiling on invalid input.
+    """
+    from cadenza.decode.config import DecodeConfig
+
+    config = config or DecodeConfig()
+    method = speculative_method(target, drafter, config, draft_params, rules)
+    res = generate_with(method, (params, draft_params), prompts, config, tokenizer=tokenizer,
+                        seeds=seeds, mesh=mesh)
+    if cost_ratio is not None:
+        s = res.stats
+        s["cost_ratio"] = cost_ratio
+        s["predicted_speedup"] = s["mean_accepted_per_forward"] / (
+            s["mean_draft_length"] * cost_ratio + 1.0)
+    return res
+
+
+def check_draft_vocab(target_config, draft_config) -> None:
     """Raise (before compiling) unless the draft model shares the target's vocabulary size."""
-    tv, dv = target.config.vocab_size, draft.config.vocab_size
+    tv, dv = target_config.vocab_size, draft_config.vocab_size
     if tv != dv:
         raise CadenzaError(
             f"the draft model's vocabulary ({dv} tokens) differs from the target's ({tv} tokens)",
             where="--draft", fix="use a draft model trained with the target's tokenizer")
 
 
-def param_count(params) -> int:
-    return int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))
-
-
-def speculative_generate(target: Transformer, params, prompts, config: DecodeConfig | None = None,
-                         *, drafter, draft_params=None, tokenizer=None, seeds=None,
-                         cost_ratio: float | None = None, mesh=None,
-                         rules=None) -> loop.GenerateResult:
-    """Decode a ragged batch with speculative decoding; lossless w.r.t. the target.
-
-    Args:
-      target, params: the target model and its params.
-      prompts, config, tokenizer, seeds, mesh, rules: as :func:`cadenza.decode.generate`.
-      drafter: a :class:`DraftModel` (``draft_params`` = (draft params, head params
-        or None)), :class:`cadenza.decode.ngram_draft.PromptLookup`, ...
-      cost_ratio: c = time of one draft forward / one target forward, for the
-        predicted speedup (default: the drafter's estimate, e.g. the parameter ratio).
-
-    Greedy output equals :func:`cadenza.decode.generate`'s token for token
-    (up to float ties); sampled outputs follow the target's distribution.
-    Raises CadenzaError before compiling as ``generate`` does, and when the
-    draft model's vocabulary differs from the target's.
-    """
-    config = config or DecodeConfig()
-    models = [target] + list(drafter.models())
-    for m in models[1:]:
-        check_draft_vocab(target, m)
-    ids = loop._prompt_ids(prompts, tokenizer, target.config.vocab_size)
-    if config.stop and tokenizer is None:
-        raise CadenzaError("stop strings need a tokenizer (they are matched on text)",
-                           where="decode.stop", fix="pass tokenizer=..., or use stop_token_ids")
-    padded_len, max_len = loop._check_models(models[:1], config, max(len(p) for p in ids))
-    # Room for a round's drafts, rounded up to a multiple of 16 slots (odd cache sizes
-    # measured slower on CPU; slots past a row's length are masked, so outputs are unchanged).
-    max_len = -(-(max_len + getattr(drafter, "slots", drafter.gamma + 1)) // 16) * 16
-    b, n_new = len(ids), config.max_new_tokens
-    seeds = [config.seed + i for i in range(b)] if seeds is None else [int(s) for s in seeds]
-    if len(seeds) != b:
-        raise CadenzaError(f"{len(seeds)} seeds for {b} prompts", where="generate(seeds=...)",
-                           fix="give one seed per prompt")
-    spec = config.sampling_spec()
-    if hasattr(drafter, "check_spec"):
-        drafter.check_spec(spec)
-    program = getattr(drafter, "program", _Program)(
-        target=target.config, drafter=drafter, spec=spec, num_new=n_new, max_len=max_len,
-        rules=None if rules is None else tuple(rules))
-    lengths = np.array([len(p) for p in ids], np.int32)
-    tokens = np.zeros((b, padded_len), np.int32)
-    for i, p in enumerate(ids):
-        tokens[i, :len(p)] = p
-    stop_ids = loop._stop_ids(target, config, tokenizer)
-    stop_arr = np.full(-(-max(len(stop_ids), 1) // loop._STOP_BUCKET) * loop._STOP_BUCKET, -1,
-                       np.int32)
-    stop_arr[:len(stop_ids)] = stop_ids
-    all_params = (params, draft_params)
-
-    t_start = time.perf_counter()
-    args = (all_params, jnp.asarray(tokens), jnp.asarray(lengths),
-            jnp.asarray(seeds, jnp.int32), jnp.asarray(stop_arr))
-    prefill, compile_s = loop._compiled(program, "prefill", mesh, args)
-    t0 = time.perf_counter()
-    state = jax.block_until_ready(prefill(*args))
-    prefill_s = time.perf_counter() - t0
-    dargs = (all_params, state)
-    decode, c_s = loop._compiled(program, "decode", mesh, dargs, donate=(1,))
-    t0 = time.perf_counter()
-    state = jax.block_until_ready(decode(*dargs))
-    decode_s = time.perf_counter() - t0
-
-    rows = loop._Rows(ids, stop_ids, config.stop, tokenizer)
-    rows.pull(state.core, 0, n_new)
-    num = np.asarray(state.core.num_generated)
-    forwards = int(np.asarray(state.forwards).sum())
-    decoded = int(num.sum()) - b
-    proposed = np.asarray(state.proposed)
-    accepted = np.asarray(state.accepted)
-    per_position = [float(a / p) if p else None for a, p in zip(accepted, proposed)]
-    per_forward = decoded / forwards if forwards else 0.0
-    mean_draft = float(proposed.sum() / forwards) if forwards else 0.0
-    c = drafter.cost_ratio(params, draft_params) if cost_ratio is None else cost_ratio
-    stats = {
-        "method": drafter.name, "gamma": drafter.gamma, "batch": b, "max_len": max_len,
-        "prompt_tokens": int(lengths.sum()), "generated_tokens": sum(len(t) for t in rows.ids),
-        "compile_s": compile_s + c_s, "prefill_s": prefill_s, "decode_s": decode_s,
-        "steps": int(state.core.step), "chunks": 1,
-        "decode_tokens_per_s": decoded / decode_s if decode_s > 0 else 0.0,
-        "wall_s": time.perf_counter() - t_start,
-        "target_forwards": forwards, "mean_accepted_per_forward": per_forward,
-        "acceptance_per_position": per_position, "mean_draft_length": mean_draft,
-        "cost_ratio": c, "predicted_speedup": per_forward / (mean_draft * c + 1.0),
-    }
-    return rows.result(stats)
-
-
 @dataclasses.dataclass(frozen=True)
 class DraftModel:
-    """Drafter: a small model with its own KV cache proposing ``gamma`` tokens per round.
+    """Drafter: a small model with its own KV cache proposing a chain of ``gamma`` tokens.
 
     ``config``: the draft's ModelConfig. ``stop``: None for a fixed length, else
-    an :class:`cadenza.decode.adaptive.StopRule` (SpecDec++ head or confidence
-    rule) that ends a row's draft early (``gamma`` is then the maximum).
+    a :class:`cadenza.decode.specdec_head.StopRule` (SpecDec++ head or confidence
+    rule) that ends a row's draft early (``gamma`` is then the maximum). Draft
+    params: ``(draft model params, head params or None)``.
 
     Cache bookkeeping: each round the draft re-feeds ``[prev, pending]`` at
     ``[L - 1, L + 1)`` (rolling back to ``L - 1``), so its cache is valid up to
@@ -326,33 +419,44 @@ class DraftModel:
     stop: Any = None
     name: str = "speculative"
 
-    def models(self):
-        return [Transformer(self.config)]
+    @property
+    def parents(self) -> tuple:
+        return chain(self.gamma)
+
+    def check(self, forward, draft_params) -> None:
+        check_draft_vocab(forward.config, self.config)
 
     def cost_ratio(self, params, draft_params) -> float:
         """Estimate of t_draft / t_target: the parameter-count ratio."""
         return param_count(draft_params[0]) / max(param_count(params), 1)
 
-    def init(self, program: _Program, draft_params, tokens, lengths, first):
-        b = tokens.shape[0]
-        cache = KVCache.create(self.config, b, program.max_len)
-        _, _, cache = verify(Transformer(self.config), draft_params[0], cache, tokens,
-                             rules=program.rules)
-        return cache.with_lengths(lengths)
+    def _forward(self, target_forward):
+        return ModelForward(self.config, getattr(target_forward, "rules", None))
 
-    def propose(self, program: _Program, draft_params, cache, prev, pending, lengths, seen, keys):
-        """-> drafts int32 [B, G], q float32 [B, G, V], draft lengths int32 [B], cache."""
+    def init(self, draft_params, pre: Prefilled):
+        """The draft's cache with the prompts cached."""
+        f, batch = self._forward(pre.forward), pre.batch
+        cache = f.init_cache(draft_params[0], batch.tokens.shape[0], batch.max_len)
+        _, _, cache = f(draft_params[0], batch.tokens, cache=cache,
+                        logits_at=jnp.zeros_like(batch.lengths)[:, None])
+        return cache.with_lengths(batch.lengths)
+
+    def propose(self, draft_params, cache, ctx: Context):
+        """A chain of up to ``gamma`` sampled (or argmax) drafts with their q."""
         dparams, head_params = draft_params
-        model = Transformer(self.config)
-        spec, g = program.spec, self.gamma
-        b, v = prev.shape[0], self.config.vocab_size
-        logits, hidden, cache = verify(model, dparams, cache.with_lengths(lengths - 1),
-                                       jnp.stack([prev, pending], axis=1), rules=program.rules)
+        f = self._forward(ctx.forward)
+        spec, g = ctx.spec, self.gamma
+        b, v = ctx.prev.shape[0], self.config.vocab_size
+        lengths, keys = ctx.lengths, ctx.keys
+        logits, _, cache = f(dparams, jnp.stack([ctx.prev, ctx.pending], axis=1),
+                             cache=cache.with_lengths(lengths - 1),
+                             logits_at=jnp.ones_like(lengths)[:, None])
         cache = cache.with_lengths(lengths + 1)
 
         def pick(i, lg, hid, carry):
             drafts, q, dlen, active, prod, seen = carry
-            tok, logp = draw(lg, spec, seen, keys, 2 + i)
+            logp = sampling.log_probs(lg, spec, seen)
+            tok, _ = sampling.select(logp, spec, keys, 2 + i)
             drafts = drafts.at[:, i].set(tok)
             q = q.at[:, i].set(jnp.exp(logp))
             dlen = dlen + active.astype(jnp.int32)
@@ -367,7 +471,7 @@ class DraftModel:
 
         carry = (jnp.zeros((b, g), jnp.int32), jnp.zeros((b, g, v), jnp.float32),
                  jnp.zeros((b,), jnp.int32), jnp.ones((b,), bool), jnp.ones((b,), jnp.float32),
-                 seen)
+                 ctx.seen)
         carry = pick(0, logits[:, -1], None, carry)
 
         def cond(st):
@@ -377,30 +481,14 @@ class DraftModel:
         def body(st):
             i, cache, carry = st
             tok = jax.lax.dynamic_index_in_dim(carry[0], i - 1, axis=1, keepdims=True)
-            lg, hid, cache = verify(model, dparams, cache, tok, rules=program.rules)
+            lg, hid, cache = f(dparams, tok, cache=cache)
             return i + 1, cache.advance(1), pick(i, lg[:, 0], hid[:, 0], carry)
 
         _, cache, carry = jax.lax.while_loop(cond, body, (jnp.int32(1), cache, carry))
         drafts, q, dlen = carry[:3]
-        return drafts, q, dlen, cache
+        valid = jnp.arange(g)[None, :] < dlen[:, None]
+        return Proposal(tokens=drafts, valid=valid, q=q, parents=self.parents), cache
 
-    def update(self, cache, emitted, lengths, n, active):
+    def observe(self, draft_params, cache, obs: Observation):
+        """Nothing to learn: the next round re-feeds ``[prev, pending]``."""
         return cache
-
-
-def drafter_from_config(config: DecodeConfig, draft_config=None, head_blocks: int = 3):
-    """The drafter ``config.speculative`` names: :class:`DraftModel` (``draft_config`` =
-    the draft's ModelConfig; adaptive per ``config.adaptive``, ``head_blocks`` = the
-    SpecDec++ head's residual blocks) or a prompt-lookup drafter."""
-    if config.speculative == "ngram":
-        return PromptLookup(gamma=config.gamma, max_ngram=config.ngram_max,
-                            min_ngram=config.ngram_min)
-    if config.speculative != "draft":
-        raise CadenzaError(f"decode.speculative={config.speculative!r} names no drafter",
-                           where="decode.speculative", fix="use 'draft' or 'ngram'")
-    if config.adaptive == "none":
-        return DraftModel(draft_config, config.gamma)
-    rule = StopRule(config.adaptive, config.adaptive_threshold, config.adaptive_min,
-                    blocks=head_blocks)
-    return DraftModel(draft_config, config.gamma, stop=rule,
-                      name="specdec++" if config.adaptive == "head" else "adaptive-confidence")

@@ -1,11 +1,10 @@
 """Superposed Decoding (Shen et al., 2024): k drafts from one autoregressive stream per prompt.
 
-The model runs on B rows (not B*k). Each step (METHODS.md section 6, as in
-the authors' reference code):
+The model runs on B rows (not B*k). Each step (as in the authors' reference code):
 
 1. ``probs = softmax(logits / temperature)``; keep the top C and renormalise.
 2. ``g[d, c] = sum_j lambda_j * P_j(c | last j tokens of draft d)`` from the
-   n-gram table (:mod:`cadenza.decode.ngram`), only for j <= absolute position.
+   n-gram table (:mod:`cadenza.decode.ngram_table`), only for j <= absolute position.
 3. ``s = (1 - alpha) * log p + alpha * log g``; a candidate with ``g = 0`` (or
    ``p = 0``) scores -inf; a draft whose row is all -inf falls back to
    ``(1 - alpha) * log p - penalty``. ``alpha = 0`` means "n-gram off": ``s = log p``.
@@ -29,59 +28,25 @@ candidates are kept as the top C columns instead of a masked vocabulary row.
 
 import dataclasses
 import functools
-from collections.abc import Sequence
+from typing import Any
 
 import flax.struct
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from cadenza.decode.ngram import DeviceNgramTable, NgramTable, ngram_probs
+from cadenza.decode.config import SuperposedConfig
+from cadenza.decode.method import Batch, Emitted, Harvest, MethodBase
+from cadenza.decode.ngram_table import (
+    DeviceNgramTable,
+    NgramTable,
+    load_ngram_table,
+    ngram_probs,
+    tokenizer_fingerprint,
+)
+from cadenza.decode.plain import first_logits
 from cadenza.errors import CadenzaError
-from cadenza.models.cache import KVCache
-from cadenza.models.transformer import Transformer
-from cadenza.validation import check_range
 
 EOS_PENALTY = 1e7  # the reference's INF: alive candidates that emitted EOS lose this much
-
-
-@dataclasses.dataclass(frozen=True)
-class SuperposedConfig:
-    """Superposed Decoding settings; defaults are the paper's (k = 3, C = 9, ...).
-
-    ``ngram_weights`` are lambda for context lengths 1..J (bigram..(J+1)-gram),
-    unnormalised. The paper's variants: C = 15 with alpha 0.48; up to 4-grams
-    with weights (0.01, 0.04, 0.15), alpha 0.55, temperature 0.1.
-    """
-
-    num_drafts: int = 3
-    num_candidates: int = 9
-    temperature: float = 0.06
-    alpha: float = 0.54
-    ngram_weights: tuple[float, ...] = (0.01, 0.04, 0.15, 0.18, 0.12)
-    penalty: float = 200.0
-    max_new_tokens: int = 32
-
-    def __post_init__(self):
-        s = "superposed"
-        object.__setattr__(self, "ngram_weights", tuple(float(w) for w in self.ngram_weights))
-        check_range(s, "num_drafts", self.num_drafts, low=1)
-        check_range(s, "num_candidates", self.num_candidates, low=1)
-        check_range(s, "temperature", self.temperature, low=0.0, low_inclusive=False)
-        check_range(s, "alpha", self.alpha, low=0.0, high=1.0, high_inclusive=False)
-        check_range(s, "penalty", self.penalty, low=0.0)
-        check_range(s, "max_new_tokens", self.max_new_tokens, low=1)
-        if self.alpha > 0 and not self.ngram_weights:
-            raise CadenzaError("alpha > 0 needs at least one n-gram weight",
-                               where="superposed.ngram_weights",
-                               fix="give weights or set alpha=0 to switch the n-gram off")
-        for w in self.ngram_weights:
-            check_range(s, "ngram_weights[i]", w, low=0.0)
-
-    @property
-    def history_len(self) -> int:
-        """Tokens of context kept per draft for the n-gram lookup."""
-        return max(len(self.ngram_weights), 1)
 
 
 @flax.struct.dataclass
@@ -109,10 +74,10 @@ class SuperposedState:
 
 
 def init_state(prompt_tokens: jax.Array, prompt_lengths: jax.Array,
-               config: SuperposedConfig) -> SuperposedState:
+               config: SuperposedConfig, max_new_tokens: int) -> SuperposedState:
     """State before the first step for right-padded prompts int32 [B, T] of lengths [B]."""
     b = prompt_tokens.shape[0]
-    k, n, m = config.num_drafts, config.max_new_tokens, config.history_len
+    k, n, m = config.num_drafts, max_new_tokens, config.history_len
     idx = prompt_lengths[:, None] - m + jnp.arange(m)[None]
     hist = jnp.take_along_axis(prompt_tokens, jnp.clip(idx, 0, prompt_tokens.shape[1] - 1), 1)
     hist = jnp.where(idx >= 0, hist, 0)
@@ -219,118 +184,144 @@ def rank_drafts(state: SuperposedState, k: int):
             take(ppl), take(jnp.broadcast_to(finished, scores.shape)))
 
 
-@functools.partial(jax.jit, static_argnames=("model", "config", "eos_id"))
-def superposed_decode(model: Transformer, params, prompt_tokens: jax.Array,
-                      prompt_lengths: jax.Array, table: DeviceNgramTable | None,
-                      config: SuperposedConfig, eos_id: int | None):
-    """The jitted loop: prefill, then ``lax.while_loop`` over ``config.max_new_tokens`` steps.
+@flax.struct.dataclass
+class SuperposedRun:
+    """The method's state: ``out`` (progress only: ``out.step`` counts the prefill and
+    steps), ``drafts`` (a :class:`SuperposedState`), the KV ``cache`` of the B
+    superposed rows and the next-token ``logits`` float32 [B, V]."""
 
-    Args:
-      model: the Transformer module (static).
-      params: its params (plain dict, not donated).
-      prompt_tokens: int32 [B, T] right-padded prompts; prompt_lengths: int32 [B] >= 1.
-      table: the device n-gram table, or None when ``config.alpha == 0``.
-
-    Returns ``(rank_drafts(...) outputs, final state)``. One KV stream of B rows.
-    """
-    b, t = prompt_tokens.shape
-    n = config.max_new_tokens
-    variables = {"params": params}
-    cache = KVCache.create(model.config, b, t + n)
-    logits, _, cache = model.apply(variables, prompt_tokens, cache=cache)
-    cache = cache.with_lengths(prompt_lengths)
-    logits = jnp.take_along_axis(logits, (prompt_lengths - 1)[:, None, None], axis=1)[:, 0]
-
-    def forward(args):
-        tokens, weights, cache = args
-        rows = model.apply(variables, tokens, method=Transformer.embed_tokens)
-        embeds = superpose_embeddings(rows, weights)[:, None]
-        logits, _, cache = model.apply(variables, embeddings=embeds, cache=cache)
-        return logits[:, 0], cache.advance(1)
-
-    def body(carry):
-        state, cache, logits = carry
-        state, tokens, weights = superposed_step(state, logits, table, config, eos_id)
-        logits, cache = jax.lax.cond(state.step < n, forward, lambda a: (logits, a[2]),
-                                     (tokens, weights, cache))
-        return state, cache, logits
-
-    state = init_state(prompt_tokens, prompt_lengths, config)
-    state, _, _ = jax.lax.while_loop(lambda c: c[0].step < n, body, (state, cache, logits))
-    return rank_drafts(state, config.num_drafts), state
+    out: Emitted
+    drafts: SuperposedState
+    cache: Any
+    logits: jax.Array
 
 
-@dataclasses.dataclass
-class SuperposedOutput:
-    """Ranked drafts per prompt (best first).
+@dataclasses.dataclass(frozen=True)
+class Superposed(MethodBase):
+    """Superposed Decoding as a method: ``forward``, ``config`` (the ``decode.superposed``
+    section), ``eos_id`` (None: never finishes early). Params: ``(model params, device
+    n-gram table or None)``. The result's tokens are each prompt's best draft; ``extras``
+    hold all k ranked drafts (``tokens`` [B, k, N], ``lengths``, ``scores``,
+    ``perplexities``, ``finished`` and, with a tokenizer, ``texts``)."""
 
-    tokens: int32 [B, k, N] (valid up to ``lengths``); lengths: generated
-    tokens per draft (an EOS included for finished drafts); scores:
-    cumulative interpolated scores (-inf: fewer than k drafts exist);
-    perplexities: ``exp(-score / length)``; finished: ended by EOS;
-    texts: decoded drafts (up to the first EOS) when a tokenizer was given.
-    """
+    forward: Any
+    config: SuperposedConfig
+    eos_id: int | None
+    name: str = "superposed"
+    streams = False
 
-    tokens: np.ndarray
-    lengths: np.ndarray
-    scores: np.ndarray
-    perplexities: np.ndarray
-    finished: np.ndarray
-    texts: list[list[str]] | None = None
+    def model_configs(self):
+        return [self.forward.config]
+
+    def prefill(self, params, batch: Batch) -> SuperposedRun:
+        """Prompts through the model once; drafts initialised from their last tokens."""
+        mparams, _ = params
+        logits, _, cache = first_logits(self.forward, mparams, batch)
+        out = Emitted.create(batch)
+        return SuperposedRun(out=out.replace(step=out.step + 1), cache=cache, logits=logits,
+                             drafts=init_state(batch.tokens, batch.lengths, self.config,
+                                               batch.num_new))
+
+    def step(self, params, run: SuperposedRun) -> SuperposedRun:
+        """Steps 1-6 of the module docstring, then one forward of the superposed embedding."""
+        mparams, table = params
+        n = run.out.num_new
+        drafts, tokens, weights = superposed_step(run.drafts, run.logits, table, self.config,
+                                                  self.eos_id)
+
+        def forward(args):
+            tokens, weights, cache = args
+            rows = self.forward.embed(mparams, tokens)
+            embeds = superpose_embeddings(rows, weights)[:, None]
+            logits, _, cache = self.forward(mparams, embeddings=embeds, cache=cache)
+            return logits[:, 0], cache.advance(1)
+
+        logits, cache = jax.lax.cond(drafts.step < n, forward, lambda a: (run.logits, a[2]),
+                                     (tokens, weights, run.cache))
+        out = run.out
+        done = jnp.broadcast_to(drafts.step >= n, out.done.shape)
+        return SuperposedRun(out=out.replace(step=out.step + 1, done=done), drafts=drafts,
+                             cache=cache, logits=logits)
+
+    def harvest(self, run: SuperposedRun) -> Harvest:
+        """Each prompt's best draft as its tokens; every ranked draft in ``extras``."""
+        toks, lens, scores, ppl, fin = rank_drafts(run.drafts, self.config.num_drafts)
+        return Harvest(tokens=toks[:, 0], logprobs=jnp.zeros(toks[:, 0].shape, jnp.float32),
+                       num_generated=lens[:, 0],
+                       extras={"tokens": toks, "lengths": lens, "scores": scores,
+                               "perplexities": ppl, "finished": fin})
+
+    def host_extras(self, extras: dict, tokenizer) -> dict:
+        """Adds ``drafts`` [B][k] (dicts: ``token_ids``, ``perplexity``, ``finished`` and,
+        with a tokenizer, ``text`` up to the first EOS) and then ``texts`` [B][k]."""
+        toks, lens = extras["tokens"], extras["lengths"]
+        drafts = []
+        for b in range(toks.shape[0]):
+            row = []
+            for d in range(toks.shape[1]):
+                ids = toks[b, d, :lens[b, d]].tolist()
+                draft = {"token_ids": ids, "perplexity": float(extras["perplexities"][b, d]),
+                         "finished": bool(extras["finished"][b, d])}
+                if tokenizer is not None:
+                    draft["text"] = tokenizer.decode(_until_eos(ids, self.eos_id))
+                row.append(draft)
+            drafts.append(row)
+        extras["drafts"] = drafts
+        if tokenizer is not None:
+            extras["texts"] = [[d["text"] for d in row] for row in drafts]
+        return extras
 
 
-def superposed_generate(model: Transformer, params, prompts: Sequence[Sequence[int]],
-                        table: NgramTable | DeviceNgramTable | None,
-                        config: SuperposedConfig = SuperposedConfig(), *,
-                        eos_id: int | None = None, pad_id: int = 0,
-                        tokenizer=None) -> SuperposedOutput:
-    """Superposed Decoding of ragged ``prompts`` (token-id lists): k ranked drafts each.
-
-    ``table`` is an opened n-gram table (host or device); it may be None
-    only with ``config.alpha == 0``. ``eos_id`` defaults to the model config's
-    ``eos_token_id``. ``tokenizer`` (anything with ``decode(ids) -> str``)
-    adds ``texts``. Validation happens before compiling.
-    """
-    cfg = model.config
-    if eos_id is None:
-        eos_id = getattr(cfg, "eos_token_id", None)
-    if not prompts or any(len(p) == 0 for p in prompts):
-        raise CadenzaError("every prompt needs at least one token", where="superposed decoding",
-                           fix="encode prompts with a BOS token or drop empty ones")
-    if config.num_candidates > cfg.vocab_size:
-        raise CadenzaError(f"num_candidates {config.num_candidates} exceeds the vocabulary "
-                           f"({cfg.vocab_size})", where="superposed decoding",
+def superposed_method(forward, params, config, table=None, tokenizer=None):
+    """``(Superposed method, its params)`` for ``config`` (a DecodeConfig); ``table`` an
+    opened n-gram table (host or device) or None to open ``decode.superposed.table``.
+    Raises CadenzaError before compiling on settings that cannot work."""
+    sc = config.superposed
+    cfg = forward.config
+    if sc.num_candidates > cfg.vocab_size:
+        raise CadenzaError(f"num_candidates {sc.num_candidates} exceeds the vocabulary "
+                           f"({cfg.vocab_size})", where="decode.superposed.num_candidates",
                            fix="lower num_candidates")
     device_table = None
-    if config.alpha > 0:
+    if sc.alpha > 0:
+        if table is None and sc.table:
+            table = load_ngram_table(sc.table)
+            check_table_tokenizer(table, tokenizer)
         if table is None:
-            raise CadenzaError("alpha > 0 needs an n-gram table", where="superposed decoding",
-                               fix="build one with `cadenza ngram build` or set alpha=0")
+            raise CadenzaError("alpha > 0 needs an n-gram table", where="decode.superposed.table",
+                               fix="build one with `cadenza ngram build` (--ngram) or set alpha=0")
         if isinstance(table, NgramTable):
             if table.vocab_size > cfg.vocab_size:
                 raise CadenzaError(f"n-gram table vocab {table.vocab_size} exceeds the model's "
-                                   f"{cfg.vocab_size}", where="superposed decoding",
+                                   f"{cfg.vocab_size}",
+                                   where="decode.superposed.table",
                                    fix="build the table with the model's tokenizer")
             table = table.to_device()
         device_table = table
-    width = max(len(p) for p in prompts)
-    if width + config.max_new_tokens > cfg.max_position_embeddings:
-        raise CadenzaError(f"prompt ({width}) + max_new_tokens ({config.max_new_tokens}) exceeds "
-                           f"max_position_embeddings {cfg.max_position_embeddings}",
-                           where="superposed decoding", fix="shorten the prompt or max_new_tokens")
-    tokens = np.full((len(prompts), width), pad_id, np.int32)
-    for i, p in enumerate(prompts):
-        tokens[i, :len(p)] = p
-    lengths = np.asarray([len(p) for p in prompts], np.int32)
-    (toks, lens, scores, ppl, fin), _ = superposed_decode(
-        model, params, jnp.asarray(tokens), jnp.asarray(lengths), device_table, config, eos_id)
-    out = SuperposedOutput(*(np.asarray(x) for x in (toks, lens, scores, ppl, fin)))
-    if tokenizer is not None:
-        out.texts = [[tokenizer.decode(_until_eos(out.tokens[b, d, :out.lengths[b, d]], eos_id))
-                      for d in range(out.tokens.shape[1])] for b in range(out.tokens.shape[0])]
-    return out
+    eos = None
+    if not config.ignore_eos:
+        eos = tokenizer.eos_id if tokenizer is not None else getattr(cfg, "eos_token_id", None)
+    return Superposed(forward=forward, config=sc, eos_id=eos), (params, device_table)
 
 
-def _until_eos(ids: np.ndarray, eos_id: int | None) -> list[int]:
+def check_table_tokenizer(table, tokenizer) -> None:
+    """Fail unless the n-gram table was built with ``tokenizer`` (or both are byte-level)."""
+    made_with = table.manifest.get("tokenizer") or {}
+    if tokenizer is None:
+        if made_with.get("kind") != "byte-level":
+            raise CadenzaError("the n-gram table was built with a tokenizer, but the model "
+                               "has none", where="decode.superposed.table (--ngram)",
+                               fix="build the table with --byte-level, or use a model with a "
+                                   "tokenizer/ folder")
+        return
+    expected = tokenizer_fingerprint(tokenizer.directory)
+    if made_with.get("sha256") != expected:
+        raise CadenzaError(f"the n-gram table was built with another tokenizer "
+                           f"({made_with or 'unknown'})", where="decode.superposed.table (--ngram)",
+                           fix=f"rebuild it: cadenza ngram build --tokenizer "
+                               f"{tokenizer.directory} ...")
+
+
+def _until_eos(ids, eos_id: int | None) -> list[int]:
     ids = [int(i) for i in ids]
     return ids[:ids.index(eos_id)] if eos_id is not None and eos_id in ids else ids

@@ -1,8 +1,8 @@
 """The one verification primitive of the speculative family, its acceptance rules and rollback.
 
-Every speculative method (draft model, SpecDec++, n-gram, Medusa) proposes
-tokens, then calls :func:`verify` once to score them against the target's
-KV cache, then keeps a per-row number of them:
+Every speculative round (:mod:`cadenza.decode.speculative`, whatever the
+drafter) calls :func:`verify` once to score the proposed tokens against the
+target's KV cache, then keeps a per-row path of them:
 
 - :func:`verify`: ``T`` new tokens per row at ``[L_b, L_b + T)``; query ``i``
   sees cache slots ``< L_b`` and new token ``k`` iff ``tail_mask[i, k]``
@@ -11,36 +11,34 @@ KV cache, then keeps a per-row number of them:
   advances (rollback = a lower ``lengths``; nothing is erased).
 - :func:`greedy_accept` / :func:`exact_accept`: how many of ``g_b`` chained
   drafts a row keeps, and the token that follows them (the target's argmax,
-  the residual sample or the bonus token).
+  the residual sample or the bonus token); :func:`tree_greedy_accept` /
+  :func:`tree_sample_accept`: the same on a token tree (point-mass drafts).
 - :func:`tree_mask`, :func:`compact`: token trees (ancestor mask; gather the
   accepted path's keys/values into consecutive slots).
 """
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cadenza.decode.forward import as_forward
 from cadenza.models.cache import KVCache
-from cadenza.models.transformer import Transformer
 
 
-def verify(model: Transformer, params, cache: KVCache, tokens, positions=None, tail_mask=None,
-           rules=None):
+def verify(forward, params, cache: KVCache, tokens, positions=None, tail_mask=None):
     """Score ``tokens`` int32 [B, T] against ``cache`` in one forward.
 
     Args:
+      forward: a forward (:mod:`cadenza.decode.forward`) or a Transformer; params: its params.
       positions: int32 [B, T]; default ``cache.lengths[:, None] + arange(T)`` (a chain).
       tail_mask: bool [T, T] or [B, T, T] visibility among the new tokens; default causal.
-      rules: logical-axis rules (sharded models) or None.
 
     Returns ``(logits float32 [B, T, V], hidden [B, T, D], cache)`` with the new
     keys/values written at ``[lengths, lengths + T)`` and ``lengths`` unchanged.
     The caller must ensure ``lengths + T <= cache.max_len``.
     """
-    with nn.logical_axis_rules(rules or ()):
-        return model.apply({"params": params}, tokens, positions=positions,
-                           attention_mask=tail_mask, cache=cache)
+    return as_forward(forward)(params, tokens, positions=positions, attention_mask=tail_mask,
+                               cache=cache)
 
 
 def greedy_accept(drafts, target_logp, draft_len):
@@ -129,3 +127,77 @@ def compact(cache: KVCache, path) -> KVCache:
     k, v, pos = jax.vmap(row, in_axes=(1, 1, 0, 0, 0), out_axes=(1, 1, 0))(
         cache.k, cache.v, cache.positions, cache.lengths, path)
     return cache.replace(k=k, v=v, positions=pos)
+
+
+def tree_greedy_accept(nodes, logp, parents, depth, valid=None):
+    """Greedy tree rule: a node is good iff valid and its token is the target's argmax at
+    its parent.
+
+    Args:
+      nodes: int32 [B, N] node tokens (node 0 = root); logp: float32 [B, N, V] the
+        target's next-token log-probs at each node; parents, depth: numpy int32 [N]
+        (the root's parent is -1, its depth 0); valid: bool [B, N] or None (all valid).
+    Returns ``(win int32 [B], y int32 [B])``: the deepest node whose whole root path is
+    good (the first such in node order) and the argmax after it.
+    """
+    best = jnp.argmax(logp, axis=-1).astype(jnp.int32)                 # [B, N]
+    good = nodes == best[:, np.maximum(parents, 0)]
+    if valid is not None:
+        good = good & valid
+    good = good.at[:, 0].set(True)
+    anc = jnp.asarray(tree_mask(parents))
+    path_ok = jnp.all(good[:, None, :] | ~anc[None], axis=-1)          # [B, N]
+    win = jnp.argmax(jnp.where(path_ok, jnp.asarray(depth)[None], -1), axis=1).astype(jnp.int32)
+    return win, jnp.take_along_axis(best, win[:, None], axis=1)[:, 0]
+
+
+def tree_sample_accept(nodes, logp, children, depth, keys, valid=None):
+    """Exact sampling on a token tree with point-mass drafts (sequential elimination).
+
+    From the root: r = p at the current node; its valid children c_1, c_2, .. (in
+    order) are tried in turn, c_j accepted with probability ``r(c_j) / sum(r)``,
+    else ``r(c_j) = 0``; an accepted child becomes the current node (r = its p),
+    and when all are rejected (or there are none) y ~ r and the walk stops. The
+    emitted path plus y is then distributed exactly as the target's own samples.
+
+    Args:
+      nodes: int32 [B, N]; logp: float32 [B, N, V] (warped, as the plain sampler's);
+      children: numpy int32 [N, C], each node's children in trial order, -1 padded;
+      depth: numpy int32 [N]; keys: per-row PRNG keys [B] of this round;
+      valid: bool [B, N] or None (all valid).
+    Returns ``(win int32 [B] the last accepted node, y int32 [B])``.
+    """
+    b, _, v = logp.shape
+    levels, width = int(depth.max()) + 1, children.shape[1]
+    ch = jnp.asarray(children)
+    p = jnp.exp(logp)
+    rows = jnp.arange(b)
+    ok = jnp.ones(nodes.shape, bool) if valid is None else valid
+    u = jax.vmap(lambda k: jax.random.uniform(jax.random.fold_in(k, 0), (levels, width)))(keys)
+    vocab = jnp.arange(v)[None, :]
+
+    def try_child(d, j, carry):
+        cur, alive, r, nxt, took = carry
+        c = ch[cur, j]
+        cc = jnp.maximum(c, 0)
+        good = alive & ~took & (c >= 0) & ok[rows, cc]
+        tok = nodes[rows, cc]
+        r_tok = jnp.take_along_axis(r, tok[:, None], axis=1)[:, 0]
+        acc = good & (u[:, d, j] * jnp.sum(r, axis=-1) < r_tok)
+        r = jnp.where((good & ~acc)[:, None] & (vocab == tok[:, None]), 0.0, r)
+        return cur, alive, r, jnp.where(acc, c, nxt), took | acc
+
+    def level(d, carry):                 # a walk visits at most one node per depth
+        cur, alive, r = carry
+        r = jnp.where(alive[:, None], p[rows, cur], r)
+        cur, alive, r, nxt, took = jax.lax.fori_loop(
+            0, width, lambda j, c: try_child(d, j, c),
+            (cur, alive, r, cur, jnp.zeros((b,), bool)))
+        return nxt, alive & took, r
+
+    cur, _, r = jax.lax.fori_loop(0, levels, level, (jnp.zeros((b,), jnp.int32),
+                                                      jnp.ones((b,), bool), p[:, 0]))
+    r = jnp.where(jnp.sum(r, axis=-1, keepdims=True) > 0, r, p[rows, cur])
+    y = jax.vmap(lambda k, d: jax.random.categorical(jax.random.fold_in(k, 1), jnp.log(d)))(
+        keys, r)
+    return cur, y.astype(jnp.int32)

@@ -98,7 +98,7 @@ class Transformer(nn.Module):
         return self.embed(tokens)
 
     def __call__(self, tokens=None, *, embeddings=None, positions=None, segment_ids=None,
-                 attention_mask=None, cache: KVCache | None = None):
+                 attention_mask=None, cache: KVCache | None = None, logits_at=None):
         """Run the model on a block of T new tokens per row.
 
         Args:
@@ -112,9 +112,12 @@ class Transformer(nn.Module):
           attention_mask: bool [T, T] or [B, T, T] visibility among the new
             tokens (tree ancestry, placeholders); default causal.
           cache: a KVCache. Queries see its first ``cache.lengths[b]`` slots.
+          logits_at: int32 [B, K] indices into the T new tokens: logits are
+            computed only there (decoding reads one or a few rows, not [B, T, V]).
 
         Returns:
-          logits [B, T, vocab] float32, hidden [B, T, embed] (after the final
+          logits [B, T, vocab] float32 ([B, K, vocab] with ``logits_at``),
+          hidden [B, T, embed] (after the final
           norm), and the cache with the new keys/values written at
           ``[lengths, lengths + T)`` (lengths unchanged), or None.
         """
@@ -148,10 +151,12 @@ class Transformer(nn.Module):
             k_new = jnp.stack([kv[0] for kv in new])
             v_new = jnp.stack([kv[1] for kv in new])
         hidden = self.final_norm(x)
+        read = hidden if logits_at is None else jnp.take_along_axis(
+            hidden, logits_at[..., None].astype(jnp.int32), axis=1)
         if cfg.tie_embeddings:
-            logits = self.embed.attend(hidden)
+            logits = self.embed.attend(read)
         else:
-            logits = self.lm_head(hidden)
+            logits = self.lm_head(read)
         logits = logits.astype(jnp.float32)
         if cfg.final_logit_softcap:
             logits = cfg.final_logit_softcap * jnp.tanh(logits / cfg.final_logit_softcap)

@@ -39,7 +39,7 @@ def test_generate_json_with_prompt_ids(checkpoint, capsys):
 @pytest.mark.parametrize("extra, message", [
     (["--prompt", "hello"], "text prompts need a tokenizer"),
     (["--prompt-ids", "5,x"], "comma-separated"),
-    (["--prompt-ids", "5", "--top-p", "1.5"], "decode.top_p"),
+    (["--prompt-ids", "5", "--method", "sample", "--top-p", "1.5"], "decode.sampling.top_p"),
     (["--prompt-ids", "5", "--max-new-tokens", "0"], "decode.max_new_tokens"),
     (["--prompt-ids", "5", "--chat"], "--chat needs text prompts"),
     (["--prompt-ids", "5", "--proxy-expert", "x"], "both"),
@@ -48,3 +48,19 @@ def test_generate_user_errors_exit_2(checkpoint, capsys, extra, message):
     directory, _, _ = checkpoint
     assert main(["generate", "--checkpoint", str(directory)] + extra) == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--draft", "x"], "--draft does not apply to --method greedy"),
+    (["--temperature", "0.5"], "--temperature does not apply to --method greedy"),
+    (["--method", "sample", "--sample"], "--sample does not apply to --method sample"),
+    (["--top-p", "0.5"], "use --method sample"),
+    (["--method", "lud", "--gamma", "3"], "--gamma does not apply to --method lud"),
+    (["--stream", "--json"], "drop --stream or --json"),
+])
+def test_flags_the_method_does_not_use_are_refused(checkpoint, capsys, extra, message):
+    """Each method takes the flags its registry entry declares; others exit 2 in one line."""
+    directory, _, _ = checkpoint
+    assert main(["generate", "--checkpoint", str(directory), "--prompt-ids", "5"] + extra) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err

@@ -7,7 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cadenza.decode import DecodeConfig, ProxyTuning, generate, stream
+from cadenza.decode import DecodeConfig, ProxyTuning, SamplingConfig, generate, stream
+from cadenza.decode.config import ProxyConfig
 from cadenza.errors import CadenzaError
 from cadenza.models import Transformer, init_params
 
@@ -95,7 +96,8 @@ def full_logits_fn(model, params, width=32):
 def test_greedy_matches_cache_free_reference(base, penalty):
     model, params = base
     res = generate(model, params, PROMPTS,
-                   DecodeConfig(max_new_tokens=N, ignore_eos=True, repetition_penalty=penalty))
+                   DecodeConfig(max_new_tokens=N, ignore_eos=True,
+                                sampling=SamplingConfig(repetition_penalty=penalty)))
     fn = full_logits_fn(model, params)
     for prompt, ids, lps in zip(PROMPTS, res.token_ids, res.logprobs):
         ref_ids, ref_lps = reference_decode(fn, prompt, N, penalty, with_logprobs=True)
@@ -117,8 +119,8 @@ def test_windowed_and_softcapped_families_match_reference(tiny_config, family):
 
 def test_ragged_batch_equals_each_prompt_alone(base):
     model, params = base
-    cfg = DecodeConfig(max_new_tokens=N, method="sample", temperature=0.8, top_k=50,
-                       ignore_eos=True)
+    cfg = DecodeConfig(max_new_tokens=N, method="sample", ignore_eos=True,
+                       sampling=SamplingConfig(temperature=0.8, top_k=50))
     seeds = [11, 22, 33]
     batch = generate(model, params, PROMPTS, cfg, seeds=seeds)
     for i, prompt in enumerate(PROMPTS):
@@ -129,8 +131,8 @@ def test_ragged_batch_equals_each_prompt_alone(base):
 
 def test_fixed_seed_reproducible_and_seed_matters(base):
     model, params = base
-    cfg = DecodeConfig(max_new_tokens=N, method="sample", temperature=0.8, top_k=50,
-                       ignore_eos=True)
+    cfg = DecodeConfig(max_new_tokens=N, method="sample", ignore_eos=True,
+                       sampling=SamplingConfig(temperature=0.8, top_k=50))
     a = generate(model, params, PROMPTS, cfg, seeds=[1, 2, 3])
     b = generate(model, params, PROMPTS, cfg, seeds=[1, 2, 3])
     c = generate(model, params, PROMPTS, cfg, seeds=[4, 5, 6])
@@ -201,7 +203,7 @@ def test_proxy_tuning_neutral_cases_equal_base(base, tiny_config):
     cfg = DecodeConfig(max_new_tokens=N, ignore_eos=True)
     plain = generate(model, params, PROMPTS, cfg)
     zero = generate(model, params, PROMPTS, DecodeConfig(max_new_tokens=N, ignore_eos=True,
-                                                         proxy_alpha=0.0),
+                                                         proxy=ProxyConfig(alpha=0.0)),
                     proxy=ProxyTuning(small, expert, small, anti))
     same = generate(model, params, PROMPTS, cfg, proxy=ProxyTuning(small, expert, small, expert))
     assert zero.token_ids == plain.token_ids and same.token_ids == plain.token_ids
@@ -247,7 +249,7 @@ def test_eos_default_and_max_new_tokens_one(base):
     ([[1, 600]], {}, "outside the vocabulary"),
     ([[1] * 20], {"max_len": 16, "max_new_tokens": 4}, "cache slots"),
     ([[1] * 1020], {"max_new_tokens": 8}, "max_position_embeddings"),
-    ([[1, 2]], {"top_k": 513, "method": "sample"}, "top_k"),
+    ([[1, 2]], {"sampling": SamplingConfig(top_k=513), "method": "sample"}, "top_k"),
     ([[1, 2]], {"stop": ["x"]}, "need a tokenizer"),
     ([[1, 2]], {"stop_token_ids": [999]}, "stop token ids"),
 ])

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from cadenza.decode import sampling
-from cadenza.decode.config import DecodeConfig, SamplingSpec
+from cadenza.decode.config import DecodeConfig, SamplingConfig, SamplingSpec
 from cadenza.errors import ConfigError
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -99,13 +99,15 @@ def test_filters_never_remove_everything():
     np.testing.assert_allclose(p[0], [1 / 3] * 3, atol=1e-6)   # ties all survive
 
 
-@pytest.mark.parametrize("override", [dict(top_p=0.0), dict(top_p=1.5), dict(top_k=-1),
-                                      dict(min_p=1.0), dict(temperature=0.0),
-                                      dict(max_new_tokens=0), dict(method="beam"),
-                                      dict(stop=[""]), dict(chunk_steps=0)])
-def test_bad_settings_fail_in_config(override):
+@pytest.mark.parametrize("cls, override", [
+    (SamplingConfig, dict(top_p=0.0)), (SamplingConfig, dict(top_p=1.5)),
+    (SamplingConfig, dict(top_k=-1)), (SamplingConfig, dict(min_p=1.0)),
+    (SamplingConfig, dict(temperature=0.0)), (DecodeConfig, dict(max_new_tokens=0)),
+    (DecodeConfig, dict(method="beam")), (DecodeConfig, dict(stop=[""])),
+    (DecodeConfig, dict(chunk_steps=0))])
+def test_bad_settings_fail_in_config(cls, override):
     with pytest.raises(ConfigError):
-        DecodeConfig(**override)
+        cls(**override)
 
 
 HF_SCRIPT = r"""

@@ -182,8 +182,8 @@ def test_exported_tokenizer_encodes_like_cadenza_in_transformers(ref, tmp_path):
 def test_greedy_decoding_matches_transformers_generate(hf_models, ref, tmp_path, family):
     """cadenza.decode.generate (greedy) == transformers' greedy generate, token for token,
     on the same converted weights; prompts of different lengths in one ragged batch."""
+    from cadenza.decode import generate
     from cadenza.decode.config import DecodeConfig
-    from cadenza.decode.loop import generate
 
     prompts = [TOKENS[0, :11].tolist(), TOKENS[1, :6].tolist()]
     new = 12

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from cadenza.config import load_config
-from cadenza.decode.lud import lud_generate
-from cadenza.models import load_model
+from cadenza.decode import DecodeConfig, generate
+from cadenza.models import Transformer, load_model
 from cadenza.train import fit
 from cadenza.train.lud_data import RowIterator, lm_rows, stdlib_byte_tokens
 from cadenza.train.lud_task import finetune_lud
@@ -44,8 +44,10 @@ def test_finetuned_model_accepts_more_than_one_token_per_step(finetuned):
     held = stdlib_byte_tokens(["pprint.py"])
     starts = np.random.default_rng(0).integers(0, len(held) - 200, size=8)
     prompts = [list(held[s:s + 64]) for s in starts]
-    out = lud_generate(cfg.model, params, prompts, cfg.lud, max_new_tokens=48)
-    assert out.tokens_per_step() > 1.05, out.tokens_per_step()  # 1.28 measured
+    decode = DecodeConfig(method="lud", max_new_tokens=48, ignore_eos=True)
+    rate = generate(Transformer(cfg.model), params, prompts, decode,
+                    lud=cfg.lud).stats["tokens_per_step"]
+    assert rate > 1.05, rate  # 1.28 measured
     # the base model's placeholder row was never trained: it accepts (almost) nothing
-    plain = lud_generate(cfg.model, base, prompts, cfg.lud, max_new_tokens=48)
-    assert plain.tokens_per_step() < out.tokens_per_step()
+    plain = generate(Transformer(cfg.model), base, prompts, decode, lud=cfg.lud)
+    assert plain.stats["tokens_per_step"] < rate

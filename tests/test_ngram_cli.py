@@ -5,7 +5,7 @@ import json
 import numpy as np
 
 from cadenza.cli import main
-from cadenza.decode import ngram
+from cadenza.decode import ngram_table
 
 
 def _corpus(tmp_path):
@@ -22,17 +22,17 @@ def test_cli_byte_level_build(tmp_path, capsys):
     assert main(["ngram", "build", "--input", str(root), "--byte-level", "--out",
                  str(tmp_path / "t"), "--max-order", "3"]) == 0
     assert "3 documents" in capsys.readouterr().out
-    table = ngram.load_ngram_table(tmp_path / "t")
+    table = ngram_table.load_ngram_table(tmp_path / "t")
     m = table.manifest
     assert m["tokenizer"]["kind"] == "byte-level" and m["vocab_size"] == 259
     assert m["orders"] == [2, 3] and len(m["corpus"]["sources"]) == 3
     # BOS + bytes + EOS per file: 9 + 5 + 4 tokens.
     assert m["corpus"]["tokens"] == 18 and m["corpus"]["skipped_files"] == []
-    a, b, c = (ord(ch) + ngram.BYTE_OFFSET for ch in "abc")
+    a, b, c = (ord(ch) + ngram_table.BYTE_OFFSET for ch in "abc")
     counts = dict(zip(table.pair_keys.tolist(), table.pair_counts.tolist()))
-    assert counts[ngram.pair_key([a], b)] == 3       # "ab" twice in a.txt, once in b.txt
-    assert counts[ngram.pair_key([a, b], c)] == 2
-    assert counts[ngram.pair_key([1], a)] == 2        # BOS then "a" in both text files
+    assert counts[ngram_table.pair_key([a], b)] == 3       # "ab" twice in a.txt, once in b.txt
+    assert counts[ngram_table.pair_key([a, b], c)] == 2
+    assert counts[ngram_table.pair_key([1], a)] == 2        # BOS then "a" in both text files
 
 
 class _WordTokenizer:
@@ -46,13 +46,13 @@ class _WordTokenizer:
 
 def test_tokenizer_build_skips_non_utf8_and_counts_it(tmp_path):
     root = _corpus(tmp_path)
-    m = ngram.build_from_files([str(root)], tmp_path / "t", tokenizer=_WordTokenizer(),
+    m = ngram_table.build_from_files([str(root)], tmp_path / "t", tokenizer=_WordTokenizer(),
                                tokenizer_id={"kind": "stand-in"}, max_order=2, add_eos=False,
                                doc_per_line=True)
     assert m["corpus"]["skipped_files"] == [str(root / "sub" / "bin.dat")]
     assert m["corpus"]["documents"] == 2 and m["tokenizer"] == {"kind": "stand-in"}
     assert m["corpus"]["tokens"] == 7 + 4
-    table = ngram.load_ngram_table(tmp_path / "t")
+    table = ngram_table.load_ngram_table(tmp_path / "t")
     assert np.asarray(table.context_counts).sum() == m["corpus"]["ngrams_per_order"]["2"] == 9
     assert json.loads((tmp_path / "t" / "manifest.json").read_text()) == m
 

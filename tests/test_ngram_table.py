@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cadenza.decode import ngram
+from cadenza.decode import ngram_table
 from cadenza.errors import CadenzaError
 
 
@@ -35,24 +35,24 @@ def corpus():
 @pytest.fixture(scope="module")
 def table_dir(tmp_path_factory, corpus):
     out = tmp_path_factory.mktemp("ngram")
-    ngram.build_ngram_table(corpus, out, vocab_size=6, max_order=5,
+    ngram_table.build_ngram_table(corpus, out, vocab_size=6, max_order=5,
                             tokenizer={"kind": "test"}, sources=["synthetic"])
     return out
 
 
 def test_counts_match_brute_force(table_dir, corpus):
-    table = ngram.load_ngram_table(table_dir)
+    table = ngram_table.load_ngram_table(table_dir)
     ctx, pair = brute_counts(corpus, 5)
     stored_ctx = dict(zip(table.context_keys.tolist(), table.context_counts.tolist()))
     stored_pair = dict(zip(table.pair_keys.tolist(), table.pair_counts.tolist()))
-    assert stored_ctx == {ngram.context_key(c): n for c, n in ctx.items()}
-    assert stored_pair == {ngram.pair_key(c, t): n for (c, t), n in pair.items()}
+    assert stored_ctx == {ngram_table.context_key(c): n for c, n in ctx.items()}
+    assert stored_pair == {ngram_table.pair_key(c, t): n for (c, t), n in pair.items()}
     assert np.all(np.diff(table.context_keys.astype(np.uint64)) > 0)
     assert np.all(np.diff(table.pair_keys.astype(np.uint64)) > 0)
 
 
 def test_mmap_round_trip_and_manifest(table_dir, corpus):
-    table = ngram.load_ngram_table(table_dir)
+    table = ngram_table.load_ngram_table(table_dir)
     for arr in (table.context_keys, table.context_counts, table.pair_keys, table.pair_counts):
         assert isinstance(arr, np.memmap)
     assert table.context_keys.dtype == np.uint64 and table.pair_counts.dtype == np.uint32
@@ -69,14 +69,14 @@ def test_mmap_round_trip_and_manifest(table_dir, corpus):
 
 def test_device_probe_matches_brute_force_probabilities(table_dir, corpus):
     ctx, pair = brute_counts(corpus, 5)
-    device = ngram.load_ngram_table(table_dir).to_device()
+    device = ngram_table.load_ngram_table(table_dir).to_device()
     rng = np.random.default_rng(1)
     history = rng.integers(0, 6, size=(3, 5, 4)).astype(np.int32)
     history[0, 0] = corpus[1][-4:] if len(corpus[1]) >= 4 else history[0, 0]
     history_len = rng.integers(0, 7, size=(3, 5)).astype(np.int32)
     candidates = rng.integers(0, 7, size=(3, 5, 4)).astype(np.int32)  # 6 = never seen
     weights = (0.1, 0.2, 0.3, 0.4)
-    got = jax.jit(lambda h, n, c: ngram.ngram_probs(device, h, n, c, weights))(
+    got = jax.jit(lambda h, n, c: ngram_table.ngram_probs(device, h, n, c, weights))(
         history, history_len, candidates)
     want = np.zeros(candidates.shape, np.float64)
     for idx in np.ndindex(history_len.shape):
@@ -90,23 +90,23 @@ def test_device_probe_matches_brute_force_probabilities(table_dir, corpus):
 
 
 def test_empty_table_reads_zero(tmp_path):
-    ngram.build_ngram_table([[1], []], tmp_path, vocab_size=4, max_order=3)
-    table = ngram.load_ngram_table(tmp_path)
+    ngram_table.build_ngram_table([[1], []], tmp_path, vocab_size=4, max_order=3)
+    table = ngram_table.load_ngram_table(tmp_path)
     assert table.pair_keys.shape == (0,) and table.manifest["entries"]["contexts"] == 0
-    g = ngram.ngram_probs(table.to_device(), jnp.ones((2, 2), jnp.int32),
+    g = ngram_table.ngram_probs(table.to_device(), jnp.ones((2, 2), jnp.int32),
                           jnp.full((2,), 5), jnp.ones((2, 3), jnp.int32), (1.0, 1.0))
     assert np.all(np.asarray(g) == 0)
 
 
 def test_build_and_load_errors(tmp_path):
     with pytest.raises(CadenzaError, match="outside"):
-        ngram.build_ngram_table([[0, 9]], tmp_path / "a", vocab_size=4)
+        ngram_table.build_ngram_table([[0, 9]], tmp_path / "a", vocab_size=4)
     with pytest.raises(CadenzaError, match="max_order"):
-        ngram.build_ngram_table([[0, 1]], tmp_path / "b", vocab_size=4, max_order=1)
+        ngram_table.build_ngram_table([[0, 1]], tmp_path / "b", vocab_size=4, max_order=1)
     with pytest.raises(CadenzaError, match="manifest"):
-        ngram.load_ngram_table(tmp_path)
-    ngram.build_ngram_table([[0, 1, 2]], tmp_path / "c", vocab_size=4, max_order=3)
-    table = ngram.load_ngram_table(tmp_path / "c").to_device()
+        ngram_table.load_ngram_table(tmp_path)
+    ngram_table.build_ngram_table([[0, 1, 2]], tmp_path / "c", vocab_size=4, max_order=3)
+    table = ngram_table.load_ngram_table(tmp_path / "c").to_device()
     with pytest.raises(CadenzaError, match="order 3"):
-        ngram.ngram_probs(table, jnp.ones((1, 3), jnp.int32), jnp.ones((1,), jnp.int32),
+        ngram_table.ngram_probs(table, jnp.ones((1, 3), jnp.int32), jnp.ones((1,), jnp.int32),
                           jnp.ones((1, 2), jnp.int32), (1.0, 1.0, 1.0))

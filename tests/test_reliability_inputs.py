@@ -120,7 +120,7 @@ def test_data_build_out_naming_a_file(tmp_path, capsys):
 def test_pickled_npy_in_an_ngram_table_is_refused_without_unpickling(tmp_path):
     import numpy as np
 
-    from cadenza.decode.ngram import build_ngram_table, load_ngram_table
+    from cadenza.decode.ngram_table import build_ngram_table, load_ngram_table
     from cadenza.errors import CadenzaError
 
     table = tmp_path / "table"

@@ -8,8 +8,8 @@ import pytest
 from cadenza.cli import main
 from cadenza.config import load_config
 from cadenza.decode import DecodeConfig, generate
-from cadenza.decode.adaptive import init_accept_head, save_accept_head
 from cadenza.decode.medusa import Medusa, init_medusa_heads, save_medusa_heads
+from cadenza.decode.specdec_head import init_accept_head, save_accept_head
 from cadenza.models import Transformer, init_params, save_model
 
 PROMPTS = [[1, 17, 42, 99, 5], [1, 300], [1, 7, 7, 7, 200, 201, 202, 31, 64]]
@@ -72,7 +72,7 @@ def test_speculative_cli_equals_plain_greedy(dirs, capsys, method):
 
 @pytest.mark.parametrize("extra, message", [
     (["--method", "speculative"], "needs a draft model directory"),
-    (["--method", "ngram", "--adaptive"], "needs speculative=draft"),
+    (["--method", "ngram", "--adaptive"], "--adaptive does not apply to --method ngram"),
     (["--method", "speculative", "--draft", "OTHER"], "(256 tokens) differs from the target"),
     (["--method", "medusa"], "needs a trained Medusa head directory"),
     (["--method", "medusa", "--heads", "OTHER_HEADS"],

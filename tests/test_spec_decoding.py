@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from cadenza.decode import DecodeConfig, generate
-from cadenza.decode.adaptive import StopRule, init_accept_head
-from cadenza.decode.ngram_draft import PromptLookup
+from cadenza.decode.prompt_lookup import PromptLookup
+from cadenza.decode.specdec_head import StopRule, init_accept_head
 from cadenza.decode.speculative import DraftModel, speculative_generate
 from cadenza.errors import CadenzaError
 from cadenza.models import Transformer, init_params

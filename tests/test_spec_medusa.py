@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import pytest
 
-from cadenza.decode import DecodeConfig, generate
+from cadenza.decode import DecodeConfig, SamplingConfig, generate
 from cadenza.decode.medusa import (
     Medusa,
     MedusaHeads,
@@ -70,7 +70,8 @@ def test_tree_greedy_equals_plain_greedy(target):
 
 def test_tree_greedy_with_repetition_penalty_equals_plain_greedy(target):
     model, params = target
-    cfg = DecodeConfig(max_new_tokens=12, ignore_eos=True, repetition_penalty=1.5)
+    cfg = DecodeConfig(max_new_tokens=12, ignore_eos=True,
+                       sampling=SamplingConfig(repetition_penalty=1.5))
     drafter = Medusa(paths=((0,), (1,), (0, 0), (0, 1), (0, 0, 0)))
     heads = chi.perturbed(init_medusa_heads(model.config, params, drafter.num_heads), 0.3)
     res = speculative_generate(model, params, PROMPTS, cfg, drafter=drafter, draft_params=heads)

@@ -8,15 +8,15 @@ import jax.numpy as jnp
 import numpy as np
 from scipy import stats
 
-from cadenza.decode import DecodeConfig, sampling
-from cadenza.decode.ngram_draft import PromptLookup
+from cadenza.decode import DecodeConfig, SamplingConfig, sampling
+from cadenza.decode.prompt_lookup import PromptLookup
 from cadenza.decode.speculative import DraftModel, speculative_generate
 from cadenza.models import Transformer, init_params
 
 V, N, SAMPLES = 8, 3, 40_000
 PROMPT = [1, 3, 5, 3]
-CFG = DecodeConfig(method="sample", max_new_tokens=N, temperature=0.8, top_k=6,
-                   repetition_penalty=1.3, ignore_eos=True)
+CFG = DecodeConfig(method="sample", max_new_tokens=N, ignore_eos=True,
+                   sampling=SamplingConfig(temperature=0.8, top_k=6, repetition_penalty=1.3))
 
 
 def toy(tiny_config):

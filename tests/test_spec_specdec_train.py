@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cadenza.decode.adaptive import load_accept_head, save_accept_head
+from cadenza.decode.specdec_head import load_accept_head, save_accept_head
 from cadenza.errors import CadenzaError
 from cadenza.models import Transformer, init_params
 from cadenza.train.specdec_task import specdec_examples, train_accept_head

@@ -7,8 +7,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cadenza.decode import ngram
+from cadenza.decode import DecodeConfig, generate, ngram_table
 from cadenza.decode import superposed as sp
+from cadenza.decode.config import SuperposedConfig
+from cadenza.errors import CadenzaError
 from cadenza.models import KVCache, Transformer, init_params
 
 NEG = np.float32(1e7)  # the reference's INF
@@ -131,21 +133,21 @@ def markov_table(tmp_path_factory):
             doc.append(int(succ[doc[-1], rng.integers(0, 4)]))
         docs.append(doc)
     out = tmp_path_factory.mktemp("markov")
-    ngram.build_ngram_table(docs, out, vocab_size=V, max_order=6)
-    return ngram.load_ngram_table(out).to_device(), brute_counts(docs, 6), succ
+    ngram_table.build_ngram_table(docs, out, vocab_size=V, max_order=6)
+    return ngram_table.load_ngram_table(out).to_device(), brute_counts(docs, 6), succ
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.06])
 def test_step_matches_numpy_port_of_reference(markov_table, temperature):
     table, counts, succ = markov_table
-    cfg = sp.SuperposedConfig(temperature=temperature, max_new_tokens=7)
-    k, n = cfg.num_drafts, cfg.max_new_tokens
+    cfg = SuperposedConfig(temperature=temperature)
+    k, n = cfg.num_drafts, 7
     prompts = [[3, int(succ[3, 0]), int(succ[succ[3, 0], 1])], [5, 9, 11, 2, 45]]
     width = max(map(len, prompts))
     toks = np.zeros((2, width), np.int32)
     for i, p in enumerate(prompts):
         toks[i, :len(p)] = p
-    state = sp.init_state(jnp.asarray(toks), jnp.asarray([3, 5]), cfg)
+    state = sp.init_state(jnp.asarray(toks), jnp.asarray([3, 5]), cfg, n)
     ref = []
     for p in prompts:
         seq = np.zeros((k, len(p) + n), np.int64)
@@ -189,9 +191,9 @@ def test_step_matches_numpy_port_of_reference(markov_table, temperature):
 
 
 def test_first_step_gives_top_distinct_tokens():
-    cfg = sp.SuperposedConfig(alpha=0.0, temperature=0.5, max_new_tokens=4)
+    cfg = SuperposedConfig(alpha=0.0, temperature=0.5)
     logits = jax.random.normal(jax.random.key(0), (3, V)) * 2
-    state = sp.init_state(jnp.ones((3, 2), jnp.int32), jnp.full((3,), 2), cfg)
+    state = sp.init_state(jnp.ones((3, 2), jnp.int32), jnp.full((3,), 2), cfg, 4)
     new, last, w = step_fn(state, logits, None, cfg, None)
     probs = np.asarray(jax.nn.softmax(logits / 0.5))
     for b in range(3):
@@ -218,11 +220,11 @@ def test_weights_sum_to_one_and_mix_embeddings():
 
 
 def test_empty_table_hits_penalty(tmp_path):
-    ngram.build_ngram_table([], tmp_path, vocab_size=V, max_order=6)
-    table = ngram.load_ngram_table(tmp_path).to_device()
-    cfg = sp.SuperposedConfig(temperature=1.0)
+    ngram_table.build_ngram_table([], tmp_path, vocab_size=V, max_order=6)
+    table = ngram_table.load_ngram_table(tmp_path).to_device()
+    cfg = SuperposedConfig(temperature=1.0)
     logits = jax.random.normal(jax.random.key(2), (2, V))
-    state = sp.init_state(jnp.ones((2, 6), jnp.int32) * 3, jnp.full((2,), 6), cfg)
+    state = sp.init_state(jnp.ones((2, 6), jnp.int32) * 3, jnp.full((2,), 6), cfg, 32)
     _, s = scores_fn(logits, state, table, cfg)
     top_p = jax.lax.top_k(jax.nn.softmax(logits), 9)[0]
     logp = np.log(np.asarray(top_p / top_p.sum(-1, keepdims=True)))
@@ -232,9 +234,9 @@ def test_empty_table_hits_penalty(tmp_path):
 
 def test_alpha_zero_means_ngram_off(markov_table):
     table, _, _ = markov_table
-    cfg = sp.SuperposedConfig(alpha=0.0, temperature=1.0)
+    cfg = SuperposedConfig(alpha=0.0, temperature=1.0)
     logits = jax.random.normal(jax.random.key(3), (2, V))
-    state = sp.init_state(jnp.full((2, 2), 45, jnp.int32), jnp.full((2,), 2), cfg)
+    state = sp.init_state(jnp.full((2, 2), 45, jnp.int32), jnp.full((2,), 2), cfg, 32)
     ids, s = scores_fn(logits, state, table, cfg)
     top_p = jax.lax.top_k(jax.nn.softmax(logits), 9)[0]
     want = np.log(np.asarray(top_p / top_p.sum(-1, keepdims=True)))
@@ -244,9 +246,9 @@ def test_alpha_zero_means_ngram_off(markov_table):
 
 def test_permuting_drafts_permutes_outputs(markov_table):
     table, _, succ = markov_table
-    cfg = sp.SuperposedConfig(temperature=1.0, max_new_tokens=4)
+    cfg = SuperposedConfig(temperature=1.0)
     rng = np.random.default_rng(4)
-    state = sp.init_state(jnp.asarray([[1, 2, 3, 4, 5]]), jnp.asarray([5]), cfg)
+    state = sp.init_state(jnp.asarray([[1, 2, 3, 4, 5]]), jnp.asarray([5]), cfg, 4)
     hist = np.stack([[int(succ[i, 0]), 3, 5, int(succ[i, 1]), int(succ[succ[i, 1], 2])]
                      for i in (2, 6, 8)])[None]
     state = state.replace(history=jnp.asarray(hist, jnp.int32),
@@ -288,6 +290,8 @@ def _prefill(model, params, toks, lens, n):
 
 
 class _Tok:
+    eos_id = None
+
     def decode(self, ids):
         return " ".join(map(str, ids))
 
@@ -315,35 +319,44 @@ def test_k1_alpha0_c1_is_bit_identical_to_greedy(tiny_config):
         return jax.lax.fori_loop(1, n, body, (out, cache))[0]
 
     want = np.asarray(greedy(params, toks, lens))
-    config = sp.SuperposedConfig(num_drafts=1, num_candidates=1, alpha=0.0, max_new_tokens=n)
-    out = sp.superposed_generate(model, params, prompts, None, config, tokenizer=_Tok())
-    np.testing.assert_array_equal(out.tokens[:, 0], want)
-    eos = cfg.eos_token_id
-    np.testing.assert_array_equal(out.scores[:, 0], -1e7 * (want == eos).sum(-1))
-    assert not out.finished.any() and np.all(out.lengths == n)
-    assert out.texts == [[_Tok().decode(sp._until_eos(want[b], eos))] for b in range(2)]
+    config = DecodeConfig(method="superposed", max_new_tokens=n, superposed=SuperposedConfig(
+        num_drafts=1, num_candidates=1, alpha=0.0))
+    tok = _Tok()
+    tok.eos_id = eos = cfg.eos_token_id
+    res = generate(model, params, prompts, config, tokenizer=tok)
+    out = res.extras
+    np.testing.assert_array_equal(out["tokens"][:, 0], want)
+    assert res.token_ids == want.tolist()
+    np.testing.assert_array_equal(out["scores"][:, 0], -1e7 * (want == eos).sum(-1))
+    assert not out["finished"].any() and np.all(out["lengths"] == n)
+    assert out["texts"] == [[tok.decode(sp._until_eos(want[b], eos))] for b in range(2)]
 
 
 def test_generate_validates_before_compiling(tiny_config):
     cfg = tiny_config("llama")
     model = Transformer(cfg)
-    with pytest.raises(sp.CadenzaError, match="n-gram table"):
-        sp.superposed_generate(model, {}, [[1, 2]], None, sp.SuperposedConfig())
-    with pytest.raises(sp.CadenzaError, match="at least one token"):
-        sp.superposed_generate(model, {}, [[]], None, sp.SuperposedConfig(alpha=0.0))
-    with pytest.raises(sp.CadenzaError, match="max_position_embeddings"):
-        sp.superposed_generate(model, {}, [[1] * 1000], None,
-                               sp.SuperposedConfig(alpha=0.0, max_new_tokens=100))
-    with pytest.raises(sp.CadenzaError, match="alpha"):
-        sp.SuperposedConfig(alpha=1.0)
+    off = DecodeConfig(method="superposed", superposed=SuperposedConfig(alpha=0.0))
+    with pytest.raises(CadenzaError, match="n-gram table"):
+        generate(model, {}, [[1, 2]], DecodeConfig(method="superposed"))
+    with pytest.raises(CadenzaError, match="empty"):
+        generate(model, {}, [[]], off)
+    with pytest.raises(CadenzaError, match="max_position_embeddings"):
+        generate(model, {}, [[1] * 1000], DecodeConfig(
+            method="superposed", max_new_tokens=100, superposed=SuperposedConfig(alpha=0.0)))
+    with pytest.raises(CadenzaError, match="cannot stream"):
+        generate(model, {}, [[1, 2]], DecodeConfig(
+            method="superposed", stop=["x"], superposed=SuperposedConfig(alpha=0.0)),
+            tokenizer=_Tok())
+    with pytest.raises(CadenzaError, match="alpha"):
+        SuperposedConfig(alpha=1.0)
 
 
 def test_drafts_are_distinct_valid_and_scored_as_described(tiny_config, tmp_path):
     cfg = tiny_config("llama")
     model = Transformer(cfg)
     params = init_params(cfg, jax.random.key(1))
-    config = sp.SuperposedConfig(temperature=1.0, max_new_tokens=6)
-    k, c, n = config.num_drafts, config.num_candidates, config.max_new_tokens
+    config = SuperposedConfig(temperature=1.0)
+    k, c, n = config.num_drafts, config.num_candidates, 6
     prompts = [[1, 20, 30, 40, 50, 60, 70], [1, 5]]
     toks, lens = _ragged(prompts)
     logits0, cache = jax.jit(_prefill, static_argnums=(0, 4))(model, params, toks, lens, n)
@@ -352,8 +365,8 @@ def test_drafts_are_distinct_valid_and_scored_as_described(tiny_config, tmp_path
     rng = np.random.default_rng(0)
     docs = [rng.integers(3, cfg.vocab_size, 3000) for _ in range(8)]
     docs += [p + [int(t)] for p, row in zip(prompts, top0) for t in row]
-    ngram.build_ngram_table(docs, tmp_path, vocab_size=cfg.vocab_size, max_order=6)
-    table = ngram.load_ngram_table(tmp_path).to_device()
+    ngram_table.build_ngram_table(docs, tmp_path, vocab_size=cfg.vocab_size, max_order=6)
+    table = ngram_table.load_ngram_table(tmp_path).to_device()
     counts = brute_counts(docs, 6)
 
     @jax.jit
@@ -363,7 +376,7 @@ def test_drafts_are_distinct_valid_and_scored_as_described(tiny_config, tmp_path
                                        embeddings=sp.superpose_embeddings(rows, w)[:, None])
         return logits[:, 0], cache.advance(1)
 
-    state = sp.init_state(toks, lens, config)
+    state = sp.init_state(toks, lens, config, n)
     logits, recorded = logits0, []
     for t in range(n):
         recorded.append(np.asarray(logits))
@@ -371,11 +384,16 @@ def test_drafts_are_distinct_valid_and_scored_as_described(tiny_config, tmp_path
         if t < n - 1:
             logits, cache = forward(params, last, w, cache)
 
-    (tokens, lengths, scores, ppl, finished), final = sp.superposed_decode(
-        model, params, toks, lens, table, config, eos)
-    np.testing.assert_array_equal(np.asarray(final.alive_tokens), np.asarray(state.alive_tokens))
-    np.testing.assert_allclose(np.asarray(final.alive_scores), np.asarray(state.alive_scores),
-                               rtol=1e-5)
+    tok = _Tok()
+    tok.eos_id = eos
+    res = generate(model, params, prompts, DecodeConfig(method="superposed", max_new_tokens=n,
+                                                        superposed=config),
+                   tokenizer=tok, table=table)
+    tokens, lengths, scores, ppl, finished = (res.extras[name] for name in (
+        "tokens", "lengths", "scores", "perplexities", "finished"))
+    stepped = sp.rank_drafts(state, k)
+    np.testing.assert_array_equal(tokens, np.asarray(stepped[0]))
+    np.testing.assert_allclose(scores, np.asarray(stepped[2]), rtol=1e-5)
     assert np.asarray(finished).any() and np.isfinite(np.asarray(scores)).all()
     tokens, lengths, scores, ppl = map(np.asarray, (tokens, lengths, scores, ppl))
     np.testing.assert_allclose(ppl, np.exp(-scores / lengths), rtol=1e-5)

@@ -59,7 +59,7 @@ def stdlib_byte_tokens(modules: Sequence[str] | None = None) -> np.ndarray:
     ``modules`` are paths under the running Python's stdlib directory (default:
     :data:`LUD_MODULES`); missing files are skipped.
     """
-    from cadenza.decode.ngram import BYTE_OFFSET
+    from cadenza.decode.ngram_table import BYTE_OFFSET
 
     root = pathlib.Path(sysconfig.get_paths()["stdlib"])
     names = LUD_MODULES if modules is None else modules

@@ -1,4 +1,4 @@
-"""Training the SpecDec++ acceptance head (:class:`cadenza.decode.adaptive.AcceptHead`).
+"""Training the SpecDec++ acceptance head (:class:`cadenza.decode.specdec_head.AcceptHead`).
 
 Data [SpecDec++, code]: for each position t of a token sequence x, a draft
 token d ~ q(. | x_<t) is drawn given the true prefix and labelled with the
@@ -13,14 +13,14 @@ with w = 6. Only the head trains; target and draft stay frozen.
 ``cadenza train`` with ``train.task: specdec`` (section ``train.specdec``:
 the draft directory, blocks, w; target ``train.init_from``) runs
 :func:`specdec_task` through ``fit`` and writes the head directory
-(:func:`cadenza.decode.adaptive.save_accept_head`) to ``<output_dir>/adapters``;
+(:func:`cadenza.decode.specdec_head.save_accept_head`) to ``<output_dir>/adapters``;
 :func:`train_accept_head` does the same from Python on in-memory token arrays.
 """
 
 import jax
 import jax.numpy as jnp
 
-from cadenza.decode.adaptive import (
+from cadenza.decode.specdec_head import (
     AcceptHead,
     init_accept_head,
     load_accept_head,

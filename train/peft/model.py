@@ -336,12 +336,13 @@ class PeftModel:
         return {"params": params, COLLECTION: peft}
 
     def apply(self, trainable, frozen, tokens=None, *, embeddings=None, positions=None,
-              segment_ids=None, attention_mask=None, cache=None, dropout_rng=None):
+              segment_ids=None, attention_mask=None, cache=None, dropout_rng=None,
+              logits_at=None):
         """``Transformer.__call__`` with the adapters: returns ``(logits, hidden, cache)``.
 
         Same arguments and shapes as the model (logits [B, T, V] for the T
-        given tokens also under prompt tuning). ``dropout_rng`` (a key)
-        turns on LoRA dropout; None is deterministic. Differentiate with
+        given tokens also under prompt tuning; ``logits_at`` indexes those T).
+        ``dropout_rng`` (a key) turns on LoRA dropout; None is deterministic. Differentiate with
         respect to ``trainable`` only.
         """
         cfg, pc = self.model_config, self.peft_config
@@ -361,11 +362,16 @@ class PeftModel:
                 trainable["prompt"], embeddings, positions, segment_ids, attention_mask)
             tokens, segment_ids = None, None
         rngs = {} if dropout_rng is None or not pc.dropout else {"dropout": dropout_rng}
+        if logits_at is not None:
+            logits_at = logits_at + n_prompt
         with nn.intercept_methods(self._interceptor(train=bool(rngs))):
             logits, hidden, cache = model.apply(
                 variables, tokens, embeddings=embeddings, positions=positions,
-                segment_ids=segment_ids, attention_mask=attention_mask, cache=cache, rngs=rngs)
-        return logits[:, n_prompt:], hidden[:, n_prompt:], cache
+                segment_ids=segment_ids, attention_mask=attention_mask, cache=cache, rngs=rngs,
+                logits_at=logits_at)
+        if logits_at is None:
+            logits = logits[:, n_prompt:]
+        return logits, hidden[:, n_prompt:], cache
 
     def init_cache(self, trainable, frozen, batch: int, max_len: int, dtype=None) -> KVCache:
         """A KVCache for decoding: prefix K/V (or the soft prompt's) in its first slots.

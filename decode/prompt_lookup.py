@@ -7,16 +7,18 @@ same row; at the earliest match of the longest ``k`` that matches, the
 first; none without a match: a plain step). On device this is a sliding
 window match mask ``[B, S]``, an argmax and a gather.
 
-The draft is a point mass, so the exact rule of
-:func:`~cadenza.decode.verify.exact_accept` reduces to: accept d_i with
-probability p_i(d_i), else sample p_i with d_i removed. Runs in
-:func:`cadenza.decode.speculative.speculative_generate`.
+The draft is a point mass (``q`` is None), so exact sampling accepts d_i with
+probability p_i(d_i), else samples p_i with d_i removed. A drafter of the
+speculative round (:mod:`cadenza.decode.speculative`); its ``observe``
+appends what the round emitted to the context.
 """
 
 import dataclasses
 
 import jax
 import jax.numpy as jnp
+
+from cadenza.decode.speculative import Proposal, chain
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,22 +37,28 @@ class PromptLookup:
         if not 1 <= self.min_ngram <= self.max_ngram:
             raise ValueError("need 1 <= min_ngram <= max_ngram")
 
-    def models(self):
-        return []
+    @property
+    def parents(self) -> tuple:
+        return chain(self.gamma)
+
+    def check(self, forward, draft_params) -> None:
+        """Nothing to check: drafts come from the row itself."""
 
     def cost_ratio(self, params, draft_params) -> float:
         return 0.0
 
-    def init(self, program, draft_params, tokens, lengths, first):
+    def init(self, draft_params, pre):
+        """The context buffer: the prompt, then the first emitted token."""
+        tokens, lengths = pre.batch.tokens, pre.batch.lengths
         b, t = tokens.shape
-        ctx = jnp.zeros((b, program.max_len + 1), jnp.int32).at[:, :t].set(tokens)
-        return ctx.at[jnp.arange(b), lengths].set(first)
+        ctx = jnp.zeros((b, pre.batch.max_len + 1), jnp.int32).at[:, :t].set(tokens)
+        return ctx.at[jnp.arange(b), lengths].set(pre.first)
 
-    def propose(self, program, draft_params, ctx, prev, pending, lengths, seen, keys):
-        """-> drafts int32 [B, G], point-mass q float32 [B, G, V], lengths int32 [B], ctx."""
+    def propose(self, draft_params, ctx, context):
+        """A chain copied from the earliest match of the longest matching n-gram."""
         b, size = ctx.shape
         g = self.gamma
-        end = lengths + 1                                          # valid context length
+        end = context.lengths + 1                                          # valid context length
         pos = jnp.arange(size)[None, :]
         padded = jnp.pad(ctx, ((0, 0), (0, self.max_ngram)))
         start = jnp.zeros((b,), jnp.int32)
@@ -68,10 +76,10 @@ class PromptLookup:
         idx = jnp.clip(start[:, None] + jnp.arange(g)[None, :], 0, size - 1)
         drafts = jnp.take_along_axis(ctx, idx, axis=1)
         dlen = jnp.where(found, jnp.clip(end - start, 0, g), 0).astype(jnp.int32)
-        q = jax.nn.one_hot(drafts, program.target.vocab_size, dtype=jnp.float32)
-        return drafts, q, dlen, ctx
+        valid = jnp.arange(g)[None, :] < dlen[:, None]
+        return Proposal(tokens=drafts, valid=valid, q=None, parents=self.parents), ctx
 
-    def update(self, ctx, emitted, lengths, n, active):
+    def observe(self, draft_params, ctx, obs):
         """Append the emitted tokens (d_1..d_n, y) after the old pending token."""
         write = jax.vmap(lambda row, x, at: jax.lax.dynamic_update_slice(row, x, (at,)))
-        return jnp.where(active[:, None], write(ctx, emitted, lengths + 1), ctx)
+        return jnp.where(obs.active[:, None], write(ctx, obs.emitted, obs.lengths + 1), ctx)
