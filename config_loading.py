@@ -6,6 +6,7 @@ Merge order (later wins): dataclass defaults, the model preset
 """
 
 import dataclasses
+import logging
 import pathlib
 import typing
 
@@ -144,6 +145,14 @@ def build_experiment(path, overrides: list[str], preset: str | None) -> Experime
     if path is not None:
         p = _experiment_path(path)
         file_data = _read_yaml(p, "experiment config")
+        if isinstance(file_data.get("decode"), dict):
+            from cadenza.decode.config import upgrade_legacy_decode
+
+            file_data["decode"], moved = upgrade_legacy_decode(file_data["decode"])
+            if moved:
+                logging.getLogger("cadenza").info(
+                    "%s: older decode fields %s read into their per-method sections", p,
+                    ", ".join(moved))
         layers.append((str(p), file_data))
     cli = _parse_overrides(overrides)
     layers.append(("command-line overrides", cli))

@@ -249,3 +249,43 @@ def with_fields(config: DecodeConfig, **fields) -> DecodeConfig:
     for sec, vals in sections.items():
         top[sec] = dataclasses.replace(getattr(config, sec), **vals)
     return dataclasses.replace(config, **top)
+
+
+# Fields of the flat ``decode`` section written before the per-method sections existed:
+# old name -> "section.field" (or "method" logic below).
+_LEGACY = {"temperature": "sampling.temperature", "top_k": "sampling.top_k",
+           "top_p": "sampling.top_p", "min_p": "sampling.min_p",
+           "repetition_penalty": "sampling.repetition_penalty",
+           "draft": "speculative.draft", "gamma": "speculative.gamma",
+           "adaptive": "speculative.adaptive",
+           "adaptive_threshold": "speculative.adaptive_threshold",
+           "adaptive_min": "speculative.adaptive_min",
+           "accept_head": "speculative.accept_head", "ngram_max": "speculative.ngram_max",
+           "ngram_min": "speculative.ngram_min", "heads": "medusa.heads",
+           "proxy_alpha": "proxy.alpha"}
+
+
+def upgrade_legacy_decode(section: dict) -> tuple[dict, list[str]]:
+    """A ``decode`` mapping as written by older cadenza versions (flat fields such as
+    ``temperature``, ``speculative: draft``, ``heads``) in today's layout (one section
+    per method), and the names of the fields moved. A mapping in today's layout comes
+    back unchanged with no names. Used when reading saved ``config.yaml`` files, so
+    that model directories written before the split still load."""
+    old = {k for k in section if k in _LEGACY}
+    legacy_spec = isinstance(section.get("speculative"), str)
+    if not old and not legacy_spec:
+        return section, []
+    out = {k: v for k, v in section.items() if k not in old and k != "speculative"}
+    if not legacy_spec and "speculative" in section:
+        out["speculative"] = section["speculative"]
+    for k in sorted(old):
+        sec, field = _LEGACY[k].split(".")
+        out.setdefault(sec, {})[field] = section[k]
+    moved = sorted(old)
+    if legacy_spec:
+        kind = section["speculative"]
+        moved.append("speculative")
+        if kind != "none":
+            out.setdefault("speculative", {})["sample"] = section.get("method") == "sample"
+            out["method"] = {"draft": "speculative"}.get(kind, kind)
+    return out, moved

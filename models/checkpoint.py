@@ -11,6 +11,7 @@ Layout of a model directory (written by HF import, training export, adapter merg
 Params are restored directly into their shards when a mesh is given.
 """
 
+import logging
 import pathlib
 import shutil
 
@@ -20,7 +21,7 @@ import orbax.checkpoint as ocp
 from cadenza.config import ExperimentConfig, load_config, to_yaml
 from cadenza.errors import CadenzaError, one_line
 from cadenza.models.hf_folder import has_tokenizer, is_hf_folder, load_hf_folder
-from cadenza.outputs import atomic_dir, require_complete
+from cadenza.outputs import atomic_dir, is_complete, require_complete
 
 
 def save_model(directory, config: ExperimentConfig, params, tokenizer_dir=None) -> pathlib.Path:
@@ -39,6 +40,17 @@ def save_model(directory, config: ExperimentConfig, params, tokenizer_dir=None) 
         if tokenizer_dir is not None:
             shutil.copytree(tokenizer_dir, tmp / "tokenizer", dirs_exist_ok=True)
     return d
+
+
+def _written_before_markers(d: pathlib.Path) -> bool:
+    """A model directory saved by a cadenza older than completeness markers: no marker,
+    but orbax committed its params (orbax writes them atomically)."""
+    old = not is_complete(d) and (d / "params" / "commit_success.txt").is_file()
+    if old:
+        logging.getLogger("cadenza").info(
+            "%s: written by an older cadenza (no completeness marker); its params are "
+            "complete (orbax committed them)", d)
+    return old
 
 
 def load_model(directory, mesh=None, rules=None):
@@ -64,7 +76,8 @@ def load_model(directory, mesh=None, rules=None):
                            fix="pass the directory written by 'cadenza convert hf-import' or "
                                "by training (its model/ folder), or a Hugging Face folder "
                                "(config.json and *.safetensors)")
-    require_complete(d, "model directory")
+    if not _written_before_markers(d):
+        require_complete(d, "model directory")
     config = load_config(d / "config.yaml")
     target = abstract_params(config.model)
     if mesh is not None:
