@@ -59,7 +59,7 @@ class MeshConfig:
         return tuple((k, tuple(v) if v else None) for k, v in self.logical_axis_rules.items())
 
 
-TASKS = ("lm", "medusa", "specdec")
+TASKS = ("lm", "medusa", "specdec", "distill")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,6 +112,24 @@ class SpecDecTrainConfig:
                     high_inclusive=False)
 
 
+DISTILL_LOSSES = ("forward_kl", "reverse_kl", "tv")
+
+
+@dataclasses.dataclass(frozen=True)
+class DistillTrainConfig:
+    """``train.distill``: a draft model (the student, the experiment's ``model`` section)
+    learns the frozen teacher ``train.init_from``. ``student``: a model directory or Hugging
+    Face folder saved for the ``model`` section to start from; empty = random init. ``loss``
+    per counted token, temperature 1: ``forward_kl`` KL(teacher || student), ``reverse_kl``
+    KL(student || teacher) or ``tv`` (total variation; acceptance = 1 - TV)."""
+
+    student: Optional[str] = None
+    loss: str = "forward_kl"
+
+    def __post_init__(self):
+        check_choice("train.distill", "loss", self.loss, DISTILL_LOSSES)
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """Optimisation and run settings of ``cadenza train``.
@@ -135,9 +153,11 @@ class TrainConfig:
     (``tensorboard``; tags ``train/...``, ``eval/...``, the config as hyperparameters)
     and Weights & Biases when ``wandb_project`` is set.
     ``task``: what is trained: ``lm`` (the model, or PEFT adapters), ``medusa`` (Medusa
-    heads, section ``medusa``) or ``specdec`` (the SpecDec++ head, section ``specdec``);
+    heads, section ``medusa``), ``specdec`` (the SpecDec++ head, section ``specdec``) or
+    ``distill`` (a draft model distilled from ``init_from``, section ``distill``);
     the head tasks keep ``init_from`` frozen and write a head directory to
-    ``<output_dir>/adapters`` instead of a model.
+    ``<output_dir>/adapters`` instead of a model; ``distill`` keeps it frozen as the
+    teacher and writes the student to ``<output_dir>/model``.
     """
 
     output_dir: str = "runs/default"
@@ -172,12 +192,14 @@ class TrainConfig:
     task: str = "lm"
     medusa: MedusaTrainConfig = dataclasses.field(default_factory=MedusaTrainConfig)
     specdec: SpecDecTrainConfig = dataclasses.field(default_factory=SpecDecTrainConfig)
+    distill: DistillTrainConfig = dataclasses.field(default_factory=DistillTrainConfig)
 
     def __post_init__(self):
         s = "train"
         check_choice(s, "task", self.task, TASKS)
         if self.task != "lm" and not self.init_from:
-            raise ConfigError(f"train.task={self.task} trains heads on a frozen model, but "
+            role = "a student from" if self.task == "distill" else "heads on"
+            raise ConfigError(f"train.task={self.task} trains {role} a frozen model, but "
                               "none is given", where="train.init_from",
                               fix="set train.init_from to the model directory")
         if self.task == "specdec" and not self.specdec.draft:

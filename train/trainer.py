@@ -324,8 +324,12 @@ def _restart_rate(bar, step: int) -> None:
 
 def default_task(config: ExperimentConfig) -> TrainTask:
     """Full training, or the PEFT task when ``peft.method`` is set (base: ``train.init_from``),
-    or the Medusa / SpecDec++ head task ``train.task`` names."""
+    or the Medusa / SpecDec++ head task or draft distillation ``train.task`` names."""
     alpha = config.data.neftune_alpha
+    if config.train.task == "distill":
+        from cadenza.train.distill_task import distill_task
+
+        return distill_task(config)
     if config.train.task != "lm":
         from cadenza.train.head_fit import head_task
 
