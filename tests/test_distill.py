@@ -131,6 +131,9 @@ def test_vocabulary_mismatch_is_refused_before_compiling(models, capsys):
     err = capsys.readouterr().err
     assert "train.distill.student" in err and "384" in err and "512" in err
     assert "Traceback" not in err and not (tmp / "bad" / "checkpoints").exists()
+    # a student saved for another model section: the field is named
+    assert train(tmp, tdir, "bad2", f"train.distill.student={tdir}") == 2
+    assert "train.distill.student holds a different model" in capsys.readouterr().err
 
 
 def test_tokenizer_mismatch_names_both_fingerprints(models, tmp_path):

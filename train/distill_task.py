@@ -117,9 +117,14 @@ def distill_task(config) -> TrainTask:
                           where="peft.method", fix="set peft.method=none")
     distill, teacher_dir = config.train.distill, config.train.init_from
     student_dir = distill.student or None
+    for field, d in (("train.init_from", teacher_dir), ("train.distill.student", student_dir)):
+        if d is not None and not pathlib.Path(d).is_dir():
+            raise ConfigError(f"no such model directory: {d}", where=field,
+                              fix="give a cadenza model directory or a Hugging Face folder")
     teacher_config = saved_model_config(teacher_dir)
     check_vocabularies(teacher_dir, teacher_config, config.model, student_dir)
-    student = full_model_task(config.model, init_from=student_dir)
+    student = full_model_task(config.model, init_from=student_dir,
+                              init_field="train.distill.student")
     teacher = Transformer(teacher_config)
 
     def loss(trainable, frozen, batch, rng):
