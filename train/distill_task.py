@@ -30,6 +30,7 @@ from cadenza.train.config import DISTILL_LOSSES
 from cadenza.train.head_fit import abstract_frozen_params, frozen_params
 from cadenza.train.task import TrainTask, full_model_task
 
+
 def distill_divergence(student_logits, teacher_logits, kind: str = "forward_kl"):
     """Per-position divergence between the teacher's and the student's next-token
     distributions (temperature 1).
