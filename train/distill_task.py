@@ -104,9 +104,10 @@ def distill_task(config) -> TrainTask:
 
     Trainable: the student (``config.model``; from ``train.distill.student`` or random
     init), sharded like any model. Frozen: the teacher's params (``train.init_from``, its
-    own saved model config). ``apply`` returns the student's logits float32 [B, T, V];
-    ``loss`` the sums of :func:`distill_loss_sums` with ``train.distill.loss``; ``export``
-    the student's params (written to ``<output_dir>/model``).
+    own saved model config with this run's ``dtype`` and ``attention_impl``). ``apply``
+    returns the student's logits float32 [B, T, V]; ``loss`` the sums of
+    :func:`distill_loss_sums` with ``train.distill.loss``; ``export`` the student's params
+    (written to ``<output_dir>/model``).
 
     Raises ConfigError (before compiling) for PEFT, or a vocabulary/tokenizer mismatch.
     """
@@ -122,7 +123,10 @@ def distill_task(config) -> TrainTask:
         if d is not None and not pathlib.Path(d).is_dir():
             raise ConfigError(f"no such model directory: {d}", where=field,
                               fix="give a cadenza model directory or a Hugging Face folder")
-    teacher_config = saved_model_config(teacher_dir)
+    # the teacher runs with this run's compute dtype and attention kernel (as the student)
+    teacher_config = dataclasses.replace(saved_model_config(teacher_dir),
+                                         dtype=config.model.dtype,
+                                         attention_impl=config.model.attention_impl)
     check_vocabularies(teacher_dir, teacher_config, config.model, student_dir)
     student = full_model_task(config.model, init_from=student_dir,
                               init_field="train.distill.student")
