@@ -42,6 +42,14 @@ def test_loss_is_zero_iff_student_equals_teacher(kind):
     np.testing.assert_allclose(float(total), float(jnp.sum(div * mask)), rtol=1e-6)
 
 
+def test_forward_kl_ignores_tokens_the_teacher_rules_out():
+    teacher = jnp.array([[0.0, 1.0, -jnp.inf]])
+    student = jnp.array([[0.5, 0.2, 0.1]])
+    value, grad = jax.value_and_grad(
+        lambda s: distill_divergence(s, teacher, "forward_kl").sum())(student)
+    assert bool(jnp.isfinite(value)) and bool(jnp.all(jnp.isfinite(grad)))
+
+
 def test_tv_matches_a_numpy_reference():
     s, t = (np.random.default_rng(i).normal(size=(4, 7)) for i in (0, 1))
     p, q = (np.exp(x) / np.exp(x).sum(-1, keepdims=True) for x in (t, s))

@@ -45,8 +45,9 @@ def distill_divergence(student_logits, teacher_logits, kind: str = "forward_kl")
         raise ValueError(f"unknown distillation loss {kind!r}; use one of {DISTILL_LOSSES}")
     logq = jax.nn.log_softmax(student_logits.astype(jnp.float32), axis=-1)
     logp = jax.nn.log_softmax(jax.lax.stop_gradient(teacher_logits).astype(jnp.float32), axis=-1)
-    if kind == "forward_kl":
-        return jnp.sum(jnp.exp(logp) * (logp - logq), axis=-1)
+    if kind == "forward_kl":   # tokens the teacher rules out (p = 0) add nothing
+        p = jnp.exp(logp)
+        return jnp.sum(jnp.where(p > 0, p * (logp - logq), 0.0), axis=-1)
     if kind == "reverse_kl":
         return jnp.sum(jnp.exp(logq) * (logq - logp), axis=-1)
     return 0.5 * jnp.sum(jnp.abs(jnp.exp(logp) - jnp.exp(logq)), axis=-1)
