@@ -59,7 +59,7 @@ class MeshConfig:
         return tuple((k, tuple(v) if v else None) for k, v in self.logical_axis_rules.items())
 
 
-TASKS = ("lm", "medusa", "specdec", "dpo", "orpo")
+TASKS = ("lm", "medusa", "specdec", "dpo", "orpo", "distill")
 HEAD_TASKS = ("medusa", "specdec")
 PREFERENCE_TASKS = ("dpo", "orpo")
 
@@ -135,6 +135,24 @@ class SpecDecTrainConfig:
                     high_inclusive=False)
 
 
+DISTILL_LOSSES = ("forward_kl", "reverse_kl", "tv")
+
+
+@dataclasses.dataclass(frozen=True)
+class DistillTrainConfig:
+    """``train.distill``: a draft model (the student, the experiment's ``model`` section)
+    learns the frozen teacher ``train.init_from``. ``student``: a model directory or Hugging
+    Face folder saved for the ``model`` section to start from; empty = random init. ``loss``
+    per counted token, temperature 1: ``forward_kl`` KL(teacher || student), ``reverse_kl``
+    KL(student || teacher) or ``tv`` (total variation; acceptance = 1 - TV)."""
+
+    student: Optional[str] = None
+    loss: str = "forward_kl"
+
+    def __post_init__(self):
+        check_choice("train.distill", "loss", self.loss, DISTILL_LOSSES)
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """Optimisation and run settings of ``cadenza train``.
@@ -158,9 +176,11 @@ class TrainConfig:
     (``tensorboard``; tags ``train/...``, ``eval/...``, the config as hyperparameters)
     and Weights & Biases when ``wandb_project`` is set.
     ``task``: what is trained: ``lm`` (the model, or PEFT adapters), ``medusa`` (Medusa
-    heads, section ``medusa``) or ``specdec`` (the SpecDec++ head, section ``specdec``);
+    heads, section ``medusa``), ``specdec`` (the SpecDec++ head, section ``specdec``) or
+    ``distill`` (a draft model distilled from ``init_from``, section ``distill``);
     the head tasks keep ``init_from`` frozen and write a head directory to
-    ``<output_dir>/adapters`` instead of a model. ``dpo`` / ``orpo`` train the model (or
+    ``<output_dir>/adapters`` instead of a model; ``distill`` keeps it frozen as the
+    teacher and writes the student to ``<output_dir>/model``. ``dpo`` / ``orpo`` train the model (or
     PEFT adapters) on preference pairs (section ``preference``); DPO's reference is the
     ``init_from`` model.
     """
@@ -198,6 +218,7 @@ class TrainConfig:
     medusa: MedusaTrainConfig = dataclasses.field(default_factory=MedusaTrainConfig)
     specdec: SpecDecTrainConfig = dataclasses.field(default_factory=SpecDecTrainConfig)
     preference: PreferenceTrainConfig = dataclasses.field(default_factory=PreferenceTrainConfig)
+    distill: DistillTrainConfig = dataclasses.field(default_factory=DistillTrainConfig)
 
     def __post_init__(self):
         s = "train"
@@ -206,8 +227,9 @@ class TrainConfig:
             raise ConfigError("train.task=dpo needs the reference model (the SFT model it "
                               "starts from)", where="train.init_from",
                               fix="set train.init_from to the model directory")
-        if self.task in HEAD_TASKS and not self.init_from:
-            raise ConfigError(f"train.task={self.task} trains heads on a frozen model, but "
+        if self.task in HEAD_TASKS + ("distill",) and not self.init_from:
+            role = "a student from" if self.task == "distill" else "heads on"
+            raise ConfigError(f"train.task={self.task} trains {role} a frozen model, but "
                               "none is given", where="train.init_from",
                               fix="set train.init_from to the model directory")
         if self.task == "specdec" and not self.specdec.draft:

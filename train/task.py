@@ -71,12 +71,14 @@ class TrainTask:
 
 
 def full_model_task(model_config: ModelConfig, neftune_alpha: float = 0.0,
-                    init_from: str | None = None) -> TrainTask:
+                    init_from: str | None = None,
+                    init_field: str = "train.init_from") -> TrainTask:
     """Every model param trainable (plain pretraining / full fine-tuning).
 
     ``neftune_alpha > 0`` adds NEFTune noise to the input embeddings in training
     steps only (see :func:`cadenza.train.data.neftune.neftune_noise`).
-    ``init_from``: a model directory to start from instead of random init.
+    ``init_from``: a model directory to start from instead of random init (``init_field``:
+    the config field that names it, for errors).
     """
     from cadenza.models import Transformer, abstract_params, init_params, param_shardings
 
@@ -92,7 +94,7 @@ def full_model_task(model_config: ModelConfig, neftune_alpha: float = 0.0,
         trainable_shardings=lambda mesh, rules: param_shardings(model_config, mesh, rules),
         init_trainable=lambda rng, mesh, rules: (
             init_params(model_config, rng, mesh, rules) if init_from is None
-            else load_base_params(model_config, init_from, mesh, rules)),
+            else load_base_params(model_config, init_from, mesh, rules, field=init_field)),
         load_frozen=lambda mesh, rules: {},
         apply=apply,
         export=lambda trainable, frozen: trainable,
@@ -129,9 +131,11 @@ def donatable_copy(tree, shardings):
     return jax.device_put(jax.tree.map(lambda x: jnp.array(x, copy=True), tree), shardings)
 
 
-def load_base_params(model_config: ModelConfig, directory, mesh, rules):
+def load_base_params(model_config: ModelConfig, directory, mesh, rules,
+                     field: str = "train.init_from"):
     """Params of the model directory ``directory``, placed on ``mesh``; fails clearly
-    unless it was saved for the same model shape as ``model_config``."""
+    (naming the config ``field`` that gave the directory) unless it was saved for the same
+    model shape as ``model_config``."""
     import pathlib
 
     from cadenza.errors import CadenzaError
@@ -146,7 +150,7 @@ def load_base_params(model_config: ModelConfig, directory, mesh, rules):
              if f.name not in _RUNTIME_FIELDS
              and getattr(theirs, f.name) != getattr(mine, f.name)]
     if diffs:
-        raise CadenzaError("train.init_from holds a different model: " + "; ".join(diffs),
+        raise CadenzaError(f"{field} holds a different model: " + "; ".join(diffs),
                            where=str(pathlib.Path(directory)),
                            fix="set the model section to the saved model's (e.g. "
                                "model.preset and the same overrides) or pick another directory")

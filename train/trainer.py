@@ -344,13 +344,17 @@ def loss_shaping_options(config: ExperimentConfig) -> dict:
 
 def default_task(config: ExperimentConfig) -> TrainTask:
     """Full training, or the PEFT task when ``peft.method`` is set (base: ``train.init_from``),
-    or the Medusa / SpecDec++ head task or the DPO / ORPO preference task ``train.task``
-    names."""
+    or the Medusa / SpecDec++ head task, the DPO / ORPO preference task or draft
+    distillation ``train.task`` names."""
     alpha = config.data.neftune_alpha
     if config.train.task in ("dpo", "orpo") or config.data.is_preference:
         from cadenza.train.preference_task import preference_task
 
         return preference_task(config)
+    if config.train.task == "distill":
+        from cadenza.train.distill_task import distill_task
+
+        return distill_task(config)
     if config.train.task != "lm":
         from cadenza.train.head_fit import head_task
 

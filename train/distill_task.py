@@ -1,0 +1,149 @@
+"""Draft distillation: a small student model learns the frozen teacher's next-token
+distributions, so that it agrees with the teacher as a speculative-decoding draft.
+
+The teacher is the ``train.init_from`` model (frozen); the student is the model the
+experiment's ``model`` section describes, started from ``train.distill.student`` (a model
+directory or Hugging Face folder saved for that model section) or from random init when
+that is empty. Every student param trains (full fine-tuning).
+
+Loss per counted token (``loss_mask``), temperature 1, p = teacher, q = student:
+
+- ``forward_kl`` (default): ``KL(p || q) = sum_v p (log p - log q)``;
+- ``reverse_kl``: ``KL(q || p) = sum_v q (log q - log p)``;
+- ``tv``: total variation ``0.5 * sum_v |p - q|``. For one drafted token with
+  speculative sampling the acceptance probability is ``1 - TV(p, q)``.
+
+Before anything compiles the student's and the teacher's vocabulary sizes, and their
+tokenizers' fingerprints when both directories hold one, must match. ``cadenza train``
+with ``train.task: distill`` writes the student as a normal model directory
+(``<output_dir>/model``), usable as ``cadenza generate --method speculative --draft``.
+"""
+
+import dataclasses
+import pathlib
+
+import jax
+import jax.numpy as jnp
+
+from cadenza.errors import ConfigError
+from cadenza.train.config import DISTILL_LOSSES
+from cadenza.train.head_fit import abstract_frozen_params, frozen_params
+from cadenza.train.task import TrainTask, full_model_task
+
+
+def distill_divergence(student_logits, teacher_logits, kind: str = "forward_kl"):
+    """Per-position divergence between the teacher's and the student's next-token
+    distributions (temperature 1).
+
+    Args:
+      student_logits, teacher_logits: float [..., V] (the same shape).
+      kind: one of :data:`cadenza.train.config.DISTILL_LOSSES`.
+    Returns float32 [...]: ``KL(p||q)``, ``KL(q||p)`` or ``TV(p, q)`` with p = softmax of
+    the teacher's logits, q = the student's. No gradient flows into the teacher.
+    """
+    if kind not in DISTILL_LOSSES:
+        raise ValueError(f"unknown distillation loss {kind!r}; use one of {DISTILL_LOSSES}")
+    logq = jax.nn.log_softmax(student_logits.astype(jnp.float32), axis=-1)
+    logp = jax.nn.log_softmax(jax.lax.stop_gradient(teacher_logits).astype(jnp.float32), axis=-1)
+    if kind == "forward_kl":   # tokens the teacher rules out (p = 0) add nothing
+        p = jnp.exp(logp)
+        return jnp.sum(jnp.where(p > 0, p * (logp - logq), 0.0), axis=-1)
+    if kind == "reverse_kl":
+        return jnp.sum(jnp.exp(logq) * (logq - logp), axis=-1)
+    return 0.5 * jnp.sum(jnp.abs(jnp.exp(logp) - jnp.exp(logq)), axis=-1)
+
+
+def distill_loss_sums(student_logits, teacher_logits, loss_mask, kind: str = "forward_kl"):
+    """``(loss_sum, count)`` of a microbatch: :func:`distill_divergence` [B, T] summed over
+    the positions where ``loss_mask`` [B, T] is > 0, and the number of those positions
+    (float32 scalars; the loss is their ratio)."""
+    mask = (loss_mask > 0).astype(jnp.float32)
+    div = distill_divergence(student_logits, teacher_logits, kind)
+    return jnp.sum(div * mask), jnp.sum(mask)
+
+
+def saved_model_config(directory):
+    """The ModelConfig of the model directory or Hugging Face folder ``directory`` (a model
+    directory's config.yaml is read without its params)."""
+    from cadenza.config import load_config
+    from cadenza.models import load_model
+    from cadenza.models.hf_folder import is_hf_folder
+
+    d = pathlib.Path(directory)
+    if (d / "config.yaml").is_file() and not is_hf_folder(d):
+        return load_config(d / "config.yaml").model
+    return load_model(d)[0].model
+
+
+def check_vocabularies(teacher_dir, teacher_config, student_config, student_dir=None) -> None:
+    """Raise :class:`ConfigError` (before compiling) unless student and teacher share the
+    vocabulary size and, when both directories hold a tokenizer, its fingerprint."""
+    from cadenza.decode.ngram import tokenizer_fingerprint
+    from cadenza.models.checkpoint import tokenizer_dir
+
+    tv, sv = teacher_config.vocab_size, student_config.vocab_size
+    if tv != sv:
+        raise ConfigError(f"the student's vocabulary ({sv} tokens) differs from the teacher's "
+                          f"({tv} tokens, {teacher_dir})", where="train.distill.student"
+                          if student_dir else "model.vocab_size",
+                          fix="distill into a student with the teacher's tokenizer and "
+                              f"vocab_size {tv}")
+    if student_dir is None:
+        return
+    tt, st = tokenizer_dir(teacher_dir), tokenizer_dir(student_dir)
+    if tt is not None and st is not None:
+        tf, sf = tokenizer_fingerprint(tt), tokenizer_fingerprint(st)
+        if tf != sf:
+            raise ConfigError(f"the student's tokenizer (sha256 {sf[:16]}, {st}) differs from "
+                              f"the teacher's (sha256 {tf[:16]}, {tt})",
+                              where="train.distill.student",
+                              fix="distill into a student that uses the teacher's tokenizer")
+
+
+def distill_task(config) -> TrainTask:
+    """The distillation task of the experiment ``config`` (``train.task: distill``).
+
+    Trainable: the student (``config.model``; from ``train.distill.student`` or random
+    init), sharded like any model. Frozen: the teacher's params (``train.init_from``, its
+    own saved model config with this run's ``dtype`` and ``attention_impl``). ``apply``
+    returns the student's logits float32 [B, T, V]; ``loss`` the sums of
+    :func:`distill_loss_sums` with ``train.distill.loss``; ``export`` the student's params
+    (written to ``<output_dir>/model``).
+
+    Raises ConfigError (before compiling) for PEFT, or a vocabulary/tokenizer mismatch.
+    """
+    from cadenza.models import Transformer
+
+    if config.peft.method != "none":
+        raise ConfigError(f"train.task=distill fine-tunes the whole student and does not "
+                          f"combine with peft.method={config.peft.method}",
+                          where="peft.method", fix="set peft.method=none")
+    distill, teacher_dir = config.train.distill, config.train.init_from
+    student_dir = distill.student or None
+    for field, d in (("train.init_from", teacher_dir), ("train.distill.student", student_dir)):
+        if d is not None and not pathlib.Path(d).is_dir():
+            raise ConfigError(f"no such model directory: {d}", where=field,
+                              fix="give a cadenza model directory or a Hugging Face folder")
+    # the teacher runs with this run's compute dtype and attention kernel (as the student)
+    teacher_config = dataclasses.replace(saved_model_config(teacher_dir),
+                                         dtype=config.model.dtype,
+                                         attention_impl=config.model.attention_impl)
+    check_vocabularies(teacher_dir, teacher_config, config.model, student_dir)
+    student = full_model_task(config.model, init_from=student_dir,
+                              init_field="train.distill.student")
+    teacher = Transformer(teacher_config)
+
+    def loss(trainable, frozen, batch, rng):
+        logits = student.apply(trainable, {}, batch, rng)
+        teacher_logits = teacher.apply({"params": frozen}, batch["inputs"],
+                                       positions=batch["positions"],
+                                       segment_ids=batch["segment_ids"])[0]
+        total, count = distill_loss_sums(logits, teacher_logits, batch["loss_mask"],
+                                         distill.loss)
+        return total, total, count
+
+    return dataclasses.replace(
+        student,
+        load_frozen=lambda mesh, rules: frozen_params(teacher_config, teacher_dir, mesh, rules),
+        abstract_frozen=lambda mesh, rules: abstract_frozen_params(teacher_config, mesh, rules),
+        loss=loss, total_params=student.total_params + teacher_config.num_params())
