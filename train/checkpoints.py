@@ -23,16 +23,19 @@ from cadenza.config import ExperimentConfig, load_config, to_yaml
 from cadenza.errors import CadenzaError
 
 # Model fields that may change between a checkpoint and its resume (compute, not shape).
-_MODEL_FREE_FIELDS = ("preset", "dtype", "remat_policy", "attention_impl")
+MODEL_FREE_FIELDS = ("preset", "dtype", "remat_policy", "attention_impl")
 _PEFT_FREE_FIELDS = ("dropout",)
 
 
-def _differences(section: str, old, new, free=()) -> list[str]:
+def config_differences(section: str, old, new, free=(),
+                       names=("checkpoint", "this run")) -> list[str]:
+    """``section.field: <names[0]> has A, <names[1]> has B`` for each dataclass field of
+    ``old`` that differs in ``new`` (fields named in ``free`` excepted)."""
     out = []
     for f in dataclasses.fields(old):
         a, b = getattr(old, f.name), getattr(new, f.name)
         if f.name not in free and a != b:
-            out.append(f"{section}.{f.name}: checkpoint has {a!r}, this run has {b!r}")
+            out.append(f"{section}.{f.name}: {names[0]} has {a!r}, {names[1]} has {b!r}")
     return out
 
 
@@ -40,9 +43,9 @@ def check_compatible(saved: ExperimentConfig, config: ExperimentConfig, where: s
     """Fail unless ``config`` can resume from a checkpoint written under ``saved``: same
     model shape, same data section (dataset and its order), same PEFT layout. Mesh,
     optimizer and run-length settings may change."""
-    diffs = (_differences("model", saved.model, config.model, _MODEL_FREE_FIELDS)
-             + _differences("data", saved.data, config.data)
-             + _differences("peft", saved.peft, config.peft, _PEFT_FREE_FIELDS))
+    diffs = (config_differences("model", saved.model, config.model, MODEL_FREE_FIELDS)
+             + config_differences("data", saved.data, config.data)
+             + config_differences("peft", saved.peft, config.peft, _PEFT_FREE_FIELDS))
     if diffs:
         raise CadenzaError("cannot resume: the checkpoint was written for a different "
                            "model or dataset (" + "; ".join(diffs) + ")", where=where,
