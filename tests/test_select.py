@@ -66,6 +66,19 @@ def test_corrupted_pairs_are_left_out(pool, method):
     assert len(kept) == 13 and np.mean(clean[kept]) >= 0.9, (method, clean[kept])
 
 
+def test_grape_keeps_the_likely_response_per_instruction(pool):
+    tmp, overrides, _, pairs = pool
+    # Every instruction twice: its own body and a neighbour's.
+    lines = [{"instruction": i, "output": b} for k, (i, b) in enumerate(pairs)
+             for b in (b, pairs[(k + 1) % len(pairs)][1])]
+    (tmp / "two.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    config = load_config(None, overrides + [f"data.path={tmp / 'two.jsonl'}"], preset="tiny")
+    result = select(config, SelectSpec("grape", 1.0))
+    kept = [_line(result["records"][i]) for i in result["selected"]]
+    assert result["counts"]["instructions"] == len(kept) > 0.9 * len(pairs)  # some too long
+    assert np.mean([k % 2 == 0 for k in kept]) >= 0.9  # the own body (even lines)
+
+
 def test_scores_match_numpy_and_same_seed_same_selection(pool):
     _, overrides, _, pairs = pool
     config = load_config(None, overrides, preset="tiny")
