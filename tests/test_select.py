@@ -158,12 +158,13 @@ def test_cli_select_writes_a_dataset_and_every_score(pool, tmp_path, capsys):
     assert len(kept) == 8 == sum(r["selected"] for r in report["records"])
     assert kept[0]["messages"][1]["role"] == "assistant"
     assert [p.name for p in tmp_path.iterdir()] == ["sel"]
-    bad = [(["--method", "ifd", "--budget", "2.5"], "neither a record count"),
-           (["--method", "best", "--budget", "3"], "select.method"),
-           (["--method", "nll", "--budget", "3", "train.init_from=null"], "train.init_from"),
-           (["--method", "length", "--budget", "3"], "already exists")]
+    new = str(tmp_path / "new")
+    bad = [(["--method", "ifd", "--budget", "2.5", "--out", new], "neither a record count"),
+           (["--method", "best", "--budget", "3", "--out", new], "select.method"),
+           (["--method", "nll", "--budget", "3", "train.init_from=null", "--out", new],
+            "train.init_from"),
+           (["--method", "length", "--budget", "3", "--out", str(out)], "already exists")]
     for extra, message in bad:
-        assert main(["data", "select", "tiny_pretrain", *overrides, *extra, "--out",
-                     str(out)]) == 2
+        assert main(["data", "select", "tiny_pretrain", *overrides, *extra]) == 2
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1, err

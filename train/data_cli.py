@@ -62,12 +62,13 @@ def _select(args) -> int:
 
     from cadenza.config import load_config
     from cadenza.train.data.records import Problems, expand_paths, read_records
-    from cadenza.train.select import SelectSpec, select, write_selection
+    from cadenza.train.select import SelectSpec, check_new_dir, select, write_selection
 
     spec = SelectSpec(method=args.method, budget=args.budget, diversity=args.diversity,
                       clusters=args.clusters, threshold=args.threshold, seed=args.seed,
                       batch_size=args.batch_size)
     config = load_config(args.experiment, args.overrides)
+    check_new_dir(args.out)
     target = None
     if args.target:
         problems, counts = Problems("skip"), collections.Counter()

@@ -156,7 +156,7 @@ class Scorer:
         from cadenza.train.task import load_base_params
 
         if not config.train.init_from:
-            raise ConfigError("scoring needs the model to score with", where="train.init_from",
+            raise ConfigError("scoring needs a model", where="train.init_from",
                               fix="set train.init_from=<model directory>")
         self.mesh = mesh if mesh is not None else make_mesh(config.mesh)
         rules = config.mesh.rules()
@@ -277,6 +277,9 @@ def select(config, spec: SelectSpec, *, target=None, mesh=None, progress=None) -
     from cadenza.train.data.records import Problems
 
     say = progress or (lambda _: None)
+    if spec.needs_model() and not config.train.init_from:
+        raise ConfigError(f"method {spec.method!r} scores with a model but none is given",
+                          where="train.init_from", fix="set train.init_from=<model directory>")
     if spec.method == "rds" and target is not None and not target:
         raise CadenzaError("the rds target set is empty", where="select.target",
                            fix="give target records (a file with at least one record)")
@@ -344,14 +347,20 @@ def select(config, spec: SelectSpec, *, target=None, mesh=None, progress=None) -
             "details": details}
 
 
-def write_selection(out_dir, result: dict, spec: SelectSpec, about: dict) -> pathlib.Path:
-    """Write ``out_dir/records.jsonl`` (the kept records: ``messages`` format, or ``text``
-    for text records) and ``out_dir/selection.json`` (settings, counts and every record's
-    scores), as a temporary sibling renamed into place; ``out_dir`` must not exist."""
+def check_new_dir(out_dir) -> pathlib.Path:
+    """The absolute path of ``out_dir``; fails if it exists (nothing is overwritten)."""
     out = pathlib.Path(out_dir).absolute()
     if out.exists():
         raise CadenzaError("the output directory already exists", where=str(out),
                            fix="choose a new output directory or delete the old one")
+    return out
+
+
+def write_selection(out_dir, result: dict, spec: SelectSpec, about: dict) -> pathlib.Path:
+    """Write ``out_dir/records.jsonl`` (the kept records: ``messages`` format, or ``text``
+    for text records) and ``out_dir/selection.json`` (settings, counts and every record's
+    scores), as a temporary sibling renamed into place; ``out_dir`` must not exist."""
+    out = check_new_dir(out_dir)
     records, chosen = result["records"], set(result["selected"].tolist())
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
