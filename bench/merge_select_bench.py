@@ -69,8 +69,9 @@ def common(tmp: pathlib.Path):
             "train.log_every=1000", "train.learning_rate=3e-3", "train.warmup_steps=10"]
 
 
-def train(tmp, name, data_path, steps, init_from=None) -> str:
+def train(tmp, name, data_path, steps, init_from=None, fmt="alpaca") -> str:
     extra = [f"train.init_from={init_from}"] if init_from else []
+    extra.append(f"data.format={fmt}")
     summary = fit(load_config(None, common(tmp) + extra + [
         f"data.path={data_path}", f"train.output_dir={tmp / name}", f"train.steps={steps}"],
         preset="tiny"))
@@ -124,7 +125,7 @@ def main():
         spec = SelectSpec(method, 0.3, seed=0)
         chosen = write_selection(tmp / f"sel_{method}", select(config, spec, target=target),
                                  spec, {})
-        model = train(tmp, f"sft_{method}", chosen / "records.jsonl", steps, base)
+        model = train(tmp, f"sft_{method}", chosen / "records.jsonl", steps, base, "messages")
         selection[method] = heldout_loss(tmp, model, files["held"])
     result = {**provenance(), "steps": steps, "quick": args.quick, "seq_len": SEQ_LEN,
               "sets": {"general": GENERAL, "A": SET_A, "B": SET_B},

@@ -177,11 +177,12 @@ def test_mismatched_architecture_is_refused_naming_the_field(model_dirs, tmp_pat
 def test_cli_merges_models_and_adapters(model_dirs, tmp_path, capsys):
     out = tmp_path / "soup"
     args = ["convert", "merge", "--base", str(model_dirs / "base"), "--models",
-            str(model_dirs / "ft1"), str(model_dirs / "lora"), "--method", "dare_ties",
-            "--drop-rate", "0.5", "--weights", "1", "2", "--out", str(out)]
+            str(model_dirs / "ft1"), str(model_dirs / "lora"), "--method", "task_arithmetic",
+            "--lambda", "0.5", "--weights", "1", "2", "--out", str(out)]
     assert main(args) == 0
     record = json.loads((out / "merge.json").read_text())
-    assert record["method"] == "dare_ties" and record["p"] == 0.5 and record["rescale"] == 2.0
+    assert record["method"] == "task_arithmetic" and record["lam"] == 0.5
+    assert record["weights"] == [1.0, 2.0]
     assert [m["kind"] for m in record["models"]] == ["model", "adapter"]
     assert [p.name for p in out.parent.iterdir()] == ["soup"]  # no temporary left behind
     _, merged = load_model(out)
