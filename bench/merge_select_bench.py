@@ -38,8 +38,8 @@ MERGES = {"linear": MergeSpec("linear"), "task_arithmetic": MergeSpec("task_arit
           "ties": MergeSpec("ties"), "dare_linear": MergeSpec("dare_linear"),
           "dare_ties": MergeSpec("dare_ties"), "breadcrumbs": MergeSpec("breadcrumbs"),
           "model_stock": MergeSpec("model_stock"),
-          "dare_linear p=0.5": MergeSpec("dare_linear", p=0.5),
-          "dare_linear p=0.99": MergeSpec("dare_linear", p=0.99)}
+          "dare_linear p=0.5": MergeSpec("dare_linear", drop_rate=0.5),
+          "dare_linear p=0.99": MergeSpec("dare_linear", drop_rate=0.99)}
 
 
 def pairs_of(modules):

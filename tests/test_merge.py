@@ -14,7 +14,6 @@ from cadenza.errors import CadenzaError, ConfigError
 from cadenza.models import init_params, load_model, save_model
 from cadenza.train.merge import MergeSpec, dare, merge_params
 
-
 SHAPES = {"embed": (12, 8), "layers": {"kernel": (3, 8, 6), "scale": (3, 6)}, "out": (5,)}
 
 
@@ -58,7 +57,8 @@ def _close(a, b, atol=1e-6):
 
 
 @pytest.mark.parametrize("spec", [MergeSpec("linear"), MergeSpec("task_arithmetic"),
-                                  MergeSpec("dare_linear", p=0.0), MergeSpec("wise_ft", alpha=1)])
+                                  MergeSpec("dare_linear", drop_rate=0.0),
+                                  MergeSpec("wise_ft", alpha=1)])
 def test_one_model_at_lambda_one_is_unchanged(spec):
     base = _tree(0)
     ft = _tree(1, 0.1, base)
@@ -108,7 +108,8 @@ def test_model_stock_identical_fine_tunes_and_ratio():
 
 
 def test_merge_on_a_2x2x2_mesh_equals_one_device():
-    from jax.sharding import NamedSharding, PartitionSpec as P
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
 
     mesh = jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"))
     specs = {"embed": P("data", "tensor"), "layers": {"kernel": P(None, "fsdp", "tensor"),
@@ -117,7 +118,7 @@ def test_merge_on_a_2x2x2_mesh_equals_one_device():
                          is_leaf=lambda x: isinstance(x, P))
     base = _tree(0)
     models = [_tree(s, 0.1, base) for s in (1, 2)]
-    spec = MergeSpec("dare_ties", p=0.5)
+    spec = MergeSpec("dare_ties", drop_rate=0.5)
     one, _ = merge_params(spec, base, models)
     many, _ = merge_params(spec, *[jax.device_put(t, shard) for t in [base]],
                            [jax.device_put(t, shard) for t in models])
@@ -129,8 +130,8 @@ def test_merge_on_a_2x2x2_mesh_equals_one_device():
 def test_spec_refuses_unused_options_and_wrong_counts():
     with pytest.raises(ConfigError, match="does not use density"):
         MergeSpec("linear", density=0.5)
-    with pytest.raises(ConfigError, match="merge.p"):
-        MergeSpec("dare_ties", p=1.0)
+    with pytest.raises(ConfigError, match="merge.drop_rate"):
+        MergeSpec("dare_ties", drop_rate=1.0)
     with pytest.raises(ConfigError, match="exactly one model"):
         MergeSpec("wise_ft").check_count(2)
     with pytest.raises(ConfigError, match="2 weights for 3 models"):

@@ -1,6 +1,5 @@
 """Instruction-data selection: scores against NumPy, determinism, a corrupted pool, the CLI."""
 
-import collections
 import json
 
 import numpy as np
@@ -13,8 +12,7 @@ from cadenza.train.data import stdlib
 from cadenza.train.data.formatting import Formatter
 from cadenza.train.data.pipeline import resolve_tokenizer
 from cadenza.train.data.records import Problems
-from cadenza.train.select import (SelectSpec, Scorer, choose, kmeans, rank, rows, select,
-                                  tokenize)
+from cadenza.train.select import Scorer, SelectSpec, choose, kmeans, rank, rows, select, tokenize
 
 MODULES = ["textwrap.py", "bisect.py", "colorsys.py", "shlex.py", "fnmatch.py", "glob.py",
            "copy.py", "heapq.py", "calendar.py", "string.py"]

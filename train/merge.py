@@ -50,12 +50,12 @@ MERGE_FILE = "merge.json"
 _USES = {"linear": {"weights"},
          "task_arithmetic": {"weights", "lam"},
          "ties": {"weights", "lam", "density"},
-         "dare_linear": {"weights", "lam", "p", "rescale", "seed"},
-         "dare_ties": {"weights", "lam", "p", "rescale", "seed"},
+         "dare_linear": {"weights", "lam", "drop_rate", "rescale", "seed"},
+         "dare_ties": {"weights", "lam", "drop_rate", "rescale", "seed"},
          "breadcrumbs": {"weights", "lam", "top", "bottom"},
          "model_stock": set(),
          "wise_ft": {"alpha"}}
-_DEFAULTS = {"lam": 1.0, "density": 0.2, "p": 0.9, "top": 0.01, "bottom": 0.9, "alpha": 0.5,
+_DEFAULTS = {"lam": 1.0, "density": 0.2, "drop_rate": 0.9, "top": 0.01, "bottom": 0.9, "alpha": 0.5,
              "seed": 0}
 
 
@@ -63,7 +63,7 @@ _DEFAULTS = {"lam": 1.0, "density": 0.2, "p": 0.9, "top": 0.01, "bottom": 0.9, "
 class MergeSpec:
     """A merge method and its settings (validated on creation).
 
-    Leave a setting None to take its default (``lam`` 1, ``density`` 0.2, ``p`` 0.9,
+    Leave a setting None to take its default (``lam`` 1, ``density`` 0.2, ``drop_rate`` 0.9,
     ``rescale`` 1/(1-p), ``top`` 0.01, ``bottom`` 0.9, ``alpha`` 0.5, ``seed`` 0,
     ``weights`` all 1). A setting the method does not use must stay None.
     """
@@ -72,7 +72,7 @@ class MergeSpec:
     weights: tuple[float, ...] | None = None   # one per model
     lam: float | None = None                   # scale of the merged task vector
     density: float | None = None               # TIES: fraction of each tau kept
-    p: float | None = None                     # DARE: drop probability
+    drop_rate: float | None = None             # DARE: drop probability p
     rescale: float | None = None               # DARE: survivor scale (DAREx); default 1/(1-p)
     top: float | None = None                   # Breadcrumbs: largest magnitudes dropped
     bottom: float | None = None                # Breadcrumbs: smallest magnitudes dropped
@@ -91,7 +91,8 @@ class MergeSpec:
                 f"method {self.method!r} does not use {', '.join(unused)}",
                 f"drop it, or pick a method that uses it ({_users(unused)})")
         check_range(s, "density", self.density, low=0.0, high=1.0, optional=True)
-        check_range(s, "p", self.p, low=0.0, high=1.0, high_inclusive=False, optional=True)
+        check_range(s, "drop_rate", self.drop_rate, low=0.0, high=1.0, high_inclusive=False,
+                    optional=True)
         check_range(s, "rescale", self.rescale, low=0.0, low_inclusive=False, optional=True)
         check_range(s, "top", self.top, low=0.0, high=1.0, optional=True)
         check_range(s, "bottom", self.bottom, low=0.0, high=1.0, optional=True)
@@ -108,7 +109,7 @@ class MergeSpec:
         """The setting ``name`` with its default filled in."""
         value = getattr(self, name)
         if value is None and name == "rescale":
-            return 1.0 / (1.0 - self.get("p"))
+            return 1.0 / (1.0 - self.get("drop_rate"))
         return _DEFAULTS.get(name) if value is None else value
 
     def resolved(self, num_models: int) -> dict:
@@ -229,7 +230,8 @@ def _merge_leaf(spec: MergeSpec, weights: tuple, layer_axis: bool, out_shardings
                 taus = [jnp.where(magnitude_mask(t, 1.0 - spec.get("bottom"), spec.get("top")),
                                   t, 0.0) for t in taus]
             elif m.startswith("dare_"):
-                taus = [dare(t, jax.random.fold_in(key, i), spec.get("p"), spec.get("rescale"))
+                taus = [dare(t, jax.random.fold_in(key, i), spec.get("drop_rate"),
+                             spec.get("rescale"))
                         for i, t in enumerate(taus)]
             if m in ("ties", "dare_ties"):
                 delta = ties_combine(taus, weights)

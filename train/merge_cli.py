@@ -14,8 +14,9 @@ def _merge(args) -> int:
     from cadenza.train.mesh import make_mesh
 
     spec = MergeSpec(method=args.method, weights=tuple(args.weights) if args.weights else None,
-                     lam=args.lam, density=args.density, p=args.drop_rate, rescale=args.rescale,
-                     top=args.top, bottom=args.bottom, alpha=args.alpha, seed=args.seed)
+                     lam=args.lam, density=args.density, drop_rate=args.drop_rate,
+                     rescale=args.rescale, top=args.top, bottom=args.bottom,
+                     alpha=args.alpha, seed=args.seed)
     spec.check_count(len(args.models))
     check_inputs(args.base, args.models)
     mesh = None
