@@ -25,6 +25,7 @@ AREA_COMMANDS: tuple[str, ...] = (
     "cadenza.train.data_cli",
     "cadenza.decode.cli",
     "cadenza.train.peft_cli",
+    "cadenza.train.merge_cli",
     "cadenza.train.pods_cli",
     "cadenza.quickstart_cli",
 )

@@ -40,6 +40,7 @@ QUICK_ARGS = {
                           "--new-tokens", "16", "--medusa-steps", "5", "--no-sweep",
                           "--repeats", "1"],
     "peft_memory": ["--steps", "2", "--layers", "2", "--hidden", "64", "--seq", "64"],
+    "merge_select_bench": ["--quick"],
 }
 RESULT_SUFFIXES = (".json", ".md", ".png")
 

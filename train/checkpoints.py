@@ -32,7 +32,7 @@ from cadenza.errors import CadenzaError, one_line
 from cadenza.outputs import atomic_file, disk_errors
 
 # Model fields that may change between a checkpoint and its resume (compute, not shape).
-_MODEL_FREE_FIELDS = ("preset", "dtype", "remat_policy", "attention_impl")
+MODEL_FREE_FIELDS = ("preset", "dtype", "remat_policy", "attention_impl")
 _PEFT_FREE_FIELDS = ("dropout",)
 # Train fields that do not change what the updates compute (logging, saving, output).
 _TRAIN_FREE_FIELDS = ("output_dir", "log_every", "eval_every", "eval_steps",
@@ -40,12 +40,15 @@ _TRAIN_FREE_FIELDS = ("output_dir", "log_every", "eval_every", "eval_steps",
                       "tensorboard", "progress_bar", "peak_tflops_per_device", "microbatches")
 
 
-def _differences(section: str, old, new, free=()) -> list[str]:
+def config_differences(section: str, old, new, free=(),
+                       names=("checkpoint", "this run")) -> list[str]:
+    """``section.field: <names[0]> has A, <names[1]> has B`` for each dataclass field of
+    ``old`` that differs in ``new`` (fields named in ``free`` excepted)."""
     out = []
     for f in dataclasses.fields(old):
         a, b = getattr(old, f.name), getattr(new, f.name)
         if f.name not in free and a != b:
-            out.append(f"{section}.{f.name}: checkpoint has {a!r}, this run has {b!r}")
+            out.append(f"{section}.{f.name}: {names[0]} has {a!r}, {names[1]} has {b!r}")
     return out
 
 
@@ -53,14 +56,14 @@ def model_differences(saved, model) -> list[str]:
     """The shape-defining fields of two ModelConfigs that differ (not the compute-only
     ``preset``/``dtype``/``remat_policy``/``attention_impl``), one "model.field: checkpoint
     has A, this run has B" line each."""
-    return _differences("model", saved, model, _MODEL_FREE_FIELDS)
+    return config_differences("model", saved, model, MODEL_FREE_FIELDS)
 
 
 def changed_hyperparameters(saved: ExperimentConfig, config: ExperimentConfig) -> list[str]:
     """The training hyperparameters (``train.*`` fields that change the updates: learning
     rate, schedule, steps, batch size, seed, optimizer, ...) that differ, one
     "train.field: checkpoint has A, this run has B" line each."""
-    return _differences("train", saved.train, config.train, _TRAIN_FREE_FIELDS)
+    return config_differences("train", saved.train, config.train, _TRAIN_FREE_FIELDS)
 
 
 def check_compatible(saved: ExperimentConfig, config: ExperimentConfig, where: str) -> None:
@@ -68,9 +71,9 @@ def check_compatible(saved: ExperimentConfig, config: ExperimentConfig, where: s
     model shape, same data section (dataset and its order), same PEFT layout. Mesh and
     compute settings may change; training hyperparameters are checked separately
     (:func:`changed_hyperparameters`)."""
-    diffs = (_differences("model", saved.model, config.model, _MODEL_FREE_FIELDS)
-             + _differences("data", saved.data, config.data)
-             + _differences("peft", saved.peft, config.peft, _PEFT_FREE_FIELDS))
+    diffs = (config_differences("model", saved.model, config.model, MODEL_FREE_FIELDS)
+             + config_differences("data", saved.data, config.data)
+             + config_differences("peft", saved.peft, config.peft, _PEFT_FREE_FIELDS))
     if diffs:
         raise CadenzaError("cannot resume: the checkpoint was written for a different "
                            "model or dataset (" + "; ".join(diffs) + ")", where=where,

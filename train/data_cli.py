@@ -1,4 +1,4 @@
-"""``cadenza data build`` and ``cadenza data inspect``."""
+"""``cadenza data build``, ``cadenza data inspect`` and ``cadenza data select``."""
 
 import json
 import pathlib
@@ -55,6 +55,48 @@ def _inspect(args) -> int:
     return 0
 
 
+def _budget(text: str):
+    """``--budget``: a whole number of records, or a fraction with a decimal point."""
+    import argparse
+
+    try:
+        return float(text) if any(c in text for c in ".eE") else int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a record count or fraction: {text!r}") from None
+
+
+def _select(args) -> int:
+    import collections
+
+    from cadenza.config import load_config
+    from cadenza.train.data.records import Problems, expand_paths, read_records
+    from cadenza.train.select import SelectSpec, check_new_dir, select, write_selection
+
+    spec = SelectSpec(method=args.method, budget=args.budget, diversity=args.diversity,
+                      clusters=args.clusters, threshold=args.threshold, seed=args.seed,
+                      batch_size=args.batch_size)
+    config = load_config(args.experiment, args.overrides)
+    check_new_dir(args.out)
+    target = None
+    if args.target:
+        problems, counts = Problems("skip"), collections.Counter()
+        target = list(read_records(args.target_format, expand_paths(args.target), problems,
+                                   counts))
+        print(f"target: {len(target)} records from {args.target} "
+              f"(skipped {sum(problems.counts.values())})")
+    result = select(config, spec, target=target, progress=print)
+    out = write_selection(args.out, result, spec, {"experiment": args.experiment,
+                                                   "overrides": list(args.overrides),
+                                                   "init_from": config.train.init_from})
+    c = result["counts"]
+    print(f"kept {c['selected']} of {c['pool']} records ({c['eligible']} eligible, budget "
+          f"{c['budget']}, {c['unscorable']} without trained tokens, {c['truncated']} cut) "
+          f"-> {out}")
+    fmt = "messages" if result["records"][0]["messages"] else "text"
+    print(f"train on it with: data.format={fmt} data.path={out}/records.jsonl")
+    return 0
+
+
 def register(subparsers) -> None:
     data = subparsers.add_parser("data", help="prepare and inspect training data")
     sub = data.add_subparsers(dest="data_command", metavar="SUBCOMMAND")
@@ -82,3 +124,25 @@ def register(subparsers) -> None:
     inspect.add_argument("--split", default="train", help="dataset split to show")
     inspect.add_argument("--batches", type=int, default=4, help="iterator batches to count")
     inspect.set_defaults(func=_inspect)
+    sel = sub.add_parser("select", help="score every record with a model and keep a budget",
+                         description="Score the train split of CONFIG's dataset with the model "
+                                     "train.init_from (length needs no model) and write the "
+                                     "kept records (records.jsonl) and every score "
+                                     "(selection.json) to --out.")
+    sel.add_argument("experiment", help="experiment YAML or shipped name")
+    sel.add_argument("overrides", nargs="*", metavar="section.field=value")
+    sel.add_argument("--method", required=True,
+                     help="length | nll | ifd | grape | rds | random")
+    sel.add_argument("--budget", required=True, type=_budget,
+                     help="records to keep (e.g. 1000) or a fraction of them (e.g. 0.3)")
+    sel.add_argument("--diversity", default="none", help="none | kmeans | deita")
+    sel.add_argument("--clusters", type=int, help="kmeans: clusters (default sqrt(budget))")
+    sel.add_argument("--threshold", type=float, default=0.9,
+                     help="deita: max cosine to a kept record (default 0.9)")
+    sel.add_argument("--target", help="rds: target records file (default: the test split)")
+    sel.add_argument("--target-format", default="alpaca",
+                     choices=("alpaca", "sharegpt", "messages"))
+    sel.add_argument("--seed", type=int, default=0)
+    sel.add_argument("--batch-size", type=int, default=16, help="records per forward")
+    sel.add_argument("--out", required=True, help="new output directory")
+    sel.set_defaults(func=_select)
