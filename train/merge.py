@@ -32,15 +32,14 @@ directory with a ``merge.json`` recording the inputs and settings.
 import dataclasses
 import functools
 import json
-import os
 import pathlib
-import shutil
 import zlib
 
 import jax
 import jax.numpy as jnp
 
 from cadenza.errors import CadenzaError, ConfigError
+from cadenza.outputs import atomic_dir
 from cadenza.validation import check_choice, check_range, require
 
 METHODS = ("linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "breadcrumbs",
@@ -366,12 +365,7 @@ def merge_models(base_dir, model_dirs, out_dir, spec: MergeSpec, *, mesh=None,
         f"({len(jax.tree.leaves(base))} param arrays)")
     merged, stats = merge_params(spec, base, models)
     record.update(stats)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    with atomic_dir(out) as tmp:  # a temporary sibling, renamed into place when complete
         save_model(tmp, base_config, merged, tokenizer_dir=tokenizer_dir(base_dir))
         (tmp / MERGE_FILE).write_text(json.dumps(record, indent=2))
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return record

@@ -24,13 +24,12 @@ deterministic under a seed.
 import dataclasses
 import json
 import math
-import os
 import pathlib
-import shutil
 
 import numpy as np
 
 from cadenza.errors import CadenzaError, ConfigError
+from cadenza.outputs import atomic_dir
 from cadenza.validation import check_choice, check_range
 
 METHODS = ("length", "nll", "ifd", "grape", "rds", "random")
@@ -362,10 +361,8 @@ def write_selection(out_dir, result: dict, spec: SelectSpec, about: dict) -> pat
     scores), as a temporary sibling renamed into place; ``out_dir`` must not exist."""
     out = check_new_dir(out_dir)
     records, chosen = result["records"], set(result["selected"].tolist())
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with atomic_dir(out) as tmp:  # a temporary sibling, renamed into place when complete
+        tmp.mkdir(parents=True)
         with open(tmp / RECORDS_FILE, "w") as f:
             for i in sorted(chosen):
                 r = records[i]
@@ -379,9 +376,6 @@ def write_selection(out_dir, result: dict, spec: SelectSpec, about: dict) -> pat
             {**about, **dataclasses.asdict(spec), "counts": result["counts"],
              "format": "messages" if records[0]["messages"] else "text",
              "records": per_record}, indent=1))
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
