@@ -22,11 +22,14 @@ def _hashes(d):
 
 
 def _error(capsys, argv, *fragments):
-    """Run the CLI: exit 2 with one ``error:`` line holding every fragment."""
+    """Run the CLI: exit 2, no traceback, and one ``error:`` line (the last on stderr, after
+    any progress lines) holding every fragment."""
     capsys.readouterr()
     assert main(argv) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("error: ") and len(err.splitlines()) == 1, err
+    lines = capsys.readouterr().err.strip().splitlines()
+    err = lines[-1]
+    assert err.startswith("error: ") and "Traceback" not in "\n".join(lines), lines
+    assert sum(ln.startswith("error:") for ln in lines) == 1, lines
     for f in fragments:
         assert f in err, err
     return err
@@ -295,7 +298,7 @@ def test_held_out_split_does_not_depend_on_path_spelling_and_missing_split_is_cl
 
 
 def test_ngram_table_rebuild_is_atomic(tmp_path, capsys, monkeypatch):
-    from cadenza.decode import ngram
+    from cadenza.decode import ngram_table
 
     corpus = tmp_path / "c.txt"
     corpus.write_text("abcabcabd\n")
@@ -307,7 +310,7 @@ def test_ngram_table_rebuild_is_atomic(tmp_path, capsys, monkeypatch):
     def crash(*a, **k):
         raise OSError(28, "No space left on device", "pair_keys.npy")
 
-    monkeypatch.setattr(ngram.np, "save", crash)
+    monkeypatch.setattr(ngram_table.np, "save", crash)
     _error(capsys, argv, "the disk is full")
     assert _hashes(out) == before and not list(tmp_path.glob(".table.partial*"))
 
