@@ -136,12 +136,14 @@ def _experts(hf: dict, fam: Family, where: str, notes: list[str]) -> dict:
     if float(hf.get("router_jitter_noise") or 0.0):
         notes.append(f"router_jitter_noise={hf['router_jitter_noise']} (training-time noise on "
                      "the router input) is not applied by cadenza")
-    count = hf["num_local_experts" if fam.name == "mixtral" else "num_experts"]
-    return {"num_experts": int(count), "num_experts_per_tok": int(hf["num_experts_per_tok"]),
-            "moe_intermediate_size": int(_read(hf, fam, "moe_intermediate_size", 0) or 0),
-            "norm_topk_prob": bool(_read(hf, fam, "norm_topk_prob",
-                                         fam.switches.get("norm_topk_prob", False))),
-            "router_aux_loss_coef": float(_read(hf, fam, "router_aux_loss_coef", 0.0) or 0.0)}
+    # transformers 5 saves Qwen3-MoE's count as num_local_experts, older ones as num_experts
+    count = hf.get("num_local_experts") or hf["num_experts"]
+    fields = {"num_experts": int(count), "num_experts_per_tok": int(hf["num_experts_per_tok"]),
+              "moe_intermediate_size": int(_read(hf, fam, "moe_intermediate_size", 0) or 0),
+              "router_aux_loss_coef": float(_read(hf, fam, "router_aux_loss_coef", 0.0) or 0.0)}
+    if "norm_topk_prob" in fam.reads:
+        fields["norm_topk_prob"] = bool(_read(hf, fam, "norm_topk_prob", False))
+    return fields
 
 
 def _token_id(hf: dict, name: str, where: str, notes: list[str]):

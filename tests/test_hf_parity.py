@@ -34,6 +34,18 @@ FAMILIES = {
     "gemma": ("gemma", {"head_dim": 32, "num_key_value_heads": 1}),
     "gemma2": ("gemma2", {"head_dim": 16, "sliding_window": 4, "attn_logit_softcapping": 5.0,
                           "final_logit_softcapping": 3.0, "query_pre_attn_scalar": 24}),
+    "qwen3": ("qwen3", {"head_dim": 32}),
+    "gemma3_text": ("gemma3_text", {
+        "head_dim": 16, "sliding_window": 4, "query_pre_attn_scalar": 24,
+        "layer_types": ["sliding_attention", "sliding_attention", "full_attention"],
+        "rope_parameters": {
+            "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0},
+            "sliding_attention": {"rope_type": "default", "rope_theta": 100.0}}}),
+    "mixtral": ("mixtral", {"num_local_experts": 4, "num_experts_per_tok": 2,
+                            "sliding_window": 4}),
+    "qwen3_moe": ("qwen3_moe", {"num_experts": 4, "num_experts_per_tok": 2, "head_dim": 16,
+                                "moe_intermediate_size": 32, "norm_topk_prob": True}),
+    "olmoe": ("olmoe", {"num_experts": 4, "num_experts_per_tok": 2}),
 }
 TOKENS = np.random.default_rng(0).integers(0, BASE["vocab_size"], (2, 16)).astype(np.int32)
 RTOL = 1e-4
@@ -160,7 +172,10 @@ def test_cli_import_writes_a_model_directory_with_tokenizer_files(hf_models, tmp
     _assert_same_params(load_hf(tmp_path / "hf")[1], params)
 
 
-@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2"])
+# (Qwen3-MoE and OLMoE decode through the same MoE code as Mixtral; their forward parity
+# above covers their routing differences.)
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3", "gemma3_text",
+                                    "mixtral"])
 def test_greedy_decoding_matches_transformers_generate(hf_models, ref, tmp_path, family):
     """cadenza.decode.generate (greedy) == transformers' greedy generate, token for token,
     on the same converted weights; prompts of different lengths in one ragged batch."""
