@@ -7,7 +7,8 @@ A batch holds lists of jobs::
 
     {"create": [{"dir": D, "model_type": "llama", "config": {...}, "seed": 0}],
      "logits": [{"dir": D, "tokens": "in.npy", "out": "out.npy"}],
-     "generate": [{"dir": D, "tokens": "in.npy", "max_new_tokens": N, "out": "out.npy"}]}
+     "generate": [{"dir": D, "tokens": "in.npy", "max_new_tokens": N, "out": "out.npy"}],
+     "router_loss": [{"logits": "in.npy", "top_k": K, "out": "out.npy"}]}
 
 ``create`` builds a random-init model with transformers (no download) and
 saves it with ``save_pretrained`` (safetensors). Weights are redrawn so that
@@ -15,7 +16,9 @@ every tensor matters (norm scales and biases are not left at 1 or 0).
 ``logits`` loads a saved model in float32 with eager attention and writes the
 float32 logits for int token ids ``[B, T]``. ``generate`` runs greedy
 ``model.generate`` on each row of ``[B, T]`` alone (no padding, EOS ignored) and
-writes the ``[B, N]`` new tokens. Arrays travel as .npy files;
+writes the ``[B, N]`` new tokens. ``router_loss`` runs transformers' MoE
+load-balancing loss (``load_balancing_loss_func``, shared by Mixtral, Qwen3-MoE
+and OLMoE) on float32 router logits ``[layers, tokens, experts]`` and writes the scalar. Arrays travel as .npy files;
 nothing is pickled, and remote code is never allowed.
 """
 
@@ -79,6 +82,15 @@ def generate(job: dict) -> None:
     np.save(job["out"], np.stack(rows).astype(np.int32))
 
 
+def router_loss(job: dict) -> None:
+    from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+
+    logits = np.load(job["logits"])
+    loss = load_balancing_loss_func(tuple(torch.from_numpy(x) for x in logits),
+                                    logits.shape[-1], job["top_k"])
+    np.save(job["out"], np.asarray(float(loss), np.float32))
+
+
 def main() -> None:
     replies, sys.stdout = sys.stdout, sys.stderr  # library prints must not corrupt replies
     for line in sys.stdin:
@@ -90,6 +102,8 @@ def main() -> None:
                 logits(job)
             for job in jobs.get("generate", []):
                 generate(job)
+            for job in jobs.get("router_loss", []):
+                router_loss(job)
             reply = {"ok": True}
         except Exception:  # reported to the caller, which raises
             reply = {"ok": False, "error": traceback.format_exc()}

@@ -194,3 +194,14 @@ def test_greedy_decoding_matches_transformers_generate(hf_models, ref, tmp_path,
     result = generate(Transformer(config), params, prompts,
                       DecodeConfig(method="greedy", max_new_tokens=new, ignore_eos=True))
     assert result.token_ids == expected
+
+
+def test_router_load_balancing_loss_matches_transformers(ref, tmp_path):
+    from cadenza.models.moe import router_losses
+
+    logits = np.random.default_rng(0).normal(size=(3, 40, 8)).astype(np.float32)
+    np.save(tmp_path / "logits.npy", logits)
+    ref.run({"router_loss": [{"logits": str(tmp_path / "logits.npy"), "top_k": 2,
+                              "out": str(tmp_path / "loss.npy")}]})
+    ours = router_losses(logits, 2)["load_balancing"]
+    np.testing.assert_allclose(float(ours), np.load(tmp_path / "loss.npy"), rtol=1e-5)
