@@ -98,8 +98,8 @@ def router_losses(router_logits: jax.Array, k: int) -> dict[str, jax.Array]:
     ``load_balancing``: ``E * sum_e f_e * P_e`` over the tokens of all layers
     pooled (Switch Transformer; the definition transformers' ``load_balancing_loss_func``
     uses): ``f_e`` the fraction of top-``k`` slots routed to expert ``e`` (per slot
-    rank, summed over ranks), ``P_e`` the mean router probability of ``e``; 1.0 when
-    perfectly balanced with ``k`` = 1. ``z_loss``: mean over tokens of
+    rank, summed over ranks), ``P_e`` the mean router probability of ``e``; ``k`` when
+    perfectly balanced. ``z_loss``: mean over tokens of
     ``logsumexp(logits)**2`` (ST-MoE). Both float32 scalars.
     """
     logits = router_logits.reshape(-1, router_logits.shape[-1]).astype(jnp.float32)
@@ -110,3 +110,14 @@ def router_losses(router_logits: jax.Array, k: int) -> dict[str, jax.Array]:
     balance = e * jnp.sum(slots * jnp.mean(probs, axis=0)[None, :])
     z = jnp.mean(jax.nn.logsumexp(logits, axis=-1) ** 2)
     return {"load_balancing": balance, "z_loss": z}
+
+
+def collected_router_losses(intermediates, k: int) -> dict[str, jax.Array]:
+    """:func:`router_losses` of the router logits a model apply sowed (scanned or not).
+
+    ``intermediates``: the ``intermediates`` collection returned by
+    ``Transformer.apply(..., mutable=["intermediates"])``.
+    """
+    leaves = jax.tree.leaves(intermediates)
+    e = leaves[0].shape[-1]
+    return router_losses(jnp.concatenate([x.reshape(-1, e) for x in leaves]), k)

@@ -137,6 +137,11 @@ def test_flops_formula():
     attn = 12 * cfg.num_layers * 16 * cfg.num_heads * cfg.resolved_head_dim
     assert flops_per_token(cfg, 16) == 6 * n + attn
     assert flops_per_token(cfg, 16, trainable_params=100) == 4 * n + 200 + attn
+    # Mixture of experts: only the chosen experts' params count (plus the router).
+    moe = _config("model.family=mixtral", "model.num_experts=8", "model.num_experts_per_tok=2").model
+    expert = 3 * moe.hidden_size * moe.expert_size * moe.num_layers
+    assert matmul_params(moe) == n + expert + moe.num_experts * moe.hidden_size * moe.num_layers
+    assert moe.num_params() == moe.num_active_params() + 6 * expert
 
 
 @pytest.mark.parametrize("overrides, where, text", [

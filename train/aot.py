@@ -255,7 +255,7 @@ def lower_decode_step(config, mesh, batch: int, max_len: int):
     with jax.set_mesh(mesh):
         lowered = jax.jit(decode_step, donate_argnums=(2,)).lower(params, tokens, cache)
     return LoweredStep("decode", lowered, (params, tokens, cache),
-                       2 * config.model.num_params() * batch, batch)
+                       2 * config.model.num_active_params() * batch, batch)
 
 
 def compile_for_slice(config, tpu_slice: TpuSlice, *, decode: bool = False,

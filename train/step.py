@@ -51,14 +51,22 @@ def _split_microbatches(batch: dict, microbatches: int) -> dict:
 
 
 def _loss_fn(task: TrainTask, rules, z_loss: float):
+    """``(trainable, frozen, mb, rng) -> (objective_sum, (ce_sum, count, aux))``; ``aux``:
+    the task's auxiliary per-token-mean losses by name (``{}`` for most tasks)."""
     def loss(trainable, frozen, mb, rng):
+        aux = {}
         with nn.logical_axis_rules(rules):
             if task.loss is not None:           # the task's own objective (e.g. heads)
                 objective, ce, count = task.loss(trainable, frozen, mb, rng)
-                return objective, (ce, count)
-            logits = task.apply(trainable, frozen, mb, rng)
+                return objective, (ce, count, aux)
+            if task.apply_with_aux is not None:
+                logits, aux = task.apply_with_aux(trainable, frozen, mb, rng)
+            else:
+                logits = task.apply(trainable, frozen, mb, rng)
         objective, ce, count = token_losses(logits, mb["targets"], mb["loss_mask"], z_loss)
-        return objective, (ce, count)
+        for value, weight in aux.values():
+            objective = objective + weight * value * count
+        return objective, (ce, count, {k: v for k, (v, _) in aux.items()})
     return loss
 
 
@@ -71,8 +79,9 @@ def make_train_step(task: TrainTask, optimizer: optax.GradientTransformation,
     ``state`` is donated (its buffers are reused for the new state); ``frozen`` is
     read only. Metrics (float32 scalars, replicated): ``loss`` (mean cross-entropy over
     counted tokens), ``objective`` (with z-loss), ``grad_norm`` (global norm before
-    clipping), ``lr`` (the rate used by this update), ``tokens`` (counted tokens) and
-    ``finite`` (1.0 when loss and gradient norm are finite). Call it under
+    clipping), ``lr`` (the rate used by this update), ``tokens`` (counted tokens),
+    ``finite`` (1.0 when loss and gradient norm are finite) and the task's auxiliary
+    losses (mean over microbatches; MoE: ``router_load_balancing``, ``router_z_loss``). Call it under
     ``jax.set_mesh(mesh)``.
     """
     loss_and_grad = jax.value_and_grad(_loss_fn(task, rules, z_loss), has_aux=True)
@@ -87,13 +96,13 @@ def make_train_step(task: TrainTask, optimizer: optax.GradientTransformation,
         def accumulate(carry, xs):
             grads, objective, ce, count = carry
             mb, i = xs
-            (obj, (c, n)), g = loss_and_grad(state.params, frozen, mb,
-                                             jax.random.fold_in(step_rng, i))
+            (obj, (c, n, aux)), g = loss_and_grad(state.params, frozen, mb,
+                                                  jax.random.fold_in(step_rng, i))
             grads = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), grads, g)
-            return (grads, objective + obj, ce + c, count + n), None
+            return (grads, objective + obj, ce + c, count + n), aux
 
         init = (zeros, jnp.float32(0), jnp.float32(0), jnp.float32(0))
-        (grads, objective, ce, count), _ = jax.lax.scan(
+        (grads, objective, ce, count), aux = jax.lax.scan(
             accumulate, init, (micro, jnp.arange(microbatches)))
         denom = jnp.maximum(count, 1.0)
         grads = jax.tree.map(lambda g, p: (g / denom).astype(p.dtype), grads, state.params)
@@ -103,7 +112,8 @@ def make_train_step(task: TrainTask, optimizer: optax.GradientTransformation,
         loss = ce / denom
         metrics = {"loss": loss, "objective": objective / denom, "grad_norm": grad_norm,
                    "lr": jnp.asarray(schedule(state.step), jnp.float32), "tokens": count,
-                   "finite": (jnp.isfinite(loss) & jnp.isfinite(grad_norm)).astype(jnp.float32)}
+                   "finite": (jnp.isfinite(loss) & jnp.isfinite(grad_norm)).astype(jnp.float32),
+                   **{k: jnp.mean(v) for k, v in aux.items()}}
         new = TrainState(step=state.step + 1, params=params, opt_state=opt_state,
                          rng=jax.random.key_data(rng))
         return new, metrics
@@ -119,7 +129,7 @@ def make_eval_step(task: TrainTask, *, rules, param_shardings, frozen_shardings,
     loss = _loss_fn(task, rules, 0.0)
 
     def evaluate(trainable, frozen, batch):
-        _, (ce, count) = loss(trainable, frozen, batch, None)
+        _, (ce, count, _) = loss(trainable, frozen, batch, None)
         return ce, count
 
     return jax.jit(evaluate, in_shardings=(param_shardings, frozen_shardings, batch_sharding),

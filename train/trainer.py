@@ -221,8 +221,9 @@ def fit(config: ExperimentConfig, data=None, eval_data=None, *,
                     m = flush(step)
                     record = {"loss": float(m["loss"]), "lr": float(m["lr"]),
                               "grad_norm": float(m["grad_norm"]), "tokens": float(m["tokens"])}
-                    if train.z_loss:
+                    if train.z_loss or "router_z_loss" in m:
                         record["objective"] = float(m["objective"])
+                    record.update({k: float(v) for k, v in m.items() if k.startswith("router_")})
                     if steps_since:
                         dt = (time.perf_counter() - t_mark) / steps_since
                         tps = tokens_per_step / dt
