@@ -4,8 +4,8 @@ mixture-of-experts Mixtral, Qwen3-MoE and OLMoE).
 
 A family is a bundle of switches (norm style, activation, biases, tying,
 soft-capping, sliding windows, q/k norms, experts); presets under
-``configs/models/`` set them to the published values. Fields mirror Hugging Face ``config.json`` names
-where one exists, so conversion is a rename.
+``configs/models/`` set them to the published values. Fields mirror Hugging
+Face ``config.json`` names where one exists, so conversion is a rename.
 """
 
 import dataclasses
@@ -71,9 +71,11 @@ class ModelConfig:
     highest-probability experts, weighted by their softmax probabilities
     (renormalised over the chosen ones when ``norm_topk_prob``).
     ``router_aux_loss_coef`` and ``router_z_loss_coef`` weight the
-    load-balancing and router z-loss in training (both are always reported). ``attn_logit_softcap`` / ``final_logit_softcap`` of 0 disable
-    soft-capping. ``query_pre_attn_scalar`` of 0 scales scores by
-    ``head_dim ** -0.5``; otherwise by ``query_pre_attn_scalar ** -0.5``.
+    load-balancing and router z-loss in training (both are always reported).
+
+    ``attn_logit_softcap`` / ``final_logit_softcap`` of 0 disable soft-capping.
+    ``query_pre_attn_scalar`` of 0 scales scores by ``head_dim ** -0.5``;
+    otherwise by ``query_pre_attn_scalar ** -0.5``.
     """
 
     family: str = "llama"

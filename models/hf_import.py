@@ -18,14 +18,19 @@ import tempfile
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import safetensors
 
 from cadenza.errors import CadenzaError
 from cadenza.models.config import ModelConfig
 from cadenza.models.hf_config import model_config_from_hf
-from cadenza.models.hf_weights import (get_path, hf_shape, read_block, read_stacked, set_path,
-                                       weight_specs)
+from cadenza.models.hf_weights import (
+    get_path,
+    hf_shape,
+    read_block,
+    read_stacked,
+    set_path,
+    weight_specs,
+)
 
 log = logging.getLogger("cadenza.hf")
 
@@ -214,7 +219,8 @@ def _listing(title: str, items: list[str]) -> list[str]:
 def check_weights(ckpt: HFCheckpoint, config: ModelConfig) -> list[tuple[str, object]]:
     """Match every HF tensor to a cadenza param; raise one error listing every problem.
 
-    Returns ``[(spec, per-tensor cadenza shape)]`` (without the layer and expert dims). Problems: missing tensors,
+    Returns ``[(spec, per-tensor cadenza shape)]`` (without the layer and expert
+    dims). Problems: missing tensors,
     unexpected tensors, shape mismatches (with the likely config field to fix,
     e.g. a padded vocabulary or wrong ``num_key_value_heads``) and dtypes
     that are not float.

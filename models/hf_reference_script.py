@@ -18,7 +18,8 @@ float32 logits for int token ids ``[B, T]``. ``generate`` runs greedy
 ``model.generate`` on each row of ``[B, T]`` alone (no padding, EOS ignored) and
 writes the ``[B, N]`` new tokens. ``router_loss`` runs transformers' MoE
 load-balancing loss (``load_balancing_loss_func``, shared by Mixtral, Qwen3-MoE
-and OLMoE) on float32 router logits ``[layers, tokens, experts]`` and writes the scalar. Arrays travel as .npy files;
+and OLMoE) on float32 router logits ``[layers, tokens, experts]`` and writes the
+scalar. Arrays travel as .npy files;
 nothing is pickled, and remote code is never allowed.
 """
 

@@ -75,8 +75,9 @@ def weight_specs(config: ModelConfig) -> list[WeightSpec]:
         specs.append(WeightSpec(("layers", "mlp", "router", "kernel"), f"{block}gate.weight",
                                 TRANSPOSE, True))
         for ours, theirs in zip(("gate_proj", "up_proj", "down_proj"), fam.expert_names):
-            specs.append(WeightSpec(("layers", "mlp", ours), f"{block}experts.{{e}}.{theirs}.weight",
-                                    TRANSPOSE, True, config.num_experts))
+            specs.append(WeightSpec(("layers", "mlp", ours),
+                                    f"{block}experts.{{e}}.{theirs}.weight", TRANSPOSE, True,
+                                    config.num_experts))
     else:
         for name in ("gate", "up", "down"):
             specs.append(WeightSpec(("layers", "mlp", f"{name}_proj", "kernel"),

@@ -14,11 +14,7 @@ from cadenza.models import Transformer, init_params
 from cadenza.models.moe import MoEMLP, route, router_losses
 from cadenza.train import SyntheticBatches
 from cadenza.train.config import MeshConfig
-from cadenza.train.mesh import batch_sharding, make_mesh, replicated, validate_sharding
-from cadenza.train.optim import make_optimizer, make_schedule
-from cadenza.train.state import init_state, state_shardings
-from cadenza.train.step import make_train_step
-from cadenza.train.task import full_model_task
+from cadenza.train.mesh import make_mesh, validate_sharding
 
 
 @pytest.mark.parametrize("normalize", [False, True])
@@ -110,21 +106,14 @@ def test_dense_families_refuse_experts_and_moe_families_need_them():
         load_config(None, ["model.family=olmoe"], preset="tiny")
 
 
-def test_train_step_reports_router_losses_and_adds_them_to_the_objective():
+def test_train_step_reports_router_losses_and_adds_them_to_the_objective(one_device_step):
     config = load_config(None, ["model.family=mixtral", "model.num_experts=4",
                                 "model.num_experts_per_tok=2", "model.router_aux_loss_coef=0.5",
                                 "model.router_z_loss_coef=0.01", "model.num_layers=1",
                                 "model.vocab_size=64", "train.batch_size=4",
-                                "train.seq_len=8", "train.microbatches=2"], preset="tiny")
-    mesh = make_mesh(MeshConfig(data=1), jax.devices()[:1])
-    rules = config.mesh.rules()
-    task, opt = full_model_task(config.model), make_optimizer(config.train)
-    shardings = state_shardings(task, opt, mesh, rules)
-    state = init_state(task, opt, 0, mesh, rules, shardings)
-    step = make_train_step(task, opt, make_schedule(config.train), microbatches=2, z_loss=0.0,
-                           rules=rules, state_shardings=shardings, frozen_shardings={},
-                           batch_sharding=batch_sharding(mesh, rules),
-                           metric_sharding=replicated(mesh))
+                                "train.seq_len=8", "train.microbatches=2", "mesh.data=1"],
+                         preset="tiny")
+    state, step, mesh = one_device_step(config)
     with jax.set_mesh(mesh):
         _, m = step(state, {}, next(SyntheticBatches(4, 8, config.model.vocab_size)))
     m = jax.device_get(m)

@@ -81,8 +81,8 @@ def make_train_step(task: TrainTask, optimizer: optax.GradientTransformation,
     counted tokens), ``objective`` (with z-loss), ``grad_norm`` (global norm before
     clipping), ``lr`` (the rate used by this update), ``tokens`` (counted tokens),
     ``finite`` (1.0 when loss and gradient norm are finite) and the task's auxiliary
-    losses (mean over microbatches; MoE: ``router_load_balancing``, ``router_z_loss``). Call it under
-    ``jax.set_mesh(mesh)``.
+    losses (mean over microbatches; MoE: ``router_load_balancing``,
+    ``router_z_loss``). Call it under ``jax.set_mesh(mesh)``.
     """
     loss_and_grad = jax.value_and_grad(_loss_fn(task, rules, z_loss), has_aux=True)
     param_shardings = state_shardings.params
