@@ -121,3 +121,18 @@ def test_train_step_reports_router_losses_and_adds_them_to_the_objective(one_dev
     np.testing.assert_allclose(
         m["objective"], m["loss"] + 0.5 * m["router_load_balancing"] + 0.01 * m["router_z_loss"],
         rtol=1e-3)
+
+
+def test_moe_checkpoint_restores_onto_an_expert_parallel_mesh(tiny_config, tmp_path):
+    from cadenza.config import ExperimentConfig
+    from cadenza.models import load_model, save_model
+
+    cfg = tiny_config("qwen3_moe")
+    params = init_params(cfg, jax.random.key(0))
+    save_model(tmp_path / "m", ExperimentConfig(model=cfg), params)
+    mesh_cfg = MeshConfig(data=2, expert=2, tensor=2)
+    _, restored = load_model(tmp_path / "m", mesh=make_mesh(mesh_cfg), rules=mesh_cfg.rules())
+    down = restored["layers"]["mlp"]["down_proj"]
+    assert down.sharding.spec == jax.sharding.PartitionSpec(None, "expert", "tensor", "fsdp")
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
+                 restored, params)
