@@ -145,6 +145,14 @@ def test_only_the_keys_each_family_reads_are_read():
     assert gemma3.layer_windows() == [4096] * 5 + [0]
     assert (gemma3.rope_theta, gemma3.local_rope_theta) == (1e6, 1e4)
     assert gemma3.attention_scale == 256 ** -0.5 and gemma3.qk_norm == "head"
+    # transformers-4 style (as the Gemma 3 12B config.json on the Hub)
+    v4, _ = model_config_from_hf({**base, "model_type": "gemma3_text", "rope_theta": 1e6,
+                                  "rope_local_base_freq": 1e4, "sliding_window": 8,
+                                  "sliding_window_pattern": 3,
+                                  "rope_scaling": {"rope_type": "linear", "factor": 8.0}})
+    assert (v4.rope_scaling.type, v4.rope_scaling.factor, v4.local_rope_theta) == (
+        "linear", 8.0, 1e4)
+    assert v4.layer_windows() == [8, 8, 0, 8, 8, 0]
     moe = {**base, "model_type": "qwen3_moe", "num_experts": 4, "num_experts_per_tok": 2,
            "moe_intermediate_size": 16}
     assert model_config_from_hf(moe)[0].expert_size == 16
