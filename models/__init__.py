@@ -1,4 +1,5 @@
-"""Pure-functional Flax decoder models (Llama, Mistral, Qwen2, Gemma, Gemma-2).
+"""Pure-functional Flax decoder models: the families in :mod:`cadenza.models.families`
+(Llama, Mistral, Qwen2/3, Gemma 1/2/3, Mixtral, Qwen3-MoE, OLMoE).
 
 - :class:`ModelConfig`: shapes and family switches.
 - :class:`Transformer`: the Flax module; ``apply`` returns (logits, hidden, cache).

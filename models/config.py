@@ -1,21 +1,24 @@
-"""The model config: one frozen dataclass covering the Llama, Mistral, Qwen2,
-Gemma and Gemma-2 families.
+"""The model config: one frozen dataclass covering every family in
+:mod:`cadenza.models.families` (Llama, Mistral, Qwen2/3, Gemma 1/2/3, and the
+mixture-of-experts Mixtral, Qwen3-MoE and OLMoE).
 
 A family is a bundle of switches (norm style, activation, biases, tying,
-soft-capping, sliding windows); presets under ``configs/models/`` set them
-to the published values. Fields mirror Hugging Face ``config.json`` names
-where one exists, so conversion is a rename.
+soft-capping, sliding windows, q/k norms, experts); presets under
+``configs/models/`` set them to the published values. Fields mirror Hugging
+Face ``config.json`` names where one exists, so conversion is a rename.
 """
 
 import dataclasses
 from typing import Optional
 
+from cadenza.models.families import MOE_FAMILIES
+from cadenza.models.families import NAMES as FAMILIES
 from cadenza.validation import check_choice, check_range, require
 
-FAMILIES = ("llama", "mistral", "qwen2", "gemma", "gemma2")
 ACTIVATIONS = ("silu", "gelu_tanh")
 ROPE_TYPES = ("default", "linear", "llama3")
-LOCAL_LAYER_PATTERNS = ("none", "all", "even")
+LOCAL_LAYER_PATTERNS = ("none", "all", "even", "interleaved")
+QK_NORMS = ("none", "head", "full")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "save_attn_out")
 DTYPES = ("float32", "bfloat16", "float16")
 ATTENTION_IMPLS = ("auto", "xla", "pallas", "cudnn")  # = pallas_kernels.attention.IMPLEMENTATIONS
@@ -54,10 +57,25 @@ class ModelConfig:
 
     ``head_dim`` defaults to ``hidden_size // num_heads`` when left at 0.
     ``sliding_window`` applies to the layers chosen by ``local_layers``:
-    ``all`` (Mistral), ``even`` (Gemma-2: layers 0, 2, 4, ... are local) or
-    ``none``. ``attn_logit_softcap`` / ``final_logit_softcap`` of 0 disable
-    soft-capping. ``query_pre_attn_scalar`` of 0 scales scores by
-    ``head_dim ** -0.5``; otherwise by ``query_pre_attn_scalar ** -0.5``.
+    ``all`` (Mistral), ``even`` (Gemma-2: layers 0, 2, 4, ... are local),
+    ``interleaved`` (Gemma 3: every ``global_layer_interval``-th layer is global,
+    the others local) or ``none``. ``local_rope_theta`` > 0 gives local layers
+    their own RoPE base (unscaled; Gemma 3); 0 uses ``rope_theta`` and
+    ``rope_scaling`` everywhere. ``qk_norm``: RMSNorm of queries and keys before
+    RoPE, per head (``head``: Qwen3, Gemma 3) or over all heads together
+    (``full``: OLMoE).
+
+    Mixture of experts (``num_experts`` > 0, MoE families only): every layer's
+    MLP is ``num_experts`` experts of width ``moe_intermediate_size`` (0: the
+    ``intermediate_size``); each token goes to its ``num_experts_per_tok``
+    highest-probability experts, weighted by their softmax probabilities
+    (renormalised over the chosen ones when ``norm_topk_prob``).
+    ``router_aux_loss_coef`` and ``router_z_loss_coef`` weight the
+    load-balancing and router z-loss in training (both are always reported).
+
+    ``attn_logit_softcap`` / ``final_logit_softcap`` of 0 disable soft-capping.
+    ``query_pre_attn_scalar`` of 0 scales scores by ``head_dim ** -0.5``;
+    otherwise by ``query_pre_attn_scalar ** -0.5``.
     """
 
     family: str = "llama"
@@ -84,6 +102,15 @@ class ModelConfig:
     attn_logit_softcap: float = 0.0
     final_logit_softcap: float = 0.0
     query_pre_attn_scalar: float = 0.0
+    global_layer_interval: int = 0
+    local_rope_theta: float = 0.0
+    qk_norm: str = "none"
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    norm_topk_prob: bool = False
+    router_aux_loss_coef: float = 0.0
+    router_z_loss_coef: float = 0.0
     bos_token_id: Optional[int] = 1
     eos_token_id: Optional[int] = 2
     pad_token_id: Optional[int] = 0
@@ -117,7 +144,14 @@ class ModelConfig:
         require(self.local_layers == "none" or self.sliding_window > 0, "model.sliding_window",
                 f"local_layers={self.local_layers!r} needs a sliding_window > 0",
                 "set sliding_window (e.g. 4096) or local_layers='none'")
-        for name in ("attn_logit_softcap", "final_logit_softcap", "query_pre_attn_scalar"):
+        require(self.local_layers != "interleaved" or self.global_layer_interval >= 2,
+                "model.global_layer_interval",
+                f"local_layers='interleaved' needs global_layer_interval >= 2, got "
+                f"{self.global_layer_interval}", "set it (Gemma 3: 6)")
+        check_choice(s, "qk_norm", self.qk_norm, QK_NORMS)
+        self._check_experts()
+        for name in ("attn_logit_softcap", "final_logit_softcap", "query_pre_attn_scalar",
+                     "local_rope_theta", "router_aux_loss_coef", "router_z_loss_coef"):
             check_range(s, name, getattr(self, name), low=0.0)
         for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
             check_range(s, name, getattr(self, name), low=0, high=self.vocab_size - 1,
@@ -126,6 +160,29 @@ class ModelConfig:
         check_choice(s, "param_dtype", self.param_dtype, DTYPES)
         check_choice(s, "remat_policy", self.remat_policy, REMAT_POLICIES)
         check_choice(s, "attention_impl", self.attention_impl, ATTENTION_IMPLS)
+
+    def _check_experts(self):
+        moe = self.family in MOE_FAMILIES
+        require(moe or self.num_experts == 0, "model.num_experts",
+                f"family {self.family!r} is dense but num_experts={self.num_experts}",
+                f"use a mixture-of-experts family ({', '.join(MOE_FAMILIES)}) or num_experts=0")
+        if not moe:
+            return
+        require(self.num_experts >= 2, "model.num_experts",
+                f"family {self.family!r} needs num_experts >= 2, got {self.num_experts}",
+                "set model.num_experts (e.g. 8)")
+        check_range("model", "num_experts_per_tok", self.num_experts_per_tok, low=1,
+                    high=self.num_experts)
+        check_range("model", "moe_intermediate_size", self.moe_intermediate_size, low=0)
+
+    @property
+    def is_moe(self) -> bool:
+        return self.num_experts > 0
+
+    @property
+    def expert_size(self) -> int:
+        """Width of one expert's MLP."""
+        return self.moe_intermediate_size or self.intermediate_size
 
     @property
     def resolved_head_dim(self) -> int:
@@ -141,15 +198,33 @@ class ModelConfig:
             return [self.sliding_window] * self.num_layers
         if self.local_layers == "even":
             return [self.sliding_window if i % 2 == 0 else 0 for i in range(self.num_layers)]
+        if self.local_layers == "interleaved":
+            n = self.global_layer_interval
+            return [self.sliding_window if (i + 1) % n else 0 for i in range(self.num_layers)]
         return [0] * self.num_layers
 
     def num_params(self) -> int:
         """Parameter count of the model this config builds."""
+        return self._count(self.num_experts)
+
+    def num_active_params(self) -> int:
+        """Parameters one token uses: :meth:`num_params` with only the
+        ``num_experts_per_tok`` chosen experts counted (equal to it for dense models)."""
+        return self._count(self.num_experts_per_tok if self.is_moe else 0)
+
+    def _count(self, experts: int) -> int:
         d, hd, f = self.hidden_size, self.resolved_head_dim, self.intermediate_size
         attn = d * hd * (self.num_heads * 2 + self.num_kv_heads * 2)
         if self.qkv_bias:
             attn += hd * (self.num_heads + 2 * self.num_kv_heads)
+        if self.qk_norm == "head":
+            attn += 2 * hd
+        elif self.qk_norm == "full":
+            attn += hd * (self.num_heads + self.num_kv_heads)
         norms = d * (4 if self.post_norms else 2)
-        layer = attn + 3 * d * f + norms
+        mlp = 3 * d * f
+        if self.is_moe:
+            mlp = experts * 3 * d * self.expert_size + d * self.num_experts
+        layer = attn + mlp + norms
         embed = self.vocab_size * d * (1 if self.tie_embeddings else 2)
         return self.num_layers * layer + embed + d

@@ -35,23 +35,20 @@ def _hf_tensors(config: ModelConfig, params):
     out = []
     for spec in weight_specs(config):
         leaf = get_path(params, spec.path)
-        per_layer = leaf.shape[1:] if spec.layered else leaf.shape
-        shape = hf_shape(spec.layout, per_layer)
-        cache = {}  # one host copy per leaf, shared by its layers, dropped after the last
+        names = spec.hf_names(config.num_layers)
+        shape = hf_shape(spec.layout, leaf.shape[len(spec.stack_shape(config.num_layers)):])
+        cache = {}  # one host copy per leaf, shared by its tensors, dropped after the last
 
-        def produce(leaf=leaf, layout=spec.layout, i=None, cache=cache):
+        def produce(idx, last, leaf=leaf, layout=spec.layout, cache=cache):
             host = cache.pop("host", None)
             host = np.asarray(leaf) if host is None else host
-            if i is not None and i + 1 < config.num_layers:
+            if not last:
                 cache["host"] = host
-            return np.array(to_hf(layout, host if i is None else host[i]), order="C")
+            return np.array(to_hf(layout, host[idx]), order="C")
 
-        if spec.layered:
-            for i in range(config.num_layers):
-                out.append((spec.hf_name.format(i=i), shape, leaf.dtype,
-                            lambda produce=produce, i=i: produce(i=i)))
-        else:
-            out.append((spec.hf_name, shape, leaf.dtype, produce))
+        for k, (idx, name) in enumerate(names):
+            out.append((name, shape, leaf.dtype,
+                        lambda f=produce, idx=idx, last=k + 1 == len(names): f(idx, last)))
     return out
 
 

@@ -25,7 +25,14 @@ import safetensors
 from cadenza.errors import CadenzaError
 from cadenza.models.config import ModelConfig
 from cadenza.models.hf_config import model_config_from_hf
-from cadenza.models.hf_weights import get_path, hf_shape, read_block, set_path, weight_specs
+from cadenza.models.hf_weights import (
+    get_path,
+    hf_shape,
+    read_block,
+    read_stacked,
+    set_path,
+    weight_specs,
+)
 
 log = logging.getLogger("cadenza.hf")
 
@@ -214,7 +221,8 @@ def _listing(title: str, items: list[str]) -> list[str]:
 def check_weights(ckpt: HFCheckpoint, config: ModelConfig) -> list[tuple[str, object]]:
     """Match every HF tensor to a cadenza param; raise one error listing every problem.
 
-    Returns ``[(spec, per-layer cadenza shape)]``. Problems: missing tensors,
+    Returns ``[(spec, per-tensor cadenza shape)]`` (without the layer and expert
+    dims). Problems: missing tensors,
     unexpected tensors, shape mismatches (with the likely config field to fix,
     e.g. a padded vocabulary or wrong ``num_key_value_heads``) and dtypes
     that are not float.
@@ -226,11 +234,9 @@ def check_weights(ckpt: HFCheckpoint, config: ModelConfig) -> list[tuple[str, ob
     expected = set()
     for spec in weight_specs(config):
         shape = get_path(shapes, spec.path).shape
-        per_layer = shape[1:] if spec.layered else shape
+        per_layer = shape[len(spec.stack_shape(config.num_layers)):]
         want = hf_shape(spec.layout, per_layer)
-        names = ([spec.hf_name.format(i=i) for i in range(config.num_layers)]
-                 if spec.layered else [spec.hf_name])
-        for name in names:
+        for _, name in spec.hf_names(config.num_layers):
             expected.add(name)
             info = ckpt.tensors.get(name)
             if info is None:
@@ -333,7 +339,7 @@ def read_hf(hf_dir, dtype: str | None = None, mesh=None, rules=None):
             + (" (float64 loses precision)" if "F64" in cast else ""))
     params: dict = {}
     for spec, per_layer in plan:
-        shape = ((config.num_layers,) if spec.layered else ()) + tuple(per_layer)
+        shape = spec.stack_shape(config.num_layers) + tuple(per_layer)
         read = _reader(ckpt, spec, per_layer, config.num_layers, target)
         if shardings is None:
             value = jnp.asarray(read(tuple(slice(None) for _ in shape)))
@@ -368,11 +374,7 @@ def _reader(ckpt: HFCheckpoint, spec, per_layer, num_layers: int, dtype):
         return values
 
     def read(index):
-        if not spec.layered:
-            return np.asarray(block(spec.hf_name, index), dtype=dtype)
-        layers = range(num_layers)[index[0]]
-        return np.stack([block(spec.hf_name.format(i=i), index[1:]) for i in layers]
-                        ).astype(dtype, copy=False)
+        return read_stacked(spec, num_layers, block, index).astype(dtype, copy=False)
 
     return read
 

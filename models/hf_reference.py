@@ -37,7 +37,8 @@ class ReferenceSession:
     """One reference subprocess; use as a context manager, call :meth:`run` per batch.
 
     ``run(jobs)`` takes the dict described in hf_reference_script.py
-    (``create``, ``logits``, ``generate`` and ``encode`` job lists) and returns when all are done.
+    (``create``, ``logits``, ``generate``, ``encode``, ``router_loss`` and ``peft_logits``
+    job lists) and returns when all are done.
     """
 
     def __init__(self, ref_python=None):

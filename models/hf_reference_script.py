@@ -8,7 +8,9 @@ A batch holds lists of jobs::
     {"create": [{"dir": D, "model_type": "llama", "config": {...}, "seed": 0}],
      "logits": [{"dir": D, "tokens": "in.npy", "out": "out.npy"}],
      "generate": [{"dir": D, "tokens": "in.npy", "max_new_tokens": N, "out": "out.npy"}],
-     "encode": [{"dir": D, "texts": ["..."], "out": "ids.json"}]}
+     "encode": [{"dir": D, "texts": ["..."], "out": "ids.json"}],
+     "router_loss": [{"logits": "in.npy", "top_k": K, "out": "out.npy"}],
+     "peft_logits": [{"dir": D, "adapter": A, "tokens": "in.npy", "out": "out.npy"}]}
 
 ``create`` builds a random-init model with transformers (no download) and
 saves it with ``save_pretrained`` (safetensors). Weights are redrawn so that
@@ -18,7 +20,11 @@ float32 logits for int token ids ``[B, T]``. ``generate`` runs greedy
 ``model.generate`` on each row of ``[B, T]`` alone (no padding, EOS ignored) and
 writes the ``[B, N]`` new tokens. ``encode`` loads the folder's tokenizer with
 ``AutoTokenizer`` and writes the ids of each text (special tokens added) as JSON.
-Arrays travel as .npy files;
+``router_loss`` runs transformers' MoE
+load-balancing loss (``load_balancing_loss_func``, shared by Mixtral, Qwen3-MoE
+and OLMoE) on float32 router logits ``[layers, tokens, experts]`` and writes the
+scalar. ``peft_logits`` loads the model with the peft adapter folder ``adapter``
+on top (``PeftModel.from_pretrained``) and writes its logits. Arrays travel as .npy files;
 nothing is pickled, and remote code is never allowed.
 """
 
@@ -89,6 +95,24 @@ def encode(job: dict) -> None:
         json.dump(ids, f)
 
 
+def router_loss(job: dict) -> None:
+    from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+
+    logits = np.load(job["logits"])
+    loss = load_balancing_loss_func(tuple(torch.from_numpy(x) for x in logits),
+                                    logits.shape[-1], job["top_k"])
+    np.save(job["out"], np.asarray(float(loss), np.float32))
+
+
+def peft_logits(job: dict) -> None:
+    from peft import PeftModel
+
+    model = PeftModel.from_pretrained(_load(job["dir"]), job["adapter"]).eval()
+    tokens = torch.from_numpy(np.load(job["tokens"]).astype(np.int64))
+    with torch.no_grad():
+        np.save(job["out"], model(input_ids=tokens).logits.float().numpy())
+
+
 def main() -> None:
     replies, sys.stdout = sys.stdout, sys.stderr  # library prints must not corrupt replies
     for line in sys.stdin:
@@ -102,6 +126,10 @@ def main() -> None:
                 generate(job)
             for job in jobs.get("encode", []):
                 encode(job)
+            for job in jobs.get("router_loss", []):
+                router_loss(job)
+            for job in jobs.get("peft_logits", []):
+                peft_logits(job)
             reply = {"ok": True}
         except Exception:  # reported to the caller, which raises
             reply = {"ok": False, "error": traceback.format_exc()}

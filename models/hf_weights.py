@@ -3,7 +3,8 @@
 HF ``nn.Linear`` weights are ``[out, in]``; cadenza kernels are ``[in, out]``
 with attention heads split out: q/k/v ``[embed, heads, head_dim]``, o
 ``[heads, head_dim, embed]``. Per-layer HF tensors (``model.layers.{i}.``)
-are stacked on cadenza's leading ``layers`` axis. :func:`read_block` turns a
+are stacked on cadenza's leading ``layers`` axis, and per-expert tensors
+(``...experts.{e}...``) on the ``expert`` axis after it. :func:`read_block` turns a
 block in cadenza coordinates into the HF rows/columns holding it, so a lazily
 read tensor (a safetensors slice) yields one device's shard while reading only
 that shard's heads, rows and columns.
@@ -14,6 +15,7 @@ import dataclasses
 import numpy as np
 
 from cadenza.models.config import ModelConfig
+from cadenza.models.families import FAMILIES
 
 # How an HF tensor [per layer] relates to the cadenza param [per layer].
 SAME = "same"              # norms, embeddings, biases of the right shape
@@ -28,17 +30,31 @@ class WeightSpec:
     """One cadenza param leaf and its HF source.
 
     ``path``: keys into the (scanned-layout) params dict. ``hf_name``: the HF
-    tensor name, with ``{i}`` for the layer index when ``layered``.
+    tensor name, with ``{i}`` for the layer index when ``layered`` and ``{e}``
+    for the expert index when ``experts`` > 0 (the param then has an expert
+    axis after the layer axis).
     """
 
     path: tuple[str, ...]
     hf_name: str
     layout: str
     layered: bool
+    experts: int = 0
+
+    def stack_shape(self, num_layers: int) -> tuple[int, ...]:
+        """The leading param dims that index separate HF tensors (layers, experts)."""
+        return (((num_layers,) if self.layered else ())
+                + ((self.experts,) if self.experts else ()))
+
+    def hf_names(self, num_layers: int) -> list[tuple[tuple[int, ...], str]]:
+        """``[(index into the stacked dims, HF tensor name)]`` in row-major order."""
+        return [(idx, self.hf_name.format(**dict(zip("ie", idx))))
+                for idx in np.ndindex(*self.stack_shape(num_layers))]
 
 
 def weight_specs(config: ModelConfig) -> list[WeightSpec]:
     """The HF source of every cadenza param of ``config``, in a fixed order."""
+    fam = FAMILIES[config.family]
     layer = "model.layers.{i}."
     specs = [WeightSpec(("embed", "embedding"), "model.embed_tokens.weight", SAME, False)]
     for name in ("q", "k", "v"):
@@ -49,20 +65,44 @@ def weight_specs(config: ModelConfig) -> list[WeightSpec]:
                                     f"{layer}self_attn.{name}_proj.bias", HEADS_BIAS, True))
     specs.append(WeightSpec(("layers", "attn", "o_proj", "kernel"),
                             f"{layer}self_attn.o_proj.weight", HEADS_OUT, True))
-    for name in ("gate", "up", "down"):
-        specs.append(WeightSpec(("layers", "mlp", f"{name}_proj", "kernel"),
-                                f"{layer}mlp.{name}_proj.weight", TRANSPOSE, True))
-    norms = {"attn_norm": "input_layernorm", "mlp_norm": "post_attention_layernorm"}
-    if config.post_norms:  # Gemma-2: four norms per layer
-        norms = {"attn_norm": "input_layernorm", "attn_post_norm": "post_attention_layernorm",
-                 "mlp_norm": "pre_feedforward_layernorm",
-                 "mlp_post_norm": "post_feedforward_layernorm"}
-    for ours, theirs in norms.items():
+    if config.qk_norm != "none":  # per head: [head_dim]; OLMoE: [heads * head_dim]
+        layout = SAME if config.qk_norm == "head" else HEADS_BIAS
+        for name in ("q", "k"):
+            specs.append(WeightSpec(("layers", "attn", f"{name}_norm", "scale"),
+                                    f"{layer}self_attn.{name}_norm.weight", layout, True))
+    if config.is_moe:
+        block = f"{layer}{fam.moe_block}."
+        specs.append(WeightSpec(("layers", "mlp", "router", "kernel"), f"{block}gate.weight",
+                                TRANSPOSE, True))
+        for ours, theirs in zip(("gate_proj", "up_proj", "down_proj"), fam.expert_names):
+            specs.append(WeightSpec(("layers", "mlp", ours),
+                                    f"{block}experts.{{e}}.{theirs}.weight", TRANSPOSE, True,
+                                    config.num_experts))
+    else:
+        for name in ("gate", "up", "down"):
+            specs.append(WeightSpec(("layers", "mlp", f"{name}_proj", "kernel"),
+                                    f"{layer}mlp.{name}_proj.weight", TRANSPOSE, True))
+    for ours, theirs in fam.norms.items():
         specs.append(WeightSpec(("layers", ours, "scale"), f"{layer}{theirs}.weight", SAME, True))
     specs.append(WeightSpec(("final_norm", "scale"), "model.norm.weight", SAME, False))
     if not config.tie_embeddings:
         specs.append(WeightSpec(("lm_head", "kernel"), "lm_head.weight", TRANSPOSE, False))
     return specs
+
+
+def read_stacked(spec: WeightSpec, num_layers: int, block, index: tuple[slice, ...]
+                 ) -> np.ndarray:
+    """Block ``index`` of a whole (stacked) param: ``block(hf_name, per-tensor index)`` for
+    each HF tensor the leading (layer, expert) slices select, stacked back."""
+    dims = spec.stack_shape(num_layers)
+
+    def gather(prefix: tuple[int, ...]):
+        j = len(prefix)
+        if j == len(dims):
+            return block(spec.hf_name.format(**dict(zip("ie", prefix))), index[j:])
+        return np.stack([gather(prefix + (x,)) for x in range(dims[j])[index[j]]])
+
+    return np.asarray(gather(()))
 
 
 def hf_shape(layout: str, shape: tuple[int, ...]) -> tuple[int, ...]:

@@ -55,27 +55,43 @@ class Projection(nn.Module):
 
 
 class RMSNorm(nn.Module):
-    """``x / rms(x) * w`` (or ``* (1 + w)`` when ``plus_one``, Gemma), computed in float32."""
+    """``x / rms(x) * w`` (or ``* (1 + w)`` when ``plus_one``, Gemma), computed in float32.
+
+    Normalises over the last ``len(axes)`` dims of ``x``; the scale has their
+    shape and the logical ``axes`` (``("embed",)`` for the residual stream,
+    ``("head_dim",)`` for a per-head q/k norm, ``("heads", "head_dim")`` for
+    OLMoE's norm over all heads).
+    """
 
     config: ModelConfig
+    axes: tuple[str, ...] = ("embed",)
 
     @nn.compact
     def __call__(self, x):
         cfg = self.config
         init = nn.initializers.zeros_init() if cfg.norm_plus_one else nn.initializers.ones_init()
-        scale = self.param("scale", nn.with_logical_partitioning(init, ("embed",)),
-                           (x.shape[-1],), jnp.dtype(cfg.param_dtype))
+        n = len(self.axes)
+        scale = self.param("scale", nn.with_logical_partitioning(init, self.axes),
+                           x.shape[-n:], jnp.dtype(cfg.param_dtype))
         xf = x.astype(jnp.float32)
-        y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + cfg.norm_eps)
+        dims = tuple(range(x.ndim - n, x.ndim))
+        y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=dims, keepdims=True) + cfg.norm_eps)
         w = scale.astype(jnp.float32)
         y = y * (1.0 + w if cfg.norm_plus_one else w)
         return y.astype(jnp.dtype(cfg.dtype))
 
 
-def rope_inv_freq(config: ModelConfig) -> jnp.ndarray:
-    """Inverse frequencies [head_dim // 2] in float32, with the configured scaling."""
+def rope_inv_freq(config: ModelConfig, local: bool = False) -> jnp.ndarray:
+    """Inverse frequencies [head_dim // 2] in float32, with the configured scaling.
+
+    ``local``: those of sliding-window layers, which use ``local_rope_theta``
+    unscaled when it is set (Gemma 3).
+    """
     d = config.resolved_head_dim
-    inv = 1.0 / (config.rope_theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))
+    exponents = jnp.arange(0, d, 2, dtype=jnp.float32) / d
+    if local and config.local_rope_theta:
+        return 1.0 / (config.local_rope_theta ** exponents)
+    inv = 1.0 / (config.rope_theta ** exponents)
     rs = config.rope_scaling
     if rs.type == "linear":
         inv = inv / rs.factor
@@ -122,7 +138,16 @@ class Attention(nn.Module):
                        use_bias=cfg.qkv_bias, name="k_proj")(x)
         v = Projection((cfg.num_kv_heads, hd), ("embed",), ("kv_heads", "head_dim"), cfg,
                        use_bias=cfg.qkv_bias, name="v_proj")(x)
+        if cfg.qk_norm == "head":
+            q = RMSNorm(cfg, ("head_dim",), name="q_norm")(q)
+            k = RMSNorm(cfg, ("head_dim",), name="k_norm")(k)
+        elif cfg.qk_norm == "full":
+            q = RMSNorm(cfg, ("heads", "head_dim"), name="q_norm")(q)
+            k = RMSNorm(cfg, ("kv_heads", "head_dim"), name="k_norm")(k)
         inv_freq = rope_inv_freq(cfg)
+        if cfg.local_rope_theta:  # window is a traced per-layer value under scan
+            inv_freq = jnp.where(jnp.asarray(window) > 0, rope_inv_freq(cfg, local=True),
+                                 inv_freq)
         q = apply_rope(q, ctx.positions, inv_freq)
         k = apply_rope(k, ctx.positions, inv_freq)
         q = nn.with_logical_constraint(q, ("batch", "length", "heads", "head_dim"))

@@ -15,6 +15,7 @@ from jax.ad_checkpoint import checkpoint_name
 from cadenza.models.cache import KVCache
 from cadenza.models.config import ModelConfig
 from cadenza.models.layers import MLP, Attention, Projection, RMSNorm
+from cadenza.models.moe import MoEMLP
 
 REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,
@@ -49,7 +50,8 @@ class Block(nn.Module):
         if cfg.post_norms:
             h = RMSNorm(cfg, name="attn_post_norm")(h)
         x = x + h
-        h = MLP(cfg, name="mlp")(RMSNorm(cfg, name="mlp_norm")(x))
+        mlp = MoEMLP if cfg.is_moe else MLP
+        h = mlp(cfg, name="mlp")(RMSNorm(cfg, name="mlp_norm")(x))
         if cfg.post_norms:
             h = RMSNorm(cfg, name="mlp_post_norm")(h)
         x = nn.with_logical_constraint(x + h, ("batch", "length", "embed"))
@@ -64,12 +66,13 @@ def _block_cls(config: ModelConfig):
 
 
 class Transformer(nn.Module):
-    """Decoder-only transformer for the Llama, Mistral, Qwen2, Gemma and Gemma-2 families.
+    """Decoder-only transformer for every family in :mod:`cadenza.models.families`.
 
     Params layout: ``embed/embedding`` [vocab, embed]; ``layers/...``
     stacked on a leading ``layers`` axis when ``scan_layers`` (else
     ``layer_0/... layer_{n-1}/...``); ``final_norm/scale``; ``lm_head/kernel``
-    [embed, vocab] unless embeddings are tied.
+    [embed, vocab] unless embeddings are tied. MoE models sow each layer's
+    router logits in ``intermediates`` (see :mod:`cadenza.models.moe`).
     """
 
     config: ModelConfig
@@ -83,7 +86,7 @@ class Transformer(nn.Module):
                                                         ("vocab", "embed")))
         if cfg.scan_layers:
             self.layers = nn.scan(
-                _block_cls(cfg), variable_axes={"params": 0, "peft": 0},
+                _block_cls(cfg), variable_axes={"params": 0, "peft": 0, "intermediates": 0},
                 split_rngs={"params": True, "dropout": True},
                 in_axes=(0, 0, nn.broadcast), length=cfg.num_layers,
                 metadata_params={nn.PARTITION_NAME: "layers"})(cfg)

@@ -21,24 +21,20 @@ jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 import pytest  # noqa: E402
 
-# Tiny variants of every family, each switching on that family's special features.
-FAMILY_OVERRIDES = {
-    "llama": [],
-    "llama3_rope": ["model.rope_scaling.type=llama3", "model.rope_scaling.factor=8.0",
-                    "model.rope_scaling.original_max_position_embeddings=64",
-                    "model.rope_theta=500000.0"],
-    "mistral": ["model.family=mistral", "model.sliding_window=4", "model.local_layers=all"],
-    "qwen2": ["model.family=qwen2", "model.qkv_bias=true", "model.tie_embeddings=true"],
-    "gemma": ["model.family=gemma", "model.norm_plus_one=true", "model.activation=gelu_tanh",
-              "model.scale_embeddings=true", "model.tie_embeddings=true", "model.head_dim=32",
-              "model.num_kv_heads=1"],
-    "gemma2": ["model.family=gemma2", "model.norm_plus_one=true", "model.post_norms=true",
-               "model.activation=gelu_tanh", "model.scale_embeddings=true",
-               "model.tie_embeddings=true", "model.head_dim=32", "model.sliding_window=4",
-               "model.local_layers=even", "model.attn_logit_softcap=5.0",
-               "model.final_logit_softcap=3.0", "model.query_pre_attn_scalar=24",
-               "model.num_layers=3"],
-}
+
+# Tiny variants of every family in the family table, each switching on that family's
+# special features (see cadenza.models.families), plus Llama with llama3 rope scaling.
+def _family_overrides():
+    from cadenza.models.families import NAMES, family_overrides
+
+    table = {name: family_overrides(name) for name in NAMES}
+    table["llama3_rope"] = table["llama"] + [
+        "model.rope_scaling.type=llama3", "model.rope_scaling.factor=8.0",
+        "model.rope_scaling.original_max_position_embeddings=64", "model.rope_theta=500000.0"]
+    return table
+
+
+FAMILY_OVERRIDES = _family_overrides()
 
 
 def tiny_model_config(family: str = "llama", *overrides: str):
@@ -46,6 +42,33 @@ def tiny_model_config(family: str = "llama", *overrides: str):
     from cadenza.config import load_config
 
     return load_config(None, FAMILY_OVERRIDES[family] + list(overrides), preset="tiny").model
+
+
+def single_device_train_step(config):
+    """``(state, step, mesh)``: a fresh full-model train state and its jitted step for
+    ``config`` on one device (microbatches and z-loss from ``config.train``)."""
+    from cadenza.train.mesh import batch_sharding, make_mesh, replicated
+    from cadenza.train.optim import make_optimizer, make_schedule
+    from cadenza.train.state import init_state, state_shardings
+    from cadenza.train.step import make_train_step
+    from cadenza.train.task import full_model_task
+
+    mesh = make_mesh(config.mesh, jax.devices()[:1])
+    rules = config.mesh.rules()
+    task, opt = full_model_task(config.model), make_optimizer(config.train)
+    shardings = state_shardings(task, opt, mesh, rules)
+    state = init_state(task, opt, 0, mesh, rules, shardings)
+    step = make_train_step(task, opt, make_schedule(config.train),
+                           microbatches=config.train.microbatches, z_loss=config.train.z_loss,
+                           rules=rules, state_shardings=shardings, frozen_shardings={},
+                           batch_sharding=batch_sharding(mesh, rules),
+                           metric_sharding=replicated(mesh))
+    return state, step, mesh
+
+
+@pytest.fixture
+def one_device_step():
+    return single_device_train_step
 
 
 @pytest.fixture

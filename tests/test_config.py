@@ -9,11 +9,17 @@ from cadenza.config import ExperimentConfig, load_config, preset_names, to_yaml
 from cadenza.errors import ConfigError
 
 PRESETS = ["tiny", "llama-3.2-1b", "llama-3.1-8b", "qwen2.5-0.5b", "qwen2.5-7b", "mistral-7b",
-           "gemma-2-2b"]
+           "gemma-2-2b", "qwen3-0.6b", "qwen3-8b", "gemma-3-1b", "gemma-3-12b", "mixtral-8x7b",
+           "qwen3-30b-a3b"]
 
-# Published parameter counts (billions), to check the presets' shapes are real.
+# Published parameter counts (billions), to check the presets' shapes are real (Gemma 3:
+# the text decoder, embedding + non-embedding params of the Gemma 3 report's table).
 PUBLISHED_B = {"llama-3.2-1b": 1.24, "llama-3.1-8b": 8.03, "qwen2.5-0.5b": 0.49,
-               "qwen2.5-7b": 7.62, "mistral-7b": 7.24, "gemma-2-2b": 2.61}
+               "qwen2.5-7b": 7.62, "mistral-7b": 7.24, "gemma-2-2b": 2.61, "qwen3-0.6b": 0.596,
+               "qwen3-8b": 8.19, "gemma-3-1b": 1.0, "gemma-3-12b": 11.77,
+               "mixtral-8x7b": 46.7, "qwen3-30b-a3b": 30.5}
+# Published active parameters per token of the MoE presets (billions).
+PUBLISHED_ACTIVE_B = {"mixtral-8x7b": 12.9, "qwen3-30b-a3b": 3.3}
 
 
 def test_presets_exist_and_have_real_shapes():
@@ -22,6 +28,15 @@ def test_presets_exist_and_have_real_shapes():
         model = load_config(None, preset=name).model
         assert model.preset == name
         assert model.num_params() / 1e9 == pytest.approx(billions, rel=0.01), name
+        active = PUBLISHED_ACTIVE_B.get(name, billions)
+        assert model.num_active_params() / 1e9 == pytest.approx(active, rel=0.02), name
+
+
+def test_presets_set_their_family_switches():
+    from cadenza.models.families import mismatched_switches
+
+    for name in PRESETS:
+        assert mismatched_switches(load_config(None, preset=name).model) == [], name
 
 
 def test_experiment_file_with_preset_and_overrides(tmp_path):

@@ -128,9 +128,43 @@ def test_config_json_mapping_v4_style_and_notes():
         model_config_from_hf(gemma2)
 
 
+def test_only_the_keys_each_family_reads_are_read():
+    """Llama and Gemma ignore soft-capping keys in transformers, so cadenza does too (and
+    says so); Gemma 2/3 apply them. Gemma 3's layer pattern and local rope base come
+    from its defaults when config.json leaves them out."""
+    base = {"vocab_size": 100, "hidden_size": 32, "num_hidden_layers": 6,
+            "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 64,
+            "head_dim": 8, "attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0}
+    for family in ("llama", "gemma"):
+        config, notes = model_config_from_hf({**base, "model_type": family})
+        assert (config.attn_logit_softcap, config.final_logit_softcap) == (0.0, 0.0)
+        assert any("softcapping set but ignored" in n for n in notes), family
+    gemma2, _ = model_config_from_hf({**base, "model_type": "gemma2"})
+    assert (gemma2.attn_logit_softcap, gemma2.final_logit_softcap) == (50.0, 30.0)
+    gemma3, _ = model_config_from_hf({**base, "model_type": "gemma3_text"})
+    assert gemma3.layer_windows() == [4096] * 5 + [0]
+    assert (gemma3.rope_theta, gemma3.local_rope_theta) == (1e6, 1e4)
+    assert gemma3.attention_scale == 256 ** -0.5 and gemma3.qk_norm == "head"
+    # transformers-4 style (as the Gemma 3 12B config.json on the Hub)
+    v4, _ = model_config_from_hf({**base, "model_type": "gemma3_text", "rope_theta": 1e6,
+                                  "rope_local_base_freq": 1e4, "sliding_window": 8,
+                                  "sliding_window_pattern": 3,
+                                  "rope_scaling": {"rope_type": "linear", "factor": 8.0}})
+    assert (v4.rope_scaling.type, v4.rope_scaling.factor, v4.local_rope_theta) == (
+        "linear", 8.0, 1e4)
+    assert v4.layer_windows() == [8, 8, 0, 8, 8, 0]
+    moe = {**base, "model_type": "qwen3_moe", "num_experts": 4, "num_experts_per_tok": 2,
+           "moe_intermediate_size": 16}
+    assert model_config_from_hf(moe)[0].expert_size == 16
+    with pytest.raises(CadenzaError, match="dense layers between MoE layers"):
+        model_config_from_hf({**moe, "mlp_only_layers": [1]})
+    with pytest.raises(CadenzaError, match="clip_qkv"):
+        model_config_from_hf({**moe, "model_type": "olmoe", "clip_qkv": 8.0})
+
+
 @pytest.mark.parametrize("field,value,match", [
     ("auto_map", {"AutoModelForCausalLM": "modeling_x.X"}, "never runs remote code"),
-    ("model_type", "mixtral", "model_type 'mixtral' is not supported"),
+    ("model_type", "phi3", "model_type 'phi3' is not supported"),
     ("attention_bias", True, "attention biases"),
 ])
 def test_refused_configs(tiny_config, tmp_path, field, value, match):

@@ -34,6 +34,18 @@ FAMILIES = {
     "gemma": ("gemma", {"head_dim": 32, "num_key_value_heads": 1}),
     "gemma2": ("gemma2", {"head_dim": 16, "sliding_window": 4, "attn_logit_softcapping": 5.0,
                           "final_logit_softcapping": 3.0, "query_pre_attn_scalar": 24}),
+    "qwen3": ("qwen3", {"head_dim": 32}),
+    "gemma3_text": ("gemma3_text", {
+        "head_dim": 16, "sliding_window": 4, "query_pre_attn_scalar": 24,
+        "layer_types": ["sliding_attention", "sliding_attention", "full_attention"],
+        "rope_parameters": {
+            "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0},
+            "sliding_attention": {"rope_type": "default", "rope_theta": 100.0}}}),
+    "mixtral": ("mixtral", {"num_local_experts": 4, "num_experts_per_tok": 2,
+                            "sliding_window": 4}),
+    "qwen3_moe": ("qwen3_moe", {"num_experts": 4, "num_experts_per_tok": 2, "head_dim": 16,
+                                "moe_intermediate_size": 32, "norm_topk_prob": True}),
+    "olmoe": ("olmoe", {"num_experts": 4, "num_experts_per_tok": 2}),
 }
 TOKENS = np.random.default_rng(0).integers(0, BASE["vocab_size"], (2, 16)).astype(np.int32)
 RTOL = 1e-4
@@ -178,7 +190,10 @@ def test_exported_tokenizer_encodes_like_cadenza_in_transformers(ref, tmp_path):
     assert [load_tokenizer(tmp_path / "hf").encode(t) for t in texts] == ours
 
 
-@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2"])
+# (Qwen3-MoE and OLMoE decode through the same MoE code as Mixtral; their forward parity
+# above covers their routing differences.)
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3", "gemma3_text",
+                                    "mixtral"])
 def test_greedy_decoding_matches_transformers_generate(hf_models, ref, tmp_path, family):
     """cadenza.decode.generate (greedy) == transformers' greedy generate, token for token,
     on the same converted weights; prompts of different lengths in one ragged batch."""
@@ -197,3 +212,44 @@ def test_greedy_decoding_matches_transformers_generate(hf_models, ref, tmp_path,
     result = generate(Transformer(config), params, prompts,
                       DecodeConfig(method="greedy", max_new_tokens=new, ignore_eos=True))
     assert result.token_ids == expected
+
+
+def test_router_load_balancing_loss_matches_transformers(ref, tmp_path):
+    from cadenza.models.moe import router_losses
+
+    logits = np.random.default_rng(0).normal(size=(3, 40, 8)).astype(np.float32)
+    np.save(tmp_path / "logits.npy", logits)
+    ref.run({"router_loss": [{"logits": str(tmp_path / "logits.npy"), "top_k": 2,
+                              "out": str(tmp_path / "loss.npy")}]})
+    ours = router_losses(logits, 2)["load_balancing"]
+    np.testing.assert_allclose(float(ours), np.load(tmp_path / "loss.npy"), rtol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["qwen3", "gemma3_text", "qwen3_moe"])
+def test_lora_adapter_round_trips_through_hf_peft(hf_models, ref, tmp_path, family):
+    """A LoRA adapter on an imported model, exported in peft's format: transformers + peft
+    give cadenza's logits, and importing it back gives the same adapter."""
+    from cadenza.config import ExperimentConfig
+    from cadenza.train import peft
+    from cadenza.train.peft.artifacts import peft_export, peft_import
+    from cadenza.train.peft_config import PeftConfig
+
+    config, params = load_hf(hf_models[family][0])
+    cfg = ExperimentConfig(model=config, peft=PeftConfig(method="lora", rank=4, alpha=8,
+                                                         targets=".*(q|k|v|o)_proj"))
+    pm, trainable, frozen = peft.prepare(cfg, params, jax.random.key(1))
+    leaves, treedef = jax.tree.flatten(trainable)
+    keys = jax.random.split(jax.random.key(2), len(leaves))
+    trainable = jax.tree.unflatten(treedef, [x + 0.05 * jax.random.normal(k, x.shape)
+                                             for x, k in zip(leaves, keys)])
+    peft_export(tmp_path / "adapter", pm, trainable)
+    np.save(tmp_path / "tokens.npy", TOKENS)
+    ref.run({"peft_logits": [{"dir": str(hf_models[family][0]),
+                              "adapter": str(tmp_path / "adapter"),
+                              "tokens": str(tmp_path / "tokens.npy"),
+                              "out": str(tmp_path / "out.npy")}]})
+    ours = np.asarray(jax.jit(pm.apply)(trainable, frozen, TOKENS)[0])
+    assert float(np.abs(ours - hf_models[family][1]).max()) > 1e-3  # the adapter matters
+    _assert_close(ours, np.load(tmp_path / "out.npy"))
+    _, back = peft_import(tmp_path / "adapter", cfg)
+    _assert_same_params(back, trainable)

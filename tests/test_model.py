@@ -9,11 +9,12 @@ import numpy as np
 import pytest
 
 from cadenza.models import KVCache, Transformer, init_params, stack_layers, unstack_layers
+from cadenza.models.families import NAMES
 from cadenza.models.layers import rope_inv_freq
 from cadenza.train.config import MeshConfig
 from cadenza.train.mesh import make_mesh
 
-FAMILIES = ["llama", "llama3_rope", "mistral", "qwen2", "gemma", "gemma2"]
+FAMILIES = [*NAMES, "llama3_rope"]  # every family's tiny variant (tests/conftest.py)
 
 
 class _Jitted:

@@ -61,17 +61,8 @@ def test_token_losses_mask_and_empty():
     assert float(ce0) == 0.0 and float(n0) == 0.0
 
 
-def test_zero_loss_tokens_give_zero_loss_not_nan():
-    config = _config("mesh.data=1")
-    mesh = make_mesh(config.mesh, jax.devices()[:1])
-    rules = config.mesh.rules()
-    task, opt = full_model_task(config.model), make_optimizer(config.train)
-    shardings = state_shardings(task, opt, mesh, rules)
-    state = init_state(task, opt, 0, mesh, rules, shardings)
-    step = make_train_step(task, opt, make_schedule(config.train), microbatches=1, z_loss=0.0,
-                           rules=rules, state_shardings=shardings, frozen_shardings={},
-                           batch_sharding=batch_sharding(mesh, rules),
-                           metric_sharding=replicated(mesh))
+def test_zero_loss_tokens_give_zero_loss_not_nan(one_device_step):
+    state, step, mesh = one_device_step(_config("mesh.data=1"))
     batch = next(SyntheticBatches(8, 16, 512))
     batch["loss_mask"][:] = 0
     with jax.set_mesh(mesh):
@@ -137,6 +128,12 @@ def test_flops_formula():
     attn = 12 * cfg.num_layers * 16 * cfg.num_heads * cfg.resolved_head_dim
     assert flops_per_token(cfg, 16) == 6 * n + attn
     assert flops_per_token(cfg, 16, trainable_params=100) == 4 * n + 200 + attn
+    # Mixture of experts: only the chosen experts' params count (plus the router).
+    moe = _config("model.family=mixtral", "model.num_experts=8",
+                  "model.num_experts_per_tok=2").model
+    expert = 3 * moe.hidden_size * moe.expert_size * moe.num_layers
+    assert matmul_params(moe) == n + expert + moe.num_experts * moe.hidden_size * moe.num_layers
+    assert moe.num_params() == moe.num_active_params() + 6 * expert
 
 
 @pytest.mark.parametrize("overrides, where, text", [

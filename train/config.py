@@ -6,7 +6,7 @@ from typing import Optional
 from cadenza.errors import ConfigError
 from cadenza.validation import check_choice, check_range
 
-MESH_AXES = ("data", "fsdp", "tensor", "sequence")
+MESH_AXES = ("data", "fsdp", "tensor", "sequence", "expert")
 
 DEFAULT_LOGICAL_AXIS_RULES = {
     "batch": ["data", "fsdp"],
@@ -17,6 +17,8 @@ DEFAULT_LOGICAL_AXIS_RULES = {
     "kv_heads": ["tensor"],
     "head_dim": [],
     "mlp": ["tensor"],
+    "expert": ["expert"],
+    "expert_mlp": ["tensor"],
     "layers": [],
     "cache_length": [],
 }
@@ -29,12 +31,14 @@ class MeshConfig:
     Axis sizes multiply to the device count; one size may be -1 ("the rest").
     ``logical_axis_rules`` maps each logical axis name used by the model to
     the mesh axes it is sharded over (an empty list means replicated).
+    ``expert`` shards mixture-of-experts weights by expert (expert parallelism).
     """
 
     data: int = -1
     fsdp: int = 1
     tensor: int = 1
     sequence: int = 1
+    expert: int = 1
     logical_axis_rules: dict[str, list[str]] = dataclasses.field(
         default_factory=lambda: {k: list(v) for k, v in DEFAULT_LOGICAL_AXIS_RULES.items()})
 

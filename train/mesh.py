@@ -44,7 +44,8 @@ def make_mesh(mesh_config: MeshConfig | None = None, devices=None) -> Mesh:
 # Logical axis -> the model config field that sets its size (for error messages).
 _AXIS_FIELDS = {"embed": "hidden_size", "heads": "num_heads", "kv_heads": "num_kv_heads",
                 "head_dim": "head_dim", "mlp": "intermediate_size", "vocab": "vocab_size",
-                "layers": "num_layers"}
+                "layers": "num_layers", "expert": "num_experts",
+                "expert_mlp": "moe_intermediate_size"}
 
 
 def _mesh_axes_of(rules: dict[str, list[str]], logical: str) -> list[str]:

@@ -23,17 +23,20 @@ PEAK_HBM = {
 
 
 def matmul_params(config: ModelConfig) -> int:
-    """Params that take part in matmuls: all but the input embedding table when it is not
-    tied to the output projection (the lookup is a gather); norms are counted (negligible)."""
+    """Params that take part in one token's matmuls: the active ones
+    (:meth:`~cadenza.models.config.ModelConfig.num_active_params`: for a mixture of
+    experts only the ``num_experts_per_tok`` chosen experts, plus the router) but the
+    input embedding table when it is not tied to the output projection (the lookup is a
+    gather); norms are counted (negligible)."""
     embed = config.vocab_size * config.hidden_size
-    return config.num_params() - (0 if config.tie_embeddings else embed)
+    return config.num_active_params() - (0 if config.tie_embeddings else embed)
 
 
 def flops_per_token(config: ModelConfig, seq_len: int, trainable_params: int | None = None):
     """Training FLOPs per token of one forward + backward pass.
 
-    With ``N`` = :func:`matmul_params` and ``N_t`` the trainable ones (``None``: all,
-    full fine-tuning; for PEFT the adapter param count):
+    With ``N`` = :func:`matmul_params` (active params for MoE) and ``N_t`` the trainable
+    ones (``None``: all active ones, full fine-tuning; for PEFT the adapter param count):
 
     * forward matmuls ``2 N``;
     * backward: gradients w.r.t. activations flow through every layer, ``2 N``;

@@ -53,6 +53,10 @@ def _split_microbatches(batch: dict, microbatches: int) -> dict:
 
 
 def _loss_fn(task: TrainTask, rules, z_loss: float, response_mask=(0.0, 0)):
+    """``(trainable, frozen, mb, rng) -> (objective_sum, (ce_sum, count, extra))``; ``extra``:
+    the task's extra metrics by name as sums over the microbatch's counted tokens (``{}``
+    for most tasks): a task ``loss``'s fourth element, or ``apply_with_aux``'s auxiliary
+    losses (per-token means times the count; each also added to the objective, weighted)."""
     def loss(trainable, frozen, mb, rng):
         if rng is not None and response_mask[0]:   # Masked Thought: training steps only
             mb = mask_responses(mb, jax.random.fold_in(rng, 0x6D61736B), *response_mask)
@@ -60,9 +64,14 @@ def _loss_fn(task: TrainTask, rules, z_loss: float, response_mask=(0.0, 0)):
             if task.loss is not None:           # the task's own objective (e.g. heads)
                 objective, ce, count, *extra = task.loss(trainable, frozen, mb, rng)
                 return objective, (ce, count, extra[0] if extra else {})
-            logits = task.apply(trainable, frozen, mb, rng)
+            if task.apply_with_aux is not None:
+                logits, aux = task.apply_with_aux(trainable, frozen, mb, rng)
+            else:
+                logits, aux = task.apply(trainable, frozen, mb, rng), {}
         objective, ce, count = token_losses(logits, mb["targets"], mb["loss_mask"], z_loss)
-        return objective, (ce, count, {})
+        for value, weight in aux.values():
+            objective = objective + weight * value * count
+        return objective, (ce, count, {k: v * count for k, (v, _) in aux.items()})
     return loss
 
 
@@ -81,8 +90,9 @@ def make_train_step(task: TrainTask, optimizer: optax.GradientTransformation,
     read only. Metrics (float32 scalars, replicated): ``loss`` (mean cross-entropy over
     counted tokens), ``objective`` (with z-loss), ``grad_norm`` (global norm before
     clipping), ``lr`` (the rate used by this update), ``tokens`` (counted tokens) and
-    ``finite`` (1.0 when loss and gradient norm are finite), plus the extra metrics of a
-    task ``loss`` (averaged like the loss). Call it under ``jax.set_mesh(mesh)``.
+    ``finite`` (1.0 when loss and gradient norm are finite), plus the extra metrics of the
+    task (averaged like the loss: a task ``loss``'s extras; MoE: ``router_load_balancing``,
+    ``router_z_loss``). Call it under ``jax.set_mesh(mesh)``.
     """
     loss_fn = _loss_fn(task, rules, z_loss, (response_mask_prob, response_mask_id))
     loss_and_grad = jax.value_and_grad(loss_fn, has_aux=True)

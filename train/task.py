@@ -54,6 +54,10 @@ class TrainTask:
         preference objectives); the trainer's z-loss is not added to it. It may return a
         fourth element, a dict of extra float32 metric sums averaged over the same count
         and reported by name (train and eval).
+      apply_with_aux: (trainable, frozen, batch, rng) -> ``(logits, aux)``, or None; when
+        set the step uses it instead of ``apply``: ``aux`` maps metric names to
+        ``(value, weight)`` float32 scalars (per-token means), each added to the objective
+        as ``weight * value`` and reported as a metric (mixture-of-experts router losses).
     """
 
     abstract_trainable: Callable[[], PyTree]
@@ -68,6 +72,7 @@ class TrainTask:
     wrap_optimizer: Callable[[Any], Any] = lambda tx: tx
     save_adapters: Callable[[Any, PyTree], None] | None = None
     loss: Callable[[PyTree, PyTree, dict, Any], tuple] | None = None
+    apply_with_aux: Callable[[PyTree, PyTree, dict, Any], tuple] | None = None
 
 
 def full_model_task(model_config: ModelConfig, neftune_alpha: float = 0.0,
@@ -88,6 +93,18 @@ def full_model_task(model_config: ModelConfig, neftune_alpha: float = 0.0,
         del frozen
         return noisy_apply(model, {"params": trainable}, batch, rng, neftune_alpha)
 
+    def apply_with_aux(trainable, frozen, batch, rng):
+        from cadenza.models.moe import collected_router_losses
+
+        del frozen
+        logits, state = noisy_apply(model, {"params": trainable}, batch, rng, neftune_alpha,
+                                    mutable=["intermediates"])
+        losses = collected_router_losses(state["intermediates"], model_config.num_experts_per_tok)
+        return logits, {
+            "router_load_balancing": (losses["load_balancing"],
+                                      model_config.router_aux_loss_coef),
+            "router_z_loss": (losses["z_loss"], model_config.router_z_loss_coef)}
+
     n = model_config.num_params()
     return TrainTask(
         abstract_trainable=lambda: abstract_params(model_config),
@@ -98,22 +115,29 @@ def full_model_task(model_config: ModelConfig, neftune_alpha: float = 0.0,
         load_frozen=lambda mesh, rules: {},
         apply=apply,
         export=lambda trainable, frozen: trainable,
-        trainable_params=n, total_params=n)
+        trainable_params=n, total_params=n,
+        apply_with_aux=apply_with_aux if model_config.is_moe else None)
 
 
 
 def noisy_apply(model, variables, batch, rng, neftune_alpha: float, **apply_kwargs):
     """``model.apply`` on a training batch; with ``rng`` (training) and ``neftune_alpha > 0``
-    the input embeddings get NEFTune noise. Returns logits float32 [B, T, vocab]."""
+    the input embeddings get NEFTune noise. Returns logits float32 [B, T, vocab], or
+    ``(logits, collections)`` when ``apply_kwargs`` has ``mutable``."""
     from cadenza.models import Transformer
     from cadenza.train.data.neftune import neftune_noise
 
     kwargs = dict(positions=batch["positions"], segment_ids=batch["segment_ids"], **apply_kwargs)
     if rng is None or not neftune_alpha:
-        return model.apply(variables, batch["inputs"], **kwargs)[0]
-    embeddings = model.apply(variables, batch["inputs"], method=Transformer.embed_tokens)
-    embeddings = neftune_noise(embeddings, batch["segment_ids"], rng, neftune_alpha)
-    return model.apply(variables, embeddings=embeddings, **kwargs)[0]
+        out = model.apply(variables, batch["inputs"], **kwargs)
+    else:
+        embeddings = model.apply(variables, batch["inputs"], method=Transformer.embed_tokens)
+        embeddings = neftune_noise(embeddings, batch["segment_ids"], rng, neftune_alpha)
+        out = model.apply(variables, embeddings=embeddings, **kwargs)
+    if "mutable" in apply_kwargs:
+        (logits, *_), collections = out
+        return logits, collections
+    return out[0]
 
 
 # ModelConfig fields that may differ between a saved model and the run that loads it.

@@ -266,7 +266,7 @@ def _fit(config, data, eval_data, task, devices, allow_changes) -> dict:
                     m = flush(step)
                     record = {"loss": float(m["loss"]), "lr": float(m["lr"]),
                               "grad_norm": float(m["grad_norm"]), "tokens": float(m["tokens"])}
-                    if train.z_loss:
+                    if train.z_loss or "router_z_loss" in m:
                         record["objective"] = float(m["objective"])
                     record.update({k: float(v) for k, v in m.items() if k not in _STEP_METRICS})
                     if steps_since:
