@@ -27,19 +27,25 @@ META, PARAMS = "head.json", "params.safetensors"
 
 def save_head_dir(directory, kind: str, meta: dict, params) -> pathlib.Path:
     """Write ``params`` (a nested dict of arrays) and ``meta`` (JSON-serialisable) to a new
-    directory; refuses to overwrite one that already holds a head. Returns its path."""
+    directory, atomically (a temporary sibling renamed into place); refuses to overwrite
+    one that already holds a head. Returns its path."""
     from flax.traverse_util import flatten_dict
     from safetensors.numpy import save_file
+
+    from cadenza.outputs import atomic_dir
 
     d = pathlib.Path(directory).absolute()
     if (d / PARAMS).exists():
         raise CadenzaError("a head directory already exists here", where=str(d),
                            fix="choose a new output directory or delete the old one")
-    d.mkdir(parents=True, exist_ok=True)
     flat = {"/".join(k): np.ascontiguousarray(np.asarray(v, np.float32))
             for k, v in flatten_dict(params).items()}
-    save_file(flat, str(d / PARAMS))
-    (d / META).write_text(json.dumps({"kind": kind, "format": FORMAT, **meta}, indent=2) + "\n")
+    # written whole under a temporary name, then renamed (an empty folder is replaced)
+    with atomic_dir(d, replace=d.is_dir() and not any(d.iterdir())) as tmp:
+        tmp.mkdir(parents=True)
+        save_file(flat, str(tmp / PARAMS))
+        (tmp / META).write_text(json.dumps({"kind": kind, "format": FORMAT, **meta},
+                                           indent=2) + "\n")
     return d
 
 

@@ -60,15 +60,16 @@ def _build_plain(forward, params, config, *, proxy=None, **_):
     return method, (tuple(all_params), jnp.float32(config.proxy.alpha))
 
 
-def _build_speculative(forward, params, config, *, drafter=None, draft_params=None, **_):
+def _build_speculative(forward, params, config, *, drafter=None, draft_params=None,
+                       tokenizer=None, **_):
     from cadenza.decode.speculative import speculative_method
 
     if drafter is None:
-        drafter, draft_params = _load_drafter(forward, config)
+        drafter, draft_params = _load_drafter(forward, config, tokenizer)
     return speculative_method(forward, drafter, config, draft_params), (params, draft_params)
 
 
-def _load_drafter(forward, config):
+def _load_drafter(forward, config, tokenizer=None):
     s = config.speculative
     if config.method == "ngram":
         from cadenza.decode.prompt_lookup import PromptLookup
@@ -85,12 +86,16 @@ def _load_drafter(forward, config):
     from cadenza.decode.specdec_head import StopRule, load_accept_head
     from cadenza.decode.speculative import DraftModel, check_draft_vocab
     from cadenza.models import load_model
+    from cadenza.models.checkpoint import check_same_tokenizer, tokenizer_dir
 
     require(bool(s.draft), "decode.speculative.draft",
             "method speculative needs a draft model directory",
             "set decode.speculative.draft (--draft)")
     dcfg, dparams = load_model(s.draft)
     check_draft_vocab(forward.config, dcfg.model)
+    check_same_tokenizer(getattr(tokenizer, "directory", None), tokenizer_dir(s.draft),
+                         what="the draft model", where="decode.speculative.draft (--draft)",
+                         fix="use a draft model trained with the target's tokenizer")
     head, blocks = None, 3
     if s.adaptive == "head":
         head, blocks = load_accept_head(s.accept_head, dcfg.model)

@@ -19,7 +19,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from cadenza.config import ExperimentConfig, load_config, to_yaml
-from cadenza.errors import CadenzaError, one_line
+from cadenza.errors import CadenzaError, ConfigError, one_line
 from cadenza.models.hf_folder import has_tokenizer, is_hf_folder, load_hf_folder
 from cadenza.outputs import atomic_dir, is_complete, require_complete
 
@@ -97,6 +97,37 @@ def load_model(directory, mesh=None, rules=None):
                                "model; re-create the directory (rerun the export or import)")\
             from e
     return config, params
+
+
+# The files that define what ids a tokenizer produces (not its chat template or settings).
+VOCABULARY_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "merges.txt")
+
+
+def vocabulary_fingerprint(tokenizer_folder) -> str | None:
+    """sha256 over the vocabulary-defining files (:data:`VOCABULARY_FILES`) of a tokenizer
+    folder, or None when it holds none of them."""
+    import hashlib
+
+    digest, found = hashlib.sha256(), False
+    for name in VOCABULARY_FILES:
+        path = pathlib.Path(tokenizer_folder) / name
+        if path.is_file():
+            digest.update(name.encode() + b"\0" + path.read_bytes())
+            found = True
+    return digest.hexdigest() if found else None
+
+
+def check_same_tokenizer(ours, theirs, *, what: str, where: str, fix: str) -> None:
+    """Raise a :class:`ConfigError` when the tokenizer folders ``ours`` and ``theirs`` (e.g.
+    a target's and its draft's; None: no tokenizer, nothing to compare) define different
+    vocabularies (:func:`vocabulary_fingerprint`), naming both fingerprints; ``what``
+    names the second model in the message."""
+    fa = vocabulary_fingerprint(ours) if ours is not None else None
+    fb = vocabulary_fingerprint(theirs) if theirs is not None else None
+    if fa is not None and fb is not None and fa != fb:
+        raise ConfigError(f"{what}'s tokenizer (sha256 {fb[:16]}, {theirs}) differs from this "
+                          f"model's (sha256 {fa[:16]}, {ours}), although the vocabulary sizes "
+                          "may match", where=where, fix=fix)
 
 
 def tokenizer_dir(directory) -> pathlib.Path | None:

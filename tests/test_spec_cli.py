@@ -96,3 +96,24 @@ def test_medusa_cli_sampling_is_seeded(dirs, capsys):
     assert [r["token_ids"] for r in first] == [r["token_ids"] for r in again]
     assert all(len(r["token_ids"]) == 8 for r in first)
     assert first[0]["stats"]["method"] == "medusa" and first[0]["stats"]["target_forwards"] > 0
+
+
+def test_draft_with_another_tokenizer_of_the_same_size_is_refused(dirs, capsys, tmp_path):
+    """Same vocabulary size, different tokenizer: refused before compiling, both
+    fingerprints named."""
+    import shutil
+
+    from cadenza.models.tokenizer import train_tokenizer
+
+    (tdir, _, _), (ddir, _, _), _ = dirs
+    target, draft = tmp_path / "target", tmp_path / "draft"
+    shutil.copytree(tdir, target)
+    shutil.copytree(ddir, draft)
+    train_tokenizer(["def f(x): return x + 1"] * 20, 300, target / "tokenizer")
+    train_tokenizer(["hello world, once again"] * 20, 300, draft / "tokenizer")
+    argv = ["generate", "--checkpoint", str(target), "--prompt-ids", "1,5", "--method",
+            "speculative", "--draft", str(draft)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "the draft model's tokenizer (sha256" in err, err
+    assert err.count("sha256") == 2

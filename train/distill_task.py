@@ -78,8 +78,7 @@ def saved_model_config(directory):
 def check_vocabularies(teacher_dir, teacher_config, student_config, student_dir=None) -> None:
     """Raise :class:`ConfigError` (before compiling) unless student and teacher share the
     vocabulary size and, when both directories hold a tokenizer, its fingerprint."""
-    from cadenza.decode.ngram import tokenizer_fingerprint
-    from cadenza.models.checkpoint import tokenizer_dir
+    from cadenza.models.checkpoint import check_same_tokenizer, tokenizer_dir
 
     tv, sv = teacher_config.vocab_size, student_config.vocab_size
     if tv != sv:
@@ -90,14 +89,10 @@ def check_vocabularies(teacher_dir, teacher_config, student_config, student_dir=
                               f"vocab_size {tv}")
     if student_dir is None:
         return
-    tt, st = tokenizer_dir(teacher_dir), tokenizer_dir(student_dir)
-    if tt is not None and st is not None:
-        tf, sf = tokenizer_fingerprint(tt), tokenizer_fingerprint(st)
-        if tf != sf:
-            raise ConfigError(f"the student's tokenizer (sha256 {sf[:16]}, {st}) differs from "
-                              f"the teacher's (sha256 {tf[:16]}, {tt})",
-                              where="train.distill.student",
-                              fix="distill into a student that uses the teacher's tokenizer")
+    check_same_tokenizer(tokenizer_dir(teacher_dir), tokenizer_dir(student_dir),
+                         what="the student",
+                         where="train.distill.student",
+                         fix="distill into a student that uses the teacher's tokenizer")
 
 
 def distill_task(config) -> TrainTask:
