@@ -51,6 +51,7 @@ from cadenza.decode.config import DecodeConfig, SamplingSpec
 from cadenza.decode.text import RowText, StopMatch, stable_prefix_length
 from cadenza.errors import CadenzaError
 from cadenza.models.cache import KVCache
+from cadenza.models.params import decode_layout
 from cadenza.models.transformer import Transformer
 
 _FILL = 0     # token id written in a finished row's output slots (never returned)
@@ -456,6 +457,7 @@ def _run(model, params, prompts, config: DecodeConfig, *, tokenizer, seeds, prox
     if proxy is not None:
         models += [proxy.expert, proxy.anti]
         all_params += [proxy.expert_params, proxy.anti_params]
+    models, all_params = map(list, zip(*map(decode_layout, models, all_params)))
     ids = _prompt_ids(prompts, tokenizer, model.config.vocab_size)
     if config.stop and tokenizer is None:
         raise CadenzaError("stop strings need a tokenizer (they are matched on text)",

@@ -78,23 +78,32 @@ def make_train_step(task: TrainTask, optimizer: optax.GradientTransformation,
     loss_and_grad = jax.value_and_grad(_loss_fn(task, rules, z_loss), has_aux=True)
     param_shardings = state_shardings.params
 
-    def step(state: TrainState, frozen, batch):
-        rng, step_rng = jax.random.split(jax.random.wrap_key_data(state.rng))
+    def accumulated(params, frozen, batch, step_rng):
+        """Summed float32 gradients, objective, cross-entropy and count over microbatches."""
         micro = _split_microbatches(batch, microbatches)
-        zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
+        zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
         zeros = jax.lax.with_sharding_constraint(zeros, param_shardings)
 
         def accumulate(carry, xs):
             grads, objective, ce, count = carry
             mb, i = xs
-            (obj, (c, n)), g = loss_and_grad(state.params, frozen, mb,
-                                             jax.random.fold_in(step_rng, i))
+            (obj, (c, n)), g = loss_and_grad(params, frozen, mb, jax.random.fold_in(step_rng, i))
             grads = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), grads, g)
             return (grads, objective + obj, ce + c, count + n), None
 
         init = (zeros, jnp.float32(0), jnp.float32(0), jnp.float32(0))
         (grads, objective, ce, count), _ = jax.lax.scan(
             accumulate, init, (micro, jnp.arange(microbatches)))
+        return grads, objective, ce, count
+
+    def step(state: TrainState, frozen, batch):
+        rng, step_rng = jax.random.split(jax.random.wrap_key_data(state.rng))
+        if microbatches == 1:   # no accumulation loop: no zeroed buffers, no loop copies
+            (objective, (ce, count)), grads = loss_and_grad(
+                state.params, frozen, batch, jax.random.fold_in(step_rng, 0))
+            grads = jax.tree.map(lambda g: g.astype(jnp.float32), grads)
+        else:
+            grads, objective, ce, count = accumulated(state.params, frozen, batch, step_rng)
         denom = jnp.maximum(count, 1.0)
         grads = jax.tree.map(lambda g, p: (g / denom).astype(p.dtype), grads, state.params)
         grad_norm = optax.tree.norm(grads)
