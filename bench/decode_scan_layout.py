@@ -8,7 +8,10 @@ Same random float32 Llama weights in both layouts (the unrolled params are
 the two layouts interleaved round by round. Per row: median seconds per decode step
 (decode time / steps, prefill excluded) of each layout over ``--repeats`` rounds, with the
 spread, and the scanned / unrolled ratio (median of the per-round ratios); the greedy
-tokens of both must agree. Writes ``bench/results/<device>/decode_scan_layout.{json,md}``.
+tokens of both must agree, and ``same decode program`` says whether one cached decode step
+lowers to identical HLO for both once ``cadenza.models.decode_layout`` (what ``generate``
+applies) has run: on CPU the scanned model decodes through the unrolled layout.
+Writes ``bench/results/<device>/decode_scan_layout.{json,md}``.
 """
 
 import argparse
@@ -22,7 +25,7 @@ import numpy as np
 
 from cadenza.config import load_config
 from cadenza.decode import DecodeConfig, generate
-from cadenza.models import Transformer, init_params, unstack_layers
+from cadenza.models import KVCache, Transformer, decode_layout, init_params, unstack_layers
 from cadenza.provenance import provenance, results_dir
 
 CONFIGS = {
@@ -37,6 +40,19 @@ def step_seconds(model, params, prompts, config) -> tuple[float, list]:
     """Seconds per decode step of one ``generate`` call, and its tokens."""
     r = generate(model, params, prompts, config)
     return r.stats["decode_s"] / max(r.stats["steps"], 1), r.token_ids
+
+
+def same_step_program(layouts: dict, batch: int) -> bool:
+    """Whether one cached decode step lowers to the same program for both layouts after
+    :func:`cadenza.models.decode_layout` (what ``generate`` runs)."""
+    texts = []
+    for model, params in layouts.values():
+        model, params = decode_layout(model, params)
+        cache = KVCache.create(model.config, batch, 64)
+        tokens = jax.numpy.zeros((batch, 1), jax.numpy.int32)
+        step = jax.jit(lambda p, t, c, m=model: m.apply({"params": p}, t, cache=c))
+        texts.append(step.lower(params, tokens, cache).as_text())
+    return texts[0] == texts[1]
 
 
 def main(argv=None) -> int:
@@ -67,6 +83,7 @@ def main(argv=None) -> int:
             ratios = [s / u for s, u in zip(times["scanned"], times["unrolled"])]
             row = {"config": name, "params": cfg.num_params(), "batch": b,
                    "tokens_equal": tokens["scanned"] == tokens["unrolled"],
+                   "same_step_program": same_step_program(layouts, b),
                    "scanned_over_unrolled": statistics.median(ratios),
                    "ratio_min": min(ratios), "ratio_max": max(ratios)}
             for k, ts in times.items():
@@ -86,14 +103,14 @@ def main(argv=None) -> int:
              f"the end (the machine is shared: absolute times are noisy; the layouts are "
              f"interleaved so the ratio is less so). Medians of {args.repeats} rounds [min-max].",
              "", "| config | params | batch | scanned ms/step | unrolled ms/step | "
-             "scanned / unrolled | tokens equal |", "|---|---|---|---|---|---|---|"]
+             "scanned / unrolled | tokens equal | same decode program |", "|" + "---|" * 8]
     for r in rows:
         s, u = r["scanned_step_ms"], r["unrolled_step_ms"]
         lines.append(f"| {r['config']} | {r['params'] / 1e6:.1f}M | {r['batch']} | "
                      f"{s['median']:.1f} [{s['min']:.1f}-{s['max']:.1f}] | "
                      f"{u['median']:.1f} [{u['min']:.1f}-{u['max']:.1f}] | "
                      f"{r['scanned_over_unrolled']:.2f} [{r['ratio_min']:.2f}-"
-                     f"{r['ratio_max']:.2f}] | {r['tokens_equal']} |")
+                     f"{r['ratio_max']:.2f}] | {r['tokens_equal']} | {r['same_step_program']} |")
     (out / "decode_scan_layout.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0

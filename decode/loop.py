@@ -457,7 +457,6 @@ def _run(model, params, prompts, config: DecodeConfig, *, tokenizer, seeds, prox
     if proxy is not None:
         models += [proxy.expert, proxy.anti]
         all_params += [proxy.expert_params, proxy.anti_params]
-    models, all_params = map(list, zip(*map(decode_layout, models, all_params)))
     ids = _prompt_ids(prompts, tokenizer, model.config.vocab_size)
     if config.stop and tokenizer is None:
         raise CadenzaError("stop strings need a tokenizer (they are matched on text)",
@@ -468,6 +467,7 @@ def _run(model, params, prompts, config: DecodeConfig, *, tokenizer, seeds, prox
     if len(seeds) != b:
         raise CadenzaError(f"{len(seeds)} seeds for {b} prompts", where="generate(seeds=...)",
                            fix="give one seed per prompt")
+    models, all_params = map(list, zip(*map(decode_layout, models, all_params)))
     program = _Program(model_configs=tuple(m.config for m in models),
                        spec=config.sampling_spec(), num_new=n_new, max_len=max_len,
                        rules=None if rules is None else tuple(rules))
