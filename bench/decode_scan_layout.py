@@ -4,13 +4,14 @@
         [--repeats 5] [--new-tokens 32]
 
 Same random float32 Llama weights in both layouts (the unrolled params are
-``cadenza.models.unstack_layers`` of the scanned ones), greedy ``generate`` with EOS ignored,
-the two layouts interleaved round by round. Per row: median seconds per decode step
-(decode time / steps, prefill excluded) of each layout over ``--repeats`` rounds, with the
-spread, and the scanned / unrolled ratio (median of the per-round ratios); the greedy
-tokens of both must agree, and ``same decode program`` says whether one cached decode step
-lowers to identical HLO for both once ``cadenza.models.decode_layout`` (what ``generate``
-applies) has run: on CPU the scanned model decodes through the unrolled layout.
+``cadenza.models.unstack_layers`` of the scanned ones), greedy ``generate`` with EOS
+ignored, the two layouts interleaved round by round (alternating which goes first). Per row:
+median seconds per decode step (decode time / steps, prefill excluded) of each layout over
+``--repeats`` rounds, with the spread, and the scanned / unrolled ratio (median of the
+per-round ratios); the greedy tokens of both must agree, and ``same decode program`` says
+whether one cached decode step lowers to identical HLO for both once
+``cadenza.models.decode_layout`` (what ``generate`` applies) has run: on CPU the scanned
+model decodes through the unrolled layout.
 Writes ``bench/results/<device>/decode_scan_layout.{json,md}``.
 """
 
@@ -77,8 +78,8 @@ def main(argv=None) -> int:
             prompts = rng.integers(3, cfg.vocab_size, (b, args.prompt_len)).tolist()
             tokens = {k: step_seconds(m, p, prompts, config)[1] for k, (m, p) in layouts.items()}
             times = {k: [] for k in layouts}
-            for _ in range(args.repeats):
-                for k, (m, p) in layouts.items():
+            for i in range(args.repeats):    # alternate which layout goes first
+                for k, (m, p) in sorted(layouts.items(), reverse=i % 2 == 1):
                     times[k].append(step_seconds(m, p, prompts, config)[0])
             ratios = [s / u for s, u in zip(times["scanned"], times["unrolled"])]
             row = {"config": name, "params": cfg.num_params(), "batch": b,

@@ -34,6 +34,8 @@ QUICK_ARGS = {
                          "--repeats", "1"],
     "decode_throughput": ["--configs", "tiny", "--batches", "1", "--repeats", "1",
                           "--new-tokens", "16"],
+    "decode_scan_layout": ["--configs", "10m", "--batches", "1", "--repeats", "1",
+                           "--new-tokens", "8"],
     "kernels_attention": ["--size", "tiny", "--iters", "2"],
     "superposed_bench": ["--steps", "10", "--prompts", "2", "--reps", "1", "--new-tokens", "8"],
     "quickstart_bench": ["--fast"],

@@ -8,8 +8,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cadenza.models import (KVCache, Transformer, decode_layout, init_params, stack_layers,
-                            unstack_layers)
+from cadenza.models import (
+    KVCache,
+    Transformer,
+    decode_layout,
+    init_params,
+    stack_layers,
+    unstack_layers,
+)
 from cadenza.models.layers import rope_inv_freq
 from cadenza.train.config import MeshConfig
 from cadenza.train.mesh import make_mesh
