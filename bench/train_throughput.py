@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/train_throughput.py [--sizes 10m,50m] [--dtypes float32,bfloat16]
         [--modes full,lora] [--setups 10m:float32:full,...] [--repeats 5] [--no-torch]
+        [--name train_throughput]
 
 Both sides train the same random Llama weights (cadenza's init, exported with
 ``cadenza.models.save_hf`` and loaded by transformers in the reference environment
@@ -336,6 +337,7 @@ def main():
     p.add_argument("--setups", default=None,
                    help="comma-separated size:dtype:mode triples instead of the full product")
     p.add_argument("--no-torch", action="store_true", help="time cadenza alone")
+    p.add_argument("--name", default="train_throughput", help="results file stem")
     args = p.parse_args()
     setups = ([tuple(s.split(":")) for s in args.setups.split(",")] if args.setups else
               [(s, d, m) for s in args.sizes.split(",") for d in args.dtypes.split(",")
@@ -349,9 +351,9 @@ def main():
             print(json.dumps({k: v for k, v in r.items() if k != "rounds"}), flush=True)
             results.append(r)
             meta = provenance()    # written after every setup: a cut-short run keeps its rows
-            (out / "train_throughput.json").write_text(
+            (out / f"{args.name}.json").write_text(
                 json.dumps({**meta, "results": results}, indent=2) + "\n")
-            (out / "train_throughput.md").write_text(markdown(meta, results))
+            (out / f"{args.name}.md").write_text(markdown(meta, results))
     print(markdown(meta, results))
 
 if __name__ == "__main__":
