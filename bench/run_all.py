@@ -30,9 +30,12 @@ from cadenza.provenance import device_label
 HERE = pathlib.Path(__file__).resolve().parent
 ROOT = HERE.parent
 QUICK_ARGS = {
-    "train_throughput": ["--steps", "2", "--only", "tiny"],
+    "train_throughput": ["--sizes", "10m", "--dtypes", "float32", "--modes", "full",
+                         "--repeats", "1"],
     "decode_throughput": ["--configs", "tiny", "--batches", "1", "--repeats", "1",
                           "--new-tokens", "16"],
+    "decode_scan_layout": ["--configs", "10m", "--batches", "1", "--repeats", "1",
+                           "--new-tokens", "8"],
     "kernels_attention": ["--size", "tiny", "--iters", "2"],
     "superposed_bench": ["--steps", "10", "--prompts", "2", "--reps", "1", "--new-tokens", "8"],
     "quickstart_bench": ["--fast"],
@@ -99,7 +102,10 @@ def _bars(data: dict, name: str) -> tuple[list[str], dict[str, list[float]], str
     """(labels, {series: values}, axis label) for the benchmarks with a known layout."""
     if name == "train_throughput":
         rs = data["results"]
-        return [r["config"] for r in rs], {"cadenza": [r["tokens_per_s"] for r in rs]}, \
+        series = {"cadenza": [r["cadenza"]["tokens_per_s"] for r in rs]}
+        if all(r.get("torch") for r in rs):
+            series["PyTorch"] = [r["torch"]["tokens_per_s"] for r in rs]
+        return [f"{r['size']} {r['dtype']} {r['mode']}" for r in rs], series, \
             "training tokens/s"
     if name == "decode_throughput":
         rs = data["rows"]

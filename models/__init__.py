@@ -31,6 +31,7 @@ _EXPORTS = {
     "logical_param_specs": "cadenza.models.params",
     "param_shardings": "cadenza.models.params",
     "stack_layers": "cadenza.models.params",
+    "decode_layout": "cadenza.models.params",
     "unstack_layers": "cadenza.models.params",
     "Tokenizer": "cadenza.models.tokenizer",
     "load_tokenizer": "cadenza.models.tokenizer",

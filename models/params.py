@@ -1,5 +1,7 @@
 """Parameter creation and layout: sharded init, logical shardings, layer stacking."""
 
+import dataclasses
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -53,12 +55,33 @@ def init_params(config: ModelConfig, rng, mesh: Mesh | None = None, rules=None):
 
 
 def unstack_layers(params, num_layers: int):
-    """Scanned layout (``layers`` with a leading layer axis) -> ``layer_0 ... layer_{n-1}``."""
+    """Scanned layout (``layers`` with a leading layer axis) -> ``layer_0 ... layer_{n-1}``.
+
+    Each layer's arrays are fresh buffers (copies of the slices).
+    """
     params = dict(params)
     stacked = params.pop("layers")
     for i in range(num_layers):
         params[f"layer_{i}"] = jax.tree.map(lambda a, i=i: a[i], stacked)
     return params
+
+
+def decode_layout(model, params):
+    """``(model, params)`` to decode with: on CPU, a scanned Transformer becomes the same
+    model unrolled, with its params unstacked (one copy of the layer weights per call).
+
+    Why: inside a decoding loop XLA's CPU backend copies each layer's slice of the
+    stacked weights on every step (a dynamic slice it cannot hoist out of the loop), which
+    made scanned decoding 1.1-1.7x slower than unrolled; separate per-layer buffers are
+    read in place. Elsewhere (GPU, TPU: slices are read in place; memory matters more), for
+    unscanned models and for anything but a plain ``Transformer`` (adapter-wrapped models)
+    the pair is returned unchanged. Logits are the same either way.
+    """
+    cfg = getattr(model, "config", None)
+    if type(model) is not Transformer or not cfg.scan_layers or jax.default_backend() != "cpu":
+        return model, params
+    unrolled = Transformer(dataclasses.replace(cfg, scan_layers=False))
+    return unrolled, unstack_layers(params, cfg.num_layers)
 
 
 def stack_layers(params, num_layers: int):

@@ -8,7 +8,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cadenza.models import KVCache, Transformer, init_params, stack_layers, unstack_layers
+from cadenza.models import (
+    KVCache,
+    Transformer,
+    decode_layout,
+    init_params,
+    stack_layers,
+    unstack_layers,
+)
 from cadenza.models.families import NAMES
 from cadenza.models.layers import rope_inv_freq
 from cadenza.train.config import MeshConfig
@@ -123,6 +130,11 @@ def test_scanned_and_unscanned_layers_agree(tiny_config):
     _close(ca.k, cb.k, atol=1e-5)
     restacked = stack_layers(uparams, cfg.num_layers)
     assert jax.tree.all(jax.tree.map(lambda x, y: bool((x == y).all()), restacked, params))
+    # On CPU, decoding goes through the unrolled layout; an unrolled model is left as is.
+    dmodel, dparams = decode_layout(Transformer(cfg), params)
+    assert not dmodel.config.scan_layers
+    assert jax.tree.all(jax.tree.map(lambda x, y: bool((x == y).all()), dparams, uparams))
+    assert decode_layout(Transformer(ucfg), uparams)[1] is uparams
 
 
 @pytest.mark.parametrize("policy", ["full", "dots"])
