@@ -158,9 +158,16 @@ def entry(name: str) -> MethodEntry:
 
 def build(model, params, config: DecodeConfig, *, rules=None, **resources):
     """``(method, method params)`` for ``config.method`` on ``model`` (a Transformer,
-    PeftModel or forward; sharded models: logical ``rules``)."""
-    from cadenza.decode.forward import as_forward
+    PeftModel or forward; sharded models: logical ``rules``).
 
+    Unsharded (``rules`` None), a scanned Transformer decodes through its unrolled layout
+    on CPU (:func:`cadenza.models.decode_layout`: XLA's CPU backend would copy every
+    layer's weight slice on every decode step)."""
+    from cadenza.decode.forward import as_forward
+    from cadenza.models import decode_layout
+
+    if rules is None:
+        model, params = decode_layout(model, params)
     return entry(config.method).build(as_forward(model, rules), params, config, **resources)
 
 
