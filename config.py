@@ -34,17 +34,6 @@ class ExperimentConfig:
     decode: DecodeConfig = dataclasses.field(default_factory=DecodeConfig)
     lud: LudConfig = dataclasses.field(default_factory=LudConfig)
 
-    def __post_init__(self):
-        """Cross-section checks (each section checks its own fields)."""
-        from cadenza.errors import ConfigError
-
-        if self.train.seq_len > self.model.max_position_embeddings:
-            raise ConfigError(
-                f"train.seq_len={self.train.seq_len} is longer than the model's "
-                f"max_position_embeddings={self.model.max_position_embeddings}",
-                where="train.seq_len", fix="lower train.seq_len, or raise "
-                "model.max_position_embeddings if the model supports longer positions")
-
 
 CONFIG_ROOT = pathlib.Path(__file__).resolve().parent / "configs"
 

@@ -89,8 +89,11 @@ def test_non_utf8_files_name_the_line(tmp_path, capsys):
     _error(capsys, ["config", "show", str(f)], f"{f}:2", "not UTF-8", "0xe9")
 
 
-def test_seq_len_above_max_position_embeddings(capsys):
-    _error(capsys, ["config", "show", "tiny_pretrain", "train.seq_len=2048"],
+def test_seq_len_above_max_position_embeddings(capsys, tmp_path):
+    """Refused before training compiles (a config that is never trained, e.g. an imported
+    model's, may carry any train.seq_len)."""
+    _error(capsys, ["train", "tiny_pretrain", "train.seq_len=2048",
+                    f"train.output_dir={tmp_path / 'run'}"],
            "train.seq_len=2048 is longer than the model's max_position_embeddings=1024")
 
 

@@ -55,7 +55,8 @@ def _mesh_axes_of(rules: dict[str, list[str]], logical: str) -> list[str]:
 def validate_sharding(config, num_devices: int) -> dict[str, int]:
     """Check an :class:`~cadenza.config.ExperimentConfig` against ``num_devices`` before compiling.
 
-    Checks: the mesh axes multiply to ``num_devices``; the global batch and
+    Checks: ``train.seq_len`` fits the model's ``max_position_embeddings``; the mesh axes
+    multiply to ``num_devices``; the global batch and
     each microbatch divide over the axes ``batch`` is sharded on; ``seq_len``
     divides over the ``length`` axes; and every param dimension divides over
     the mesh axes its logical axis maps to (heads, kv_heads, mlp, vocab,
@@ -64,6 +65,12 @@ def validate_sharding(config, num_devices: int) -> dict[str, int]:
     """
     from cadenza.models.params import abstract_params, logical_param_specs
 
+    if config.train.seq_len > config.model.max_position_embeddings:
+        raise ConfigError(
+            f"train.seq_len={config.train.seq_len} is longer than the model's "
+            f"max_position_embeddings={config.model.max_position_embeddings}",
+            where="train.seq_len", fix="lower train.seq_len, or raise "
+            "model.max_position_embeddings if the model supports longer positions")
     sizes = resolve_axis_sizes(config.mesh, num_devices)
     rules = config.mesh.logical_axis_rules
     train = config.train
