@@ -435,7 +435,13 @@ def _decode_stage(ctx: Context, size: dict, timed: list[dict]) -> dict:
                       "matches_greedy": (t["token_ids"] == greedy_ids
                                          if m.greedy_equivalent else None)}
     first = timed[0]
-    texts = {name: ctx.tokenizer.decode(t["token_ids"][0]) for name, t in timings.items()}
+    eos = ctx.tokenizer.eos_id
+
+    def until_eos(ids):   # the timed runs ignore EOS; the shown text ends there
+        return ids[:ids.index(eos)] if eos in ids else ids
+
+    texts = {name: ctx.tokenizer.decode(until_eos(t["token_ids"][0]))
+             for name, t in timings.items()}
     return {"prompts": len(timed), "modules": len({e["where"].split(":")[0] for e in timed}),
             "new_tokens": size["new_tokens"], "repeats": size["repeats"],
             "prompt_where": [e["where"] for e in timed],

@@ -80,7 +80,9 @@ def _run(ctx: Context, name: str, fields: dict, resources: dict, model=None, par
     from cadenza.decode import DecodeConfig, generate
     from cadenza.decode.config import with_fields
 
-    cfg = with_fields(DecodeConfig(method=name, max_new_tokens=ctx.new_tokens), **fields)
+    # EOS ignored: every method writes the same number of tokens, so tokens/s compare
+    cfg = with_fields(DecodeConfig(method=name, max_new_tokens=ctx.new_tokens, ignore_eos=True),
+                      **fields)
     model = ctx.target if model is None else model
     params = ctx.target_params if params is None else params
 

@@ -82,7 +82,8 @@ def render_markdown(results: dict) -> str:
                               "", *_code(s[label]), ""]
     dec = results["decode"]
     lines += ["", f"## Decoding ({dec['prompts']} held-out prompts from {dec['modules']} modules, "
-              f"one at a time, {dec['new_tokens']} new tokens; median (min–max) of "
+              f"one at a time, {dec['new_tokens']} new tokens each (EOS ignored, so every "
+              f"method writes as many tokens); median (min–max) of "
               f"{dec['repeats']} interleaved repeats)", "",
               "| method | tokens/s end to end | decode-only tokens/s | speedup vs greedy | "
               "accepted tokens / target forward | reproduces greedy exactly | notes |",

@@ -196,13 +196,16 @@ def prepare(method, prompts, config: DecodeConfig, *, tokenizer=None, seeds=None
 
 # --- compilation ------------------------------------------------------------------------------
 
+# Least recently used programs are dropped beyond this many (a program per method, prompt
+# bucket and batch shape; interleaving several methods over many buckets must not thrash).
 _COMPILED: dict = {}
-_MAX_COMPILED = 32
+_MAX_COMPILED = 256
 COMPILES = {"count": 0}   # programs compiled so far in this process (tests count them)
 
 
 def compiled(fn, key, mesh, args, donate=()):
-    """AOT-compile ``fn`` for ``args``' shapes, cached under ``key`` (hashable) and the shapes.
+    """AOT-compile ``fn`` for ``args``' shapes, cached under ``key`` (hashable) and the shapes
+    (the :data:`_MAX_COMPILED` most recently used programs are kept).
 
     Returns ``(compiled function, seconds spent compiling)``.
     """
@@ -210,6 +213,7 @@ def compiled(fn, key, mesh, args, donate=()):
     sig = tuple((x.shape, x.dtype, getattr(x, "sharding", None)) for x in leaves)
     full = (key, mesh, treedef, sig)
     if full in _COMPILED:
+        _COMPILED[full] = _COMPILED.pop(full)   # now the most recently used
         return _COMPILED[full], 0.0
     t0 = time.perf_counter()
     jitted = jax.jit(fn, donate_argnums=donate)
