@@ -7,7 +7,7 @@ import sys
 def _build(args) -> int:
     import pathlib
 
-    from cadenza.decode.ngram_table import build_from_files, tokenizer_fingerprint
+    from cadenza.decode.ngram_table import build_from_files, corpus_files, tokenizer_fingerprint
 
     tokenizer = tokenizer_id = None
     if args.tokenizer:
@@ -18,7 +18,8 @@ def _build(args) -> int:
                         "sha256": tokenizer_fingerprint(args.tokenizer),
                         "vocab_size": tokenizer.vocab_size, "bos_id": tokenizer.bos_id,
                         "eos_id": tokenizer.eos_id}
-    print(f"counting n-grams (orders up to {args.max_order}) of {args.input} ...",
+    files = corpus_files(args.input)   # a missing input is an error before any progress
+    print(f"counting n-grams (orders up to {args.max_order}) of {len(files)} file(s) ...",
           file=sys.stderr, flush=True)
     from cadenza.outputs import atomic_dir  # an old table is replaced only when whole
 

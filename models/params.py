@@ -78,8 +78,9 @@ def decode_layout(model, params):
     the pair is returned unchanged. Logits are the same either way.
     """
     cfg = getattr(model, "config", None)
-    if type(model) is not Transformer or not cfg.scan_layers or jax.default_backend() != "cpu":
-        return model, params
+    if (type(model) is not Transformer or not cfg.scan_layers or jax.default_backend() != "cpu"
+            or not isinstance(params, dict) or "layers" not in params):
+        return model, params   # (params not in the scanned layout: left for validation)
     unrolled = Transformer(dataclasses.replace(cfg, scan_layers=False))
     return unrolled, unstack_layers(params, cfg.num_layers)
 

@@ -141,8 +141,9 @@ def register(subparsers) -> None:
                      help="deita: max cosine to a kept record (default 0.9)")
     sel.add_argument("--target", help="rds: target records file (default: the test split)")
     sel.add_argument("--target-format", default="alpaca",
-                     choices=("alpaca", "sharegpt", "messages"))
-    sel.add_argument("--seed", type=int, default=0)
+                     choices=("alpaca", "sharegpt", "messages"),
+                     help="rds: record format of --target (default alpaca)")
+    sel.add_argument("--seed", type=int, default=0, help="random/k-means seed (default 0)")
     sel.add_argument("--batch-size", type=int, default=16, help="records per forward")
     sel.add_argument("--out", required=True, help="new output directory")
     sel.set_defaults(func=_select)
