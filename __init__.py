@@ -9,6 +9,26 @@ answers at once. Public entry points:
 
 __version__ = "0.1.0"
 
+
+def _quiet_platforms() -> None:
+    """Importing cadenza before JAX on a machine without TPU chips but with libtpu installed
+    (the ``tpu`` extra) keeps libtpu from initialising and printing warnings: the same
+    ``JAX_PLATFORMS`` choice as the CLI (:func:`cadenza.runtime_env.default_platforms`),
+    only when it is unset and JAX is not imported yet."""
+    import os
+    import sys
+
+    if "jax" in sys.modules or os.environ.get("JAX_PLATFORMS") is not None:
+        return
+    from cadenza.runtime_env import default_platforms
+
+    platforms = default_platforms()
+    if platforms:
+        os.environ["JAX_PLATFORMS"] = platforms
+
+
+_quiet_platforms()
+
 __all__ = ["load_config", "CadenzaError", "ConfigError", "__version__"]
 
 

@@ -11,7 +11,9 @@
   folder with ``--compile-cache DIR`` or ``CADENZA_COMPILE_CACHE=DIR``; turn it off
   with ``off``. A ``JAX_COMPILATION_CACHE_DIR`` set by the user wins.
 
-Library users are not affected: nothing here runs on ``import cadenza``.
+On ``import cadenza`` (before JAX is imported, with ``JAX_PLATFORMS`` unset) the package
+root applies the same platform choice, so library use is quiet too; the compilation
+cache is set by the CLI only.
 """
 
 import glob

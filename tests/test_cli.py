@@ -99,6 +99,13 @@ def test_stop_flag_reaches_the_decode_config_unescaped():
     assert _decode_config(DecodeConfig(), args, None).stop == ["\n\n", "END"]
 
 
+def test_importing_cadenza_before_jax_prints_no_libtpu_lines(cli_env, libtpu_noise):
+    r = subprocess.run([sys.executable, "-c", "import cadenza.models, jax; print(jax.devices())"],
+                       capture_output=True, text=True, timeout=120, env=cli_env())
+    assert r.returncode == 0 and "cpu" in r.stdout.lower(), r
+    assert not libtpu_noise(r.stderr), r.stderr
+
+
 def test_platforms_and_compile_cache_defaults(tmp_path, monkeypatch):
     import importlib.util
 

@@ -1,4 +1,4 @@
-"""Lexical Unit Decoding data: unit marking and packed placeholder rows (METHODS.md section 7).
+"""Lexical Unit Decoding data: unit marking and packed placeholder rows (docs/decoding.md, LUD).
 
 LUD (Sun et al., 2024) has no reference code; this module implements cadenza's
 reconstruction. Each choice the paper leaves open is flagged ``[choice]``:
@@ -7,7 +7,7 @@ reconstruction. Each choice the paper leaves open is flagged ``[choice]``:
    y_0..y_n; c_t = p(y_t | y_<t) for t >= 1 (c_0 is undefined and never confident).
    [choice] the context is the window itself, which is also the context of the
    packed training row built from it, so marking and training see the same prefix.
-2. **Units** (:func:`mark_units`): ``marking="run"`` [choice, METHODS default] a unit is a
+2. **Units** (:func:`mark_units`): ``marking="run"`` [choice, the default] a unit is a
    maximal run of tokens with c >= alpha, split into consecutive chunks of at most k
    (``max_unit``) tokens; ``marking="head"`` is the alternative reading: the token before
    a run (any confidence) plus the run, chunked the same way. Only units of >= 2 tokens

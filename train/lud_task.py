@@ -6,11 +6,11 @@ the usual arrays; ``apply`` turns it into the [B, T, T] attention mask
 rows' explicit positions. The loss is the trainer's masked CE: next-token CE at real
 tokens plus CE at placeholders (weights in ``loss_mask``).
 
-[choice, METHODS.md 7.2] The placeholder id is a dedicated vocabulary row whose input
-embedding starts at the mean of all other rows (:func:`with_placeholder_embedding`).
-cadenza does not grow the vocabulary: the id is ``lud.placeholder_id`` (default the last
-row, which the byte corpus never uses); a tokenizer with no spare id needs its
-vocabulary padded when the model is built.
+[choice] The placeholder id is a dedicated vocabulary row whose input embedding starts
+at the mean of all other rows (:func:`with_placeholder_embedding`): ``lud.placeholder_id``
+(default the last row, which the byte corpus never uses). A tokenizer with no spare id
+gets one with :func:`cadenza.models.vocab.extend_vocab` (one row added to the embedding
+and the LM head, saved with the model), as the quickstart does.
 
 Typical use (``cadenza train`` wiring is left to the train CLI)::
 
