@@ -54,6 +54,7 @@ from cadenza.quickstart_methods import (
     DECODE_METHODS,
     Context,
     Unavailable,
+    have,
     time_methods,
 )
 from cadenza.quickstart_report import render_markdown, write_results
@@ -170,15 +171,6 @@ def _fit_summary(cfg) -> dict:
     keys = ("step", "loss", "eval_loss", "tokens_per_s", "compile_s", "model_dir",
             "adapters_dir")
     return {"params": cfg.model.num_params(), **{k: summary[k] for k in keys}}
-
-
-def _have(module: str) -> bool:
-    import importlib.util
-
-    try:
-        return importlib.util.find_spec(module) is not None
-    except ModuleNotFoundError:
-        return False
 
 
 def _decode_bodies(model, params, examples, tokenizer, new_tokens: int, *, samples: int = 0,
@@ -339,7 +331,7 @@ def run_quickstart(out_dir="runs/quickstart", fast: bool = False, large: bool = 
                                                     size["eval_steps"])}
         task = {}
         task["before"], before = _task(target, target_params, examples, tokenizer, size)
-        if not _have("cadenza.train.peft.task"):
+        if not have("cadenza.train.peft.task"):
             lora["unavailable"] = "not available in this build (cadenza.train.peft is missing)"
             return {"lora": lora, "task": task, "bodies": {"before": before}}
         summary = _fit_summary(sft_cfg)

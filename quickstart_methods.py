@@ -65,12 +65,16 @@ class Context:
     extras: dict = dataclasses.field(default_factory=dict)
 
 
-def _require(module: str) -> None:
+def have(module: str) -> bool:
+    """Whether ``module`` is part of this build (found without importing it)."""
     try:
-        found = importlib.util.find_spec(module) is not None
+        return importlib.util.find_spec(module) is not None
     except ModuleNotFoundError:
-        found = False
-    if not found:
+        return False
+
+
+def _require(module: str) -> None:
+    if not have(module):
         raise Unavailable(f"not available in this build ({module} is missing)")
 
 
