@@ -22,6 +22,7 @@ from cadenza.config import ExperimentConfig, load_config, to_yaml
 from cadenza.errors import CadenzaError, ConfigError, one_line
 from cadenza.models.hf_folder import has_tokenizer, is_hf_folder, load_hf_folder
 from cadenza.outputs import atomic_dir, is_complete, require_complete
+from cadenza.remote import local_model_dir
 
 
 def save_model(directory, config: ExperimentConfig, params, tokenizer_dir=None) -> pathlib.Path:
@@ -55,7 +56,8 @@ def _written_before_markers(d: pathlib.Path) -> bool:
 
 def load_model(directory, mesh=None, rules=None):
     """Read a model directory, or a Hugging Face folder converted in memory
-    (:mod:`cadenza.models.hf_folder`): returns ``(ExperimentConfig, params)``.
+    (:mod:`cadenza.models.hf_folder`): returns ``(ExperimentConfig, params)``. A URL
+    (``gs://...``) is read from its local copy (:func:`cadenza.remote.local_model_dir`).
 
     With ``mesh`` (and logical-axis ``rules``, default: the config's mesh
     rules), every param is restored straight into its shard; without, onto the
@@ -63,7 +65,7 @@ def load_model(directory, mesh=None, rules=None):
     """
     from cadenza.models.params import abstract_params, param_shardings
 
-    d = pathlib.Path(directory).absolute()
+    d = local_model_dir(directory).absolute()
     if not d.is_dir():
         raise CadenzaError("no such model directory", where=str(d),
                            fix="check the path (a cadenza model directory or a Hugging Face "

@@ -37,12 +37,12 @@ def _check(args) -> int:
 
     return _report(check_hf(args.hf_dirs, num_prompts=args.prompts, prompt_len=args.length,
                             rtol=args.rtol, kl_tol=args.kl_tol, ref_python=args.ref_python),
-                   as_json=args.json)
+                   as_json=args.json, verbose=args.verbose)
 
 
-def _report(reports, as_json: bool = False) -> int:
+def _report(reports, as_json: bool = False, verbose: bool = False) -> int:
     for r in reports:
-        print(json_line(r, passed=r.passed) if as_json else r.format())
+        print(json_line(r, passed=r.passed) if as_json else r.format(verbose))
     return 0 if all(r.passed for r in reports) else 1
 
 
@@ -67,7 +67,7 @@ def register(subparsers) -> None:
                      help="split safetensors files above this size (MiB)")
     exp.set_defaults(func=_export)
 
-    chk = sub.add_parser("check", help="max |logit diff| and KL vs transformers, per position")
+    chk = sub.add_parser("check", help="max |logit diff| and KL vs transformers, per prompt")
     chk.add_argument("hf_dirs", nargs="+", metavar="HF_DIR", help="HF checkpoint directories")
     chk.add_argument("--prompts", type=int, default=3, help="number of random prompts")
     chk.add_argument("--length", type=int, default=16, help="tokens per prompt")
@@ -77,4 +77,7 @@ def register(subparsers) -> None:
     chk.add_argument("--ref-python", default=None, help="Python of the reference env")
     chk.add_argument("--json", action="store_true",
                      help="one JSON object per checkpoint (per-position diffs and KL, verdict)")
+    chk.add_argument("--verbose", action="store_true",
+                     help="print every position's diff, KL and top-1 agreement (default: one "
+                          "line per prompt, its worst position)")
     chk.set_defaults(func=_check)

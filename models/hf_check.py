@@ -38,15 +38,22 @@ class CheckReport:
     def passed(self) -> bool:
         return bool(self.max_abs_diff.max() <= self.tolerance and self.kl.max() <= self.kl_tol)
 
-    def format(self) -> str:
-        """The human-readable table and verdict ``cadenza convert check`` prints."""
+    def format(self, verbose: bool = False) -> str:
+        """The report ``cadenza convert check`` prints: one line per prompt (its worst
+        position) and the verdict; ``verbose`` adds the per-position table."""
         lines = [f"logit check: {self.hf_dir}"]
         for p in range(self.tokens.shape[0]):
-            lines.append(f"prompt {p}:   pos  token  max|dlogit|  KL(hf||cadenza)  top1")
-            for t in range(self.tokens.shape[1]):
-                top1 = "ok" if self.top1_agree[p, t] else "DIFF"
-                lines.append(f"          {t:5d} {self.tokens[p, t]:6d}  "
-                             f"{self.max_abs_diff[p, t]:11.3e}  {self.kl[p, t]:15.3e}  {top1}")
+            worst = int(self.max_abs_diff[p].argmax())
+            lines.append(f"prompt {p}: {self.tokens.shape[1]} positions, max|dlogit| "
+                         f"{self.max_abs_diff[p].max():.3e} (position {worst}), max KL "
+                         f"{self.kl[p].max():.3e}, top-1 agreement {self.top1_agree[p].mean():.0%}")
+            if verbose:
+                lines.append("          pos  token  max|dlogit|  KL(hf||cadenza)  top1")
+                for t in range(self.tokens.shape[1]):
+                    top1 = "ok" if self.top1_agree[p, t] else "DIFF"
+                    lines.append(f"          {t:5d} {self.tokens[p, t]:6d}  "
+                                 f"{self.max_abs_diff[p, t]:11.3e}  {self.kl[p, t]:15.3e}  "
+                                 f"{top1}")
         verdict = "PASS" if self.passed else "FAIL"
         lines.append(f"max |logit diff| {self.max_abs_diff.max():.3e} (tolerance "
                      f"{self.tolerance:.3e} = {self.rtol:g} x logit scale {self.logit_scale:.3g}); "

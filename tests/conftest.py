@@ -165,3 +165,33 @@ def pref_config(pref_files):
             "data.heldout_fraction=0.2", "train.seq_len=64", "train.batch_size=2",
             *overrides], preset="tiny")
     return make
+
+
+@pytest.fixture
+def fake_gcs():
+    """``gs://`` served from memory: an fsspec file system registered as ``gcs`` (what
+    etils.epath uses for gs:// without TensorFlow), removed afterwards."""
+    import fsspec
+    from etils.epath import backend
+    from fsspec.implementations.memory import MemoryFileSystem
+
+    class FakeGCS(MemoryFileSystem):
+        protocol = ("gs", "gcs")
+        root_marker = ""
+        store, pseudo_dirs = {}, [""]
+
+        def __init__(self, *args, finalize_on_close=False, **kwargs):
+            super().__init__(*args, **kwargs)
+
+        @classmethod
+        def _strip_protocol(cls, path):
+            return str(path).split("://", 1)[-1].rstrip("/")
+
+    from fsspec.registry import known_implementations
+
+    known = known_implementations["gcs"]["class"]
+    fsspec.register_implementation("gcs", FakeGCS, clobber=True)
+    backend.fsspec_backend._get_filesystem.cache_clear()
+    yield FakeGCS()
+    fsspec.register_implementation("gcs", known, clobber=True)
+    backend.fsspec_backend._get_filesystem.cache_clear()

@@ -78,36 +78,6 @@ def test_data_build_from_a_datasets_folder(tmp_path, capsys):
     assert (report["read"], report["written"], report["skipped"]) == (3, 2, {"missing_field": 1})
 
 
-@pytest.fixture
-def fake_gcs():
-    """``gs://`` served from memory: an fsspec file system registered as ``gcs`` (what
-    etils.epath uses for gs:// without TensorFlow), removed afterwards."""
-    import fsspec
-    from etils.epath import backend
-    from fsspec.implementations.memory import MemoryFileSystem
-
-    class FakeGCS(MemoryFileSystem):
-        protocol = ("gs", "gcs")
-        root_marker = ""
-        store, pseudo_dirs = {}, [""]
-
-        def __init__(self, *args, finalize_on_close=False, **kwargs):
-            super().__init__(*args, **kwargs)
-
-        @classmethod
-        def _strip_protocol(cls, path):
-            return str(path).split("://", 1)[-1].rstrip("/")
-
-    from fsspec.registry import known_implementations
-
-    known = known_implementations["gcs"]["class"]
-    fsspec.register_implementation("gcs", FakeGCS, clobber=True)
-    backend.fsspec_backend._get_filesystem.cache_clear()
-    yield FakeGCS()
-    fsspec.register_implementation("gcs", known, clobber=True)
-    backend.fsspec_backend._get_filesystem.cache_clear()
-
-
 def test_data_paths_may_be_urls(fake_gcs, tmp_path):
     """gs:// inputs (and globs) are read through etils.epath like local files."""
     local = tmp_path / "a.parquet"

@@ -306,6 +306,10 @@ def test_check_report_verdicts():
     bad = compare_logits("d", tokens, ref, bad_ours, rtol=1e-4, kl_tol=1e-6)
     assert not bad.passed and bad.max_abs_diff[1, 3] == pytest.approx(1.0)
     assert bad.kl[1, 3] > 1e-6 and bad.kl[0].max() == 0.0 and bad.format().endswith("FAIL")
+    # one line per prompt naming its worst position; --verbose adds every position
+    short, long = bad.format().splitlines(), bad.format(verbose=True).splitlines()
+    assert len(short) == 1 + 2 + 1 and "(position 3)" in short[2]
+    assert len(long) == len(short) + 2 * (1 + 5) and sum("DIFF" in x for x in long) <= 1
 
 
 def test_cli_check_without_reference_env_is_one_clear_error(tiny_config, tmp_path, capsys,

@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from cadenza.errors import ConfigError
+from cadenza.remote import local_model_dir
 from cadenza.train.config import DISTILL_LOSSES
 from cadenza.train.head_fit import abstract_frozen_params, frozen_params
 from cadenza.train.task import TrainTask, full_model_task
@@ -69,7 +70,7 @@ def saved_model_config(directory):
     from cadenza.models import load_model
     from cadenza.models.hf_folder import is_hf_folder
 
-    d = pathlib.Path(directory)
+    d = local_model_dir(directory)
     if (d / "config.yaml").is_file() and not is_hf_folder(d):
         return load_config(d / "config.yaml").model
     return load_model(d)[0].model
@@ -116,7 +117,7 @@ def distill_task(config) -> TrainTask:
     distill, teacher_dir = config.train.distill, config.train.init_from
     student_dir = distill.student or None
     for field, d in (("train.init_from", teacher_dir), ("train.distill.student", student_dir)):
-        if d is not None and not pathlib.Path(d).is_dir():
+        if d is not None and not local_model_dir(d).is_dir():
             raise ConfigError(f"no such model directory: {d}", where=field,
                               fix="give a cadenza model directory or a Hugging Face folder")
     # the teacher runs with this run's compute dtype and attention kernel (as the student)

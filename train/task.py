@@ -160,8 +160,6 @@ def load_base_params(model_config: ModelConfig, directory, mesh, rules,
     """Params of the model directory ``directory``, placed on ``mesh``; fails clearly
     (naming the config ``field`` that gave the directory) unless it was saved for the same
     model shape as ``model_config``."""
-    import pathlib
-
     from cadenza.errors import CadenzaError
     from cadenza.models import load_model
 
@@ -175,7 +173,7 @@ def load_base_params(model_config: ModelConfig, directory, mesh, rules,
              and getattr(theirs, f.name) != getattr(mine, f.name)]
     if diffs:
         raise CadenzaError(f"{field} holds a different model: " + "; ".join(diffs),
-                           where=str(pathlib.Path(directory)),
+                           where=str(directory),
                            fix="set the model section to the saved model's (e.g. "
                                "model.preset and the same overrides) or pick another directory")
     return params

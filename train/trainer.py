@@ -6,6 +6,7 @@ function with the state donated, and host-local data batches become global
 arrays with the batch sharding.
 """
 
+import dataclasses
 import json
 import pathlib
 import signal
@@ -18,8 +19,9 @@ import numpy as np
 from tqdm import tqdm
 
 from cadenza.config import ExperimentConfig
-from cadenza.errors import CadenzaError
+from cadenza.errors import CadenzaError, ConfigError
 from cadenza.outputs import OutputLock, atomic_dir, is_complete
+from cadenza.remote import RunMirror, is_remote
 from cadenza.train.checkpoints import Checkpoints
 from cadenza.train.mesh import batch_sharding, make_mesh, replicated, validate_sharding
 from cadenza.train.metrics import MetricsWriter, flops_per_token, peak_flops_per_device
@@ -148,6 +150,8 @@ def fit(config: ExperimentConfig, data=None, eval_data=None, *,
     """
     devices = jax.devices() if devices is None else list(devices)
     validate_sharding(config, len(devices))
+    if is_remote(config.train.output_dir):
+        return _fit_remote(config, data, eval_data, task, devices, allow_changes)
     with OutputLock(config.train.output_dir) as lock:
         if lock.stale:
             print(f"cadenza: took over the lock of a run that is gone: {lock.stale}",
@@ -155,7 +159,35 @@ def fit(config: ExperimentConfig, data=None, eval_data=None, *,
         return _fit(config, data, eval_data, task, devices, allow_changes)
 
 
-def _fit(config, data, eval_data, task, devices, allow_changes) -> dict:
+def _fit_remote(config, data, eval_data, task, devices, allow_changes) -> dict:
+    """``train.output_dir`` is a URL: train in a local mirror of it
+    (:class:`cadenza.remote.RunMirror`: pulled first, so the run resumes; pushed after every
+    checkpoint, at the end and when the run fails). The summary names the URL."""
+    url = config.train.output_dir.rstrip("/")
+    if jax.process_count() > 1:
+        raise ConfigError("a URL as train.output_dir is supported for single-process runs "
+                          "only (each host would mirror its own share of the checkpoints)",
+                          where="train.output_dir", fix="mount the bucket on every host (e.g. "
+                          "gcsfuse) and give the mounted path")
+    mirror = RunMirror(url)
+    pulled = mirror.pull()
+    print(f"cadenza: {url} mirrored in {mirror.local} ({pulled} files downloaded)",
+          file=sys.stderr)
+    local = dataclasses.replace(config, train=dataclasses.replace(
+        config.train, output_dir=str(mirror.local)))
+    with OutputLock(mirror.local):
+        try:
+            summary = _fit(local, data, eval_data, task, devices, allow_changes,
+                           on_save=mirror.push)
+        finally:
+            mirror.push()
+    for key in ("output_dir", "model_dir", "adapters_dir"):
+        if summary.get(key):
+            summary[key] = url + summary[key][len(str(mirror.local)):]
+    return summary
+
+
+def _fit(config, data, eval_data, task, devices, allow_changes, on_save=None) -> dict:
     train = config.train
     mesh = make_mesh(config.mesh, devices)
     rules = config.mesh.rules()
@@ -286,6 +318,8 @@ def _fit(config, data, eval_data, task, devices, allow_changes) -> dict:
                     bar.set_postfix(loss=f"{record['loss']:.4f}")
                 if save_due or final or stop.received:
                     ckpts.save(step, state, data.get_state())
+                    if on_save is not None:
+                        on_save()
                 if stop.received:
                     summary["stopped"] = stop.received
                     break

@@ -33,6 +33,7 @@ import logging
 import pathlib
 
 from cadenza.errors import CadenzaError
+from cadenza.remote import as_path
 
 log = logging.getLogger("cadenza.data")
 
@@ -114,17 +115,6 @@ def hf_dataset_files(directory: pathlib.Path) -> list[pathlib.Path] | None:
         raise CadenzaError(f"datasets folder lists missing arrow files {missing[:3]}",
                            where=str(directory), fix="save the dataset again (save_to_disk)")
     return files
-
-
-def as_path(path):
-    """``path`` as a path object: local paths as :class:`pathlib.Path`, URLs such as
-    ``gs://bucket/data`` (``gs``, ``s3``, ``az``, ``hf``) as ``etils.epath`` paths
-    (fsspec file systems: gcsfs for ``gs://``, ...)."""
-    if "://" in str(path):
-        from etils import epath
-
-        return epath.Path(str(path))
-    return pathlib.Path(path).expanduser()
 
 
 def _url_glob(pattern: str) -> list:
