@@ -54,16 +54,29 @@ _REFUSE_FIX = ("merge it into the base ('cadenza convert merge-lora') and decode
 class MultiLoraForward:
     """A base model with a bank of LoRA adapters selected per row (see the module docstring).
 
-    ``config``: the base ModelConfig; ``sites``: the projections some adapter targets;
-    ``names``: the adapters, in bank order; ``rank``: the padded rank R; ``rules``:
+    ``config``: the base ModelConfig; ``names``: the adapters, in bank order; ``rules``:
     logical-axis rules or None. Params: ``{"params", "lora", "adapter_ids"}``.
     """
 
     config: object
-    sites: tuple[Site, ...]
     names: tuple[str, ...]
-    rank: int
     rules: tuple | None = None
+
+    def decode_layout(self, params):
+        """``(forward, params)`` to decode with: on CPU a ``scan_layers`` base and its
+        factors unrolled, as :func:`cadenza.models.decode_layout` does for a plain model
+        (XLA's CPU backend would copy every layer's slice on every decode step); elsewhere
+        unchanged."""
+        from cadenza.models import decode_layout, unstack_layers
+
+        model, base = decode_layout(Transformer(self.config), params["params"])
+        if model.config == self.config:
+            return self, params
+        lora = params["lora"]
+        if "layers" in lora:
+            lora = unstack_layers(lora, self.config.num_layers)
+        return (dataclasses.replace(self, config=model.config),
+                {**params, "params": base, "lora": lora})
 
     def adapter_ids(self, adapters: Sequence) -> jax.Array:
         """int32 [B]: each row's adapter index, -1 for a row naming None (the base alone).
@@ -148,11 +161,14 @@ def _interceptor(ids, dtype):
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class AdapterBank:
-    """A loaded bank: ``forward`` (a :class:`MultiLoraForward`) and ``factors`` (the
-    ``"lora"`` params tree, in the base's param dtype)."""
+    """A loaded bank: ``forward`` (a :class:`MultiLoraForward`), ``factors`` (the
+    ``"lora"`` params tree, in the base's param dtype), ``sites`` (the projections some
+    adapter targets) and ``rank`` (the padded rank R)."""
 
     forward: MultiLoraForward
     factors: dict
+    sites: tuple[Site, ...]
+    rank: int
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -215,9 +231,8 @@ def stack_adapters(model_config, adapters: Sequence) -> AdapterBank:
                 pm.peft_config.scaling
         set_path(factors, s.path + ("lora_a",), jnp.asarray(a_all.astype(dtype)))
         set_path(factors, s.path + ("lora_b",), jnp.asarray(b_all.astype(dtype)))
-    forward = MultiLoraForward(config=model_config, sites=tuple(sites), names=tuple(names),
-                               rank=rank)
-    return AdapterBank(forward=forward, factors=factors)
+    forward = MultiLoraForward(config=model_config, names=tuple(names))
+    return AdapterBank(forward=forward, factors=factors, sites=tuple(sites), rank=rank)
 
 
 def _check_names(names: list) -> None:

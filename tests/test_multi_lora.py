@@ -62,17 +62,25 @@ def bank_setup(tmp_path_factory):
 def test_mixed_batch_equals_merged_models_and_ids_do_not_recompile(bank_setup):
     _, base_cfg, params, adapters, dirs = bank_setup
     bank = load_adapter_bank(base_cfg, dirs)
-    assert bank.names == ("a", "b") and bank.forward.rank == 4
+    assert bank.names == ("a", "b") and bank.rank == 4
     q = bank.factors["layers"]["attn"]["q_proj"]
     assert q["lora_a"].shape == (2, 2, 32, 4)     # [layers, adapters, in, padded rank]
     assert not np.asarray(q["lora_a"][:, 0, :, 2:]).any()            # a's rank 2 padded
     assert not np.asarray(bank.factors["layers"]["attn"]["k_proj"]["lora_b"][:, 0]).any()
     model = Transformer(base_cfg.model)
     want = {None: generate(model, params, PROMPTS, GREEDY).token_ids}
-    for name, (_, pm, trainable, frozen) in adapters.items():
-        want[name] = generate(model, merge.merge(pm, trainable, frozen), PROMPTS,
-                              GREEDY).token_ids
+    merged = {name: merge.merge(pm, trainable, frozen)
+              for name, (_, pm, trainable, frozen) in adapters.items()}
+    for name, m in merged.items():
+        want[name] = generate(model, m, PROMPTS, GREEDY).token_ids
     assert want["a"] != want[None] and want["b"] != want[None] and want["a"] != want["b"]
+
+    # the scanned layout as a GPU/TPU decodes it (on CPU generate unrolls the layers)
+    tokens = np.asarray([PROMPTS[1], PROMPTS[1][::-1], PROMPTS[1]], np.int32)
+    logits = jax.jit(bank.forward)(bank.params(params, ["b", None, "a"]), tokens)[0]
+    for row, (name, m) in enumerate([("b", merged["b"]), (None, params), ("a", merged["a"])]):
+        alone = model.apply({"params": m}, tokens[row:row + 1])[0][0]
+        np.testing.assert_allclose(logits[row], alone, rtol=2e-5, atol=2e-4, err_msg=str(name))
 
     names = ["a", None, "b", "a", "b"]
     res = generate(bank.forward, bank.params(params, names), PROMPTS, GREEDY)
