@@ -14,7 +14,8 @@ into its B, and a site an adapter does not target holds zeros for it. ``adapter_
 is row b's adapter index, or -1 for the base alone. At each targeted projection,
 row b adds ``x_b @ A[ids[b]] @ B[ids[b]]``: the factors are gathered per row and applied
 as two batched matmuls (the gathered copies are [B, *in, R] and [B, R, *out], small next
-to the base kernel for small ranks, also when rows share an adapter).
+to the base kernel for small ranks; rows sharing an adapter cost what rows on different
+adapters do: ``bench/multi_lora_bench.py``).
 
 ``adapter_ids`` are data, not part of the compiled program: changing which row uses which
 adapter does not recompile; changing the bank (its adapters, ranks or sites) does.
@@ -43,8 +44,8 @@ from cadenza.models.transformer import Transformer
 from cadenza.train.peft.model import COLLECTION
 from cadenza.train.peft.sites import Site, get_path, projection_sites, set_path
 
-# peft methods whose adapters are plain low-rank deltas W + s A B (QLoRA's factors apply to
-# the full-precision base, as merging does)
+# peft methods whose adapters are plain low-rank deltas W + s A B (a QLoRA adapter's factors
+# are added to the full-precision base, not to a quantised copy of it)
 BANK_METHODS = ("lora", "lora_plus", "qlora")
 _REFUSE_FIX = ("merge it into the base ('cadenza convert merge-lora') and decode that model, "
                "or decode it alone ('cadenza generate --adapter DIR')")
@@ -199,11 +200,12 @@ def with_adapters(forward, params, adapters: Sequence, batch: int | None) -> dic
 
 # ----- building a bank ------------------------------------------------------------------------
 
-def stack_adapters(model_config, adapters: Sequence) -> AdapterBank:
+def stack_adapters(model_config, adapters: Sequence, *, rules=None) -> AdapterBank:
     """A bank from adapters in memory: ``adapters`` is a list of ``(name, peft_model,
     trainable)`` (as :func:`cadenza.train.peft.prepare` or the loaders return them), all for
-    the base ``model_config``. Ranks are padded to the largest, scalings folded into B,
-    sites an adapter lacks are zero for it. Raises CadenzaError on an empty list, a
+    the base ``model_config``; ``rules``: logical-axis rules of a sharded base (the factors
+    are small and stay replicated). Ranks are padded to the largest, scalings folded into
+    B, sites an adapter lacks are zero for it. Raises CadenzaError on an empty list, a
     duplicate or empty name, or a method that is not plain LoRA (:data:`BANK_METHODS`)."""
     names = [name for name, _, _ in adapters]
     _check_names(names)
@@ -231,7 +233,8 @@ def stack_adapters(model_config, adapters: Sequence) -> AdapterBank:
                 pm.peft_config.scaling
         set_path(factors, s.path + ("lora_a",), jnp.asarray(a_all.astype(dtype)))
         set_path(factors, s.path + ("lora_b",), jnp.asarray(b_all.astype(dtype)))
-    forward = MultiLoraForward(config=model_config, names=tuple(names))
+    forward = MultiLoraForward(config=model_config, names=tuple(names),
+                               rules=None if rules is None else tuple(rules))
     return AdapterBank(forward=forward, factors=factors, sites=tuple(sites), rank=rank)
 
 
@@ -323,7 +326,7 @@ def _relabel(where: str, fn, *args):
                            fix=e.fix) from None
 
 
-def load_adapter_bank(base, adapters, *, base_params=None) -> AdapterBank:
+def load_adapter_bank(base, adapters, *, base_params=None, rules=None) -> AdapterBank:
     """Read LoRA adapters for one base into a bank.
 
     Args:
@@ -334,6 +337,7 @@ def load_adapter_bank(base, adapters, *, base_params=None) -> AdapterBank:
         ``adapter_model.safetensors``).
       base_params: the base's params, used to check a copy of the base's ``lm_head`` /
         embedding that peft saves next to adapters targeting them (shape only without).
+      rules: logical-axis rules when the base is sharded (see :func:`stack_adapters`).
 
     Returns an :class:`AdapterBank` in the order given. Raises CadenzaError, naming the
     adapter and the field, before building anything on: duplicate or empty names, a
@@ -350,4 +354,4 @@ def load_adapter_bank(base, adapters, *, base_params=None) -> AdapterBank:
     _check_names([name for name, _ in pairs])
     config = _base_config(base)
     loaded = [(name, *_load_one(name, d, config, base_params)) for name, d in pairs]
-    return stack_adapters(config.model, loaded)
+    return stack_adapters(config.model, loaded, rules=rules)
