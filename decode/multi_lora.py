@@ -326,6 +326,20 @@ def _relabel(where: str, fn, *args):
                            fix=e.fix) from None
 
 
+def parse_adapter_specs(specs: Sequence[str], where: str = "--adapter") -> list[tuple[str, str]]:
+    """``[(name, directory)]`` from command-line ``NAME=DIR`` strings (for
+    :func:`load_adapter_bank`); CadenzaError naming ``where`` on a spec without ``=``, an
+    empty name or directory. Duplicate names are left to :func:`load_adapter_bank`."""
+    pairs = []
+    for spec in specs:
+        name, sep, directory = spec.partition("=")
+        if not sep or not name or not directory:
+            raise CadenzaError(f"adapter {spec!r} is not NAME=DIR", where=where,
+                               fix="name each adapter, e.g. --adapter sql=runs/sql/adapters")
+        pairs.append((name, directory))
+    return pairs
+
+
 def load_adapter_bank(base, adapters, *, base_params=None, rules=None) -> AdapterBank:
     """Read LoRA adapters for one base into a bank.
 

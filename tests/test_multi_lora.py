@@ -16,7 +16,7 @@ import pytest
 
 from cadenza.config import load_config
 from cadenza.decode import DecodeConfig, driver, generate
-from cadenza.decode.multi_lora import load_adapter_bank
+from cadenza.decode.multi_lora import load_adapter_bank, parse_adapter_specs
 from cadenza.errors import CadenzaError
 from cadenza.models import Transformer, init_params
 from cadenza.train import peft
@@ -185,6 +185,10 @@ def test_bad_banks_and_requests_are_refused_naming_the_field(bank_setup, tmp_pat
         with pytest.raises(CadenzaError, match=message):
             load_adapter_bank(base_cfg, adapters_arg)
 
+    assert parse_adapter_specs(["x=a=b", "y=/d"]) == [("x", "a=b"), ("y", "/d")]
+    for spec in ("nodir", "=d", "x="):
+        with pytest.raises(CadenzaError, match=f"--adapter: adapter '{spec}' is not NAME=DIR"):
+            parse_adapter_specs([spec])
     bank = load_adapter_bank(base_cfg, {"a": dirs["a"]})
     with pytest.raises(CadenzaError, match=r"adapters\[1\]: row 1 names adapter 'zz'"):
         bank.params(params, ["a", "zz"])
