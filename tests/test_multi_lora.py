@@ -116,44 +116,57 @@ def test_peft_folder_loads_as_its_cadenza_directory(bank_setup):
 
 
 _REF_SCRIPT = textwrap.dedent("""
-    import sys, torch
+    import sys, numpy as np, torch
     from transformers import LlamaConfig, LlamaForCausalLM
     from peft import IA3Config, LoraConfig, get_peft_model
+    out = sys.argv[1]
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=192,
                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                      rms_norm_eps=1e-5, max_position_embeddings=1024,
                       tie_word_embeddings=False)
+    base = LlamaForCausalLM(cfg)
+    base.save_pretrained(out + "/base")
     lora = LoraConfig(r=3, lora_alpha=6, target_modules=["q_proj", "down_proj"],
                       init_lora_weights=False)
-    get_peft_model(LlamaForCausalLM(cfg), lora).save_pretrained(sys.argv[1])
+    model = get_peft_model(base, lora).eval()
+    model.save_pretrained(out + "/lora")
+    tokens = torch.tensor(np.load(out + "/tokens.npy"))
+    with torch.no_grad():
+        np.save(out + "/lora_logits.npy", model(input_ids=tokens).logits.numpy())
+        with model.disable_adapter():
+            np.save(out + "/base_logits.npy", model(input_ids=tokens).logits.numpy())
     ia3 = IA3Config(target_modules=["k_proj", "down_proj"], feedforward_modules=["down_proj"])
-    get_peft_model(LlamaForCausalLM(cfg), ia3).save_pretrained(sys.argv[2])
+    get_peft_model(LlamaForCausalLM(cfg), ia3).save_pretrained(out + "/ia3")
 """)
 
 
 @pytest.mark.skipif(not REF_PY.exists(), reason="reference env not built (make ref-env)")
-def test_folders_written_by_hf_peft(tmp_path):
-    """A LoRA folder saved by peft itself loads (factors as peft stores them, scaling folded
-    into B); an (IA)3 folder is refused naming its type."""
-    from safetensors.numpy import load_file
+def test_folders_written_by_hf_peft_match_its_logits(tmp_path):
+    """A LoRA folder saved by peft itself, on a base saved by transformers: a batch with an
+    adapter row and a base row gives peft's logits with and without the adapter. An (IA)3
+    folder is refused naming its type."""
+    from cadenza.models import load_model
 
+    tokens = np.asarray(jax.random.randint(jax.random.key(3), (2, 10), 0, 512), np.int64)
+    np.save(tmp_path / "tokens.npy", tokens)
     (tmp_path / "ref.py").write_text(_REF_SCRIPT)
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    r = subprocess.run([str(REF_PY), str(tmp_path / "ref.py"), str(tmp_path / "lora"),
-                        str(tmp_path / "ia3")], capture_output=True, text=True, env=env,
-                       timeout=300)
+    r = subprocess.run([str(REF_PY), str(tmp_path / "ref.py"), str(tmp_path)],
+                       capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
-    tiny = load_config(None, [], preset="tiny")
-    bank = load_adapter_bank(tiny, {"p": tmp_path / "lora"})
-    w = load_file(str(tmp_path / "lora" / "adapter_model.safetensors"))
-    key = "base_model.model.model.layers.1.self_attn.q_proj"
-    q = bank.factors["layers"]["attn"]["q_proj"]
-    np.testing.assert_allclose(q["lora_a"][1, 0], w[f"{key}.lora_A.weight"].T, rtol=1e-6)
-    np.testing.assert_allclose(q["lora_b"][1, 0],
-                               2.0 * w[f"{key}.lora_B.weight"].T.reshape(3, 4, 16), rtol=1e-6)
-    assert set(bank.factors["layers"]) == {"attn", "mlp"}
+    config, params = load_model(tmp_path / "base")
+    bank = load_adapter_bank(tmp_path / "base", {"p": tmp_path / "lora"}, base_params=params)
+    assert bank.rank == 3 and {s.path[-1] for s in bank.sites} == {"q_proj", "down_proj"}
+    logits = jax.jit(bank.forward)(bank.params(params, [None, "p"]),
+                                   np.asarray(tokens, np.int32))[0]
+    np.testing.assert_allclose(logits[0], np.load(tmp_path / "base_logits.npy")[0],
+                               atol=2e-4, rtol=1e-4)
+    want = np.load(tmp_path / "lora_logits.npy")[1]
+    assert np.abs(want - np.load(tmp_path / "base_logits.npy")[1]).max() > 1e-3
+    np.testing.assert_allclose(logits[1], want, atol=2e-4, rtol=1e-4)
     with pytest.raises(CadenzaError, match="peft_type: adapter 'x' is a peft 'IA3' adapter"):
-        load_adapter_bank(tiny, {"p": tmp_path / "lora", "x": tmp_path / "ia3"})
+        load_adapter_bank(config, {"p": tmp_path / "lora", "x": tmp_path / "ia3"})
 
 
 def test_bad_banks_and_requests_are_refused_naming_the_field(bank_setup, tmp_path):
