@@ -15,7 +15,10 @@ is row b's adapter index, or -1 for the base alone. At each targeted projection,
 row b adds ``x_b @ A[ids[b]] @ B[ids[b]]``: the factors are gathered per row and applied
 as two batched matmuls (the gathered copies are [B, *in, R] and [B, R, *out], small next
 to the base kernel for small ranks; rows sharing an adapter cost what rows on different
-adapters do: ``bench/multi_lora_bench.py``).
+adapters do: ``bench/multi_lora_bench.py``). A bank holding DoRA adapters also has
+``"dora_scale"`` [*layers, N, *out] per site: DoRA's ``m / ||W + s A B||`` (norm over the
+input axes), computed once from the base kernel, 1 for the other adapters; a row's output
+is then ``scale * (x W + x A B)`` plus the bias, as the merged DoRA kernel computes it.
 
 ``adapter_ids`` are data, not part of the compiled program: changing which row uses which
 adapter does not recompile; changing the bank (its adapters, ranks or sites) does.
@@ -41,14 +44,14 @@ from cadenza.errors import CadenzaError
 from cadenza.models.cache import KVCache
 from cadenza.models.layers import Projection
 from cadenza.models.transformer import Transformer
-from cadenza.train.peft.model import COLLECTION
+from cadenza.train.peft.model import COLLECTION, column_norm, lora_delta
 from cadenza.train.peft.sites import Site, get_path, projection_sites, set_path
 
-# peft methods whose adapters are plain low-rank deltas W + s A B (a QLoRA adapter's factors
-# are added to the full-precision base, not to a quantised copy of it)
-BANK_METHODS = ("lora", "lora_plus", "qlora")
-_REFUSE_FIX = ("merge it into the base ('cadenza convert merge-lora') and decode that model, "
-               "or decode it alone ('cadenza generate --adapter DIR')")
+# peft methods of the LoRA family (a QLoRA adapter's factors are added to the full-precision
+# base, not to a quantised copy of it; DoRA's column scaling is precomputed per adapter)
+BANK_METHODS = ("lora", "lora_plus", "qlora", "dora")
+_REFUSE_FIX = ("decode it alone ('cadenza generate --adapter DIR'), or merge it into the base "
+               "where its method allows ('cadenza convert merge-lora') and decode that model")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,7 +153,14 @@ def _interceptor(ids, dtype):
         h = jax.lax.dot_general(x.astype(dtype), a, (contract, ((0,), (0,))))  # [B, ..., R]
         h = h * on.reshape((-1,) + (1,) * (h.ndim - 1))
         delta = jax.lax.dot_general(h, b, (((h.ndim - 1,), (1,)), ((0,), (0,))))
-        return y + delta.astype(y.dtype)
+        if not m.has_variable(COLLECTION, "dora_scale"):
+            return y + delta.astype(y.dtype)
+        n_out = len(m.features)
+        scale = m.get_variable(COLLECTION, "dora_scale")[take].astype(dtype)   # [B, *out]
+        scale = 1 + (scale - 1) * on.reshape((-1,) + (1,) * n_out)
+        scale = scale.reshape(scale.shape[:1] + (1,) * (y.ndim - 1 - n_out) + scale.shape[1:])
+        base = y - m.get_variable("params", "bias").astype(dtype) if m.use_bias else y
+        return y + ((scale - 1) * base + scale * delta).astype(y.dtype)
 
     def intercept(next_fun, args, kwargs, context):
         if context.method_name == "__call__" and isinstance(context.module, Projection):
@@ -200,17 +210,28 @@ def with_adapters(forward, params, adapters: Sequence, batch: int | None) -> dic
 
 # ----- building a bank ------------------------------------------------------------------------
 
-def stack_adapters(model_config, adapters: Sequence, *, rules=None) -> AdapterBank:
+def stack_adapters(model_config, adapters: Sequence, *, base_params=None,
+                   rules=None) -> AdapterBank:
     """A bank from adapters in memory: ``adapters`` is a list of ``(name, peft_model,
     trainable)`` (as :func:`cadenza.train.peft.prepare` or the loaders return them), all for
-    the base ``model_config``; ``rules``: logical-axis rules of a sharded base (the factors
-    are small and stay replicated). Ranks are padded to the largest, scalings folded into
-    B, sites an adapter lacks are zero for it. Raises CadenzaError on an empty list, a
-    duplicate or empty name, or a method that is not plain LoRA (:data:`BANK_METHODS`)."""
+    the base ``model_config``; ``base_params``: the base's params, needed only for DoRA
+    adapters (their column scaling depends on the base kernel); ``rules``: logical-axis
+    rules of a sharded base (the factors are small and stay replicated). Ranks are padded
+    to the largest, scalings folded into B, sites an adapter lacks are zero for it. Raises
+    CadenzaError on an empty list, a duplicate or empty name, a method outside the LoRA
+    family (:data:`BANK_METHODS`), or DoRA without (or with mismatched) ``base_params``."""
     names = [name for name, _, _ in adapters]
     _check_names(names)
     for name, pm, _ in adapters:
         _check_method(name, pm.method, "peft.method")
+    dora = [name for name, pm, _ in adapters if pm.method == "dora"]
+    if dora:
+        if base_params is None:
+            raise CadenzaError(f"DoRA adapters {dora} need the base params (their scaling "
+                               "depends on the base kernels)", where="base_params",
+                               fix="pass base_params=... (the base model's params)")
+        for name, pm, _ in adapters:
+            _relabel(f"adapter {name!r}", pm.check_base, base_params)
     order = [s.name for s in projection_sites(model_config)]
     sites = {s.name: s for _, pm, _ in adapters for s in pm.sites}
     sites = [sites[n] for n in order if n in sites]
@@ -233,9 +254,25 @@ def stack_adapters(model_config, adapters: Sequence, *, rules=None) -> AdapterBa
                 pm.peft_config.scaling
         set_path(factors, s.path + ("lora_a",), jnp.asarray(a_all.astype(dtype)))
         set_path(factors, s.path + ("lora_b",), jnp.asarray(b_all.astype(dtype)))
+        if dora:
+            scale = np.ones(s.lead + (n,) + s.out_shape, np.float32)
+            for i, (_, pm, trainable) in enumerate(adapters):
+                if pm.method == "dora" and s in pm.sites:
+                    scale[(slice(None),) * lead + (i,)] = _dora_scale(
+                        s, get_path(base_params, s.path)["kernel"],
+                        get_path(trainable["peft"], s.path), pm.peft_config.scaling)
+            set_path(factors, s.path + ("dora_scale",), jnp.asarray(scale.astype(dtype)))
     forward = MultiLoraForward(config=model_config, names=tuple(names),
                                rules=None if rules is None else tuple(rules))
     return AdapterBank(forward=forward, factors=factors, sites=tuple(sites), rank=rank)
+
+
+def _dora_scale(site: Site, kernel, adapter: dict, scaling: float) -> np.ndarray:
+    """DoRA's output-column scale ``m / ||W + s A B||`` [*lead, *out] at ``site``, float32."""
+    lead = len(site.lead)
+    w = jnp.asarray(kernel, jnp.float32) + scaling * lora_delta(adapter["lora_a"],
+                                                                adapter["lora_b"], lead)
+    return np.asarray(adapter["dora_magnitude"] / column_norm(w, len(site.in_shape), lead))
 
 
 def _check_names(names: list) -> None:
@@ -256,7 +293,7 @@ def _check_names(names: list) -> None:
 def _check_method(name: str, method: str, where: str) -> None:
     if method not in BANK_METHODS:
         raise CadenzaError(f"adapter {name!r} uses method {method!r}; a multi-adapter bank "
-                           f"holds LoRA adapters only ({', '.join(BANK_METHODS)})",
+                           f"holds LoRA-family adapters only ({', '.join(BANK_METHODS)})",
                            where=where, fix=_REFUSE_FIX)
 
 
@@ -296,10 +333,8 @@ def _load_one(name: str, directory, config, base_params):
         peft_type = meta.get("peft_type") if isinstance(meta, dict) else None
         if peft_type != "LORA":
             raise CadenzaError(f"adapter {name!r} is a peft {peft_type!r} adapter; a "
-                               "multi-adapter bank holds LoRA adapters only",
+                               "multi-adapter bank holds LoRA-family adapters only",
                                where=f"{where}: peft_type", fix=_REFUSE_FIX)
-        if meta.get("use_dora"):
-            _check_method(name, "dora", f"{where}: use_dora")
         return _relabel(where, peft_import, d, config, base_params)
     if (d / "config.yaml").is_file():
         saved = load_config(d / "config.yaml")
@@ -349,15 +384,17 @@ def load_adapter_bank(base, adapters, *, base_params=None, rules=None) -> Adapte
         directory a cadenza adapter directory (``config.yaml`` + ``adapters/``) or a
         Hugging Face peft LoRA folder (``adapter_config.json`` +
         ``adapter_model.safetensors``).
-      base_params: the base's params, used to check a copy of the base's ``lm_head`` /
-        embedding that peft saves next to adapters targeting them (shape only without).
+      base_params: the base's params: needed for DoRA adapters; also used to check a copy
+        of the base's ``lm_head`` / embedding that peft saves next to adapters targeting
+        them (shape only without).
       rules: logical-axis rules when the base is sharded (see :func:`stack_adapters`).
 
     Returns an :class:`AdapterBank` in the order given. Raises CadenzaError, naming the
     adapter and the field, before building anything on: duplicate or empty names, a
-    directory that is neither format, a non-LoRA method (DoRA, (IA)3, prefix, prompt,
-    ...), an adapter made for another base (model fields such as hidden_size,
-    num_layers, vocab_size differ, or the tensors do not fit), targets the base lacks.
+    directory that is neither format, a method outside the LoRA family ((IA)3, prefix,
+    prompt, ...), DoRA without ``base_params``, an adapter made for another base (model
+    fields such as hidden_size, num_layers, vocab_size differ, or the tensors do not fit),
+    targets the base lacks.
     Adapters may target different projections (a site an adapter lacks is zero for it).
     """
     pairs = list(adapters.items()) if isinstance(adapters, Mapping) else list(adapters)
@@ -368,4 +405,4 @@ def load_adapter_bank(base, adapters, *, base_params=None, rules=None) -> Adapte
     _check_names([name for name, _ in pairs])
     config = _base_config(base)
     loaded = [(name, *_load_one(name, d, config, base_params)) for name, d in pairs]
-    return stack_adapters(config.model, loaded, rules=rules)
+    return stack_adapters(config.model, loaded, base_params=base_params, rules=rules)
