@@ -298,17 +298,19 @@ def _check_method(name: str, method: str, where: str) -> None:
 
 
 def _base_config(base):
-    """The base ExperimentConfig: ``base`` itself, or read from a model directory."""
+    """The base ExperimentConfig: ``base`` itself, or read from a model directory (cadenza
+    or Hugging Face; the config only)."""
     from cadenza.config import ExperimentConfig, load_config
     from cadenza.models.hf_folder import is_hf_folder
 
     if isinstance(base, ExperimentConfig):
         return base
     d = pathlib.Path(base)
-    if is_hf_folder(d):
-        from cadenza.models import load_model
+    if is_hf_folder(d):   # its config only: no tensor data is read
+        from cadenza.models.hf_import import open_hf_checkpoint
 
-        return load_model(d)[0]
+        ckpt, model_config = open_hf_checkpoint(d)
+        return ExperimentConfig(name=ckpt.directory.name, model=model_config)
     if not (d / "config.yaml").is_file():
         raise CadenzaError("not a model directory (no config.yaml)", where=str(d),
                            fix="pass the base model directory, or its ExperimentConfig")
