@@ -325,6 +325,8 @@ def _load_one(name: str, directory, config, base_params):
 
     d = pathlib.Path(directory)
     where = f"adapter {name!r} ({d})"
+    if not d.is_dir():
+        raise CadenzaError("no such adapter directory", where=where, fix="check the path")
     hf = d / "adapter_config.json"
     if hf.is_file():
         try:

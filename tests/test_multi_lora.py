@@ -189,6 +189,7 @@ def test_bad_banks_and_requests_are_refused_naming_the_field(bank_setup, tmp_pat
         ({}, "no adapters given"),
         ({"": dirs["a"]}, "not a non-empty string"),
         ({"x": tmp_path}, "not an adapter directory"),
+        ({"x": tmp_path / "missing"}, "no such adapter directory"),
     ]
     cfg, _, trainable, _ = _adapter(params, 3, "peft.method=ia3")
     cases.append(({"x": save_adapters(tmp_path / "ia3", cfg, trainable)},
