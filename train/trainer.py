@@ -18,7 +18,7 @@ import numpy as np
 from tqdm import tqdm
 
 from cadenza.config import ExperimentConfig
-from cadenza.errors import CadenzaError
+from cadenza.errors import CadenzaError, ConfigError
 from cadenza.outputs import OutputLock, atomic_dir, is_complete
 from cadenza.train.checkpoints import Checkpoints
 from cadenza.train.mesh import batch_sharding, make_mesh, replicated, validate_sharding
@@ -139,7 +139,8 @@ def fit(config: ExperimentConfig, data=None, eval_data=None, *,
     full training no adapters).
 
     Raises:
-      ConfigError: mesh/batch/model shapes that do not fit the devices (before compiling).
+      ConfigError: mesh/batch/model shapes that do not fit the devices, or a quantised
+        model config (model.weight_quant; before compiling).
       NonFiniteError: a non-finite loss or gradient; names the step, and no checkpoint
         is written for it or any later step.
       CadenzaError: an incompatible checkpoint in the output dir, changed hyperparameters
@@ -147,6 +148,12 @@ def fit(config: ExperimentConfig, data=None, eval_data=None, *,
         restores, malformed batches.
     """
     devices = jax.devices() if devices is None else list(devices)
+    if config.model.weight_quant != "none":
+        raise ConfigError(f"model.weight_quant={config.model.weight_quant}: cadenza trains "
+                          "float weights", where="model.weight_quant",
+                          fix="train the float model and quantise it afterwards ('cadenza "
+                              "convert quantize'), or train adapters on a quantised base "
+                              "with peft.method=qlora")
     validate_sharding(config, len(devices))
     with OutputLock(config.train.output_dir) as lock:
         if lock.stale:
