@@ -84,6 +84,23 @@ def test_kv_cache_int8_round_trip_and_bytes(tiny_config):
     assert size[jnp.int8] / size[jnp.float32] == (hd + 4) / (4 * hd) <= 0.26     # quarters
 
 
+def test_tree_compaction_moves_int8_codes_with_their_scales(tiny_config):
+    from cadenza.decode.verify import compact
+
+    cfg = tiny_config()
+    shape = (cfg.num_layers, 2, 6, cfg.num_kv_heads, cfg.resolved_head_dim)
+    k, v = (jax.random.normal(jax.random.key(i), shape) for i in (0, 1))
+    pos = jnp.broadcast_to(jnp.arange(6, dtype=jnp.int32), (2, 6))
+    path = jnp.asarray([[0, 2, 5], [0, 1, 3]], jnp.int32)
+    moved = {d: compact(KVCache.create(cfg, 2, 8, d).write(k, v, pos), path)
+             for d in (None, jnp.int8)}
+    q = moved[jnp.int8]
+    for codes, scale, ref in ((q.k, q.k_scale, moved[None].k), (q.v, q.v_scale, moved[None].v)):
+        want = dequantize_kv(*quantize_kv(ref), jnp.float32)   # per token: move = quantise
+        np.testing.assert_array_equal(dequantize_kv(codes, scale, jnp.float32), want)
+    np.testing.assert_array_equal(q.positions, moved[None].positions)
+
+
 def test_random_model_int8_logits_pick_the_same_tokens():
     """A random tiny model: per-position top-1 agreement of int8 weights and of an int8
     cache with the float model (64-token greedy continuations of random models diverge at
