@@ -47,6 +47,15 @@ def register(subparsers) -> None:
     p.add_argument("--adapter", metavar="DIR",
                    help="decode through a cadenza adapter directory on this base model "
                         "(every adapter method, prefix and prompt tuning included)")
+    p.add_argument("--quantize", choices=("int8", "int4", "nf4"),
+                   help="weight-only quantisation of the model's projections before decoding "
+                        "(int8 per channel, int4 in groups of 128, nf4 blockwise)")
+    p.add_argument("--quantize-targets", metavar="REGEX",
+                   help="with --quantize: projections to quantise, re.fullmatch on module "
+                        "paths such as layers.attn.q_proj or lm_head (default '.*': all)")
+    p.add_argument("--kv-cache", choices=("auto", "int8"),
+                   help="KV-cache storage: auto = the compute dtype, int8 = int8 with "
+                        "per-token, per-head scales (default: the model's decode.kv_cache)")
     p.add_argument("--chat", action="store_true",
                    help="wrap each text prompt as a user turn in the tokenizer's chat template")
     p.add_argument("--method", choices=list(REGISTRY),
@@ -183,6 +192,7 @@ def _chat_stop_ids(tokenizer) -> list[int]:
 _FIELDS = {
     "--max-new-tokens": (None, "max_new_tokens"), "--seed": (None, "seed"),
     "--max-len": (None, "max_len"), "--chunk-steps": (None, "chunk_steps"),
+    "--kv-cache": (None, "kv_cache"),
     "--temperature": ("sampling", "temperature"), "--top-k": ("sampling", "top_k"),
     "--top-p": ("sampling", "top_p"), "--min-p": ("sampling", "min_p"),
     "--repetition-penalty": ("sampling", "repetition_penalty"),
@@ -200,7 +210,7 @@ def _given(args) -> list[str]:
     out = []
     for action_flag in list(_FIELDS) + ["--stop", "--stop-token-id", "--ignore-eos", "--json",
                                         "--chat", "--stream", "--adaptive", "--beta",
-                                        "--lookahead"]:
+                                        "--lookahead", "--quantize", "--quantize-targets"]:
         v = getattr(args, action_flag[2:].replace("-", "_"))
         if v is not None and v is not False:
             out.append(action_flag)
@@ -259,6 +269,7 @@ def _generate(args) -> int:
     config, params = load_model(args.checkpoint)
     method = args.method or config.decode.method
     check_flags(method, _given(args))
+    config, params = _quantized(args, config, params)
     tokenizer, why_none = _load_tokenizer(args.checkpoint)
     startup = {"import_s": imported - started, "load_s": time.perf_counter() - imported}
     prompts = _prompts(args, tokenizer, why_none)
@@ -287,6 +298,22 @@ def _generate(args) -> int:
     result.stats.update(startup)  # with compile_s, prefill_s, decode_s: where the time went
     _print(result, args.json, show_text=not args.stream)
     return 0
+
+
+def _quantized(args, config, params):
+    """The loaded model with ``--quantize`` applied (checked against ``--adapter``)."""
+    if args.quantize_targets and not args.quantize:
+        raise CadenzaError("--quantize-targets needs --quantize", where="--quantize-targets",
+                           fix="add --quantize int8 (or int4, nf4)")
+    if args.adapter and (args.quantize or config.model.weight_quant != "none"):
+        raise CadenzaError("adapters attach to a float base; a QLoRA adapter already serves "
+                           "its base quantised as it was trained", where="--adapter",
+                           fix="drop --quantize (or use the float base directory)")
+    if not args.quantize:
+        return config, params
+    from cadenza.models.quant import quantize_model
+
+    return quantize_model(config, params, args.quantize, args.quantize_targets)
 
 
 def _finite(x):

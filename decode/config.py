@@ -195,6 +195,9 @@ class DecodeConfig:
     ``max_len``: KV-cache slots per row; 0 = longest prompt + max_new_tokens.
     ``chunk_steps``: steps per on-device chunk when streaming or matching
     stop strings (one host sync per chunk). ``seed``: row i uses ``seed + i``.
+    ``kv_cache``: ``auto`` stores the model's KV cache in the compute dtype, ``int8``
+    as int8 with per-token, per-head scales (:mod:`cadenza.models.cache`; a draft
+    model's cache stays in its compute dtype).
     """
 
     method: str = "greedy"
@@ -205,6 +208,7 @@ class DecodeConfig:
     ignore_eos: bool = False
     max_len: int = 0
     chunk_steps: int = 32
+    kv_cache: str = "auto"
     sampling: SamplingConfig = dataclasses.field(default_factory=SamplingConfig)
     speculative: SpeculativeConfig = dataclasses.field(default_factory=SpeculativeConfig)
     medusa: MedusaConfig = dataclasses.field(default_factory=MedusaConfig)
@@ -219,6 +223,7 @@ class DecodeConfig:
         check_range(s, "max_new_tokens", self.max_new_tokens, low=1)
         check_range(s, "max_len", self.max_len, low=0)
         check_range(s, "chunk_steps", self.chunk_steps, low=1)
+        check_choice(s, "kv_cache", self.kv_cache, ("auto", "int8"))
         for i, text in enumerate(self.stop):
             require(bool(text), f"decode.stop[{i}]", "a stop string is empty",
                     "remove it or give at least one character")

@@ -22,20 +22,23 @@ from typing import Any
 
 import flax.linen as nn
 
+from cadenza.errors import CadenzaError
 from cadenza.models.cache import KVCache
 from cadenza.models.transformer import Transformer
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelForward:
-    """A plain :class:`~cadenza.models.Transformer`; ``rules``: logical-axis rules or None."""
+    """A plain :class:`~cadenza.models.Transformer`; ``rules``: logical-axis rules or None;
+    ``kv_cache``: ``auto`` (the compute dtype) or ``int8`` (:mod:`cadenza.models.cache`)."""
 
     config: Any
     rules: tuple | None = None
+    kv_cache: str = "auto"
 
     def init_cache(self, params, batch: int, max_len: int) -> KVCache:
         """An empty KVCache of ``max_len`` slots per row (lengths 0)."""
-        return KVCache.create(self.config, batch, max_len)
+        return KVCache.create(self.config, batch, max_len, cache_dtype(self.kv_cache))
 
     def __call__(self, params, tokens=None, *, embeddings=None, positions=None,
                  attention_mask=None, cache=None, logits_at=None):
@@ -63,9 +66,10 @@ class PeftForward:
 
     peft: Any
     rules: tuple | None = None
+    kv_cache: str = "auto"
 
     def _key(self):
-        return (repr(self.peft), self.rules)
+        return (repr(self.peft), self.rules, self.kv_cache)
 
     def __eq__(self, other):
         return isinstance(other, PeftForward) and self._key() == other._key()
@@ -87,7 +91,8 @@ class PeftForward:
     def init_cache(self, params, batch: int, max_len: int) -> KVCache:
         """A cache with the adapter's virtual tokens in its first slots (``max_len`` in all)."""
         with nn.logical_axis_rules(self.rules or ()):
-            return self.peft.init_cache(params[0], params[1], batch, max_len)
+            return self.peft.init_cache(params[0], params[1], batch, max_len,
+                                        cache_dtype(self.kv_cache))
 
     def __call__(self, params, tokens=None, *, embeddings=None, positions=None,
                  attention_mask=None, cache=None, logits_at=None):
@@ -101,6 +106,23 @@ class PeftForward:
         """Raw embedding rows [B, T, D] (the frozen base's embedding)."""
         base = params[0]["params"] if "params" in params[0] else params[1]["params"]
         return ModelForward(self.config, self.rules).embed(base, tokens)
+
+
+def cache_dtype(kv_cache: str):
+    """The KVCache dtype for a ``decode.kv_cache`` choice: None (compute dtype) or int8."""
+    return None if kv_cache == "auto" else kv_cache
+
+
+def with_kv_cache(forward, kv_cache: str):
+    """``forward`` storing its KV cache as ``kv_cache`` (``auto`` or ``int8``).
+
+    CadenzaError for a forward without a ``kv_cache`` setting (a custom forward)."""
+    if kv_cache == getattr(forward, "kv_cache", "auto"):
+        return forward
+    if not hasattr(forward, "kv_cache"):
+        raise CadenzaError(f"{type(forward).__name__} has no kv_cache setting",
+                           where="decode.kv_cache", fix="use decode.kv_cache=auto")
+    return dataclasses.replace(forward, kv_cache=kv_cache)
 
 
 def prefix_slots(forward) -> int:

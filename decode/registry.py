@@ -16,7 +16,8 @@ from cadenza.validation import require
 
 # flags every method takes (cadenza generate)
 SHARED_FLAGS = ("--max-new-tokens", "--seed", "--stop", "--stop-token-id", "--ignore-eos",
-                "--max-len", "--json", "--chat", "--adapter")
+                "--max-len", "--json", "--chat", "--adapter", "--quantize", "--quantize-targets",
+                "--kv-cache")
 SAMPLING_FLAGS = ("--temperature", "--top-k", "--top-p", "--min-p")
 
 
@@ -163,12 +164,13 @@ def build(model, params, config: DecodeConfig, *, rules=None, **resources):
     Unsharded (``rules`` None), a scanned Transformer decodes through its unrolled layout
     on CPU (:func:`cadenza.models.decode_layout`: XLA's CPU backend would copy every
     layer's weight slice on every decode step)."""
-    from cadenza.decode.forward import as_forward
+    from cadenza.decode.forward import as_forward, with_kv_cache
     from cadenza.models import decode_layout
 
     if rules is None:
         model, params = decode_layout(model, params)
-    return entry(config.method).build(as_forward(model, rules), params, config, **resources)
+    forward = with_kv_cache(as_forward(model, rules), config.kv_cache)
+    return entry(config.method).build(forward, params, config, **resources)
 
 
 def _select_adapters(model, params, prompts, adapters):

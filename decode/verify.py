@@ -114,19 +114,18 @@ def compact(cache: KVCache, path) -> KVCache:
     holds node indices (root first; entries past the accepted length may be
     anything valid). Slots ``L_b + path[b, j]`` are copied to ``L_b + j``.
     """
-    def row(k, v, pos, start, idx):
-        src = start + idx
-        k_g = jnp.take(k, src, axis=1)
-        v_g = jnp.take(v, src, axis=1)
-        p_g = jnp.take(pos, src, axis=0)
-        k = jax.lax.dynamic_update_slice(k, k_g, (0, start, 0, 0))
-        v = jax.lax.dynamic_update_slice(v, v_g, (0, start, 0, 0))
-        pos = jax.lax.dynamic_update_slice(pos, p_g, (start,))
-        return k, v, pos
+    def move(a, start, idx):   # one row of a [layers, S, ...] array
+        g = jnp.take(a, start + idx, axis=1)
+        return jax.lax.dynamic_update_slice(a, g, (0, start) + (0,) * (a.ndim - 2))
 
-    k, v, pos = jax.vmap(row, in_axes=(1, 1, 0, 0, 0), out_axes=(1, 1, 0))(
-        cache.k, cache.v, cache.positions, cache.lengths, path)
-    return cache.replace(k=k, v=v, positions=pos)
+    def move_positions(p, start, idx):   # one row [S]
+        return jax.lax.dynamic_update_slice(p, jnp.take(p, start + idx), (start,))
+
+    names = ("k", "v", "k_scale", "v_scale")   # an int8 cache moves its scales too
+    moved = {n: jax.vmap(move, in_axes=(1, 0, 0), out_axes=1)(a, cache.lengths, path)
+             for n, a in zip(names, cache.layers())}
+    pos = jax.vmap(move_positions)(cache.positions, cache.lengths, path)
+    return cache.replace(positions=pos, **moved)
 
 
 def tree_greedy_accept(nodes, logp, parents, depth, valid=None):

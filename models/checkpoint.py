@@ -4,6 +4,8 @@ Layout of a model directory (written by HF import, training export, adapter merg
 
     DIR/config.yaml     the resolved ExperimentConfig (``cadenza.config.to_yaml``)
     DIR/params/         the params pytree, an orbax StandardCheckpointer checkpoint
+                        (a quantised model, ``model.weight_quant`` set: the targeted
+                        projections hold :mod:`cadenza.models.quant`'s arrays)
     DIR/tokenizer/      tokenizer files (tokenizer.json, tokenizer_config.json, ...), optional
     DIR/.cadenza-complete  the completeness marker (``cadenza.outputs``): the directory is
                         written under a temporary name and renamed when whole
@@ -82,7 +84,14 @@ def load_model(directory, mesh=None, rules=None):
         require_complete(d, "model directory")
     config = load_config(d / "config.yaml")
     target = abstract_params(config.model)
-    if mesh is not None:
+    if config.model.weight_quant != "none":   # the layout cadenza.models.quant writes
+        from cadenza.models.quant import quantize_params
+
+        target = jax.eval_shape(lambda p: quantize_params(p, config.model), target)
+    if mesh is not None and config.model.weight_quant != "none":  # quantised: replicated
+        rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+        shardings = jax.tree.map(lambda _: rep, target)
+    elif mesh is not None:
         shardings = param_shardings(config.model, mesh, rules or config.mesh.rules())
     else:  # one local device, whatever device set the params were saved from
         one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])

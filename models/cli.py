@@ -1,4 +1,5 @@
-"""``cadenza convert``: Hugging Face import, export and logit parity check."""
+"""``cadenza convert``: Hugging Face import, export and logit parity check; weight-only
+quantisation of a model directory."""
 
 from cadenza.cli import CONVERT_HELP, command_group, json_line
 
@@ -40,6 +41,18 @@ def _check(args) -> int:
                    as_json=args.json, verbose=args.verbose)
 
 
+def _quantize(args) -> int:
+    from cadenza.models.checkpoint import load_model, save_model, tokenizer_dir
+    from cadenza.models.quant import count_quantized, quantize_model
+
+    config, params = load_model(args.checkpoint)
+    config, params = quantize_model(config, params, args.scheme, args.targets, args.group)
+    out = save_model(args.out, config, params, tokenizer_dir(args.checkpoint))
+    print(f"wrote {args.scheme} model directory {out} ({count_quantized(params)} projection "
+          f"sites quantised, targets {config.model.weight_quant_targets!r})")
+    return 0
+
+
 def _report(reports, as_json: bool = False, verbose: bool = False) -> int:
     for r in reports:
         print(json_line(r, passed=r.passed) if as_json else r.format(verbose))
@@ -47,7 +60,8 @@ def _report(reports, as_json: bool = False, verbose: bool = False) -> int:
 
 
 def register(subparsers) -> None:
-    """Add ``convert hf-import``, ``convert hf-export`` and ``convert check``."""
+    """Add ``convert hf-import``, ``convert hf-export``, ``convert check`` and
+    ``convert quantize``."""
     sub = command_group(subparsers, "convert", CONVERT_HELP)
 
     imp = sub.add_parser("hf-import", help="HF config.json + safetensors -> cadenza model dir")
@@ -81,3 +95,16 @@ def register(subparsers) -> None:
                      help="print every position's diff, KL and top-1 agreement (default: one "
                           "line per prompt, its worst position)")
     chk.set_defaults(func=_check)
+
+    qua = sub.add_parser("quantize", help="cadenza model dir -> weight-only quantised model dir")
+    qua.add_argument("--checkpoint", required=True, metavar="DIR",
+                     help="float cadenza model directory (or Hugging Face folder)")
+    qua.add_argument("--scheme", required=True, choices=("int8", "int4", "nf4"),
+                     help="int8 per output channel, int4 in groups of --group inputs, "
+                          "nf4 blockwise (64)")
+    qua.add_argument("--targets", metavar="REGEX", default=None,
+                     help="projections to quantise, re.fullmatch on module paths such as "
+                          "layers.attn.q_proj or lm_head (default '.*': all)")
+    qua.add_argument("--group", type=int, default=None, help="int4 group size (default 128)")
+    qua.add_argument("--out", required=True, metavar="DIR", help="new model directory")
+    qua.set_defaults(func=_quantize)

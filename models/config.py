@@ -9,8 +9,10 @@ Face ``config.json`` names where one exists, so conversion is a rename.
 """
 
 import dataclasses
+import re
 from typing import Optional
 
+from cadenza.errors import ConfigError
 from cadenza.models.families import MOE_FAMILIES
 from cadenza.models.families import NAMES as FAMILIES
 from cadenza.validation import check_choice, check_range, require
@@ -22,6 +24,7 @@ QK_NORMS = ("none", "head", "full")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "save_attn_out")
 DTYPES = ("float32", "bfloat16", "float16")
 ATTENTION_IMPLS = ("auto", "xla", "pallas", "cudnn")  # = pallas_kernels.attention.IMPLEMENTATIONS
+WEIGHT_QUANT = ("none", "int8", "int4", "nf4")  # = models.quant.WEIGHT_SCHEMES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,6 +79,12 @@ class ModelConfig:
     ``attn_logit_softcap`` / ``final_logit_softcap`` of 0 disable soft-capping.
     ``query_pre_attn_scalar`` of 0 scales scores by ``head_dim ** -0.5``;
     otherwise by ``query_pre_attn_scalar ** -0.5``.
+
+    ``weight_quant`` (``none``, ``int8``, ``int4``, ``nf4``): the params hold the
+    projections matching ``weight_quant_targets`` (``re.fullmatch`` on module paths)
+    in that weight-only format (:mod:`cadenza.models.quant`; int4 groups of
+    ``weight_quant_group`` inputs). Set by ``cadenza convert quantize`` and
+    ``cadenza generate --quantize``; models are trained in float.
     """
 
     family: str = "llama"
@@ -119,6 +128,9 @@ class ModelConfig:
     scan_layers: bool = True
     remat_policy: str = "none"
     attention_impl: str = "auto"
+    weight_quant: str = "none"
+    weight_quant_targets: str = ".*"
+    weight_quant_group: int = 128
 
     def __post_init__(self):
         s = "model"
@@ -160,6 +172,14 @@ class ModelConfig:
         check_choice(s, "param_dtype", self.param_dtype, DTYPES)
         check_choice(s, "remat_policy", self.remat_policy, REMAT_POLICIES)
         check_choice(s, "attention_impl", self.attention_impl, ATTENTION_IMPLS)
+        check_choice(s, "weight_quant", self.weight_quant, WEIGHT_QUANT)
+        check_range(s, "weight_quant_group", self.weight_quant_group, low=2)
+        try:
+            re.compile(self.weight_quant_targets)
+        except re.error as e:
+            raise ConfigError(f"not a regex: {self.weight_quant_targets!r} ({e})",
+                              where="model.weight_quant_targets",
+                              fix="a Python regex over module paths, e.g. '.*_proj'") from None
 
     def _check_experts(self):
         moe = self.family in MOE_FAMILIES

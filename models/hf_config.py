@@ -173,14 +173,22 @@ def model_config_from_hf(hf: dict, *, dtype: str | None = None, where: str = "co
       (e.g. which of several eos ids was kept).
 
     Raises:
-      CadenzaError: remote code (``auto_map``), an unsupported model type or
-        feature, or values cadenza's config rejects.
+      CadenzaError: remote code (``auto_map``), a quantized checkpoint
+        (``quantization_config``), an unsupported model type or feature, or values
+        cadenza's config rejects.
     """
     notes: list[str] = []
     if "auto_map" in hf:
         _refuse("the config asks for custom code (auto_map); cadenza never runs remote code",
                 f"{where}: auto_map", "use a checkpoint of a supported built-in architecture: "
                 + ", ".join(NAMES))
+    quant = hf.get("quantization_config")
+    if quant is not None:
+        method = quant.get("quant_method", "not given") if isinstance(quant, dict) else "not given"
+        _refuse(f"the checkpoint is quantized (quantization_config.quant_method: {method}); "
+                "cadenza imports float checkpoints only", f"{where}: quantization_config",
+                "import the float checkpoint and quantize it with 'cadenza convert quantize "
+                "--scheme int8|int4|nf4' (or 'cadenza generate --quantize')")
     name = hf.get("model_type")
     if name not in FAMILIES:
         _refuse(f"model_type {name!r} is not supported", f"{where}: model_type",
@@ -252,8 +260,12 @@ def hf_config_from_model(config: ModelConfig) -> dict:
     """The ``config.json`` dict transformers needs to build ``config``'s model.
 
     Raises CadenzaError if the config uses a feature the family's
-    transformers class cannot express (checked by converting back).
+    transformers class cannot express (checked by converting back), or is quantised.
     """
+    if config.weight_quant != "none":
+        _refuse(f"the model is quantised ({config.weight_quant}); Hugging Face export writes "
+                "float weights", "model.weight_quant",
+                "export the float model directory it was quantised from")
     hd = config.resolved_head_dim
     rs = config.rope_scaling
     rope = {"rope_type": rs.type, "rope_theta": config.rope_theta}

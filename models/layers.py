@@ -13,6 +13,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from cadenza.models import quant
+from cadenza.models.cache import as_cached, read_layer
 from cadenza.models.config import ModelConfig
 from cadenza.pallas_kernels.attention import attention
 
@@ -24,7 +26,9 @@ class Projection(nn.Module):
     ``in_axes + out_axes``; the optional bias has shape ``features``. (Flax's
     DenseGeneral initialises a flattened kernel, which breaks logical
     sharding constraints under a global mesh, hence this small module.)
-    Adapters intercept its ``__call__`` by module path.
+    Adapters intercept its ``__call__`` by module path. With ``config.weight_quant``
+    set and no ``kernel`` in its params, it reads that weight-only format instead
+    (:func:`cadenza.models.quant.project`).
     """
 
     features: tuple[int, ...]
@@ -37,6 +41,9 @@ class Projection(nn.Module):
     def __call__(self, x):
         cfg = self.config
         n_in, n_out = len(self.in_axes), len(self.features)
+        if (cfg.weight_quant != "none" and not self.is_initializing()
+                and not self.has_variable("params", "kernel")):
+            return self._quantized(x)
         init = nn.initializers.variance_scaling(
             1.0, "fan_in", "truncated_normal", in_axis=tuple(range(n_in)),
             out_axis=tuple(range(n_in, n_in + n_out)))
@@ -51,6 +58,16 @@ class Projection(nn.Module):
                                                                    self.out_axes),
                               tuple(self.features), jnp.dtype(cfg.param_dtype))
             y = y + bias.astype(dtype)
+        return y
+
+    def _quantized(self, x):
+        """The projection with the config's weight-only format in place of ``kernel``."""
+        cfg, dtype = self.config, jnp.dtype(self.config.dtype)
+        q = {name: self.get_variable("params", name) for name in self.variables["params"]
+             if name != "bias"}
+        y = quant.project(x, q, len(self.in_axes), self.features, cfg.weight_quant, dtype)
+        if self.use_bias:
+            y = y + self.get_variable("params", "bias").astype(dtype)
         return y
 
 
@@ -122,6 +139,8 @@ def apply_rope(x, positions, inv_freq):
 class Attention(nn.Module):
     """Grouped-query self-attention with RoPE over an optional KV-cache prefix.
 
+    ``layer_cache``: None or one layer of a :class:`~cadenza.models.cache.KVCache`
+    (``KVCache.layer``; an int8 layer is dequantised here, before attention).
     Returns the output [B, T, embed] and this layer's new keys/values
     ([B, T, kv_heads, head_dim] each) for the caller to write into the cache.
     """
@@ -152,8 +171,10 @@ class Attention(nn.Module):
         k = apply_rope(k, ctx.positions, inv_freq)
         q = nn.with_logical_constraint(q, ("batch", "length", "heads", "head_dim"))
         k = nn.with_logical_constraint(k, ("batch", "length", "kv_heads", "head_dim"))
-        k_cache, v_cache = layer_cache if layer_cache is not None else (None, None)
-        out = attention(q, k, v, implementation=cfg.attention_impl, scale=cfg.attention_scale,
+        k_cache, v_cache = read_layer(layer_cache, jnp.dtype(cfg.dtype))
+        k_att, v_att = as_cached(k, layer_cache), as_cached(v, layer_cache)
+        out = attention(q, k_att, v_att, implementation=cfg.attention_impl,
+                        scale=cfg.attention_scale,
                         q_positions=ctx.positions, k_cache=k_cache, v_cache=v_cache,
                         cache_lengths=ctx.cache_lengths, cache_positions=ctx.cache_positions,
                         tail_mask=ctx.tail_mask, segment_ids=ctx.segment_ids, window=window,

@@ -143,12 +143,12 @@ class Transformer(nn.Module):
         x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
         windows = cfg.layer_windows()
         if cfg.scan_layers:
-            layer_caches = None if cache is None else (cache.k, cache.v)
+            layer_caches = None if cache is None else cache.layers()
             x, (k_new, v_new) = self.layers(x, layer_caches, jnp.asarray(windows, jnp.int32), ctx)
         else:
             new = []
             for i, layer in enumerate(self.layers):
-                layer_cache = None if cache is None else (cache.k[i], cache.v[i])
+                layer_cache = None if cache is None else cache.layer(i)
                 x, kv = layer(x, layer_cache, windows[i], ctx)
                 new.append(kv)
             k_new = jnp.stack([kv[0] for kv in new])

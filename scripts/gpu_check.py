@@ -110,6 +110,9 @@ STEPS = (
     Step("speculative-sweep", (PY, "bench/speculative_bench.py", "--sweep-only",
                                "--repeats", "5"),
          90, "fwd(T)/fwd(1) on the GPU: when a verify forward is nearly free"),
+    Step("quant-decode", (PY, "bench/quant_bench.py", "--configs", "100m", "--repeats", "5"),
+         90, "greedy decode at ~112M params with fp32/bf16/int8/int4 weights and a float "
+             "or int8 KV cache: ms/step, bytes, weight GB/s read"),
 )
 
 

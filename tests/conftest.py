@@ -66,7 +66,7 @@ def single_device_train_step(config):
     return state, step, mesh
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def one_device_step():
     return single_device_train_step
 

@@ -9,9 +9,9 @@ import pytest
 
 from cadenza.config import load_config
 from cadenza.errors import CadenzaError, ConfigError
-from cadenza.models import Transformer, init_params
+from cadenza.models import Transformer, init_params, quant
 from cadenza.train import peft
-from cadenza.train.peft import merge, quant
+from cadenza.train.peft import merge
 
 
 def _setup(method, *overrides, family_overrides=()):

@@ -141,7 +141,8 @@ def fit(config: ExperimentConfig, data=None, eval_data=None, *,
     full training no adapters).
 
     Raises:
-      ConfigError: mesh/batch/model shapes that do not fit the devices (before compiling).
+      ConfigError: mesh/batch/model shapes that do not fit the devices, or a quantised
+        model config (model.weight_quant; before compiling).
       NonFiniteError: a non-finite loss or gradient; names the step, and no checkpoint
         is written for it or any later step.
       CadenzaError: an incompatible checkpoint in the output dir, changed hyperparameters
@@ -149,6 +150,12 @@ def fit(config: ExperimentConfig, data=None, eval_data=None, *,
         restores, malformed batches.
     """
     devices = jax.devices() if devices is None else list(devices)
+    if config.model.weight_quant != "none":
+        raise ConfigError(f"model.weight_quant={config.model.weight_quant}: cadenza trains "
+                          "float weights", where="model.weight_quant",
+                          fix="train the float model and quantise it afterwards ('cadenza "
+                              "convert quantize'), or train adapters on a quantised base "
+                              "with peft.method=qlora")
     validate_sharding(config, len(devices))
     if is_remote(config.train.output_dir):
         return _fit_remote(config, data, eval_data, task, devices, allow_changes)

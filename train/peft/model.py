@@ -43,12 +43,12 @@ import optax
 from jax.sharding import PartitionSpec
 
 from cadenza.errors import CadenzaError, ConfigError
+from cadenza.models import quant
 from cadenza.models.cache import KVCache
 from cadenza.models.config import ModelConfig
 from cadenza.models.layers import Attention, Projection
 from cadenza.models.params import logical_param_specs
 from cadenza.models.transformer import Transformer
-from cadenza.train.peft import quant
 from cadenza.train.peft.sites import Site, get_path, projection_sites, select_sites, set_path
 from cadenza.train.peft_config import LORA_METHODS, PeftConfig
 
@@ -378,17 +378,17 @@ class PeftModel:
 
         Prefix: slots [0, P) hold the prefix at positions 0..P-1, lengths = P.
         Prompt: the soft prompt is prefilled, lengths = N. Other methods: empty.
+        ``dtype``: the cache's (default the compute dtype; ``jnp.int8``: an int8 cache).
         """
         cfg, n = self.model_config, self.peft_config.num_virtual_tokens
         cache = KVCache.create(cfg, batch, max_len, dtype)
         if self.method == "prefix":
             k, v = self.prefix_kv(trainable)
             shape = (cfg.num_layers, batch) + k.shape[1:]
-            k = jnp.broadcast_to(k[:, None].astype(cache.k.dtype), shape)
-            v = jnp.broadcast_to(v[:, None].astype(cache.v.dtype), shape)
+            k = jnp.broadcast_to(k[:, None], shape)
+            v = jnp.broadcast_to(v[:, None], shape)
             pos = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (batch, n))
-            return cache.replace(k=cache.k.at[:, :, :n].set(k), v=cache.v.at[:, :, :n].set(v),
-                                 positions=cache.positions.at[:, :n].set(pos)).with_lengths(n)
+            return cache.write(k, v, pos).with_lengths(n)
         if self.method == "prompt":
             emb = jnp.broadcast_to(trainable["prompt"][None], (batch,) + trainable["prompt"].shape)
             _, _, cache = self.apply(trainable, frozen, embeddings=emb, cache=cache)
