@@ -77,7 +77,7 @@ def register(subparsers) -> None:
     pl.add_argument("--proxy-expert", metavar="DIR", help="proxy-tuning: small tuned model")
     pl.add_argument("--proxy-anti", metavar="DIR", help="proxy-tuning: small untuned model")
     pl.add_argument("--proxy-alpha", type=float, help="proxy-tuning weight (default 1)")
-    sp = p.add_argument_group("speculative methods (speculative, ngram, medusa; all lossless)")
+    sp = p.add_argument_group("speculative methods (speculative, ngram, medusa, recycling, layer_skip; all lossless)")
     sp.add_argument("--sample", action="store_true", help="exact speculative sampling")
     sp.add_argument("--draft", metavar="DIR", help="draft model directory (speculative)")
     sp.add_argument("--gamma", type=int,
@@ -89,6 +89,10 @@ def register(subparsers) -> None:
                     help="trained SpecDec++ head directory (cadenza train, train.task=specdec)")
     sp.add_argument("--heads", metavar="DIR",
                     help="trained Medusa head directory (cadenza train, train.task=medusa)")
+    tr = p.add_argument_group("token recycling (--method recycling)")
+    tr.add_argument("--successors", type=int, help="successors kept per token (default 8)")
+    tr.add_argument("--tree-nodes", type=int, help="draft tree nodes (default 15)")
+    tr.add_argument("--tree-depth", type=int, help="draft tree depth (default 4)")
     su = p.add_argument_group("superposed decoding (--method superposed)")
     su.add_argument("--k", type=int, help="number of drafts (default 3)")
     su.add_argument("--ngram", metavar="PATH", help="n-gram table from `cadenza ngram build`")
@@ -190,6 +194,8 @@ _FIELDS = {
     "--proxy-alpha": ("proxy", "alpha"), "--sample": ("speculative", "sample"),
     "--draft": ("speculative", "draft"), "--gamma": ("speculative", "gamma"),
     "--accept-head": ("speculative", "accept_head"), "--heads": ("medusa", "heads"),
+    "--successors": ("recycling", "k"), "--tree-nodes": ("recycling", "nodes"),
+    "--tree-depth": ("recycling", "depth"),
     "--k": ("superposed", "num_drafts"), "--ngram": ("superposed", "table"),
     "--candidates": ("superposed", "num_candidates"), "--alpha": ("superposed", "alpha"),
 }

@@ -83,6 +83,11 @@ def _load_drafter(forward, config, tokenizer=None):
                 "set decode.medusa.heads (--heads)")
 
         return load_medusa_heads(config.medusa.heads, forward.config)
+    if config.method == "recycling":
+        from cadenza.decode.token_recycling import TokenRecycling
+
+        r = config.recycling
+        return TokenRecycling(k=r.k, nodes=r.nodes, depth=r.depth), None
     from cadenza.decode.specdec_head import StopRule, load_accept_head
     from cadenza.decode.speculative import DraftModel, check_draft_vocab
     from cadenza.models import load_model
@@ -140,6 +145,10 @@ REGISTRY: dict[str, MethodEntry] = {e.name: e for e in (
                 "prompt lookup: drafts copied from the row's context (lossless)"),
     MethodEntry("medusa", _build_speculative, "medusa", _SPEC[:1] + _SPEC[2:] + ("--heads",),
                 "trained Medusa heads propose a token tree (lossless)"),
+    MethodEntry("recycling", _build_speculative, "recycling",
+                _SPEC[:1] + _SPEC[2:] + ("--successors", "--tree-nodes", "--tree-depth"),
+                "Token Recycling: the target's past top-k successors propose a tree "
+                "(lossless)"),
     MethodEntry("superposed", _build_superposed, "superposed",
                 ("--k", "--ngram", "--candidates", "--alpha", "--temperature"),
                 "k drafts from one stream, interpolated with an n-gram table"),

@@ -354,7 +354,14 @@ def speculative_method(target, drafter, config, draft_params=None, rules=None) -
     spec = config.sampling_spec()
     check_top_k(spec, forward.config.vocab_size)
     drafter.check(forward, draft_params)
-    return Speculative(forward=forward, drafter=drafter, spec=spec)
+    method = Speculative(forward=forward, drafter=drafter, spec=spec)
+    if method.depth > config.max_new_tokens:
+        raise CadenzaError(
+            f"the {drafter.name} draft is {method.depth} tokens deep but decode.max_new_tokens "
+            f"is {config.max_new_tokens}: no round could use it",
+            where=getattr(drafter, "depth_field", "decode.speculative.gamma"),
+            fix=f"draft at most {config.max_new_tokens} tokens deep, or raise max_new_tokens")
+    return method
 
 
 def speculative_generate(target, params, prompts, config=None, *, drafter, draft_params=None,
