@@ -71,7 +71,6 @@ class Medusa:
     blocks: int = 1
     heads: int = 0
     name: str = "medusa"
-    depth_field = "decode.medusa.heads"         # the head directory records the tree
 
     def __post_init__(self):
         paths = [tuple(int(i) for i in p) for p in self.paths]

@@ -355,12 +355,12 @@ def speculative_method(target, drafter, config, draft_params=None, rules=None) -
     check_top_k(spec, forward.config.vocab_size)
     drafter.check(forward, draft_params)
     method = Speculative(forward=forward, drafter=drafter, spec=spec)
-    if method.depth > config.max_new_tokens:
+    field = getattr(drafter, "depth_field", None)      # drafters whose depth is a setting
+    if field and method.depth > config.max_new_tokens:
         raise CadenzaError(
-            f"the {drafter.name} draft is {method.depth} tokens deep but decode.max_new_tokens "
-            f"is {config.max_new_tokens}: no round could use it",
-            where=getattr(drafter, "depth_field", "decode.speculative.gamma"),
-            fix=f"draft at most {config.max_new_tokens} tokens deep, or raise max_new_tokens")
+            f"the {drafter.name} tree is {method.depth} tokens deep but decode.max_new_tokens "
+            f"is {config.max_new_tokens}: no round could use it", where=field,
+            fix=f"use a tree at most {config.max_new_tokens} deep, or raise max_new_tokens")
     return method
 
 
