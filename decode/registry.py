@@ -65,11 +65,11 @@ def _build_speculative(forward, params, config, *, drafter=None, draft_params=No
     from cadenza.decode.speculative import speculative_method
 
     if drafter is None:
-        drafter, draft_params = _load_drafter(forward, config, tokenizer)
+        drafter, draft_params = _load_drafter(forward, params, config, tokenizer)
     return speculative_method(forward, drafter, config, draft_params), (params, draft_params)
 
 
-def _load_drafter(forward, config, tokenizer=None):
+def _load_drafter(forward, params, config, tokenizer=None):
     s = config.speculative
     if config.method == "ngram":
         from cadenza.decode.prompt_lookup import PromptLookup
@@ -88,6 +88,15 @@ def _load_drafter(forward, config, tokenizer=None):
 
         r = config.recycling
         return TokenRecycling(k=r.k, nodes=r.nodes, depth=r.depth), None
+    if config.method == "layer_skip":
+        from cadenza.decode.layer_skip import LayerSkip, skip_params
+        from cadenza.decode.specdec_head import StopRule
+
+        ls = config.layer_skip
+        stop = (StopRule("confidence", ls.threshold, ls.min_length) if ls.threshold < 1
+                else None)
+        return LayerSkip(gamma=s.gamma, stop=stop), skip_params(forward.config, params,
+                                                                ls.skip_layers)
     from cadenza.decode.specdec_head import StopRule, load_accept_head
     from cadenza.decode.speculative import DraftModel, check_draft_vocab
     from cadenza.models import load_model
@@ -149,6 +158,9 @@ REGISTRY: dict[str, MethodEntry] = {e.name: e for e in (
                 _SPEC[:1] + _SPEC[2:] + ("--successors", "--tree-nodes", "--tree-depth"),
                 "Token Recycling: the target's past top-k successors propose a tree "
                 "(lossless)"),
+    MethodEntry("layer_skip", _build_speculative, "layer_skip",
+                _SPEC + ("--skip-layers", "--stop-threshold", "--search-skip"),
+                "the target with some layers skipped drafts for itself (lossless)"),
     MethodEntry("superposed", _build_superposed, "superposed",
                 ("--k", "--ngram", "--candidates", "--alpha", "--temperature"),
                 "k drafts from one stream, interpolated with an n-gram table"),
