@@ -166,9 +166,10 @@ def search_skip_set(model, params, prompts, config, num_skip: int, *, tokenizer=
     naming ``--search-skip`` unless ``1 <= num_skip < num_layers``.
     """
     from cadenza.decode.config import with_fields
+    from cadenza.decode.forward import as_forward
     from cadenza.decode.registry import generate
 
-    layers = model.config.num_layers if hasattr(model, "config") else model.num_layers
+    layers = as_forward(model).config.num_layers
     if not 1 <= num_skip < layers:
         raise CadenzaError(f"cannot search for {num_skip} skipped layers of a {layers}-layer "
                            "model", where="--search-skip",
