@@ -68,6 +68,28 @@ def kept_layers(num_layers: int, skip) -> tuple:
     return kept
 
 
+def check_plain(forward) -> None:
+    """Refuse (CadenzaError) a target forward that is not a plain model: the draft runs the
+    model's own layers without an adapter's."""
+    if not isinstance(forward, ModelForward):
+        raise CadenzaError("layer_skip drafts with the plain model's layers; this target "
+                           "carries an adapter", where="decode.method",
+                           fix="merge the adapter into the model first (cadenza merge)")
+
+
+def layer_skip_drafter(forward, params, config) -> tuple:
+    """``(LayerSkip, SkipParams)`` for the target ``forward`` and its ``params`` from a
+    DecodeConfig: ``decode.layer_skip`` (skip set, stop rule; ``threshold`` 1 = none) and
+    ``decode.speculative.gamma``. Raises CadenzaError naming the field on bad input."""
+    from cadenza.decode.specdec_head import StopRule
+
+    check_plain(forward)
+    ls = config.layer_skip
+    stop = StopRule("confidence", ls.threshold, ls.min_length) if ls.threshold < 1 else None
+    return (LayerSkip(gamma=config.speculative.gamma, stop=stop),
+            skip_params(forward.config, params, ls.skip_layers))
+
+
 def draft_config(config, num_kept: int):
     """The ModelConfig of a draft keeping ``num_kept`` of ``config``'s layers."""
     return dataclasses.replace(config, num_layers=num_kept)
@@ -117,10 +139,7 @@ class LayerSkip:
     def check(self, forward, draft_params) -> None:
         """Refuse, before compiling, a target that is not a plain model (an adapter: merge
         it first) and draft params that are not :func:`skip_params` of this target."""
-        if not isinstance(forward, ModelForward):
-            raise CadenzaError("layer_skip drafts with the plain model's layers; this target "
-                               "carries an adapter", where="decode.method",
-                               fix="merge the adapter into the model first (cadenza merge)")
+        check_plain(forward)
         if not isinstance(draft_params, SkipParams):
             raise CadenzaError("layer_skip needs draft params from skip_params(config, params, "
                                "skip)", where="draft_params",

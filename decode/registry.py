@@ -89,14 +89,9 @@ def _load_drafter(forward, params, config, tokenizer=None):
         r = config.recycling
         return TokenRecycling(k=r.k, nodes=r.nodes, depth=r.depth), None
     if config.method == "layer_skip":
-        from cadenza.decode.layer_skip import LayerSkip, skip_params
-        from cadenza.decode.specdec_head import StopRule
+        from cadenza.decode.layer_skip import layer_skip_drafter
 
-        ls = config.layer_skip
-        stop = (StopRule("confidence", ls.threshold, ls.min_length) if ls.threshold < 1
-                else None)
-        return LayerSkip(gamma=s.gamma, stop=stop), skip_params(forward.config, params,
-                                                                ls.skip_layers)
+        return layer_skip_drafter(forward, params, config)
     from cadenza.decode.specdec_head import StopRule, load_accept_head
     from cadenza.decode.speculative import DraftModel, check_draft_vocab
     from cadenza.models import load_model
