@@ -3,9 +3,7 @@ layer skipped every draft is accepted; exact sampling follows the target (chi-sq
 skip-set search and the CLI; bad skip sets are refused with the field named."""
 
 import dataclasses
-import importlib.util
 import json
-import pathlib
 
 import jax
 import numpy as np
@@ -21,13 +19,6 @@ from cadenza.decode.speculative import speculative_generate
 from cadenza.errors import CadenzaError
 from cadenza.models import Transformer, init_params, save_model
 
-# the chi-square helpers of the speculative sampling test (test modules are not importable
-# by name under --import-mode=importlib)
-_path = pathlib.Path(__file__).with_name("test_spec_sampling.py")
-_spec = importlib.util.spec_from_file_location("_spec_sampling_helpers_ls", _path)
-chi = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(chi)
-chi.N = 2                    # this private copy enumerates the first two tokens (64 cells)
 SAMPLES = 8_000
 
 PROMPTS = [[1, 17, 42, 99, 5], [1, 300], [1, 7, 7, 7, 200, 201, 202, 31, 64]]
@@ -75,17 +66,17 @@ def test_no_skipped_layer_accepts_every_draft(target):
     assert res.stats["mean_accepted_per_forward"] == 4.0
 
 
-def test_exact_sampling_matches_target(tiny_config):
+def test_exact_sampling_matches_target(tiny_config, chi2):
     """The residual rule with the skipped-layer draft's q: the first two tokens follow the
     warped target (temperature, top-k, repetition penalty)."""
-    cfg = tiny_config("llama", f"model.vocab_size={chi.V}", "model.num_layers=2")
+    cfg = tiny_config("llama", f"model.vocab_size={chi2.V}", "model.num_layers=2")
     model, params = sharp(cfg, scale=3.0)
-    res = speculative_generate(model, params, [chi.PROMPT] * SAMPLES,
-                               dataclasses.replace(chi.CFG, max_new_tokens=chi.N),
+    res = speculative_generate(model, params, [chi2.PROMPT] * SAMPLES,
+                               dataclasses.replace(chi2.CFG, max_new_tokens=chi2.N),
                                drafter=LayerSkip(gamma=2), seeds=list(range(SAMPLES)),
                                draft_params=skip_params(model.config, params, (0,)))
-    joint, _ = chi.enumerate_warped(model, params)
-    pvalue, impossible = chi.chi_square(np.asarray(res.token_ids), joint)
+    joint, _ = chi2.enumerate_warped(model, params)
+    pvalue, impossible = chi2.chi_square(np.asarray(res.token_ids), joint)
     assert impossible == 0 and pvalue > 1e-3, pvalue
     assert 0.0 < res.stats["acceptance_per_position"][0] < 1.0
 

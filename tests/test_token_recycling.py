@@ -3,8 +3,6 @@ the ground truth accepts the whole tree depth; exact sampling follows the target
 bad settings are refused with the field named."""
 
 import dataclasses
-import importlib.util
-import pathlib
 
 import jax
 import numpy as np
@@ -17,13 +15,6 @@ from cadenza.decode.token_recycling import TokenRecycling, recycling_tree
 from cadenza.errors import CadenzaError
 from cadenza.models import Transformer, init_params
 
-# the chi-square helpers of the speculative sampling test (test modules are not importable
-# by name under --import-mode=importlib)
-_path = pathlib.Path(__file__).with_name("test_spec_sampling.py")
-_spec = importlib.util.spec_from_file_location("_spec_sampling_helpers_tr", _path)
-chi = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(chi)
-chi.N = 2                    # this private copy enumerates the first two tokens (64 cells)
 SAMPLES = 8_000
 
 PROMPTS = [[1, 17, 42, 99, 5], [1, 300], [1, 7, 7, 7, 200, 201, 202, 31, 64]]
@@ -89,16 +80,16 @@ def test_matrix_seeded_from_the_ground_truth_accepts_the_whole_depth(target):
     assert res.stats["mean_accepted_per_forward"] == drafter.depth + 1
 
 
-def test_exact_sampling_matches_target(tiny_config):
+def test_exact_sampling_matches_target(tiny_config, chi2):
     """Sequential elimination on the recycled tree: the first two tokens follow the warped
     target (temperature, top-k, repetition penalty)."""
-    model, params = chi.toy(tiny_config)
-    res = speculative_generate(model, params, [chi.PROMPT] * SAMPLES,
-                               dataclasses.replace(chi.CFG, max_new_tokens=chi.N),
+    model, params = chi2.toy(tiny_config)
+    res = speculative_generate(model, params, [chi2.PROMPT] * SAMPLES,
+                               dataclasses.replace(chi2.CFG, max_new_tokens=chi2.N),
                                drafter=TokenRecycling(k=3, nodes=5, depth=2),
                                seeds=list(range(SAMPLES)))
-    joint, _ = chi.enumerate_warped(model, params)
-    pvalue, impossible = chi.chi_square(np.asarray(res.token_ids), joint)
+    joint, _ = chi2.enumerate_warped(model, params)
+    pvalue, impossible = chi2.chi_square(np.asarray(res.token_ids), joint)
     assert impossible == 0 and pvalue > 1e-3, pvalue
     assert 0.0 < res.stats["acceptance_per_position"][0] < 1.0
 
