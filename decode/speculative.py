@@ -125,7 +125,9 @@ class Prefilled:
 
 
 class Drafter(Protocol):
-    """A proposer of draft tokens (a frozen, hashable dataclass)."""
+    """A proposer of draft tokens (a frozen, hashable dataclass). Optionally
+    ``depth_field``: the config field that sets its tree's depth; a tree deeper than
+    ``max_new_tokens`` is then refused naming it."""
 
     name: str
     parents: tuple
@@ -380,7 +382,10 @@ def speculative_generate(target, params, prompts, config=None, *, drafter, draft
         speculative method with ``decode.speculative.sample``).
       drafter: a :class:`Drafter` (:class:`DraftModel` with ``draft_params`` = (draft
         params, head params or None), :class:`~cadenza.decode.prompt_lookup.PromptLookup`,
-        :class:`~cadenza.decode.medusa.Medusa` with its head params, or your own).
+        :class:`~cadenza.decode.medusa.Medusa` with its head params,
+        :class:`~cadenza.decode.token_recycling.TokenRecycling` (None or a warm-start
+        matrix), :class:`~cadenza.decode.layer_skip.LayerSkip` with
+        :func:`~cadenza.decode.layer_skip.skip_params`, or your own).
       cost_ratio: overrides the drafter's estimate of t_draft / t_target in the stats.
 
     Returns a :class:`~cadenza.decode.driver.GenerateResult`. Greedy output equals
