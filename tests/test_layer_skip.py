@@ -26,8 +26,11 @@ CFG = DecodeConfig(max_new_tokens=13, ignore_eos=True)
 
 
 def sharp(cfg, seed=0, scale=40.0):
+    """A random model whose logits have clear winners (an untied LM head scaled up)."""
     params = init_params(cfg, jax.random.key(seed))
-    return Transformer(cfg), {**params, "lm_head": {"kernel": params["lm_head"]["kernel"] * scale}}
+    if "lm_head" in params:
+        params = {**params, "lm_head": {"kernel": params["lm_head"]["kernel"] * scale}}
+    return Transformer(cfg), params
 
 
 _MODELS = {}
@@ -52,6 +55,20 @@ def test_greedy_equals_plain_greedy_on_ragged_rows(target):
     s = res.stats
     assert s["method"] == "layer_skip" and s["gamma"] == 3
     assert 0 < s["cost_ratio"] < 1 and s["mean_accepted_per_forward"] >= 1.0
+
+
+@pytest.mark.parametrize("family, skip", [("mistral", (0,)), ("gemma2", (2,))])
+def test_other_families_greedy_equals_plain_greedy(tiny_config, family, skip):
+    """Sliding windows, tied embeddings, soft-capping; gemma2 alternates local and global
+    layers, so only skip sets that keep every kept layer's window are accepted."""
+    model, params = sharp(tiny_config(family, "model.num_layers=3"), seed=1)
+    cfg = dataclasses.replace(CFG, max_new_tokens=9)
+    res = speculative_generate(model, params, PROMPTS, cfg, drafter=LayerSkip(gamma=2),
+                               draft_params=skip_params(model.config, params, skip))
+    assert res.token_ids == generate(model, params, PROMPTS, cfg).token_ids
+    if family == "gemma2":
+        with pytest.raises(CadenzaError, match="alternates local and global"):
+            skip_params(model.config, params, (1,))
 
 
 def test_no_skipped_layer_accepts_every_draft(target):
