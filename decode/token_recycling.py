@@ -12,7 +12,7 @@ in one forward (ancestor mask), accepts the deepest matching path (greedy) or sa
 exactly (sequential elimination on point masses), and ``observe`` writes the top-k of the
 target's logits at *every* node into ``M`` (where a token occurs at several nodes, the
 accepted path wins, then the later node). ``M`` starts from the prompt's own bigrams, or
-from a matrix passed as draft params (a warm start, e.g. kept from an earlier call).
+from a matrix passed as draft params (a warm start: successors known in advance).
 
 The tree (:func:`recycling_tree`) holds the ``nodes`` index paths of highest prior
 score ``prod 2^-(r_i + 1)`` at most ``depth`` deep (ties: deeper, then smaller ranks
@@ -34,8 +34,8 @@ from cadenza.errors import CadenzaError
 
 def recycling_tree(nodes: int, depth: int, k: int) -> tuple:
     """The ``nodes`` index paths ``(r_1, .., r_d)`` (``r_i < k``, ``d <= depth``) of highest
-    prior score ``prod 2^-(r_i + 1)``, sorted breadth-first (by length, then ranks); every
-    path's parent is in the set."""
+    prior score ``prod 2^-(r_i + 1)`` (ties: the deeper path, then smaller ranks), sorted
+    breadth-first (by length, then ranks); every path's parent is in the set."""
     if nodes < 1 or depth < 1 or k < 1:
         raise ValueError("a recycling tree needs nodes, depth and k >= 1")
     frontier = [(r + 1, -1, (r,)) for r in range(k)]
