@@ -78,7 +78,8 @@ def register(subparsers) -> None:
     pl.add_argument("--proxy-expert", metavar="DIR", help="proxy-tuning: small tuned model")
     pl.add_argument("--proxy-anti", metavar="DIR", help="proxy-tuning: small untuned model")
     pl.add_argument("--proxy-alpha", type=float, help="proxy-tuning weight (default 1)")
-    sp = p.add_argument_group("speculative methods (speculative, ngram, medusa, recycling, layer_skip; all lossless)")
+    sp = p.add_argument_group("speculative methods (speculative, ngram, medusa, recycling, "
+                              "layer_skip; all lossless)")
     sp.add_argument("--sample", action="store_true", help="exact speculative sampling")
     sp.add_argument("--draft", metavar="DIR", help="draft model directory (speculative)")
     sp.add_argument("--gamma", type=int,
