@@ -213,13 +213,13 @@ def test_hf_folders_as_base_and_models(model_dirs, tmp_path):
     hf_base = save_hf(model_dirs / "base", tmp_path / "hf_base")
     hf_ft = save_hf(model_dirs / "ft1", tmp_path / "hf_ft1")
     assert main(["convert", "merge", "--base", str(hf_base), "--models", str(hf_ft),
-                 str(model_dirs / "ft2"), "--method", "ties", "--out",
+                 str(model_dirs / "ft2"), "--method", "linear", "--out",
                  str(tmp_path / "from_hf")]) == 0
     record = json.loads((tmp_path / "from_hf" / "merge.json").read_text())
     assert [m["kind"] for m in record["models"]] == ["hf", "model"]
     trees = [load_model(model_dirs / name)[1] for name in ("base", "ft1", "ft2")]
     _close(load_model(tmp_path / "from_hf")[1],
-           merge_params(MergeSpec("ties"), trees[0], trees[1:])[0])
+           merge_params(MergeSpec("linear"), trees[0], trees[1:])[0])
 
 
 def test_bitdelta_signs_scales_reconstruction_and_size(model_dirs, tmp_path, capsys):
