@@ -292,6 +292,10 @@ def _kind(directory: pathlib.Path) -> str:
     from cadenza.models.hf_folder import is_hf_folder
     from cadenza.train.bitdelta import is_bitdelta_dir
 
+    if not directory.is_dir():
+        raise CadenzaError("no such directory", where=str(directory),
+                           fix="check the path (a model, adapter or BitDelta directory, or a "
+                               "Hugging Face folder)")
     if is_hf_folder(directory):
         return "hf"
     if (directory / "config.yaml").is_file() and (directory / "params").is_dir():
