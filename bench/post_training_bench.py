@@ -8,12 +8,13 @@ Usage: .venv/bin/python bench/post_training_bench.py [--steps N] [--quick] [--ou
 2. Preference: pairs from the same modules, chosen = the function's true body, rejected =
    another function's body (the next pair's, in a seeded shuffle), also from four larger
    modules; 20% held out by a hash of the pair. DPO (beta 0.1) and ORPO (lambda 0.1) from
-   the SFT model; held-out pair accuracy = the run's ``eval_reward_accuracy`` (DPO: implicit reward beta * log-ratio to
-   the SFT model; ORPO: length-averaged log-prob), over every held-out pair.
+   the SFT model; held-out pair accuracy = the run's ``eval_reward_accuracy`` (DPO: the
+   implicit reward beta * log-ratio to the SFT model; ORPO: the length-averaged log-prob),
+   over every held-out pair.
 3. Selective fine-tuning: from the SFT model, LISA (1 of 2 layers, period 10), LoRA (rank 8,
    every projection) and full fine-tuning on set B at equal steps: held-out loss on B and
    the peak resident memory of the training process (CPU: host memory, so the JAX runtime
-   dominates a model this small), and the params with optimizer state.
+   dominates a model this small; the JSON keeps LISA's printed optimizer-state share).
 4. Masked Thought: full fine-tuning on set B with ``data.response_mask_prob`` p in
    {0, 0.1, 0.2} (p = 0 is the full run of 3): held-out loss on B.
 

@@ -304,9 +304,10 @@ def _kind(directory: pathlib.Path) -> str:
         return "adapter"
     if is_bitdelta_dir(directory):
         return "bitdelta"
-    raise CadenzaError("not a cadenza model, adapter or BitDelta directory, nor a Hugging Face "
-                       "folder (needs config.yaml and params/, adapters/ or bitdelta.safetensors, or "
-                       "config.json and *.safetensors)", where=str(directory),
+    raise CadenzaError("not a cadenza model, adapter or BitDelta directory, nor a Hugging "
+                       "Face folder (needs config.yaml and params/, adapters/ or "
+                       "bitdelta.safetensors, or config.json and *.safetensors)",
+                       where=str(directory),
                        fix="pass directories written by training, 'cadenza convert "
                            "hf-import', save_adapters or 'cadenza convert bitdelta', or a "
                            "Hugging Face model folder")
