@@ -17,9 +17,12 @@ import json
 import pathlib
 import tempfile
 
+import jax
 import numpy as np
 
 from cadenza.config import load_config
+from cadenza.models import init_params, save_model
+from cadenza.models.checkpoint import tokenizer_dir
 from cadenza.provenance import provenance, results_dir
 from cadenza.train import fit
 from cadenza.train.data import stdlib
@@ -56,14 +59,14 @@ def main():
         json.dumps({"instruction": i, "output": b}) + "\n" for i, b in pairs))
     common = [f"data.data_dir={tmp / 'data'}", "data.format=alpaca",
               "data.heldout_fraction=0.0", f"train.seq_len={SEQ_LEN}"]
-    models = {}
-    for name, steps in (("trained", args.steps), ("untrained", 0)):
-        summary = fit(load_config(None, common + [
-            f"data.path={tmp / 'clean.jsonl'}", f"train.output_dir={tmp / name}",
-            f"train.steps={steps}", "train.learning_rate=1e-2", "train.warmup_steps=5",
-            "train.tensorboard=false", "train.progress_bar=false", "train.log_every=1000"],
-            preset="tiny"))
-        models[name] = summary["model_dir"]
+    config = load_config(None, common + [
+        f"data.path={tmp / 'clean.jsonl'}", f"train.output_dir={tmp / 'trained'}",
+        f"train.steps={args.steps}", "train.learning_rate=1e-2", "train.warmup_steps=5",
+        "train.tensorboard=false", "train.progress_bar=false", "train.log_every=1000"],
+        preset="tiny")
+    models = {"trained": fit(config)["model_dir"], "untrained": str(tmp / "untrained")}
+    save_model(models["untrained"], config, init_params(config.model, jax.random.key(0)),
+               tokenizer_dir=tokenizer_dir(models["trained"]))
     clean = np.arange(len(lines)) < half
     kept = {}
     for label, method, model in (("nll", "nll", "trained"), ("ifd", "ifd", "trained"),
