@@ -5,7 +5,7 @@ Usage: .venv/bin/python bench/select_pool_bench.py [--steps N] [--out DIR]
 The pool of ``tests/test_select.py``: 32 instruction pairs of ten stdlib modules whose
 second half has its bodies rotated onto the wrong docstrings. A tiny model is trained
 ``--steps`` steps on the correct pairs; each method keeps 40% of the pool. ``rds`` scores
-against a target set of 16 correct pairs of the same modules that are not in the pool
+against a target set of 16 correct pairs of four other modules
 (RDS+: cosine of position-weighted mean final hidden states of the whole example,
 instruction and response, the maximum over the target records), once with the trained model
 and once with the untrained one (RDS+ embeds with the base model). Writes
@@ -30,6 +30,7 @@ from cadenza.train.select import SelectSpec, select
 
 MODULES = ["textwrap.py", "bisect.py", "colorsys.py", "shlex.py", "fnmatch.py", "glob.py",
            "copy.py", "heapq.py", "calendar.py", "string.py"]
+TARGET = ["difflib.py", "inspect.py", "argparse.py", "tarfile.py"]   # correct pairs elsewhere
 SEQ_LEN = 128
 
 
@@ -46,9 +47,10 @@ def main():
     out = results_dir(__file__, args.out)
     tmp = pathlib.Path(tempfile.mkdtemp(prefix="select_pool_"))
     root = stdlib.stdlib_root()
-    short = [p[:2] for m in MODULES for p in stdlib.instruction_pairs((root / m).read_text(), m)
-             if len(p[0]) + len(p[1]) < 320]
-    pairs, target = short[:32], [chat(i, b) for i, b in short[32:48]]
+    def short(modules):
+        return [p[:2] for m in modules for p in
+                stdlib.instruction_pairs((root / m).read_text(), m) if len(p[0]) + len(p[1]) < 320]
+    pairs, target = short(MODULES)[:32], [chat(i, b) for i, b in short(TARGET)[:16]]
     half = len(pairs) // 2
     bodies = [b for _, b in pairs[half:]]
     lines = [{"instruction": i, "output": b} for i, b in pairs[:half]] + [
@@ -87,7 +89,7 @@ def main():
           f"{result['jax']}, commit {result['commit']}, {result['date']}, load "
           f"{result['load_avg_1m']:.1f})", "",
           f"{len(lines)} pairs, {half} correct; 40% kept; scorer trained {args.steps} steps "
-          f"on the correct pairs; rds target: {len(target)} other correct pairs.", "",
+          f"on the correct pairs; rds target: {len(target)} correct pairs of other modules.", "",
           "| method | kept | correct pairs among them |", "| --- | --- | --- |"]
     md += [f"| {k} | {v['kept']} | {v['clean_fraction']:.2f} |" for k, v in kept.items()]
     (out / "select_pool.md").write_text("\n".join(md) + "\n")
