@@ -24,6 +24,17 @@ def has_tokenizer(path) -> bool:
     return any(any(p.glob(pattern)) for pattern in TOKENIZER_MARKERS)
 
 
+def hf_folder_config(path):
+    """The HF folder ``path``'s ExperimentConfig as :func:`load_hf_folder` returns it (named
+    after the folder, the imported model section, every other section at its default),
+    read from config.json and the safetensors headers only (no tensor data)."""
+    from cadenza.config import ExperimentConfig
+    from cadenza.models.hf_import import open_hf_checkpoint
+
+    ckpt, model_config = open_hf_checkpoint(path)
+    return ExperimentConfig(name=ckpt.directory.name, model=model_config)
+
+
 def load_hf_folder(path, mesh=None, rules=None):
     """The HF folder ``path`` as ``(ExperimentConfig, params)``, like a loaded cadenza model
     directory: the experiment is named after the folder and holds the imported model

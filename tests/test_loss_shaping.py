@@ -120,3 +120,43 @@ def test_pipeline_tags_each_position_with_its_source(tmp_path, pref_files):
     for row in range(4):       # one source per packed example
         for s in np.unique(seg[row][seg[row] > 0]):
             assert len(np.unique(src[row][seg[row] == s])) == 1
+
+
+def test_record_weights_are_stored_and_become_the_loss_mask(tmp_path, pref_files):
+    import json
+
+    from cadenza.train.data import build_iterator
+    from cadenza.train.data.builders import open_split
+    from cadenza.train.data.formatting import decode_record
+
+    turns = [{"role": "user", "content": "say hi"}, {"role": "assistant", "content": "hello"},
+             {"role": "user", "content": "say hello"}, {"role": "assistant", "content": "hi"}]
+    lines = [{"messages": turns}, {"messages": turns, "weights": [1, 1]},
+             {"messages": turns, "weights": [2.5, 0]}, {"messages": turns[:2], "weights": 0.5},
+             {"messages": turns, "weights": [1]}, {"messages": turns, "weights": -1},
+             {"messages": turns, "weights": "1"}]
+    (tmp_path / "w.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    config = load_config(None, [f"data.data_dir={tmp_path}", "data.format=messages",
+                                f"data.path={tmp_path / 'w.jsonl'}", "data.heldout_fraction=0",
+                                f"data.tokenizer={pref_files / 'tok'}", "train.seq_len=32",
+                                "train.batch_size=4", "data.packing=false",
+                                "data.shuffle_window=0"], preset="tiny")
+    ds, _, report = open_split(config.data.sources()[0], config.data, "train")
+    assert report["skipped"] == {"bad_weights": 3} and report["written"] == 4
+    stored = {decode_record(ds[i])["source"].rsplit(":", 1)[1]: decode_record(ds[i])["weights"]
+              for i in range(4)}
+    assert stored == {"1": [], "2": [1, 1], "3": [2.5, 0], "4": [0.5]}
+    b = next(build_iterator(config))   # the 4 records, one per row (stored order)
+    masks = sorted(np.asarray(b["loss_mask"]), key=lambda m: (m.max(), m.sum()))
+    one, plain, again, weighted = masks
+    np.testing.assert_array_equal(plain, again)                  # weights 1: today's mask
+    assert set(np.unique(one)) == {0.0, 0.5}
+    turn = np.cumsum(np.diff(np.r_[0, plain]) > 0) * (plain > 0)  # 1, 2: the assistant turns
+    assert set(np.unique(turn)) == {0, 1, 2}
+    np.testing.assert_array_equal(weighted, np.where(turn == 1, 2.5, 0.0))  # 0: masked
+    masks = np.stack([weighted] * 4)
+    # the loss is the weighted token mean: [2.5, 0]'s is the mean over the first turn alone
+    logits = jax.random.normal(jax.random.key(0), (4, 32, 300))
+    _, ce, n = token_losses(logits, b["targets"], masks)
+    _, ce1, n1 = token_losses(logits, b["targets"], np.float32(turn == 1) * np.ones((4, 1)))
+    np.testing.assert_allclose(float(ce / n), float(ce1 / n1), rtol=1e-6)

@@ -204,4 +204,64 @@ def test_cli_merges_models_and_adapters(model_dirs, tmp_path, capsys):
     assert main(["convert", "merge", "--base", str(model_dirs / "ft1"), "--models",
                  str(tmp_path / "missing"), "--method", "linear", "--out",
                  str(tmp_path / "y")]) == 2
-    assert "not a cadenza model or adapter directory" in capsys.readouterr().err
+    assert "missing: no such directory" in capsys.readouterr().err
+
+
+def test_hf_folders_as_base_and_models(model_dirs, tmp_path):
+    from cadenza.models.hf_export import save_hf
+
+    hf_base = save_hf(model_dirs / "base", tmp_path / "hf_base")
+    hf_ft = save_hf(model_dirs / "ft1", tmp_path / "hf_ft1")
+    assert main(["convert", "merge", "--base", str(hf_base), "--models", str(hf_ft),
+                 str(model_dirs / "ft2"), "--method", "linear", "--out",
+                 str(tmp_path / "from_hf")]) == 0
+    record = json.loads((tmp_path / "from_hf" / "merge.json").read_text())
+    assert [m["kind"] for m in record["models"]] == ["hf", "model"]
+    trees = [load_model(model_dirs / name)[1] for name in ("base", "ft1", "ft2")]
+    _close(load_model(tmp_path / "from_hf")[1],
+           merge_params(MergeSpec("linear"), trees[0], trees[1:])[0])
+
+
+def test_bitdelta_signs_scales_reconstruction_and_size(model_dirs, tmp_path, capsys):
+    from cadenza.train.bitdelta import compress, reconstruct
+
+    _, base = load_model(model_dirs / "base")
+    _, ft = load_model(model_dirs / "ft1")
+    parts = compress(base, ft)
+    want = {}
+    for kp, b in jax.tree_util.tree_flatten_with_path(base)[0]:
+        path = jax.tree_util.keystr(kp)
+        f = np.asarray(_get(ft, kp))
+        delta = f - np.asarray(b)
+        if path.startswith("['layers']") and b.ndim >= 3:
+            scale = np.abs(delta).reshape(len(delta), -1).mean(-1)   # mean |delta| per matrix
+            np.testing.assert_allclose(parts[path]["scales"], scale, rtol=1e-6)
+            sign = np.where(delta >= 0, 1.0, -1.0)
+            want[path] = np.asarray(b) + scale.reshape(-1, *[1] * (b.ndim - 1)) * sign
+        else:
+            assert set(parts[path]) == {"value"}                     # stored exactly
+            want[path] = f
+    assert sum("signs" in p for p in parts.values()) == 7
+    rebuilt = reconstruct(base, parts)
+    for kp, leaf in jax.tree_util.tree_flatten_with_path(rebuilt)[0]:
+        np.testing.assert_allclose(leaf, want[jax.tree_util.keystr(kp)], atol=1e-6)
+    out = tmp_path / "delta"
+    assert main(["convert", "bitdelta", "--base", str(model_dirs / "base"), "--model",
+                 str(model_dirs / "ft1"), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    stored = json.loads((out / "bitdelta.json").read_text())["bytes"]
+    model_bytes = sum(x.nbytes for x in jax.tree.leaves(ft))
+    assert f"{stored:,} bytes for a {model_bytes:,}-byte model" in printed
+    assert stored < model_bytes / 2
+    assert main(["convert", "merge", "--base", str(model_dirs / "base"), "--models", str(out),
+                 "--method", "linear", "--out", str(tmp_path / "back")]) == 0
+    _close(load_model(tmp_path / "back")[1], rebuilt)
+    assert main(["convert", "bitdelta", "--base", str(model_dirs / "base"), "--model",
+                 str(model_dirs / "wide"), "--out", str(tmp_path / "x")]) == 2
+    assert "model.num_heads" in capsys.readouterr().err
+
+
+def _get(tree, keypath):
+    for k in keypath:
+        tree = tree[k.key]
+    return tree

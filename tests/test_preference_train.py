@@ -169,8 +169,13 @@ def test_dpo_matches_a_pytorch_transcription(tmp_path, batch):
         np.testing.assert_allclose(ours[k], v, rtol=2e-5, atol=1e-6, err_msg=k)
 
 
-def test_lora_reference_is_the_base_model(pref_config, sft_dir, batch):
-    config = pref_config("train.task=dpo", f"train.init_from={sft_dir}", "peft.method=lora",
+@pytest.mark.parametrize("peft", ["lora", "qlora"])
+def test_lora_reference_is_the_base_model(pref_config, sft_dir, batch, peft):
+    """The reference is the (QLoRA: quantised) base with the adapters off: its log-probs
+    equal a plain forward of the base's params (QLoRA: dequantised independently)."""
+    from cadenza.train.peft.model import build
+
+    config = pref_config("train.task=dpo", f"train.init_from={sft_dir}", f"peft.method={peft}",
                          "train.preference.beta=0.5", "mesh.data=1")
     task, trainable, frozen, rules = task_and_trees(config)
     keys = iter(jax.random.split(jax.random.key(3), 64))
@@ -178,12 +183,16 @@ def test_lora_reference_is_the_base_model(pref_config, sft_dir, batch):
                              trainable)
     model = Transformer(config.model)
 
+    pm = build(config.model, config.peft)
+
     @jax.jit
     def run(trainable, frozen, batch):
         _, metrics = mean_loss(task, rules)(trainable, frozen, batch)
         with nn.logical_axis_rules(rules):
             policy = pair_logps(task.apply(trainable, frozen, batch, None), batch)
-            base = model.apply({"params": frozen["task"]["params"]}, batch["inputs"],
+            params = (pm.dequantized_params(frozen["task"]) if peft == "qlora"
+                      else frozen["task"]["params"])
+            base = model.apply({"params": params}, batch["inputs"],
                                positions=batch["positions"], segment_ids=batch["segment_ids"])
         return metrics, policy, pair_logps(base[0], batch)
     metrics, policy, base = run(trainable, frozen, batch)
@@ -193,6 +202,9 @@ def test_lora_reference_is_the_base_model(pref_config, sft_dir, batch):
     np.testing.assert_allclose(metrics["chosen_reward"], expected, rtol=1e-5)
     assert abs(float(metrics["chosen_reward"])) > 1e-4   # the adapters do change the policy
     assert "reference" not in frozen                     # no second copy of the weights
+    quantised = [jax.tree_util.keystr(k) for k, _ in jax.tree_util.tree_flatten_with_path(
+        frozen)[0] if "quant_codes" in jax.tree_util.keystr(k)]
+    assert bool(quantised) == (peft == "qlora")
 
 
 @pytest.mark.parametrize("task,peft", [("dpo", "none"), ("orpo", "lora")])

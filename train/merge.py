@@ -24,9 +24,10 @@ index)``, so a merge is reproducible and the same on any mesh. Each leaf is one 
 function whose output keeps the base leaf's sharding: a merge on a mesh never gathers
 the model on one device.
 
-:func:`merge_params` merges pytrees; :func:`merge_models` reads model directories or
-LoRA-family adapter directories (folded into their base first) and writes a new model
-directory with a ``merge.json`` recording the inputs and settings.
+:func:`merge_params` merges pytrees; :func:`merge_models` reads model directories, Hugging
+Face folders (converted in memory), LoRA-family adapter directories (folded into their base
+first) or BitDelta directories (:mod:`cadenza.train.bitdelta`, rebuilt on the base first)
+and writes a new model directory with a ``merge.json`` recording the inputs and settings.
 """
 
 import dataclasses
@@ -288,32 +289,60 @@ def merge_params(spec: MergeSpec, base, models: list, *, stacked_key: str = "lay
 
 
 def _kind(directory: pathlib.Path) -> str:
+    from cadenza.models.hf_folder import is_hf_folder
+    from cadenza.train.bitdelta import is_bitdelta_dir
+
+    if not directory.is_dir():
+        raise CadenzaError("no such directory", where=str(directory),
+                           fix="check the path (a model, adapter or BitDelta directory, or a "
+                               "Hugging Face folder)")
+    if is_hf_folder(directory):
+        return "hf"
     if (directory / "config.yaml").is_file() and (directory / "params").is_dir():
         return "model"
     if (directory / "config.yaml").is_file() and (directory / "adapters").is_dir():
         return "adapter"
-    raise CadenzaError("not a cadenza model or adapter directory (needs config.yaml and "
-                       "params/ or adapters/)", where=str(directory),
+    if is_bitdelta_dir(directory):
+        return "bitdelta"
+    raise CadenzaError("not a cadenza model, adapter or BitDelta directory, nor a Hugging "
+                       "Face folder (needs config.yaml and params/, adapters/ or "
+                       "bitdelta.safetensors, or config.json and *.safetensors)",
+                       where=str(directory),
                        fix="pass directories written by training, 'cadenza convert "
-                           "hf-import' or save_adapters")
+                           "hf-import', save_adapters or 'cadenza convert bitdelta', or a "
+                           "Hugging Face model folder")
+
+
+def _config(directory: pathlib.Path, kind: str):
+    """The ExperimentConfig of an input, read without its weights."""
+    from cadenza.config import load_config
+    from cadenza.models.hf_folder import hf_folder_config
+
+    return hf_folder_config(directory) if kind == "hf" else load_config(directory / "config.yaml")
 
 
 def check_inputs(base_dir, model_dirs) -> tuple:
-    """Read only the configs: ``(base ExperimentConfig, [kind per model])``; fails naming
-    the first differing model field when an input was made for another architecture."""
-    from cadenza.config import load_config
+    """Read only the configs (a Hugging Face folder's config.json and safetensors headers):
+    ``(base ExperimentConfig, [kind per model])`` with kinds ``model``, ``hf``, ``adapter``
+    or ``bitdelta``; fails naming the first differing model field when an input was made
+    for another architecture."""
     from cadenza.train.checkpoints import MODEL_FREE_FIELDS, config_differences
 
     base_dir = pathlib.Path(base_dir)
-    if _kind(base_dir) != "model":
-        raise CadenzaError("the base must be a model directory, not adapters",
-                           where=str(base_dir), fix="pass the model the adapters were made for")
-    base = load_config(base_dir / "config.yaml")
+    base_kind = _kind(base_dir)
+    if base_kind not in ("model", "hf"):
+        raise CadenzaError(f"the base must be a model directory or Hugging Face folder, not a "
+                           f"{base_kind} directory", where=str(base_dir),
+                           fix="pass the model the fine-tunes were made from")
+    base = _config(base_dir, base_kind)
     kinds = []
     for d in map(pathlib.Path, model_dirs):
         kinds.append(_kind(d))
-        other = load_config(d / "config.yaml")
-        diffs = config_differences("model", base.model, other.model, MODEL_FREE_FIELDS,
+        other = _config(d, kinds[-1])
+        # head_dim 0 means hidden_size // num_heads (HF folders state it): compare shapes
+        mine, theirs = (dataclasses.replace(c.model, head_dim=c.model.resolved_head_dim)
+                        for c in (base, other))
+        diffs = config_differences("model", mine, theirs, MODEL_FREE_FIELDS,
                                    names=("the base", "this input"))
         if diffs:
             raise CadenzaError("made for another architecture than the base: "
@@ -324,7 +353,8 @@ def check_inputs(base_dir, model_dirs) -> tuple:
 
 def merge_models(base_dir, model_dirs, out_dir, spec: MergeSpec, *, mesh=None,
                  progress=None) -> dict:
-    """Merge model or adapter directories into the new model directory ``out_dir``.
+    """Merge model, Hugging Face, adapter or BitDelta directories into the new model
+    directory ``out_dir``.
 
     Checks every input's config against the base's and the method's settings before
     reading any weight; adapters are folded into the base first
@@ -336,6 +366,7 @@ def merge_models(base_dir, model_dirs, out_dir, spec: MergeSpec, *, mesh=None,
     """
     import cadenza
     from cadenza.models.checkpoint import load_model, save_model, tokenizer_dir
+    from cadenza.train.bitdelta import apply_bitdelta
     from cadenza.train.peft import merge as fold
     from cadenza.train.peft.artifacts import load_adapters
 
@@ -356,8 +387,10 @@ def merge_models(base_dir, model_dirs, out_dir, spec: MergeSpec, *, mesh=None,
     models = []
     for d, kind in zip(model_dirs, kinds):
         say(f"reading {kind} {d}")
-        if kind == "model":
+        if kind in ("model", "hf"):
             models.append(load_model(d, mesh=mesh, rules=rules)[1])
+        elif kind == "bitdelta":
+            models.append(apply_bitdelta(d, base))
         else:
             pm, trainable = load_adapters(d, base_config, mesh=mesh, rules=rules)
             models.append(fold.merge(pm, trainable, pm.freeze(base)))

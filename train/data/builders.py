@@ -6,7 +6,8 @@
 - :class:`Stdlib`: the running interpreter's standard library (configs ``code``
   and ``instruct``).
 
-Both write the canonical record features (``messages``, ``text``, ``source``)
+Both write the canonical record features (``messages``, ``text``, ``source``, and
+``weights`` except for preference records)
 into splits ``train`` and ``test`` (held out, ``heldout_fraction``), and a
 ``build_report.json`` next to the data with the counts read / written /
 skipped by reason. :func:`prepare` builds a :class:`DataSource` once (reusing a
@@ -22,6 +23,7 @@ import json
 import pathlib
 import sys
 
+import numpy as np
 import tensorflow_datasets as tfds
 
 from cadenza.errors import CadenzaError
@@ -36,6 +38,10 @@ def _turns():
 
 FEATURES = {"messages": _turns(), "text": tfds.features.Text(), "source": tfds.features.Text()}
 PREFERENCE_FEATURES = {**FEATURES, "chosen": _turns(), "rejected": _turns()}
+# Loss weights per assistant turn (one for text); empty: every weight 1.
+WEIGHTED_FEATURES = {**FEATURES, "weights": tfds.features.Sequence(np.float32)}
+# Part of every build's location: a change of the stored features makes a new build.
+FEATURES_VERSION = 2
 REPORT_FILE = "build_report.json"
 
 
@@ -55,7 +61,8 @@ class _Builder(tfds.core.GeneratorBasedBuilder):
         super().__init__(**kwargs)
 
     def _info(self):
-        features = PREFERENCE_FEATURES if self.builder_config.name == "preference" else FEATURES
+        features = PREFERENCE_FEATURES if self.builder_config.name == "preference" \
+            else WEIGHTED_FEATURES
         return self.dataset_info_from_configs(features=tfds.features.FeaturesDict(features))
 
     def _keyed_records(self):
@@ -75,7 +82,11 @@ class _Builder(tfds.core.GeneratorBasedBuilder):
         return {name: self._generate_examples(items) for name, items in splits.items() if items}
 
     def _generate_examples(self, items):
-        yield from items
+        if self.builder_config.name == "preference":
+            yield from items
+            return
+        for key, record in items:
+            yield key, {"weights": [], **record}
 
     def source_description(self) -> str:
         raise NotImplementedError
@@ -153,7 +164,7 @@ def source_location(source, data) -> tuple[pathlib.Path, str]:
     module selection.
     """
     base = pathlib.Path(data.data_dir).expanduser() if data.data_dir else default_data_dir()
-    options = [data.heldout_fraction, data.num_shards]
+    options = [data.heldout_fraction, data.num_shards, FEATURES_VERSION]
     if source.format in ("stdlib_code", "stdlib_instruct"):
         kind = source.format.split("_")[1]
         key = _fingerprint(sys.version, data.stdlib_modules, *options)

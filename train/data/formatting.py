@@ -8,6 +8,11 @@ tokenized at once (as transformers does), with exactly one BOS (added only if
 the template does not write it). Text records get one BOS, the text and an EOS,
 all trained.
 
+A record's ``weights`` (one per assistant turn, or one for a text record) scale its
+trained tokens: ``loss_mask`` holds each token's weight (1 when the record gives none,
+0 for untrained tokens), so the masked-mean loss is the weighted mean and a weight of 0
+is exactly a masked token.
+
 An example of ``n`` tokens becomes ``inputs = tokens[:-1]``, ``targets =
 tokens[1:]``, ``loss_mask = mask[1:]`` (``n - 1`` positions). Longer than
 ``seq_len`` positions: ``truncate`` keeps the first ``seq_len``; ``drop``
@@ -53,6 +58,8 @@ def decode_record(raw) -> dict:
               "source": s(raw.get("source", b"?"))}
     if "chosen" in raw:
         record["chosen"], record["rejected"] = turns(raw["chosen"]), turns(raw["rejected"])
+    if "weights" in raw:
+        record["weights"] = [float(w) for w in raw["weights"]]
     return record
 
 
@@ -142,12 +149,31 @@ class Formatter:
         skip = sum(m["role"] == "assistant" for m in record["messages"])
         return self._chat_tokens(record["messages"] + record[side], skip)
 
-    def _chat_tokens(self, messages, skip_turns: int = 0):
+    def tokens_and_weights(self, record: dict) -> tuple[list[int], list[float]]:
+        """All tokens of ``record`` and each one's loss weight: 0 for untrained tokens, else
+        the record's ``weights`` entry of the assistant turn it belongs to (text: its one
+        entry), 1 when the record gives no weights."""
+        weights = record.get("weights") or []
+        if not record["messages"]:
+            ids, mask = self.tokens_and_mask(record)
+            w = weights[0] if weights else 1.0
+            return ids, [w if m else 0.0 for m in mask]
+        ids, turns = self._chat_tokens_and_turns(record["messages"])
+        return ids, [0.0 if t < 0 else weights[t] if weights else 1.0 for t in turns]
+
+    def _chat_tokens_and_turns(self, messages, skip_turns: int = 0):
+        """Tokens of the rendered ``messages`` and, per token, the index of the assistant
+        turn (after the first ``skip_turns``) its characters overlap, or -1."""
         text, spans = self.template.render_with_spans(messages)
         spans = spans[skip_turns:]
         ids, offsets = self.tokenizer.encode_with_offsets(text, add_bos=True)
-        mask = [any(a < e and b > s for s, e in spans) for a, b in offsets]
-        return ids, mask
+        turns = [next((k for k, (s, e) in enumerate(spans) if a < e and b > s), -1)
+                 for a, b in offsets]
+        return ids, turns
+
+    def _chat_tokens(self, messages, skip_turns: int = 0):
+        ids, turns = self._chat_tokens_and_turns(messages, skip_turns)
+        return ids, [t >= 0 for t in turns]
 
     def _valid_ids(self, ids, where) -> bool:
         """False (reported) for a second BOS or ids outside the model vocab."""
@@ -181,7 +207,7 @@ class Formatter:
         if "chosen" in record:
             return self._format_pair(record, where)
         try:
-            ids, mask = self.tokens_and_mask(record)
+            ids, mask = self.tokens_and_weights(record)
         except CadenzaError as e:
             self.problems.report("template_error", where, e.what)
             return None
@@ -208,7 +234,9 @@ class Formatter:
             self.counts["chunked"] += int(pieces > 1)
         self.counts["kept"] += 1
         self.counts["tokens"] += len(ids) - 1
-        self.counts["trained_tokens"] += int(sum(mask[1:]))
+        self.counts["trained_tokens"] += sum(m > 0 for m in mask[1:])
+        if any(w != 1.0 for w in record.get("weights") or []):
+            self.counts["weighted_records"] += 1
         arr = np.asarray(ids, np.int32)
         return {"inputs": arr[:-1], "targets": arr[1:],
                 "loss_mask": np.asarray(mask[1:], np.float32)}

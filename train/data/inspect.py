@@ -91,7 +91,9 @@ def inspect_data(config, *, examples: int = 3, split: str = "train", batches: in
                 continue
             ids, mask = formatter.tokens_and_mask(record)
             lines.append(f"-- example {i} ({record['source']}): {len(ids)} tokens, "
-                         f"{sum(mask)} trained{_long_policy(data.truncation, record, ids, seq)}")
+                         f"{sum(mask)} trained{_long_policy(data.truncation, record, ids, seq)}"
+                         + (f", loss weights {record['weights']}" if record.get("weights")
+                            else ""))
             lines.append(mark_masked(tokenizer, ids, mask))
     it = build_iterator(config, split=split)
     filled = trained = total = packed = 0
@@ -101,7 +103,7 @@ def inspect_data(config, *, examples: int = 3, split: str = "train", batches: in
         except StopIteration:
             break
         filled += int((b["segment_ids"] > 0).sum())
-        trained += int(b["loss_mask"].sum())
+        trained += int((b["loss_mask"] > 0).sum())
         total += b["segment_ids"].size
         packed += int(np.max(b["segment_ids"], axis=1).sum())
     stats = it.stats()

@@ -15,6 +15,12 @@ A canonical record is ``{"messages": [{"role", "content"}...], "text": str,
   with at least one assistant turn. The record keeps the prompt in ``messages`` and the
   two continuations in ``chosen`` / ``rejected``.
 
+Every format but ``preference`` takes an optional ``weights`` field: a number >= 0 (the
+loss weight of every trained token of the record) or, for chat records, a list with one
+number >= 0 per assistant turn (the weight of that turn's tokens; 0 leaves the turn
+untrained). The canonical record keeps it as ``weights``: a list of floats, one per
+assistant turn (one for text), or empty when the record gives none (every weight 1).
+
 Besides JSON, records (the same fields, one per row) come from Parquet files
 (``.parquet``), Arrow files (``.arrow``) and Hugging Face ``datasets`` folders written
 by ``save_to_disk`` (a ``Dataset`` folder: its arrow files in order; a ``DatasetDict``
@@ -30,6 +36,7 @@ import collections
 import glob
 import json
 import logging
+import math
 import pathlib
 
 from cadenza.errors import CadenzaError
@@ -55,6 +62,8 @@ FIXES = {
     "template_error": "make the conversation match what the chat template accepts",
     "unreadable_table": "rewrite the file (pandas.DataFrame.to_parquet, Dataset.save_to_disk)",
     "identical_pair": "give a rejected response that differs from the chosen one",
+    "bad_weights": "give 'weights' as one number >= 0, or a list of numbers >= 0 with one "
+                   "per assistant turn (not in preference records)",
 }
 TABLE_SUFFIXES = (".parquet", ".arrow")
 
@@ -330,6 +339,24 @@ def _preference(obj, where, problems):
     return prompt, chosen, rejected
 
 
+def _weights(obj, turns: int, where, problems):
+    """The record's ``weights`` as one float per assistant turn (``turns``; 1 for text),
+    ``[]`` when absent, or None (reported) when malformed."""
+    value = obj.get("weights") if isinstance(obj, dict) else None
+    if value is None:
+        return []
+    values = [value] * turns if isinstance(value, (int, float)) else value
+    ok = (isinstance(values, list) and len(values) == turns
+          and all(isinstance(w, (int, float)) and not isinstance(w, bool)
+                  and math.isfinite(w) and w >= 0 for w in values))
+    if not ok:
+        problems.report("bad_weights", where, f"'weights' {value!r} is not a number >= 0 or a "
+                                              f"list of {turns} such numbers (one per "
+                                              "assistant turn)")
+        return None
+    return [float(w) for w in values]
+
+
 def read_records(format: str, files, problems: Problems, counts: collections.Counter):
     """Yield canonical records from ``files`` in ``format`` (see the module docstring).
 
@@ -357,10 +384,14 @@ def read_records(format: str, files, problems: Problems, counts: collections.Cou
                 text = _string_field(obj, "text", where, problems)
                 if text is not None and not text.strip():
                     problems.report("empty", where, "empty text")
-                elif text is not None:
-                    yield {"messages": [], "text": text, "source": where}
+                elif text is not None and (weights := _weights(obj, 1, where, problems)) \
+                        is not None:
+                    yield {"messages": [], "text": text, "source": where, "weights": weights}
                 continue
             if format == "preference":
+                if isinstance(obj, dict) and "weights" in obj:
+                    problems.report("bad_weights", where, "preference records take no weights")
+                    continue
                 pair = _preference(obj, where, problems)
                 if pair is not None:
                     yield {"messages": pair[0], "text": "", "source": where,
@@ -369,7 +400,10 @@ def read_records(format: str, files, problems: Problems, counts: collections.Cou
             messages = CHAT_PARSERS[format](obj, where, problems)
             if messages is None:
                 continue
-            if not any(m["role"] == "assistant" for m in messages):
+            replies = sum(m["role"] == "assistant" for m in messages)
+            if not replies:
                 problems.report("no_assistant_turn", where, "conversation has no assistant turn")
                 continue
-            yield {"messages": messages, "text": "", "source": where}
+            weights = _weights(obj, replies, where, problems)
+            if weights is not None:
+                yield {"messages": messages, "text": "", "source": where, "weights": weights}
