@@ -75,7 +75,7 @@ def weight_specs(config: ModelConfig) -> list[WeightSpec]:
         specs.append(WeightSpec(("layers", "mlp", "router", "kernel"), f"{block}gate.weight",
                                 TRANSPOSE, True))
         for ours, theirs in zip(("gate_proj", "up_proj", "down_proj"), fam.expert_names):
-            specs.append(WeightSpec(("layers", "mlp", ours),
+            specs.append(WeightSpec(("layers", "mlp", ours, "kernel"),
                                     f"{block}experts.{{e}}.{theirs}.weight", TRANSPOSE, True,
                                     config.num_experts))
     else:
