@@ -1,6 +1,6 @@
 """The model config: one frozen dataclass covering every family in
 :mod:`cadenza.models.families` (Llama, Mistral, Qwen2/3, Gemma 1/2/3, and the
-mixture-of-experts Mixtral, Qwen3-MoE and OLMoE).
+mixture-of-experts Mixtral, Qwen2-MoE, Qwen3-MoE and OLMoE).
 
 A family is a bundle of switches (norm style, activation, biases, tying,
 soft-capping, sliding windows, q/k norms, experts); presets under
@@ -70,6 +70,8 @@ class ModelConfig:
     ``intermediate_size``); each token goes to its ``num_experts_per_tok``
     highest-probability experts, weighted by their softmax probabilities
     (renormalised over the chosen ones when ``norm_topk_prob``).
+``shared_expert_size`` > 0 adds Qwen2-MoE's shared expert: a gated MLP of that
+width every token goes through, scaled by ``sigmoid(shared_expert_gate(x))``.
     ``router_aux_loss_coef`` and ``router_z_loss_coef`` weight the
     load-balancing and router z-loss in training (both are always reported).
 
@@ -109,6 +111,7 @@ class ModelConfig:
     num_experts_per_tok: int = 0
     moe_intermediate_size: int = 0
     norm_topk_prob: bool = False
+    shared_expert_size: int = 0
     router_aux_loss_coef: float = 0.0
     router_z_loss_coef: float = 0.0
     bos_token_id: Optional[int] = 1
@@ -166,6 +169,9 @@ class ModelConfig:
         require(moe or self.num_experts == 0, "model.num_experts",
                 f"family {self.family!r} is dense but num_experts={self.num_experts}",
                 f"use a mixture-of-experts family ({', '.join(MOE_FAMILIES)}) or num_experts=0")
+        require(moe or self.shared_expert_size == 0, "model.shared_expert_size",
+                f"family {self.family!r} is dense but shared_expert_size="
+                f"{self.shared_expert_size}", "use qwen2_moe or shared_expert_size=0")
         if not moe:
             return
         require(self.num_experts >= 2, "model.num_experts",
@@ -174,6 +180,7 @@ class ModelConfig:
         check_range("model", "num_experts_per_tok", self.num_experts_per_tok, low=1,
                     high=self.num_experts)
         check_range("model", "moe_intermediate_size", self.moe_intermediate_size, low=0)
+        check_range("model", "shared_expert_size", self.shared_expert_size, low=0)
 
     @property
     def is_moe(self) -> bool:
@@ -225,6 +232,8 @@ class ModelConfig:
         mlp = 3 * d * f
         if self.is_moe:
             mlp = experts * 3 * d * self.expert_size + d * self.num_experts
+            if self.shared_expert_size:
+                mlp += 3 * d * self.shared_expert_size + d
         layer = attn + mlp + norms
         embed = self.vocab_size * d * (1 if self.tie_embeddings else 2)
         return self.num_layers * layer + embed + d

@@ -3,16 +3,21 @@
 Each token's router logits (float32) go through a softmax over all experts;
 the ``num_experts_per_tok`` most probable experts are kept, their
 probabilities renormalised to sum to 1 when ``norm_topk_prob`` (Mixtral
-always; Qwen3-MoE and OLMoE as configured). No token is ever dropped: the
-(token, expert) pairs are sorted by expert and each expert's gated MLP runs on
-exactly its rows with one ``jax.lax.ragged_dot`` per projection (a grouped
-matmul over contiguous row groups, :class:`ExpertProjection`), then the
-weighted outputs are summed back per token.
+always; Qwen2-MoE, Qwen3-MoE and OLMoE as configured). No token is ever
+dropped: the (token, expert) pairs are sorted by expert and each expert's
+gated MLP runs on exactly its rows with one ``jax.lax.ragged_dot`` per
+projection (a grouped matmul over contiguous row groups,
+:class:`ExpertProjection`), then the weighted outputs are summed back per
+token. Qwen2-MoE adds a shared expert (a gated MLP of width
+``shared_expert_size`` every token goes through), scaled per token by
+``sigmoid(shared_expert_gate(x))``.
 
 Params (per layer): ``router/kernel`` [embed, expert]; ``gate_proj/kernel``,
 ``up_proj/kernel`` [expert, embed, expert_mlp]; ``down_proj/kernel`` [expert,
-expert_mlp, embed]. The logical ``expert`` axis maps to the ``expert`` mesh axis (expert
-parallelism), ``expert_mlp`` to ``tensor``.
+expert_mlp, embed]; with a shared expert also ``shared_expert/{gate,up,down}_proj/kernel``
+(logical ``mlp`` width) and ``shared_expert_gate/kernel`` [embed, 1]. The logical
+``expert`` axis maps to the ``expert`` mesh axis (expert parallelism),
+``expert_mlp`` to ``tensor``.
 
 The router logits of every layer are sown in the ``intermediates``
 collection under ``router_logits`` ([tokens, experts] per layer);
@@ -24,7 +29,7 @@ import jax
 import jax.numpy as jnp
 
 from cadenza.models.config import ModelConfig
-from cadenza.models.layers import Projection
+from cadenza.models.layers import MLP, Projection
 
 
 def route(logits: jax.Array, k: int, normalize: bool) -> tuple[jax.Array, jax.Array]:
@@ -116,8 +121,12 @@ class MoEMLP(nn.Module):
              * proj("up_proj", f, "embed", "expert_mlp")(rows, sizes))
         out = proj("down_proj", d, "expert_mlp", "embed")(h.astype(dtype), sizes)
         out = jnp.zeros_like(out).at[order].set(out).reshape(b * t, k, d)
-        y = jnp.einsum("nkd,nk->nd", out, weights.astype(dtype))
-        return y.reshape(b, t, d)
+        y = jnp.einsum("nkd,nk->nd", out, weights.astype(dtype)).reshape(b, t, d)
+        if cfg.shared_expert_size:
+            shared = MLP(cfg, cfg.shared_expert_size, name="shared_expert")(x)
+            gate = Projection((1,), ("embed",), (None,), cfg, name="shared_expert_gate")(x)
+            y = y + jax.nn.sigmoid(gate) * shared
+        return y
 
 
 def router_losses(router_logits: jax.Array, k: int) -> dict[str, jax.Array]:
