@@ -11,6 +11,8 @@ Face ``config.json`` names where one exists, so conversion is a rename.
 import dataclasses
 from typing import Optional
 
+from cadenza.errors import ConfigError
+from cadenza.models.families import FAMILIES as FAMILY_TABLE
 from cadenza.models.families import MOE_FAMILIES
 from cadenza.models.families import NAMES as FAMILIES
 from cadenza.validation import check_choice, check_range, require
@@ -22,6 +24,9 @@ QK_NORMS = ("none", "head", "full")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "save_attn_out")
 DTYPES = ("float32", "bfloat16", "float16")
 ATTENTION_IMPLS = ("auto", "xla", "pallas", "cudnn")  # = pallas_kernels.attention.IMPLEMENTATIONS
+# The family switches and their value when neither the config nor the family sets them.
+SWITCH_DEFAULTS = {"norm_plus_one": False, "post_norms": False, "qkv_bias": False,
+                   "scale_embeddings": False, "qk_norm": "none", "norm_topk_prob": False}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,6 +59,14 @@ class RopeScalingConfig:
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """Shapes and family switches of a decoder-only transformer.
+
+    Family switches (``norm_plus_one``, ``post_norms``, ``qkv_bias``,
+    ``scale_embeddings``, ``qk_norm``, ``norm_topk_prob``): None (the default)
+    takes the family's value (see :mod:`cadenza.models.families`; e.g.
+    ``family=gemma`` alone gives Gemma's ``norm_plus_one=True``); a switch the
+    family fixes may only be set to that value (a ConfigError names the field
+    otherwise); the others (e.g. Qwen2-MoE's ``qkv_bias``) default to the
+    family's transformers default, else to :data:`SWITCH_DEFAULTS`.
 
     ``head_dim`` defaults to ``hidden_size // num_heads`` when left at 0.
     ``sliding_window`` applies to the layers chosen by ``local_layers``:
@@ -93,12 +106,12 @@ width every token goes through, scaled by ``sigmoid(shared_expert_gate(x))``.
     rope_theta: float = 10000.0
     rope_scaling: RopeScalingConfig = dataclasses.field(default_factory=RopeScalingConfig)
     norm_eps: float = 1e-5
-    norm_plus_one: bool = False
-    post_norms: bool = False
+    norm_plus_one: Optional[bool] = None
+    post_norms: Optional[bool] = None
     activation: str = "silu"
-    qkv_bias: bool = False
+    qkv_bias: Optional[bool] = None
     tie_embeddings: bool = False
-    scale_embeddings: bool = False
+    scale_embeddings: Optional[bool] = None
     sliding_window: int = 0
     local_layers: str = "none"
     attn_logit_softcap: float = 0.0
@@ -106,11 +119,11 @@ width every token goes through, scaled by ``sigmoid(shared_expert_gate(x))``.
     query_pre_attn_scalar: float = 0.0
     global_layer_interval: int = 0
     local_rope_theta: float = 0.0
-    qk_norm: str = "none"
+    qk_norm: Optional[str] = None
     num_experts: int = 0
     num_experts_per_tok: int = 0
     moe_intermediate_size: int = 0
-    norm_topk_prob: bool = False
+    norm_topk_prob: Optional[bool] = None
     shared_expert_size: int = 0
     router_aux_loss_coef: float = 0.0
     router_z_loss_coef: float = 0.0
@@ -126,6 +139,7 @@ width every token goes through, scaled by ``sigmoid(shared_expert_gate(x))``.
     def __post_init__(self):
         s = "model"
         check_choice(s, "family", self.family, FAMILIES)
+        self._resolve_switches()
         for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads",
                      "intermediate_size", "max_position_embeddings"):
             check_range(s, name, getattr(self, name), low=1)
@@ -163,6 +177,19 @@ width every token goes through, scaled by ``sigmoid(shared_expert_gate(x))``.
         check_choice(s, "param_dtype", self.param_dtype, DTYPES)
         check_choice(s, "remat_policy", self.remat_policy, REMAT_POLICIES)
         check_choice(s, "attention_impl", self.attention_impl, ATTENTION_IMPLS)
+
+    def _resolve_switches(self):
+        fam = FAMILY_TABLE[self.family]
+        for name, default in SWITCH_DEFAULTS.items():
+            value, fixed = getattr(self, name), fam.switches.get(name)
+            if value is None:
+                value = fixed if fixed is not None else fam.defaults.get(name, default)
+                object.__setattr__(self, name, value)
+            elif fixed is not None and value != fixed:
+                raise ConfigError(f"{name}={value!r} contradicts family {self.family!r}, which "
+                                  f"has {name}={fixed!r}", where=f"model.{name}",
+                                  fix=f"leave model.{name} unset (the family sets it) or choose "
+                                      f"a family with {name}={value!r}")
 
     def _check_experts(self):
         moe = self.family in MOE_FAMILIES

@@ -168,10 +168,3 @@ def family_overrides(name: str) -> list[str]:
     return ([f"model.family={name}"]
             + [f"model.{k}={text(v)}" for k, v in sorted(fam.switches.items())]
             + list(fam.test_overrides))
-
-
-def mismatched_switches(config) -> list[str]:
-    """``field=value (family wants X)`` for each switch of ``config`` its family fixes otherwise."""
-    fam = FAMILIES[config.family]
-    return [f"{k}={getattr(config, k)!r} ({config.family} has {v!r})"
-            for k, v in sorted(fam.switches.items()) if getattr(config, k) != v]
