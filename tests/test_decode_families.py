@@ -1,5 +1,5 @@
-"""Decoding on the newer families (Qwen3, Gemma 3, a mixture of experts): every method runs
-and the greedy-equivalent ones (speculative with a draft, n-gram prompt lookup, Superposed
+"""Decoding on the newer families (Qwen3, Gemma 3, a mixture of experts): the
+greedy-equivalent methods (speculative with a draft, n-gram prompt lookup, Superposed
 with one draft and no n-gram, LUD with beta > 1) equal plain greedy token for token.
 (Plain greedy equals transformers' generate in test_hf_parity.py.)"""
 
@@ -27,9 +27,9 @@ def _sharpened(cfg, seed):
     return {**params, "final_norm": {"scale": scale}}
 
 
-@pytest.mark.parametrize("family", ["qwen3", "gemma3_text", "qwen2_moe"])
-def test_every_method_runs_and_greedy_equivalents_equal_greedy(tiny_config, family):
-    cfg = tiny_config(family, "model.num_layers=2")
+@pytest.mark.parametrize("family, layers", [("qwen3", 1), ("gemma3_text", 2), ("qwen2_moe", 1)])
+def test_greedy_equivalent_methods_equal_greedy(tiny_config, family, layers):
+    cfg = tiny_config(family, f"model.num_layers={layers}")  # Gemma 3: one local, one global
     model, params = Transformer(cfg), _sharpened(cfg, 0)
     base = DecodeConfig(max_new_tokens=N, ignore_eos=True)
     want = generate(model, params, PROMPTS, base).token_ids
@@ -47,5 +47,3 @@ def test_every_method_runs_and_greedy_equivalents_equal_greedy(tiny_config, fami
     }
     for name, (config, resources) in runs.items():
         assert generate(model, params, PROMPTS, config, **resources).token_ids == want, name
-    sampled = generate(model, params, PROMPTS, dataclasses.replace(base, method="sample"))
-    assert [len(t) for t in sampled.token_ids] == [N, N]
