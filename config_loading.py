@@ -8,6 +8,7 @@ Merge order (later wins): dataclass defaults, the model preset
 import dataclasses
 import logging
 import pathlib
+import types
 import typing
 
 import yaml
@@ -114,6 +115,9 @@ def _translate(e: Exception, source: str) -> ConfigError:
                            where=key, fix=f"valid keys in {where}: {', '.join(fields)}")
     if isinstance(e, oc_errors.ValidationError):
         t = _field_type_at(key.split(".")) if key else None
+        args = [a for a in typing.get_args(t) if a is not type(None)]
+        if typing.get_origin(t) in (typing.Union, types.UnionType) and len(args) == 1:
+            t = args[0]  # Optional[X]: X or null
         expected = getattr(t, "__name__", None) or str(t)
         return ConfigError(f"{msg} (from {source})", where=key or "config",
                            fix=f"give a value of type {expected}")
@@ -122,8 +126,12 @@ def _translate(e: Exception, source: str) -> ConfigError:
 
 
 def _schema() -> DictConfig:
+    from cadenza.models.config import SWITCH_DEFAULTS
+
     schema = OmegaConf.structured(ExperimentConfig)
     _make_writable(schema)
+    for name in SWITCH_DEFAULTS:  # unset: the (possibly overridden) family decides
+        schema.model[name] = None
     return schema
 
 

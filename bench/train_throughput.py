@@ -1,6 +1,6 @@
 """Train-step speed: cadenza vs a plain PyTorch loop over transformers' LlamaForCausalLM.
 
-    .venv/bin/python bench/train_throughput.py [--sizes 10m,50m] [--dtypes float32,bfloat16]
+    .venv/bin/python bench/train_throughput.py [--sizes 10m,50m,moe10m] [--dtypes float32,bfloat16]
         [--modes full,lora] [--setups 10m:float32:full,...] [--repeats 5] [--no-torch]
         [--name train_throughput] [--override KEY=VALUE] [--out DIR]
 
@@ -60,6 +60,12 @@ SIZES = {   # Llama-style, untied embeddings, MHA
     "50m": ["model.vocab_size=16384", "model.hidden_size=512", "model.num_layers=8",
             "model.num_heads=8", "model.num_kv_heads=8", "model.intermediate_size=1376"],
     # ~1.1B (GQA): for accelerators (scripts/gpu_check.sh runs it with --no-torch)
+    # the 10m shape as a Mixtral-style mixture of experts (8 experts of width 432, top-2):
+    # cadenza alone (--no-torch; the torch side runs Llama only)
+    "moe10m": ["model.family=mixtral", "model.norm_topk_prob=true", "model.vocab_size=8192",
+               "model.hidden_size=320", "model.num_layers=6", "model.num_heads=5",
+               "model.num_kv_heads=5", "model.intermediate_size=432", "model.num_experts=8",
+               "model.num_experts_per_tok=2"],
     "1b": ["model.vocab_size=32000", "model.hidden_size=2048", "model.num_layers=16",
            "model.num_heads=32", "model.num_kv_heads=8", "model.intermediate_size=8192"],
 }
@@ -231,6 +237,9 @@ def bench_setup(size: str, dtype: str, mode: str, repeats: int, use_torch: bool,
     """Interleaved rounds of cadenza and torch for one (size, dtype, mode); ``overrides``:
     more config overrides for cadenza (e.g. ``model.attention_impl=xla``)."""
     base = load_config(None, SIZES[size] + TRAIN, preset="tiny")
+    if use_torch and base.model.is_moe:
+        raise SystemExit(f"size {size} is a mixture of experts: the torch side runs Llama "
+                         f"only; add --no-torch")
     rng = np.random.default_rng(0)
     tokens = rng.integers(3, base.model.vocab_size, (BATCH, SEQ + 1)).astype(np.int32)
     batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],

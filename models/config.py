@@ -1,6 +1,6 @@
 """The model config: one frozen dataclass covering every family in
 :mod:`cadenza.models.families` (Llama, Mistral, Qwen2/3, Gemma 1/2/3, and the
-mixture-of-experts Mixtral, Qwen3-MoE and OLMoE).
+mixture-of-experts Mixtral, Qwen2-MoE, Qwen3-MoE and OLMoE).
 
 A family is a bundle of switches (norm style, activation, biases, tying,
 soft-capping, sliding windows, q/k norms, experts); presets under
@@ -13,6 +13,7 @@ import re
 from typing import Optional
 
 from cadenza.errors import ConfigError
+from cadenza.models.families import FAMILIES as FAMILY_TABLE
 from cadenza.models.families import MOE_FAMILIES
 from cadenza.models.families import NAMES as FAMILIES
 from cadenza.validation import check_choice, check_range, require
@@ -25,6 +26,9 @@ REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "save_attn_out")
 DTYPES = ("float32", "bfloat16", "float16")
 ATTENTION_IMPLS = ("auto", "xla", "pallas", "cudnn")  # = pallas_kernels.attention.IMPLEMENTATIONS
 WEIGHT_QUANT = ("none", "int8", "int4", "nf4")  # = models.quant.WEIGHT_SCHEMES
+# The family switches and their value when neither the config nor the family sets them.
+SWITCH_DEFAULTS = {"norm_plus_one": False, "post_norms": False, "qkv_bias": False,
+                   "scale_embeddings": False, "qk_norm": "none", "norm_topk_prob": False}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,6 +62,14 @@ class RopeScalingConfig:
 class ModelConfig:
     """Shapes and family switches of a decoder-only transformer.
 
+    Family switches (``norm_plus_one``, ``post_norms``, ``qkv_bias``,
+    ``scale_embeddings``, ``qk_norm``, ``norm_topk_prob``): None (the default)
+    takes the family's value (see :mod:`cadenza.models.families`; e.g.
+    ``family=gemma`` alone gives Gemma's ``norm_plus_one=True``); a switch the
+    family fixes may only be set to that value (a ConfigError names the field
+    otherwise); the others (e.g. Qwen2-MoE's ``qkv_bias``) default to the
+    family's transformers default, else to :data:`SWITCH_DEFAULTS`.
+
     ``head_dim`` defaults to ``hidden_size // num_heads`` when left at 0.
     ``sliding_window`` applies to the layers chosen by ``local_layers``:
     ``all`` (Mistral), ``even`` (Gemma-2: layers 0, 2, 4, ... are local),
@@ -73,6 +85,8 @@ class ModelConfig:
     ``intermediate_size``); each token goes to its ``num_experts_per_tok``
     highest-probability experts, weighted by their softmax probabilities
     (renormalised over the chosen ones when ``norm_topk_prob``).
+``shared_expert_size`` > 0 adds Qwen2-MoE's shared expert: a gated MLP of that
+width every token goes through, scaled by ``sigmoid(shared_expert_gate(x))``.
     ``router_aux_loss_coef`` and ``router_z_loss_coef`` weight the
     load-balancing and router z-loss in training (both are always reported).
 
@@ -100,12 +114,12 @@ class ModelConfig:
     rope_theta: float = 10000.0
     rope_scaling: RopeScalingConfig = dataclasses.field(default_factory=RopeScalingConfig)
     norm_eps: float = 1e-5
-    norm_plus_one: bool = False
-    post_norms: bool = False
+    norm_plus_one: Optional[bool] = None
+    post_norms: Optional[bool] = None
     activation: str = "silu"
-    qkv_bias: bool = False
+    qkv_bias: Optional[bool] = None
     tie_embeddings: bool = False
-    scale_embeddings: bool = False
+    scale_embeddings: Optional[bool] = None
     sliding_window: int = 0
     local_layers: str = "none"
     attn_logit_softcap: float = 0.0
@@ -113,11 +127,12 @@ class ModelConfig:
     query_pre_attn_scalar: float = 0.0
     global_layer_interval: int = 0
     local_rope_theta: float = 0.0
-    qk_norm: str = "none"
+    qk_norm: Optional[str] = None
     num_experts: int = 0
     num_experts_per_tok: int = 0
     moe_intermediate_size: int = 0
-    norm_topk_prob: bool = False
+    norm_topk_prob: Optional[bool] = None
+    shared_expert_size: int = 0
     router_aux_loss_coef: float = 0.0
     router_z_loss_coef: float = 0.0
     bos_token_id: Optional[int] = 1
@@ -135,6 +150,7 @@ class ModelConfig:
     def __post_init__(self):
         s = "model"
         check_choice(s, "family", self.family, FAMILIES)
+        self._resolve_switches()
         for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads",
                      "intermediate_size", "max_position_embeddings"):
             check_range(s, name, getattr(self, name), low=1)
@@ -181,11 +197,27 @@ class ModelConfig:
                               where="model.weight_quant_targets",
                               fix="a Python regex over module paths, e.g. '.*_proj'") from None
 
+    def _resolve_switches(self):
+        fam = FAMILY_TABLE[self.family]
+        for name, default in SWITCH_DEFAULTS.items():
+            value, fixed = getattr(self, name), fam.switches.get(name)
+            if value is None:
+                value = fixed if fixed is not None else fam.defaults.get(name, default)
+                object.__setattr__(self, name, value)
+            elif fixed is not None and value != fixed:
+                raise ConfigError(f"{name}={value!r} contradicts family {self.family!r}, which "
+                                  f"has {name}={fixed!r}", where=f"model.{name}",
+                                  fix=f"leave model.{name} unset (the family sets it) or choose "
+                                      f"a family with {name}={value!r}")
+
     def _check_experts(self):
         moe = self.family in MOE_FAMILIES
         require(moe or self.num_experts == 0, "model.num_experts",
                 f"family {self.family!r} is dense but num_experts={self.num_experts}",
                 f"use a mixture-of-experts family ({', '.join(MOE_FAMILIES)}) or num_experts=0")
+        require(moe or self.shared_expert_size == 0, "model.shared_expert_size",
+                f"family {self.family!r} is dense but shared_expert_size="
+                f"{self.shared_expert_size}", "use qwen2_moe or shared_expert_size=0")
         if not moe:
             return
         require(self.num_experts >= 2, "model.num_experts",
@@ -194,6 +226,7 @@ class ModelConfig:
         check_range("model", "num_experts_per_tok", self.num_experts_per_tok, low=1,
                     high=self.num_experts)
         check_range("model", "moe_intermediate_size", self.moe_intermediate_size, low=0)
+        check_range("model", "shared_expert_size", self.shared_expert_size, low=0)
 
     @property
     def is_moe(self) -> bool:
@@ -245,6 +278,8 @@ class ModelConfig:
         mlp = 3 * d * f
         if self.is_moe:
             mlp = experts * 3 * d * self.expert_size + d * self.num_experts
+            if self.shared_expert_size:
+                mlp += 3 * d * self.shared_expert_size + d
         layer = attn + mlp + norms
         embed = self.vocab_size * d * (1 if self.tie_embeddings else 2)
         return self.num_layers * layer + embed + d

@@ -36,8 +36,9 @@ class Family:
       window_rule: one of :data:`WINDOW_RULES`.
       default_layer_types: when ``window_rule`` is ``layer_types`` and config.json has
         none: ``qwen`` (sliding from ``max_window_layers`` on, if ``use_sliding_window``),
-        ``even`` (Gemma-2: even layers) or ``every_6th_global`` (Gemma 3, from
-        ``sliding_window_pattern``, default 6).
+        ``even`` (Gemma-2: even layers), ``every_6th_global`` (Gemma 3, from
+        ``sliding_window_pattern``, default 6) or ``odd_below_max`` (Qwen2-MoE: layers
+        1, 3, 5, ... counted from 1 below ``max_window_layers``, if ``use_sliding_window``).
       norms: cadenza block norm name -> HF norm module name (per layer).
       moe_block: HF module name of the MoE MLP (``block_sparse_moe`` for Mixtral),
         empty for dense families.
@@ -121,6 +122,16 @@ _TABLE = [
            defaults={"rope_theta": 1_000_000.0, "router_aux_loss_coef": 0.001},
            window_rule="all", moe_block="block_sparse_moe", expert_names=("w1", "w3", "w2"),
            test_overrides=_TINY_MOE),
+    Family("qwen2_moe", "Qwen2MoeForCausalLM", dict(_PLAIN),
+           reads=frozenset({"qkv_bias", "sliding_window", "use_sliding_window",
+                            "max_window_layers", "layer_types", "num_experts",
+                            "num_local_experts", "num_experts_per_tok", "moe_intermediate_size",
+                            "shared_expert_intermediate_size", "norm_topk_prob",
+                            "router_aux_loss_coef", "decoder_sparse_step", "mlp_only_layers"}),
+           defaults={"qkv_bias": True, "router_aux_loss_coef": 0.001,
+                     "shared_expert_intermediate_size": 5632},
+           window_rule="layer_types", default_layer_types="odd_below_max", moe_block="mlp",
+           test_overrides=_TINY_MOE + ("model.shared_expert_size=40", "model.qkv_bias=true")),
     Family("qwen3_moe", "Qwen3MoeForCausalLM", {**_PLAIN, "qkv_bias": False, "qk_norm": "head"},
            reads=frozenset({"sliding_window", "use_sliding_window", "max_window_layers",
                             "layer_types", "num_experts", "num_local_experts",
@@ -157,10 +168,3 @@ def family_overrides(name: str) -> list[str]:
     return ([f"model.family={name}"]
             + [f"model.{k}={text(v)}" for k, v in sorted(fam.switches.items())]
             + list(fam.test_overrides))
-
-
-def mismatched_switches(config) -> list[str]:
-    """``field=value (family wants X)`` for each switch of ``config`` its family fixes otherwise."""
-    fam = FAMILIES[config.family]
-    return [f"{k}={getattr(config, k)!r} ({config.family} has {v!r})"
-            for k, v in sorted(fam.switches.items()) if getattr(config, k) != v]

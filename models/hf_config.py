@@ -1,7 +1,7 @@
 """Hugging Face ``config.json`` <-> :class:`~cadenza.models.config.ModelConfig`.
 
 Supported ``model_type`` s: those in :data:`cadenza.models.families.FAMILIES`
-(llama, mistral, qwen2, qwen3, gemma, gemma2, gemma3_text, mixtral, qwen3_moe,
+(llama, mistral, qwen2, qwen3, gemma, gemma2, gemma3_text, mixtral, qwen2_moe, qwen3_moe,
 olmoe). Only the keys each family's transformers class reads are read (e.g.
 soft-capping only for Gemma 2/3). Rope parameters are read from
 ``rope_parameters`` (transformers 5) or ``rope_scaling`` + ``rope_theta``
@@ -98,6 +98,9 @@ def _layer_windows(hf: dict, fam: Family, num_layers: int) -> list[int]:
     elif fam.default_layer_types == "every_6th_global":
         n = int(_read(hf, fam, "sliding_window_pattern"))
         sliding = [bool((i + 1) % n) for i in range(num_layers)]
+    elif fam.default_layer_types == "odd_below_max":
+        first = int(hf.get("max_window_layers", num_layers))
+        sliding = [bool((i + 1) % 2) and i < first for i in range(num_layers)]
     else:  # qwen
         first = int(hf.get("max_window_layers", num_layers))
         sliding = [i >= first for i in range(num_layers)]
@@ -143,6 +146,8 @@ def _experts(hf: dict, fam: Family, where: str, notes: list[str]) -> dict:
               "router_aux_loss_coef": float(_read(hf, fam, "router_aux_loss_coef", 0.0) or 0.0)}
     if "norm_topk_prob" in fam.reads:
         fields["norm_topk_prob"] = bool(_read(hf, fam, "norm_topk_prob", False))
+    if "shared_expert_intermediate_size" in fam.reads:
+        fields["shared_expert_size"] = int(_read(hf, fam, "shared_expert_intermediate_size"))
     return fields
 
 
@@ -242,7 +247,9 @@ def model_config_from_hf(hf: dict, *, dtype: str | None = None, where: str = "co
             bos_token_id=_token_id(hf, "bos_token_id", where, notes),
             eos_token_id=_token_id(hf, "eos_token_id", where, notes),
             pad_token_id=_token_id(hf, "pad_token_id", where, notes),
-            dtype=dtype, param_dtype=dtype, **_experts(hf, fam, where, notes))
+            dtype=dtype, param_dtype=dtype, **_experts(hf, fam, where, notes),
+            **({"qkv_bias": bool(_read(hf, fam, "qkv_bias"))} if "qkv_bias" in fam.reads
+               else {}))
     except KeyError as e:
         raise CadenzaError(f"config.json lacks the required field {e.args[0]!r}", where=where,
                            fix="use the config.json that came with the checkpoint") from None
@@ -320,6 +327,10 @@ def hf_config_from_model(config: ModelConfig) -> dict:
             hf["mlp_only_layers"] = []
         if "norm_topk_prob" in fam.reads:
             hf["norm_topk_prob"] = config.norm_topk_prob
+        if "shared_expert_intermediate_size" in fam.reads:
+            hf["shared_expert_intermediate_size"] = config.shared_expert_size
+    if "qkv_bias" in fam.reads:
+        hf["qkv_bias"] = config.qkv_bias
     back, _ = model_config_from_hf(hf, dtype=config.param_dtype, where="exported config.json")
     lost = [f for f, v in _semantics(config).items() if _semantics(back)[f] != v]
     if lost:

@@ -75,9 +75,17 @@ def weight_specs(config: ModelConfig) -> list[WeightSpec]:
         specs.append(WeightSpec(("layers", "mlp", "router", "kernel"), f"{block}gate.weight",
                                 TRANSPOSE, True))
         for ours, theirs in zip(("gate_proj", "up_proj", "down_proj"), fam.expert_names):
-            specs.append(WeightSpec(("layers", "mlp", ours),
+            specs.append(WeightSpec(("layers", "mlp", ours, "kernel"),
                                     f"{block}experts.{{e}}.{theirs}.weight", TRANSPOSE, True,
                                     config.num_experts))
+        if config.shared_expert_size:
+            for name in ("gate", "up", "down"):
+                specs.append(WeightSpec(("layers", "mlp", "shared_expert", f"{name}_proj",
+                                         "kernel"),
+                                        f"{block}shared_expert.{name}_proj.weight", TRANSPOSE,
+                                        True))
+            specs.append(WeightSpec(("layers", "mlp", "shared_expert_gate", "kernel"),
+                                    f"{block}shared_expert_gate.weight", TRANSPOSE, True))
     else:
         for name in ("gate", "up", "down"):
             specs.append(WeightSpec(("layers", "mlp", f"{name}_proj", "kernel"),

@@ -187,15 +187,20 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    """Gated MLP: ``down(act(gate(x)) * up(x))`` with SiLU (SwiGLU) or tanh-GELU (GeGLU)."""
+    """Gated MLP: ``down(act(gate(x)) * up(x))`` with SiLU (SwiGLU) or tanh-GELU (GeGLU).
+
+    ``width``: the hidden width (0: ``config.intermediate_size``).
+    """
 
     config: ModelConfig
+    width: int = 0
 
     @nn.compact
     def __call__(self, x):
         cfg = self.config
-        gate = Projection((cfg.intermediate_size,), ("embed",), ("mlp",), cfg, name="gate_proj")(x)
-        up = Projection((cfg.intermediate_size,), ("embed",), ("mlp",), cfg, name="up_proj")(x)
+        f = self.width or cfg.intermediate_size
+        gate = Projection((f,), ("embed",), ("mlp",), cfg, name="gate_proj")(x)
+        up = Projection((f,), ("embed",), ("mlp",), cfg, name="up_proj")(x)
         act = nn.silu if cfg.activation == "silu" else (lambda g: nn.gelu(g, approximate=True))
         h = nn.with_logical_constraint(act(gate) * up, ("batch", "length", "mlp"))
         return Projection((cfg.hidden_size,), ("mlp",), ("embed",), cfg, name="down_proj")(h)

@@ -3,16 +3,21 @@
 Each token's router logits (float32) go through a softmax over all experts;
 the ``num_experts_per_tok`` most probable experts are kept, their
 probabilities renormalised to sum to 1 when ``norm_topk_prob`` (Mixtral
-always; Qwen3-MoE and OLMoE as configured). No token is ever dropped: the
-(token, expert) pairs are sorted by expert and each expert's gated MLP runs on
-exactly its rows with one ``jax.lax.ragged_dot`` per projection (a grouped
-matmul over contiguous row groups), then the weighted outputs are summed back
-per token.
+always; Qwen2-MoE, Qwen3-MoE and OLMoE as configured). No token is ever
+dropped: the (token, expert) pairs are sorted by expert and each expert's
+gated MLP runs on exactly its rows with one ``jax.lax.ragged_dot`` per
+projection (a grouped matmul over contiguous row groups,
+:class:`ExpertProjection`), then the weighted outputs are summed back per
+token. Qwen2-MoE adds a shared expert (a gated MLP of width
+``shared_expert_size`` every token goes through), scaled per token by
+``sigmoid(shared_expert_gate(x))``.
 
-Params (per layer): ``router/kernel`` [embed, expert]; ``gate_proj``,
-``up_proj`` [expert, embed, expert_mlp]; ``down_proj`` [expert, expert_mlp,
-embed]. The logical ``expert`` axis maps to the ``expert`` mesh axis (expert
-parallelism), ``expert_mlp`` to ``tensor``.
+Params (per layer): ``router/kernel`` [embed, expert]; ``gate_proj/kernel``,
+``up_proj/kernel`` [expert, embed, expert_mlp]; ``down_proj/kernel`` [expert,
+expert_mlp, embed]; with a shared expert also ``shared_expert/{gate,up,down}_proj/kernel``
+(logical ``mlp`` width) and ``shared_expert_gate/kernel`` [embed, 1]. The logical
+``expert`` axis maps to the ``expert`` mesh axis (expert parallelism),
+``expert_mlp`` to ``tensor``.
 
 The router logits of every layer are sown in the ``intermediates``
 collection under ``router_logits`` ([tokens, experts] per layer);
@@ -24,7 +29,7 @@ import jax
 import jax.numpy as jnp
 
 from cadenza.models.config import ModelConfig
-from cadenza.models.layers import Projection
+from cadenza.models.layers import MLP, Projection
 
 
 def route(logits: jax.Array, k: int, normalize: bool) -> tuple[jax.Array, jax.Array]:
@@ -41,23 +46,53 @@ def route(logits: jax.Array, k: int, normalize: bool) -> tuple[jax.Array, jax.Ar
     return weights, experts.astype(jnp.int32)
 
 
-def grouped_mlp(x, experts, gate, up, down, activation):
-    """Dropless expert MLPs: row ``n`` of ``x`` [N, D] through the experts ``experts`` [N, k].
+def sort_by_expert(experts: jax.Array, num_experts: int):
+    """Group the (token, slot) pairs of ``experts`` [N, k] by expert.
 
-    ``gate``/``up`` [E, D, F], ``down`` [E, F, D]. Returns [N, k, D]: slot ``j`` of
-    token ``n`` is ``down_e(act(gate_e(x_n)) * up_e(x_n))`` with ``e = experts[n, j]``.
-    Rows are sorted by expert so each expert's rows are contiguous and one
-    ``ragged_dot`` per projection computes all experts.
+    Returns ``(order [N*k], group_sizes [num_experts] int32)``: ``order`` lists the
+    flattened pairs sorted (stably) by expert, so row ``order[j] // k`` of the tokens
+    is the ``j``-th row of the grouped input; expert ``e`` owns ``group_sizes[e]``
+    consecutive rows.
     """
-    n, k = experts.shape
-    num_experts = gate.shape[0]
     flat = experts.reshape(-1)
     order = jnp.argsort(flat, stable=True)
-    rows = x[order // k]
-    sizes = jnp.bincount(flat, length=num_experts).astype(jnp.int32)
-    h = activation(jax.lax.ragged_dot(rows, gate, sizes)) * jax.lax.ragged_dot(rows, up, sizes)
-    out = jax.lax.ragged_dot(h.astype(x.dtype), down, sizes)
-    return jnp.zeros_like(out).at[order].set(out).reshape(n, k, -1)
+    return order, jnp.bincount(flat, length=num_experts).astype(jnp.int32)
+
+
+def row_experts(group_sizes: jax.Array, rows: int) -> jax.Array:
+    """The expert [rows] int32 of each row of a grouped input with ``group_sizes``."""
+    return jnp.repeat(jnp.arange(group_sizes.shape[0], dtype=jnp.int32), group_sizes,
+                      total_repeat_length=rows)
+
+
+class ExpertProjection(nn.Module):
+    """Every expert's linear map at once: rows [M, in] grouped by expert -> [M, out].
+
+    The kernel is [experts, in, out] with logical axes ``("expert",) + in_axes +
+    out_axes``; rows ``[sum(group_sizes[:e]), sum(group_sizes[:e+1]))`` go through
+    expert ``e``'s slice (one ``jax.lax.ragged_dot``). ``features`` is ``(out,)``.
+    Adapters intercept its ``__call__`` by module path like a
+    :class:`~cadenza.models.layers.Projection`.
+    """
+
+    num_experts: int
+    features: tuple[int, ...]
+    in_axes: tuple[str, ...]
+    out_axes: tuple[str, ...]
+    config: ModelConfig
+    use_bias: bool = False
+
+    @nn.compact
+    def __call__(self, rows, group_sizes):
+        cfg = self.config
+        init = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal",
+                                                in_axis=1, out_axis=2, batch_axis=(0,))
+        kernel = self.param("kernel", nn.with_logical_partitioning(
+            init, ("expert",) + self.in_axes + self.out_axes),
+            (self.num_experts, rows.shape[-1]) + tuple(self.features),
+            jnp.dtype(cfg.param_dtype))
+        dtype = jnp.dtype(cfg.dtype)
+        return jax.lax.ragged_dot(rows.astype(dtype), kernel.astype(dtype), group_sizes)
 
 
 class MoEMLP(nn.Module):
@@ -68,28 +103,30 @@ class MoEMLP(nn.Module):
     @nn.compact
     def __call__(self, x):
         cfg = self.config
-        dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
-        e, d, f = cfg.num_experts, cfg.hidden_size, cfg.expert_size
+        dtype = jnp.dtype(cfg.dtype)
+        e, d, f, k = cfg.num_experts, cfg.hidden_size, cfg.expert_size, cfg.num_experts_per_tok
         logits = Projection((e,), ("embed",), ("expert",), cfg, name="router")(x)
         b, t = x.shape[:2]
         logits = logits.reshape(b * t, e).astype(jnp.float32)
         self.sow("intermediates", "router_logits", logits)
-        weights, experts = route(logits, cfg.num_experts_per_tok, cfg.norm_topk_prob)
+        weights, experts = route(logits, k, cfg.norm_topk_prob)
 
-        def kernel(name, shape, axes):
-            init = nn.initializers.variance_scaling(1.0, "fan_in", "truncated_normal",
-                                                    in_axis=1, out_axis=2, batch_axis=(0,))
-            return self.param(name, nn.with_logical_partitioning(init, axes), shape,
-                              pdtype).astype(dtype)
+        def proj(name, out, in_axis, out_axis):
+            return ExpertProjection(e, (out,), (in_axis,), (out_axis,), cfg, name=name)
 
-        gate = kernel("gate_proj", (e, d, f), ("expert", "embed", "expert_mlp"))
-        up = kernel("up_proj", (e, d, f), ("expert", "embed", "expert_mlp"))
-        down = kernel("down_proj", (e, f, d), ("expert", "expert_mlp", "embed"))
         act = nn.silu if cfg.activation == "silu" else (lambda g: nn.gelu(g, approximate=True))
-        tokens = x.reshape(b * t, d).astype(dtype)
-        out = grouped_mlp(tokens, experts, gate, up, down, act)
-        y = jnp.einsum("nkd,nk->nd", out, weights.astype(dtype))
-        return y.reshape(b, t, d)
+        order, sizes = sort_by_expert(experts, e)
+        rows = x.reshape(b * t, d).astype(dtype)[order // k]
+        h = (act(proj("gate_proj", f, "embed", "expert_mlp")(rows, sizes))
+             * proj("up_proj", f, "embed", "expert_mlp")(rows, sizes))
+        out = proj("down_proj", d, "expert_mlp", "embed")(h.astype(dtype), sizes)
+        out = jnp.zeros_like(out).at[order].set(out).reshape(b * t, k, d)
+        y = jnp.einsum("nkd,nk->nd", out, weights.astype(dtype)).reshape(b, t, d)
+        if cfg.shared_expert_size:
+            shared = MLP(cfg, cfg.shared_expert_size, name="shared_expert")(x)
+            gate = Projection((1,), ("embed",), (None,), cfg, name="shared_expert_gate")(x)
+            y = y + jax.nn.sigmoid(gate) * shared
+        return y
 
 
 def router_losses(router_logits: jax.Array, k: int) -> dict[str, jax.Array]:

@@ -23,8 +23,9 @@ With double quantisation the float32 absmax per block is itself stored as
 int8 in blocks of ``double_quant_block_size`` after removing its mean
 (linear absmax scaling of the centred values; bitsandbytes uses a dynamic
 8-bit map instead). Quantised kernels are dicts of arrays with the
-``QUANT_*`` keys; a stacked (scanned) kernel is quantised per layer so the
-arrays carry the same leading layer axis.
+``QUANT_*`` keys; a stacked kernel (scanned layers, experts) is quantised per
+layer and expert so the arrays carry the same leading axes (and shard like the
+kernel along them).
 """
 
 import dataclasses
@@ -112,16 +113,21 @@ def dequantize(q, shape, quant_type: str, block_size: int, dq_block_size: int,
     return w.reshape(-1)[:n].reshape(shape).astype(dtype)
 
 
-def quantize_stacked(w, stacked: bool, **kw):
-    """:func:`quantize` per layer when ``stacked`` (leading layer axis), else once."""
-    fn = functools.partial(quantize, **kw)
-    return jax.vmap(fn)(w) if stacked else fn(w)
+def _over_lead(fn, lead: int):
+    for _ in range(lead):
+        fn = jax.vmap(fn)
+    return fn
 
 
-def dequantize_stacked(q, shape, stacked: bool, **kw):
-    """Inverse of :func:`quantize_stacked`; ``shape`` excludes the layer axis."""
-    fn = functools.partial(dequantize, shape=shape, **kw)
-    return jax.vmap(fn)(q) if stacked else fn(q)
+def quantize_stacked(w, lead: int, **kw):
+    """:func:`quantize` of each kernel of ``w`` after its ``lead`` stacking axes (layers,
+    experts): the arrays of the result carry those axes first."""
+    return _over_lead(functools.partial(quantize, **kw), lead)(w)
+
+
+def dequantize_stacked(q, shape, lead: int, **kw):
+    """Inverse of :func:`quantize_stacked`; ``shape`` is one kernel's (no stacking axes)."""
+    return _over_lead(functools.partial(dequantize, shape=shape, **kw), lead)(q)
 
 
 # ----- per-projection weight-only formats (decoding) -------------------------------------------

@@ -32,11 +32,18 @@ def test_presets_exist_and_have_real_shapes():
         assert model.num_active_params() / 1e9 == pytest.approx(active, rel=0.02), name
 
 
-def test_presets_set_their_family_switches():
-    from cadenza.models.families import mismatched_switches
-
-    for name in PRESETS:
-        assert mismatched_switches(load_config(None, preset=name).model) == [], name
+def test_family_switches_follow_the_family_and_contradictions_are_refused():
+    gemma = load_config(None, ["model.family=gemma", "model.num_kv_heads=1"], preset="tiny")
+    assert gemma.model.norm_plus_one and gemma.model.scale_embeddings
+    assert not gemma.model.post_norms and gemma.model.qk_norm == "none"
+    qwen2_moe = load_config(None, ["model.family=qwen2_moe", "model.num_experts=4",
+                                   "model.num_experts_per_tok=2"], preset="tiny")
+    assert qwen2_moe.model.qkv_bias  # not fixed by the family: transformers' default
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["model.family=qwen3", "model.qk_norm=none"], preset="tiny")
+    assert e.value.where == "model.qk_norm" and "'qwen3'" in e.value.what
+    with pytest.raises(ConfigError, match="norm_plus_one"):
+        load_config(None, ["model.family=llama"], preset="gemma-3-1b")
 
 
 def test_experiment_file_with_preset_and_overrides(tmp_path):

@@ -43,6 +43,9 @@ FAMILIES = {
             "sliding_attention": {"rope_type": "default", "rope_theta": 100.0}}}),
     "mixtral": ("mixtral", {"num_local_experts": 4, "num_experts_per_tok": 2,
                             "sliding_window": 4}),
+    "qwen2_moe": ("qwen2_moe", {"num_experts": 4, "num_experts_per_tok": 2,
+                                "moe_intermediate_size": 32,
+                                "shared_expert_intermediate_size": 48}),
     "qwen3_moe": ("qwen3_moe", {"num_experts": 4, "num_experts_per_tok": 2, "head_dim": 16,
                                 "moe_intermediate_size": 32, "norm_topk_prob": True}),
     "olmoe": ("olmoe", {"num_experts": 4, "num_experts_per_tok": 2}),
@@ -191,9 +194,9 @@ def test_exported_tokenizer_encodes_like_cadenza_in_transformers(ref, tmp_path):
 
 
 # (Qwen3-MoE and OLMoE decode through the same MoE code as Mixtral; their forward parity
-# above covers their routing differences.)
+# above covers their routing differences. Qwen2-MoE: the shared expert.)
 @pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3", "gemma3_text",
-                                    "mixtral"])
+                                    "mixtral", "qwen2_moe"])
 def test_greedy_decoding_matches_transformers_generate(hf_models, ref, tmp_path, family):
     """cadenza.decode.generate (greedy) == transformers' greedy generate, token for token,
     on the same converted weights; prompts of different lengths in one ragged batch."""

@@ -36,8 +36,8 @@ def test_dropless_routing_equals_a_dense_per_token_loop(tiny_config, normalize):
         chosen = np.argsort(-probs)[:cfg.num_experts_per_tok]
         weights = probs[chosen] / (probs[chosen].sum() if normalize else 1.0)
         for e, w in zip(chosen, weights):
-            g, u = tok @ p["gate_proj"][e], tok @ p["up_proj"][e]
-            expected[n] += w * ((g / (1 + np.exp(-g))) * u) @ p["down_proj"][e]
+            g, u = tok @ p["gate_proj"]["kernel"][e], tok @ p["up_proj"]["kernel"][e]
+            expected[n] += w * ((g / (1 + np.exp(-g))) * u) @ p["down_proj"]["kernel"][e]
     assert np.bincount(np.argmax(tokens @ p["router"]["kernel"], -1)).max() > 30
     np.testing.assert_allclose(out.reshape(-1, cfg.hidden_size), expected, atol=2e-5, rtol=1e-4)
 
@@ -58,7 +58,7 @@ def test_moe_forward_on_a_data_expert_tensor_mesh_equals_single_device(tiny_conf
     mesh_cfg = MeshConfig(data=2, expert=2, tensor=2)
     mesh = make_mesh(mesh_cfg)
     sharded = init_params(cfg, jax.random.key(0), mesh=mesh, rules=mesh_cfg.rules())
-    gate = sharded["layers"]["mlp"]["gate_proj"]
+    gate = sharded["layers"]["mlp"]["gate_proj"]["kernel"]
     assert gate.sharding.spec == jax.sharding.PartitionSpec(None, "expert", "fsdp", "tensor")
     assert {s.data.shape for s in gate.addressable_shards} == {(2, 2, 64, 24)}
 
@@ -132,7 +132,7 @@ def test_moe_checkpoint_restores_onto_an_expert_parallel_mesh(tiny_config, tmp_p
     save_model(tmp_path / "m", ExperimentConfig(model=cfg), params)
     mesh_cfg = MeshConfig(data=2, expert=2, tensor=2)
     _, restored = load_model(tmp_path / "m", mesh=make_mesh(mesh_cfg), rules=mesh_cfg.rules())
-    down = restored["layers"]["mlp"]["down_proj"]
+    down = restored["layers"]["mlp"]["down_proj"]["kernel"]
     assert down.sharding.spec == jax.sharding.PartitionSpec(None, "expert", "tensor", "fsdp")
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
                  restored, params)

@@ -39,7 +39,7 @@ GEMMA2_UNSCANNED = ("model.family=gemma2", "model.norm_plus_one=true", "model.po
                     "model.activation=gelu_tanh", "model.tie_embeddings=true",
                     "model.scale_embeddings=true", "model.head_dim=32", "model.sliding_window=4",
                     "model.local_layers=even", "model.attn_logit_softcap=5.0",
-                    "model.scan_layers=false", "model.qkv_bias=true")
+                    "model.scan_layers=false")
 
 
 @pytest.mark.parametrize("family", [(), GEMMA2_UNSCANNED], ids=["llama", "gemma2_unscanned"])

@@ -94,16 +94,10 @@ def full_model_task(model_config: ModelConfig, neftune_alpha: float = 0.0,
         return noisy_apply(model, {"params": trainable}, batch, rng, neftune_alpha)
 
     def apply_with_aux(trainable, frozen, batch, rng):
-        from cadenza.models.moe import collected_router_losses
-
         del frozen
         logits, state = noisy_apply(model, {"params": trainable}, batch, rng, neftune_alpha,
                                     mutable=["intermediates"])
-        losses = collected_router_losses(state["intermediates"], model_config.num_experts_per_tok)
-        return logits, {
-            "router_load_balancing": (losses["load_balancing"],
-                                      model_config.router_aux_loss_coef),
-            "router_z_loss": (losses["z_loss"], model_config.router_z_loss_coef)}
+        return logits, router_aux(model_config, state["intermediates"])
 
     n = model_config.num_params()
     return TrainTask(
@@ -118,6 +112,16 @@ def full_model_task(model_config: ModelConfig, neftune_alpha: float = 0.0,
         trainable_params=n, total_params=n,
         apply_with_aux=apply_with_aux if model_config.is_moe else None)
 
+
+
+def router_aux(model_config: ModelConfig, intermediates) -> dict:
+    """A TrainTask ``apply_with_aux`` metric dict: the MoE router losses of the router
+    logits the model sowed in ``intermediates``, with their objective weights."""
+    from cadenza.models.moe import collected_router_losses
+
+    losses = collected_router_losses(intermediates, model_config.num_experts_per_tok)
+    return {"router_load_balancing": (losses["load_balancing"], model_config.router_aux_loss_coef),
+            "router_z_loss": (losses["z_loss"], model_config.router_z_loss_coef)}
 
 
 def noisy_apply(model, variables, batch, rng, neftune_alpha: float, **apply_kwargs):

@@ -123,6 +123,14 @@ def peft_export(directory, pm: PeftModel, trainable) -> pathlib.Path:
     if pm.method not in ("lora", "lora_plus", "dora", "qlora"):
         raise CadenzaError(f"method {pm.method!r} cannot be exported to peft's LoRA format",
                            where="peft.method", fix="export lora, lora_plus, dora or qlora")
+    experts = [s.name for s in pm.sites if s.experts]
+    if experts:
+        raise CadenzaError(f"adapters on expert projections ({', '.join(experts)}) have no "
+                           f"peft LoRA format here (peft adapts fused expert weights through "
+                           f"target_parameters, which this export does not write)",
+                           where="peft.targets",
+                           fix="keep the cadenza adapter directory, or merge the adapters "
+                               "into the base and export the merged model")
     pc = pm.peft_config
     tensors, modules = {}, set()
     for s in pm.sites:

@@ -18,7 +18,10 @@ Trees (plain nested dicts):
 
 Per-projection arrays (kernel [*in, *out]): ``lora_a`` [*in, r], ``lora_b``
 [r, *out] (zero-init), ``dora_magnitude`` [*out], ``ia3_out`` [*out] /
-``ia3_in`` [*in], ``quant_*`` (see :mod:`.quant`). Per attention layer:
+``ia3_in`` [*in], ``quant_*`` (see :mod:`.quant`); an expert projection's
+arrays have an ``expert`` axis first ([E, *in, r], [E, r, *out], ...) and
+each row of its grouped input goes through its expert's slice (the LoRA
+path is two more ragged matmuls). Per attention layer:
 ``prefix_k``/``prefix_v`` [P, kv_heads, head_dim].
 
 Prefix tuning: without a cache, the attention interceptor feeds the layer's
@@ -47,6 +50,7 @@ from cadenza.models import quant
 from cadenza.models.cache import KVCache
 from cadenza.models.config import ModelConfig
 from cadenza.models.layers import Attention, Projection
+from cadenza.models.moe import ExpertProjection, row_experts
 from cadenza.models.params import logical_param_specs
 from cadenza.models.transformer import Transformer
 from cadenza.train.peft.sites import Site, get_path, projection_sites, select_sites, set_path
@@ -172,7 +176,8 @@ class PeftModel:
                             is_leaf=lambda x: isinstance(x, _Leaf))
 
     def frozen_logical_specs(self):
-        """Logical PartitionSpec tree of the frozen arrays (quantised kernels: replicated)."""
+        """Logical PartitionSpec tree of the frozen arrays (quantised kernels: sharded along
+        their layer and expert axes only)."""
         if self.method == "none":
             return {}
         params = logical_param_specs(self.model_config)
@@ -281,10 +286,10 @@ class PeftModel:
         params = jax.tree.map(lambda x: x, base_params)
         peft: dict = {}
         qfn = jax.jit(quant.quantize_stacked, static_argnames=(
-            "stacked", "quant_type", "block_size", "double_quant", "dq_block_size"))
+            "lead", "quant_type", "block_size", "double_quant", "dq_block_size"))
         for s in self.sites:
             module = get_path(params, s.path)
-            q = qfn(module.pop("kernel"), stacked=bool(s.layers), quant_type=pc.quant_type,
+            q = qfn(module.pop("kernel"), lead=len(s.lead), quant_type=pc.quant_type,
                     block_size=pc.quant_block_size, double_quant=pc.double_quant,
                     dq_block_size=pc.double_quant_block_size)
             for k, v in q.items():
@@ -298,7 +303,7 @@ class PeftModel:
         for s in self.sites:
             q = get_path(frozen["peft"], s.path)
             q = {k: v for k, v in q.items() if k in quant.QUANT_KEYS}
-            w = quant.dequantize_stacked(q, s.in_shape + s.out_shape, bool(s.layers),
+            w = quant.dequantize_stacked(q, s.in_shape + s.out_shape, len(s.lead),
                                          quant_type=pc.quant_type, block_size=pc.quant_block_size,
                                          dq_block_size=pc.double_quant_block_size, dtype=dtype)
             get_path(params, s.path)["kernel"] = w
@@ -337,8 +342,11 @@ class PeftModel:
 
     def apply(self, trainable, frozen, tokens=None, *, embeddings=None, positions=None,
               segment_ids=None, attention_mask=None, cache=None, dropout_rng=None,
-              logits_at=None):
+              logits_at=None, intermediates=False):
         """``Transformer.__call__`` with the adapters: returns ``(logits, hidden, cache)``.
+
+        With ``intermediates`` it returns ``(logits, hidden, cache, collection)``, the
+        ``intermediates`` collection the model sowed (MoE router logits).
 
         Same arguments and shapes as the model (logits [B, T, V] for the T
         given tokens also under prompt tuning; ``logits_at`` indexes those T).
@@ -365,12 +373,15 @@ class PeftModel:
         if logits_at is not None:
             logits_at = logits_at + n_prompt
         with nn.intercept_methods(self._interceptor(train=bool(rngs))):
-            logits, hidden, cache = model.apply(
+            out = model.apply(
                 variables, tokens, embeddings=embeddings, positions=positions,
                 segment_ids=segment_ids, attention_mask=attention_mask, cache=cache, rngs=rngs,
-                logits_at=logits_at)
+                logits_at=logits_at, mutable=["intermediates"] if intermediates else False)
+        (logits, hidden, cache), state = out if intermediates else (out, {})
         if logits_at is None:
             logits = logits[:, n_prompt:]
+        if intermediates:
+            return logits, hidden[:, n_prompt:], cache, state.get("intermediates", {})
         return logits, hidden[:, n_prompt:], cache
 
     def init_cache(self, trainable, frozen, batch: int, max_len: int, dtype=None) -> KVCache:
@@ -403,24 +414,38 @@ class PeftModel:
         def var(m, name):
             return m.get_variable(COLLECTION, name) if m.has_variable(COLLECTION, name) else None
 
-        def projection(m, next_fun, x, kwargs):
-            n_in = len(m.in_axes)
+        def projection(m, next_fun, args, kwargs):
+            # A Projection contracts x's last n_in dims; an ExpertProjection maps rows grouped
+            # by expert (args[1] = group sizes) through each expert's slice of every array.
+            x, n_in = args[0], len(m.in_axes)
+            if isinstance(m, ExpertProjection):
+                sizes = args[1]
+                ids = row_experts(sizes, x.shape[0])
+                per_row = lambda v: v[ids]  # noqa: E731
+                matmul = lambda h, w, n: jax.lax.ragged_dot(  # noqa: E731
+                    h.astype(dtype), w.astype(dtype), sizes)
+                lead = 1
+            else:
+                per_row = lambda v: v  # noqa: E731
+                matmul = lambda h, w, n: _contract(h, w, n, dtype)  # noqa: E731
+                lead = 0
             l_in = var(m, "ia3_in")
             if l_in is not None:
-                x = x * l_in.astype(x.dtype)
+                x = x * per_row(l_in).astype(x.dtype)
             if m.has_variable(COLLECTION, quant.QUANT_CODES):
                 q = {k: var(m, k) for k in quant.QUANT_KEYS if m.has_variable(COLLECTION, k)}
-                kernel = quant.dequantize(
-                    q, x.shape[-n_in:] + tuple(m.features), pc.quant_type, pc.quant_block_size,
-                    pc.double_quant_block_size, dtype=jnp.dtype(cfg.param_dtype))
-                y = _contract(x, kernel, n_in, dtype)
+                kernel = quant.dequantize_stacked(
+                    q, x.shape[-n_in:] + tuple(m.features), lead, quant_type=pc.quant_type,
+                    block_size=pc.quant_block_size, dq_block_size=pc.double_quant_block_size,
+                    dtype=jnp.dtype(cfg.param_dtype))
+                y = matmul(x, kernel, n_in)
                 if m.use_bias:
                     y = y + m.get_variable("params", "bias").astype(dtype)
             else:
-                y = next_fun(x, **kwargs)
+                y = next_fun(x, *args[1:], **kwargs)
             l_out = var(m, "ia3_out")
             if l_out is not None:
-                y = y * l_out.astype(y.dtype)
+                y = y * per_row(l_out).astype(y.dtype)
             a = var(m, "lora_a")
             if a is None:
                 return y
@@ -428,13 +453,13 @@ class PeftModel:
             if train:
                 keep = jax.random.bernoulli(m.make_rng("dropout"), 1.0 - pc.dropout, x.shape)
                 h = jnp.where(keep, x / (1.0 - pc.dropout), 0).astype(x.dtype)
-            delta = _contract(_contract(h, a, n_in, dtype), var(m, "lora_b"), 1, dtype) * s
+            delta = matmul(matmul(h, a, n_in), var(m, "lora_b"), 1) * s
             mag = var(m, "dora_magnitude")
             if mag is None:
                 return y + delta
             w = m.get_variable("params", "kernel").astype(jnp.float32) + s * lora_delta(
-                a, var(m, "lora_b"))
-            scale = (mag / jax.lax.stop_gradient(column_norm(w, n_in))).astype(dtype)
+                a, var(m, "lora_b"), lead)
+            scale = per_row(mag / jax.lax.stop_gradient(column_norm(w, n_in, lead))).astype(dtype)
             base = y - m.get_variable("params", "bias").astype(dtype) if m.use_bias else y
             return y + (scale - 1) * base + scale * delta
 
@@ -454,8 +479,8 @@ class PeftModel:
         def intercept(next_fun, args, kwargs, context):
             m = context.module
             if context.method_name == "__call__":
-                if isinstance(m, Projection):
-                    return projection(m, next_fun, args[0], kwargs)
+                if isinstance(m, (Projection, ExpertProjection)):
+                    return projection(m, next_fun, args, kwargs)
                 if isinstance(m, Attention):
                     return attention(m, next_fun, args, kwargs)
             return next_fun(*args, **kwargs)

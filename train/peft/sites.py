@@ -1,8 +1,11 @@
 """Where adapters can attach: the model's projection modules, found by tracing.
 
-A :class:`Site` is one ``cadenza.models.layers.Projection`` of the model,
-named by its module path joined with dots (``layers.attn.q_proj`` when
-layers are scanned, ``layer_3.attn.q_proj`` otherwise, ``lm_head``).
+A :class:`Site` is one ``cadenza.models.layers.Projection`` of the model, or
+one ``cadenza.models.moe.ExpertProjection`` (all experts' kernels of one
+projection of a mixture-of-experts layer), named by its module path joined
+with dots (``layers.attn.q_proj`` when layers are scanned,
+``layer_3.attn.q_proj`` otherwise, ``layers.mlp.gate_proj`` for the experts'
+gate projections of an MoE model, ``lm_head``).
 Targets are chosen by ``re.fullmatch`` of a regex against these names.
 """
 
@@ -16,6 +19,7 @@ import jax.numpy as jnp
 from cadenza.errors import ConfigError
 from cadenza.models.config import ModelConfig
 from cadenza.models.layers import Projection
+from cadenza.models.moe import ExpertProjection
 from cadenza.models.transformer import Transformer
 
 
@@ -25,6 +29,9 @@ class Site:
 
     ``layers`` is the number of stacked layers when the kernel lives under the
     scanned ``layers`` subtree (a leading layer axis on every array), else 0.
+    ``experts`` is the number of experts of an expert projection (the kernel
+    and every adapter array then have an ``expert`` axis after any layer
+    axis: kernel [E, *in_shape, *out_shape]), else 0.
     """
 
     path: tuple[str, ...]
@@ -34,6 +41,7 @@ class Site:
     out_axes: tuple[str, ...]
     use_bias: bool
     layers: int
+    experts: int = 0
 
     @property
     def name(self) -> str:
@@ -41,12 +49,23 @@ class Site:
 
     @property
     def lead(self) -> tuple[int, ...]:
-        """Shape prefix of stacked arrays: (layers,) or ()."""
-        return (self.layers,) if self.layers else ()
+        """Shape prefix of the kernel and its adapter arrays: (layers?, experts?)."""
+        return ((self.layers,) if self.layers else ()) + self.expert_shape
 
     @property
     def lead_axes(self) -> tuple[str, ...]:
-        return ("layers",) if self.layers else ()
+        """Logical axes of :attr:`lead`."""
+        return (("layers",) if self.layers else ()) + (("expert",) if self.experts else ())
+
+    @property
+    def expert_shape(self) -> tuple[int, ...]:
+        """(experts,) for an expert projection, else ()."""
+        return (self.experts,) if self.experts else ()
+
+    @property
+    def kernel_shape(self) -> tuple[int, ...]:
+        """The kernel's shape within one layer: [experts?, *in_shape, *out_shape]."""
+        return self.expert_shape + self.in_shape + self.out_shape
 
 
 def projection_sites(config: ModelConfig) -> list[Site]:
@@ -56,13 +75,14 @@ def projection_sites(config: ModelConfig) -> list[Site]:
 
     def record(next_fun, args, kwargs, context):
         m = context.module
-        if isinstance(m, Projection) and context.method_name == "__call__":
+        if isinstance(m, (Projection, ExpertProjection)) and context.method_name == "__call__":
             n_in = len(m.in_axes)
             path = tuple(m.path)
             found[path] = Site(path=path, in_shape=tuple(args[0].shape[-n_in:]),
                                out_shape=tuple(m.features), in_axes=tuple(m.in_axes),
                                out_axes=tuple(m.out_axes), use_bias=m.use_bias,
-                               layers=layers if path[0] == "layers" else 0)
+                               layers=layers if path[0] == "layers" else 0,
+                               experts=getattr(m, "num_experts", 0))
         return next_fun(*args, **kwargs)
 
     def init(rng):

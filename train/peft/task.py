@@ -9,7 +9,7 @@ weights (LoRA, LoRA+, DoRA, QLoRA, (IA)3), the merged model to ``model/``.
 """
 
 from cadenza.errors import ConfigError
-from cadenza.train.task import TrainTask, load_base_params
+from cadenza.train.task import TrainTask, load_base_params, router_aux
 
 # Methods whose adapters fold into the base weights (see cadenza.train.peft.merge).
 MERGEABLE = ("lora", "lora_plus", "dora", "qlora", "ia3")
@@ -48,11 +48,11 @@ def peft_task(config, neftune_alpha: float = 0.0) -> TrainTask:
 
     model = Transformer(config.model)
 
-    def apply(trainable, frozen, batch, rng):
+    def run(trainable, frozen, batch, rng, intermediates=False):
         kwargs = dict(positions=batch["positions"], segment_ids=batch["segment_ids"],
-                      dropout_rng=rng)
+                      dropout_rng=rng, intermediates=intermediates)
         if rng is None or not neftune_alpha:
-            return pm.apply(trainable, frozen, batch["inputs"], **kwargs)[0]
+            return pm.apply(trainable, frozen, batch["inputs"], **kwargs)
         from cadenza.train.data.neftune import neftune_noise
 
         embeddings = model.apply({"params": frozen["params"]}, batch["inputs"],
@@ -60,7 +60,14 @@ def peft_task(config, neftune_alpha: float = 0.0) -> TrainTask:
         noise_key, dropout_key = jax.random.split(rng)
         embeddings = neftune_noise(embeddings, batch["segment_ids"], noise_key, neftune_alpha)
         kwargs["dropout_rng"] = dropout_key
-        return pm.apply(trainable, frozen, embeddings=embeddings, **kwargs)[0]
+        return pm.apply(trainable, frozen, embeddings=embeddings, **kwargs)
+
+    def apply(trainable, frozen, batch, rng):
+        return run(trainable, frozen, batch, rng)[0]
+
+    def apply_with_aux(trainable, frozen, batch, rng):
+        out = run(trainable, frozen, batch, rng, intermediates=True)
+        return out[0], router_aux(config.model, out[3])
 
     def export(trainable, frozen):
         return merge.merge(pm, trainable, frozen) if pm.method in MERGEABLE else None
@@ -83,4 +90,5 @@ def peft_task(config, neftune_alpha: float = 0.0) -> TrainTask:
         total_params=config.model.num_params(),
         wrap_optimizer=pm.optimizer,
         save_adapters=lambda directory, trainable: artifacts.save_adapters(
-            directory, config, trainable))
+            directory, config, trainable),
+        apply_with_aux=apply_with_aux if config.model.is_moe else None)
