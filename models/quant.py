@@ -209,7 +209,7 @@ def quantize_params(params, config, scheme: str | None = None, targets: str | No
     :mod:`cadenza.train.peft.sites`) quantised to ``scheme`` (default: the config's
     ``weight_quant`` / ``weight_quant_targets``). Each targeted ``kernel`` is replaced
     by :func:`quantize_kernel`'s arrays (per layer under a leading layer axis); biases,
-    norms and embeddings stay as they are. Returns a new tree (unchanged arrays shared).
+    norms, embeddings and mixture-of-experts expert kernels stay as they are. Returns a new tree (unchanged arrays shared).
     """
     from cadenza.train.peft.sites import get_path, projection_sites, select_sites
 
@@ -218,7 +218,9 @@ def quantize_params(params, config, scheme: str | None = None, targets: str | No
     if scheme == "none":
         return params
     float_config = dataclasses.replace(config, weight_quant="none")
-    sites = select_sites(projection_sites(float_config), targets, where="--quantize-targets")
+    # mixture-of-experts expert kernels stay float (their grouped matmul reads float weights)
+    sites = [s for s in select_sites(projection_sites(float_config), targets,
+                                     where="--quantize-targets") if not s.experts]
     params = jax.tree.map(lambda a: a, params)
     for s in sites:
         if s.path[0] == "layers" and "layers" not in params:

@@ -233,3 +233,15 @@ def test_quantized_hf_checkpoints_are_refused_naming_their_method():
           "quantization_config": {"quant_method": "gptq", "bits": 4}}
     with pytest.raises(CadenzaError, match="quant_method: gptq"):
         model_config_from_hf(hf)
+
+
+def test_moe_expert_kernels_stay_float_and_the_quantised_model_runs(tiny_config):
+    cfg = dataclasses.replace(load_config(None, [], preset="tiny"),
+                              model=tiny_config("qwen3_moe"))
+    params = init_params(cfg.model, jax.random.key(0))
+    qcfg, qp = quant.quantize_model(cfg, params, "int8")
+    leaves = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_leaves_with_path(qp)}
+    assert any("gate_proj']['kernel" in k and v.dtype == jnp.float32 for k, v in leaves.items())
+    assert quant.count_quantized(qp) > 0
+    logits = Transformer(qcfg.model).apply({"params": qp}, jnp.array([[1, 5, 7, 9]]))[0]
+    assert bool(jnp.isfinite(logits).all())
