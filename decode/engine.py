@@ -469,7 +469,7 @@ class Engine:
                       text=None if chunk.text is None else chunk.text[0])
         if reason is not None:
             h.finished = True
-            stats = {"method": self.method.name, "prompt_tokens": len(h.ids),
+            stats = {"method": self.method_name, "prompt_tokens": len(h.ids),
                      "generated_tokens": len(h.rows.ids[0]),
                      "ttft_s": h.first_token_s, "wall_s": time.perf_counter() - h.submitted}
             res = h.rows.result(stats, {})
@@ -484,6 +484,17 @@ class Engine:
 
     # --- observation ----------------------------------------------------------------------
 
+    @property
+    def closing(self) -> bool:
+        """Whether :meth:`close` was called (no new requests are taken)."""
+        return self._closing.is_set()
+
+    @property
+    def method_name(self) -> str:
+        """The method's name (a speculative method's: its drafter's, e.g. ``ngram``)."""
+        drafter = getattr(self.method, "drafter", None)
+        return drafter.name if drafter is not None else self.method.name
+
     def metrics(self) -> dict:
         """Queue depth, slot use, token counts, tokens/s (over busy device time) and the
         mean tokens a running slot gains per decode step (1 for plain decoding; the
@@ -491,7 +502,7 @@ class Engine:
         c = dict(self.counts)
         busy = sum(h is not None for h in self._active)
         return {**c, "queue_depth": len(self._waiting) + self._inbox.qsize(),
-                "slots": self.slots, "slots_busy": busy, "method": self.method.name,
+                "slots": self.slots, "slots_busy": busy, "method": self.method_name,
                 "tokens_per_s": c["generated_tokens"] / c["busy_s"] if c["busy_s"] else 0.0,
                 "tokens_per_slot_step": (c["decode_tokens"] / c["slot_steps"]
                                          if c["slot_steps"] else 0.0),

@@ -1,0 +1,242 @@
+"""The HTTP server: an OpenAI-compatible Starlette app over a running :class:`Engine`.
+
+Routes: ``POST /v1/completions``, ``POST /v1/chat/completions`` (``stream: true``
+answers with server-sent events, ``data: {chunk}`` lines ending with
+``data: [DONE]``), ``GET /v1/models``, ``GET /health`` (200 while the engine
+runs, 503 once it failed or is stopping), ``GET /metrics`` (the engine's
+counters as JSON: queue depth, slot use, tokens/s, speculative acceptance).
+
+Handlers run on the event loop and never block it: they submit requests to the
+engine (its own thread) and receive deltas through ``loop.call_soon_threadsafe``.
+A bad request is refused with 400 and OpenAI's error body before it reaches the
+engine, so it cannot disturb other requests. A client that disconnects has its
+requests cancelled and their slots freed. On shutdown (the ASGI lifespan's end,
+after uvicorn's graceful wait for open requests) the engine cancels what is
+still running.
+"""
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+import threading
+
+from starlette.applications import Starlette
+from starlette.requests import Request as HttpRequest
+from starlette.responses import JSONResponse, StreamingResponse
+from starlette.routing import Route
+
+from cadenza.errors import CadenzaError
+from cadenza.serve.protocol import (
+    FINISH,
+    ApiError,
+    chat_logprobs,
+    chat_request,
+    completion_logprobs,
+    completion_request,
+    envelope,
+    usage,
+)
+
+
+class _Inbox:
+    """Deltas from the engine thread into an asyncio queue as ``(index, delta)``."""
+
+    def __init__(self):
+        self.loop = asyncio.get_running_loop()
+        self.queue: asyncio.Queue = asyncio.Queue()
+
+    def sink(self, index: int):
+        def put(delta):
+            with contextlib.suppress(RuntimeError):    # the loop is gone (shutdown)
+                self.loop.call_soon_threadsafe(self.queue.put_nowait, (index, delta))
+        return put
+
+
+async def _body(request: HttpRequest):
+    raw = await request.body()
+    try:
+        return json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ApiError(f"the request body is not valid JSON: {e}") from None
+
+
+def _submit(engine, requests, inbox: _Inbox) -> list:
+    handles = []
+    try:
+        for i, r in enumerate(requests):
+            handles.append(engine.submit(r, on_delta=inbox.sink(i)))
+    except CadenzaError as e:
+        for h in handles:
+            h.cancel()
+        raise ApiError(e.what + (f" ({e.fix})" if e.fix else ""), param=e.where) from None
+    except RuntimeError as e:
+        for h in handles:
+            h.cancel()
+        raise ApiError(str(e), status=503, type="server_error") from None
+    return handles
+
+
+async def _finish_all(request: HttpRequest, handles, inbox: _Inbox) -> list:
+    """Wait for every handle's result; cancel them all if the client goes away."""
+    results = [None] * len(handles)
+    left = len(handles)
+    while left:
+        try:
+            i, delta = await asyncio.wait_for(inbox.queue.get(), 1.0)
+        except TimeoutError:
+            if await request.is_disconnected():
+                for h in handles:
+                    h.cancel()
+                raise
+            continue
+        if delta.finished:
+            results[i] = delta.result
+            left -= 1
+    return results
+
+
+def make_app(engine, model_name: str, *, template=None, chat_stop_ids=()) -> Starlette:
+    """The Starlette app serving ``engine`` as ``model_name`` (its adapters by their names);
+    ``template``: the tokenizer's ChatTemplate for /v1/chat/completions, or None;
+    ``chat_stop_ids``: its end-of-turn token ids (chat requests stop there too)."""
+    tok = engine.tokenizer
+
+    async def completions(request: HttpRequest):
+        reqs, stream, want_lp = completion_request(await _body(request), model_name,
+                                                   engine.adapters)
+        name = reqs[0].adapter or model_name
+        inbox = _Inbox()
+        handles = _submit(engine, reqs, inbox)
+        number = handles[0].number
+        if stream:
+            def chunk(i, delta):
+                choice = {"index": i, "text": delta.text or "", "token_ids": delta.token_ids,
+                          "logprobs": completion_logprobs(delta.token_ids, delta.logprobs, tok)
+                          if want_lp else None,
+                          "finish_reason": FINISH[delta.finish_reason] if delta.finished
+                          else None}
+                return envelope("text_completion", number, name, [choice])
+            return _sse(handles, inbox, chunk)
+        results = await _finish_all(request, handles, inbox)
+        choices = [{"index": i, "text": r.text[0] if r.text else "",
+                    "token_ids": r.token_ids[0],
+                    "logprobs": completion_logprobs(r.token_ids[0], r.logprobs[0], tok)
+                    if want_lp else None, "finish_reason": FINISH[r.finish_reasons[0]]}
+                   for i, r in enumerate(results)]
+        return JSONResponse(envelope("text_completion", number, name, choices,
+                                     usage=usage(results)))
+
+    async def chat(request: HttpRequest):
+        req, stream, want_lp = chat_request(await _body(request), model_name, template,
+                                            engine.adapters)
+        name = req.adapter or model_name
+        req = dataclasses.replace(req, stop_token_ids=tuple(dict.fromkeys(
+            req.stop_token_ids + tuple(chat_stop_ids))))
+        inbox = _Inbox()
+        handles = _submit(engine, [req], inbox)
+        number = handles[0].number
+        if stream:
+            first = [True]
+
+            def chunk(i, delta):
+                content = {"role": "assistant", "content": delta.text or ""} if first[0] else {
+                    "content": delta.text or ""}
+                first[0] = False
+                choice = {"index": 0, "delta": content, "token_ids": delta.token_ids,
+                          "logprobs": chat_logprobs(delta.token_ids, delta.logprobs, tok)
+                          if want_lp else None,
+                          "finish_reason": FINISH[delta.finish_reason] if delta.finished
+                          else None}
+                return envelope("chat.completion.chunk", number, name, [choice])
+            return _sse(handles, inbox, chunk)
+        (r,) = await _finish_all(request, handles, inbox)
+        choice = {"index": 0, "message": {"role": "assistant",
+                                          "content": r.text[0] if r.text else ""},
+                  "token_ids": r.token_ids[0],
+                  "logprobs": chat_logprobs(r.token_ids[0], r.logprobs[0], tok)
+                  if want_lp else None, "finish_reason": FINISH[r.finish_reasons[0]]}
+        return JSONResponse(envelope("chat.completion", number, name, [choice],
+                                     usage=usage([r])))
+
+    async def models(request: HttpRequest):
+        data = [{"id": m, "object": "model", "created": 0, "owned_by": "cadenza",
+                 **({"parent": model_name} if m != model_name else {})}
+                for m in [model_name, *sorted(engine.adapters)]]
+        return JSONResponse({"object": "list", "data": data})
+
+    async def health(request: HttpRequest):
+        m = engine.metrics()
+        if m["failure"] or engine.closing:
+            return JSONResponse({"status": "failed" if m["failure"] else "stopping",
+                                 "detail": m["failure"]}, status_code=503)
+        return JSONResponse({"status": "ok"})
+
+    async def metrics(request: HttpRequest):
+        return JSONResponse(engine.metrics())
+
+    async def api_error(request: HttpRequest, exc: ApiError):
+        return JSONResponse(exc.body(), status_code=exc.status)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        yield
+        await asyncio.to_thread(engine.close, True)
+
+    return Starlette(routes=[
+        Route("/v1/completions", completions, methods=["POST"]),
+        Route("/v1/chat/completions", chat, methods=["POST"]),
+        Route("/v1/models", models, methods=["GET"]),
+        Route("/health", health, methods=["GET"]),
+        Route("/metrics", metrics, methods=["GET"]),
+    ], exception_handlers={ApiError: api_error}, lifespan=lifespan)
+
+
+def _sse(handles, inbox: _Inbox, chunk) -> StreamingResponse:
+    """Server-sent events of every handle's deltas (``chunk(index, delta) -> dict``), then
+    ``[DONE]``; the handles are cancelled if the client disconnects first."""
+    async def events():
+        left = len(handles)
+        try:
+            while left:
+                i, delta = await inbox.queue.get()
+                left -= delta.finished
+                yield f"data: {json.dumps(chunk(i, delta))}\n\n"
+            yield "data: [DONE]\n\n"
+        finally:
+            for h in handles:
+                if not h.finished:
+                    h.cancel()
+
+    return StreamingResponse(events(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache"})
+
+
+class BackgroundServer:
+    """uvicorn serving ``app`` from a daemon thread (tests, benchmarks); a context
+    manager whose ``url`` is ``http://host:port`` (port 0: a free one)."""
+
+    def __init__(self, app, host: str = "127.0.0.1", port: int = 0):
+        import uvicorn
+
+        self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=port,
+                                                    log_level="warning", lifespan="on"))
+        self.thread = threading.Thread(target=self.server.run, name="cadenza-http",
+                                       daemon=True)
+        self.host = host
+
+    def __enter__(self) -> "BackgroundServer":
+        import time
+
+        self.thread.start()
+        while not self.server.started:
+            if not self.thread.is_alive():
+                raise RuntimeError("the HTTP server did not start")
+            time.sleep(0.02)
+        port = self.server.servers[0].sockets[0].getsockname()[1]
+        self.url = f"http://{self.host}:{port}"
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(30)
