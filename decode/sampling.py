@@ -25,8 +25,8 @@ import jax.numpy as jnp
 
 from cadenza.decode.config import SamplingSpec
 
-__all__ = ["SamplingSpec", "RowSampling", "repetition_penalty", "top_k_filter", "top_p_filter", "min_p_filter",
-           "log_probs", "row_keys", "sample", "select"]
+__all__ = ["SamplingSpec", "RowSampling", "repetition_penalty", "top_k_filter", "top_p_filter",
+           "min_p_filter", "row_warp", "log_probs", "row_keys", "sample", "select"]
 
 
 def repetition_penalty(logits, seen, penalty: float):

@@ -102,62 +102,53 @@ def make_app(engine, model_name: str, *, template=None, chat_stop_ids=()) -> Sta
     ``chat_stop_ids``: its end-of-turn token ids (chat requests stop there too)."""
     tok = engine.tokenizer
 
-    async def completions(request: HttpRequest):
-        reqs, stream, want_lp = completion_request(await _body(request), model_name,
-                                                   engine.adapters)
+    def choice(chat: bool, i: int, ids, logprobs, text, reason, want_lp, delta=None):
+        """A choice of a response (``delta`` None) or of a stream chunk."""
+        fmt = chat_logprobs if chat else completion_logprobs
+        out = {"index": i, "token_ids": ids,
+               "logprobs": fmt(ids, logprobs, tok) if want_lp else None,
+               "finish_reason": None if reason is None else FINISH[reason]}
+        if not chat:
+            out["text"] = text or ""
+        elif delta is None:
+            out["message"] = {"role": "assistant", "content": text or ""}
+        else:
+            out["delta"] = {**delta, "content": text or ""}
+        return out
+
+    async def respond(request: HttpRequest, reqs, stream: bool, want_lp: bool, chat: bool):
         name = reqs[0].adapter or model_name
+        kind = "chat.completion" if chat else "text_completion"
         inbox = _Inbox()
         handles = _submit(engine, reqs, inbox)
         number = handles[0].number
         if stream:
-            def chunk(i, delta):
-                choice = {"index": i, "text": delta.text or "", "token_ids": delta.token_ids,
-                          "logprobs": completion_logprobs(delta.token_ids, delta.logprobs, tok)
-                          if want_lp else None,
-                          "finish_reason": FINISH[delta.finish_reason] if delta.finished
-                          else None}
-                return envelope("text_completion", number, name, [choice])
+            started = set()
+
+            def chunk(i, d):
+                role = {} if i in started else {"role": "assistant"}
+                started.add(i)
+                return envelope(kind + (".chunk" if chat else ""), number, name, [choice(
+                    chat, i, d.token_ids, d.logprobs, d.text, d.finish_reason, want_lp,
+                    delta=role)])
             return _sse(handles, inbox, chunk)
         results = await _finish_all(request, handles, inbox)
-        choices = [{"index": i, "text": r.text[0] if r.text else "",
-                    "token_ids": r.token_ids[0],
-                    "logprobs": completion_logprobs(r.token_ids[0], r.logprobs[0], tok)
-                    if want_lp else None, "finish_reason": FINISH[r.finish_reasons[0]]}
-                   for i, r in enumerate(results)]
-        return JSONResponse(envelope("text_completion", number, name, choices,
-                                     usage=usage(results)))
+        return JSONResponse(envelope(kind, number, name, [
+            choice(chat, i, r.token_ids[0], r.logprobs[0], r.text[0] if r.text else "",
+                   r.finish_reasons[0], want_lp) for i, r in enumerate(results)],
+            usage=usage(results)))
+
+    async def completions(request: HttpRequest):
+        reqs, stream, want_lp = completion_request(await _body(request), model_name,
+                                                   engine.adapters)
+        return await respond(request, reqs, stream, want_lp, chat=False)
 
     async def chat(request: HttpRequest):
         req, stream, want_lp = chat_request(await _body(request), model_name, template,
                                             engine.adapters)
-        name = req.adapter or model_name
         req = dataclasses.replace(req, stop_token_ids=tuple(dict.fromkeys(
             req.stop_token_ids + tuple(chat_stop_ids))))
-        inbox = _Inbox()
-        handles = _submit(engine, [req], inbox)
-        number = handles[0].number
-        if stream:
-            first = [True]
-
-            def chunk(i, delta):
-                content = {"role": "assistant", "content": delta.text or ""} if first[0] else {
-                    "content": delta.text or ""}
-                first[0] = False
-                choice = {"index": 0, "delta": content, "token_ids": delta.token_ids,
-                          "logprobs": chat_logprobs(delta.token_ids, delta.logprobs, tok)
-                          if want_lp else None,
-                          "finish_reason": FINISH[delta.finish_reason] if delta.finished
-                          else None}
-                return envelope("chat.completion.chunk", number, name, [choice])
-            return _sse(handles, inbox, chunk)
-        (r,) = await _finish_all(request, handles, inbox)
-        choice = {"index": 0, "message": {"role": "assistant",
-                                          "content": r.text[0] if r.text else ""},
-                  "token_ids": r.token_ids[0],
-                  "logprobs": chat_logprobs(r.token_ids[0], r.logprobs[0], tok)
-                  if want_lp else None, "finish_reason": FINISH[r.finish_reasons[0]]}
-        return JSONResponse(envelope("chat.completion", number, name, [choice],
-                                     usage=usage([r])))
+        return await respond(request, [req], stream, want_lp, chat=True)
 
     async def models(request: HttpRequest):
         data = [{"id": m, "object": "model", "created": 0, "owned_by": "cadenza",

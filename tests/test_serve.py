@@ -10,21 +10,16 @@ import urllib.error
 import urllib.request
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cadenza.config import load_config
 from cadenza.decode import DecodeConfig, generate
 from cadenza.decode.config import SamplingSpec, with_fields
 from cadenza.decode.engine import Engine, Request
 from cadenza.decode.sampling import RowSampling, log_probs
 from cadenza.decode.speculative import DraftModel
 from cadenza.errors import CadenzaError
-from cadenza.models import Transformer, init_params
 
-SMALL = ["model.num_layers=1", "model.hidden_size=32", "model.intermediate_size=64",
-         "model.num_heads=2", "model.num_kv_heads=2"]
 # prompts of different lengths (repeats give prompt lookup something to find), token limits
 PROMPTS = [[1, 5, 9, 13, 5, 9], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14],
            [7], [1, 300, 2, 45, 9, 300, 2], [3, 3, 3, 3], [1, 60, 61, 62, 60, 61]]
@@ -32,18 +27,10 @@ LIMITS = [6, 9, 4, 12, 3, 8]
 
 
 @pytest.fixture(scope="module")
-def lm():
-    cfg = load_config(None, SMALL, preset="tiny")
-    params = init_params(cfg.model, jax.random.key(0))
-    params = {**params, "lm_head": {"kernel": params["lm_head"]["kernel"] * 30.0}}
-    return cfg, Transformer(cfg.model), params
-
-
-@pytest.fixture(scope="module")
-def expected(lm):
+def expected(small_lm):
     """Each prompt's greedy tokens from generate (one batch; greedy rows are independent,
     and the first n tokens of a longer greedy run are the run with limit n)."""
-    _, model, params = lm
+    _, model, params = small_lm
     res = generate(model, params, PROMPTS, DecodeConfig(max_new_tokens=max(LIMITS),
                                                         ignore_eos=True))
     return [ids[:n] for ids, n in zip(res.token_ids, LIMITS)]
@@ -57,8 +44,8 @@ def tokenizer(pref_files):
 
 
 @pytest.fixture(scope="module")
-def engine(lm, tokenizer):
-    _, model, params = lm
+def engine(small_lm, tokenizer):
+    _, model, params = small_lm
     eng = Engine.build(model, params, DecodeConfig(), slots=3, max_len=48,
                        tokenizer=tokenizer).start()
     yield eng
@@ -95,8 +82,8 @@ def test_concurrent_requests_equal_generate_whatever_the_neighbours(engine, expe
 
 
 @pytest.mark.parametrize("method", ["ngram", "speculative"])
-def test_speculative_engines_equal_plain(lm, expected, method):
-    cfg, model, params = lm
+def test_speculative_engines_equal_plain(small_lm, expected, method):
+    cfg, model, params = small_lm
     extra = {"drafter": DraftModel(cfg.model, 3), "draft_params": (params, None)} if (
         method == "speculative") else {}
     eng = Engine.build(model, params, with_fields(DecodeConfig(method=method),
@@ -154,13 +141,13 @@ def test_bad_requests_are_refused_on_submission(engine, fields, where):
 def test_row_sampling_equals_the_static_spec_per_row():
     z = jax.random.normal(jax.random.key(1), (4, 50)) * 3
     settings = [(0.7, 5, 1.0, 0.0), (1.3, 0, 0.8, 0.0), (1.0, 0, 1.0, 0.1), (0.9, 10, 0.9, 0.05)]
-    rows = RowSampling.of(*zip(*settings))
-    got = log_probs(z, SamplingSpec(), rows=rows)
+    fn = jax.jit(log_probs, static_argnums=1)
+    got = fn(z, SamplingSpec(), None, RowSampling.of(*zip(*settings)))
     for i, (t, k, p, m) in enumerate(settings):
-        want = log_probs(z[i:i + 1], SamplingSpec("sample", t, k, p, m))
+        want = fn(z[i:i + 1], SamplingSpec("sample", t, k, p, m))
         np.testing.assert_allclose(got[i:i + 1], want, rtol=1e-5, atol=1e-5)
-    greedy = log_probs(z, SamplingSpec(), rows=RowSampling.of([0.0] * 4, [3] * 4, [0.5] * 4,
-                                                               [0.5] * 4))
+    greedy = fn(z, SamplingSpec(), None, RowSampling.of([0.0] * 4, [3] * 4, [0.5] * 4,
+                                                        [0.5] * 4))
     np.testing.assert_allclose(greedy, jax.nn.log_softmax(z), rtol=1e-6, atol=1e-6)
 
 
