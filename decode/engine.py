@@ -288,25 +288,27 @@ class Engine:
         ids = prompt_ids([prompt], self.tokenizer, vocab)[0]
         checks = [
             (isinstance(request.max_tokens, int) and request.max_tokens >= 1, "max_tokens",
-             f"max_tokens must be an integer >= 1, got {request.max_tokens!r}"),
+             f"max_tokens must be an integer >= 1, got {request.max_tokens!r}", "e.g. 16"),
             (len(ids) + request.max_tokens <= self.max_len, "max_tokens",
              f"the prompt ({len(ids)} tokens) plus max_tokens ({request.max_tokens}) exceeds "
-             f"the server's context of {self.max_len} tokens"),
+             f"the context of {self.max_len} tokens", "shorten the prompt or lower max_tokens"),
             (request.temperature >= 0, "temperature",
-             f"temperature must be >= 0 (0 = greedy), got {request.temperature}"),
+             f"temperature must be >= 0, got {request.temperature}", "use 0 for greedy"),
             (0 <= request.top_k <= vocab, "top_k",
-             f"top_k must be in [0, {vocab}] (0 = off), got {request.top_k}"),
-            (0 < request.top_p <= 1, "top_p", f"top_p must be in (0, 1], got {request.top_p}"),
-            (0 <= request.min_p < 1, "min_p", f"min_p must be in [0, 1), got {request.min_p}"),
+             f"top_k must be in [0, {vocab}], got {request.top_k}", "use 0 to turn it off"),
+            (0 < request.top_p <= 1, "top_p", f"top_p must be in (0, 1], got {request.top_p}",
+             "use 1 to turn it off"),
+            (0 <= request.min_p < 1, "min_p", f"min_p must be in [0, 1), got {request.min_p}",
+             "use 0 to turn it off"),
             (not request.stop or self.tokenizer is not None, "stop",
-             "stop strings need a tokenizer (the model directory has none)"),
+             "stop strings need a tokenizer (the model has none)", "use stop_token_ids"),
             (request.adapter is None or request.adapter in self.adapters, "adapter",
-             f"unknown adapter {request.adapter!r}; loaded: {sorted(self.adapters) or 'none'}"),
+             f"unknown adapter {request.adapter!r}",
+             f"use one of: {', '.join(sorted(self.adapters)) or 'none (the base model)'}"),
         ]
-        for ok, field, what in checks:
+        for ok, field, what, fix in checks:
             if not ok:
-                raise CadenzaError(what, where=f"request.{field}",
-                                   fix="fix the request's value")
+                raise CadenzaError(what, where=f"request.{field}", fix=fix)
         stops = stop_ids(self.config, DecodeConfig(stop_token_ids=tuple(request.stop_token_ids),
                                                    ignore_eos=request.ignore_eos),
                          self.tokenizer)

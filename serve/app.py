@@ -39,6 +39,12 @@ from cadenza.serve.protocol import (
 )
 
 
+# where an engine error points -> the request field (OpenAI's ``param``)
+_PARAMS = {"generate(prompts=...)": "prompt", "decode.stop_token_ids": "stop_token_ids",
+           **{f"request.{f}": f for f in ("max_tokens", "temperature", "top_k", "top_p",
+                                          "min_p", "stop", "adapter", "stop_token_ids")}}
+
+
 class _Inbox:
     """Deltas from the engine thread into an asyncio queue as ``(index, delta)``."""
 
@@ -69,7 +75,7 @@ def _submit(engine, requests, inbox: _Inbox) -> list:
     except CadenzaError as e:
         for h in handles:
             h.cancel()
-        raise ApiError(e.what + (f" ({e.fix})" if e.fix else ""), param=e.where) from None
+        raise ApiError(str(e), param=_PARAMS.get(e.where, e.where)) from None
     except RuntimeError as e:
         for h in handles:
             h.cancel()

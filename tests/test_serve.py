@@ -220,8 +220,8 @@ def test_http_concurrent_streamed_and_plain_requests_equal_generate(server, expe
 @pytest.mark.parametrize("path, body, param", [
     ("/v1/completions", b"{not json", None),
     ("/v1/completions", {"model": "nope", "prompt": [1, 2]}, "model"),
-    ("/v1/completions", {"prompt": list(range(1, 48))}, "request.max_tokens"),
-    ("/v1/completions", {"prompt": [1, 2], "temperature": -1}, "request.temperature"),
+    ("/v1/completions", {"prompt": list(range(1, 48))}, "max_tokens"),
+    ("/v1/completions", {"prompt": [1, 2], "temperature": -1}, "temperature"),
     ("/v1/completions", {"prompt": [1, 2], "top_p": "high"}, "top_p"),
     ("/v1/completions", {"prompt": [1, 2], "n": 2}, "n"),
     ("/v1/completions", {"prompt": [1, 2], "frobnicate": 1}, "frobnicate"),
@@ -258,3 +258,14 @@ def test_http_disconnect_mid_stream_frees_the_slot(server):
             break
         time.sleep(0.1)
     assert m["cancelled"] == before + 1 and m["slots_busy"] == 0
+
+
+def test_the_documented_client_example_runs(server, capsys):
+    import pathlib
+    import re
+
+    page = (pathlib.Path(__file__).resolve().parents[1] / "docs" / "serving.md").read_text()
+    code = re.search(r"<!-- client example -->\s*```python\n(.*?)```", page, re.S).group(1)
+    assert 'BASE = "http://127.0.0.1:8000/v1"' in code
+    exec(code.replace("http://127.0.0.1:8000", server), {})
+    assert "prompt_tokens" in capsys.readouterr().out
