@@ -138,11 +138,12 @@ class Handle:
                 return delta.result
 
 
-def batch_axes(method, params, make_batch):
-    """For each leaf of ``method``'s state: the axis that indexes rows, or -1 for leaves
-    shared by all rows (found by tracing prefills of 1 and 2 rows; nothing runs)."""
-    one = jax.eval_shape(method.prefill, params, make_batch(1))
-    two = jax.eval_shape(method.prefill, params, make_batch(2))
+def batch_axes(prefill, params, make_batch):
+    """For each leaf of the state ``prefill(params, batch)`` returns: the axis that indexes
+    rows, or -1 for leaves shared by all rows (found by tracing prefills of 1 and 2 rows
+    of ``make_batch(rows)``; nothing runs)."""
+    one = jax.eval_shape(prefill, params, make_batch(1))
+    two = jax.eval_shape(prefill, params, make_batch(2))
 
     def axis(a, b):
         diff = [i for i, (x, y) in enumerate(zip(a.shape, b.shape)) if x != y]
@@ -170,15 +171,16 @@ class Engine:
       slots: decode rows; max_len: prompt + generated tokens per request (the cache
         holds this plus the method's draft slots).
       tokenizer: for text prompts, text output and stop strings (optional).
-      adapters: ``{name: id}`` of adapters the params hold (ids >= 1; 0 = the base);
-        row_params: ``(params, ids int32 [B]) -> params`` giving the forward each row's
-        adapter id (required with adapters).
+      adapters: ``{name: id}`` of adapters the params hold; ``base_id``: the id of rows
+        without one (default -1); row_params: ``(params, ids int32 [B]) -> params`` giving
+        the forward each row's adapter id (required with adapters; a module-level
+        function, so that engines share compiled programs).
       steps_per_sync: decode steps per device program between host syncs.
     """
 
     def __init__(self, method, params, *, slots: int = 4, max_len: int = 256,
                  tokenizer=None, adapters: dict | None = None, row_params=None,
-                 steps_per_sync: int = 1, mesh=None):
+                 base_id: int = -1, steps_per_sync: int = 1, mesh=None):
         if method.name not in SERVABLE and getattr(method, "drafter", None) is None:
             raise CadenzaError(f"method {method.name!r} cannot be served",
                                where="decode.method", fix=f"use one of: {', '.join(SERVABLE)}")
@@ -202,14 +204,13 @@ class Engine:
         if method.slots:
             cache = -(-(cache + method.slots) // SLOT_BUCKET) * SLOT_BUCKET
         self.cache_len = cache
-        self.axes = batch_axes(method, params, lambda b: self._batch([[0]] * b, [0] * b,
-                                                                     [()] * b, [Request((0,))] * b))
-        init, _ = compiled(self._init_fn, (method, "engine-init", slots, cache), mesh,
-                           (params, self._batch([[0]] * slots, [0] * slots, [()] * slots,
-                                                [Request((0,))] * slots)))
-        self.state = init(params, self._batch([[0]] * slots, [0] * slots, [()] * slots,
-                                              [Request((0,))] * slots))
-        self.adapter_ids = jnp.zeros((slots,), jnp.int32)
+        self.base_id = base_id
+        self.axes = batch_axes(self._prefill_fn, params, self._empty)
+        init, _ = compiled(self._init_fn, (method, "engine-init", row_params, base_id), mesh,
+                           (params, self._empty(slots)))
+        self.state = init(params, self._empty(slots))
+        self.adapter_ids = jnp.full((slots,), base_id, jnp.int32)
+        self._step = int(self.state.out.step)
         self._inbox: queue.Queue = queue.Queue()
         self._waiting: list[Handle] = []
         self._active: list[Handle | None] = [None] * slots
@@ -259,11 +260,19 @@ class Engine:
                      num_new=self.max_len, max_len=self.cache_len, rows=rows,
                      limits=jnp.asarray([r.max_tokens for r in requests], jnp.int32))
 
+    def _empty(self, rows: int) -> Batch:
+        """A batch of ``rows`` one-token prompts (shapes for tracing, free slots)."""
+        return self._batch([[0]] * rows, [0] * rows, [()] * rows, [Request((0,))] * rows)
+
     def _params(self, params, ids):
         return params if self.row_params is None else self.row_params(params, ids)
 
+    def _prefill_fn(self, params, batch):
+        ids = jnp.full_like(batch.lengths, self.base_id)
+        return self.method.prefill(self._params(params, ids), batch)
+
     def _init_fn(self, params, batch):
-        state = self.method.prefill(self._params(params, jnp.zeros_like(batch.lengths)), batch)
+        state = self._prefill_fn(params, batch)
         return state.replace(out=state.out.replace(done=jnp.ones_like(state.out.done)))
 
     def _insert_fn(self, params, state, adapter_ids, batch, slot, adapter):
@@ -416,7 +425,7 @@ class Engine:
             r = h.request
             seed = h.number if r.seed is None else r.seed
             batch = self._batch([h.ids], [seed], [h.stops], [r])
-            adapter = jnp.int32(self.adapters.get(r.adapter, 0))
+            adapter = jnp.int32(self.adapters.get(r.adapter, self.base_id))
             args = (self.params, self.state, self.adapter_ids, batch, jnp.int32(slot), adapter)
             fn, _ = compiled(self._insert_fn, (self.method, "engine-insert", self.row_params),
                              self.mesh, args, donate=(1, 2))
@@ -427,7 +436,7 @@ class Engine:
 
     def _decode(self) -> None:
         """One device program of decode steps, then every active row's delta."""
-        step0 = int(self.state.out.step)
+        step0 = self._step
         until = jnp.int32(step0 + self.steps_per_sync)
         args = (self.params, self.state, self.adapter_ids, until)
         fn, _ = compiled(self._step_fn, (self.method, "engine-step", self.row_params),
@@ -436,7 +445,8 @@ class Engine:
         self.state = fn(*args)
         out = jax.device_get(self.state.out)
         self.counts["busy_s"] += time.perf_counter() - t0
-        steps = int(out.step) - step0
+        self._step = int(out.step)
+        steps = self._step - step0
         active = [h for h in self._active if h is not None]
         self.counts["decode_steps"] += steps
         self.counts["slot_steps"] += steps * len(active)

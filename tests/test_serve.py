@@ -114,6 +114,16 @@ def test_stop_ids_limits_and_sampled_rows_share_the_batch(engine, expected):
         assert len(s.token_ids[0]) == 5 and all(lp <= 0 for lp in s.logprobs[0])
 
 
+def test_stop_strings_cut_the_text_as_generate_does(engine):
+    ask = Request("say hi hello", max_tokens=12, temperature=0, ignore_eos=True)
+    full = engine.submit(ask).result(timeout=300).text[0]
+    stop = full[len(full) // 2:len(full) // 2 + 2]
+    assert len(stop) == 2
+    r = engine.submit(Request("say hi hello", max_tokens=12, temperature=0, ignore_eos=True,
+                              stop=(stop,))).result(timeout=300)
+    assert r.text[0] == full[:full.index(stop)] and r.finish_reasons == ["stop_string"]
+
+
 def test_cancel_frees_the_slot(engine, expected):
     h = engine.submit(Request((1, 2, 3), max_tokens=40, ignore_eos=True))
     next(iter(h))                     # it is running
