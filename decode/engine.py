@@ -34,6 +34,7 @@ the requested distribution but its tokens depend on when it was scheduled.
 
 import dataclasses
 import itertools
+import math
 import queue
 import threading
 import time
@@ -215,6 +216,8 @@ class Engine:
         self._waiting: list[Handle] = []
         self._active: list[Handle | None] = [None] * slots
         self._numbers = itertools.count()
+        self._lock = threading.Lock()
+        self._stopped = False
         self._thread: threading.Thread | None = None
         self._closing = threading.Event()
         self._cancel_on_close = True
@@ -301,8 +304,11 @@ class Engine:
             (len(ids) + request.max_tokens <= self.max_len, "max_tokens",
              f"the prompt ({len(ids)} tokens) plus max_tokens ({request.max_tokens}) exceeds "
              f"the context of {self.max_len} tokens", "shorten the prompt or lower max_tokens"),
-            (request.temperature >= 0, "temperature",
-             f"temperature must be >= 0, got {request.temperature}", "use 0 for greedy"),
+            (math.isfinite(request.temperature) and request.temperature >= 0, "temperature",
+             f"temperature must be a finite number >= 0, got {request.temperature}",
+             "use 0 for greedy"),
+            (request.seed is None or -2**31 <= request.seed < 2**31, "seed",
+             f"seed must be a 32-bit integer, got {request.seed}", "use a smaller seed"),
             (0 <= request.top_k <= vocab, "top_k",
              f"top_k must be in [0, {vocab}], got {request.top_k}", "use 0 to turn it off"),
             (0 < request.top_p <= 1, "top_p", f"top_p must be in (0, 1], got {request.top_p}",
@@ -333,11 +339,14 @@ class Engine:
         if self._closing.is_set() or self.failure:
             raise RuntimeError(self.failure or "the engine is shutting down")
         ids, stops = self.check(request)
-        number = next(self._numbers)
         rows = Rows([ids], stops, list(request.stop), self.tokenizer)
-        handle = Handle(self, request, number, ids, stops, rows, on_delta)
-        self.counts["submitted"] += 1
-        self._inbox.put(("submit", handle))
+        with self._lock:       # the loop drains the inbox under it once it stops
+            if self._stopped:
+                raise RuntimeError(self.failure or "the engine is shutting down")
+            number = next(self._numbers)
+            self.counts["submitted"] += 1
+            handle = Handle(self, request, number, ids, stops, rows, on_delta)
+            self._inbox.put(("submit", handle))
         return handle
 
     def cancel(self, handle: Handle) -> None:
@@ -371,6 +380,7 @@ class Engine:
                         for h in self._waiting + [h for h in self._active if h is not None]:
                             self._drop(h)
                     if not self._waiting and all(h is None for h in self._active):
+                        self._cancel_late()
                         return
                 self._fill()
                 if any(h is not None for h in self._active):
@@ -379,7 +389,21 @@ class Engine:
             self.failure = f"engine loop failed: {type(e).__name__}: {e}"
             for h in self._waiting + [h for h in self._active if h is not None]:
                 self._end(h, "error")
+            self._cancel_late()
             raise
+
+    def _cancel_late(self) -> None:
+        """Refuse new requests; end those submitted while the loop was stopping."""
+        with self._lock:
+            self._stopped = True
+        while True:
+            try:
+                kind, h = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if kind == "submit" and not h.finished:
+                self.counts["cancelled"] += 1
+                self._end(h, "cancelled")
 
     def _take(self, block: bool) -> None:
         """Move inbox messages into the waiting list (cancellations act at once)."""

@@ -139,7 +139,8 @@ def test_cancel_frees_the_slot(engine, expected):
     ({"max_tokens": 0}, "max_tokens"), ({"max_tokens": 60}, "max_tokens"),
     ({"temperature": -0.5}, "temperature"), ({"top_k": 600}, "top_k"),
     ({"top_p": 0.0}, "top_p"), ({"min_p": 1.0}, "min_p"), ({"adapter": "x"}, "adapter"),
-    ({"stop_token_ids": (9999,)}, "stop_token_ids"),
+    ({"stop_token_ids": (9999,)}, "stop_token_ids"), ({"seed": 2**40}, "seed"),
+    ({"temperature": float("nan")}, "temperature"),
 ])
 def test_bad_requests_are_refused_on_submission(engine, fields, where):
     before = engine.metrics()["submitted"]
