@@ -163,6 +163,20 @@ def put_rows(state, rows_state, axes, at):
         state, rows_state, axes)
 
 
+def plain_adapter_rows(params, ids):
+    """Params of a plain method, ``((forward params, *partners), alpha)``, with the base
+    forward's ``adapter_ids`` set to ``ids`` int32 [B] (a multi-adapter forward)."""
+    (base, *partners), alpha = params
+    return ({**base, "adapter_ids": ids}, *partners), alpha
+
+
+def speculative_adapter_rows(params, ids):
+    """Params of a speculative method, ``(target params, draft params)``, with the
+    target's ``adapter_ids`` set to ``ids`` int32 [B]."""
+    target, draft = params
+    return {**target, "adapter_ids": ids}, draft
+
+
 class Engine:
     """Continuous batching for a plain or speculative method (see the module docstring).
 
@@ -233,7 +247,10 @@ class Engine:
               tokenizer=None, **kwargs) -> "Engine":
         """An engine for ``config.method`` (greedy, sample, speculative, ngram or medusa) on
         ``model`` (as :func:`cadenza.decode.generate` takes it); ``kwargs``: the method's
-        resources (``drafter``, ``draft_params``) and :class:`Engine`'s keyword args."""
+        resources (``drafter``, ``draft_params``) and :class:`Engine`'s keyword args.
+        With ``adapters`` (a multi-adapter forward's ``{name: index}``) and no
+        ``row_params``, each slot's adapter index goes into the forward's
+        ``adapter_ids`` (:func:`plain_adapter_rows`, :func:`speculative_adapter_rows`)."""
         from cadenza.decode.registry import build
 
         config = config or DecodeConfig()
@@ -244,6 +261,9 @@ class Engine:
                                where="decode.method", fix=f"use one of: {', '.join(SERVABLE)}")
         method, mparams = build(model, params, config, rules=rules, tokenizer=tokenizer,
                                 **resources)
+        if kwargs.get("adapters") and kwargs.get("row_params") is None:
+            kwargs["row_params"] = (speculative_adapter_rows if hasattr(method, "drafter")
+                                    else plain_adapter_rows)
         return cls(method, mparams, tokenizer=tokenizer, **kwargs)
 
     def _batch(self, ids, seeds, stops, requests) -> Batch:
