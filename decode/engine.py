@@ -25,9 +25,9 @@ Guarantees: a greedy request's tokens equal :func:`cadenza.decode.generate` on
 the same prompt alone, whatever else is in the batch, in float32 (rows never
 mix: every op is per row; what differs is only the batch and cache shape, which
 can change float reductions by an ulp, not the argmax except at exact ties). In
-bfloat16 the same holds for the weights' arithmetic, but reductions over a
-different cache length or batch may round differently, so a near-tie can flip
-and outputs may then diverge from ``generate`` (still valid greedy decodes).
+bfloat16 such an ulp can tip an activation to the neighbouring bfloat16 value, which
+propagates, so a near-tie can flip and the output then diverges from ``generate``'s
+(both valid greedy decodes); see docs/serving.md.
 A sampled request draws with keys ``fold_in(seed, engine step)``: it follows
 the requested distribution but its tokens depend on when it was scheduled.
 """
