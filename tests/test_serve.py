@@ -134,6 +134,21 @@ def test_cancel_frees_the_slot(engine, expected):
     assert engine.metrics()["slots_busy"] == 0
 
 
+@pytest.mark.parametrize("cancel", [True, False])
+def test_close_cancels_or_finishes_what_runs(small_lm, tokenizer, cancel):
+    _, model, params = small_lm      # the module engine's programs: nothing compiles
+    eng = Engine.build(model, params, DecodeConfig(), slots=3, max_len=48,
+                       tokenizer=tokenizer).start()
+    h = eng.submit(Request((1, 2, 3), max_tokens=40, ignore_eos=True))
+    next(iter(h))
+    eng.close(cancel=cancel)
+    last = [d for d in h][-1]
+    assert last.finish_reason == ("cancelled" if cancel else "length")
+    assert cancel or len(last.result.token_ids[0]) == 40
+    with pytest.raises(RuntimeError, match="shutting down"):
+        eng.submit(Request((1, 2)))
+
+
 @pytest.mark.parametrize("fields, where", [
     ({"prompt": ()}, "prompts"), ({"prompt": (1, 999)}, "prompts"),
     ({"max_tokens": 0}, "max_tokens"), ({"max_tokens": 60}, "max_tokens"),
