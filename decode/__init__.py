@@ -6,6 +6,7 @@
 - :mod:`cadenza.decode.method`: the interface a method implements.
 - :mod:`cadenza.decode.speculative`: the speculative round and its drafters' interface.
 - :mod:`cadenza.decode.sampling`: pure jittable logit processing and token selection.
+- :mod:`cadenza.decode.multi_lora`: many LoRA adapters in one batch, one per row.
 
 Names are imported lazily so that reading configs does not import JAX.
 """
@@ -19,6 +20,8 @@ _EXPORTS = {
     "GenerateResult": "cadenza.decode.driver",
     "StreamChunk": "cadenza.decode.driver",
     "ProxyTuning": "cadenza.decode.plain",
+    "AdapterBank": "cadenza.decode.multi_lora",
+    "load_adapter_bank": "cadenza.decode.multi_lora",
     "generate": "cadenza.decode.registry",
     "stream": "cadenza.decode.registry",
 }

@@ -171,8 +171,18 @@ def build(model, params, config: DecodeConfig, *, rules=None, **resources):
     return entry(config.method).build(as_forward(model, rules), params, config, **resources)
 
 
+def _select_adapters(model, params, prompts, adapters):
+    """``params`` with each prompt's adapter selected (``adapters`` given), else unchanged."""
+    if adapters is None:
+        return params
+    from cadenza.decode.multi_lora import with_adapters
+
+    batch = len(prompts) if isinstance(prompts, list | tuple) else None   # else: driver refuses
+    return with_adapters(model, params, adapters, batch)
+
+
 def generate(model, params, prompts, config: DecodeConfig | None = None, *, tokenizer=None,
-             seeds=None, mesh=None, rules=None, **resources):
+             seeds=None, adapters=None, mesh=None, rules=None, **resources):
     """Decode continuations of a ragged batch of prompts with ``config.method``.
 
     Args:
@@ -187,6 +197,9 @@ def generate(model, params, prompts, config: DecodeConfig | None = None, *, toke
         ``text`` and enables stop strings.
       seeds: one int per prompt (default ``config.seed + i``); a row's samples
         depend only on its seed, prompt and settings.
+      adapters: with a multi-adapter model (``bank.forward`` of
+        :func:`cadenza.decode.multi_lora.load_adapter_bank`), one adapter name per
+        prompt (None: the base alone); sets ``params["adapter_ids"]`` without recompiling.
       resources: in-memory parts a method would otherwise load from its config
         section: ``proxy`` (:class:`~cadenza.decode.plain.ProxyTuning`),
         ``drafter`` and ``draft_params``, ``table`` (an n-gram table), ``lud``
@@ -198,13 +211,14 @@ def generate(model, params, prompts, config: DecodeConfig | None = None, *, toke
     from cadenza.decode.driver import generate_with
 
     config = config or DecodeConfig()
+    params = _select_adapters(model, params, prompts, adapters)
     method, mparams = build(model, params, config, rules=rules, tokenizer=tokenizer, **resources)
     return generate_with(method, mparams, prompts, config, tokenizer=tokenizer, seeds=seeds,
                          mesh=mesh)
 
 
 def stream(model, params, prompts, config: DecodeConfig | None = None, *, tokenizer=None,
-           seeds=None, chunk_steps: int | None = None, mesh=None, rules=None,
+           seeds=None, adapters=None, chunk_steps: int | None = None, mesh=None, rules=None,
            **resources) -> Iterator:
     """As :func:`generate`, yielding a :class:`~cadenza.decode.driver.StreamChunk` after
     the prefill and every ``chunk_steps`` steps (default ``config.chunk_steps``); the
@@ -214,6 +228,7 @@ def stream(model, params, prompts, config: DecodeConfig | None = None, *, tokeni
     config = config or DecodeConfig()
     if chunk_steps is not None:
         config = dataclasses.replace(config, chunk_steps=chunk_steps)
+    params = _select_adapters(model, params, prompts, adapters)
     method, mparams = build(model, params, config, rules=rules, tokenizer=tokenizer, **resources)
     yield from run(method, mparams, prompts, config, tokenizer=tokenizer, seeds=seeds,
                    mesh=mesh, stream=True)

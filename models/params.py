@@ -75,8 +75,11 @@ def decode_layout(model, params):
     made scanned decoding 1.1-1.7x slower than unrolled; separate per-layer buffers are
     read in place. Elsewhere (GPU, TPU: slices are read in place; memory matters more), for
     unscanned models and for anything but a plain ``Transformer`` (adapter-wrapped models)
-    the pair is returned unchanged. Logits are the same either way.
+    the pair is returned unchanged. Logits are the same either way. A forward with a
+    ``decode_layout(params)`` method of its own (the multi-adapter forward) is asked instead.
     """
+    if hasattr(model, "decode_layout"):
+        return model.decode_layout(params)
     cfg = getattr(model, "config", None)
     if (type(model) is not Transformer or not cfg.scan_layers or jax.default_backend() != "cpu"
             or not isinstance(params, dict) or "layers" not in params):
