@@ -204,7 +204,8 @@ class Engine:
                                where="Engine(slots=...) / --slots", fix="use at least one slot")
         if adapters and row_params is None:
             raise CadenzaError("adapters need a multi-adapter forward (row_params)",
-                               where="Engine(adapters=...) / --adapter", fix="load adapters with their forward")
+                               where="Engine(adapters=...) / --adapter",
+                               fix="load adapters with their forward")
         self.method, self.params, self.tokenizer, self.mesh = method, params, tokenizer, mesh
         self.config = method.forward.config
         self.slots, self.max_len, self.steps_per_sync = slots, max_len, steps_per_sync
@@ -213,8 +214,9 @@ class Engine:
         prefix = prefix_slots(method.forward)
         mpe = min(c.max_position_embeddings for c in method.model_configs()) - prefix
         if not 1 <= max_len <= mpe:
-            raise CadenzaError(f"max_len={max_len} must be in [1, {mpe}] (the model's positions)",
-                               where="Engine(max_len=...) / --max-len", fix=f"use --max-len <= {mpe}")
+            raise CadenzaError(f"max_len={max_len} must be in [1, {mpe}] (the model's "
+                               "positions)", where="Engine(max_len=...) / --max-len",
+                               fix=f"use --max-len <= {mpe}")
         cache = prefix + max_len
         if method.slots:
             cache = -(-(cache + method.slots) // SLOT_BUCKET) * SLOT_BUCKET

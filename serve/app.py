@@ -38,7 +38,6 @@ from cadenza.serve.protocol import (
     usage,
 )
 
-
 # where an engine error points -> the request field (OpenAI's ``param``)
 _PARAMS = {"generate(prompts=...)": "prompt", "decode.stop_token_ids": "stop_token_ids",
            **{f"request.{f}": f for f in ("max_tokens", "temperature", "top_k", "top_p",

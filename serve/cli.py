@@ -19,7 +19,9 @@ def register(subparsers) -> None:
                    help="model directory (config.yaml, params/, optional tokenizer/) "
                         "or Hugging Face folder")
     p.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR",
-                   help="serve a LoRA adapter directory as model NAME (repeatable)")
+                   help="serve a LoRA adapter (cadenza adapter directory or peft folder) as "
+                        "model NAME next to the base (repeatable); requests pick one by "
+                        "their 'model' field")
     p.add_argument("--method", choices=("plain", "ngram", "speculative"), default=None,
                    help="decode steps: plain, ngram (prompt lookup) or speculative (needs "
                         "--draft; the default when --draft is given)")
@@ -58,34 +60,14 @@ def method_config(method: str | None, draft: str | None, gamma: int):
                                                                    gamma=gamma))
 
 
-def parse_adapters(specs) -> dict:
-    """``{name: directory}`` from ``NAME=DIR`` strings (CadenzaError on a bad one)."""
-    out = {}
-    for spec in specs:
-        name, sep, directory = spec.partition("=")
-        if not sep or not name or not directory:
-            raise CadenzaError(f"not NAME=DIR: {spec!r}", where="--adapter",
-                               fix="e.g. --adapter support=runs/lora-support")
-        if name in out:
-            raise CadenzaError(f"adapter name {name!r} given twice", where="--adapter",
-                               fix="give each adapter its own name")
-        if not pathlib.Path(directory).is_dir():
-            raise CadenzaError("no such directory", where=f"--adapter {spec}",
-                               fix="give an adapter directory")
-        out[name] = directory
-    return out
-
-
 def _serve(args) -> int:
     if args.slots < 1:
         raise CadenzaError(f"--slots must be >= 1, got {args.slots}", where="--slots",
                            fix="e.g. --slots 8")
     config = method_config(args.method, args.draft, args.gamma)
-    adapters = parse_adapters(args.adapter)
-    if adapters:
-        raise CadenzaError("serving adapters needs the multi-adapter forward, which this "
-                           "installation does not have", where="--adapter",
-                           fix="merge the adapter into the model (cadenza merge) and serve that")
+    from cadenza.decode.multi_lora import parse_adapter_specs
+
+    specs = parse_adapter_specs(args.adapter)
 
     import uvicorn
 
@@ -97,8 +79,15 @@ def _serve(args) -> int:
     mconfig, params = load_model(args.checkpoint)
     tokenizer, _ = model_tokenizer(args.checkpoint)
     max_len = args.max_len or min(mconfig.model.max_position_embeddings, 2048)
-    engine = Engine.build(Transformer(mconfig.model), params, config, tokenizer=tokenizer,
-                          slots=args.slots, max_len=max_len)
+    model, adapters = Transformer(mconfig.model), {}
+    if specs:      # a bank: each slot picks its adapter (or none) by index, as data
+        from cadenza.decode.multi_lora import load_adapter_bank
+
+        bank = load_adapter_bank(args.checkpoint, specs, base_params=params)
+        model, params = bank.forward, bank.params(params, [])
+        adapters = {name: i for i, name in enumerate(bank.names)}
+    engine = Engine.build(model, params, config, tokenizer=tokenizer, slots=args.slots,
+                          max_len=max_len, adapters=adapters)
     template, chat_stops = None, ()
     if tokenizer is not None and tokenizer.chat_template:
         from cadenza.models.chat_template import ChatTemplate

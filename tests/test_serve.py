@@ -134,6 +134,51 @@ def test_cancel_frees_the_slot(engine, expected):
     assert engine.metrics()["slots_busy"] == 0
 
 
+@pytest.fixture(scope="module")
+def bank(small_lm):
+    """Two LoRA adapters with random non-zero factors (``a``: rank 2 on q/v, ``b``: rank 4
+    on every projection) stacked in a bank, and each one's merged params."""
+    import dataclasses
+
+    from cadenza.decode.multi_lora import stack_adapters
+    from cadenza.train import peft
+    from cadenza.train.peft import merge
+
+    cfg, _, params = small_lm
+    loaded, merged = [], {}
+    for name, seed, rank, targets in (("a", 1, 2, ".*(q|v)_proj"), ("b", 2, 4, ".*_proj")):
+        c = dataclasses.replace(cfg, peft=dataclasses.replace(cfg.peft, method="lora",
+                                                              rank=rank, targets=targets))
+        pm, trainable, frozen = peft.prepare(c, params, jax.random.key(seed))
+        leaves, tree = jax.tree.flatten(trainable)
+        keys = jax.random.split(jax.random.key(seed + 10), len(leaves))
+        trainable = jax.tree.unflatten(tree, [x + 0.3 * jax.random.normal(k, x.shape)
+                                              for x, k in zip(leaves, keys)])
+        loaded.append((name, pm, trainable))
+        merged[name] = merge.merge(pm, trainable, frozen)
+    return stack_adapters(cfg.model, loaded), merged
+
+
+def test_adapters_in_one_batch_equal_their_merged_models(small_lm, bank, expected):
+    _, model, params = small_lm
+    stacked, merged = bank
+    config = DecodeConfig(max_new_tokens=max(LIMITS), ignore_eos=True)
+    want = {None: expected}
+    for name, p in merged.items():
+        want[name] = [ids[:n] for ids, n in zip(generate(model, p, PROMPTS, config).token_ids,
+                                                 LIMITS)]
+    assert want["a"] != want[None] and want["b"] != want["a"]
+    eng = Engine.build(stacked.forward, stacked.params(params, []), DecodeConfig(), slots=3,
+                       max_len=48, adapters={n: i for i, n in enumerate(stacked.names)}).start()
+    try:
+        names = [None, "a", "b", "b", None, "a"]
+        handles = [eng.submit(_greedy(i, adapter=n)) for i, n in enumerate(names)]
+        got = [h.result(timeout=300).token_ids[0] for h in handles]
+        assert got == [want[n][i] for i, n in enumerate(names)]
+    finally:
+        eng.close()
+
+
 @pytest.mark.parametrize("cancel", [True, False])
 def test_close_cancels_or_finishes_what_runs(small_lm, tokenizer, cancel):
     _, model, params = small_lm      # the module engine's programs: nothing compiles
