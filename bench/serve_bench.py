@@ -1,11 +1,13 @@
 """Serving under load: Poisson arrivals against ``cadenza serve`` vs static batching.
 
     .venv/bin/python bench/serve_bench.py [--config tiny] [--requests 16] [--rates 2,8,32]
-        [--slots 4] [--repeats 5] [--methods plain,ngram]
+        [--slots 4] [--repeats 5] [--methods plain,ngram] [--adapters 4]
 
 A random-weight float32 model is saved to a temporary directory and served by one
 ``cadenza serve`` subprocess per method (``plain``: one token per step; ``ngram``: prompt
-lookup rounds) on loopback. The same ``--requests`` requests (prompt 4-28 tokens, 8-48
+lookup rounds), plus one serving ``--adapters`` random rank-8 LoRA adapters (plain
+decoding; the requests spread round-robin over the base and the adapters, so one batch
+mixes them), on loopback. The same ``--requests`` requests (prompt 4-28 tokens, 8-48
 new tokens, greedy, EOS ignored; fixed by ``--seed``) arrive as a Poisson process at each
 rate (requests/s) and stream their tokens over server-sent events. The peer, measured in
 the same run on the same arrival times: static batching through
@@ -56,12 +58,35 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(checkpoint, method: str, slots: int, max_len: int):
+def save_adapters_for(cfg, params, directory, count: int) -> list[str]:
+    """``count`` rank-8 LoRA adapters on every projection, random non-zero factors, saved
+    under ``directory``; returns ``NAME=DIR`` specs."""
+    import dataclasses
+
+    from cadenza.train import peft
+    from cadenza.train.peft.artifacts import save_adapters
+
+    c = dataclasses.replace(cfg, peft=dataclasses.replace(cfg.peft, method="lora", rank=8,
+                                                          targets=".*_proj"))
+    specs = []
+    for i in range(count):
+        _, trainable, _ = peft.prepare(c, params, jax.random.key(100 + i))
+        leaves, tree = jax.tree.flatten(trainable)
+        keys = jax.random.split(jax.random.key(200 + i), len(leaves))
+        trainable = jax.tree.unflatten(tree, [x + 0.1 * jax.random.normal(k, x.shape)
+                                              for x, k in zip(leaves, keys)])
+        specs.append(f"lora{i}={save_adapters(pathlib.Path(directory) / f'lora{i}', c, trainable)}")
+    return specs
+
+
+def start_server(checkpoint, method: str, slots: int, max_len: int, adapters=()):
     """A ``cadenza serve`` subprocess; returns ``(process, base url)`` once /health is ok."""
     port = free_port()
     cmd = [sys.executable, "-m", "cadenza", "serve", "--checkpoint", str(checkpoint),
            "--method", method, "--slots", str(slots), "--max-len", str(max_len),
            "--port", str(port), "--gamma", "4"]
+    for spec in adapters:
+        cmd += ["--adapter", spec]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
     for _ in range(600):
@@ -77,14 +102,16 @@ def start_server(checkpoint, method: str, slots: int, max_len: int):
     raise RuntimeError("cadenza serve did not become healthy")
 
 
-def one_request(url: str, prompt, n: int, t0: float, record: dict) -> None:
-    """Stream one completion; record arrival, chunk times and tokens."""
+def one_request(url: str, prompt, n: int, t0: float, record: dict, model=None) -> None:
+    """Stream one completion (``model``: an adapter name, or None for the base); record
+    arrival, chunk times and tokens."""
     host, port = url.removeprefix("http://").split(":")
     conn = http.client.HTTPConnection(host, int(port), timeout=600)
     record["sent"] = time.perf_counter() - t0
     conn.request("POST", "/v1/completions", json.dumps(
         {"prompt": prompt, "max_tokens": n, "temperature": 0, "ignore_eos": True,
-         "stream": True}), {"Content-Type": "application/json"})
+         "stream": True, **({"model": model} if model else {})}),
+        {"Content-Type": "application/json"})
     resp = conn.getresponse()
     times, tokens = [], []
     for line in resp:
@@ -99,14 +126,16 @@ def one_request(url: str, prompt, n: int, t0: float, record: dict) -> None:
     record.update(chunks=times, tokens=tokens)
 
 
-def serve_round(url, prompts, limits, arrivals) -> list[dict]:
-    """Send every request at its arrival time (seconds from now); wait for all."""
+def serve_round(url, prompts, limits, arrivals, models=None) -> list[dict]:
+    """Send every request at its arrival time (seconds from now; ``models[i]``: request i's
+    adapter or None); wait for all."""
     records = [{} for _ in prompts]
     threads = []
     t0 = time.perf_counter()
     for i, (p, n, at) in enumerate(zip(prompts, limits, arrivals)):
         time.sleep(max(0.0, at - (time.perf_counter() - t0)))
-        th = threading.Thread(target=one_request, args=(url, p, n, t0, records[i]))
+        th = threading.Thread(target=one_request, args=(url, p, n, t0, records[i],
+                                                        models[i] if models else None))
         th.start()
         threads.append(th)
     for th in threads:
@@ -160,6 +189,9 @@ def main(argv=None) -> int:
     ap.add_argument("--slots", type=int, default=4)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--methods", default="plain,ngram")
+    ap.add_argument("--adapters", type=int, default=4,
+                    help="also serve this many LoRA adapters (plain decoding), requests "
+                         "spread over them and the base (0: off)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None, help="default: bench/results/<device>")
     args = ap.parse_args(argv)
@@ -175,7 +207,14 @@ def main(argv=None) -> int:
     tmp = tempfile.TemporaryDirectory()
     ckpt = save_model(pathlib.Path(tmp.name) / "model", cfg, params)
     servers = {m: start_server(ckpt, m, args.slots, 80) for m in methods}
-    contenders = [*methods, "static"]
+    lora = f"plain+{args.adapters} adapters"
+    models = None
+    if args.adapters:
+        specs = save_adapters_for(cfg, params, tmp.name, args.adapters)
+        servers[lora] = start_server(ckpt, "plain", args.slots, 80, specs)
+        names = [None] + [s.split("=")[0] for s in specs]
+        models = [names[i % len(names)] for i in range(args.requests)]
+    contenders = [*servers, "static"]
     try:
         results = {(c, r): [] for c in contenders for r in rates}
         mismatches = 0
@@ -190,14 +229,15 @@ def main(argv=None) -> int:
                         recs = static_round(model, params, prompts, limits, arrivals,
                                             args.slots)
                     else:
-                        recs = serve_round(servers[c][1], prompts, limits, arrivals)
+                        recs = serve_round(servers[c][1], prompts, limits, arrivals,
+                                           models if c == lora else None)
                     outs[c] = [r["tokens"] for r in recs]
                     if rep:
                         results[(c, rate)].append(summarise(recs))
                 mismatches += sum(outs[m] != outs["static"] for m in methods)
                 print(f"round {rep} rate {rate}: done", flush=True)
         accept = {}
-        for m in methods:
+        for m in servers:
             with urllib.request.urlopen(servers[m][1] + "/metrics") as r:
                 accept[m] = json.load(r)["tokens_per_slot_step"]
     finally:
