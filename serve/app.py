@@ -121,22 +121,27 @@ def make_app(engine, model_name: str, *, template=None, chat_stop_ids=()) -> Sta
             out["delta"] = {**delta, "content": text or ""}
         return out
 
-    async def respond(request: HttpRequest, reqs, stream: bool, want_lp: bool, chat: bool):
+    async def respond(request: HttpRequest, reqs, opts, chat: bool):
         name = reqs[0].adapter or model_name
         kind = "chat.completion" if chat else "text_completion"
+        want_lp = opts.logprobs
         inbox = _Inbox()
         handles = _submit(engine, reqs, inbox)
         number = handles[0].number
-        if stream:
+        if opts.stream:
             started = set()
+            chunk_kind = kind + (".chunk" if chat else "")
 
             def chunk(i, d):
                 role = {} if i in started else {"role": "assistant"}
                 started.add(i)
-                return envelope(kind + (".chunk" if chat else ""), number, name, [choice(
+                return envelope(chunk_kind, number, name, [choice(
                     chat, i, d.token_ids, d.logprobs, d.text, d.finish_reason, want_lp,
                     delta=role)])
-            return _sse(handles, inbox, chunk)
+
+            def last(results):
+                return envelope(chunk_kind, number, name, [], usage=usage(results))
+            return _sse(handles, inbox, chunk, last if opts.usage_chunk else None)
         results = await _finish_all(request, handles, inbox)
         return JSONResponse(envelope(kind, number, name, [
             choice(chat, i, r.token_ids[0], r.logprobs[0], r.text[0] if r.text else "",
@@ -144,16 +149,14 @@ def make_app(engine, model_name: str, *, template=None, chat_stop_ids=()) -> Sta
             usage=usage(results)))
 
     async def completions(request: HttpRequest):
-        reqs, stream, want_lp = completion_request(await _body(request), model_name,
-                                                   engine.adapters)
-        return await respond(request, reqs, stream, want_lp, chat=False)
+        reqs, opts = completion_request(await _body(request), model_name, engine.adapters)
+        return await respond(request, reqs, opts, chat=False)
 
     async def chat(request: HttpRequest):
-        req, stream, want_lp = chat_request(await _body(request), model_name, template,
-                                            engine.adapters)
+        req, opts = chat_request(await _body(request), model_name, template, engine.adapters)
         req = dataclasses.replace(req, stop_token_ids=tuple(dict.fromkeys(
             req.stop_token_ids + tuple(chat_stop_ids))))
-        return await respond(request, [req], stream, want_lp, chat=True)
+        return await respond(request, [req], opts, chat=True)
 
     async def models(request: HttpRequest):
         data = [{"id": m, "object": "model", "created": 0, "owned_by": "cadenza",
@@ -188,16 +191,20 @@ def make_app(engine, model_name: str, *, template=None, chat_stop_ids=()) -> Sta
     ], exception_handlers={ApiError: api_error}, lifespan=lifespan)
 
 
-def _sse(handles, inbox: _Inbox, chunk) -> StreamingResponse:
+def _sse(handles, inbox: _Inbox, chunk, last=None) -> StreamingResponse:
     """Server-sent events of every handle's deltas (``chunk(index, delta) -> dict``), then
-    ``[DONE]``; the handles are cancelled if the client disconnects first."""
+    ``last(results)`` if given, then ``[DONE]``; the handles are cancelled if the client
+    disconnects first."""
     async def events():
-        left = len(handles)
+        results = [None] * len(handles)
         try:
-            while left:
+            while not all(results):
                 i, delta = await inbox.queue.get()
-                left -= delta.finished
+                if delta.finished:
+                    results[i] = delta.result
                 yield f"data: {json.dumps(chunk(i, delta))}\n\n"
+            if last is not None:
+                yield f"data: {json.dumps(last(results))}\n\n"
             yield "data: [DONE]\n\n"
         finally:
             for h in handles:

@@ -12,6 +12,7 @@ Extensions (as in vLLM): ``top_k``, ``min_p``, ``stop_token_ids``,
 ``ignore_eos``; responses carry each choice's ``token_ids``.
 """
 
+import dataclasses
 import time
 
 from cadenza.decode.engine import Request
@@ -95,11 +96,26 @@ def _sampling(body, *, prompt, adapter) -> Request:
                    stop_token_ids=tuple(ids), ignore_eos=ignore, adapter=adapter)
 
 
-def _stream(body) -> bool:
-    value = body.get("stream", False)
-    if not isinstance(value, bool):
+@dataclasses.dataclass(frozen=True)
+class Options:
+    """How to answer: ``stream`` (server-sent events), ``usage_chunk`` (a last chunk with
+    ``usage``: ``stream_options.include_usage``), ``logprobs`` (return them)."""
+
+    stream: bool
+    usage_chunk: bool
+    logprobs: bool
+
+
+def _options(body, logprobs: bool) -> Options:
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool):
         raise ApiError("stream must be true or false", param="stream")
-    return value
+    opts = body.get("stream_options")
+    if opts is not None and (not stream or not isinstance(opts, dict) or set(opts) - {
+            "include_usage"} or not isinstance(opts.get("include_usage", False), bool)):
+        raise ApiError("stream_options must be {\"include_usage\": true|false}, with stream "
+                       "true", param="stream_options")
+    return Options(stream, bool(opts and opts.get("include_usage")), logprobs)
 
 
 def _adapter(body, model_name: str, adapters) -> str | None:
@@ -114,9 +130,9 @@ def _adapter(body, model_name: str, adapters) -> str | None:
                    code="model_not_found")
 
 
-def completion_request(body, model_name: str, adapters=()) -> tuple[list[Request], bool, bool]:
-    """``(requests, stream, logprobs)`` of a /v1/completions body (one request per prompt:
-    a string, a list of token ids, or a list of either)."""
+def completion_request(body, model_name: str, adapters=()) -> tuple[list[Request], Options]:
+    """``(requests, options)`` of a /v1/completions body (one request per prompt: a
+    string, a list of token ids, or a list of either)."""
     _check_fields(body, _COMMON | {"prompt", "logprobs"})
     prompt = body.get("prompt")
     single = isinstance(prompt, str) or (isinstance(prompt, list) and prompt
@@ -135,11 +151,11 @@ def completion_request(body, model_name: str, adapters=()) -> tuple[list[Request
     adapter = _adapter(body, model_name, adapters)
     reqs = [_sampling(body, prompt=p if isinstance(p, str) else tuple(p), adapter=adapter)
             for p in prompts]
-    return reqs, _stream(body), logprobs is not None
+    return reqs, _options(body, logprobs is not None)
 
 
-def chat_request(body, model_name: str, template, adapters=()) -> tuple[Request, bool, bool]:
-    """``(request, stream, logprobs)`` of a /v1/chat/completions body; ``template``: the
+def chat_request(body, model_name: str, template, adapters=()) -> tuple[Request, Options]:
+    """``(request, options)`` of a /v1/chat/completions body; ``template``: the
     tokenizer's ChatTemplate (None: the model has none, a 400)."""
     _check_fields(body, _COMMON | {"messages", "logprobs", "top_logprobs",
                                    "max_completion_tokens"})
@@ -160,7 +176,7 @@ def chat_request(body, model_name: str, template, adapters=()) -> tuple[Request,
         body = {**body, "max_tokens": body["max_completion_tokens"]}
     text = template.render(messages, add_generation_prompt=True)
     return (_sampling(body, prompt=text, adapter=_adapter(body, model_name, adapters)),
-            _stream(body), logprobs)
+            _options(body, logprobs))
 
 
 def usage(results) -> dict:

@@ -262,10 +262,17 @@ def test_http_concurrent_streamed_and_plain_requests_equal_generate(server, expe
     def call(i):
         body = {"model": "tiny", "prompt": PROMPTS[i], "max_tokens": LIMITS[i],
                 "temperature": 0, "ignore_eos": True, "stream": i % 2 == 0, "logprobs": 1}
+        if i == 0:
+            body["stream_options"] = {"include_usage": True}
         status, text = _post(server, "/v1/completions", body)
         assert status == 200, text
         if i % 2 == 0:
             chunks = _events(text)
+            if i == 0:
+                assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == {
+                    "prompt_tokens": len(PROMPTS[0]), "completion_tokens": LIMITS[0],
+                    "total_tokens": len(PROMPTS[0]) + LIMITS[0]}
+                chunks = chunks[:-1]
             assert [c["choices"][0]["finish_reason"] for c in chunks][-1] == "length"
             out[i] = [t for c in chunks for t in c["choices"][0]["token_ids"]]
         else:
@@ -296,6 +303,8 @@ def test_http_concurrent_streamed_and_plain_requests_equal_generate(server, expe
     ("/v1/completions", {"prompt": [1, 2], "top_p": "high"}, "top_p"),
     ("/v1/completions", {"prompt": [1, 2], "n": 2}, "n"),
     ("/v1/completions", {"prompt": [1, 2], "frobnicate": 1}, "frobnicate"),
+    ("/v1/completions", {"prompt": [1, 2], "stream_options": {"include_usage": True}},
+     "stream_options"),
     ("/v1/completions", {"prompt": []}, "prompt"),
     ("/v1/chat/completions", {"messages": [{"role": "user"}]}, "messages"),
 ])
