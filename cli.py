@@ -24,6 +24,7 @@ AREA_COMMANDS: tuple[str, ...] = (
     "cadenza.train.cli",
     "cadenza.train.data_cli",
     "cadenza.decode.cli",
+    "cadenza.serve.cli",
     "cadenza.train.peft_cli",
     "cadenza.train.merge_cli",
     "cadenza.train.pods_cli",

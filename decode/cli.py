@@ -136,7 +136,7 @@ def _layer_list(text: str) -> list[int]:
             f"not a comma-separated list of layer indices: {text!r} (e.g. 2,3,5)") from None
 
 
-def _load_tokenizer(directory):
+def model_tokenizer(directory):
     """The model directory's tokenizer, or None (no tokenizer/ folder or no loader)."""
     from cadenza.models.checkpoint import tokenizer_dir
 
@@ -206,7 +206,7 @@ def unescape(text: str) -> str:
     return _ESCAPE.sub(lambda m: _SIMPLE_ESCAPES.get(m[0]) or chr(int(m[0][2:], 16)), text)
 
 
-def _chat_stop_ids(tokenizer) -> list[int]:
+def chat_stop_ids(tokenizer) -> list[int]:
     """Ids of the chat template's end-of-turn tokens that the tokenizer has."""
     from cadenza.models.chat_template import ChatTemplate
 
@@ -284,7 +284,7 @@ def _decode_config(base, args, tokenizer):
         fields["stop"] = list(base.stop) + [unescape(s) for s in args.stop]
     stop_ids = list(base.stop_token_ids) + list(args.stop_token_id or [])
     if args.chat and tokenizer is not None:
-        stop_ids += _chat_stop_ids(tokenizer)
+        stop_ids += chat_stop_ids(tokenizer)
     fields["stop_token_ids"] = sorted(set(stop_ids))
     if args.ignore_eos:
         fields["ignore_eos"] = True
@@ -302,7 +302,7 @@ def _generate(args) -> int:
     method = args.method or config.decode.method
     check_flags(method, _given(args))
     config, params = _quantized(args, config, params)
-    tokenizer, why_none = _load_tokenizer(args.checkpoint)
+    tokenizer, why_none = model_tokenizer(args.checkpoint)
     startup = {"import_s": imported - started, "load_s": time.perf_counter() - imported}
     prompts = _prompts(args, tokenizer, why_none)
     decode_config = _decode_config(config.decode, args, tokenizer)

@@ -229,8 +229,9 @@ def compiled(fn, key, mesh, args, donate=()):
     return out, time.perf_counter() - t0
 
 
-def _decode_loop(method, params, state, until):
-    """Steps while ``out.step < until`` and some row is unfinished."""
+def decode_loop(method, params, state, until):
+    """``method.step`` in a ``lax.while_loop`` while ``out.step < until`` (int32 scalar) and
+    some row is unfinished; returns the state."""
     return jax.lax.while_loop(
         lambda s: (s.out.step < until) & ~jnp.all(method.done(s)),
         lambda s: method.step(params, s), state)
@@ -367,7 +368,7 @@ def run(method, params, prompts, config: DecodeConfig | None = None, *, tokenize
     while not bool(np.asarray(method.done(state)).all()) and step < limit:
         until = min(step + chunk_steps, limit) if chunk_steps else limit
         dargs = (params, state, jnp.int32(until))
-        loop, c_s = compiled(lambda p, s, u: _decode_loop(method, p, s, u), (method, "decode"),
+        loop, c_s = compiled(lambda p, s, u: decode_loop(method, p, s, u), (method, "decode"),
                              mesh, dargs, donate=(1,))
         compile_s += c_s
         t0 = time.perf_counter()

@@ -33,9 +33,13 @@ class Batch:
     """The prompts of one call, on device (built by the driver).
 
     tokens: int32 [B, T] right-padded (T a multiple of 16 where limits allow);
-    lengths: int32 [B] >= 1; seeds: int32 [B]; stop_ids: int32 [S] (-1 padded);
-    num_new: max_new_tokens (static); max_len: cache slots per row beyond the
-    forward's prefix slots (static).
+    lengths: int32 [B] >= 1; seeds: int32 [B]; stop_ids: int32 [S] or, per row,
+    [B, S] (-1 padded); num_new: max_new_tokens (static); max_len: cache slots per
+    row beyond the forward's prefix slots (static). Optional per-row data (the
+    serving engine, :mod:`cadenza.decode.engine`): ``rows`` a
+    :class:`~cadenza.decode.sampling.RowSampling` (sampler settings per row,
+    overriding the method's static spec) and ``limits`` int32 [B] (tokens per row,
+    at most ``num_new``).
     """
 
     tokens: jax.Array
@@ -44,6 +48,8 @@ class Batch:
     stop_ids: jax.Array
     num_new: int = flax.struct.field(pytree_node=False)
     max_len: int = flax.struct.field(pytree_node=False)
+    rows: Any = None
+    limits: jax.Array | None = None
 
 
 @flax.struct.dataclass
@@ -52,8 +58,9 @@ class Emitted:
 
     tokens: int32 [B, W] (W >= num_new; extra room for a round's overshoot);
     logprobs: float32 [B, W]; num_generated: int32 [B]; done: bool [B];
-    step: int32 [] steps run; stop_ids: int32 [S]; error: bool [B] rows stopped
-    because the model produced NaN or infinite logits; num_new (static).
+    step: int32 [] steps run; stop_ids: int32 [S] or [B, S] per row; error: bool [B]
+    rows stopped because the model produced NaN or infinite logits; num_new
+    (static); limit: int32 [B] per-row token limits (<= num_new) or None.
     """
 
     tokens: jax.Array
@@ -64,6 +71,7 @@ class Emitted:
     stop_ids: jax.Array
     error: jax.Array
     num_new: int = flax.struct.field(pytree_node=False)
+    limit: jax.Array | None = None
 
     @classmethod
     def create(cls, batch: Batch, extra: int = 0) -> "Emitted":
@@ -73,7 +81,7 @@ class Emitted:
                    logprobs=jnp.zeros((b, w), jnp.float32),
                    num_generated=jnp.zeros((b,), jnp.int32), done=jnp.zeros((b,), bool),
                    step=jnp.zeros((), jnp.int32), stop_ids=batch.stop_ids,
-                   error=jnp.zeros((b,), bool), num_new=batch.num_new)
+                   error=jnp.zeros((b,), bool), num_new=batch.num_new, limit=batch.limits)
 
     @property
     def last(self) -> jax.Array:
@@ -84,7 +92,8 @@ class Emitted:
     def append(self, tokens, logprobs, count, bad=None) -> "Emitted":
         """Append ``tokens[:, :count]`` (int32 [B, K], log-probs float32 [B, K]) to running rows.
 
-        A row ends after its first stop id among them or at ``num_new`` tokens;
+        A row ends after its first stop id among them or at ``num_new`` tokens
+        (its ``limit`` when set);
         finished rows are unchanged. ``step`` advances by one. ``bad`` (bool [B],
         optional): rows whose logits were not finite: they append nothing and
         stop with ``error`` set.
@@ -94,12 +103,14 @@ class Emitted:
             count = jnp.where(bad, 0, count)
         k = tokens.shape[1]
         j = jnp.arange(k)[None, :]
-        is_stop = jnp.any(tokens[..., None] == self.stop_ids[None, None, :], axis=-1) & (
+        stops = self.stop_ids[None] if self.stop_ids.ndim == 1 else self.stop_ids
+        is_stop = jnp.any(tokens[..., None] == stops[:, None, :], axis=-1) & (
             j < count[:, None])
         first_stop = jnp.min(jnp.where(is_stop, j, k), axis=1)
         kept = jnp.minimum(count, first_stop + 1)
         active = ~self.done
-        ng = jnp.minimum(self.num_generated + kept, self.num_new)
+        cap = self.num_new if self.limit is None else self.limit
+        ng = jnp.minimum(self.num_generated + kept, cap)
         write = jax.vmap(lambda buf, x, at: jax.lax.dynamic_update_slice(buf, x, (at,)))
         keep = active[:, None]
         return self.replace(
@@ -107,7 +118,7 @@ class Emitted:
             logprobs=jnp.where(keep, write(self.logprobs, logprobs, self.num_generated),
                                self.logprobs),
             num_generated=jnp.where(active, ng, self.num_generated), step=self.step + 1,
-            done=self.done | (active & ((first_stop < count) | (ng >= self.num_new))) | (
+            done=self.done | (active & ((first_stop < count) | (ng >= cap))) | (
                 False if bad is None else bad),
             error=self.error if bad is None else self.error | bad)
 

@@ -49,12 +49,14 @@ class PlainState:
     """out: the emitted tokens; caches: one KVCache per forward (lengths = cached
     tokens; the last emitted token is pending, not yet cached); seen: bool [B, V]
     prompt + generated tokens (repetition penalty) or None; keys: per-row PRNG
-    keys [B] (sampling) or None."""
+    keys [B] (sampling, or per-row settings) or None; rows: per-row sampler settings
+    (:class:`~cadenza.decode.sampling.RowSampling`, from ``Batch.rows``) or None."""
 
     out: Emitted
     caches: tuple
     seen: jax.Array | None
     keys: jax.Array | None
+    rows: Any = None
 
 
 def first_logits(forward, params, batch: Batch):
@@ -121,8 +123,8 @@ class Plain(MethodBase):
 
     def _emit(self, state: PlainState, logits) -> PlainState:
         out = state.out
-        logp = sampling.log_probs(logits, self.spec, state.seen)
-        tok, lp = sampling.select(logp, self.spec, state.keys, out.step)
+        logp = sampling.log_probs(logits, self.spec, state.seen, state.rows)
+        tok, lp = sampling.select(logp, self.spec, state.keys, out.step, state.rows)
         one = jnp.ones_like(out.num_generated)
         return state.replace(out=out.append(tok[:, None], lp[:, None], one, not_finite(logits)),
                              seen=mark_seen(state.seen, tok[:, None], one, ~out.done))
@@ -139,7 +141,8 @@ class Plain(MethodBase):
         state = PlainState(
             out=Emitted.create(batch), caches=tuple(caches),
             seen=seen_mask(batch, vocab) if self.spec.uses_history else None,
-            keys=sampling.row_keys(batch.seeds) if self.spec.method == "sample" else None)
+            keys=sampling.row_keys(batch.seeds) if self.spec.method == "sample"
+            or batch.rows is not None else None, rows=batch.rows)
         return self._emit(state, self._combine(logits, alpha))
 
     def step(self, params, state: PlainState) -> PlainState:

@@ -80,7 +80,8 @@ class Context:
     (None when greedy); ``spec`` (static): the sampler settings; ``forward``
     (static): the target's forward; ``cache``: the target's KVCache (its first
     ``lengths`` slots, prefix slots included, hold the cached tokens; a drafter may read
-    it or draft into a copy: the round verifies with its own)."""
+    it or draft into a copy: the round verifies with its own); ``rows``: per-row sampler
+    settings overriding ``spec``'s (:class:`~cadenza.decode.sampling.RowSampling`) or None."""
 
     prev: jax.Array
     pending: jax.Array
@@ -91,6 +92,7 @@ class Context:
     spec: SamplingSpec = flax.struct.field(pytree_node=False)
     forward: Any = flax.struct.field(pytree_node=False)
     cache: Any = None
+    rows: Any = None
 
 
 @flax.struct.dataclass
@@ -190,7 +192,8 @@ class SpecState:
     as in plain decoding, ``prev`` int32 [B] the token before the pending one,
     ``hidden`` [B, D] (see :class:`Context`), the ``drafter``'s state, ``forwards``
     int32 [B] target forwards while the row ran, ``proposed``/``accepted`` int32 [D]
-    per depth, how often a running row proposed / accepted a node there."""
+    per depth, how often a running row proposed / accepted a node there; ``rows``
+    per-row sampler settings (from ``Batch.rows``) or None."""
 
     out: Emitted
     cache: Any
@@ -202,6 +205,7 @@ class SpecState:
     forwards: jax.Array
     proposed: jax.Array
     accepted: jax.Array
+    rows: Any = None
 
 
 def round_keys(keys, step):
@@ -244,10 +248,12 @@ class Speculative(MethodBase):
         logits, hidden, cache = first_logits(self.forward, tparams, batch)
         vocab = logits.shape[-1]
         seen = seen_mask(batch, vocab) if self.spec.uses_history else None
-        keys = sampling.row_keys(batch.seeds) if self.spec.method == "sample" else None
+        rows = batch.rows
+        keys = (sampling.row_keys(batch.seeds) if self.spec.method == "sample" or rows is not None
+                else None)
         out = Emitted.create(batch, extra=self.depth + 1)
-        logp = sampling.log_probs(logits, self.spec, seen)
-        tok, lp = sampling.select(logp, self.spec, keys, out.step)
+        logp = sampling.log_probs(logits, self.spec, seen, rows)
+        tok, lp = sampling.select(logp, self.spec, keys, out.step, rows)
         one = jnp.ones_like(batch.lengths)
         out = out.append(tok[:, None], lp[:, None], one, not_finite(logits))
         d = self.depth
@@ -257,7 +263,7 @@ class Speculative(MethodBase):
             out=out, cache=cache, seen=mark_seen(seen, tok[:, None], one, ~out.done), keys=keys,
             prev=prev, hidden=hidden, drafter=self.drafter.init(dparams, pre),
             forwards=jnp.zeros_like(batch.lengths), proposed=jnp.zeros((d,), jnp.int32),
-            accepted=jnp.zeros((d,), jnp.int32))
+            accepted=jnp.zeros((d,), jnp.int32), rows=rows)
 
     def step(self, params, s: SpecState) -> SpecState:
         """One round: propose, verify once, accept, emit, observe."""
@@ -271,7 +277,7 @@ class Speculative(MethodBase):
         keys = round_keys(s.keys, out.step)
         ctx = Context(prev=s.prev, pending=pending, lengths=tokens_cached, hidden=s.hidden,
                       seen=s.seen, keys=keys, spec=self.spec, forward=self.forward,
-                      cache=s.cache)
+                      cache=s.cache, rows=s.rows)
         prop, dstate = self.drafter.propose(dparams, s.drafter, ctx)
         if tuple(prop.parents) != tuple(self.drafter.parents):
             raise ValueError(f"the proposal's parents {prop.parents} differ from the drafter's "
@@ -289,17 +295,10 @@ class Speculative(MethodBase):
             hot = jax.nn.one_hot(nodes, v, dtype=jnp.float32)
             on_path = jnp.einsum("ik,bkv->biv", jnp.asarray(anc, jnp.float32), hot) > 0
             seen = (s.seen[:, None] | on_path).reshape(b * n_nodes, v)
-        logp = sampling.log_probs(logits.reshape(b * n_nodes, v), self.spec, seen
+        rows_n = None if s.rows is None else s.rows.repeat(n_nodes)
+        logp = sampling.log_probs(logits.reshape(b * n_nodes, v), self.spec, seen, rows_n
                                   ).reshape(b, n_nodes, v)
-        if self.spec.method == "greedy":
-            win, y = tree_greedy_accept(nodes, logp, tree.parents, tree.depth, valid)
-        elif prop.q is not None:
-            if not tree.is_chain:
-                raise ValueError("draft distributions q are supported for chains only")
-            win, y = exact_accept(prop.tokens, logp, prop.q,
-                                  jnp.sum(jnp.cumprod(prop.valid, axis=1), axis=1), keys)
-        else:
-            win, y = tree_sample_accept(nodes, logp, tree.children, tree.depth, keys, valid)
+        win, y = self._accept(nodes, logp, prop, valid, keys, s.rows)
         n = depth[win]
         path = jnp.asarray(tree.retrieve)[win]                                   # [B, D+1]
         d = path.shape[1] - 1
@@ -326,7 +325,25 @@ class Speculative(MethodBase):
             drafter=self.drafter.observe(dparams, dstate, obs),
             forwards=s.forwards + active.astype(jnp.int32),
             proposed=s.proposed + jnp.sum(act & has, axis=0, dtype=jnp.int32),
-            accepted=s.accepted + jnp.sum(act & (pos <= n[:, None]), axis=0, dtype=jnp.int32))
+            accepted=s.accepted + jnp.sum(act & (pos <= n[:, None]), axis=0, dtype=jnp.int32),
+            rows=s.rows)
+
+    def _accept(self, nodes, logp, prop, valid, keys, rows):
+        """``(win, y)``: greedy or exact-sampling acceptance (per row with ``rows``)."""
+        tree = self.tree
+        if rows is None and self.spec.method == "greedy":
+            return tree_greedy_accept(nodes, logp, tree.parents, tree.depth, valid)
+        if prop.q is not None:
+            if not tree.is_chain:
+                raise ValueError("draft distributions q are supported for chains only")
+            win, y = exact_accept(prop.tokens, logp, prop.q,
+                                  jnp.sum(jnp.cumprod(prop.valid, axis=1), axis=1), keys)
+        else:
+            win, y = tree_sample_accept(nodes, logp, tree.children, tree.depth, keys, valid)
+        if rows is None:
+            return win, y
+        g_win, g_y = tree_greedy_accept(nodes, logp, tree.parents, tree.depth, valid)
+        return jnp.where(rows.greedy, g_win, win), jnp.where(rows.greedy, g_y, y)
 
     def extras(self, state: SpecState) -> dict:
         return {"forwards": state.forwards, "proposed": state.proposed,
@@ -440,8 +457,8 @@ def draft_chain(forward, params, cache, logits, ctx: Context, gamma: int, stop=N
 
     def pick(i, lg, hid, carry):
         drafts, q, dlen, active, prod, seen = carry
-        logp = sampling.log_probs(lg, spec, seen)
-        tok, _ = sampling.select(logp, spec, keys, 2 + i)
+        logp = sampling.log_probs(lg, spec, seen, ctx.rows)
+        tok, _ = sampling.select(logp, spec, keys, 2 + i, ctx.rows)
         drafts = drafts.at[:, i].set(tok)
         q = q.at[:, i].set(jnp.exp(logp))
         dlen = dlen + active.astype(jnp.int32)

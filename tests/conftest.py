@@ -92,6 +92,23 @@ def chi2():
     return module
 
 
+SMALL_LM = ["model.num_layers=1", "model.hidden_size=32", "model.intermediate_size=64",
+            "model.num_heads=2", "model.num_kv_heads=2"]
+
+
+@pytest.fixture(scope="session")
+def small_lm():
+    """``(config, Transformer, params)``: a one-layer model of the tiny preset whose scaled
+    LM head makes greedy choices far from ties (decoding-equality tests)."""
+    from cadenza.config import load_config
+    from cadenza.models import Transformer, init_params
+
+    cfg = load_config(None, SMALL_LM, preset="tiny")
+    params = init_params(cfg.model, jax.random.key(0))
+    params = {**params, "lm_head": {"kernel": params["lm_head"]["kernel"] * 30.0}}
+    return cfg, Transformer(cfg.model), params
+
+
 @pytest.fixture(autouse=True)
 def _restore_cadenza_logger():
     """Tests that run ``setup_logging`` (distributed init, the CLI) install a handler on

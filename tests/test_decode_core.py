@@ -15,7 +15,7 @@ from cadenza.decode.config import SuperposedConfig, with_fields
 from cadenza.decode.lud_config import LudConfig
 from cadenza.decode.medusa import Medusa, init_medusa_heads
 from cadenza.decode.speculative import DraftModel, Proposal, speculative_generate
-from cadenza.models import Transformer, init_params
+from cadenza.models import init_params
 
 SMALL = ["model.num_layers=1", "model.hidden_size=32", "model.intermediate_size=64",
          "model.num_heads=2", "model.num_kv_heads=2"]
@@ -23,16 +23,8 @@ N = 6
 GREEDY = DecodeConfig(max_new_tokens=N, ignore_eos=True)
 
 
-@pytest.fixture(scope="module")
-def small():
-    cfg = load_config(None, SMALL, preset="tiny")
-    params = init_params(cfg.model, jax.random.key(0))
-    params = {**params, "lm_head": {"kernel": params["lm_head"]["kernel"] * 30.0}}
-    return cfg, Transformer(cfg.model), params
-
-
-def test_prompt_lengths_5_and_9_share_one_program_for_every_method(small):
-    cfg, model, params = small
+def test_prompt_lengths_5_and_9_share_one_program_for_every_method(small_lm):
+    cfg, model, params = small_lm
     heads = init_medusa_heads(cfg.model, params, Medusa(paths=((0,), (0, 0))).num_heads)
     runs = {
         "greedy": ({}, {}), "sample": ({}, {}), "ngram": ({"speculative__gamma": 2}, {}),
@@ -96,12 +88,12 @@ def test_virtual_token_adapters_decode_like_the_cache_free_model(method, tmp_pat
     assert json.loads(capsys.readouterr().out)["token_ids"] == want[0]
 
 
-def test_superposed_and_lud_on_a_three_axis_mesh_equal_one_device(small):
+def test_superposed_and_lud_on_a_three_axis_mesh_equal_one_device(small_lm):
     from cadenza.models import param_shardings
     from cadenza.train.config import MeshConfig
     from cadenza.train.mesh import make_mesh
 
-    cfg, model, params = small
+    cfg, model, params = small_lm
     mesh_cfg = MeshConfig(data=2, fsdp=2, tensor=2)
     mesh = make_mesh(mesh_cfg, devices=jax.devices()[:8])
     rules = mesh_cfg.rules()
@@ -141,11 +133,11 @@ class CountingForward:
         return self.inner(params, tokens, **kw)
 
 
-def test_medusa_prefill_runs_the_target_once(small):
+def test_medusa_prefill_runs_the_target_once(small_lm):
     from cadenza.decode.forward import ModelForward
     from cadenza.decode.speculative import speculative_method
 
-    cfg, model, params = small
+    cfg, model, params = small_lm
     counting = CountingForward(ModelForward(cfg.model))
     medusa = Medusa(paths=((0,), (1,), (0, 0)))
     heads = init_medusa_heads(cfg.model, params, medusa.num_heads)
@@ -184,8 +176,8 @@ class RepeatLast:
         return state + 1
 
 
-def test_a_drafter_written_in_a_test_file_is_verified_and_emitted(small):
-    cfg, model, params = small
+def test_a_drafter_written_in_a_test_file_is_verified_and_emitted(small_lm):
+    cfg, model, params = small_lm
     prompts = [[1, 9, 9, 9], [1, 3]]
     res = speculative_generate(model, params, prompts, GREEDY, drafter=RepeatLast())
     assert res.token_ids == generate(model, params, prompts, GREEDY).token_ids
@@ -194,13 +186,13 @@ def test_a_drafter_written_in_a_test_file_is_verified_and_emitted(small):
     assert s["target_forwards"] <= 2 * (N - 1)
 
 
-def test_non_finite_logits_stop_the_row_with_an_error(small, tmp_path, capsys):
+def test_non_finite_logits_stop_the_row_with_an_error(small_lm, tmp_path, capsys):
     import json
 
     from cadenza.cli import main
     from cadenza.models import save_model
 
-    cfg, model, params = small
+    cfg, model, params = small_lm
     emb = params["embed"]["embedding"]
     broken = {**params, "embed": {"embedding": emb.at[7].set(jnp.nan)}}
     prompts = [[1, 5], [1, 7]]                    # row 1 reads the NaN row
