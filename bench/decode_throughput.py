@@ -11,9 +11,9 @@ OpenMP threads do not spin on the shared cores).
 
 transformers runs each of its paths: ``dynamic`` (``generate``'s default cache),
 ``static`` (``cache_implementation="static"``) and ``compiled`` (static cache plus
-``torch.compile`` of the decode forward, forced on CPU with
-``a ``CompileConfig`` flagged to compile on every device); its best path per case is the one with the
-highest median decode tokens/s, chosen after the run.
+``torch.compile`` of the decode forward; on CPU through a ``CompileConfig`` flagged to
+compile on every device); its best path per case is the one with the highest median
+decode tokens/s, chosen after the run.
 
 Fairness: every case (size, dtype, batch) is warmed up (compiled) on every contender
 first, then ``--repeats`` rounds each time cadenza, then every transformers path, then a
@@ -102,10 +102,12 @@ def run(case, mode):
     return {"prefill_s": prefill, "total_s": total, "tokens": gen[:, ids.shape[1]:].tolist()}
 
 def bandwidth():
-    sync(); t0 = time.perf_counter(); probe.sum().item(); return spec["probe_bytes"] / (time.perf_counter() - t0)
+    sync(); t0 = time.perf_counter(); probe.sum().item()
+    return spec["probe_bytes"] / (time.perf_counter() - t0)
 
+name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
 print(json.dumps({"ready": True, "threads": torch.get_num_threads(), "torch": torch.__version__,
-                  "device": torch.cuda.get_device_name() if device == "cuda" else "cpu"}), flush=True)
+                  "device": name}), flush=True)
 for line in sys.stdin:
     req = json.loads(line)
     out = run(req["case"], req["mode"]) if "mode" in req else {"bandwidth": bandwidth()}
@@ -260,7 +262,7 @@ def fmt_spread(s: dict, digits: int = 1) -> str:
 
 def markdown(meta: dict, rows: list[dict]) -> str:
     """The results table: one line per (size, dtype, batch)."""
-    lines = [f"# Decode throughput (greedy, random weights): cadenza vs transformers", "",
+    lines = ["# Decode throughput (greedy, random weights): cadenza vs transformers", "",
              ", ".join(f"{k}: {v}" for k, v in meta.items()), "",
              f"Medians of {meta['repeats']} interleaved rounds [min-max]; other jobs share "
              f"this machine (load_avg_1m above and per row), so absolute numbers are noisy and "
