@@ -26,8 +26,9 @@ cadenza to transformers' best path.
 
 Roofline: a decode step must read every weight once except the embedding table (one row
 per token) and the KV cache at the mean context length; bytes per step x steps/s over
-the memory bandwidth measured in the same rounds (the faster of a JAX and a torch
-reduction over a 256 MiB float32 array) is each side's fraction of that roofline.
+the memory bandwidth measured in the same rounds (the fastest round of the faster of a
+JAX and a torch reduction over a 256 MiB float32 array: the best read bandwidth either
+stack reached, as a roofline is a ceiling) is each side's fraction of that roofline.
 Greedy tokens are compared row for row; where they differ (bfloat16 rounding differs
 between the two stacks), the first differing step is reported.
 
@@ -202,7 +203,8 @@ def hf_rates(r: dict, case: dict) -> dict:
 
 
 def summarize(rounds: list[dict], case: dict, step_bytes: int, bandwidth: float) -> dict:
-    """Medians [min-max] of one contender's rounds, its end-to-end rate and roofline share."""
+    """Medians [min-max] of one contender's rounds, its end-to-end rate and its share of
+    the ``bandwidth`` roofline."""
     b, n = len(case["prompts"]), case["new_tokens"]
     dec = [r["decode_tokens_per_s"] for r in rounds]
     return {"decode_tokens_per_s": median_spread(dec),
@@ -233,7 +235,7 @@ def bench_case(name, dtype, batch, args, model, params, cfg, n_params, hf) -> di
         print(f"  {name} {dtype} b={batch} round {i + 1}: " + ", ".join(
             f"{k} {v[-1]['decode_tokens_per_s']:.1f}" for k, v in rounds.items())
             + f" tok/s, {bws[-1] / 1e9:.1f} GB/s", flush=True)
-    bandwidth = statistics.median(bws)
+    bandwidth = max(bws)
     step_bytes = decode_step_bytes(cfg, n_params, batch, args.prompt_len + args.new_tokens // 2)
     row = {"config": name, "params": n_params, "dtype": dtype, "batch": batch,
            "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
@@ -269,7 +271,8 @@ def markdown(meta: dict, rows: list[dict]) -> str:
              f"the per-round ratio is the figure to read. transformers: best of its paths "
              f"(dynamic cache, static cache, static cache + torch.compile), 2 threads, "
              f"OMP_WAIT_POLICY=PASSIVE. Roofline: bytes a decode step must read / step time, "
-             f"over the read bandwidth measured in the same rounds.", "",
+             f"over the best read bandwidth measured in the same rounds (the bandwidth "
+             f"column: median [min-max] over the rounds).", "",
              "| config | params | dtype | batch | cadenza decode tok/s | transformers best "
              "path | its decode tok/s | cadenza / transformers | cadenza roofline | "
              "transformers roofline | cadenza e2e tok/s | transformers e2e tok/s | "
@@ -296,7 +299,7 @@ def markdown(meta: dict, rows: list[dict]) -> str:
             f"{c['roofline_fraction']:.0%} | {f'{h['roofline_fraction']:.0%}' if h else '-'} | "
             f"{c['e2e_tokens_per_s']['median']:.1f} | "
             f"{f'{h['e2e_tokens_per_s']['median']:.1f}' if h else '-'} | {tokens} | "
-            f"{bw['median'] / 1e9:.1f} | {r['load_avg_1m']:.1f} |")
+            f"{fmt_spread({k: v / 1e9 for k, v in bw.items()})} | {r['load_avg_1m']:.1f} |")
     if rows and rows[0].get("transformers"):
         lines += ["", "Every transformers path, median decode tok/s [min-max] (warm-up = the "
                   "first call, which compiles):", "",
