@@ -235,7 +235,7 @@ def _lud_model(out: pathlib.Path, size: dict, sft_cfg, tuned_params, tokenizer, 
     summary, lud_params, stats = finetune_lud(config, params,
                                               np.asarray(tokens[:size["lud_tokens"]]))
     beta, sweep = choose_lud_beta(Transformer(config.model), lud_params, tune_prompts,
-                            size["new_tokens"])
+                                  size["new_tokens"])
     return {"step": summary["step"], "loss": summary["loss"], "eval_loss": None,
             "tokens_per_s": summary["tokens_per_s"], "params": config.model.num_params(),
             "model_dir": summary["model_dir"], "rows": stats, "beta": beta,
