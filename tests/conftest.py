@@ -76,6 +76,22 @@ def tiny_config():
     return tiny_model_config
 
 
+@pytest.fixture(scope="session")
+def chi2():
+    """The chi-square helpers of tests/test_spec_sampling.py (``toy``, ``enumerate_warped``,
+    ``chi_square``, ``PROMPT``, ``CFG``) in a private copy that enumerates the first two
+    generated tokens (64 cells). Test modules are not importable by name under
+    --import-mode=importlib, hence the copy."""
+    import importlib.util
+
+    path = pathlib.Path(__file__).with_name("test_spec_sampling.py")
+    spec = importlib.util.spec_from_file_location("_spec_sampling_helpers_n2", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.N = 2
+    return module
+
+
 @pytest.fixture(autouse=True)
 def _restore_cadenza_logger():
     """Tests that run ``setup_logging`` (distributed init, the CLI) install a handler on
