@@ -125,7 +125,7 @@ def _speculative(ctx: Context, params, label: str) -> Method:
     return Method(_run(ctx, "speculative", {"speculative__gamma": gamma},
                        {"drafter": DraftModel(ctx.draft.config, gamma=gamma),
                         "draft_params": (params, None)}), True,
-                  f"{label} ({ctx.draft.config.num_params() / 1e6:.2f}M params), "
+                  f"{label}; {ctx.draft.config.num_params() / 1e6:.2f}M params, "
                   f"gamma={gamma}, greedy acceptance")
 
 
@@ -133,12 +133,12 @@ def _distilled_draft(ctx: Context) -> Method:
     if "distilled_draft" not in ctx.extras:
         raise Unavailable("not run: no distilled draft (cadenza.train.distill_task is missing)")
     return _speculative(ctx, ctx.extras["distilled_draft"],
-                        "draft model distilled from the tuned target (started from the "
-                        "LM-pretrained draft)")
+                        "draft model distilled from the tuned target, started from the "
+                        "LM-pretrained draft")
 
 
 def _pretrained_draft(ctx: Context) -> Method:
-    return _speculative(ctx, ctx.draft_params, "LM-pretrained draft model (not distilled)")
+    return _speculative(ctx, ctx.draft_params, "LM-pretrained draft model, not distilled")
 
 
 def _adaptive(ctx: Context) -> Method:

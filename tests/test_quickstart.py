@@ -62,7 +62,8 @@ def test_fast_quickstart_end_to_end_and_rerun(tmp_path):
             assert r["matches_greedy"] is True, r
     available = {r["method"] for r in rows if r["available"]}
     assert {"superposed (k=3)", "Medusa", "LUD", "sampling (T=0.8)",
-            "speculative (distilled draft)", "speculative (LM-pretrained draft)"} <= available
+            "speculative (distilled draft)", "speculative (LM-pretrained draft)",
+            "Token Recycling", "layer-skip"} <= available
     # LUD's beta: no spare held-out prompts at this size, so the default, unswept; with
     # prompts, every beta is tried and the one chosen is among them
     assert results["train"]["lud"]["beta"] == 0.9 and results["train"]["lud"]["beta_sweep"] == {}
