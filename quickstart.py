@@ -14,9 +14,11 @@ Nothing is downloaded: the interpreter's standard library is the corpus.
 3. **Instruction tuning**: the target is LoRA-tuned on the instruction pairs; the
    held-out (per-module split) loss and a measured task (:mod:`cadenza.quickstart_eval`:
    first-line exact match and syntax pass@k of held-out function bodies) are reported
-   before and after, with sample completions. Medusa heads are trained on the tuned
-   target, and a copy of it is LUD-fine-tuned with one extra vocabulary row (the
-   placeholder id, :func:`cadenza.models.vocab.extend_vocab`).
+   before and after, with sample completions. The draft model is distilled from the
+   tuned target (``train.task=distill``: it starts from the LM-pretrained draft and learns
+   the target's next-token distributions on the instruction pairs, forward KL), Medusa
+   heads are trained on the tuned target, and a copy of it is LUD-fine-tuned with one
+   extra vocabulary row (the placeholder id, :func:`cadenza.models.vocab.extend_vocab`).
 4. **Decoding**: held-out docstrings from several modules are completed with every
    decoding method of the build (:data:`cadenza.quickstart_methods.DECODE_METHODS`),
    timed interleaved over repeats (medians with the spread); a table reports tokens/s
@@ -31,7 +33,7 @@ under ``stages/`` (written atomically) and is reused; an interrupted training st
 resumes from its checkpoint. Delete ``stages/<name>.json`` to redo a stage.
 
 Everything lands under ``out_dir``: ``data/`` (datasets, tokenizer), ``target/``,
-``draft/``, ``sft/``, ``medusa/``, ``lud/`` (each a ``fit`` output: checkpoints,
+``draft/``, ``sft/``, ``distill/``, ``medusa/``, ``lud/`` (each a ``fit`` output: checkpoints,
 ``tensorboard/``, ``metrics.jsonl``, ``model/`` or ``adapters/``), ``ngram/`` (the
 n-gram table), ``stages/``, ``results.json``, ``results.md`` and ``results.png``.
 """
@@ -70,8 +72,9 @@ SIZES: dict[str, dict] = {
                     intermediate_size=128),
         draft=dict(num_layers=1, hidden_size=32, num_heads=2, num_kv_heads=1,
                    intermediate_size=64),
-        vocab_size=384, seq_len=192, batch_size=8, target_steps=6, draft_steps=4, lora_steps=4,
-        medusa_steps=3, lud_steps=3, lud_tokens=4000, eval_every=3, eval_steps=2, prompts=2,
+        vocab_size=384, seq_len=192, batch_size=8, target_steps=6, draft_steps=4,
+        lora_steps=4, distill_steps=3, medusa_steps=3, lud_steps=3, lud_tokens=4000, eval_every=3,
+        eval_steps=2, prompts=2,
         repeats=2, new_tokens=8, lora_rank=4, task_examples=2, task_samples=2,
         max_body_tokens=10_000,
         modules=["textwrap.py", "bisect.py", "heapq.py", "fnmatch.py", "shlex.py", "glob.py",
@@ -82,7 +85,8 @@ SIZES: dict[str, dict] = {
         draft=dict(num_layers=1, hidden_size=64, num_heads=2, num_kv_heads=1,
                    intermediate_size=192),
         vocab_size=512, seq_len=128, batch_size=8, target_steps=1500, draft_steps=800,
-        lora_steps=150, medusa_steps=150, lud_steps=150, lud_tokens=150_000, eval_every=250,
+        lora_steps=150, distill_steps=300, medusa_steps=150, lud_steps=300, lud_tokens=150_000,
+        eval_every=250,
         eval_steps=4, prompts=8, repeats=5, new_tokens=128, lora_rank=8, task_examples=16,
         task_samples=5, max_body_tokens=120,
         modules=["json/", "textwrap.py", "string/__init__.py", "collections/", "functools.py",
@@ -97,7 +101,7 @@ SIZES: dict[str, dict] = {
         draft=dict(num_layers=2, hidden_size=128, num_heads=4, num_kv_heads=2,
                    intermediate_size=384),
         vocab_size=2048, seq_len=512, batch_size=16, target_steps=4000, draft_steps=2000,
-        lora_steps=300, medusa_steps=300, lud_steps=300, lud_tokens=1_000_000,
+        lora_steps=300, distill_steps=1000, medusa_steps=300, lud_steps=600, lud_tokens=1_000_000,
         eval_every=500, eval_steps=16, prompts=16, repeats=5, new_tokens=128, lora_rank=16,
         task_examples=64, task_samples=10, max_body_tokens=120, modules=None),
 }
@@ -107,6 +111,12 @@ SIZES: dict[str, dict] = {
 PRETRAIN_SHUFFLE_WINDOW = 4096
 # Held-out functions taken per module, so prompts come from several modules.
 PER_MODULE = 3
+# LUD's acceptance threshold beta is chosen after its fine-tune: the largest of LUD_BETAS
+# whose greedy LUD decode of the spare held-out prompts (task examples that are not timed)
+# makes at least LUD_MIN_TOKENS_PER_CALL tokens per model call, else the one with the most.
+# At this model size the placeholder's top probability rarely reaches the paper's 0.9.
+LUD_BETAS = (0.9, 0.8, 0.7, 0.6, 0.5)
+LUD_MIN_TOKENS_PER_CALL = 1.1
 
 
 # --- configs and stages ----------------------------------------------------------------------
@@ -200,11 +210,14 @@ def _task(model, params, examples, tokenizer, size) -> tuple[dict, list[str]]:
     return score_task(examples, greedy, sampled), greedy
 
 
-def _lud_model(out: pathlib.Path, size: dict, sft_cfg, tuned_params, tokenizer, code_files):
+def _lud_model(out: pathlib.Path, size: dict, sft_cfg, tuned_params, tokenizer, code_files,
+               tune_prompts: list[list[int]]):
     """LUD-fine-tune a copy of the tuned target with one extra vocabulary row as the
-    placeholder id, on the code corpus's tokens; returns fit's summary."""
+    placeholder id, on the code corpus's tokens, then choose beta on ``tune_prompts``
+    (:func:`choose_lud_beta`); returns fit's summary with ``beta`` and ``beta_sweep``."""
     import numpy as np
 
+    from cadenza.models import Transformer
     from cadenza.models.vocab import extend_vocab
     from cadenza.train.lud_task import finetune_lud
 
@@ -219,10 +232,31 @@ def _lud_model(out: pathlib.Path, size: dict, sft_cfg, tuned_params, tokenizer, 
         tokens += tokenizer.encode(path.read_text("utf-8"), add_bos=True)
         if len(tokens) >= size["lud_tokens"]:
             break
-    summary, _, stats = finetune_lud(config, params, np.asarray(tokens[:size["lud_tokens"]]))
+    summary, lud_params, stats = finetune_lud(config, params,
+                                              np.asarray(tokens[:size["lud_tokens"]]))
+    beta, sweep = choose_lud_beta(Transformer(config.model), lud_params, tune_prompts,
+                                  size["new_tokens"])
     return {"step": summary["step"], "loss": summary["loss"], "eval_loss": None,
             "tokens_per_s": summary["tokens_per_s"], "params": config.model.num_params(),
-            "model_dir": summary["model_dir"], "rows": stats}
+            "model_dir": summary["model_dir"], "rows": stats, "beta": beta,
+            "beta_sweep": sweep}
+
+
+def choose_lud_beta(model, params, prompts: list[list[int]], new_tokens: int):
+    """``(beta, {beta: tokens per model call})``: LUD's greedy decode of ``prompts`` (one
+    batch, EOS ignored) at each of :data:`LUD_BETAS`; beta is the largest reaching
+    :data:`LUD_MIN_TOKENS_PER_CALL`, else the one with the most (the first on ties). With
+    no prompts: the default beta, unswept."""
+    from cadenza.decode import DecodeConfig, generate
+    from cadenza.decode.lud_config import LudConfig
+
+    if not prompts:
+        return LudConfig().beta, {}
+    cfg = DecodeConfig(method="lud", max_new_tokens=new_tokens, ignore_eos=True)
+    sweep = {b: generate(model, params, prompts, cfg, lud=LudConfig(beta=b)
+                         ).stats["tokens_per_step"] for b in LUD_BETAS}
+    enough = [b for b in LUD_BETAS if sweep[b] >= LUD_MIN_TOKENS_PER_CALL]
+    return (enough[0] if enough else max(LUD_BETAS, key=sweep.get)), sweep
 
 
 # --- the run ---------------------------------------------------------------------------------
@@ -285,6 +319,14 @@ def run_quickstart(out_dir="runs/quickstart", fast: bool = False, large: bool = 
                              *progress_override, *evals, "peft.method=lora",
                              f"train.init_from={out / 'target' / 'model'}",
                              f"peft.rank={size['lora_rank']}", "train.learning_rate=5e-3"])
+    # the draft verified against the tuned target learns that target's distributions
+    teacher = out / ("sft" if have("cadenza.train.peft.task") else "target") / "model"
+    distill_cfg = experiment("distill", out, size, size["draft"], fmt="stdlib_instruct",
+                             steps=size["distill_steps"], extra=[
+                                 *progress_override, *evals, "train.task=distill",
+                                 f"train.init_from={teacher}",
+                                 f"train.distill.student={out / 'draft' / 'model'}",
+                                 "train.learning_rate=1e-3"])
     medusa_cfg = experiment("medusa", out, size, size["target"], fmt="stdlib_instruct",
                             steps=size["medusa_steps"], extra=[
                                 *progress_override, "train.task=medusa",
@@ -354,11 +396,14 @@ def run_quickstart(out_dir="runs/quickstart", fast: bool = False, large: bool = 
          f"{results['lora'].get('heldout_loss_after', float('nan')):.3f}; task "
          + ", ".join(f"{k}: {json.dumps(v)}" for k, v in results["task"].items()))
     extras = {}
+    if have("cadenza.train.distill_task"):
+        results["train"]["distill"] = stages.run("distill", lambda: _fit_summary(distill_cfg))
     if "train" in tuned_stage:
         results["train"]["medusa"] = stages.run("medusa", lambda: _fit_summary(medusa_cfg))
         extras["medusa_dir"] = results["train"]["medusa"]["adapters_dir"]
+        spare = [e["prompt"] for e in examples[size["prompts"]:]]
         results["train"]["lud"] = stages.run("lud", lambda: _lud_model(
-            out, size, sft_cfg, tuned_params, tokenizer, code_files))
+            out, size, sft_cfg, tuned_params, tokenizer, code_files, spare))
     else:
         extras["medusa_skipped"] = extras["lud_skipped"] = "no tuned target (LoRA unavailable)"
     stage("tune")
@@ -377,9 +422,17 @@ def run_quickstart(out_dir="runs/quickstart", fast: bool = False, large: bool = 
         from cadenza.decode.lud_config import LudConfig
 
         lud_cfg, lud_params = load_model(results["train"]["lud"]["model_dir"])
+        lud = results["train"]["lud"]
         extras["lud"] = (Transformer(lud_cfg.model), lud_params,
-                         LudConfig(placeholder_id=lud_cfg.model.vocab_size - 1))
+                         LudConfig(placeholder_id=lud_cfg.model.vocab_size - 1, beta=lud["beta"]))
+        extras["lud_beta_note"] = ("chosen on spare held-out prompts, tokens per call: " +
+                                   ", ".join(f"{float(b):g}: {v:.2f}"
+                                             for b, v in lud["beta_sweep"].items())
+                                   if lud["beta_sweep"] else "the default; no spare prompts "
+                                   "to choose it on")
     _, draft_params = load_model(out / "draft" / "model")
+    if "distill" in results["train"]:
+        _, extras["distilled_draft"] = load_model(results["train"]["distill"]["model_dir"])
     timed = examples[:size["prompts"]]
     ctx = Context(target, tuned_params, Transformer(draft_cfg.model), draft_params, tokenizer,
                   [e["prompt"] for e in timed], size["new_tokens"], out, extras)

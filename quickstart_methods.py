@@ -51,8 +51,10 @@ class Method:
 class Context:
     """What the decoding methods need: models, params, prompts and settings.
 
-    ``extras`` holds optional inputs by name: ``ngram_dir`` (n-gram table),
-    ``medusa_dir`` (trained heads), ``lud`` (``(model, params, LudConfig)``)."""
+    ``draft_params`` are the LM-pretrained draft's; ``extras`` holds optional inputs by
+    name: ``distilled_draft`` (params of the same draft model distilled from the target),
+    ``ngram_dir`` (n-gram table), ``medusa_dir`` (trained heads), ``lud``
+    (``(model, params, LudConfig)``)."""
 
     target: object          # Transformer of the (instruction-tuned) target
     target_params: dict
@@ -113,16 +115,30 @@ def _sample(ctx: Context) -> Method:
                   "temperature 0.8, fixed seeds (one target forward per token)")
 
 
-def _draft_model(ctx: Context) -> Method:
+def _speculative(ctx: Context, params, label: str) -> Method:
+    """Draft-model speculative decoding, gamma 4, with the draft's ``params`` (``label``
+    says which draft they are)."""
     _require("cadenza.decode.speculative")
     from cadenza.decode.speculative import DraftModel
 
     gamma = 4
     return Method(_run(ctx, "speculative", {"speculative__gamma": gamma},
                        {"drafter": DraftModel(ctx.draft.config, gamma=gamma),
-                        "draft_params": (ctx.draft_params, None)}), True,
-                  f"LM-pretrained draft model ({ctx.draft.config.num_params() / 1e6:.2f}M "
-                  f"params; not distilled), gamma={gamma}, greedy acceptance")
+                        "draft_params": (params, None)}), True,
+                  f"{label}; {ctx.draft.config.num_params() / 1e6:.2f}M params, "
+                  f"gamma={gamma}, greedy acceptance")
+
+
+def _distilled_draft(ctx: Context) -> Method:
+    if "distilled_draft" not in ctx.extras:
+        raise Unavailable("not run: no distilled draft (cadenza.train.distill_task is missing)")
+    return _speculative(ctx, ctx.extras["distilled_draft"],
+                        "draft model distilled from the tuned target, started from the "
+                        "LM-pretrained draft")
+
+
+def _pretrained_draft(ctx: Context) -> Method:
+    return _speculative(ctx, ctx.draft_params, "LM-pretrained draft model, not distilled")
 
 
 def _adaptive(ctx: Context) -> Method:
@@ -131,19 +147,41 @@ def _adaptive(ctx: Context) -> Method:
     from cadenza.decode.speculative import DraftModel
 
     gamma, threshold = 8, 0.7
+    distilled = "distilled_draft" in ctx.extras
+    params = ctx.extras["distilled_draft"] if distilled else ctx.draft_params
     drafter = DraftModel(ctx.draft.config, gamma, stop=StopRule("confidence", threshold, 1),
                          name="adaptive-confidence")
     return Method(_run(ctx, "speculative", {"speculative__gamma": gamma,
                                             "speculative__adaptive": "confidence"},
-                       {"drafter": drafter, "draft_params": (ctx.draft_params, None)}), True,
-                  f"same draft, training-free confidence stop rule (at most {gamma}, "
-                  f"stop when P(reject) > {threshold})")
+                       {"drafter": drafter, "draft_params": (params, None)}), True,
+                  f"the {'distilled' if distilled else 'LM-pretrained'} draft, training-free "
+                  f"confidence stop rule (at most {gamma}, stop when P(reject) > {threshold})")
 
 
 def _prompt_lookup(ctx: Context) -> Method:
     _require("cadenza.decode.prompt_lookup")
     return Method(_run(ctx, "ngram", {"speculative__gamma": 4, "speculative__ngram_max": 3},
                        {}), True, "prompt-lookup n-gram drafts (no draft model), gamma=4")
+
+
+def _recycling(ctx: Context) -> Method:
+    _require("cadenza.decode.token_recycling")
+    from cadenza.decode.config import RecyclingConfig
+
+    r = RecyclingConfig()
+    return Method(_run(ctx, "recycling", {}, {}), True,
+                  f"Token Recycling: training-free tree drafts from the target's own top-{r.k} "
+                  f"leftovers ({r.nodes} nodes, depth {r.depth})")
+
+
+def _layer_skip(ctx: Context) -> Method:
+    _require("cadenza.decode.layer_skip")
+    layers = ctx.target.config.num_layers
+    skip, gamma = [layers // 2], 4
+    return Method(_run(ctx, "layer_skip", {"layer_skip__skip_layers": skip,
+                                           "speculative__gamma": gamma}, {}), True,
+                  f"layer-skip self-speculation: the tuned target without layer {skip[0]} "
+                  f"of {layers} drafts for itself (no second model), gamma={gamma}")
 
 
 def _medusa(ctx: Context) -> Method:
@@ -174,17 +212,21 @@ def _lud(ctx: Context) -> Method:
     model, params, lud = ctx.extras["lud"]
     return Method(_run(ctx, "lud", {}, {"lud": lud}, model=model, params=params), False,
                   f"the tuned target LUD-fine-tuned (one extra vocabulary row for the "
-                  f"placeholder), lookahead {lud.lookahead}, beta {lud.beta}; accepted tokens "
-                  f"per model call")
+                  f"placeholder), lookahead {lud.lookahead}, beta {lud.beta} "
+                  f"({ctx.extras.get('lud_beta_note', 'the default')}); accepted tokens per "
+                  f"model call")
 
 
 # (name, builder). A builder whose library or inputs are missing raises Unavailable.
 DECODE_METHODS: list[tuple[str, Callable[[Context], Method]]] = [
     ("greedy", _greedy),
     ("sampling (T=0.8)", _sample),
-    ("speculative (draft model)", _draft_model),
+    ("speculative (distilled draft)", _distilled_draft),
+    ("speculative (LM-pretrained draft)", _pretrained_draft),
     ("adaptive draft length", _adaptive),
     ("prompt lookup (n-gram)", _prompt_lookup),
+    ("Token Recycling", _recycling),
+    ("layer-skip", _layer_skip),
     ("Medusa", _medusa),
     ("superposed (k=3)", _superposed),
     ("LUD", _lud),

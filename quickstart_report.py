@@ -40,10 +40,11 @@ def render_markdown(results: dict) -> str:
               "| model | params | steps | final loss | held-out loss | unigram (held-out) "
               "| tokens/s |", "|---|---|---|---|---|---|---|"]
     for name, t in results["train"].items():
-        base = uni["instruct" if name in ("sft", "medusa") else "code"]["heldout"]
+        base = ("— (its loss: KL from the tuned target)" if name == "distill" else
+                f"{uni['instruct' if name in ('sft', 'medusa') else 'code']['heldout']:.3f}")
         lines.append(f"| {name} | {t['params'] / 1e6:.2f}M | {t['step']} | "
                      f"{_fmt(t['loss'], '.3f')} | {_fmt(t.get('eval_loss'), '.3f')} | "
-                     f"{base:.3f} | {_fmt(t['tokens_per_s'], '.0f')} |")
+                     f"{base} | {_fmt(t['tokens_per_s'], '.0f')} |")
     lora = results["lora"]
     lines += ["", "## LoRA instruction tuning (held-out modules)", ""]
     if "unavailable" in lora:
@@ -132,11 +133,12 @@ def write_results(out: pathlib.Path, results: dict) -> None:
         if not path.is_file():
             continue
         recs = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
-        line, = ax1.plot([r["step"] for r in recs], [r["loss"] for r in recs], label=name)
+        label = f"{name} (KL)" if name == "distill" else name
+        line, = ax1.plot([r["step"] for r in recs], [r["loss"] for r in recs], label=label)
         ev = [r for r in recs if "eval_loss" in r]
         if ev:
             ax1.plot([r["step"] for r in ev], [r["eval_loss"] for r in ev], "o--",
-                     color=line.get_color(), label=f"{name} held-out")
+                     color=line.get_color(), label=f"{label} held-out")
     for key, style in (("code", ":"), ("instruct", "-.")):
         ax1.axhline(results["unigram"][key]["heldout"], color="gray", linestyle=style,
                     label=f"unigram, held-out {key}")

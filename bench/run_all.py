@@ -32,8 +32,8 @@ ROOT = HERE.parent
 QUICK_ARGS = {
     "train_throughput": ["--sizes", "10m", "--dtypes", "float32", "--modes", "full",
                          "--repeats", "1"],
-    "decode_throughput": ["--configs", "tiny", "--batches", "1", "--repeats", "1",
-                          "--new-tokens", "16"],
+    "decode_throughput": ["--configs", "tiny", "--batches", "1", "--dtypes", "float32",
+                          "--hf-modes", "dynamic", "--repeats", "1", "--new-tokens", "16"],
     "decode_scan_layout": ["--configs", "10m", "--batches", "1", "--repeats", "1",
                            "--new-tokens", "8"],
     "kernels_attention": ["--size", "tiny", "--iters", "2"],
@@ -100,7 +100,8 @@ def _meta(data: dict) -> dict:
 
 
 def _bars(data: dict, name: str) -> tuple[list[str], dict[str, list[float]], str] | None:
-    """(labels, {series: values}, axis label) for the benchmarks with a known layout."""
+    """(labels, {series: values}, axis label) for the benchmarks with a known layout; a
+    value is a number, None, or {median, min, max} (drawn with an error bar)."""
     if name == "train_throughput":
         rs = data["results"]
         series = {"cadenza": [r["cadenza"]["tokens_per_s"] for r in rs]}
@@ -108,13 +109,14 @@ def _bars(data: dict, name: str) -> tuple[list[str], dict[str, list[float]], str
             series["PyTorch"] = [r["torch"]["tokens_per_s"] for r in rs]
         return [f"{r['size']} {r['dtype']} {r['mode']}" for r in rs], series, \
             "training tokens/s"
-    if name == "decode_throughput":
+    if name.startswith("decode_throughput"):
         rs = data["rows"]
-        labels = [f"{r['config']} b={r['batch']}" for r in rs]
+        labels = [f"{r['config']} {r['dtype']} b={r['batch']}" for r in rs]
         series = {"cadenza": [r["cadenza"]["decode_tokens_per_s"] for r in rs]}
         if all(r.get("transformers") for r in rs):
-            series["transformers"] = [r["transformers"]["decode_tokens_per_s"] for r in rs]
-        return labels, series, "greedy decode tokens/s"
+            series["transformers (best path)"] = [
+                r["transformers"][r["transformers_best"]]["decode_tokens_per_s"] for r in rs]
+        return labels, series, "greedy decode tokens/s (median, min-max)"
     if name == "kernels_attention":
         rs = data["flash"]
         return [r["impl"] for r in rs], {"forward": [r["fwd_ms"] for r in rs],
@@ -143,8 +145,17 @@ def plot(data: dict, name: str, path: pathlib.Path) -> bool:
     fig, ax = plt.subplots(figsize=(8, 0.6 * len(labels) * len(series) + 1.5))
     height = 0.8 / len(series)
     for i, (label, values) in enumerate(series.items()):
-        ax.barh([j + i * height for j in range(len(labels))],
-                [v if v is not None else 0 for v in values], height, label=label)
+        mid = [v["median"] if isinstance(v, dict) else v or 0 for v in values]
+        err = None
+        if any(isinstance(v, dict) for v in values):
+            err = [[m - v["min"] if isinstance(v, dict) else 0 for m, v in zip(mid, values)],
+                   [v["max"] - m if isinstance(v, dict) else 0 for m, v in zip(mid, values)]]
+        ax.barh([j + i * height for j in range(len(labels))], mid, height, xerr=err,
+                capsize=2, label=label)
+    shown = [v["median"] if isinstance(v, dict) else v for vs in series.values() for v in vs]
+    shown = [v for v in shown if v]
+    if shown and max(shown) / min(shown) > 30:      # values span decades
+        ax.set_xscale("log")
     ax.set_yticks([j + height * (len(series) - 1) / 2 for j in range(len(labels))], labels)
     ax.set_xlabel(axis)
     if len(series) > 1:

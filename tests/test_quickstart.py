@@ -4,7 +4,8 @@ into the same folder reuses or resumes every stage."""
 
 import json
 
-from cadenza.quickstart import DECODE_METHODS, run_quickstart
+from cadenza.models import Transformer, load_model
+from cadenza.quickstart import DECODE_METHODS, LUD_BETAS, choose_lud_beta, run_quickstart
 
 
 def test_fast_quickstart_end_to_end_and_rerun(tmp_path):
@@ -12,7 +13,7 @@ def test_fast_quickstart_end_to_end_and_rerun(tmp_path):
     results = run_quickstart(out_dir=out, fast=True, progress=False)
 
     # artefacts: datasets + tokenizer, fit outputs of each run, n-gram table, reports
-    for run in ("target", "draft"):
+    for run in ("target", "draft", "distill"):
         assert (out / run / "model" / "config.yaml").is_file()
         assert (out / run / "metrics.jsonl").read_text().strip()
         assert list((out / run / "tensorboard").glob("events.out.tfevents.*"))
@@ -29,6 +30,9 @@ def test_fast_quickstart_end_to_end_and_rerun(tmp_path):
     # training ran the asked steps and learned something
     assert results["train"]["target"]["step"] == 6 and results["train"]["draft"]["step"] == 4
     assert results["train"]["target"]["params"] > 2 * results["train"]["draft"]["params"]
+    # the draft distilled from the tuned target: same architecture, its own weights
+    assert results["train"]["distill"]["step"] == 3
+    assert results["train"]["distill"]["params"] == results["train"]["draft"]["params"]
     lora = results["lora"]
     assert lora["heldout_loss_after"] < lora["heldout_loss_before"]
     # baselines and the measured task, before and after LoRA
@@ -57,7 +61,16 @@ def test_fast_quickstart_end_to_end_and_rerun(tmp_path):
         if r["matches_greedy"] is not None:
             assert r["matches_greedy"] is True, r
     available = {r["method"] for r in rows if r["available"]}
-    assert {"superposed (k=3)", "Medusa", "LUD", "sampling (T=0.8)"} <= available
+    assert {"superposed (k=3)", "Medusa", "LUD", "sampling (T=0.8)",
+            "speculative (distilled draft)", "speculative (LM-pretrained draft)",
+            "Token Recycling", "layer-skip"} <= available
+    # LUD's beta: no spare held-out prompts at this size, so the default, unswept; with
+    # prompts, every beta is tried and the one chosen is among them
+    assert results["train"]["lud"]["beta"] == 0.9 and results["train"]["lud"]["beta_sweep"] == {}
+    lud_cfg, lud_params = load_model(results["train"]["lud"]["model_dir"])
+    beta, sweep = choose_lud_beta(Transformer(lud_cfg.model), lud_params, [[5, 6, 7, 8]], 4)
+    assert list(sweep) == list(LUD_BETAS) and beta in LUD_BETAS
+    assert all(1.0 <= v <= 4 for v in sweep.values())
     for name in results["decode"]["method_samples"]["texts"]:
         assert f"{name}:" in md
 
