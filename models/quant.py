@@ -31,11 +31,11 @@ kernel along them).
 import dataclasses
 import functools
 import math
+from statistics import NormalDist
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import scipy.special
 
 from cadenza.errors import ConfigError
 
@@ -53,8 +53,9 @@ def nf4_levels() -> np.ndarray:
     """The 16 NF4 levels, ascending, in float32: normal quantiles at offset 0.9677083
     (8 positive, 7 negative, and 0), generated in float64 and scaled to [-1, 1]."""
     offset = 0.9677083
-    pos = scipy.special.ndtri(np.linspace(offset, 0.5, 9)[:-1])
-    neg = -scipy.special.ndtri(np.linspace(offset, 0.5, 8)[:-1])
+    quantile = np.vectorize(NormalDist().inv_cdf)
+    pos = quantile(np.linspace(offset, 0.5, 9)[:-1])
+    neg = -quantile(np.linspace(offset, 0.5, 8)[:-1])
     levels = np.sort(np.concatenate([pos, [0.0], neg]))
     return (levels / np.abs(levels).max()).astype(np.float32)
 
