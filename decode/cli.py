@@ -77,7 +77,8 @@ def register(subparsers) -> None:
     pl.add_argument("--proxy-expert", metavar="DIR", help="proxy-tuning: small tuned model")
     pl.add_argument("--proxy-anti", metavar="DIR", help="proxy-tuning: small untuned model")
     pl.add_argument("--proxy-alpha", type=float, help="proxy-tuning weight (default 1)")
-    sp = p.add_argument_group("speculative methods (speculative, ngram, medusa; all lossless)")
+    sp = p.add_argument_group(
+        "speculative methods (speculative, ngram, medusa, hydra; all lossless)")
     sp.add_argument("--sample", action="store_true", help="exact speculative sampling")
     sp.add_argument("--draft", metavar="DIR", help="draft model directory (speculative)")
     sp.add_argument("--gamma", type=int,
@@ -88,7 +89,8 @@ def register(subparsers) -> None:
     sp.add_argument("--accept-head", metavar="DIR",
                     help="trained SpecDec++ head directory (cadenza train, train.task=specdec)")
     sp.add_argument("--heads", metavar="DIR",
-                    help="trained Medusa head directory (cadenza train, train.task=medusa)")
+                    help="trained Medusa / Hydra head directory (cadenza train, "
+                         "train.task=medusa / hydra)")
     su = p.add_argument_group("superposed decoding (--method superposed)")
     su.add_argument("--k", type=int, help="number of drafts (default 3)")
     su.add_argument("--ngram", metavar="PATH", help="n-gram table from `cadenza ngram build`")

@@ -1,11 +1,11 @@
 """Config section ``decode``: the method, the settings every method shares, one section per method.
 
 ``decode.method`` names a method of the registry (:mod:`cadenza.decode.registry`):
-greedy, sample, speculative, ngram, medusa, superposed or lud. Shared fields
+greedy, sample, speculative, ngram, medusa, hydra, superposed or lud. Shared fields
 (stops, lengths, seed) live at the top of ``decode``; each method's own
 settings live in its section: ``decode.sampling`` (greedy and sample; also the
 warpers of the speculative methods), ``decode.speculative`` (speculative,
-ngram), ``decode.medusa``, ``decode.superposed``, ``decode.proxy``
+ngram), ``decode.medusa`` (medusa, hydra), ``decode.superposed``, ``decode.proxy``
 (proxy-tuning partners for greedy/sample). Lexical Unit Decoding reads the
 top-level ``lud`` section (shared with its fine-tuning).
 
@@ -118,7 +118,8 @@ class SpeculativeConfig:
 
 @dataclasses.dataclass(frozen=True)
 class MedusaConfig:
-    """``decode.medusa``: ``heads``, a trained Medusa head directory (it records the tree)."""
+    """``decode.medusa``: ``heads``, a trained Medusa (method medusa) or Hydra (method hydra)
+    head directory (it records the tree)."""
 
     heads: str = ""
 
@@ -232,7 +233,8 @@ class DecodeConfig:
         """The static sampler settings: ``sample`` for method sample and for speculative
         methods with ``speculative.sample``, else greedy (validated)."""
         sample = self.method == "sample" or (
-            self.method in ("speculative", "ngram", "medusa") and self.speculative.sample)
+            self.method in ("speculative", "ngram", "medusa", "hydra")
+            and self.speculative.sample)
         return self.sampling.spec("sample" if sample else "greedy")
 
 

@@ -63,8 +63,8 @@ class MeshConfig:
         return tuple((k, tuple(v) if v else None) for k, v in self.logical_axis_rules.items())
 
 
-TASKS = ("lm", "medusa", "specdec", "dpo", "orpo", "distill")
-HEAD_TASKS = ("medusa", "specdec")
+TASKS = ("lm", "medusa", "hydra", "specdec", "dpo", "orpo", "distill")
+HEAD_TASKS = ("medusa", "hydra", "specdec")
 PREFERENCE_TASKS = ("dpo", "orpo")
 
 
@@ -91,7 +91,8 @@ class PreferenceTrainConfig:
 
 @dataclasses.dataclass(frozen=True)
 class MedusaTrainConfig:
-    """``train.medusa``: Medusa-1 heads on the frozen ``train.init_from`` model.
+    """``train.medusa``: Medusa-1 heads (``train.task: medusa``) or Hydra heads (``train.task:
+    hydra``, the same fields) on the frozen ``train.init_from`` model.
 
     ``num_heads`` heads of ``blocks`` residual blocks each; head k's cross-entropy is
     weighted ``decay**k``. ``tree``: the decoding tree saved with the heads, a list of
@@ -180,7 +181,8 @@ class TrainConfig:
     (``tensorboard``; tags ``train/...``, ``eval/...``, the config as hyperparameters)
     and Weights & Biases when ``wandb_project`` is set.
     ``task``: what is trained: ``lm`` (the model, or PEFT adapters), ``medusa`` (Medusa
-    heads, section ``medusa``), ``specdec`` (the SpecDec++ head, section ``specdec``) or
+    heads, section ``medusa``), ``hydra`` (Hydra heads, section ``medusa``), ``specdec``
+    (the SpecDec++ head, section ``specdec``) or
     ``distill`` (a draft model distilled from ``init_from``, section ``distill``);
     the head tasks keep ``init_from`` frozen and write a head directory to
     ``<output_dir>/adapters`` instead of a model; ``distill`` keeps it frozen as the
