@@ -13,6 +13,11 @@ Loss per counted token (``loss_mask``), temperature 1, p = teacher, q = student:
 - ``tv``: total variation ``0.5 * sum_v |p - q|``. For one drafted token with
   speculative sampling the acceptance probability is ``1 - TV(p, q)``.
 
+Data: the data section's batches, or with ``train.distill.on_policy`` the teacher's own
+generations (:mod:`cadenza.train.distill_data`, cached under the output directory). Every
+step logs the draft's ``acceptance`` (mean 1 - TV) and ``top1_agreement`` with the teacher,
+on eval batches too.
+
 Before anything compiles the student's and the teacher's vocabulary sizes, and their
 tokenizers' fingerprints when both directories hold one, must match. ``cadenza train``
 with ``train.task: distill`` writes the student as a normal model directory
@@ -62,6 +67,18 @@ def distill_loss_sums(student_logits, teacher_logits, loss_mask, kind: str = "fo
     return jnp.sum(div * mask), jnp.sum(mask)
 
 
+def acceptance_sums(student_logits, teacher_logits, loss_mask) -> dict:
+    """Draft-quality metrics summed over the counted positions (``loss_mask`` > 0):
+    ``acceptance``, ``1 - TV(p, q)`` (the chance that speculative sampling accepts a token the
+    student drafts there) and ``top1_agreement``, 1 where the student's and the teacher's
+    argmax agree (greedy acceptance). Float32 scalars; divide by the count for means."""
+    mask = (loss_mask > 0).astype(jnp.float32)
+    tv = distill_divergence(student_logits, teacher_logits, "tv")
+    agree = jnp.argmax(student_logits, -1) == jnp.argmax(teacher_logits, -1)
+    return {"acceptance": jnp.sum((1.0 - tv) * mask),
+            "top1_agreement": jnp.sum(agree.astype(jnp.float32) * mask)}
+
+
 def saved_model_config(directory):
     """The ModelConfig of the model directory or Hugging Face folder ``directory`` (a model
     directory's config.yaml is read without its params)."""
@@ -102,8 +119,11 @@ def distill_task(config) -> TrainTask:
     init), sharded like any model. Frozen: the teacher's params (``train.init_from``, its
     own saved model config with this run's ``dtype`` and ``attention_impl``). ``apply``
     returns the student's logits float32 [B, T, V]; ``loss`` the sums of
-    :func:`distill_loss_sums` with ``train.distill.loss``; ``export`` the student's params
-    (written to ``<output_dir>/model``).
+    :func:`distill_loss_sums` with ``train.distill.loss`` and the metrics of
+    :func:`acceptance_sums` (logged as ``acceptance`` / ``top1_agreement``, ``eval_...`` on
+    eval batches); ``export`` the student's params (written to ``<output_dir>/model``).
+    With ``train.distill.on_policy`` the trainer feeds it the teacher's own generations
+    (:mod:`cadenza.train.distill_data`).
 
     Raises ConfigError (before compiling) for PEFT, or a vocabulary/tokenizer mismatch.
     """
@@ -135,7 +155,8 @@ def distill_task(config) -> TrainTask:
                                        segment_ids=batch["segment_ids"])[0]
         total, count = distill_loss_sums(logits, teacher_logits, batch["loss_mask"],
                                          distill.loss)
-        return total, total, count
+        return total, total, count, acceptance_sums(logits, teacher_logits,
+                                                    batch["loss_mask"])
 
     return dataclasses.replace(
         student,
