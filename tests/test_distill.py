@@ -234,3 +234,20 @@ def test_on_policy_distillation_trains_on_cached_teacher_generations(models, cap
     assert batch["inputs"].shape == (8, 32) and batch["loss_mask"].sum() == continuation.sum() * 2
     with pytest.raises(ConfigError, match="train.distill.new_tokens"):
         load_config("tiny_distill", ["train.seq_len=8", *extra])
+
+
+def test_lora_on_a_saved_student(models, capsys):
+    """``peft.method=lora``: only the saved student's adapters train; the exported draft has
+    them merged; without a saved student the run is refused before compiling."""
+    tmp, tdir, _, _ = models
+    config = load_config("tiny_distill")
+    student = save_model(tmp / "student_lora", config,
+                         init_params(config.model, jax.random.key(4)))
+    assert train(tmp, tdir, "lora", f"train.distill.student={student}", "peft.method=lora") == 0
+    out = capsys.readouterr().out
+    summary = json.loads(out[out.index("{\n"):])
+    assert summary["adapters_dir"] and summary["model_dir"]
+    record = json.loads((tmp / "lora" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert 0.0 <= record["acceptance"] <= 1.0
+    assert train(tmp, tdir, "lora_bad", "peft.method=lora") == 2
+    assert "train.distill.student" in capsys.readouterr().err
