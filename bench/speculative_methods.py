@@ -19,16 +19,19 @@ Every repeat runs every method once (interleaved); reported: the median tokens/s
 ``--repeats`` repeats with min and max. Modes: greedy, and sampled at temperature 0.8
 (the speculative methods with exact speculative sampling). Methods: plain decoding, the
 three drafts at each ``--gammas``, the confidence rule and the SpecDec++ stop rule with
-the distilled draft, prompt lookup, Medusa, Hydra, and any other speculative method of
-the registry (``cadenza.decode.registry``) with its default settings. Columns: tokens/s,
+the distilled draft, prompt lookup, Medusa, Hydra, layer-skip (half the layers skipped,
+the set searched on two calibration prompts of other held-out modules) and any other
+speculative method of the registry (``cadenza.decode.registry``) with its default
+settings. Columns: tokens/s,
 speedup over plain decoding of the same mode, accepted tokens per target forward,
 acceptance at draft position 1, identical to plain greedy (greedy rows) and predicted
 speedup from measured forward costs (``accepted/forward / (draft length * c + fwd(T)/
-fwd(1))``, c = a draft step over a target step, T = tree nodes + 1).
+fwd(1))``, c = a draft step over a target step, T = tree nodes + 1, rounded up to a
+measured size).
 
 Peer (same weights, exported with ``cadenza.models.save_hf``, in the reference env
 ``.venv-ref``, interleaved repeats there): transformers' greedy, assisted generation with
-each draft as ``assistant_model`` and ``prompt_lookup_num_tokens``, greedy and sampled,
+the ``--hf-drafts`` as ``assistant_model`` and ``prompt_lookup_num_tokens``, greedy and sampled,
 as speedup over its own plain decoding of the same mode.
 
 Results: ``bench/results/<device>/speculative_methods[_<size>].{json,md}`` (stamped with
@@ -79,6 +82,8 @@ SIZES = {
               "target_steps": 4, "draft_steps": 4, "distill_steps": 3, "head_steps": 3,
               "on_policy_prompts": 8},
 }
+# forward sizes whose cost is measured (a verify over T tokens uses the next one up)
+COST_TOKENS = (1, 2, 3, 4, 5, 7, 10, 16)
 # methods this script builds itself (other registered speculative methods run by default)
 OWN = {"greedy", "sample", "speculative", "ngram", "medusa", "hydra", "superposed", "lud"}
 HF_RUNNER = r"""
@@ -265,8 +270,8 @@ class Row:
     result: dict | None = None
 
 
-def build_rows(args, target, tparams, drafts, heads, accept, costs, new_tokens):
-    """Every contender in both modes."""
+def build_rows(args, target, tparams, drafts, heads, accept, skip, new_tokens):
+    """Every contender in both modes (``skip``: layer-skip's skipped layers)."""
     rows = []
     for mode in ("greedy", "sample"):
         sample = mode == "sample"
@@ -307,9 +312,29 @@ def build_rows(args, target, tparams, drafts, heads, accept, costs, new_tokens):
                         {"drafter": hdrafter,
                          "draft_params": hydra_draft_params(hheads, tparams)}))
         for name, entry in REGISTRY.items():       # other registered speculative methods
-            if name not in OWN and entry.section is not None and "--sample" in entry.flags:
-                rows.append(Row(f"{name} (defaults)", mode, spec_cfg(name), {}))
+            if name in OWN or entry.section is None or "--sample" not in entry.flags:
+                continue
+            cfg = spec_cfg(name, gamma=args.max_gamma)
+            label = f"{name} (defaults)"
+            if name == "layer_skip":                # the searched skip set
+                cfg = dataclasses.replace(cfg, layer_skip=dataclasses.replace(
+                    cfg.layer_skip, skip_layers=list(skip)))
+                label = f"layer_skip (skip {list(skip)}, max {args.max_gamma})"
+            rows.append(Row(label, mode, cfg, {}))
     return rows
+
+
+def searched_skip(target, tparams, calibration, args) -> tuple:
+    """Layer-skip's skip set: half the target's layers, searched greedily for the most
+    accepted tokens per forward on the calibration prompts (not the benchmark's)."""
+    from cadenza.decode.layer_skip import search_skip_set
+
+    cfg = DecodeConfig(method="layer_skip", max_new_tokens=32, ignore_eos=True,
+                       speculative=SpeculativeConfig(gamma=args.max_gamma))
+    skip, trials = search_skip_set(target, tparams, calibration, cfg,
+                                   target.config.num_layers // 2)
+    print(f"layer-skip search: skip {list(skip)} ({len(trials)} trials)", flush=True)
+    return skip
 
 
 def decode(target, tparams, row: Row, prompts):
@@ -340,7 +365,7 @@ def summarise(row: Row, out, costs, plain_ids, base_tps) -> dict:
     per_forward, mean_draft = decoded / forwards, drafted / forwards
     drafter = row.resources.get("drafter")
     nodes = len(drafter.parents) if drafter is not None else int(stats[0].get("gamma", 1))
-    t = min(nodes + 1, max(costs))
+    t = min([k for k in costs if k >= nodes + 1] or [max(costs)])
     r.update({"accepted_per_forward": per_forward, "mean_draft_length": mean_draft,
               "acceptance_position_1": statistics.mean(first) if first else None,
               "verify_tokens": nodes + 1,
@@ -364,6 +389,9 @@ def main():
     p.add_argument("--ngram-gammas", default="4")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--no-hf", action="store_true", help="skip the transformers peer")
+    p.add_argument("--hf-drafts", default="distilled",
+                   help="drafts given to transformers as assistant_model (comma-separated: "
+                        "LM-pretrained, distilled, on-policy)")
     p.add_argument("--out", default=None, help="default: bench/results/<device>")
     args = p.parse_args()
     size = {**SIZES[args.size], **{k: v for k, v in vars(args).items()
@@ -386,10 +414,12 @@ def main():
     tcfg, tparams = load_model(tdir)
     target = Transformer(tcfg.model)
     tok = load_tokenizer(tokenizer_dir(tdir))
-    prompts, modules = heldout_prompts(tok, tcfg.data.heldout_fraction, args.prompts,
+    prompts, modules = heldout_prompts(tok, tcfg.data.heldout_fraction, args.prompts + 2,
                                        args.prompt_len)
+    prompts, calibration, modules = prompts[:args.prompts], prompts[args.prompts:], modules[
+        :(args.prompts + 1) // 2]
     prefix = args.prompt_len + args.new_tokens // 2
-    costs = {t: forward_ms(target, tparams, t, prefix, args.repeats) for t in range(1, 12)}
+    costs = {t: forward_ms(target, tparams, t, prefix, args.repeats) for t in COST_TOKENS}
     drafts = {}
     for name, d in (("LM-pretrained", lm_dir), ("distilled", kd_dir), ("on-policy", op_dir)):
         dcfg, dparams = load_model(d)
@@ -401,7 +431,8 @@ def main():
     kd_cfg, kd_params, _ = drafts["distilled"]
     accept = trained_accept_head(runs, target, tparams, Transformer(kd_cfg), kd_params, tcfg,
                                  size["head_steps"], timings)
-    rows = build_rows(args, target, tparams, drafts, heads, accept, costs, args.new_tokens)
+    skip = searched_skip(target, tparams, calibration, args) if "layer_skip" in REGISTRY else ()
+    rows = build_rows(args, target, tparams, drafts, heads, accept, skip, args.new_tokens)
 
     outputs = {}
     t0 = time.perf_counter()
@@ -422,8 +453,9 @@ def main():
                                  statistics.median(base.tps)))
     peer = None
     if not args.no_hf:
-        peer = run_peer(tdir, {"LM-pretrained": lm_dir, "distilled": kd_dir,
-                               "on-policy": op_dir}, prompts, args.new_tokens, args.repeats)
+        dirs = {"LM-pretrained": lm_dir, "distilled": kd_dir, "on-policy": op_dir}
+        peer = run_peer(tdir, {k: dirs[k] for k in args.hf_drafts.split(",") if k},
+                        prompts, args.new_tokens, args.repeats)
     report = {"meta": {"benchmark": "speculative_methods", **provenance(),
                        "load_avg_1m_start": load_start, "size": args.size, **size,
                        **{k: v for k, v in vars(args).items() if k not in ("out",)}},
