@@ -16,6 +16,7 @@ method's per-prompt extras
 (superposed: ``drafts``; lud: ``steps``). Non-finite numbers print as null.
 """
 
+import argparse
 import dataclasses
 import json
 import math
@@ -77,8 +78,8 @@ def register(subparsers) -> None:
     pl.add_argument("--proxy-expert", metavar="DIR", help="proxy-tuning: small tuned model")
     pl.add_argument("--proxy-anti", metavar="DIR", help="proxy-tuning: small untuned model")
     pl.add_argument("--proxy-alpha", type=float, help="proxy-tuning weight (default 1)")
-    sp = p.add_argument_group(
-        "speculative methods (speculative, ngram, medusa, hydra; all lossless)")
+    sp = p.add_argument_group("speculative methods (speculative, ngram, medusa, hydra, "
+                              "recycling, layer_skip; all lossless)")
     sp.add_argument("--sample", action="store_true", help="exact speculative sampling")
     sp.add_argument("--draft", metavar="DIR", help="draft model directory (speculative)")
     sp.add_argument("--gamma", type=int,
@@ -91,6 +92,21 @@ def register(subparsers) -> None:
     sp.add_argument("--heads", metavar="DIR",
                     help="trained Medusa / Hydra head directory (cadenza train, "
                          "train.task=medusa / hydra)")
+    tr = p.add_argument_group("token recycling (--method recycling)")
+    tr.add_argument("--successors", type=int, help="successors kept per token (default 8)")
+    tr.add_argument("--tree-nodes", type=int, help="draft tree nodes (default 15)")
+    tr.add_argument("--tree-depth", type=int, help="draft tree depth (default 4)")
+    ls = p.add_argument_group("layer-skip self-speculation (--method layer_skip)")
+    ls.add_argument("--skip-layers", type=_layer_list, metavar="I,J,..",
+                    help="layers the draft skips, e.g. 2,3,5 (cadenza layer-skip search "
+                         "finds a set)")
+    ls.add_argument("--search-skip", type=int, metavar="N",
+                    help="first search the N layers to skip that keep the most accepted "
+                         "tokens per forward on these prompts (greedy; printed to stderr), "
+                         "then decode with them")
+    ls.add_argument("--stop-threshold", type=float,
+                    help="stop drafting once 1 - prod(draft confidence) exceeds it "
+                         "(default 0.5; 1 = always --gamma drafts)")
     su = p.add_argument_group("superposed decoding (--method superposed)")
     su.add_argument("--k", type=int, help="number of drafts (default 3)")
     su.add_argument("--ngram", metavar="PATH", help="n-gram table from `cadenza ngram build`")
@@ -101,6 +117,15 @@ def register(subparsers) -> None:
                                                "(default: the model's lud.beta)")
     lu.add_argument("--lookahead", type=int, help="placeholders per step (default: lud.lookahead)")
     p.set_defaults(func=_generate)
+
+
+def _layer_list(text: str) -> list[int]:
+    """``--skip-layers``: comma-separated layer indices (empty: none)."""
+    try:
+        return [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"not a comma-separated list of layer indices: {text!r} (e.g. 2,3,5)") from None
 
 
 def _load_tokenizer(directory):
@@ -192,6 +217,10 @@ _FIELDS = {
     "--proxy-alpha": ("proxy", "alpha"), "--sample": ("speculative", "sample"),
     "--draft": ("speculative", "draft"), "--gamma": ("speculative", "gamma"),
     "--accept-head": ("speculative", "accept_head"), "--heads": ("medusa", "heads"),
+    "--successors": ("recycling", "k"), "--tree-nodes": ("recycling", "nodes"),
+    "--tree-depth": ("recycling", "depth"),
+    "--skip-layers": ("layer_skip", "skip_layers"),
+    "--stop-threshold": ("layer_skip", "threshold"),
     "--k": ("superposed", "num_drafts"), "--ngram": ("superposed", "table"),
     "--candidates": ("superposed", "num_candidates"), "--alpha": ("superposed", "alpha"),
 }
@@ -202,7 +231,7 @@ def _given(args) -> list[str]:
     out = []
     for action_flag in list(_FIELDS) + ["--stop", "--stop-token-id", "--ignore-eos", "--json",
                                         "--chat", "--stream", "--adaptive", "--beta",
-                                        "--lookahead"]:
+                                        "--lookahead", "--search-skip"]:
         v = getattr(args, action_flag[2:].replace("-", "_"))
         if v is not None and v is not False:
             out.append(action_flag)
@@ -254,6 +283,7 @@ def _decode_config(base, args, tokenizer):
 
 def _generate(args) -> int:
     started = time.perf_counter()
+    from cadenza.decode.config import with_fields
     from cadenza.decode.registry import generate, stream
     from cadenza.models import Transformer, load_model
 
@@ -274,6 +304,14 @@ def _generate(args) -> int:
 
         model, trainable = load_adapters(args.adapter, config)
         params = (trainable, model.freeze(params))
+    if args.search_skip is not None:
+        from cadenza.decode.layer_skip import search_skip_set
+
+        skip, _ = search_skip_set(model, params, prompts, decode_config, args.search_skip,
+                                  tokenizer=tokenizer,
+                                  report=lambda line: print(line, file=sys.stderr, flush=True))
+        print(f"best: --skip-layers {','.join(map(str, skip))}", file=sys.stderr, flush=True)
+        decode_config = with_fields(decode_config, layer_skip__skip_layers=list(skip))
     if args.stream:
         if len(prompts) != 1:
             raise CadenzaError("--stream takes exactly one prompt", where="--stream",

@@ -1,11 +1,12 @@
 """Config section ``decode``: the method, the settings every method shares, one section per method.
 
 ``decode.method`` names a method of the registry (:mod:`cadenza.decode.registry`):
-greedy, sample, speculative, ngram, medusa, hydra, superposed or lud. Shared fields
-(stops, lengths, seed) live at the top of ``decode``; each method's own
-settings live in its section: ``decode.sampling`` (greedy and sample; also the
-warpers of the speculative methods), ``decode.speculative`` (speculative,
-ngram), ``decode.medusa`` (medusa, hydra), ``decode.superposed``, ``decode.proxy``
+greedy, sample, speculative, ngram, medusa, hydra, recycling, layer_skip, superposed
+or lud. Shared fields (stops, lengths, seed) live at the top of ``decode``; each method's
+own settings live in its section: ``decode.sampling`` (greedy and sample; also the
+warpers of the speculative methods), ``decode.speculative`` (speculative, ngram;
+``sample`` and ``gamma`` also for the others that draft), ``decode.medusa`` (medusa,
+hydra), ``decode.recycling``, ``decode.layer_skip``, ``decode.superposed``, ``decode.proxy``
 (proxy-tuning partners for greedy/sample). Lexical Unit Decoding reads the
 top-level ``lud`` section (shared with its fine-tuning).
 
@@ -19,6 +20,8 @@ from cadenza.errors import CadenzaError
 from cadenza.validation import check_choice, check_range, require
 
 ADAPTIVE = ("none", "confidence", "head")
+# the methods that decode through the speculative round (``decode.speculative.sample``)
+SPECULATIVE_METHODS = ("speculative", "ngram", "medusa", "hydra", "recycling", "layer_skip")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,6 +128,51 @@ class MedusaConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class RecyclingConfig:
+    """``decode.recycling``: Token Recycling (:mod:`cadenza.decode.token_recycling`).
+
+    ``k`` successors kept per token (the table is V x k int32 per row); the static
+    draft tree holds the ``nodes`` most promising paths at most ``depth`` deep.
+    """
+
+    k: int = 8
+    nodes: int = 15
+    depth: int = 4
+
+    def __post_init__(self):
+        for name in ("k", "nodes", "depth"):
+            check_range("decode.recycling", name, getattr(self, name), low=1)
+        require(self.depth <= self.nodes, "decode.recycling.depth",
+                f"a tree of {self.nodes} nodes cannot be {self.depth} deep",
+                "raise decode.recycling.nodes or lower depth")
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerSkipConfig:
+    """``decode.layer_skip``: layer-skip self-speculation (:mod:`cadenza.decode.layer_skip`).
+
+    ``skip_layers``: indices of the target's layers the draft skips (at least one layer
+    must stay); ``threshold``: a row stops drafting once ``1 - prod(q(d_i)) > threshold``
+    after ``min_length`` drafts (the draft's own confidence; 1 = always draft
+    ``decode.speculative.gamma`` tokens, which is the maximum).
+    """
+
+    skip_layers: list[int] = dataclasses.field(default_factory=list)
+    threshold: float = 0.5
+    min_length: int = 1
+
+    def __post_init__(self):
+        s = "decode.layer_skip"
+        object.__setattr__(self, "skip_layers", tuple(int(i) for i in self.skip_layers))
+        for i, layer in enumerate(self.skip_layers):
+            check_range(s, f"skip_layers[{i}]", layer, low=0)
+        require(len(set(self.skip_layers)) == len(self.skip_layers), f"{s}.skip_layers",
+                f"layer indices repeat in {list(self.skip_layers)}", "give each layer once")
+        check_range(s, "threshold", self.threshold, low=0.0, high=1.0, low_inclusive=False)
+        check_range(s, "min_length", self.min_length, low=1)
+
+
+@dataclasses.dataclass(frozen=True)
 class SuperposedConfig:
     """``decode.superposed``: Superposed Decoding; defaults are the paper's (k = 3, C = 9, ...).
 
@@ -210,6 +258,8 @@ class DecodeConfig:
     speculative: SpeculativeConfig = dataclasses.field(default_factory=SpeculativeConfig)
     medusa: MedusaConfig = dataclasses.field(default_factory=MedusaConfig)
     superposed: SuperposedConfig = dataclasses.field(default_factory=SuperposedConfig)
+    recycling: RecyclingConfig = dataclasses.field(default_factory=RecyclingConfig)
+    layer_skip: LayerSkipConfig = dataclasses.field(default_factory=LayerSkipConfig)
     proxy: ProxyConfig = dataclasses.field(default_factory=ProxyConfig)
 
     def __post_init__(self):
@@ -233,8 +283,7 @@ class DecodeConfig:
         """The static sampler settings: ``sample`` for method sample and for speculative
         methods with ``speculative.sample``, else greedy (validated)."""
         sample = self.method == "sample" or (
-            self.method in ("speculative", "ngram", "medusa", "hydra")
-            and self.speculative.sample)
+            self.method in SPECULATIVE_METHODS and self.speculative.sample)
         return self.sampling.spec("sample" if sample else "greedy")
 
 

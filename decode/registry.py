@@ -65,11 +65,11 @@ def _build_speculative(forward, params, config, *, drafter=None, draft_params=No
     from cadenza.decode.speculative import speculative_method
 
     if drafter is None:
-        drafter, draft_params = _load_drafter(forward, config, tokenizer)
+        drafter, draft_params = _load_drafter(forward, params, config, tokenizer)
     return speculative_method(forward, drafter, config, draft_params), (params, draft_params)
 
 
-def _load_drafter(forward, config, tokenizer=None):
+def _load_drafter(forward, params, config, tokenizer=None):
     s = config.speculative
     if config.method == "ngram":
         from cadenza.decode.prompt_lookup import PromptLookup
@@ -79,6 +79,15 @@ def _load_drafter(forward, config, tokenizer=None):
         from cadenza.decode.medusa import load_medusa_heads
 
         return load_medusa_heads(_heads_dir(config), forward.config)
+    if config.method == "recycling":
+        from cadenza.decode.token_recycling import TokenRecycling
+
+        r = config.recycling
+        return TokenRecycling(k=r.k, nodes=r.nodes, depth=r.depth), None
+    if config.method == "layer_skip":
+        from cadenza.decode.layer_skip import layer_skip_drafter
+
+        return layer_skip_drafter(forward, params, config)
     from cadenza.decode.specdec_head import StopRule, load_accept_head
     from cadenza.decode.speculative import DraftModel, check_draft_vocab
     from cadenza.models import load_model
@@ -161,6 +170,13 @@ REGISTRY: dict[str, MethodEntry] = {e.name: e for e in (
     MethodEntry("hydra", _build_hydra, "medusa", _SPEC[:1] + _SPEC[2:] + ("--heads",),
                 "trained Hydra heads, each reading the tokens drafted before it, propose a "
                 "token tree (lossless)"),
+    MethodEntry("recycling", _build_speculative, "recycling",
+                _SPEC[:1] + _SPEC[2:] + ("--successors", "--tree-nodes", "--tree-depth"),
+                "Token Recycling: the target's past top-k successors propose a tree "
+                "(lossless)"),
+    MethodEntry("layer_skip", _build_speculative, "layer_skip",
+                _SPEC + ("--skip-layers", "--stop-threshold", "--search-skip"),
+                "the target with some layers skipped drafts for itself (lossless)"),
     MethodEntry("superposed", _build_superposed, "superposed",
                 ("--k", "--ngram", "--candidates", "--alpha", "--temperature"),
                 "k drafts from one stream, interpolated with an n-gram table"),

@@ -78,7 +78,9 @@ class Context:
     tokens; ``hidden`` [B, D] the target's final hidden state where it produced
     ``pending``; ``seen`` bool [B, V] or None; ``keys``: this round's per-row keys
     (None when greedy); ``spec`` (static): the sampler settings; ``forward``
-    (static): the target's forward."""
+    (static): the target's forward; ``cache``: the target's KVCache (its first
+    ``lengths`` slots, prefix slots included, hold the cached tokens; a drafter may read
+    it or draft into a copy: the round verifies with its own)."""
 
     prev: jax.Array
     pending: jax.Array
@@ -88,6 +90,7 @@ class Context:
     keys: jax.Array | None
     spec: SamplingSpec = flax.struct.field(pytree_node=False)
     forward: Any = flax.struct.field(pytree_node=False)
+    cache: Any = None
 
 
 @flax.struct.dataclass
@@ -265,7 +268,8 @@ class Speculative(MethodBase):
         tokens_cached = lengths - prefix_slots(self.forward)
         keys = round_keys(s.keys, out.step)
         ctx = Context(prev=s.prev, pending=pending, lengths=tokens_cached, hidden=s.hidden,
-                      seen=s.seen, keys=keys, spec=self.spec, forward=self.forward)
+                      seen=s.seen, keys=keys, spec=self.spec, forward=self.forward,
+                      cache=s.cache)
         prop, dstate = self.drafter.propose(dparams, s.drafter, ctx)
         if tuple(prop.parents) != tuple(self.drafter.parents):
             raise ValueError(f"the proposal's parents {prop.parents} differ from the drafter's "
@@ -354,7 +358,14 @@ def speculative_method(target, drafter, config, draft_params=None, rules=None) -
     spec = config.sampling_spec()
     check_top_k(spec, forward.config.vocab_size)
     drafter.check(forward, draft_params)
-    return Speculative(forward=forward, drafter=drafter, spec=spec)
+    method = Speculative(forward=forward, drafter=drafter, spec=spec)
+    field = getattr(drafter, "depth_field", None)      # drafters whose depth is a setting
+    if field and method.depth > config.max_new_tokens:
+        raise CadenzaError(
+            f"the {drafter.name} tree is {method.depth} tokens deep but decode.max_new_tokens "
+            f"is {config.max_new_tokens}: no round could use it", where=field,
+            fix=f"use a tree at most {config.max_new_tokens} deep, or raise max_new_tokens")
+    return method
 
 
 def speculative_generate(target, params, prompts, config=None, *, drafter, draft_params=None,
@@ -397,6 +408,66 @@ def check_draft_vocab(target_config, draft_config) -> None:
         raise CadenzaError(
             f"the draft model's vocabulary ({dv} tokens) differs from the target's ({tv} tokens)",
             where="--draft", fix="use a draft model trained with the target's tokenizer")
+
+
+def draft_chain(forward, params, cache, logits, ctx: Context, gamma: int, stop=None,
+                head_params=None):
+    """Draft a chain of up to ``gamma`` tokens autoregressively with ``forward``.
+
+    Args:
+      forward, params: the drafting model (a forward) and its params.
+      cache: its KVCache with everything up to the pending token written, ``lengths``
+        counting the pending token (drafts are written after it).
+      logits: float32 [B, V] the drafting model's next-token logits after the pending token.
+      ctx: the round's :class:`Context` (``spec``, ``keys`` and ``seen`` warp and draw the
+        drafts as the target's tokens are, so ``q`` is the draft's warped distribution).
+      gamma: the most drafts per row; stop: None (always ``gamma``) or a
+        :class:`cadenza.decode.specdec_head.StopRule` ending a row's draft early;
+        head_params: the rule's head params (kind ``head``).
+
+    Returns ``(Proposal, cache)``: a chain with ``q`` float32 [B, gamma, V] and a row's
+    drafts past its stop marked invalid; the cache with the drafts' keys/values written
+    (``lengths`` advanced by the drafts fed, all but the last).
+    """
+    spec, g = ctx.spec, gamma
+    b, v = logits.shape
+    keys = ctx.keys
+
+    def pick(i, lg, hid, carry):
+        drafts, q, dlen, active, prod, seen = carry
+        logp = sampling.log_probs(lg, spec, seen)
+        tok, _ = sampling.select(logp, spec, keys, 2 + i)
+        drafts = drafts.at[:, i].set(tok)
+        q = q.at[:, i].set(jnp.exp(logp))
+        dlen = dlen + active.astype(jnp.int32)
+        if seen is not None:
+            seen = seen | jax.nn.one_hot(tok, v, dtype=bool)
+        if stop is not None:
+            conf = jnp.take_along_axis(logp, tok[:, None], axis=-1)[:, 0]
+            prod, halt = stop.step(head_params, i, hid, conf, prod)
+            active = active & ~halt
+        active = active & (i + 1 < g)
+        return drafts, q, dlen, active, prod, seen
+
+    carry = (jnp.zeros((b, g), jnp.int32), jnp.zeros((b, g, v), jnp.float32),
+             jnp.zeros((b,), jnp.int32), jnp.ones((b,), bool), jnp.ones((b,), jnp.float32),
+             ctx.seen)
+    carry = pick(0, logits, None, carry)
+
+    def cond(st):
+        i, _, carry = st
+        return (i < g) & jnp.any(carry[3])
+
+    def body(st):
+        i, cache, carry = st
+        tok = jax.lax.dynamic_index_in_dim(carry[0], i - 1, axis=1, keepdims=True)
+        lg, hid, cache = forward(params, tok, cache=cache)
+        return i + 1, cache.advance(1), pick(i, lg[:, 0], hid[:, 0], carry)
+
+    _, cache, carry = jax.lax.while_loop(cond, body, (jnp.int32(1), cache, carry))
+    drafts, q, dlen = carry[:3]
+    valid = jnp.arange(g)[None, :] < dlen[:, None]
+    return Proposal(tokens=drafts, valid=valid, q=q, parents=chain(g)), cache
 
 
 @dataclasses.dataclass(frozen=True)
@@ -445,49 +516,12 @@ class DraftModel:
         """A chain of up to ``gamma`` sampled (or argmax) drafts with their q."""
         dparams, head_params = draft_params
         f = self._forward(ctx.forward)
-        spec, g = ctx.spec, self.gamma
-        b, v = ctx.prev.shape[0], self.config.vocab_size
-        lengths, keys = ctx.lengths, ctx.keys
+        lengths = ctx.lengths
         logits, _, cache = f(dparams, jnp.stack([ctx.prev, ctx.pending], axis=1),
                              cache=cache.with_lengths(lengths - 1),
                              logits_at=jnp.ones_like(lengths)[:, None])
-        cache = cache.with_lengths(lengths + 1)
-
-        def pick(i, lg, hid, carry):
-            drafts, q, dlen, active, prod, seen = carry
-            logp = sampling.log_probs(lg, spec, seen)
-            tok, _ = sampling.select(logp, spec, keys, 2 + i)
-            drafts = drafts.at[:, i].set(tok)
-            q = q.at[:, i].set(jnp.exp(logp))
-            dlen = dlen + active.astype(jnp.int32)
-            if seen is not None:
-                seen = seen | jax.nn.one_hot(tok, v, dtype=bool)
-            if self.stop is not None:
-                conf = jnp.take_along_axis(logp, tok[:, None], axis=-1)[:, 0]
-                prod, stop = self.stop.step(head_params, i, hid, conf, prod)
-                active = active & ~stop
-            active = active & (i + 1 < g)
-            return drafts, q, dlen, active, prod, seen
-
-        carry = (jnp.zeros((b, g), jnp.int32), jnp.zeros((b, g, v), jnp.float32),
-                 jnp.zeros((b,), jnp.int32), jnp.ones((b,), bool), jnp.ones((b,), jnp.float32),
-                 ctx.seen)
-        carry = pick(0, logits[:, -1], None, carry)
-
-        def cond(st):
-            i, _, carry = st
-            return (i < g) & jnp.any(carry[3])
-
-        def body(st):
-            i, cache, carry = st
-            tok = jax.lax.dynamic_index_in_dim(carry[0], i - 1, axis=1, keepdims=True)
-            lg, hid, cache = f(dparams, tok, cache=cache)
-            return i + 1, cache.advance(1), pick(i, lg[:, 0], hid[:, 0], carry)
-
-        _, cache, carry = jax.lax.while_loop(cond, body, (jnp.int32(1), cache, carry))
-        drafts, q, dlen = carry[:3]
-        valid = jnp.arange(g)[None, :] < dlen[:, None]
-        return Proposal(tokens=drafts, valid=valid, q=q, parents=self.parents), cache
+        return draft_chain(f, dparams, cache.with_lengths(lengths + 1), logits[:, -1], ctx,
+                           self.gamma, self.stop, head_params)
 
     def observe(self, draft_params, cache, obs: Observation):
         """Nothing to learn: the next round re-feeds ``[prev, pending]``."""
