@@ -434,6 +434,12 @@ def main():
     skip = searched_skip(target, tparams, calibration, args) if "layer_skip" in REGISTRY else ()
     rows = build_rows(args, target, tparams, drafts, heads, accept, skip, args.new_tokens)
 
+    peer = None
+    if not args.no_hf:                                  # first: a failure shows early
+        dirs = {"LM-pretrained": lm_dir, "distilled": kd_dir, "on-policy": op_dir}
+        peer = run_peer(tdir, {k: dirs[k] for k in args.hf_drafts.split(",") if k},
+                        prompts, args.new_tokens, args.repeats)
+        print("transformers peer done", flush=True)
     outputs = {}
     t0 = time.perf_counter()
     for row in rows:                                    # warm-up: compiles every program
@@ -451,11 +457,6 @@ def main():
         base = next(x for x in rows if x.name == f"plain {row.mode}")
         results.append(summarise(row, outputs[row.name, row.mode], costs, plain_ids,
                                  statistics.median(base.tps)))
-    peer = None
-    if not args.no_hf:
-        dirs = {"LM-pretrained": lm_dir, "distilled": kd_dir, "on-policy": op_dir}
-        peer = run_peer(tdir, {k: dirs[k] for k in args.hf_drafts.split(",") if k},
-                        prompts, args.new_tokens, args.repeats)
     report = {"meta": {"benchmark": "speculative_methods", **provenance(),
                        "load_avg_1m_start": load_start, "size": args.size, **size,
                        **{k: v for k, v in vars(args).items() if k not in ("out",)}},
