@@ -459,7 +459,8 @@ def main():
                                  statistics.median(base.tps)))
     report = {"meta": {"benchmark": "speculative_methods", **provenance(),
                        "load_avg_1m_start": load_start, "size": args.size, **size,
-                       **{k: v for k, v in vars(args).items() if k not in ("out",)}},
+                       **{k: v for k, v in vars(args).items()
+                          if k != "out" and v is not None}},
               "target_params": tcfg.model.num_params(),
               "draft_params": drafts["distilled"][0].num_params(),
               "prompt_modules": modules, "train_seconds": timings,
