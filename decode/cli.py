@@ -87,8 +87,8 @@ def register(subparsers) -> None:
     pl.add_argument("--proxy-expert", metavar="DIR", help="proxy-tuning: small tuned model")
     pl.add_argument("--proxy-anti", metavar="DIR", help="proxy-tuning: small untuned model")
     pl.add_argument("--proxy-alpha", type=float, help="proxy-tuning weight (default 1)")
-    sp = p.add_argument_group("speculative methods (speculative, ngram, medusa, recycling, "
-                              "layer_skip; all lossless)")
+    sp = p.add_argument_group("speculative methods (speculative, ngram, medusa, hydra, "
+                              "recycling, layer_skip; all lossless)")
     sp.add_argument("--sample", action="store_true", help="exact speculative sampling")
     sp.add_argument("--draft", metavar="DIR", help="draft model directory (speculative)")
     sp.add_argument("--gamma", type=int,
@@ -99,7 +99,8 @@ def register(subparsers) -> None:
     sp.add_argument("--accept-head", metavar="DIR",
                     help="trained SpecDec++ head directory (cadenza train, train.task=specdec)")
     sp.add_argument("--heads", metavar="DIR",
-                    help="trained Medusa head directory (cadenza train, train.task=medusa)")
+                    help="trained Medusa / Hydra head directory (cadenza train, "
+                         "train.task=medusa / hydra)")
     tr = p.add_argument_group("token recycling (--method recycling)")
     tr.add_argument("--successors", type=int, help="successors kept per token (default 8)")
     tr.add_argument("--tree-nodes", type=int, help="draft tree nodes (default 15)")

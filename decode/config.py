@@ -1,12 +1,12 @@
 """Config section ``decode``: the method, the settings every method shares, one section per method.
 
 ``decode.method`` names a method of the registry (:mod:`cadenza.decode.registry`):
-greedy, sample, speculative, ngram, medusa, recycling, layer_skip, superposed or
-lud. Shared fields (stops, lengths, seed) live at the top of ``decode``; each method's
+greedy, sample, speculative, ngram, medusa, hydra, recycling, layer_skip, superposed
+or lud. Shared fields (stops, lengths, seed) live at the top of ``decode``; each method's
 own settings live in its section: ``decode.sampling`` (greedy and sample; also the
 warpers of the speculative methods), ``decode.speculative`` (speculative, ngram;
-``sample`` and ``gamma`` also for the others that draft), ``decode.medusa``,
-``decode.recycling``, ``decode.layer_skip``, ``decode.superposed``, ``decode.proxy``
+``sample`` and ``gamma`` also for the others that draft), ``decode.medusa`` (medusa,
+hydra), ``decode.recycling``, ``decode.layer_skip``, ``decode.superposed``, ``decode.proxy``
 (proxy-tuning partners for greedy/sample). Lexical Unit Decoding reads the
 top-level ``lud`` section (shared with its fine-tuning).
 
@@ -21,7 +21,7 @@ from cadenza.validation import check_choice, check_range, require
 
 ADAPTIVE = ("none", "confidence", "head")
 # the methods that decode through the speculative round (``decode.speculative.sample``)
-SPECULATIVE_METHODS = ("speculative", "ngram", "medusa", "recycling", "layer_skip")
+SPECULATIVE_METHODS = ("speculative", "ngram", "medusa", "hydra", "recycling", "layer_skip")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,7 +121,8 @@ class SpeculativeConfig:
 
 @dataclasses.dataclass(frozen=True)
 class MedusaConfig:
-    """``decode.medusa``: ``heads``, a trained Medusa head directory (it records the tree)."""
+    """``decode.medusa``: ``heads``, a trained Medusa (method medusa) or Hydra (method hydra)
+    head directory (it records the tree)."""
 
     heads: str = ""
 

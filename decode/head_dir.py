@@ -1,17 +1,18 @@
-"""Trained head directories: one format for Medusa heads and the SpecDec++ acceptance head.
+"""Trained head directories: one format for Medusa and Hydra heads and the SpecDec++ acceptance
+head.
 
 Layout::
 
-    DIR/head.json           {"kind": "medusa" | "accept", "format": 1, ...the kind's fields}
+    DIR/head.json           {"kind": "medusa" | "hydra" | "accept", "format": 1, ...fields}
     DIR/params.safetensors  the head params, float32, flat keys "a/b/c" (no pickling)
 
 The metadata names the shapes the head was trained for (e.g. the base model's
 vocabulary and hidden sizes); :func:`check_meta` compares them with the model
 the head is loaded for, and :func:`load_head_dir` checks every param's shape,
 so a mismatch fails with both values named before anything is compiled.
-Writers: :func:`cadenza.decode.medusa.save_medusa_heads`,
+Writers: :func:`cadenza.decode.medusa.save_tree_heads` (Medusa, Hydra),
 :func:`cadenza.decode.specdec_head.save_accept_head` (and ``cadenza train`` with
-``train.task`` medusa / specdec).
+``train.task`` medusa / hydra / specdec).
 """
 
 import json

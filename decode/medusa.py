@@ -52,14 +52,20 @@ class MedusaHeads(nn.Module):
         return jnp.stack(outs, axis=-2)
 
 
+def lm_head_copies(base_params, num_heads: int) -> dict:
+    """``{"head_k_out": {"kernel": the base LM head [D, V] float32}}`` for k < ``num_heads``:
+    the vocabulary projections a fresh head starts from (tied embeddings: the embedding's
+    transpose)."""
+    lm = (base_params["lm_head"]["kernel"] if "lm_head" in base_params
+          else base_params["embed"]["embedding"].T)
+    return {f"head_{k}_out": {"kernel": jnp.asarray(lm, jnp.float32)} for k in range(num_heads)}
+
+
 def init_medusa_heads(model_config, base_params, num_heads: int, blocks: int = 1, seed: int = 0):
     """Fresh heads: zero residual blocks, vocabulary projections copied from the LM head."""
     heads = MedusaHeads(num_heads, model_config.vocab_size, blocks)
     params = heads.init(jax.random.key(seed), jnp.zeros((1, model_config.hidden_size)))["params"]
-    lm = (base_params["lm_head"]["kernel"] if "lm_head" in base_params
-          else base_params["embed"]["embedding"].T)
-    return {**params, **{f"head_{k}_out": {"kernel": jnp.asarray(lm, jnp.float32)}
-                         for k in range(num_heads)}}
+    return {**params, **lm_head_copies(base_params, num_heads)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,17 +77,18 @@ class Medusa:
     blocks: int = 1
     heads: int = 0
     name: str = "medusa"
+    kind = "medusa"          # the head directory's kind (not a field)
 
     def __post_init__(self):
         paths = [tuple(int(i) for i in p) for p in self.paths]
         if not paths or any(not p for p in paths) or any(min(p) < 0 for p in paths):
-            raise ValueError("Medusa paths must be non-empty tuples of indices >= 0")
+            raise ValueError(f"{self.kind} paths must be non-empty tuples of indices >= 0")
         for p in paths:
             if len(p) > 1 and p[:-1] not in paths:
-                raise ValueError(f"Medusa path {p} has no parent {p[:-1]} in the tree")
+                raise ValueError(f"{self.kind} path {p} has no parent {p[:-1]} in the tree")
         object.__setattr__(self, "paths", tuple(sorted(set(paths), key=lambda p: (len(p), p))))
         if self.heads and self.heads < self.gamma:
-            raise ValueError(f"the Medusa tree is {self.gamma} deep but there are only "
+            raise ValueError(f"the {self.kind} tree is {self.gamma} deep but there are only "
                              f"{self.heads} heads")
 
     @property
@@ -110,8 +117,7 @@ class Medusa:
     def propose(self, heads, state, ctx):
         """Node tokens: head ``depth - 1``'s ``rank``-th best guess (point masses)."""
         head, rank = self.head_rank()
-        vocab = ctx.forward.config.vocab_size
-        guesses = MedusaHeads(self.num_heads, vocab, self.blocks).apply(
+        guesses = self.head_module(ctx.forward.config.vocab_size).apply(
             {"params": heads}, ctx.hidden)                                 # [B, K, V]
         top = jax.lax.top_k(guesses, int(rank.max()) + 1)[1].astype(jnp.int32)
         tokens = top[:, head, rank]
@@ -128,34 +134,65 @@ class Medusa:
         rank = np.asarray([p[-1] for p in self.paths], np.int32)
         return head, rank
 
-def save_medusa_heads(directory, drafter: Medusa, model_config, params):
-    """Write trained heads and their tree to a new head directory
-    (:mod:`cadenza.decode.head_dir`, kind ``medusa``), recording the base model's
+    def head_module(self, vocab_size: int) -> nn.Module:
+        """The heads' Flax module for a target with ``vocab_size`` tokens."""
+        return MedusaHeads(self.num_heads, vocab_size, self.blocks)
+
+    def init_heads(self, model_config, base_params, seed: int = 0):
+        """Fresh head params for the base model (:func:`init_medusa_heads`)."""
+        return init_medusa_heads(model_config, base_params, self.num_heads, self.blocks, seed)
+
+    def teacher_forced_logits(self, heads, hidden, targets, base_params):
+        """Training logits float32 [B, T, K, V]: head k at position t from the hidden state
+        [B, T, D] there (Medusa heads do not read ``targets`` or ``base_params``)."""
+        del targets, base_params
+        return self.head_module(heads["head_0_out"]["kernel"].shape[-1]).apply(
+            {"params": heads}, hidden)
+
+    def abstract_heads(self, model_config):
+        """The head params' shapes (``jax.ShapeDtypeStruct`` s) for ``model_config``."""
+        d = model_config.hidden_size
+        return jax.eval_shape(lambda: self.head_module(model_config.vocab_size).init(
+            jax.random.key(0), jnp.zeros((1, d)))["params"])
+
+
+def save_tree_heads(directory, drafter, model_config, params):
+    """Write trained tree heads (a :class:`Medusa` or a subclass such as
+    :class:`cadenza.decode.hydra.Hydra`) and their tree to a new head directory
+    (:mod:`cadenza.decode.head_dir`, kind ``drafter.kind``), recording the base model's
     vocabulary and hidden sizes. Returns the directory's path."""
     from cadenza.decode.head_dir import save_head_dir
 
     meta = {"num_heads": drafter.num_heads, "blocks": drafter.blocks,
             "paths": [list(p) for p in drafter.paths],
             "vocab_size": model_config.vocab_size, "hidden_size": model_config.hidden_size}
-    return save_head_dir(directory, "medusa", meta, params)
+    return save_head_dir(directory, drafter.kind, meta, params)
 
 
-def load_medusa_heads(directory, model_config):
-    """Read a Medusa head directory for the target ``model_config``: returns
-    ``(Medusa drafter, head params)``. Raises CadenzaError before compiling when the
-    heads were trained on a model with another vocabulary or hidden size (both named)."""
+def load_tree_heads(directory, model_config, cls):
+    """Read a head directory of ``cls.kind`` (``cls``: :class:`Medusa` or a subclass) for
+    the target ``model_config``: returns ``(drafter, head params)``. Raises CadenzaError
+    before compiling when the heads were trained on a model with another vocabulary or
+    hidden size (the fields and both values named), or the directory holds another kind."""
     from cadenza.decode.head_dir import check_meta, load_head_dir, read_meta
 
-    meta = read_meta(directory, "medusa")
+    meta = read_meta(directory, cls.kind)
     check_meta(meta, {"vocab_size": model_config.vocab_size,
                       "hidden_size": model_config.hidden_size}, directory, "the target model")
     try:
-        drafter = Medusa(paths=tuple(tuple(p) for p in meta["paths"]), blocks=int(meta["blocks"]),
-                         heads=int(meta["num_heads"]))
+        drafter = cls(paths=tuple(tuple(p) for p in meta["paths"]), blocks=int(meta["blocks"]),
+                      heads=int(meta["num_heads"]))
     except ValueError as e:
-        raise CadenzaError(f"invalid Medusa tree: {e}", where=str(directory),
-                           fix="write the directory with save_medusa_heads") from None
-    heads = MedusaHeads(drafter.num_heads, model_config.vocab_size, drafter.blocks)
-    abstract = jax.eval_shape(lambda: heads.init(
-        jax.random.key(0), jnp.zeros((1, model_config.hidden_size)))["params"])
-    return drafter, load_head_dir(directory, "medusa", abstract)[1]
+        raise CadenzaError(f"invalid {cls.kind} tree: {e}", where=str(directory),
+                           fix=f"write the directory with save_{cls.kind}_heads") from None
+    return drafter, load_head_dir(directory, cls.kind, drafter.abstract_heads(model_config))[1]
+
+
+def save_medusa_heads(directory, drafter: Medusa, model_config, params):
+    """:func:`save_tree_heads` for Medusa heads (kind ``medusa``)."""
+    return save_tree_heads(directory, drafter, model_config, params)
+
+
+def load_medusa_heads(directory, model_config):
+    """:func:`load_tree_heads` for a Medusa head directory: ``(Medusa drafter, head params)``."""
+    return load_tree_heads(directory, model_config, Medusa)

@@ -79,11 +79,7 @@ def _load_drafter(forward, params, config, tokenizer=None):
     if config.method == "medusa":
         from cadenza.decode.medusa import load_medusa_heads
 
-        require(bool(config.medusa.heads), "decode.medusa.heads",
-                "method medusa needs a trained Medusa head directory",
-                "set decode.medusa.heads (--heads)")
-
-        return load_medusa_heads(config.medusa.heads, forward.config)
+        return load_medusa_heads(_heads_dir(config), forward.config)
     if config.method == "recycling":
         from cadenza.decode.token_recycling import TokenRecycling
 
@@ -114,6 +110,28 @@ def _load_drafter(forward, params, config, tokenizer=None):
     rule = StopRule(s.adaptive, s.adaptive_threshold, s.adaptive_min, blocks=blocks)
     name = "specdec++" if s.adaptive == "head" else "adaptive-confidence"
     return DraftModel(dcfg.model, s.gamma, stop=rule, name=name), (dparams, head)
+
+
+def _heads_dir(config) -> str:
+    require(bool(config.medusa.heads), "decode.medusa.heads",
+            f"method {config.method} needs a trained {config.method.capitalize()} head "
+            "directory",
+            "set decode.medusa.heads (--heads)")
+    return config.medusa.heads
+
+
+def _build_hydra(forward, params, config, *, drafter=None, draft_params=None, **_):
+    """Hydra heads (``decode.medusa.heads`` or the given ``drafter``/``draft_params``: the
+    heads alone, or :func:`~cadenza.decode.hydra.hydra_draft_params`) with the target's
+    embedding table."""
+    from cadenza.decode.hydra import hydra_draft_params, load_hydra_heads
+    from cadenza.decode.speculative import speculative_method
+
+    if drafter is None:
+        drafter, draft_params = load_hydra_heads(_heads_dir(config), forward.config)
+    if not isinstance(draft_params, tuple):
+        draft_params = hydra_draft_params(draft_params, params)
+    return speculative_method(forward, drafter, config, draft_params), (params, draft_params)
 
 
 def _build_superposed(forward, params, config, *, table=None, tokenizer=None, **_):
@@ -150,6 +168,9 @@ REGISTRY: dict[str, MethodEntry] = {e.name: e for e in (
                 "prompt lookup: drafts copied from the row's context (lossless)"),
     MethodEntry("medusa", _build_speculative, "medusa", _SPEC[:1] + _SPEC[2:] + ("--heads",),
                 "trained Medusa heads propose a token tree (lossless)"),
+    MethodEntry("hydra", _build_hydra, "medusa", _SPEC[:1] + _SPEC[2:] + ("--heads",),
+                "trained Hydra heads, each reading the tokens drafted before it, propose a "
+                "token tree (lossless)"),
     MethodEntry("recycling", _build_speculative, "recycling",
                 _SPEC[:1] + _SPEC[2:] + ("--successors", "--tree-nodes", "--tree-depth"),
                 "Token Recycling: the target's past top-k successors propose a tree "

@@ -198,3 +198,56 @@ def test_distilled_draft_agrees_more_than_an_lm_pretrained_one(tmp_path):
         scores[task] = (accept, agree)
     assert scores["distill"][0] > scores["lm"][0] + 0.05, scores
     assert scores["distill"][1] > scores["lm"][1], scores
+
+
+def test_on_policy_distillation_trains_on_cached_teacher_generations(models, capsys):
+    """``on_policy``: the teacher's generations are made once (cached under the run's output
+    dir, keyed by a fingerprint), only continuations count, and every step logs the draft's
+    acceptance (mean 1 - TV) and top-1 agreement."""
+    from cadenza.train.data import build_iterator
+    from cadenza.train.distill_data import on_policy_iterator
+
+    tmp, tdir, _, _ = models
+    extra = ["train.distill.on_policy=true", "train.distill.prompts=4",
+             "train.distill.prompt_len=6", "train.distill.new_tokens=8",
+             "train.distill.gen_batch=4", "train.distill.temperature=0"]
+    assert train(tmp, tdir, "on_policy", *extra) == 0
+    assert "on-policy data: 4 teacher generations" in capsys.readouterr().out
+    cached = list((tmp / "on_policy" / "on_policy").glob("*.npz"))
+    assert len(cached) == 1
+    records = [json.loads(x) for x in (tmp / "on_policy" / "metrics.jsonl").read_text()
+               .splitlines()]
+    assert all(0.0 <= r["acceptance"] <= 1.0 and 0.0 <= r["top1_agreement"] <= 1.0
+               for r in records)
+    # each row counts its continuation's targets only: 8 per generation (greedy, no EOS cut)
+    with np.load(cached[0]) as z:
+        continuation = z["lengths"] - z["prompt_lengths"]
+    assert records[0]["tokens"] == float(continuation.sum()) * 2    # 8 rows: the 4 twice
+    config = load_config("tiny_distill", [f"train.init_from={tdir}",
+                                          f"train.output_dir={tmp / 'on_policy'}",
+                                          "train.batch_size=8", "train.seq_len=32",
+                                          f"data.data_dir={tmp / 'data'}",
+                                          "data.stdlib_modules=[bisect.py,colorsys.py]", *extra])
+    batches = on_policy_iterator(config, build_iterator(config))     # the same prompts
+    assert "reused from" in capsys.readouterr().out
+    batch = next(batches)
+    assert batch["inputs"].shape == (8, 32) and batch["loss_mask"].sum() == continuation.sum() * 2
+    with pytest.raises(ConfigError, match="train.distill.new_tokens"):
+        load_config("tiny_distill", ["train.seq_len=8", *extra])
+
+
+def test_lora_on_a_saved_student(models, capsys):
+    """``peft.method=lora``: only the saved student's adapters train; the exported draft has
+    them merged; without a saved student the run is refused before compiling."""
+    tmp, tdir, _, _ = models
+    config = load_config("tiny_distill")
+    student = save_model(tmp / "student_lora", config,
+                         init_params(config.model, jax.random.key(4)))
+    assert train(tmp, tdir, "lora", f"train.distill.student={student}", "peft.method=lora") == 0
+    out = capsys.readouterr().out
+    summary = json.loads(out[out.index("{\n"):])
+    assert summary["adapters_dir"] and summary["model_dir"]
+    record = json.loads((tmp / "lora" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert 0.0 <= record["acceptance"] <= 1.0
+    assert train(tmp, tdir, "lora_bad", "peft.method=lora") == 2
+    assert "train.distill.student" in capsys.readouterr().err

@@ -63,8 +63,8 @@ class MeshConfig:
         return tuple((k, tuple(v) if v else None) for k, v in self.logical_axis_rules.items())
 
 
-TASKS = ("lm", "medusa", "specdec", "dpo", "orpo", "distill")
-HEAD_TASKS = ("medusa", "specdec")
+TASKS = ("lm", "medusa", "hydra", "specdec", "dpo", "orpo", "distill")
+HEAD_TASKS = ("medusa", "hydra", "specdec")
 PREFERENCE_TASKS = ("dpo", "orpo")
 
 
@@ -91,7 +91,8 @@ class PreferenceTrainConfig:
 
 @dataclasses.dataclass(frozen=True)
 class MedusaTrainConfig:
-    """``train.medusa``: Medusa-1 heads on the frozen ``train.init_from`` model.
+    """``train.medusa``: Medusa-1 heads (``train.task: medusa``) or Hydra heads (``train.task:
+    hydra``, the same fields) on the frozen ``train.init_from`` model.
 
     ``num_heads`` heads of ``blocks`` residual blocks each; head k's cross-entropy is
     weighted ``decay**k``. ``tree``: the decoding tree saved with the heads, a list of
@@ -148,13 +149,32 @@ class DistillTrainConfig:
     learns the frozen teacher ``train.init_from``. ``student``: a model directory or Hugging
     Face folder saved for the ``model`` section to start from; empty = random init. ``loss``
     per counted token, temperature 1: ``forward_kl`` KL(teacher || student), ``reverse_kl``
-    KL(student || teacher) or ``tv`` (total variation; acceptance = 1 - TV)."""
+    KL(student || teacher) or ``tv`` (total variation; acceptance = 1 - TV).
+
+    ``on_policy``: train on the teacher's own generations instead of the data section's
+    text: ``prompts`` prompts (the first ``prompt_len`` tokens of training rows of the data
+    section) continued by ``new_tokens`` tokens with cadenza's generate, ``gen_batch``
+    prompts per call, at ``temperature`` (0 = greedy), seeded by ``train.seed``; only the
+    continuations are counted. They are generated once and cached under
+    ``<output_dir>/on_policy/``, keyed by a fingerprint of the teacher, the prompts and
+    these settings. ``prompt_len + new_tokens`` must fit ``train.seq_len + 1``.
+    """
 
     student: Optional[str] = None
     loss: str = "forward_kl"
+    on_policy: bool = False
+    prompts: int = 64
+    prompt_len: int = 32
+    new_tokens: int = 96
+    gen_batch: int = 16
+    temperature: float = 1.0
 
     def __post_init__(self):
-        check_choice("train.distill", "loss", self.loss, DISTILL_LOSSES)
+        s = "train.distill"
+        check_choice(s, "loss", self.loss, DISTILL_LOSSES)
+        for name in ("prompts", "prompt_len", "new_tokens", "gen_batch"):
+            check_range(s, name, getattr(self, name), low=1)
+        check_range(s, "temperature", self.temperature, low=0.0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -180,7 +200,8 @@ class TrainConfig:
     (``tensorboard``; tags ``train/...``, ``eval/...``, the config as hyperparameters)
     and Weights & Biases when ``wandb_project`` is set.
     ``task``: what is trained: ``lm`` (the model, or PEFT adapters), ``medusa`` (Medusa
-    heads, section ``medusa``), ``specdec`` (the SpecDec++ head, section ``specdec``) or
+    heads, section ``medusa``), ``hydra`` (Hydra heads, section ``medusa``), ``specdec``
+    (the SpecDec++ head, section ``specdec``) or
     ``distill`` (a draft model distilled from ``init_from``, section ``distill``);
     the head tasks keep ``init_from`` frozen and write a head directory to
     ``<output_dir>/adapters`` instead of a model; ``distill`` keeps it frozen as the
@@ -236,6 +257,14 @@ class TrainConfig:
             raise ConfigError(f"train.task={self.task} trains {role} a frozen model, but "
                               "none is given", where="train.init_from",
                               fix="set train.init_from to the model directory")
+        if self.task == "distill" and self.distill.on_policy and (
+                self.distill.prompt_len + self.distill.new_tokens > self.seq_len + 1):
+            raise ConfigError(f"on-policy sequences of prompt_len {self.distill.prompt_len} + "
+                              f"new_tokens {self.distill.new_tokens} tokens do not fit "
+                              f"train.seq_len + 1 = {self.seq_len + 1}",
+                              where="train.distill.new_tokens",
+                              fix="lower train.distill.prompt_len / new_tokens or raise "
+                                  "train.seq_len")
         if self.task == "specdec" and not self.specdec.draft:
             raise ConfigError("train.task=specdec needs the draft model", where="train.specdec"
                               ".draft", fix="set train.specdec.draft to a model directory")

@@ -4,7 +4,8 @@ distributions, so that it agrees with the teacher as a speculative-decoding draf
 The teacher is the ``train.init_from`` model (frozen); the student is the model the
 experiment's ``model`` section describes, started from ``train.distill.student`` (a model
 directory or Hugging Face folder saved for that model section) or from random init when
-that is empty. Every student param trains (full fine-tuning).
+that is empty. Every student param trains (full fine-tuning), or with ``peft.method`` set
+only the adapters of the saved student (e.g. LoRA on the draft; merged on export).
 
 Loss per counted token (``loss_mask``), temperature 1, p = teacher, q = student:
 
@@ -12,6 +13,11 @@ Loss per counted token (``loss_mask``), temperature 1, p = teacher, q = student:
 - ``reverse_kl``: ``KL(q || p) = sum_v q (log q - log p)``;
 - ``tv``: total variation ``0.5 * sum_v |p - q|``. For one drafted token with
   speculative sampling the acceptance probability is ``1 - TV(p, q)``.
+
+Data: the data section's batches, or with ``train.distill.on_policy`` the teacher's own
+generations (:mod:`cadenza.train.distill_data`, cached under the output directory). Every
+step logs the draft's ``acceptance`` (mean 1 - TV) and ``top1_agreement`` with the teacher,
+on eval batches too.
 
 Before anything compiles the student's and the teacher's vocabulary sizes, and their
 tokenizers' fingerprints when both directories hold one, must match. ``cadenza train``
@@ -63,6 +69,18 @@ def distill_loss_sums(student_logits, teacher_logits, loss_mask, kind: str = "fo
     return jnp.sum(div * mask), jnp.sum(mask)
 
 
+def acceptance_sums(student_logits, teacher_logits, loss_mask) -> dict:
+    """Draft-quality metrics summed over the counted positions (``loss_mask`` > 0):
+    ``acceptance``, ``1 - TV(p, q)`` (the chance that speculative sampling accepts a token the
+    student drafts there) and ``top1_agreement``, 1 where the student's and the teacher's
+    argmax agree (greedy acceptance). Float32 scalars; divide by the count for means."""
+    mask = (loss_mask > 0).astype(jnp.float32)
+    tv = distill_divergence(student_logits, teacher_logits, "tv")
+    agree = jnp.argmax(student_logits, -1) == jnp.argmax(teacher_logits, -1)
+    return {"acceptance": jnp.sum((1.0 - tv) * mask),
+            "top1_agreement": jnp.sum(agree.astype(jnp.float32) * mask)}
+
+
 def saved_model_config(directory):
     """The ModelConfig of the model directory or Hugging Face folder ``directory`` (a model
     directory's config.yaml is read without its params)."""
@@ -100,46 +118,69 @@ def distill_task(config) -> TrainTask:
     """The distillation task of the experiment ``config`` (``train.task: distill``).
 
     Trainable: the student (``config.model``; from ``train.distill.student`` or random
-    init), sharded like any model. Frozen: the teacher's params (``train.init_from``, its
-    own saved model config with this run's ``dtype`` and ``attention_impl``). ``apply``
-    returns the student's logits float32 [B, T, V]; ``loss`` the sums of
-    :func:`distill_loss_sums` with ``train.distill.loss``; ``export`` the student's params
-    (written to ``<output_dir>/model``).
+    init), sharded like any model; with ``peft.method`` set, the PEFT adapters of the saved
+    student ``train.distill.student`` (e.g. LoRA on the draft), merged into it on export.
+    Frozen: ``{"student": the PEFT student's frozen base ({} for full training),
+    "teacher": the teacher's params}`` (``train.init_from``, its own saved model config
+    with this run's ``dtype`` and ``attention_impl``). ``apply`` returns the student's
+    logits float32 [B, T, V]; ``loss`` the sums of :func:`distill_loss_sums` with
+    ``train.distill.loss`` and the metrics of :func:`acceptance_sums` (logged as
+    ``acceptance`` / ``top1_agreement``, ``eval_...`` on eval batches); ``export`` the
+    student's params (written to ``<output_dir>/model``). With ``train.distill.on_policy``
+    the trainer feeds it the teacher's own generations (:mod:`cadenza.train.distill_data`).
 
-    Raises ConfigError (before compiling) for PEFT, or a vocabulary/tokenizer mismatch.
+    Raises ConfigError (before compiling) for PEFT without a saved student, or a
+    vocabulary/tokenizer mismatch.
     """
     from cadenza.models import Transformer
 
-    if config.peft.method != "none":
-        raise ConfigError(f"train.task=distill fine-tunes the whole student and does not "
-                          f"combine with peft.method={config.peft.method}",
-                          where="peft.method", fix="set peft.method=none")
     distill, teacher_dir = config.train.distill, config.train.init_from
     student_dir = distill.student or None
     for field, d in (("train.init_from", teacher_dir), ("train.distill.student", student_dir)):
         if d is not None and not local_model_dir(d).is_dir():
             raise ConfigError(f"no such model directory: {d}", where=field,
                               fix="give a cadenza model directory or a Hugging Face folder")
+    peft = config.peft.method != "none"
+    if peft and student_dir is None:
+        raise ConfigError(f"peft.method={config.peft.method} adapts a saved student, but "
+                          "train.distill.student is empty", where="train.distill.student",
+                          fix="set it to the draft's model directory, or peft.method=none")
     # the teacher runs with this run's compute dtype and attention kernel (as the student)
     teacher_config = dataclasses.replace(saved_model_config(teacher_dir),
                                          dtype=config.model.dtype,
                                          attention_impl=config.model.attention_impl)
     check_vocabularies(teacher_dir, teacher_config, config.model, student_dir)
-    student = full_model_task(config.model, init_from=student_dir,
-                              init_field="train.distill.student")
+    if peft:
+        from cadenza.train.peft.task import peft_task
+
+        student = peft_task(dataclasses.replace(config, train=dataclasses.replace(
+            config.train, task="lm", init_from=student_dir)))
+    else:
+        student = full_model_task(config.model, init_from=student_dir,
+                                  init_field="train.distill.student")
     teacher = Transformer(teacher_config)
 
+    def apply(trainable, frozen, batch, rng):
+        return student.apply(trainable, frozen["student"], batch, rng)
+
     def loss(trainable, frozen, batch, rng):
-        logits = student.apply(trainable, {}, batch, rng)
-        teacher_logits = teacher.apply({"params": frozen}, batch["inputs"],
+        logits = apply(trainable, frozen, batch, rng)
+        teacher_logits = teacher.apply({"params": frozen["teacher"]}, batch["inputs"],
                                        positions=batch["positions"],
                                        segment_ids=batch["segment_ids"])[0]
         total, count = distill_loss_sums(logits, teacher_logits, batch["loss_mask"],
                                          distill.loss)
-        return total, total, count
+        return total, total, count, acceptance_sums(logits, teacher_logits,
+                                                    batch["loss_mask"])
 
     return dataclasses.replace(
         student,
-        load_frozen=lambda mesh, rules: frozen_params(teacher_config, teacher_dir, mesh, rules),
-        abstract_frozen=lambda mesh, rules: abstract_frozen_params(teacher_config, mesh, rules),
-        loss=loss, total_params=student.total_params + teacher_config.num_params())
+        load_frozen=lambda mesh, rules: {
+            "student": student.load_frozen(mesh, rules),
+            "teacher": frozen_params(teacher_config, teacher_dir, mesh, rules)},
+        abstract_frozen=lambda mesh, rules: {
+            "student": student.abstract_frozen(mesh, rules),
+            "teacher": abstract_frozen_params(teacher_config, mesh, rules)},
+        apply=apply, loss=loss,
+        export=lambda trainable, frozen: student.export(trainable, frozen["student"]),
+        total_params=student.total_params + teacher_config.num_params())

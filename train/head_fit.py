@@ -1,4 +1,4 @@
-"""Plumbing shared by the head tasks (Medusa heads, the SpecDec++ acceptance head).
+"""Plumbing shared by the head tasks (Medusa and Hydra heads, the SpecDec++ acceptance head).
 
 Both train a small head on the hidden states of a frozen model with ``fit``: the
 frozen model comes from a model directory (``train.init_from``, checked against
@@ -25,7 +25,8 @@ from cadenza.errors import ConfigError
 
 
 def head_task(config):
-    """The :class:`~cadenza.train.task.TrainTask` of ``config.train.task`` (medusa | specdec)."""
+    """The :class:`~cadenza.train.task.TrainTask` of ``config.train.task`` (medusa | hydra |
+    specdec)."""
     if config.peft.method != "none":
         raise ConfigError(f"train.task={config.train.task} trains heads on a frozen model and "
                           f"does not combine with peft.method={config.peft.method}",
@@ -34,6 +35,10 @@ def head_task(config):
         from cadenza.train.medusa_task import medusa_task
 
         return medusa_task(config.model, config.train.medusa, config.train.init_from)
+    if config.train.task == "hydra":
+        from cadenza.train.hydra_task import hydra_task
+
+        return hydra_task(config.model, config.train.medusa, config.train.init_from)
     from cadenza.train.specdec_task import specdec_task
 
     return specdec_task(config.model, config.train.specdec, config.train.init_from)

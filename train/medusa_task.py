@@ -11,7 +11,8 @@ model's own generations or a corpus).
 ``train.init_from``) runs :func:`medusa_task` through ``fit`` and writes the
 head directory (:func:`cadenza.decode.medusa.save_medusa_heads`) to
 ``<output_dir>/adapters``; :func:`train_medusa_heads` does the same from Python
-on in-memory token arrays.
+on in-memory token arrays. :func:`tree_heads_task` and :func:`train_tree_heads` are the
+same for any tree drafter's heads (Hydra: :mod:`cadenza.train.hydra_task`).
 """
 
 import flax.linen as nn
@@ -20,14 +21,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import PartitionSpec as P
 
-from cadenza.decode.medusa import (
-    DEFAULT_PATHS,
-    Medusa,
-    MedusaHeads,
-    init_medusa_heads,
-    load_medusa_heads,
-    save_medusa_heads,
-)
+from cadenza.decode.medusa import DEFAULT_PATHS, Medusa, load_tree_heads, save_tree_heads
 from cadenza.train.head_fit import (
     abstract_frozen_params,
     fit_on_tokens,
@@ -69,27 +63,26 @@ def medusa_loss(logits, batch, decay: float = 0.8):
     return total, count
 
 
-def medusa_task(model_config, medusa, base) -> TrainTask:
-    """Medusa heads on a frozen model.
+def tree_heads_task(model_config, drafter, decay: float, base) -> TrainTask:
+    """Tree heads (``drafter``: a :class:`Medusa` or a subclass such as
+    :class:`cadenza.decode.hydra.Hydra`) on a frozen model.
 
     Args:
       model_config: the base model's ModelConfig.
-      medusa: the ``train.medusa`` section (:class:`cadenza.train.config.MedusaTrainConfig`).
+      drafter: the drafter whose heads train (its ``init_heads``, ``teacher_forced_logits``,
+        ``abstract_heads``); its tree is saved with them.
+      decay: head k's cross-entropy weighs ``decay**k`` (:func:`medusa_loss`).
       base: a model directory (checked against ``model_config``) or a params dict.
 
-    Trainable: fresh heads (:func:`init_medusa_heads`: zero blocks, LM-head copies); their
-    vocabulary projections are sharded like the LM head (embed, vocab), the rest
-    replicated. ``apply`` returns the heads' logits float32 [B, T, K, V]; ``loss`` is
-    :func:`medusa_loss`; the run writes the head directory with the tree
-    :func:`medusa_drafter` gives.
+    Trainable: fresh heads (``drafter.init_heads``); their vocabulary projections are
+    sharded like the LM head (embed, vocab), the rest replicated. ``apply`` returns the
+    heads' logits float32 [B, T, K, V]; ``loss`` is :func:`medusa_loss`; the run writes the
+    head directory (:func:`cadenza.decode.medusa.save_tree_heads`).
     """
     from cadenza.models import Transformer
 
     model = Transformer(model_config)
-    drafter = medusa_drafter(medusa)
-    heads = MedusaHeads(drafter.num_heads, model_config.vocab_size, drafter.blocks)
-    abstract = jax.eval_shape(lambda: heads.init(
-        jax.random.key(0), jnp.zeros((1, model_config.hidden_size)))["params"])
+    abstract = drafter.abstract_heads(model_config)
     loaded = {}
 
     def load_frozen(mesh, rules):
@@ -104,7 +97,7 @@ def medusa_task(model_config, medusa, base) -> TrainTask:
     def init_trainable(rng, mesh, rules):
         del rng   # deterministic: zero blocks, copies of the LM head
         base_params = loaded.get("params") or load_frozen(mesh, rules)
-        fresh = init_medusa_heads(model_config, base_params, drafter.num_heads, drafter.blocks)
+        fresh = drafter.init_heads(model_config, base_params)
         # copies: the head projections start as the same LM-head buffer (the step donates)
         return donatable_copy(fresh, shardings(mesh, rules))
 
@@ -113,10 +106,11 @@ def medusa_task(model_config, medusa, base) -> TrainTask:
         _, hidden, _ = model.apply({"params": frozen}, batch["inputs"],
                                    positions=batch["positions"],
                                    segment_ids=batch["segment_ids"])
-        return heads.apply({"params": trainable}, jax.lax.stop_gradient(hidden))
+        return drafter.teacher_forced_logits(trainable, jax.lax.stop_gradient(hidden),
+                                             batch["targets"], frozen)
 
     def loss(trainable, frozen, batch, rng):
-        total, count = medusa_loss(apply(trainable, frozen, batch, rng), batch, medusa.decay)
+        total, count = medusa_loss(apply(trainable, frozen, batch, rng), batch, decay)
         return total, total, count
 
     n = param_count(abstract)
@@ -125,22 +119,38 @@ def medusa_task(model_config, medusa, base) -> TrainTask:
         init_trainable=init_trainable, load_frozen=load_frozen,
         abstract_frozen=lambda mesh, rules: abstract_frozen_params(model_config, mesh, rules),
         apply=apply, loss=loss, export=lambda trainable, frozen: None,
-        save_adapters=lambda d, trainable: save_medusa_heads(d, drafter, model_config,
-                                                             jax.device_get(trainable)),
+        save_adapters=lambda d, trainable: save_tree_heads(d, drafter, model_config,
+                                                           jax.device_get(trainable)),
         trainable_params=n, total_params=n + model_config.num_params())
+
+
+def medusa_task(model_config, medusa, base) -> TrainTask:
+    """Medusa heads on a frozen model: :func:`tree_heads_task` with the drafter
+    :func:`medusa_drafter` gives for the ``train.medusa`` section ``medusa``
+    (:class:`cadenza.train.config.MedusaTrainConfig`)."""
+    return tree_heads_task(model_config, medusa_drafter(medusa), medusa.decay, base)
+
+
+def train_tree_heads(model, params, batches, drafter, *, steps: int,
+                     learning_rate: float = 1e-3, decay: float = 0.8, seed: int = 0):
+    """Train ``drafter``'s fresh heads on ``batches`` (an iterator of int32 [B, T] token
+    arrays) with :func:`tree_heads_task` through ``fit`` (one device, a temporary output
+    directory). Returns ``(head params, list of per-step losses)``; ``params`` are not
+    changed."""
+    task = tree_heads_task(model.config, drafter, decay, params)
+    return fit_on_tokens(model.config, task, batches,
+                         lambda d: load_tree_heads(d, model.config, type(drafter))[1],
+                         steps=steps, learning_rate=learning_rate, seed=seed)
 
 
 def train_medusa_heads(model, params, batches, *, num_heads: int, steps: int,
                        learning_rate: float = 1e-3, blocks: int = 1, seed: int = 0):
-    """Train fresh heads on ``batches`` (an iterator of int32 [B, T] token arrays) with
-    :func:`medusa_task` through ``fit`` (one device, a temporary output directory).
+    """:func:`train_tree_heads` for Medusa heads (the default tree cut to ``num_heads``).
 
     Returns ``(head params, list of per-step losses)``; ``params`` are not changed.
     """
     from cadenza.train.config import MedusaTrainConfig
 
-    config = MedusaTrainConfig(num_heads=num_heads, blocks=blocks)
-    task = medusa_task(model.config, config, params)
-    return fit_on_tokens(model.config, task, batches,
-                         lambda d: load_medusa_heads(d, model.config)[1], steps=steps,
-                         learning_rate=learning_rate, seed=seed)
+    drafter = medusa_drafter(MedusaTrainConfig(num_heads=num_heads, blocks=blocks))
+    return train_tree_heads(model, params, batches, drafter, steps=steps,
+                            learning_rate=learning_rate, seed=seed)

@@ -94,10 +94,17 @@ def _global_batch(batch: dict, sharding, config: ExperimentConfig) -> dict:
 
 
 def _build_iterator(config: ExperimentConfig, split: str):
+    """The data section's iterator for ``split`` (on-policy distillation: the teacher's
+    generations for training, :mod:`cadenza.train.distill_data`)."""
     from cadenza.train.data import build_iterator
 
-    return build_iterator(config, split=split, process_index=jax.process_index(),
-                          process_count=jax.process_count())
+    host = {"process_index": jax.process_index(), "process_count": jax.process_count()}
+    data = build_iterator(config, split=split, **host)
+    if split == "train" and config.train.task == "distill" and config.train.distill.on_policy:
+        from cadenza.train.distill_data import on_policy_iterator
+
+        return on_policy_iterator(config, data, **host)
+    return data
 
 
 def fit(config: ExperimentConfig, data=None, eval_data=None, *,

@@ -1,0 +1,553 @@
+"""Every speculative method side by side on one trained target, with transformers as the peer.
+
+Run: ``.venv/bin/python bench/speculative_methods.py [--size 20m|small|smoke] [--no-hf]``.
+
+Models (trained by cadenza's ``fit`` when absent, cached under ``--runs``, default
+``runs/spec_methods/<size>``; how long each took is recorded with the cache and in the
+results): a target on the stdlib code corpus (``tiny_pretrain``; ``--size 20m`` is a
+21.7M-parameter Llama, 6 layers, width 512; ``small`` 3.4M; ``smoke`` a minute-long check
+of this script) and three drafts of the ``tiny`` preset's shape: LM-pretrained on the
+corpus, distilled from the target (``train.task: distill``, forward KL, started from
+the LM-pretrained draft) and distilled on-policy (the same on the target's own sampled
+generations, ``train.distill.on_policy``); Medusa and Hydra heads (``train.task``
+medusa / hydra) and the SpecDec++ acceptance head of the distilled draft.
+
+Prompts: ``--prompts`` windows of ``--prompt-len`` tokens from held-out stdlib modules
+(the corpus' test split, at least 4 modules, two windows per module), decoded one per
+call, ``--new-tokens`` tokens each with EOS ignored; decode-only time (prefill excluded).
+Every repeat runs every method once (interleaved); reported: the median tokens/s over
+``--repeats`` repeats with min and max. Modes: greedy, and sampled at temperature 0.8
+(the speculative methods with exact speculative sampling). Methods: plain decoding, the
+three drafts at each ``--gammas``, the confidence rule and the SpecDec++ stop rule with
+the distilled draft, prompt lookup, Medusa, Hydra, layer-skip (half the layers skipped,
+the set searched on two calibration prompts of other held-out modules) and any other
+speculative method of the registry (``cadenza.decode.registry``) with its default
+settings. Columns: tokens/s,
+speedup over plain decoding of the same mode, accepted tokens per target forward,
+acceptance at draft position 1, identical to plain greedy (greedy rows) and predicted
+speedup from measured forward costs (``accepted/forward / (draft length * c + fwd(T)/
+fwd(1))``, c = a draft step over a target step, T = tree nodes + 1, rounded up to a
+measured size).
+
+Peer (same weights, exported with ``cadenza.models.save_hf``, in the reference env
+``.venv-ref``, interleaved repeats there): transformers' greedy, assisted generation with
+the ``--hf-drafts`` as ``assistant_model`` and ``prompt_lookup_num_tokens``, greedy and sampled,
+as speedup over its own plain decoding of the same mode.
+
+Results: ``bench/results/<device>/speculative_methods[_<size>].{json,md}`` (stamped with
+device, jax, commit, date and load).
+"""
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import os
+import pathlib
+import statistics
+import subprocess
+import tempfile
+import time
+
+import jax
+
+from cadenza.config import load_config
+from cadenza.decode import DecodeConfig, SamplingConfig, generate
+from cadenza.decode.config import SpeculativeConfig
+from cadenza.decode.hydra import Hydra, hydra_draft_params
+from cadenza.decode.medusa import Medusa, load_tree_heads, save_tree_heads
+from cadenza.decode.prompt_lookup import PromptLookup
+from cadenza.decode.registry import REGISTRY
+from cadenza.decode.specdec_head import StopRule, load_accept_head, save_accept_head
+from cadenza.decode.speculative import DraftModel
+from cadenza.models import Transformer, load_model, save_hf
+from cadenza.models.checkpoint import tokenizer_dir
+from cadenza.models.tokenizer import load_tokenizer
+from cadenza.provenance import provenance, results_dir
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+DRAFT = ["model.num_layers=2", "model.hidden_size=64", "model.num_heads=4",
+         "model.num_kv_heads=2", "model.intermediate_size=192"]
+SIZES = {
+    "20m": {"target": ["model.hidden_size=512", "model.num_layers=6", "model.num_heads=8",
+                       "model.num_kv_heads=4", "model.intermediate_size=1792"],
+            "target_steps": 300, "draft_steps": 300, "distill_steps": 200, "head_steps": 200,
+            "on_policy_prompts": 256},
+    "small": {"target": ["model.hidden_size=256", "model.num_layers=4", "model.num_heads=8",
+                         "model.num_kv_heads=4", "model.intermediate_size=768"],
+              "target_steps": 100, "draft_steps": 100, "distill_steps": 60, "head_steps": 60,
+              "on_policy_prompts": 64},
+    "smoke": {"target": ["model.hidden_size=128", "model.num_layers=2", "model.num_heads=4",
+                         "model.num_kv_heads=2", "model.intermediate_size=384"],
+              "target_steps": 4, "draft_steps": 4, "distill_steps": 3, "head_steps": 3,
+              "on_policy_prompts": 8},
+}
+# forward sizes whose cost is measured (a verify over T tokens uses the next one up)
+COST_TOKENS = (1, 2, 3, 4, 5, 7, 10, 16)
+# methods this script builds itself (other registered speculative methods run by default)
+OWN = {"greedy", "sample", "speculative", "ngram", "medusa", "hydra", "superposed", "lud"}
+HF_RUNNER = r"""
+import json, statistics, sys, time
+import torch
+from transformers import AutoModelForCausalLM
+spec = json.loads(sys.argv[1])
+torch.manual_seed(0)
+load = lambda d: AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32,
+                                                      local_files_only=True).eval()
+target = load(spec["target"])
+drafts = {k: load(v) for k, v in spec["drafts"].items()}
+n = spec["new_tokens"]
+rows = {}
+for mode in ("greedy", "sample"):
+    kw = dict(max_new_tokens=n, min_new_tokens=n, pad_token_id=0, do_sample=mode == "sample")
+    if mode == "sample":
+        kw.update(temperature=0.8, top_k=0, top_p=1.0)
+    rows[f"plain {mode}"] = {}
+    for k in drafts:
+        rows[f"assisted ({k} draft) {mode}"] = {"assistant_model": drafts[k]}
+    rows[f"prompt lookup (10 tokens) {mode}"] = {"prompt_lookup_num_tokens": 10}
+    spec.setdefault("modes", {})[mode] = kw
+names = list(rows)
+times = {k: [] for k in names}
+tokens = {k: [] for k in names}
+with torch.inference_mode():
+    for r in range(spec["repeats"] + 1):          # the first round warms up
+        for name in names:
+            mode = name.rsplit(" ", 1)[1]
+            total, out = 0.0, []
+            for p in spec["prompts"]:
+                ids = torch.tensor([p])
+                t0 = time.perf_counter(); target(ids, use_cache=True)
+                prefill = time.perf_counter() - t0
+                t0 = time.perf_counter()
+                gen = target.generate(ids, **spec["modes"][mode], **rows[name])
+                total += max(time.perf_counter() - t0 - prefill, 1e-9)
+                out.append(gen[0, len(p):].tolist())
+            if r:
+                times[name].append(len(spec["prompts"]) * (n - 1) / total)
+            tokens[name] = out
+print(json.dumps({"tokens_per_s": times, "tokens": tokens,
+                  "threads": torch.get_num_threads()}))
+"""
+
+
+def _key(overrides: list[str]) -> str:
+    return hashlib.sha256(json.dumps(overrides).encode()).hexdigest()[:8]
+
+
+def trained(runs: pathlib.Path, name: str, experiment: str, overrides: list[str],
+            steps: int, timings: dict) -> pathlib.Path:
+    """The model directory of ``experiment`` with ``overrides`` trained ``steps`` steps with
+    ``fit`` (``<runs>/<name>-<steps>-<hash>/model``), trained now if absent; the training
+    seconds go to ``timings[name]`` (read back from ``train_s.json`` when cached)."""
+    out = runs / f"{name}-{steps}-{_key(overrides)}"
+    model_dir, record = out / "model", out / "train_s.json"
+    if not (model_dir / "config.yaml").exists():
+        from cadenza.train.trainer import fit
+
+        config = load_config(experiment, overrides + [
+            f"train.output_dir={out}", f"train.steps={steps}", "train.eval_every=0",
+            f"train.checkpoint_every={steps}", f"train.log_every={max(steps // 4, 1)}",
+            "train.progress_bar=false", "train.tensorboard=false"])
+        t0 = time.perf_counter()
+        summary = fit(config)
+        seconds = time.perf_counter() - t0
+        record.write_text(json.dumps({"seconds": seconds, "loss": summary["loss"],
+                                      "load_avg_1m": os.getloadavg()[0]}))
+        print(f"trained {name} in {seconds:.0f} s: loss {summary['loss']:.3f}", flush=True)
+    timings[name] = json.loads(record.read_text()) if record.exists() else None
+    return model_dir
+
+
+def trained_heads(runs, drafter, target, tparams, tcfg, steps, timings):
+    """Medusa or Hydra heads of ``drafter`` on the target (cached head directory)."""
+    from cadenza.train.data import build_iterator
+    from cadenza.train.medusa_task import train_tree_heads
+
+    d = runs / f"{drafter.kind}-heads-{steps}"
+    if not d.exists():
+        t0 = time.perf_counter()
+        batches = (b["inputs"] for b in build_iterator(tcfg))
+        heads, losses = train_tree_heads(target, tparams, batches, drafter, steps=steps,
+                                         learning_rate=3e-3)
+        save_tree_heads(d, drafter, target.config, heads)
+        (d.parent / f"{d.name}.json").write_text(json.dumps(
+            {"seconds": time.perf_counter() - t0, "loss": losses[-1]}))
+    timings[f"{drafter.kind} heads"] = json.loads((d.parent / f"{d.name}.json").read_text())
+    return load_tree_heads(d, target.config, type(drafter))
+
+
+def trained_accept_head(runs, target, tparams, draft, dparams, tcfg, steps, timings):
+    """The SpecDec++ acceptance head of the distilled draft (cached head directory)."""
+    from cadenza.train.data import build_iterator
+    from cadenza.train.specdec_task import train_accept_head
+
+    d = runs / f"accept-head-{steps}"
+    if not d.exists():
+        t0 = time.perf_counter()
+        batches = (b["inputs"] for b in build_iterator(tcfg))
+        head, losses = train_accept_head(target, tparams, draft, dparams, batches, steps=steps,
+                                         learning_rate=3e-3)
+        save_accept_head(d, head, draft.config.hidden_size)
+        (d.parent / f"{d.name}.json").write_text(json.dumps(
+            {"seconds": time.perf_counter() - t0, "loss": losses[-1]}))
+    timings["specdec++ head"] = json.loads((d.parent / f"{d.name}.json").read_text())
+    return load_accept_head(d, draft.config)
+
+
+def heldout_prompts(tokenizer, heldout_fraction: float, n: int, length: int):
+    """``n`` prompts of ``length`` tokens: two windows (at 1/3 and 2/3) of each of the
+    first ``n // 2`` held-out stdlib modules long enough; returns (prompts, modules)."""
+    from cadenza.train.data import stdlib
+
+    root, out, modules = stdlib.stdlib_root(), [], []
+    for rel in stdlib.stdlib_files():
+        if len(out) >= n or not stdlib.is_heldout(rel, heldout_fraction) or "test" in str(rel):
+            continue
+        ids = tokenizer.encode((root / rel).read_text(errors="replace"), add_bos=False)
+        if len(ids) < 4 * length:
+            continue
+        for frac in (1, 2):
+            start = len(ids) * frac // 3
+            out.append([tokenizer.bos_id] + ids[start:start + length - 1])
+        modules.append(str(rel))
+    return out[:n], modules
+
+
+def forward_ms(model, params, tokens: int, prefix: int, repeats: int) -> float:
+    """Median ms of one cached forward over ``tokens`` tokens after ``prefix`` (batch 1)."""
+    import jax.numpy as jnp
+
+    from cadenza.decode.verify import verify
+    from cadenza.models import KVCache
+
+    def run(params, cache):
+        def body(i, carry):
+            cache, acc = carry
+            logits, _, cache = verify(model, params, cache.with_lengths(prefix),
+                                      jnp.full((1, tokens), i % 7, jnp.int32))
+            return cache, acc + logits[0, -1, 0]
+        return jax.lax.fori_loop(0, 20, body, (cache, jnp.float32(0)))[1]
+
+    fn = jax.jit(run)
+    cache = KVCache.create(model.config, 1, prefix + tokens + 1)
+    jax.block_until_ready(fn(params, cache))
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(params, cache))
+        times.append((time.perf_counter() - t0) / 20 * 1e3)
+    return statistics.median(times)
+
+
+def run_peer(target_dir, drafts: dict, prompts, new_tokens: int, repeats: int) -> dict:
+    """transformers (reference env) on the same weights: tokens/s per method and mode."""
+    python = ROOT / ".venv-ref" / "bin" / "python"
+    if not python.exists():
+        raise SystemExit(f"{python} missing: run `make ref-env`, or pass --no-hf")
+    with tempfile.TemporaryDirectory() as tmp:
+        spec = {"target": str(save_hf(target_dir, pathlib.Path(tmp) / "target")),
+                "drafts": {k: str(save_hf(d, pathlib.Path(tmp) / k)) for k, d in drafts.items()},
+                "prompts": prompts, "new_tokens": new_tokens, "repeats": repeats}
+        proc = subprocess.run([str(python), "-c", HF_RUNNER, json.dumps(spec)],
+                              capture_output=True, text=True,
+                              env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    if proc.returncode:
+        raise SystemExit(f"transformers runner failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.splitlines()[-1])
+
+
+@dataclasses.dataclass
+class Row:
+    """One contender: ``config`` for :func:`generate` and its in-memory ``resources``."""
+
+    name: str
+    mode: str
+    config: DecodeConfig
+    resources: dict
+    draft_step_cost: float = 0.0      # a draft step / a target step (draft models)
+    tps: list = dataclasses.field(default_factory=list)
+    result: dict | None = None
+
+
+def build_rows(args, target, tparams, drafts, heads, accept, skip, new_tokens):
+    """Every contender in both modes (``skip``: layer-skip's skipped layers)."""
+    rows = []
+    for mode in ("greedy", "sample"):
+        sample = mode == "sample"
+        base = DecodeConfig(max_new_tokens=new_tokens, ignore_eos=True, seed=0,
+                            sampling=SamplingConfig(temperature=0.8 if sample else 1.0))
+
+        def spec_cfg(method, **fields):
+            return dataclasses.replace(base, method=method, speculative=SpeculativeConfig(
+                sample=sample, **fields))
+
+        rows.append(Row(f"plain {mode}", mode, dataclasses.replace(base, method=mode), {}))
+        for dname, (dcfg, dparams, cost) in drafts.items():
+            for g in args.gammas:
+                rows.append(Row(f"draft model ({dname}) gamma={g}", mode,
+                                spec_cfg("speculative", gamma=g),
+                                {"drafter": DraftModel(dcfg, g), "draft_params": (dparams, None)},
+                                cost))
+        dcfg, dparams, cost = drafts["distilled"]
+        rows.append(Row(f"adaptive confidence (distilled, max {args.max_gamma})", mode,
+                        spec_cfg("speculative", gamma=args.max_gamma),
+                        {"drafter": DraftModel(dcfg, args.max_gamma, stop=StopRule("confidence"),
+                                               name="adaptive-confidence"),
+                         "draft_params": (dparams, None)}, cost))
+        head, blocks = accept
+        rows.append(Row(f"SpecDec++ stop rule (distilled, max {args.max_gamma})", mode,
+                        spec_cfg("speculative", gamma=args.max_gamma),
+                        {"drafter": DraftModel(dcfg, args.max_gamma,
+                                               stop=StopRule("head", blocks=blocks),
+                                               name="specdec++"),
+                         "draft_params": (dparams, head)}, cost))
+        for g in args.ngram_gammas:
+            rows.append(Row(f"prompt lookup gamma={g}", mode, spec_cfg("ngram", gamma=g),
+                            {"drafter": PromptLookup(gamma=g), "draft_params": None}))
+        (mdrafter, mheads), (hdrafter, hheads) = heads
+        rows.append(Row(f"Medusa ({len(mdrafter.paths)}-node tree)", mode,
+                        spec_cfg("medusa"), {"drafter": mdrafter, "draft_params": mheads}))
+        rows.append(Row(f"Hydra ({len(hdrafter.paths)}-node tree)", mode, spec_cfg("hydra"),
+                        {"drafter": hdrafter,
+                         "draft_params": hydra_draft_params(hheads, tparams)}))
+        for name, entry in REGISTRY.items():       # other registered speculative methods
+            if name in OWN or entry.section is None or "--sample" not in entry.flags:
+                continue
+            cfg = spec_cfg(name, gamma=args.max_gamma)
+            label = f"{name} (defaults)"
+            if name == "layer_skip":                # the searched skip set
+                cfg = dataclasses.replace(cfg, layer_skip=dataclasses.replace(
+                    cfg.layer_skip, skip_layers=list(skip)))
+                label = f"layer_skip (skip {list(skip)}, max {args.max_gamma})"
+            rows.append(Row(label, mode, cfg, {}))
+    return rows
+
+
+def searched_skip(target, tparams, calibration, args) -> tuple:
+    """Layer-skip's skip set: half the target's layers, searched greedily for the most
+    accepted tokens per forward on the calibration prompts (not the benchmark's)."""
+    from cadenza.decode.layer_skip import search_skip_set
+
+    cfg = DecodeConfig(method="layer_skip", max_new_tokens=32, ignore_eos=True,
+                       speculative=SpeculativeConfig(gamma=args.max_gamma))
+    skip, trials = search_skip_set(target, tparams, calibration, cfg,
+                                   target.config.num_layers // 2)
+    print(f"layer-skip search: skip {list(skip)} ({len(trials)} trials)", flush=True)
+    return skip
+
+
+def decode(target, tparams, row: Row, prompts):
+    """All prompts one per call: (token ids, decode seconds, tokens, per-call stats)."""
+    ids, secs, decoded, stats = [], 0.0, 0, []
+    for i, p in enumerate(prompts):
+        res = generate(target, tparams, [p], row.config, seeds=[i], **row.resources)
+        ids += res.token_ids
+        secs += res.stats["decode_s"]
+        decoded += len(res.token_ids[0]) - 1          # the first token comes from prefill
+        stats.append(res.stats)
+    return ids, secs, decoded, stats
+
+
+def summarise(row: Row, out, costs, plain_ids, base_tps) -> dict:
+    ids, _, decoded, stats = out
+    med = statistics.median(row.tps)
+    r = {"method": row.name, "mode": row.mode, "tokens_per_s": med,
+         "tokens_per_s_min": min(row.tps), "tokens_per_s_max": max(row.tps),
+         "tokens_per_s_repeats": row.tps, "speedup": med / base_tps,
+         "identical_to_greedy": (ids == plain_ids) if row.mode == "greedy" else None}
+    if "target_forwards" not in stats[0]:
+        return r
+    forwards = sum(s["target_forwards"] for s in stats)
+    drafted = sum(s["mean_draft_length"] * s["target_forwards"] for s in stats)
+    first = [s["acceptance_per_position"][0] for s in stats
+             if s["acceptance_per_position"] and s["acceptance_per_position"][0] is not None]
+    per_forward, mean_draft = decoded / forwards, drafted / forwards
+    drafter = row.resources.get("drafter")
+    nodes = len(drafter.parents) if drafter is not None else int(stats[0].get("gamma", 1))
+    t = min([k for k in costs if k >= nodes + 1] or [max(costs)])
+    r.update({"accepted_per_forward": per_forward, "mean_draft_length": mean_draft,
+              "acceptance_position_1": statistics.mean(first) if first else None,
+              "verify_tokens": nodes + 1,
+              "predicted_speedup": per_forward / (mean_draft * row.draft_step_cost
+                                                  + costs[t] / costs[1])})
+    return r
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--size", default="20m", choices=list(SIZES))
+    for k in ("target_steps", "draft_steps", "distill_steps", "head_steps",
+              "on_policy_prompts"):
+        p.add_argument(f"--{k.replace('_', '-')}", type=int, help="default: the size's")
+    p.add_argument("--runs", default="runs/spec_methods", help="trained models (cached)")
+    p.add_argument("--prompts", type=int, default=8)
+    p.add_argument("--prompt-len", type=int, default=64)
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--gammas", default="2,4")
+    p.add_argument("--max-gamma", type=int, default=6)
+    p.add_argument("--ngram-gammas", default="4")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--no-hf", action="store_true", help="skip the transformers peer")
+    p.add_argument("--hf-drafts", default="distilled",
+                   help="drafts given to transformers as assistant_model (comma-separated: "
+                        "LM-pretrained, distilled, on-policy)")
+    p.add_argument("--out", default=None, help="default: bench/results/<device>")
+    args = p.parse_args()
+    size = {**SIZES[args.size], **{k: v for k, v in vars(args).items()
+                                   if k in SIZES[args.size] and v is not None}}
+    args.gammas = [int(g) for g in args.gammas.split(",") if g]
+    args.ngram_gammas = [int(g) for g in args.ngram_gammas.split(",") if g]
+    runs, timings = pathlib.Path(args.runs) / args.size, {}
+    load_start = os.getloadavg()[0]
+
+    tdir = trained(runs, "target", "tiny_pretrain", size["target"], size["target_steps"],
+                   timings)
+    lm_dir = trained(runs, "draft-lm", "tiny_pretrain", DRAFT, size["draft_steps"], timings)
+    distill = DRAFT + [f"train.init_from={tdir.absolute()}",
+                       f"train.distill.student={lm_dir.absolute()}"]
+    kd_dir = trained(runs, "draft-distilled", "tiny_distill", distill, size["distill_steps"],
+                     timings)
+    op_dir = trained(runs, "draft-on-policy", "tiny_distill", distill + [
+        "train.distill.on_policy=true", f"train.distill.prompts={size['on_policy_prompts']}"],
+        size["distill_steps"], timings)
+    tcfg, tparams = load_model(tdir)
+    target = Transformer(tcfg.model)
+    tok = load_tokenizer(tokenizer_dir(tdir))
+    prompts, modules = heldout_prompts(tok, tcfg.data.heldout_fraction, args.prompts + 2,
+                                       args.prompt_len)
+    prompts, calibration, modules = prompts[:args.prompts], prompts[args.prompts:], modules[
+        :(args.prompts + 1) // 2]
+    prefix = args.prompt_len + args.new_tokens // 2
+    costs = {t: forward_ms(target, tparams, t, prefix, args.repeats) for t in COST_TOKENS}
+    drafts = {}
+    for name, d in (("LM-pretrained", lm_dir), ("distilled", kd_dir), ("on-policy", op_dir)):
+        dcfg, dparams = load_model(d)
+        drafts[name] = (dcfg.model, dparams,
+                        forward_ms(Transformer(dcfg.model), dparams, 1, prefix, args.repeats)
+                        / costs[1])
+    heads = (trained_heads(runs, Medusa(), target, tparams, tcfg, size["head_steps"], timings),
+             trained_heads(runs, Hydra(), target, tparams, tcfg, size["head_steps"], timings))
+    kd_cfg, kd_params, _ = drafts["distilled"]
+    accept = trained_accept_head(runs, target, tparams, Transformer(kd_cfg), kd_params, tcfg,
+                                 size["head_steps"], timings)
+    skip = searched_skip(target, tparams, calibration, args) if "layer_skip" in REGISTRY else ()
+    rows = build_rows(args, target, tparams, drafts, heads, accept, skip, args.new_tokens)
+
+    peer = None
+    if not args.no_hf:                                  # first: a failure shows early
+        dirs = {"LM-pretrained": lm_dir, "distilled": kd_dir, "on-policy": op_dir}
+        peer = run_peer(tdir, {k: dirs[k] for k in args.hf_drafts.split(",") if k},
+                        prompts, args.new_tokens, args.repeats)
+        print("transformers peer done", flush=True)
+    outputs = {}
+    t0 = time.perf_counter()
+    for row in rows:                                    # warm-up: compiles every program
+        outputs[row.name, row.mode] = decode(target, tparams, row, prompts)
+    compile_s = time.perf_counter() - t0
+    for r in range(args.repeats):
+        for row in rows:
+            _, secs, decoded, _ = decode(target, tparams, row, prompts)
+            row.tps.append(decoded / secs)
+        print(f"repeat {r + 1}/{args.repeats}: " + ", ".join(
+            f"{row.name} {row.mode} {row.tps[-1]:.0f}" for row in rows), flush=True)
+    plain_ids = outputs["plain greedy", "greedy"][0]
+    results = []
+    for row in rows:
+        base = next(x for x in rows if x.name == f"plain {row.mode}")
+        results.append(summarise(row, outputs[row.name, row.mode], costs, plain_ids,
+                                 statistics.median(base.tps)))
+    report = {"meta": {"benchmark": "speculative_methods", **provenance(),
+                       "load_avg_1m_start": load_start, "size": args.size, **size,
+                       **{k: v for k, v in vars(args).items()
+                          if k != "out" and v is not None}},
+              "target_params": tcfg.model.num_params(),
+              "draft_params": drafts["distilled"][0].num_params(),
+              "prompt_modules": modules, "train_seconds": timings,
+              "warmup_compile_s": compile_s, "forward_ms": costs,
+              "draft_step_cost": {k: v[2] for k, v in drafts.items()},
+              "rows": results, "peer": peer_rows(peer, plain_ids)}
+    out = results_dir(__file__, args.out)
+    stem = "speculative_methods" + ("" if args.size == "20m" else f"_{args.size}")
+    (out / f"{stem}.json").write_text(json.dumps(report, indent=2, default=str))
+    (out / f"{stem}.md").write_text(render(report))
+    print(render(report))
+
+
+def peer_rows(peer, plain_ids) -> list[dict]:
+    """transformers' rows: median tokens/s with min/max and speedup over its own plain
+    decoding of the same mode; greedy rows: identical to its own and to cadenza's greedy."""
+    if peer is None:
+        return []
+    rows = []
+    for name, tps in peer["tokens_per_s"].items():
+        mode = name.rsplit(" ", 1)[1]
+        base = statistics.median(peer["tokens_per_s"][f"plain {mode}"])
+        row = {"method": name, "mode": mode, "tokens_per_s": statistics.median(tps),
+               "tokens_per_s_min": min(tps), "tokens_per_s_max": max(tps),
+               "speedup": statistics.median(tps) / base}
+        if mode == "greedy":
+            # cadenza's token lists start with the prefill's token, as transformers' do
+            row["identical_to_own_greedy"] = (peer["tokens"][name]
+                                              == peer["tokens"]["plain greedy"])
+            row["identical_to_cadenza_greedy"] = peer["tokens"][name] == plain_ids
+        rows.append(row)
+    return rows
+
+
+def _f(x, spec):
+    return "" if x is None else format(x, spec)
+
+
+def render(report: dict) -> str:
+    m = report["meta"]
+    t = report["train_seconds"]
+    trained = ", ".join(f"{k} {v['seconds']:.0f} s" for k, v in t.items() if v)
+    lines = [
+        "# Speculative methods side by side (issue 19 benchmark)", "",
+        f"device {m['device_kind']} ({m['cpu_count']} cores), jax {m['jax']}, commit "
+        f"{m['commit']}, {m['date']}; load {m['load_avg_1m_start']:.1f} at the start, "
+        f"{m['load_avg_1m']:.1f} at the end (other jobs were running on the machine). "
+        f"Size `{m['size']}`: target {report['target_params'] / 1e6:.2f}M params "
+        f"({m['target_steps']} steps), drafts {report['draft_params'] / 1e6:.2f}M "
+        f"(LM-pretrained {m['draft_steps']} steps; distilled and on-policy: "
+        f"+{m['distill_steps']} distillation steps), heads {m['head_steps']} steps; "
+        f"float32. {len(report['prompt_modules'])} held-out modules "
+        f"({', '.join(report['prompt_modules'])}), {m['prompts']} prompts of "
+        f"{m['prompt_len']} tokens, one per call, {m['new_tokens']} new tokens, EOS ignored; "
+        f"decode tokens/s (prefill excluded), median of {m['repeats']} interleaved repeats "
+        "[min-max].", "",
+        f"Training time (cached runs keep their first time): {trained}.", "",
+        "Speedup is over plain decoding of the same mode (greedy or temperature 0.8); "
+        "predicted = accepted/forward / (draft length x draft step cost + fwd(T)/fwd(1)) "
+        "from the measured forward costs below.", "",
+        "| mode | method | tokens/s [min-max] | speedup | accepted/forward | acceptance at "
+        "position 1 | identical to greedy | predicted speedup |",
+        "|---|---|---|---|---|---|---|---|"]
+    for r in report["rows"]:
+        lines.append(
+            f"| {r['mode']} | {r['method']} | {r['tokens_per_s']:.0f} "
+            f"[{r['tokens_per_s_min']:.0f}-{r['tokens_per_s_max']:.0f}] | "
+            f"{r['speedup']:.2f}x | {_f(r.get('accepted_per_forward'), '.2f')} | "
+            f"{_f(r.get('acceptance_position_1'), '.2f')} | "
+            f"{_f(r['identical_to_greedy'], '')} | {_f(r.get('predicted_speedup'), '.2f')} |")
+    if report["peer"]:
+        lines += ["", "transformers (reference env, same weights, CPU), speedup over its own "
+                  "plain decoding of the same mode:", "",
+                  "| mode | method | tokens/s [min-max] | speedup | identical to its greedy |",
+                  "|---|---|---|---|---|"]
+        for r in report["peer"]:
+            lines.append(f"| {r['mode']} | {r['method']} | {r['tokens_per_s']:.0f} "
+                         f"[{r['tokens_per_s_min']:.0f}-{r['tokens_per_s_max']:.0f}] | "
+                         f"{r['speedup']:.2f}x | {_f(r.get('identical_to_own_greedy'), '')} |")
+    f = report["forward_ms"]
+    lines += ["", "Target forward over T tokens (batch 1, cached prefix; draft step costs: "
+              + ", ".join(f"{k} {v:.3f}" for k, v in report["draft_step_cost"].items())
+              + " of a target step):", "",
+              "| T | " + " | ".join(str(k) for k in f) + " |", "|---|" + "---|" * len(f),
+              "| fwd(T)/fwd(1) | " + " | ".join(f"{v / f[1]:.2f}" for v in f.values()) + " |"]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
