@@ -349,3 +349,54 @@ def test_the_documented_client_example_runs(server, capsys):
     assert 'BASE = "http://127.0.0.1:8000/v1"' in code
     exec(code.replace("http://127.0.0.1:8000", server), {})
     assert "prompt_tokens" in capsys.readouterr().out
+
+
+LM_EVAL_TASK = """task: cadenza_serve_smoke
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: generate_until
+doc_to_text: "{{{{prompt}}}}"
+doc_to_target: "{{{{target}}}}"
+generation_kwargs:
+  until: ["\\n"]
+  max_gen_toks: 6
+  do_sample: false
+metric_list:
+  - metric: exact_match
+"""
+REF_PY = __import__("pathlib").Path(__file__).resolve().parents[1] / ".venv-ref" / "bin" / "python"
+
+
+@pytest.mark.skipif(not REF_PY.exists(), reason="reference env (.venv-ref) not set up")
+def test_lm_evaluation_harness_local_completions_against_the_server(server, tmp_path):
+    """lm-evaluation-harness (reference env) evaluates a local task through the server's
+    /v1/completions; its recorded responses equal the server's own greedy completions."""
+    import subprocess
+
+    rows = [{"prompt": "the quick", "target": " brown"}, {"prompt": "hello", "target": " world"}]
+    data = tmp_path / "task.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "task.yaml").write_text(LM_EVAL_TASK.format(data=data))
+    args = (f"model=tiny,base_url={server}/v1/completions,tokenizer_backend=none,"
+            "tokenized_requests=False,num_concurrent=2,max_retries=1")
+    env = {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "HOME": str(tmp_path),
+           "PATH": "/usr/bin:/bin"}
+    run = subprocess.run([str(REF_PY), "-m", "lm_eval", "--model", "local-completions",
+                          "--model_args", args, "--tasks", "cadenza_serve_smoke",
+                          "--include_path", str(tmp_path), "--output_path",
+                          str(tmp_path / "out"), "--log_samples"],
+                         capture_output=True, text=True, timeout=600, env=env)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "cadenza_serve_smoke" in run.stdout and "exact_match" in run.stdout
+    samples = [json.loads(x) for f in (tmp_path / "out").rglob("samples_*.jsonl")
+               for x in f.read_text().splitlines()]
+    assert len(samples) == len(rows)
+    for s in samples:
+        prompt = s["doc"]["prompt"]
+        status, body = _post(server, "/v1/completions",
+                             {"model": "tiny", "prompt": prompt, "max_tokens": 6, "stop": ["\n"],
+                              "temperature": 0})
+        assert status == 200 and s["resps"][0][0] == json.loads(body)["choices"][0]["text"]
