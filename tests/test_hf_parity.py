@@ -228,7 +228,8 @@ def test_router_load_balancing_loss_matches_transformers(ref, tmp_path):
     np.testing.assert_allclose(float(ours), np.load(tmp_path / "loss.npy"), rtol=1e-5)
 
 
-@pytest.mark.parametrize("family", ["qwen3", "gemma3_text", "qwen3_moe"])
+@pytest.mark.parametrize("family", ["qwen3", "gemma3_text", "qwen3_moe", "mixtral", "olmoe",
+                                    "qwen2_moe"])
 def test_lora_adapter_round_trips_through_hf_peft(hf_models, ref, tmp_path, family):
     """A LoRA adapter on an imported model, exported in peft's format: transformers + peft
     give cadenza's logits, and importing it back gives the same adapter."""
