@@ -343,18 +343,27 @@ def _generate(args) -> int:
 
 def _quantized(args, config, params):
     """The loaded model with ``--quantize`` applied (checked against ``--adapter``)."""
-    if args.quantize_targets and not args.quantize:
+    return quantized_model(config, params, args.quantize, args.quantize_targets,
+                           bool(args.adapter))
+
+
+def quantized_model(config, params, quantize: str | None, targets: str | None,
+                    adapters: bool):
+    """``(config, params)`` with ``--quantize`` / ``--quantize-targets`` applied (shared by
+    ``cadenza generate`` and ``cadenza serve``); CadenzaError for targets without a scheme
+    and for adapters (``adapters``: some were given) on a quantised base."""
+    if targets and not quantize:
         raise CadenzaError("--quantize-targets needs --quantize", where="--quantize-targets",
                            fix="add --quantize int8 (or int4, nf4)")
-    if args.adapter and (args.quantize or config.model.weight_quant != "none"):
+    if adapters and (quantize or config.model.weight_quant != "none"):
         raise CadenzaError("adapters attach to a float base; a QLoRA adapter already serves "
                            "its base quantised as it was trained", where="--adapter",
                            fix="drop --quantize (or use the float base directory)")
-    if not args.quantize:
+    if not quantize:
         return config, params
     from cadenza.models.quant import quantize_model
 
-    return quantize_model(config, params, args.quantize, args.quantize_targets)
+    return quantize_model(config, params, quantize, targets)
 
 
 def _finite(x):

@@ -5,6 +5,7 @@ The engine (:mod:`cadenza.decode.engine`) decodes ``--slots`` requests at a time
 decode step a speculative round (greedy outputs unchanged). See docs/serving.md.
 """
 
+import dataclasses
 import pathlib
 
 from cadenza.errors import CadenzaError
@@ -27,6 +28,15 @@ def register(subparsers) -> None:
                         "--draft; the default when --draft is given)")
     p.add_argument("--draft", metavar="DIR", help="draft model directory (speculative)")
     p.add_argument("--gamma", type=int, default=4, help="draft tokens per speculative round")
+    p.add_argument("--quantize", choices=("int8", "int4", "nf4"),
+                   help="weight-only quantisation of the model's projections before serving "
+                        "(int8 per channel, int4 in groups of 128, nf4 blockwise)")
+    p.add_argument("--quantize-targets", metavar="REGEX",
+                   help="with --quantize: projections to quantise, re.fullmatch on module "
+                        "paths such as layers.attn.q_proj or lm_head (default '.*': all)")
+    p.add_argument("--kv-cache", choices=("auto", "int8"), default="auto",
+                   help="KV-cache storage: auto = the compute dtype (default), int8 = int8 "
+                        "with per-token, per-head scales")
     p.add_argument("--slots", type=int, default=8, help="requests decoded at once")
     p.add_argument("--max-len", type=int, default=None,
                    help="prompt + generated tokens per request (default: the model's "
@@ -71,12 +81,15 @@ def _serve(args) -> int:
 
     import uvicorn
 
-    from cadenza.decode.cli import chat_stop_ids, model_tokenizer
+    from cadenza.decode.cli import chat_stop_ids, model_tokenizer, quantized_model
     from cadenza.decode.engine import Engine
     from cadenza.models import Transformer, load_model
     from cadenza.serve.app import make_app
 
     mconfig, params = load_model(args.checkpoint)
+    mconfig, params = quantized_model(mconfig, params, args.quantize, args.quantize_targets,
+                                      bool(specs))
+    config = dataclasses.replace(config, kv_cache=args.kv_cache)
     tokenizer, _ = model_tokenizer(args.checkpoint)
     max_len = args.max_len or min(mconfig.model.max_position_embeddings, 2048)
     model, adapters = Transformer(mconfig.model), {}

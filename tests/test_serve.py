@@ -2,6 +2,7 @@
 the OpenAI-compatible HTTP server on loopback. One small model, one engine per method;
 prompts stay within one 16-token bucket so each engine compiles one insert program."""
 
+import dataclasses
 import http.client
 import json
 import threading
@@ -79,6 +80,28 @@ def test_concurrent_requests_equal_generate_whatever_the_neighbours(engine, expe
     assert all(len(r.logprobs[0]) == len(r.token_ids[0]) for r in results)
     m = engine.metrics()
     assert m["slots_busy"] == 0 and m["queue_depth"] == 0 and m["failure"] is None
+
+
+def test_quantised_model_and_int8_cache_serve_as_generate_decodes_them(small_lm):
+    """cadenza serve --quantize int8 --kv-cache int8: the engine over the quantised model
+    and an int8 cache gives generate's tokens for the same model and cache."""
+    from cadenza.decode.cli import quantized_model
+
+    cfg, _, params = small_lm
+    qcfg, qparams = quantized_model(cfg, params, "int8", None, adapters=False)
+    model = type(small_lm[1])(qcfg.model)
+    config = DecodeConfig(kv_cache="int8")
+    res = generate(model, qparams, PROMPTS, dataclasses.replace(
+        config, max_new_tokens=max(LIMITS), ignore_eos=True))
+    want = [ids[:n] for ids, n in zip(res.token_ids, LIMITS)]
+    eng = Engine.build(model, qparams, config, slots=2, max_len=48).start()
+    try:
+        results, _ = _run_all(eng)
+        assert [r.token_ids[0] for r in results] == want
+    finally:
+        eng.close()
+    with pytest.raises(CadenzaError, match="adapters attach to a float base"):
+        quantized_model(cfg, params, "int8", None, adapters=True)
 
 
 @pytest.mark.parametrize("method", ["ngram", "speculative"])
