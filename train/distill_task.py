@@ -82,16 +82,18 @@ def acceptance_sums(student_logits, teacher_logits, loss_mask) -> dict:
 
 
 def saved_model_config(directory):
-    """The ModelConfig of the model directory or Hugging Face folder ``directory`` (a model
-    directory's config.yaml is read without its params)."""
+    """The ModelConfig of the model directory or Hugging Face folder ``directory``, read
+    without its params."""
     from cadenza.config import load_config
     from cadenza.models import load_model
-    from cadenza.models.hf_folder import is_hf_folder
+    from cadenza.models.hf_folder import hf_folder_config, is_hf_folder
 
     d = local_model_dir(directory)
-    if (d / "config.yaml").is_file() and not is_hf_folder(d):
+    if is_hf_folder(d):  # config.json and the safetensors headers, no tensor data
+        return hf_folder_config(d).model
+    if (d / "config.yaml").is_file():
         return load_config(d / "config.yaml").model
-    return load_model(d)[0].model
+    return load_model(d)[0].model  # not a model directory: load_model names the problem
 
 
 def check_vocabularies(teacher_dir, teacher_config, student_config, student_dir=None) -> None:
