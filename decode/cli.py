@@ -48,15 +48,7 @@ def register(subparsers) -> None:
     p.add_argument("--adapter", metavar="DIR",
                    help="decode through a cadenza adapter directory on this base model "
                         "(every adapter method, prefix and prompt tuning included)")
-    p.add_argument("--quantize", choices=("int8", "int4", "nf4"),
-                   help="weight-only quantisation of the model's projections before decoding "
-                        "(int8 per channel, int4 in groups of 128, nf4 blockwise)")
-    p.add_argument("--quantize-targets", metavar="REGEX",
-                   help="with --quantize: projections to quantise, re.fullmatch on module "
-                        "paths such as layers.attn.q_proj or lm_head (default '.*': all)")
-    p.add_argument("--kv-cache", choices=("auto", "int8"),
-                   help="KV-cache storage: auto = the compute dtype, int8 = int8 with "
-                        "per-token, per-head scales (default: the model's decode.kv_cache)")
+    add_quantize_flags(p, kv_default=None)
     p.add_argument("--chat", action="store_true",
                    help="wrap each text prompt as a user turn in the tokenizer's chat template")
     p.add_argument("--method", choices=list(REGISTRY),
@@ -339,6 +331,22 @@ def _generate(args) -> int:
     result.stats.update(startup)  # with compile_s, prefill_s, decode_s: where the time went
     _print(result, args.json, show_text=not args.stream)
     return 0
+
+
+def add_quantize_flags(p, kv_default: str | None) -> None:
+    """``--quantize``, ``--quantize-targets`` and ``--kv-cache`` (``cadenza generate`` and
+    ``cadenza serve``); ``kv_default``: ``--kv-cache``'s default (None: the model's
+    ``decode.kv_cache``)."""
+    p.add_argument("--quantize", choices=("int8", "int4", "nf4"),
+                   help="weight-only quantisation of the model's projections before decoding "
+                        "(int8 per channel, int4 in groups of 128, nf4 blockwise)")
+    p.add_argument("--quantize-targets", metavar="REGEX",
+                   help="with --quantize: projections to quantise, re.fullmatch on module "
+                        "paths such as layers.attn.q_proj or lm_head (default '.*': all)")
+    p.add_argument("--kv-cache", choices=("auto", "int8"), default=kv_default,
+                   help="KV-cache storage: auto = the compute dtype, int8 = int8 with "
+                        "per-token, per-head scales (default: "
+                        + (kv_default or "the model's decode.kv_cache") + ")")
 
 
 def _quantized(args, config, params):

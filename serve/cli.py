@@ -12,6 +12,8 @@ from cadenza.errors import CadenzaError
 
 
 def register(subparsers) -> None:
+    from cadenza.decode.cli import add_quantize_flags
+
     p = subparsers.add_parser(
         "serve", help="serve a model over an OpenAI-compatible HTTP API",
         description="Serve a model directory: /v1/completions, /v1/chat/completions "
@@ -28,15 +30,7 @@ def register(subparsers) -> None:
                         "--draft; the default when --draft is given)")
     p.add_argument("--draft", metavar="DIR", help="draft model directory (speculative)")
     p.add_argument("--gamma", type=int, default=4, help="draft tokens per speculative round")
-    p.add_argument("--quantize", choices=("int8", "int4", "nf4"),
-                   help="weight-only quantisation of the model's projections before serving "
-                        "(int8 per channel, int4 in groups of 128, nf4 blockwise)")
-    p.add_argument("--quantize-targets", metavar="REGEX",
-                   help="with --quantize: projections to quantise, re.fullmatch on module "
-                        "paths such as layers.attn.q_proj or lm_head (default '.*': all)")
-    p.add_argument("--kv-cache", choices=("auto", "int8"), default="auto",
-                   help="KV-cache storage: auto = the compute dtype (default), int8 = int8 "
-                        "with per-token, per-head scales")
+    add_quantize_flags(p, kv_default="auto")
     p.add_argument("--slots", type=int, default=8, help="requests decoded at once")
     p.add_argument("--max-len", type=int, default=None,
                    help="prompt + generated tokens per request (default: the model's "

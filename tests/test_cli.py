@@ -51,7 +51,14 @@ def test_config_list_names_every_experiment_and_preset_on_one_line(capsys):
         for f in (CONFIG_ROOT / folder).glob("*.yaml"):
             (line,) = [ln for ln in out.splitlines() if ln.split()[:1] == [f.stem]]
             assert len(line.split()) > 1, line  # with its description
-    assert "METHODS.md" not in out
+    # descriptions cite only documents users have (the repository's own .md files)
+    import pathlib
+    import re
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    shipped = {p.name for p in root.glob("*.md")} | {p.name for p in root.glob("docs/*.md")}
+    assert set(re.findall(r"[\w./-]+\.md\b", out)) <= shipped | {f"docs/{n}" for n in shipped}
+    assert "../shared" not in out
 
 
 def _help(capsys, *command) -> str:
