@@ -3,14 +3,22 @@
 Layout of a model directory (written by HF import, training export, adapter merge)::
 
     DIR/config.yaml     the resolved ExperimentConfig (``cadenza.config.to_yaml``)
-    DIR/params/         the params pytree, an orbax StandardCheckpointer checkpoint
+    DIR/params.safetensors  the params pytree, one safetensors file (written by a
+                        single process): one tensor per leaf, named by its path joined
+                        with "/" (``layers/attn/q/kernel``), dtypes as held (bf16, int8,
+                        uint8, ...), header metadata ``{"format": "cadenza-params"}``
+    DIR/params/         or: an orbax StandardCheckpointer checkpoint (what several
+                        processes write, each its own shards; also every directory
+                        written by cadenza before params.safetensors)
                         (a quantised model, ``model.weight_quant`` set: the targeted
-                        projections hold :mod:`cadenza.models.quant`'s arrays)
+                        projections hold :mod:`cadenza.models.quant`'s arrays in both)
     DIR/tokenizer/      tokenizer files (tokenizer.json, tokenizer_config.json, ...), optional
     DIR/.cadenza-complete  the completeness marker (``cadenza.outputs``): the directory is
                         written under a temporary name and renamed when whole
 
-Params are restored directly into their shards when a mesh is given.
+Params are restored directly into their shards when a mesh is given. Reading a
+params.safetensors directory needs neither orbax nor tensorstore (``cadenza generate``
+starts faster).
 """
 
 import logging
@@ -18,7 +26,7 @@ import pathlib
 import shutil
 
 import jax
-import orbax.checkpoint as ocp
+import numpy as np
 
 from cadenza.config import ExperimentConfig, load_config, to_yaml
 from cadenza.errors import CadenzaError, ConfigError, one_line
@@ -27,28 +35,78 @@ from cadenza.outputs import atomic_dir, is_complete, require_complete
 from cadenza.remote import local_model_dir
 
 
-def save_model(directory, config: ExperimentConfig, params, tokenizer_dir=None) -> pathlib.Path:
+PARAMS_FILE = "params.safetensors"   # single-process writes
+ORBAX_PARAMS = "params"               # multi-process writes, and older directories
+PARAMS_FORMATS = ("safetensors", "orbax")
+_METADATA = {"format": "cadenza-params"}
+
+
+def save_model(directory, config: ExperimentConfig, params, tokenizer_dir=None, *,
+               params_format: str | None = None) -> pathlib.Path:
     """Write ``config``, ``params`` and a copy of ``tokenizer_dir``'s files to ``directory``.
 
-    ``directory`` must not exist or be empty (no silent overwrite). It is written under
-    a temporary sibling name and renamed into place when complete
-    (:func:`cadenza.outputs.atomic_dir`). Returns its path.
+    ``params`` is a nested dict of arrays (plain or quantised by
+    :mod:`cadenza.models.quant`). ``params_format``: ``"safetensors"``
+    (``params.safetensors``; the default in a single-process run; the arrays are gathered
+    to host memory, one leaf at a time) or ``"orbax"`` (``params/``; the default with
+    several processes, each writing its own shards). ``directory`` must not exist or be
+    empty (no silent overwrite). It is written under a temporary sibling name and renamed
+    into place when complete (:func:`cadenza.outputs.atomic_dir`). Returns its path.
     """
+    if params_format is None:
+        params_format = "orbax" if jax.process_count() > 1 else "safetensors"
+    if params_format not in PARAMS_FORMATS:
+        raise ConfigError(f"unknown params format {params_format!r}", where="params_format",
+                          fix=f"use one of {', '.join(PARAMS_FORMATS)}")
     d = pathlib.Path(directory).absolute()
     with atomic_dir(d) as tmp:
         tmp.mkdir(parents=True, exist_ok=True)
         (tmp / "config.yaml").write_text(to_yaml(config))
-        with ocp.StandardCheckpointer() as ckptr:
-            ckptr.save(tmp / "params", params)
+        if params_format == "safetensors":
+            _save_safetensors(tmp / PARAMS_FILE, params)
+            # safetensors creates its file owner-only; give it config.yaml's (umask) mode
+            (tmp / PARAMS_FILE).chmod((tmp / "config.yaml").stat().st_mode & 0o777)
+        else:
+            import orbax.checkpoint as ocp
+
+            with ocp.StandardCheckpointer() as ckptr:
+                ckptr.save(tmp / ORBAX_PARAMS, params)
         if tokenizer_dir is not None:
             shutil.copytree(tokenizer_dir, tmp / "tokenizer", dirs_exist_ok=True)
     return d
 
 
+def _leaf_name(path) -> str:
+    """A params leaf's tensor name: its dict keys joined with "/"."""
+    keys = []
+    for k in path:
+        if not isinstance(k, jax.tree_util.DictKey) or "/" in str(k.key):
+            raise CadenzaError(f"cannot store the params leaf {jax.tree_util.keystr(path)} "
+                               "(params must be nested dicts with keys free of '/')",
+                               where="save_model", fix="pass the model's params dict")
+        keys.append(str(k.key))
+    return "/".join(keys)
+
+
+def _save_safetensors(path: pathlib.Path, params) -> None:
+    """Write ``params`` to the safetensors file ``path`` (arrays copied to host memory)."""
+    import safetensors.numpy
+
+    leaves = jax.tree_util.tree_leaves_with_path(params)
+    for p, leaf in leaves:
+        if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
+            raise CadenzaError(f"params leaf {_leaf_name(p)} is spread over several "
+                               "processes", where="save_model",
+                               fix="save with params_format='orbax' (each process writes "
+                                   "its shards)")
+    arrays = {_leaf_name(p): np.asarray(leaf, order="C") for p, leaf in leaves}
+    safetensors.numpy.save_file(arrays, path, metadata=_METADATA)
+
+
 def _written_before_markers(d: pathlib.Path) -> bool:
     """A model directory saved by a cadenza older than completeness markers: no marker,
     but orbax committed its params (orbax writes them atomically)."""
-    old = not is_complete(d) and (d / "params" / "commit_success.txt").is_file()
+    old = not is_complete(d) and (d / ORBAX_PARAMS / "commit_success.txt").is_file()
     if old:
         logging.getLogger("cadenza").info(
             "%s: written by an older cadenza (no completeness marker); its params are "
@@ -74,8 +132,11 @@ def load_model(directory, mesh=None, rules=None):
                                "folder with config.json and *.safetensors)")
     if is_hf_folder(d):
         return load_hf_folder(d, mesh=mesh, rules=rules)
-    if not (d / "config.yaml").is_file() or not (d / "params").is_dir():
-        raise CadenzaError("not a cadenza model directory (needs config.yaml and params/)",
+    stored = "safetensors" if (d / PARAMS_FILE).is_file() else "orbax"
+    if not (d / "config.yaml").is_file() or not (stored == "safetensors"
+                                                 or (d / ORBAX_PARAMS).is_dir()):
+        raise CadenzaError("not a cadenza model directory (needs config.yaml and "
+                           f"{PARAMS_FILE} or params/)",
                            where=str(d),
                            fix="pass the directory written by 'cadenza convert hf-import' or "
                                "by training (its model/ folder), or a Hugging Face folder "
@@ -98,16 +159,59 @@ def load_model(directory, mesh=None, rules=None):
         shardings = jax.tree.map(lambda _: one, target)
     target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                           target, shardings)
+    where = d / (PARAMS_FILE if stored == "safetensors" else ORBAX_PARAMS)
     try:
-        with ocp.StandardCheckpointer() as ckptr:
-            params = ckptr.restore(d / "params", target)
-    except Exception as e:  # orbax/tensorstore: corrupt, truncated or mis-shaped arrays
-        raise CadenzaError(f"cannot read the params ({one_line(e)})",
-                           where=str(d / "params"),
-                           fix="the files are corrupt, truncated or do not match config.yaml's "
-                               "model; re-create the directory (rerun the export or import)")\
-            from e
+        if stored == "safetensors":
+            params = _restore_safetensors(where, target, single=mesh is None)
+        else:
+            import orbax.checkpoint as ocp
+
+            with ocp.StandardCheckpointer() as ckptr:
+                params = ckptr.restore(where, target)
+    except CadenzaError:
+        raise
+    except Exception as e:  # orbax/tensorstore/safetensors: corrupt, truncated, mis-shaped
+        raise CadenzaError(f"cannot read the params ({one_line(e)})", where=str(where),
+                           fix=_REWRITE) from e
     return config, params
+
+
+_REWRITE = ("the files are corrupt, truncated or do not match config.yaml's model; "
+            "re-create the directory (rerun the export or import)")
+
+
+def _restore_safetensors(path: pathlib.Path, target, *, single: bool):
+    """The params of the safetensors file ``path`` in ``target``'s structure, shapes,
+    dtypes and shardings (``single``: all on one device, one transfer); every stored
+    tensor must be a leaf of ``target`` with its exact shape and dtype."""
+    import safetensors
+
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(target)
+    with safetensors.safe_open(path, framework="numpy") as f:
+        if (f.metadata() or {}).get("format") != _METADATA["format"]:
+            raise CadenzaError(f"{PARAMS_FILE} is not a cadenza params file (its header "
+                               f"metadata is {f.metadata()})", where=str(path), fix=_REWRITE)
+        names = [_leaf_name(p) for p, _ in leaves]
+        stored = set(f.keys())
+        missing, extra = sorted(set(names) - stored), sorted(stored - set(names))
+        if missing or extra:
+            raise CadenzaError(f"the params do not match config.yaml's model: {len(missing)} "
+                               f"missing (e.g. {missing[:3]}), {len(extra)} unexpected "
+                               f"(e.g. {extra[:3]})", where=str(path), fix=_REWRITE)
+        arrays = []
+        for name, (_, want) in zip(names, leaves):
+            got = f.get_tensor(name)
+            if got.shape != want.shape or got.dtype != want.dtype:
+                raise CadenzaError(f"params tensor {name} is {got.dtype}{list(got.shape)}; "
+                                   f"config.yaml's model needs {want.dtype}"
+                                   f"{list(want.shape)}", where=str(path), fix=_REWRITE)
+            arrays.append(got)
+    if single:
+        out = jax.device_put(arrays, [want.sharding for _, want in leaves])
+    else:
+        out = [jax.make_array_from_callback(a.shape, want.sharding, lambda i, a=a: a[i])
+               for a, (_, want) in zip(arrays, leaves)]
+    return jax.tree_util.tree_unflatten(treedef, out)
 
 
 # The files that define what ids a tokenizer produces (not its chat template or settings).
