@@ -22,7 +22,9 @@ starts faster).
 """
 
 import logging
+import os
 import pathlib
+import re
 import shutil
 
 import jax
@@ -64,7 +66,7 @@ def save_model(directory, config: ExperimentConfig, params, tokenizer_dir=None, 
         (tmp / "config.yaml").write_text(to_yaml(config))
         if params_format == "safetensors":
             _save_safetensors(tmp / PARAMS_FILE, params)
-            # safetensors creates its file owner-only; give it config.yaml's (umask) mode
+            # safetensors writes a private temporary file; give it config.yaml's (umask) mode
             (tmp / PARAMS_FILE).chmod((tmp / "config.yaml").stat().st_mode & 0o777)
         else:
             import orbax.checkpoint as ocp
@@ -100,7 +102,21 @@ def _save_safetensors(path: pathlib.Path, params) -> None:
                                fix="save with params_format='orbax' (each process writes "
                                    "its shards)")
     arrays = {_leaf_name(p): np.asarray(leaf, order="C") for p, leaf in leaves}
-    safetensors.numpy.save_file(arrays, path, metadata=_METADATA)
+    try:
+        safetensors.numpy.save_file(arrays, path, metadata=_METADATA)
+    except safetensors.SafetensorError as e:  # its I/O errors carry the OS error only as text
+        code = re.search(r"\(os error (\d+)\)", str(e))
+        if code is None:
+            raise
+        raise OSError(int(code[1]), os.strerror(int(code[1])), str(path)) from e
+
+
+def is_model_dir(path) -> bool:
+    """Whether ``path`` holds a cadenza model directory's files: config.yaml and its params
+    (params.safetensors or an orbax params/ folder); completeness is not checked."""
+    d = pathlib.Path(path)
+    return (d / "config.yaml").is_file() and ((d / PARAMS_FILE).is_file()
+                                              or (d / ORBAX_PARAMS).is_dir())
 
 
 def _written_before_markers(d: pathlib.Path) -> bool:
@@ -132,9 +148,7 @@ def load_model(directory, mesh=None, rules=None):
                                "folder with config.json and *.safetensors)")
     if is_hf_folder(d):
         return load_hf_folder(d, mesh=mesh, rules=rules)
-    stored = "safetensors" if (d / PARAMS_FILE).is_file() else "orbax"
-    if not (d / "config.yaml").is_file() or not (stored == "safetensors"
-                                                 or (d / ORBAX_PARAMS).is_dir()):
+    if not is_model_dir(d):
         raise CadenzaError("not a cadenza model directory (needs config.yaml and "
                            f"{PARAMS_FILE} or params/)",
                            where=str(d),
@@ -144,6 +158,7 @@ def load_model(directory, mesh=None, rules=None):
     if not _written_before_markers(d):
         require_complete(d, "model directory")
     config = load_config(d / "config.yaml")
+    stored = "safetensors" if (d / PARAMS_FILE).is_file() else "orbax"
     target = abstract_params(config.model)
     if config.model.weight_quant != "none":   # the layout cadenza.models.quant writes
         from cadenza.models.quant import quantize_params
