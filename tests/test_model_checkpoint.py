@@ -6,7 +6,7 @@ import pytest
 
 from cadenza.config import load_config
 from cadenza.errors import CadenzaError
-from cadenza.models import init_params, load_model, save_model
+from cadenza.models import init_params, load_model, save_model, unstack_layers
 from cadenza.train.config import MeshConfig
 from cadenza.train.mesh import make_mesh
 
@@ -29,6 +29,10 @@ def test_save_then_load_round_trips_and_restores_sharded(tmp_path):
     assert q.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor", None)
     np.testing.assert_array_equal(np.asarray(q), np.asarray(params["layers"]["attn"]["q_proj"]
                                                             ["kernel"]))
+    # unstacking (decoding's CPU layout): sliced on device when sharded, on host when not
+    for a, b in zip(jax.tree.leaves(unstack_layers(sharded, config.model.num_layers)),
+                    jax.tree.leaves(unstack_layers(loaded, config.model.num_layers))):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     with pytest.raises(CadenzaError, match="already exists"):
         save_model(d, config, params)
 

@@ -1,0 +1,141 @@
+"""Start-up of ``cadenza generate``: wall and CPU time of a warm run on a tiny model.
+
+Each run is a fresh process, ``cadenza generate --checkpoint DIR --prompt TEXT
+--max-new-tokens N --json``, as a user types it (the CLI's own platform choice; JAX's
+persistent compilation cache on, in a folder of this benchmark). A first round of
+every contender warms the compilation cache and Python's bytecode cache; the next
+``--repeats`` rounds are measured, contenders interleaved (the order alternates).
+The split comes from the command's ``--json`` stats: ``import_s`` (JAX, flax and the
+decoder), ``load_s`` (config, params and tokenizer), ``compile_s`` (from the cache),
+``prefill_s`` + ``decode_s``; ``rest`` is the wall time outside those (interpreter
+start, the CLI's own imports and parsing, output, interpreter exit).
+
+Contenders: the model directory with ``params.safetensors`` (what single-process runs
+write) and with orbax ``params/`` (multi-process writes, older directories), both with
+Python's bytecode cached as a pip install has it; and the safetensors directory with
+``PYTHONDONTWRITEBYTECODE=1`` and no bytecode (every module compiled from source at each
+start: what an environment installed without bytecode and with that variable set sees).
+"""
+
+import argparse
+import json
+import os
+import pathlib
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import jax
+
+from cadenza.config import load_config
+from cadenza.models import init_params, save_model, train_tokenizer
+from cadenza.provenance import provenance, results_dir
+
+PARTS = ("import_s", "load_s", "compile_s", "generate_s", "rest_s")
+
+
+def one_run(checkpoint, prompt: str, new_tokens: int, env: dict) -> dict:
+    """One ``cadenza generate`` process: wall, CPU (user + system) and the stats split."""
+    cmd = [sys.executable, "-m", "cadenza", "generate", "--checkpoint", str(checkpoint),
+           "--prompt", prompt, "--max-new-tokens", str(new_tokens), "--json"]
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+    wall = time.perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if proc.returncode != 0:
+        raise SystemExit(f"cadenza generate failed ({proc.returncode}): {proc.stderr[-2000:]}")
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    s = out["stats"]
+    generate = s["wall_s"]  # compile + prefill + decode, timed by the decoder
+    return {"wall_s": wall, "cpu_s": (after.ru_utime - before.ru_utime)
+            + (after.ru_stime - before.ru_stime), "import_s": s["import_s"],
+            "load_s": s["load_s"], "compile_s": s["compile_s"],
+            "generate_s": generate - s["compile_s"],
+            "rest_s": wall - s["import_s"] - s["load_s"] - generate,
+            "tokens": out["token_ids"]}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--max-new-tokens", type=int, default=16)
+    ap.add_argument("--out", default=None, help="default: bench/results/<device>")
+    args = ap.parse_args(argv)
+    load_before = os.getloadavg()[0]
+    tmp = tempfile.TemporaryDirectory()
+    root = pathlib.Path(tmp.name)
+    words = "the quick brown fox jumps over the lazy dog and runs home".split()
+    tok = train_tokenizer([" ".join(words[i:] + words[:i]) for i in range(len(words))] * 20,
+                          300, root / "tok")
+    cfg = load_config(None, [f"model.vocab_size={tok.vocab_size}"], preset="tiny")
+    params = init_params(cfg.model, jax.random.key(0))
+    dirs = {"safetensors": save_model(root / "st", cfg, params, tokenizer_dir=root / "tok"),
+            "orbax": save_model(root / "ob", cfg, params, tokenizer_dir=root / "tok",
+                                params_format="orbax")}
+    base = {k: v for k, v in os.environ.items()
+            if k not in ("JAX_PLATFORMS", "XLA_FLAGS", "PYTHONDONTWRITEBYTECODE")}
+    base.update(CADENZA_COMPILE_CACHE=str(root / "compile-cache"),
+                PYTHONPYCACHEPREFIX=str(root / "pycache"))
+    contenders = {"safetensors": (dirs["safetensors"], base),
+                  "orbax": (dirs["orbax"], base),
+                  "safetensors, no bytecode": (dirs["safetensors"],
+                                               {**base, "PYTHONDONTWRITEBYTECODE": "1",
+                                                "PYTHONPYCACHEPREFIX": str(root / "none")})}
+    prompt = "the quick brown"
+    runs = {c: [] for c in contenders}
+    tokens = {}
+    try:
+        for rep in range(args.repeats + 1):                 # round 0 warms the caches
+            order = list(contenders) if rep % 2 else list(contenders)[::-1]
+            for c in order:
+                checkpoint, env = contenders[c]
+                r = one_run(checkpoint, prompt, args.max_new_tokens, env)
+                tokens.setdefault(c, r.pop("tokens"))
+                if rep:
+                    runs[c].append(r)
+            print(f"round {rep}: done", flush=True)
+    finally:
+        tmp.cleanup()
+    rows = []
+    for c, rs in runs.items():
+        row = {"contender": c}
+        for k in ("wall_s", "cpu_s", *PARTS):
+            vals = [r[k] for r in rs]
+            row[k] = {"median": statistics.median(vals), "min": min(vals), "max": max(vals)}
+        rows.append(row)
+    same = len({json.dumps(t) for t in tokens.values()}) == 1
+    meta = {**provenance(), "load_avg_1m_before": load_before, "config": "tiny",
+            "params": cfg.model.num_params(), "dtype": "float32", "prompt": prompt,
+            "new_tokens": args.max_new_tokens, "repeats": args.repeats,
+            "same_tokens_across_contenders": same}
+    out = results_dir(__file__, args.out)
+    (out / "startup.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2)
+                                      + "\n")
+    cell = lambda v: f"{v['median']:.2f} [{v['min']:.2f}-{v['max']:.2f}]"  # noqa: E731
+    lines = ["# Start-up: a warm `cadenza generate` on a tiny model", "",
+             f"tiny model ({meta['params'] / 1e6:.2f}M params, float32), one prompt, "
+             f"{args.max_new_tokens} new tokens, greedy; a fresh process per run with the "
+             f"persistent compilation cache warm. jax {meta['jax']}, commit "
+             f"{meta['commit']}, {meta['date']}, {meta['device_kind']}, "
+             f"{meta['cpu_count']} CPU cores, load average {load_before:.1f} before and "
+             f"{meta['load_avg_1m']:.1f} after (a shared machine, other jobs running: wall "
+             f"times are inflated; CPU time, user + system of the process, is the closer "
+             f"estimate of an idle machine's wall time). Medians of {args.repeats} runs "
+             f"[min-max] in seconds, contenders interleaved. Same tokens from every "
+             f"contender: {'yes' if same else 'NO'}.", "",
+             "| contender | wall | CPU | import | load | compile (cache) | prefill + decode "
+             "| rest (start, CLI, exit) |", "|" + "---|" * 8]
+    for r in rows:
+        lines.append(f"| {r['contender']} | " + " | ".join(
+            cell(r[k]) for k in ("wall_s", "cpu_s", *PARTS)) + " |")
+    (out / "startup.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
