@@ -21,6 +21,7 @@ params.safetensors directory needs neither orbax nor tensorstore (``cadenza gene
 starts faster).
 """
 
+import hashlib
 import logging
 import os
 import pathlib
@@ -35,7 +36,6 @@ from cadenza.errors import CadenzaError, ConfigError, one_line
 from cadenza.models.hf_folder import has_tokenizer, is_hf_folder, load_hf_folder
 from cadenza.outputs import atomic_dir, is_complete, require_complete
 from cadenza.remote import local_model_dir
-
 
 PARAMS_FILE = "params.safetensors"   # single-process writes
 ORBAX_PARAMS = "params"               # multi-process writes, and older directories
@@ -65,7 +65,7 @@ def save_model(directory, config: ExperimentConfig, params, tokenizer_dir=None, 
         tmp.mkdir(parents=True, exist_ok=True)
         (tmp / "config.yaml").write_text(to_yaml(config))
         if params_format == "safetensors":
-            _save_safetensors(tmp / PARAMS_FILE, params)
+            _save_safetensors(tmp / PARAMS_FILE, _fitted(params, config.model), config.model)
             # safetensors writes a private temporary file; give it config.yaml's (umask) mode
             (tmp / PARAMS_FILE).chmod((tmp / "config.yaml").stat().st_mode & 0o777)
         else:
@@ -90,8 +90,57 @@ def _leaf_name(path) -> str:
     return "/".join(keys)
 
 
-def _save_safetensors(path: pathlib.Path, params) -> None:
-    """Write ``params`` to the safetensors file ``path`` (arrays copied to host memory)."""
+def _model_key(model_config) -> str:
+    """A digest of the model section a params file was written (and checked) for."""
+    return hashlib.sha256(repr(model_config).encode()).hexdigest()
+
+
+def _expected(model_config):
+    """The abstract params (``ShapeDtypeStruct`` leaves) of the model section: the plain
+    tree, or the layout :mod:`cadenza.models.quant` writes when ``weight_quant`` is set."""
+    from cadenza.models.params import abstract_params
+
+    target = abstract_params(model_config)
+    if model_config.weight_quant != "none":
+        from cadenza.models.quant import quantize_params
+
+        target = jax.eval_shape(lambda p: quantize_params(p, model_config), target)
+    return target
+
+
+def _fitted(params, model_config):
+    """``params`` checked against the model section: the same leaves and shapes (else a
+    CadenzaError naming the first difference); a leaf in another dtype is cast to the
+    config's, and the casts are counted in a warning (what restoring did before)."""
+    want = {_leaf_name(p): a for p, a in jax.tree_util.tree_leaves_with_path(
+        _expected(model_config))}
+    got = {_leaf_name(p): a for p, a in jax.tree_util.tree_leaves_with_path(params)}
+    missing, extra = sorted(want.keys() - got.keys()), sorted(got.keys() - want.keys())
+    if missing or extra:
+        raise CadenzaError(f"the params do not match the config's model: {len(missing)} "
+                           f"missing (e.g. {missing[:3]}), {len(extra)} unexpected (e.g. "
+                           f"{extra[:3]})", where="save_model",
+                           fix="save the params of the model the config describes")
+    casts = {}
+    for name, a in got.items():
+        if a.shape != want[name].shape:
+            raise CadenzaError(f"params leaf {name} has shape {list(a.shape)}; the config's "
+                               f"model needs {list(want[name].shape)}", where="save_model",
+                               fix="save the params of the model the config describes")
+        if a.dtype != want[name].dtype:
+            casts[f"{a.dtype}->{want[name].dtype}"] = casts.get(
+                f"{a.dtype}->{want[name].dtype}", 0) + 1
+    if not casts:
+        return params
+    logging.getLogger("cadenza").warning(
+        "save_model: params cast to the config's dtypes: %s",
+        ", ".join(f"{n} {k}" for k, n in sorted(casts.items())))
+    return jax.tree.map(lambda a, w: a.astype(w.dtype), params, _expected(model_config))
+
+
+def _save_safetensors(path: pathlib.Path, params, model_config) -> None:
+    """Write ``params`` to the safetensors file ``path`` (arrays copied to host memory),
+    the header recording the model section they fit (:func:`_model_key`)."""
     import safetensors.numpy
 
     leaves = jax.tree_util.tree_leaves_with_path(params)
@@ -103,7 +152,8 @@ def _save_safetensors(path: pathlib.Path, params) -> None:
                                    "its shards)")
     arrays = {_leaf_name(p): np.asarray(leaf, order="C") for p, leaf in leaves}
     try:
-        safetensors.numpy.save_file(arrays, path, metadata=_METADATA)
+        safetensors.numpy.save_file(arrays, path,
+                                    metadata={**_METADATA, "model": _model_key(model_config)})
     except safetensors.SafetensorError as e:  # its I/O errors carry the OS error only as text
         code = re.search(r"\(os error (\d+)\)", str(e))
         if code is None:
@@ -139,8 +189,6 @@ def load_model(directory, mesh=None, rules=None):
     rules), every param is restored straight into its shard; without, onto the
     first local device (also when the params were saved from a sharded run).
     """
-    from cadenza.models.params import abstract_params, param_shardings
-
     d = local_model_dir(directory).absolute()
     if not d.is_dir():
         raise CadenzaError("no such model directory", where=str(d),
@@ -158,31 +206,15 @@ def load_model(directory, mesh=None, rules=None):
     if not _written_before_markers(d):
         require_complete(d, "model directory")
     config = load_config(d / "config.yaml")
-    stored = "safetensors" if (d / PARAMS_FILE).is_file() else "orbax"
-    target = abstract_params(config.model)
-    if config.model.weight_quant != "none":   # the layout cadenza.models.quant writes
-        from cadenza.models.quant import quantize_params
-
-        target = jax.eval_shape(lambda p: quantize_params(p, config.model), target)
-    if mesh is not None and config.model.weight_quant != "none":  # quantised: replicated
-        rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-        shardings = jax.tree.map(lambda _: rep, target)
-    elif mesh is not None:
-        shardings = param_shardings(config.model, mesh, rules or config.mesh.rules())
-    else:  # one local device, whatever device set the params were saved from
-        one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-        shardings = jax.tree.map(lambda _: one, target)
-    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                          target, shardings)
-    where = d / (PARAMS_FILE if stored == "safetensors" else ORBAX_PARAMS)
+    where = d / (PARAMS_FILE if (d / PARAMS_FILE).is_file() else ORBAX_PARAMS)
     try:
-        if stored == "safetensors":
-            params = _restore_safetensors(where, target, single=mesh is None)
+        if where.name == PARAMS_FILE:
+            params = _restore_safetensors(where, config, mesh, rules)
         else:
             import orbax.checkpoint as ocp
 
             with ocp.StandardCheckpointer() as ckptr:
-                params = ckptr.restore(where, target)
+                params = ckptr.restore(where, _target(config, mesh, rules))
     except CadenzaError:
         raise
     except Exception as e:  # orbax/tensorstore/safetensors: corrupt, truncated, mis-shaped
@@ -191,21 +223,54 @@ def load_model(directory, mesh=None, rules=None):
     return config, params
 
 
+def _target(config: ExperimentConfig, mesh, rules):
+    """The params to restore: :func:`_expected`'s leaves with their shardings (with a mesh:
+    by the logical-axis rules, a quantised model replicated; without: the first local
+    device, whatever device set the params were saved from)."""
+    from cadenza.models.params import param_shardings
+
+    target = _expected(config.model)
+    if mesh is not None and config.model.weight_quant != "none":  # quantised: replicated
+        rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+        shardings = jax.tree.map(lambda _: rep, target)
+    elif mesh is not None:
+        shardings = param_shardings(config.model, mesh, rules or config.mesh.rules())
+    else:
+        one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        shardings = jax.tree.map(lambda _: one, target)
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                        target, shardings)
+
+
 _REWRITE = ("the files are corrupt, truncated or do not match config.yaml's model; "
             "re-create the directory (rerun the export or import)")
 
 
-def _restore_safetensors(path: pathlib.Path, target, *, single: bool):
-    """The params of the safetensors file ``path`` in ``target``'s structure, shapes,
-    dtypes and shardings (``single``: all on one device, one transfer); every stored
-    tensor must be a leaf of ``target`` with its exact shape and dtype."""
+def _restore_safetensors(path: pathlib.Path, config: ExperimentConfig, mesh, rules):
+    """The params of the safetensors file ``path``. Written for this very model section
+    (its header's model digest) and read onto one device: the tree is rebuilt from the
+    tensor names, as checked when it was saved. Otherwise every tensor is checked against
+    :func:`_target` (names, shapes, dtypes) and put into its sharding."""
     import safetensors
 
-    leaves, treedef = jax.tree_util.tree_flatten_with_path(target)
     with safetensors.safe_open(path, framework="numpy") as f:
-        if (f.metadata() or {}).get("format") != _METADATA["format"]:
+        meta = f.metadata() or {}
+        if meta.get("format") != _METADATA["format"]:
             raise CadenzaError(f"{PARAMS_FILE} is not a cadenza params file (its header "
-                               f"metadata is {f.metadata()})", where=str(path), fix=_REWRITE)
+                               f"metadata is {meta})", where=str(path), fix=_REWRITE)
+        if mesh is None and meta.get("model") == _model_key(config.model):
+            names = sorted(f.keys())
+            values = jax.device_put([f.get_tensor(n) for n in names],
+                                    jax.sharding.SingleDeviceSharding(jax.local_devices()[0]))
+            params = {}
+            for name, value in zip(names, values):
+                *parents, leaf = name.split("/")
+                node = params
+                for key in parents:
+                    node = node.setdefault(key, {})
+                node[leaf] = value
+            return params
+        leaves, treedef = jax.tree_util.tree_flatten_with_path(_target(config, mesh, rules))
         names = [_leaf_name(p) for p, _ in leaves]
         stored = set(f.keys())
         missing, extra = sorted(set(names) - stored), sorted(stored - set(names))
@@ -221,7 +286,7 @@ def _restore_safetensors(path: pathlib.Path, target, *, single: bool):
                                    f"config.yaml's model needs {want.dtype}"
                                    f"{list(want.shape)}", where=str(path), fix=_REWRITE)
             arrays.append(got)
-    if single:
+    if mesh is None:
         out = jax.device_put(arrays, [want.sharding for _, want in leaves])
     else:
         out = [jax.make_array_from_callback(a.shape, want.sharding, lambda i, a=a: a[i])
@@ -236,8 +301,6 @@ VOCABULARY_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "merges.t
 def vocabulary_fingerprint(tokenizer_folder) -> str | None:
     """sha256 over the vocabulary-defining files (:data:`VOCABULARY_FILES`) of a tokenizer
     folder, or None when it holds none of them."""
-    import hashlib
-
     digest, found = hashlib.sha256(), False
     for name in VOCABULARY_FILES:
         path = pathlib.Path(tokenizer_folder) / name

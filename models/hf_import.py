@@ -384,8 +384,9 @@ def import_hf(hf_dir, out_dir, *, dtype: str | None = None, mesh=None, rules=Non
     """Convert an HF checkpoint into a cadenza model directory at ``out_dir``.
 
     Writes config.yaml (the resolved experiment config with the imported
-    model section), the params (:func:`cadenza.models.checkpoint.save_model`) and tokenizer/ (the HF tokenizer and
-    generation files present: see :data:`TOKENIZER_FILES`). Returns the
+    model section), the params (:func:`cadenza.models.checkpoint.save_model`) and
+    tokenizer/ (the HF tokenizer and generation files present: see
+    :data:`TOKENIZER_FILES`). Returns the
     directory and the notes (choices made, files copied or ignored).
     """
     from cadenza.config import ExperimentConfig

@@ -55,7 +55,7 @@ def test_params_saved_sharded_load_onto_one_device(tmp_path):
                                   np.asarray(sharded["layers"]["mlp"]["up_proj"]["kernel"]))
 
 
-def test_safetensors_and_orbax_dirs_hold_the_same_params_exactly(tmp_path):
+def test_safetensors_and_orbax_dirs_hold_the_same_params_exactly(tmp_path, monkeypatch):
     """params.safetensors (the single-process default) and an orbax params/ folder (what
     several processes and older cadenza write) load to the same leaves, dtypes included:
     bf16 floats and a quantised tree's uint8 codes and float32 scales."""
@@ -71,6 +71,9 @@ def test_safetensors_and_orbax_dirs_hold_the_same_params_exactly(tmp_path):
     assert (new / "params.safetensors").stat().st_mode & 0o777 \
         == (new / "config.yaml").stat().st_mode & 0o777
     assert (old / "params").is_dir() and not (old / "params.safetensors").exists()
+    with monkeypatch.context() as m:  # written for this model section: no re-tracing
+        m.setattr("cadenza.models.params.abstract_params", None)
+        assert jax.tree.structure(load_model(new)[1]) == jax.tree.structure(params)
     for d in (new, old):
         loaded_config, loaded = load_model(d)
         assert loaded_config == config
@@ -80,7 +83,7 @@ def test_safetensors_and_orbax_dirs_hold_the_same_params_exactly(tmp_path):
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
-def test_safetensors_params_that_do_not_fit_the_config_are_refused(tmp_path):
+def test_safetensors_params_that_do_not_fit_the_config_are_refused(tmp_path, caplog):
     import safetensors.numpy
 
     config = load_config(None, [], preset="tiny")
@@ -96,3 +99,10 @@ def test_safetensors_params_that_do_not_fit_the_config_are_refused(tmp_path):
         load_model(d)
     with pytest.raises(CadenzaError, match="unknown params format"):
         save_model(tmp_path / "n", config, {}, params_format="npz")
+    params = init_params(config.model, jax.random.key(0))
+    with pytest.raises(CadenzaError, match=r"1 missing \(e.g. \['lm_head/kernel'\]\)"):
+        save_model(tmp_path / "n", config, {k: v for k, v in params.items() if k != "lm_head"})
+    bf16 = jax.tree.map(lambda a: a.astype(jax.numpy.bfloat16), params)
+    _, loaded = load_model(save_model(tmp_path / "cast", config, bf16))  # counted, as restored
+    assert {a.dtype for a in jax.tree.leaves(loaded)} == {np.dtype("float32")}
+    assert "params cast to the config's dtypes: " in caplog.text
