@@ -12,9 +12,11 @@ start, the CLI's own imports and parsing, output, interpreter exit).
 
 Contenders: the model directory with ``params.safetensors`` (what single-process runs
 write) and with orbax ``params/`` (multi-process writes, older directories), both with
-Python's bytecode cached as a pip install has it; and the safetensors directory with
+Python's bytecode cached as a pip install has it; the safetensors directory with
 ``PYTHONDONTWRITEBYTECODE=1`` and no bytecode (every module compiled from source at each
-start: what an environment installed without bytecode and with that variable set sees).
+start: what an environment installed without bytecode and with that variable set sees);
+and with ``--peer-python PY``, another cadenza installation (e.g. an older commit's
+environment) on the orbax directory, which every version reads.
 """
 
 import argparse
@@ -32,14 +34,14 @@ import jax
 
 from cadenza.config import load_config
 from cadenza.models import init_params, save_model, train_tokenizer
-from cadenza.provenance import provenance, results_dir
+from cadenza.provenance import git_commit, provenance, results_dir
 
 PARTS = ("import_s", "load_s", "compile_s", "generate_s", "rest_s")
 
 
-def one_run(checkpoint, prompt: str, new_tokens: int, env: dict) -> dict:
+def one_run(python, checkpoint, prompt: str, new_tokens: int, env: dict) -> dict:
     """One ``cadenza generate`` process: wall, CPU (user + system) and the stats split."""
-    cmd = [sys.executable, "-m", "cadenza", "generate", "--checkpoint", str(checkpoint),
+    cmd = [python, "-m", "cadenza", "generate", "--checkpoint", str(checkpoint),
            "--prompt", prompt, "--max-new-tokens", str(new_tokens), "--json"]
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
@@ -64,6 +66,8 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--max-new-tokens", type=int, default=16)
     ap.add_argument("--out", default=None, help="default: bench/results/<device>")
+    ap.add_argument("--peer-python", default=None,
+                    help="the Python of another cadenza installation to compare with")
     args = ap.parse_args(argv)
     load_before = os.getloadavg()[0]
     tmp = tempfile.TemporaryDirectory()
@@ -80,11 +84,18 @@ def main(argv=None) -> int:
             if k not in ("JAX_PLATFORMS", "XLA_FLAGS", "PYTHONDONTWRITEBYTECODE")}
     base.update(CADENZA_COMPILE_CACHE=str(root / "compile-cache"),
                 PYTHONPYCACHEPREFIX=str(root / "pycache"))
-    contenders = {"safetensors": (dirs["safetensors"], base),
-                  "orbax": (dirs["orbax"], base),
-                  "safetensors, no bytecode": (dirs["safetensors"],
+    me = sys.executable
+    contenders = {"safetensors": (me, dirs["safetensors"], base),
+                  "orbax": (me, dirs["orbax"], base),
+                  "safetensors, no bytecode": (me, dirs["safetensors"],
                                                {**base, "PYTHONDONTWRITEBYTECODE": "1",
                                                 "PYTHONPYCACHEPREFIX": str(root / "none")})}
+    if args.peer_python:
+        peer = subprocess.run([args.peer_python, "-c", "import cadenza, sys; "
+                               "sys.stdout.write(cadenza.__file__)"], capture_output=True,
+                              text=True, check=True).stdout
+        commit = git_commit(pathlib.Path(peer).parent) or "unknown commit"
+        contenders[f"peer {commit}, orbax"] = (args.peer_python, dirs["orbax"], base)
     prompt = "the quick brown"
     runs = {c: [] for c in contenders}
     tokens = {}
@@ -92,8 +103,7 @@ def main(argv=None) -> int:
         for rep in range(args.repeats + 1):                 # round 0 warms the caches
             order = list(contenders) if rep % 2 else list(contenders)[::-1]
             for c in order:
-                checkpoint, env = contenders[c]
-                r = one_run(checkpoint, prompt, args.max_new_tokens, env)
+                r = one_run(*contenders[c][:2], prompt, args.max_new_tokens, contenders[c][2])
                 tokens.setdefault(c, r.pop("tokens"))
                 if rep:
                     runs[c].append(r)
