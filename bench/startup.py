@@ -15,8 +15,9 @@ write) and with orbax ``params/`` (multi-process writes, older directories), bot
 Python's bytecode cached as a pip install has it; the safetensors directory with
 ``PYTHONDONTWRITEBYTECODE=1`` and no bytecode (every module compiled from source at each
 start: what an environment installed without bytecode and with that variable set sees);
-and with ``--peer-python PY``, another cadenza installation (e.g. an older commit's
-environment) on the orbax directory, which every version reads.
+with ``--peer-python PY``, another cadenza installation (e.g. an older commit's
+environment) on the orbax directory, which every version reads; and the floor: a process
+that imports JAX and flax and runs one operation (no cadenza; wall and CPU only).
 """
 
 import argparse
@@ -39,22 +40,34 @@ from cadenza.provenance import git_commit, provenance, results_dir
 PARTS = ("import_s", "load_s", "compile_s", "generate_s", "rest_s")
 
 
-def one_run(python, checkpoint, prompt: str, new_tokens: int, env: dict) -> dict:
-    """One ``cadenza generate`` process: wall, CPU (user + system) and the stats split."""
-    cmd = [python, "-m", "cadenza", "generate", "--checkpoint", str(checkpoint),
-           "--prompt", prompt, "--max-new-tokens", str(new_tokens), "--json"]
+FLOOR = "import jax, flax.linen; jax.numpy.zeros(1).block_until_ready()"
+
+
+def timed(cmd, env: dict) -> tuple[subprocess.CompletedProcess, float, float]:
+    """Run ``cmd``: the finished process, its wall time and CPU time (user + system)."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
     wall = time.perf_counter() - t0
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if proc.returncode != 0:
-        raise SystemExit(f"cadenza generate failed ({proc.returncode}): {proc.stderr[-2000:]}")
+        raise SystemExit(f"{cmd[:4]} failed ({proc.returncode}): {proc.stderr[-2000:]}")
+    return proc, wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+
+
+def one_run(python, checkpoint, prompt: str, new_tokens: int, env: dict) -> dict:
+    """One ``cadenza generate`` process (``checkpoint`` None: the :data:`FLOOR` process):
+    wall, CPU (user + system) and the stats split."""
+    if checkpoint is None:
+        _, wall, cpu = timed([python, "-c", FLOOR], {**env, "JAX_PLATFORMS": "cpu"})
+        return {"wall_s": wall, "cpu_s": cpu, "tokens": None}
+    proc, wall, cpu = timed([python, "-m", "cadenza", "generate", "--checkpoint",
+                             str(checkpoint), "--prompt", prompt, "--max-new-tokens",
+                             str(new_tokens), "--json"], env)
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     s = out["stats"]
     generate = s["wall_s"]  # compile + prefill + decode, timed by the decoder
-    return {"wall_s": wall, "cpu_s": (after.ru_utime - before.ru_utime)
-            + (after.ru_stime - before.ru_stime), "import_s": s["import_s"],
+    return {"wall_s": wall, "cpu_s": cpu, "import_s": s["import_s"],
             "load_s": s["load_s"], "compile_s": s["compile_s"],
             "generate_s": generate - s["compile_s"],
             "rest_s": wall - s["import_s"] - s["load_s"] - generate,
@@ -96,6 +109,7 @@ def main(argv=None) -> int:
                               text=True, check=True).stdout
         commit = git_commit(pathlib.Path(peer).parent) or "unknown commit"
         contenders[f"peer {commit}, orbax"] = (args.peer_python, dirs["orbax"], base)
+    contenders["floor: import JAX + flax, one op"] = (me, None, base)
     prompt = "the quick brown"
     runs = {c: [] for c in contenders}
     tokens = {}
@@ -104,7 +118,9 @@ def main(argv=None) -> int:
             order = list(contenders) if rep % 2 else list(contenders)[::-1]
             for c in order:
                 r = one_run(*contenders[c][:2], prompt, args.max_new_tokens, contenders[c][2])
-                tokens.setdefault(c, r.pop("tokens"))
+                found = r.pop("tokens")
+                if found is not None:
+                    tokens.setdefault(c, found)
                 if rep:
                     runs[c].append(r)
             print(f"round {rep}: done", flush=True)
@@ -114,8 +130,9 @@ def main(argv=None) -> int:
     for c, rs in runs.items():
         row = {"contender": c}
         for k in ("wall_s", "cpu_s", *PARTS):
-            vals = [r[k] for r in rs]
-            row[k] = {"median": statistics.median(vals), "min": min(vals), "max": max(vals)}
+            vals = [r[k] for r in rs if k in r]
+            row[k] = {"median": statistics.median(vals), "min": min(vals),
+                      "max": max(vals)} if vals else None
         rows.append(row)
     same = len({json.dumps(t) for t in tokens.values()}) == 1
     meta = {**provenance(), "load_avg_1m_before": load_before, "config": "tiny",
@@ -125,7 +142,8 @@ def main(argv=None) -> int:
     out = results_dir(__file__, args.out)
     (out / "startup.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2)
                                       + "\n")
-    cell = lambda v: f"{v['median']:.2f} [{v['min']:.2f}-{v['max']:.2f}]"  # noqa: E731
+    cell = lambda v: "" if v is None else (  # noqa: E731
+        f"{v['median']:.2f} [{v['min']:.2f}-{v['max']:.2f}]")
     lines = ["# Start-up: a warm `cadenza generate` on a tiny model", "",
              f"tiny model ({meta['params'] / 1e6:.2f}M params, float32), one prompt, "
              f"{args.max_new_tokens} new tokens, greedy; a fresh process per run with the "
