@@ -5,8 +5,9 @@ Layout of a model directory (written by HF import, training export, adapter merg
     DIR/config.yaml     the resolved ExperimentConfig (``cadenza.config.to_yaml``)
     DIR/params.safetensors  the params pytree, one safetensors file (written by a
                         single process): one tensor per leaf, named by its path joined
-                        with "/" (``layers/attn/q/kernel``), dtypes as held (bf16, int8,
-                        uint8, ...), header metadata ``{"format": "cadenza-params"}``
+                        with "/" (``layers/attn/q/kernel``), in the config's dtypes (bf16,
+                        int8, uint8, ...); header metadata ``{"format": "cadenza-params",
+                        "model": <digest of the model section the params were checked for>}``
     DIR/params/         or: an orbax StandardCheckpointer checkpoint (what several
                         processes write, each its own shards; also every directory
                         written by cadenza before params.safetensors)
@@ -21,6 +22,7 @@ params.safetensors directory needs neither orbax nor tensorstore (``cadenza gene
 starts faster).
 """
 
+import collections
 import hashlib
 import logging
 import os
@@ -49,11 +51,14 @@ def save_model(directory, config: ExperimentConfig, params, tokenizer_dir=None, 
 
     ``params`` is a nested dict of arrays (plain or quantised by
     :mod:`cadenza.models.quant`). ``params_format``: ``"safetensors"``
-    (``params.safetensors``; the default in a single-process run; the arrays are gathered
-    to host memory, one leaf at a time) or ``"orbax"`` (``params/``; the default with
-    several processes, each writing its own shards). ``directory`` must not exist or be
-    empty (no silent overwrite). It is written under a temporary sibling name and renamed
-    into place when complete (:func:`cadenza.outputs.atomic_dir`). Returns its path.
+    (``params.safetensors``; the default in a single-process run; the params are copied to
+    host memory while writing, and first checked against ``config.model``: a missing,
+    unexpected or mis-shaped leaf is a CadenzaError, a leaf in another dtype is cast to the
+    config's with a warning counting the casts) or ``"orbax"`` (``params/``; the default
+    with several processes, each writing its own shards; stored as given). ``directory``
+    must not exist or be empty (no silent overwrite). It is written under a temporary
+    sibling name and renamed into place when complete (:func:`cadenza.outputs.atomic_dir`).
+    Returns its path.
     """
     if params_format is None:
         params_format = "orbax" if jax.process_count() > 1 else "safetensors"
@@ -108,28 +113,33 @@ def _expected(model_config):
     return target
 
 
-def _fitted(params, model_config):
-    """``params`` checked against the model section: the same leaves and shapes (else a
-    CadenzaError naming the first difference); a leaf in another dtype is cast to the
-    config's, and the casts are counted in a warning (what restoring did before)."""
-    want = {_leaf_name(p): a for p, a in jax.tree_util.tree_leaves_with_path(
-        _expected(model_config))}
-    got = {_leaf_name(p): a for p, a in jax.tree_util.tree_leaves_with_path(params)}
-    missing, extra = sorted(want.keys() - got.keys()), sorted(got.keys() - want.keys())
+def _same_names(want, got, where: str, fix: str) -> None:
+    """CadenzaError unless the tensor-name collections ``want`` and ``got`` are equal,
+    counting (and naming up to three of) the missing and the unexpected names."""
+    missing, extra = sorted(set(want) - set(got)), sorted(set(got) - set(want))
     if missing or extra:
         raise CadenzaError(f"the params do not match the config's model: {len(missing)} "
                            f"missing (e.g. {missing[:3]}), {len(extra)} unexpected (e.g. "
-                           f"{extra[:3]})", where="save_model",
-                           fix="save the params of the model the config describes")
-    casts = {}
+                           f"{extra[:3]})", where=where, fix=fix)
+
+
+def _fitted(params, model_config):
+    """``params`` checked against the model section: the same leaves (:func:`_same_names`)
+    and shapes, else a CadenzaError; a leaf in another dtype is cast to the config's, the
+    casts counted in a warning (restoring an orbax checkpoint casts the same way)."""
+    fix = "save the params of the model the config describes"
+    want = {_leaf_name(p): a for p, a in jax.tree_util.tree_leaves_with_path(
+        _expected(model_config))}
+    got = {_leaf_name(p): a for p, a in jax.tree_util.tree_leaves_with_path(params)}
+    _same_names(want, got, "save_model", fix)
+    casts = collections.Counter()
     for name, a in got.items():
         if a.shape != want[name].shape:
             raise CadenzaError(f"params leaf {name} has shape {list(a.shape)}; the config's "
                                f"model needs {list(want[name].shape)}", where="save_model",
-                               fix="save the params of the model the config describes")
+                               fix=fix)
         if a.dtype != want[name].dtype:
-            casts[f"{a.dtype}->{want[name].dtype}"] = casts.get(
-                f"{a.dtype}->{want[name].dtype}", 0) + 1
+            casts[f"{a.dtype}->{want[name].dtype}"] += 1
     if not casts:
         return params
     logging.getLogger("cadenza").warning(
@@ -272,12 +282,7 @@ def _restore_safetensors(path: pathlib.Path, config: ExperimentConfig, mesh, rul
             return params
         leaves, treedef = jax.tree_util.tree_flatten_with_path(_target(config, mesh, rules))
         names = [_leaf_name(p) for p, _ in leaves]
-        stored = set(f.keys())
-        missing, extra = sorted(set(names) - stored), sorted(stored - set(names))
-        if missing or extra:
-            raise CadenzaError(f"the params do not match config.yaml's model: {len(missing)} "
-                               f"missing (e.g. {missing[:3]}), {len(extra)} unexpected "
-                               f"(e.g. {extra[:3]})", where=str(path), fix=_REWRITE)
+        _same_names(names, f.keys(), str(path), _REWRITE)
         arrays = []
         for name, (_, want) in zip(names, leaves):
             got = f.get_tensor(name)
