@@ -37,7 +37,7 @@ def register(subparsers) -> None:
                     "--method takes the shared flags plus its own; a flag the chosen method "
                     "does not use is an error.")
     p.add_argument("--checkpoint", required=True, metavar="DIR",
-                   help="model directory (config.yaml, params/, optional tokenizer/) "
+                   help="model directory (config.yaml, params, optional tokenizer/) "
                         "or Hugging Face folder (config.json, *.safetensors)")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", action="append", metavar="TEXT", help="a text prompt")

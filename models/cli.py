@@ -75,7 +75,7 @@ def register(subparsers) -> None:
     imp.set_defaults(func=_import)
 
     exp = sub.add_parser("hf-export", help="cadenza model dir -> HF config.json + safetensors")
-    exp.add_argument("ckpt_dir", help="cadenza model directory (config.yaml, params/)")
+    exp.add_argument("ckpt_dir", help="cadenza model directory (config.yaml and its params)")
     exp.add_argument("hf_dir", help="new Hugging Face checkpoint directory")
     exp.add_argument("--max-shard-mb", type=float, default=5 * 1024,
                      help="split safetensors files above this size (MiB)")

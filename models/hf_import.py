@@ -384,14 +384,15 @@ def import_hf(hf_dir, out_dir, *, dtype: str | None = None, mesh=None, rules=Non
     """Convert an HF checkpoint into a cadenza model directory at ``out_dir``.
 
     Writes config.yaml (the resolved experiment config with the imported
-    model section), params/ (orbax) and tokenizer/ (the HF tokenizer and
-    generation files present: see :data:`TOKENIZER_FILES`). Returns the
+    model section), the params (:func:`cadenza.models.checkpoint.save_model`) and
+    tokenizer/ (the HF tokenizer and generation files present: see
+    :data:`TOKENIZER_FILES`). Returns the
     directory and the notes (choices made, files copied or ignored).
     """
     from cadenza.config import ExperimentConfig
-    from cadenza.models.checkpoint import save_model
+    from cadenza.models.checkpoint import is_model_dir, save_model
 
-    if (pathlib.Path(out_dir) / "params").exists():  # fail before reading any weights
+    if is_model_dir(out_dir):  # fail before reading any weights
         raise CadenzaError("a model directory already exists here", where=str(out_dir),
                            fix="choose a new output directory or delete the old one")
     ckpt, config, params = read_hf(hf_dir, dtype=dtype, mesh=mesh, rules=rules)

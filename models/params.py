@@ -57,12 +57,25 @@ def init_params(config: ModelConfig, rng, mesh: Mesh | None = None, rules=None):
 def unstack_layers(params, num_layers: int):
     """Scanned layout (``layers`` with a leading layer axis) -> ``layer_0 ... layer_{n-1}``.
 
-    Each layer's arrays are fresh buffers (copies of the slices).
+    Each layer's arrays are fresh buffers (copies of the slices). Arrays on one device are
+    sliced in host memory and put back in one transfer (no per-slice program to compile:
+    this is on ``cadenza generate``'s start-up path); sharded arrays are sliced on device.
     """
     params = dict(params)
     stacked = params.pop("layers")
+    leaves, treedef = jax.tree.flatten(stacked)
+    local = [k for k, a in enumerate(leaves) if isinstance(a, jax.Array)
+             and not isinstance(a, jax.core.Tracer) and len(a.sharding.device_set) == 1]
+    placed = set(local)
+    host = jax.device_get([leaves[k] for k in local])
+    devices = [jax.sharding.SingleDeviceSharding(*leaves[k].sharding.device_set) for k in local]
+    moved = jax.device_put([h[i] for i in range(num_layers) for h in host],
+                           devices * num_layers)
     for i in range(num_layers):
-        params[f"layer_{i}"] = jax.tree.map(lambda a, i=i: a[i], stacked)
+        layer = [None if k in placed else a[i] for k, a in enumerate(leaves)]
+        for j, k in enumerate(local):
+            layer[k] = moved[i * len(local) + j]
+        params[f"layer_{i}"] = jax.tree.unflatten(treedef, layer)
     return params
 
 

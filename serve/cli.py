@@ -19,7 +19,7 @@ def register(subparsers) -> None:
         description="Serve a model directory: /v1/completions, /v1/chat/completions "
                     "(stream: true for server-sent events), /v1/models, /health, /metrics.")
     p.add_argument("--checkpoint", required=True, metavar="DIR",
-                   help="model directory (config.yaml, params/, optional tokenizer/) "
+                   help="model directory (config.yaml, params, optional tokenizer/) "
                         "or Hugging Face folder")
     p.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR",
                    help="serve a LoRA adapter (cadenza adapter directory or peft folder) as "

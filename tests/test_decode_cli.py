@@ -64,3 +64,21 @@ def test_flags_the_method_does_not_use_are_refused(checkpoint, capsys, extra, me
     assert main(["generate", "--checkpoint", str(directory), "--prompt-ids", "5"] + extra) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+def test_generate_imports_no_training_or_checkpointing_libraries(checkpoint, cli_env):
+    """Start-up: ``cadenza generate`` on a model directory imports neither orbax and
+    tensorstore (params.safetensors) nor the training, data or plotting libraries."""
+    import subprocess
+    import sys
+
+    heavy = ("orbax", "tensorstore", "optax", "grain", "tensorflow_datasets", "tensorflow",
+             "matplotlib", "transformers", "torch")
+    code = ("import sys; from cadenza.cli import main; "
+            f"rc = main(['generate', '--checkpoint', {str(checkpoint[0])!r}, '--prompt-ids', "
+            "'1,2', '--max-new-tokens', '2']); "
+            f"print(sorted({{m.split('.')[0] for m in sys.modules}} & set({heavy!r})))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       timeout=300, env=cli_env())
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip().splitlines()[-1] == "[]"

@@ -156,7 +156,7 @@ def model_dirs(tmp_path_factory):
     trainable = jax.tree.map(lambda x: x + 0.05, trainable)
     save_adapters(root / "lora", lora, trainable)
     other = dataclasses.replace(config, model=dataclasses.replace(config.model, num_heads=8))
-    save_model(root / "wide", other, base)  # refused from its config alone
+    save_model(root / "wide", other, init_params(other.model, jax.random.key(0)))
     return root
 
 

@@ -225,6 +225,7 @@ def test_disk_full_and_read_only_are_one_line_errors(lora_dirs, tmp_path, monkey
     import errno
 
     import orbax.checkpoint as ocp
+    import safetensors.numpy
 
     from cadenza.errors import CadenzaError
 
@@ -235,10 +236,16 @@ def test_disk_full_and_read_only_are_one_line_errors(lora_dirs, tmp_path, monkey
         def fail(*a, code=code, **k):
             raise OSError(code, "simulated", "params")
 
+        def fail_safetensors(*a, code=code, **k):  # how the library reports an OS error
+            raise safetensors.SafetensorError(f"Error while serializing: I/O error: "
+                                              f"simulated (os error {code})")
+
         monkeypatch.setattr(ocp.StandardCheckpointer, "save", fail)
-        with pytest.raises(CadenzaError, match=text):
-            save_model(tmp_path / "m", cfg, params)
-        assert not list(tmp_path.iterdir())  # no partial directory left behind
+        monkeypatch.setattr(safetensors.numpy, "save_file", fail_safetensors)
+        for params_format in ("safetensors", "orbax"):
+            with pytest.raises(CadenzaError, match=text):
+                save_model(tmp_path / "m", cfg, params, params_format=params_format)
+            assert not list(tmp_path.iterdir())  # no partial directory left behind
 
 
 def test_peft_import_accepts_peft_s_lm_head_base_copy(lora_dirs, tmp_path, capsys):

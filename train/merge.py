@@ -289,6 +289,7 @@ def merge_params(spec: MergeSpec, base, models: list, *, stacked_key: str = "lay
 
 
 def _kind(directory: pathlib.Path) -> str:
+    from cadenza.models.checkpoint import is_model_dir
     from cadenza.models.hf_folder import is_hf_folder
     from cadenza.train.bitdelta import is_bitdelta_dir
 
@@ -298,15 +299,16 @@ def _kind(directory: pathlib.Path) -> str:
                                "Hugging Face folder)")
     if is_hf_folder(directory):
         return "hf"
-    if (directory / "config.yaml").is_file() and (directory / "params").is_dir():
+    if is_model_dir(directory):
         return "model"
     if (directory / "config.yaml").is_file() and (directory / "adapters").is_dir():
         return "adapter"
     if is_bitdelta_dir(directory):
         return "bitdelta"
     raise CadenzaError("not a cadenza model, adapter or BitDelta directory, nor a Hugging "
-                       "Face folder (needs config.yaml and params/, adapters/ or "
-                       "bitdelta.safetensors, or config.json and *.safetensors)",
+                       "Face folder (needs config.yaml and params.safetensors, params/ or "
+                       "adapters/, or bitdelta.safetensors, or config.json and "
+                       "*.safetensors)",
                        where=str(directory),
                        fix="pass directories written by training, 'cadenza convert "
                            "hf-import', save_adapters or 'cadenza convert bitdelta', or a "
