@@ -27,13 +27,15 @@ $(UV):
 
 # Accelerator extra installed with the locked environment: tpu (libtpu; also compiles
 # for TPU slices on any machine), gpu (CUDA 12 jaxlib plugin) or none (CPU only).
-# Switching (make ACCEL=gpu demo) re-syncs .venv.
+# Switching (make ACCEL=gpu demo) re-syncs .venv. Installed packages are byte-compiled once
+# (--compile-bytecode): with PYTHONDONTWRITEBYTECODE set, every process would otherwise
+# compile JAX (and torch in .venv-ref) from source on import.
 ACCEL ?= tpu
 ACCEL_EXTRA := $(if $(filter-out none,$(ACCEL)),--extra $(ACCEL))
 .venv/.synced: $(UV) pyproject.toml uv.lock Makefile \
 		$(if $(filter-out $(ACCEL),$(shell cat .venv/.accel 2>/dev/null)),FORCE)
 	@case "$(ACCEL)" in tpu|gpu|none) ;; *) echo "error: ACCEL=$(ACCEL): use tpu, gpu or none" >&2; exit 2;; esac
-	$(UV) sync --frozen --quiet $(ACCEL_EXTRA)
+	$(UV) sync --frozen --quiet --compile-bytecode $(ACCEL_EXTRA)
 	echo $(ACCEL) > .venv/.accel
 	touch $@
 
@@ -51,7 +53,7 @@ test: .venv/.synced .venv-ref/.synced
 .venv-ref/.synced: $(UV) requirements-ref.txt
 	@test -n "$(PY311)" || { echo "error: Python 3.11 not found; set PY311=/path/to/python3.11" >&2; exit 2; }
 	$(UV) venv --quiet --allow-existing --python $(PY311) .venv-ref
-	$(UV) pip sync --quiet --python .venv-ref/bin/python --find-links $(FIND_LINKS) requirements-ref.txt
+	$(UV) pip sync --quiet --compile-bytecode --python .venv-ref/bin/python --find-links $(FIND_LINKS) requirements-ref.txt
 	touch $@
 
 ref-env: .venv-ref/.synced
