@@ -165,9 +165,19 @@ def quantize_kernel(w, n_in: int, scheme: str, group: int = 128) -> dict:
         absmax = jnp.max(jnp.abs(grouped), axis=1)
         scale = jnp.where(absmax > 0, absmax, 1.0) / 7
         codes = jnp.round(grouped / scale[:, None]).astype(jnp.int8).reshape((padded,) + out_shape)
-        nibbles = (codes & 15).astype(jnp.uint8)
-        return {QWEIGHT: nibbles[0::2] | (nibbles[1::2] << 4), QSCALE: scale}
+        return {QWEIGHT: pack_int4(codes, group), QSCALE: scale}
     raise ValueError(f"unknown weight scheme {scheme!r}")
+
+
+def pack_int4(codes, group: int):
+    """int4 codes [K, *out] (integers in [-8, 7]) as :data:`QWEIGHT`: the K inputs
+    zero-padded to a multiple of ``group``, two codes per uint8 (even input in the low
+    nibble, two's complement): uint8 [K_padded / 2, *out]."""
+    k = codes.shape[0]
+    padded = _blocks(k, group) * group
+    codes = jnp.pad(jnp.asarray(codes, jnp.int8), [(0, padded - k)] + [(0, 0)] * (codes.ndim - 1))
+    nibbles = (codes & 15).astype(jnp.uint8)
+    return nibbles[0::2] | (nibbles[1::2] << 4)
 
 
 def dequantize_kernel(q: dict, shape, n_in: int, scheme: str, dtype=jnp.float32):
