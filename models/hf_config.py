@@ -181,8 +181,8 @@ def model_config_from_hf(hf: dict, *, dtype: str | None = None, where: str = "co
     Raises:
       CadenzaError: remote code (``auto_map``), a quantized checkpoint whose
         ``quantization_config`` cadenza cannot map (see :mod:`cadenza.models.hf_quant`;
-        an accepted one sets ``weight_quant`` and ``weight_quant_group``), an unsupported model type or feature, or values
-        cadenza's config rejects.
+        an accepted one sets ``weight_quant`` and ``weight_quant_group``), an unsupported
+        model type or feature, or values cadenza's config rejects.
     """
     notes: list[str] = []
     if "auto_map" in hf:

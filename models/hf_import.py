@@ -23,8 +23,8 @@ import numpy as np
 import safetensors
 
 from cadenza.errors import CadenzaError
-from cadenza.models.config import ModelConfig
 from cadenza.models import hf_quant
+from cadenza.models.config import ModelConfig
 from cadenza.models.hf_config import model_config_from_hf
 from cadenza.models.hf_weights import (
     HEADS_OUT,
@@ -419,15 +419,13 @@ def _read_quantized(ckpt: HFCheckpoint, spec, per_layer, num_layers: int) -> dic
     layers = []
     for _, weight in spec.hf_names(num_layers):
         base = hf_quant.base_name(weight)
-        if q.packed:
-            stored = tuple(int(v) for v in ckpt.tensor(f"{base}.weight_shape")[:])
-            if stored != want:
-                raise CadenzaError(f"{base}.weight_shape is {list(stored)}, config.json implies "
-                                   f"{list(want)}",
-                                   where=str(ckpt.tensors[f"{base}.weight_shape"].file),
-                                   fix="use the config.json that came with the checkpoint")
-        codes = hf_quant.read_codes(ckpt.tensor(f"{base}.weight_packed" if q.packed
-                                                else weight)[:], want, q)
+        stored = tuple(int(v) for v in ckpt.tensor(f"{base}.weight_shape")[:])
+        if stored != want:
+            raise CadenzaError(f"{base}.weight_shape is {list(stored)}, config.json implies "
+                               f"{list(want)}",
+                               where=str(ckpt.tensors[f"{base}.weight_shape"].file),
+                               fix="use the config.json that came with the checkpoint")
+        codes = hf_quant.read_codes(ckpt.tensor(f"{base}.weight_packed")[:], want, q)
         scale = ckpt.tensor(f"{base}.weight_scale")[:]
         check_finite(scale, f"{base}.weight_scale", ckpt.tensors[f"{base}.weight_scale"].file)
         layers.append(hf_quant.to_cadenza(codes, scale, tuple(per_layer), n_in, q))

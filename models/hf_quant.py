@@ -4,11 +4,13 @@ cadenza reads one family of quantized HF checkpoints: **compressed-tensors**
 (``quantization_config.quant_method: compressed-tensors``, as written by
 llm-compressor) with symmetric, static, integer, weight-only quantisation:
 
-- ``int8`` per output channel (``strategy: channel``, ``num_bits: 8``), format
-  ``pack-quantized`` (int32 words) or ``int-quantized`` / ``naive-quantized``
-  (an int8 ``weight``), onto cadenza's ``int8`` format;
-- ``int4`` group-wise (``strategy: group``, ``num_bits: 4``, any ``group_size``),
-  format ``pack-quantized``, onto cadenza's ``int4`` format with that group.
+- ``int8`` per output channel (``strategy: channel``, ``num_bits: 8``) onto
+  cadenza's ``int8`` format;
+- ``int4`` group-wise (``strategy: group``, ``num_bits: 4``, any ``group_size``)
+  onto cadenza's ``int4`` format with that group;
+
+both in the ``pack-quantized`` format (the one compressed-tensors writes and
+reads for integer weight-only schemes).
 
 A quantized ``nn.Linear`` ``<base>.weight`` is stored as ``<base>.weight_packed``
 (int32 ``[out, ceil(in * bits / 32)]``: element ``i`` of a row at bit ``i * bits``,
@@ -34,25 +36,20 @@ from cadenza.errors import CadenzaError
 from cadenza.models import quant
 
 METHOD = "compressed-tensors"
-ACCEPTED = ("cadenza imports compressed-tensors checkpoints with symmetric static int weights "
-            "only: int8 per channel (format pack-quantized or int-quantized) or int4 per "
-            "group (format pack-quantized)")
+ACCEPTED = ("cadenza imports compressed-tensors checkpoints (format pack-quantized) with "
+            "symmetric static int weights only: int8 per channel or int4 per group")
 FIX = ("import the float checkpoint and quantize it with 'cadenza convert quantize --scheme "
        "int8|int4|nf4' (or 'cadenza generate --quantize')")
 PACKED = "pack-quantized"
-INT8_FORMATS = ("int-quantized", "naive-quantized")
-# Fields of a weights' quantisation args that only steer calibration (ignored here).
-_CALIBRATION_ONLY = ("observer", "observer_kwargs", "scale_dtype", "zp_dtype")
 
 
 @dataclasses.dataclass(frozen=True)
 class HFQuant:
-    """The quantisation of an accepted checkpoint: cadenza ``scheme`` (int8/int4), the
-    int4 ``group`` (0 for int8) and whether codes are packed in int32 words."""
+    """The quantisation of an accepted checkpoint: cadenza ``scheme`` (int8/int4) and the
+    int4 ``group`` (0 for int8)."""
 
     scheme: str
     group: int
-    packed: bool
 
     @property
     def bits(self) -> int:
@@ -123,11 +120,11 @@ def _parse_group(name: str, group, top_format, where: str) -> HFQuant:
     for key, ok, what in checks:
         if not ok:
             _refuse(what, f"{field}.{key}", where)
-    if not (fmt == PACKED or (bits == 8 and fmt in INT8_FORMATS)):
-        _refuse(f"format {fmt!r} for {bits}-bit weights", fmt_field, where)
+    if fmt != PACKED:
+        _refuse(f"format {fmt!r}", fmt_field, where)
     if bits == 4 and not (isinstance(size, int) and size >= 2):
         _refuse(f"group_size {size!r}", f"{field}.group_size", where)
-    return HFQuant("int8" if bits == 8 else "int4", size if bits == 4 else 0, fmt == PACKED)
+    return HFQuant("int8" if bits == 8 else "int4", size if bits == 4 else 0)
 
 
 def base_name(weight_name: str) -> str:
@@ -148,8 +145,6 @@ def tensor_shapes(weight_name: str, shape: tuple[int, int], q: HFQuant
     base = base_name(weight_name)
     floats = ("F32", "F16", "BF16")
     scales = (out, 1) if q.scheme == "int8" else (out, math.ceil(k / q.group))
-    if not q.packed:
-        return {f"{base}.weight": (shape, ("I8",)), f"{base}.weight_scale": (scales, floats)}
     return {f"{base}.weight_packed": ((out, math.ceil(k * q.bits / 32)), ("I32",)),
             f"{base}.weight_scale": (scales, floats),
             f"{base}.weight_shape": ((2,), ("I64", "I32"))}
@@ -157,10 +152,8 @@ def tensor_shapes(weight_name: str, shape: tuple[int, int], q: HFQuant
 
 def read_codes(tensor, shape: tuple[int, int], q: HFQuant) -> np.ndarray:
     """The int8 codes ``[out, in]`` (in [-2**(bits-1), 2**(bits-1) - 1]) of a stored
-    ``weight_packed`` (int32 words) or int8 ``weight`` array."""
+    ``weight_packed`` array (int32 words ``[out, ceil(in * bits / 32)]``)."""
     words = np.asarray(tensor)
-    if not q.packed:
-        return words.astype(np.int8, copy=False)
     raw = np.ascontiguousarray(words.astype("<i4", copy=False)).view(np.uint8)
     raw = raw.reshape(words.shape[0], -1)
     if q.bits == 4:

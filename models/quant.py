@@ -220,7 +220,8 @@ def quantize_params(params, config, scheme: str | None = None, targets: str | No
     :mod:`cadenza.train.peft.sites`) quantised to ``scheme`` (default: the config's
     ``weight_quant`` / ``weight_quant_targets``). Each targeted ``kernel`` is replaced
     by :func:`quantize_kernel`'s arrays (per layer under a leading layer axis); biases,
-    norms, embeddings and mixture-of-experts expert kernels stay as they are. Returns a new tree (unchanged arrays shared).
+    norms, embeddings and mixture-of-experts expert kernels stay as they are. Returns a new
+    tree (unchanged arrays shared).
     """
     from cadenza.train.peft.sites import get_path, projection_sites, select_sites
 

@@ -63,7 +63,7 @@ def _pack(codes: np.ndarray, bits: int) -> np.ndarray:
     return np.ascontiguousarray(u).view("<i4")
 
 
-def write_quantized(src, dst, deq, scheme: str, fmt: str = "pack-quantized"):
+def write_quantized(src, dst, deq, scheme: str):
     """The float HF folder ``src`` quantized into ``dst`` (compressed-tensors layout) and,
     into ``deq``, the float model of its dequantized weights (``code * scale``)."""
     bits, group = SCHEMES[scheme]["num_bits"], SCHEMES[scheme]["group_size"]
@@ -77,14 +77,11 @@ def write_quantized(src, dst, deq, scheme: str, fmt: str = "pack-quantized"):
         base = name.removesuffix(".weight")
         dequant[name] = codes.astype(np.float32) * np.repeat(scale, group or w.shape[1], axis=1)
         packed[f"{base}.weight_scale"] = scale
-        if fmt == "pack-quantized":
-            packed[f"{base}.weight_packed"] = _pack(codes, bits)
-            packed[f"{base}.weight_shape"] = np.array(w.shape, np.int64)
-        else:
-            packed[f"{base}.weight"] = codes
+        packed[f"{base}.weight_packed"] = _pack(codes, bits)
+        packed[f"{base}.weight_shape"] = np.array(w.shape, np.int64)
     hf = json.loads((src / "config.json").read_text())
     for d, weights, extra in ((dst, packed, {"quantization_config": quantization_config(
-            scheme, fmt)}), (deq, dequant, {})):
+            scheme)}), (deq, dequant, {})):
         d.mkdir()
         (d / "config.json").write_text(json.dumps({**hf, **extra}))
         save_file(weights, d / "model.safetensors")
@@ -92,20 +89,19 @@ def write_quantized(src, dst, deq, scheme: str, fmt: str = "pack-quantized"):
 
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
-    """{(scheme, format): (quantized dir, dequantized dir, reference logits)}."""
+    """{scheme: (quantized dir, dequantized dir, reference logits)}."""
     root = tmp_path_factory.mktemp("hfq")
     np.save(root / "tokens.npy", TOKENS)
-    cases = [("int8", "pack-quantized"), ("int4", "pack-quantized"), ("int8", "int-quantized")]
     out, jobs = {}, []
     with ReferenceSession() as ref:
         ref.run({"create": [{"dir": str(root / "float"), "model_type": "llama",
                              "config": CONFIG, "seed": 3}]})
-        for scheme, fmt in cases:
-            q, deq = root / f"{scheme}-{fmt}", root / f"{scheme}-{fmt}-deq"
-            write_quantized(root / "float", q, deq, scheme, fmt)
+        for scheme in SCHEMES:
+            q, deq = root / scheme, root / f"{scheme}-deq"
+            write_quantized(root / "float", q, deq, scheme)
             jobs.append({"dir": str(deq), "tokens": str(root / "tokens.npy"),
                          "out": str(deq / "logits.npy")})
-            out[scheme, fmt] = (q, deq)
+            out[scheme] = (q, deq)
         ref.run({"logits": jobs})
     return {k: (q, deq, np.load(deq / "logits.npy")) for k, (q, deq) in out.items()}
 
@@ -115,11 +111,9 @@ def _logits(config, params):
         params, TOKENS))
 
 
-@pytest.mark.parametrize("case", [("int8", "pack-quantized"), ("int4", "pack-quantized"),
-                                  ("int8", "int-quantized")])
-def test_quantized_import_keeps_the_codes_and_matches_transformers(folders, case):
-    qdir, deqdir, ref_logits = folders[case]
-    scheme = case[0]
+@pytest.mark.parametrize("scheme", list(SCHEMES))
+def test_quantized_import_keeps_the_codes_and_matches_transformers(folders, scheme):
+    qdir, deqdir, ref_logits = folders[scheme]
     config, params = load_hf(qdir)
     assert (config.weight_quant, config.weight_quant_group) == (scheme, GROUP if scheme == "int4"
                                                                  else 128)
@@ -141,7 +135,7 @@ def test_quantized_import_keeps_the_codes_and_matches_transformers(folders, case
 
 
 def test_imported_quantized_model_directory_loads_the_same_params(folders, tmp_path):
-    qdir = folders["int4", "pack-quantized"][0]
+    qdir = folders["int4"][0]
     config, params = load_hf(qdir)
     out, notes = import_hf(qdir, tmp_path / "model")
     assert any("int4 weights" in n for n in notes)
@@ -152,7 +146,7 @@ def test_imported_quantized_model_directory_loads_the_same_params(folders, tmp_p
 
 
 def test_inconsistent_quantized_tensors_are_refused(folders, tmp_path):
-    qdir = folders["int8", "pack-quantized"][0]
+    qdir = folders["int8"][0]
     bad = tmp_path / "bad"
     shutil.copytree(qdir, bad)
     tensors = load_file(bad / "model.safetensors")
@@ -196,8 +190,10 @@ def _with_group(**changes):
     (_with_group(strategy="channel"), r"weights.strategy: .*strategy 'channel'"),
     (quantization_config("int8", strategy="group", group_size=128),
      r"weights.strategy: .*8-bit weights with strategy 'group'"),
-    (quantization_config("int4", fmt="marlin-24"), r"quantization_config.format: .*format 'marlin-24'"),
-    (quantization_config("int4", fmt="int-quantized"), r"quantization_config.format: .*'int-quantized' for 4-bit"),
+    (quantization_config("int4", fmt="marlin-24"),
+     r"quantization_config.format: .*format 'marlin-24'"),
+    (quantization_config("int4", fmt="int-quantized"),
+     r"quantization_config.format: .*format 'int-quantized'"),
     (_with_group(input_activations={"num_bits": 8, "type": "int"}),
      r"group_0.input_activations: .*weight-only"),
     ({**quantization_config("int8"), "sparsity_config": {"format": "sparse-24-bitmask"}},
