@@ -404,7 +404,8 @@ def read_hf(hf_dir, dtype: str | None = None, mesh=None, rules=None):
         set_path(params, spec.path, value)
     if ckpt.quant is not None:
         ckpt.notes.append(f"{config.weight_quant} weights (compressed-tensors codes and scales "
-                          "carried over unchanged) for " + config.weight_quant_targets
+                          "carried over unchanged) for " + ", ".join(
+                              t.replace("\\.", ".") for t in config.weight_quant_targets.split("|"))
                           + ("; they are loaded whole on the default device, not sharded"
                              if mesh is not None else ""))
     return ckpt, config, params
