@@ -146,7 +146,8 @@ def quantize_kernel(w, n_in: int, scheme: str, group: int = 128) -> dict:
     ``absmax / 254`` per element. ``int4``: symmetric groups of ``group`` consecutive
     inputs (C order; the inputs are zero-padded to a multiple of ``group``) per output
     channel, ``scale = absmax / 7``, codes in [-7, 7] packed two per uint8 (even input
-    in the low nibble). ``nf4``: :func:`quantize`
+    in the low nibble; :func:`pack_int4`, which also holds the code -8 of imported
+    checkpoints, see :mod:`cadenza.models.hf_quant`). ``nf4``: :func:`quantize`
     with :data:`NF4_BLOCK`. Returns the dict of arrays that replaces ``kernel``.
     """
     w = w.astype(jnp.float32)
