@@ -301,8 +301,8 @@ def check_weights(ckpt: HFCheckpoint, config: ModelConfig) -> list[tuple[str, ob
                           "them from the rope config)")
     lines = (_listing("missing tensors", missing) + _listing("unexpected tensors", unexpected)
              + _listing("shape mismatches", mismatched)
-             + _listing("wrong dtypes (a quantized weight needs quantization_config in "
-                        "config.json)", bad_dtype))
+             + _listing("wrong dtypes (quantized weights need a quantization_config that "
+                        "cadenza maps, see docs/quantization.md)", bad_dtype))
     if lines:
         fixes = []
         if "lm_head.weight" in missing:
