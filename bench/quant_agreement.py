@@ -13,8 +13,8 @@ the int8 KV cache with float weights; int8 weights with the int8 cache): the fra
 ``--new-tokens``-token greedy continuations (EOS ignored, float32 compute) identical to
 the float model's, and the mean fraction of tokens before the first difference. Also per
 model: the median over the float continuations' positions of the top-1 minus top-2 logit
-margin in units of the logits' standard deviation (random models' logits are nearly
-flat, so quantisation noise flips near-ties).
+margin, in nats and in units of the logits' standard deviation (quantisation noise flips
+near-ties, and one flip changes the rest of the continuation).
 Writes ``bench/results/<device>/quant_agreement.{json,md}``.
 """
 
@@ -50,12 +50,14 @@ def agreement(ours: list[list[int]], ref: list[list[int]]) -> dict:
             "prefix": float(np.mean(prefix))}
 
 
-def margin(config, params, prompts, continuations) -> float:
-    """Median (top-1 - top-2 logit) / logit std over the continuation positions."""
+def margin(config, params, prompts, continuations) -> dict:
+    """Medians over the continuation positions of the top-1 minus top-2 logit, in nats
+    (the log of their probability ratio) and in units of the logits' standard deviation."""
     tokens = jnp.array([p + c for p, c in zip(prompts, continuations)])
     logits = Transformer(config).apply({"params": params}, tokens)[0][:, len(prompts[0]) - 1:-1]
     top = jax.lax.top_k(logits, 2)[0]
-    return float(jnp.median((top[..., 0] - top[..., 1]) / logits.std(-1)))
+    gap = top[..., 0] - top[..., 1]
+    return {"nats": float(jnp.median(gap)), "std": float(jnp.median(gap / logits.std(-1)))}
 
 
 def measure(config, params, prompts, greedy: DecodeConfig) -> dict:
@@ -105,7 +107,7 @@ def main() -> None:
         "# Quantised greedy decoding vs the float model: identical continuations per format",
         "",
         f"jax {meta['jax']}, commit {meta['commit']}, {meta['date']}, {meta['device']}, "
-        f"host load average {meta['load_avg_1m']} at the end (a shared machine; agreement does "
+        f"host load average {meta['load_avg_1m']:.1f} at the end (a shared machine; agreement does "
         f"not depend on load). Model {meta['model']}: {n_params / 1e6:.1f}M params, "
         f"{config.num_layers} layers, width {config.hidden_size}, vocab {config.vocab_size}; "
         f"'random' is the same config at init. {len(prompts)} prompts of {args.prompt_len} "
@@ -113,12 +115,13 @@ def main() -> None:
         "float32 compute. Each cell: identical continuations / mean fraction of tokens "
         "before the first difference.",
         "",
-        "| model | top-1 margin (std) | " + " | ".join(FORMATS) + " |",
+        "| model | top-1 margin nats (std) | " + " | ".join(FORMATS) + " |",
         "|---|---|" + "---|" * len(FORMATS),
     ]
     for name, row in rows.items():
         cells = [f"{row[f]['equal']:.2f} / {row[f]['prefix']:.2f}" for f in FORMATS]
-        lines.append(f"| {name} | {row['margin']:.2f} | " + " | ".join(cells) + " |")
+        lines.append(f"| {name} | {row['margin']['nats']:.2f} ({row['margin']['std']:.2f}) | "
+                     + " | ".join(cells) + " |")
     (out / "quant_agreement.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
