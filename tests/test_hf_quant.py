@@ -121,14 +121,18 @@ def test_quantized_import_keeps_the_codes_and_matches_transformers(folders, sche
     assert "kernel" in params["lm_head"]
     assert quant.count_quantized(params) == 7             # q k v o gate up down
     _, float_params = load_hf(deqdir)
-    for module in ("attn", "mlp"):
-        for name, q in params["layers"][module].items():
-            assert set(q) == {quant.QWEIGHT, quant.QSCALE}
-            kernel = float_params["layers"][module][name]["kernel"]
-            n_in = 2 if name == "o_proj" else 1
-            back = jax.vmap(lambda a: quant.dequantize_kernel(a, kernel.shape[1:], n_in,
-                                                               scheme))(q)
-            np.testing.assert_array_equal(np.asarray(back), np.asarray(kernel), err_msg=name)
+    kernels = {(m, n): p["kernel"] for m in ("attn", "mlp")
+               for n, p in float_params["layers"][m].items()}
+
+    @jax.jit
+    def dequantized(layers):   # every projection's kernel back from the imported arrays
+        return {(m, n): jax.vmap(lambda q, k=k, n=n: quant.dequantize_kernel(
+            q, k.shape[1:], 2 if n == "o_proj" else 1, scheme))(layers[m][n])
+            for (m, n), k in kernels.items()}
+
+    for (m, n), back in dequantized(params["layers"]).items():
+        assert set(params["layers"][m][n]) == {quant.QWEIGHT, quant.QSCALE}
+        np.testing.assert_array_equal(np.asarray(back), np.asarray(kernels[m, n]), err_msg=n)
     ours = _logits(config, params)
     scale = max(1.0, float(np.abs(ref_logits).max()))
     assert float(np.abs(ours - ref_logits).max()) <= 1e-4 * scale
