@@ -1,10 +1,12 @@
 """How often quantised greedy decoding equals the float model's, per format.
 
-    .venv/bin/python bench/quant_agreement.py --model DIR [--prompts 16] [--new-tokens 64]
+    .venv/bin/python bench/quant_agreement.py [--model DIR | --size 20m] [--prompts 16]
+        [--new-tokens 64]
 
-``--model``: a trained cadenza model directory trained on the stdlib code corpus (e.g. the
-target ``bench/speculative_methods.py`` trains, ``runs/spec_methods/20m/target-*/model``).
-Two models are compared: that trained model and a random model of the same config
+``--model``: a cadenza model directory trained on the stdlib code corpus; default: the
+target of ``bench/speculative_methods.py`` at ``--size`` (its cached model under
+``--runs``, trained there now when absent). Two models are compared: that trained model
+and a random model of the same config
 (``init_params``, seed 0). Prompts: windows of held-out stdlib modules (the trained
 model's held-out split, ``speculative_methods.heldout_prompts``), the same for both.
 
@@ -30,11 +32,12 @@ import numpy as np
 
 from cadenza.decode import DecodeConfig, generate
 from cadenza.models import Transformer, init_params, load_model, quant
+from cadenza.models.checkpoint import tokenizer_dir
 from cadenza.models.tokenizer import load_tokenizer
 from cadenza.provenance import provenance, results_dir
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
-from speculative_methods import heldout_prompts  # noqa: E402
+from speculative_methods import SIZES, heldout_prompts, trained  # noqa: E402
 
 # name -> (weight scheme, kv cache)
 FORMATS = {"int8": ("int8", "auto"), "int4": ("int4", "auto"), "nf4": ("nf4", "auto"),
@@ -76,26 +79,33 @@ def measure(config, params, prompts, greedy: DecodeConfig) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", required=True, help="trained cadenza model directory")
+    ap.add_argument("--model", default=None, help="trained cadenza model directory")
+    ap.add_argument("--size", default="20m", choices=list(SIZES),
+                    help="without --model: speculative_methods' target of this size")
+    ap.add_argument("--runs", default="runs/spec_methods", help="its trained models (cached)")
     ap.add_argument("--prompts", type=int, default=16)
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--out", default=None, help="default: bench/results/<device>")
     args = ap.parse_args()
-    model_dir = pathlib.Path(args.model)
-    experiment, trained = load_model(model_dir)
+    if args.model:
+        model_dir = pathlib.Path(args.model)
+    else:
+        size = SIZES[args.size]
+        model_dir = trained(pathlib.Path(args.runs) / args.size, "target", "tiny_pretrain",
+                            size["target"], size["target_steps"], {})
+    experiment, params = load_model(model_dir)
     config = dataclasses.replace(experiment.model, dtype="float32", param_dtype="float32")
-    trained = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), trained)
-    tok = load_tokenizer(model_dir / "tokenizer")
+    params = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), params)
+    tok = load_tokenizer(tokenizer_dir(model_dir))
     prompts, modules = heldout_prompts(tok, experiment.data.heldout_fraction, args.prompts,
                                        args.prompt_len)
     greedy = DecodeConfig(max_new_tokens=args.new_tokens, ignore_eos=True)
-    n_params = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(trained))
+    n_params = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(params))
     rows = {}
-    for name, params in (("trained", trained), ("random", init_params(config,
-                                                                      jax.random.key(0)))):
+    for name, p in (("trained", params), ("random", init_params(config, jax.random.key(0)))):
         print(name, flush=True)
-        rows[name] = measure(config, params, prompts, greedy)
+        rows[name] = measure(config, p, prompts, greedy)
     meta = {**provenance(), "model": "/".join(model_dir.parts[-3:]), "params": n_params,
             "layers": config.num_layers, "hidden": config.hidden_size,
             "vocab": config.vocab_size, "prompts": len(prompts), "prompt_len": args.prompt_len,
