@@ -224,7 +224,8 @@ def open_hf_checkpoint(path, *, dtype: str | None = None) -> tuple[HFCheckpoint,
 def _quantized_targets(ckpt: HFCheckpoint, config: ModelConfig) -> ModelConfig:
     """``config`` with ``weight_quant_targets`` naming the projections the checkpoint
     stores quantized (a ``<base>.weight_scale`` tensor), checked to be whole projections
-    (all layers) that cadenza can hold quantized (not mixture-of-experts experts)."""
+    (all layers) that cadenza can hold quantized (not embeddings or mixture-of-experts
+    experts)."""
     paths, partial, unmappable = [], [], []
     for spec in weight_specs(config):
         flags = [ckpt.quantized(name) for _, name in spec.hf_names(config.num_layers)]
@@ -239,8 +240,8 @@ def _quantized_targets(ckpt: HFCheckpoint, config: ModelConfig) -> ModelConfig:
     where = str(ckpt.directory)
     if unmappable:
         raise CadenzaError(f"{len(unmappable)} quantized weights cadenza keeps in float "
-                           f"(mixture-of-experts experts): {', '.join(unmappable)}", where=where,
-                           fix=hf_quant.FIX)
+                           f"(embeddings, mixture-of-experts experts): {', '.join(unmappable)}",
+                           where=where, fix=hf_quant.FIX)
     if partial:
         raise CadenzaError(f"weights quantized in some layers only: {', '.join(partial)}",
                            where=where, fix=hf_quant.FIX)
