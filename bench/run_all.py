@@ -37,6 +37,7 @@ QUICK_ARGS = {
     "decode_scan_layout": ["--configs", "10m", "--batches", "1", "--repeats", "1",
                            "--new-tokens", "8"],
     "kernels_attention": ["--size", "tiny", "--iters", "2"],
+    "quant_agreement": ["--size", "smoke", "--prompts", "2", "--new-tokens", "8"],
     "superposed_bench": ["--steps", "10", "--prompts", "2", "--reps", "1", "--new-tokens", "8"],
     "quickstart_bench": ["--fast"],
     "speculative_bench": ["--target-steps", "20", "--draft-steps", "20", "--batch", "1",

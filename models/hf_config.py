@@ -17,6 +17,7 @@ import dataclasses
 from cadenza.errors import CadenzaError, ConfigError
 from cadenza.models.config import ModelConfig, RopeScalingConfig
 from cadenza.models.families import FAMILIES, NAMES, Family
+from cadenza.models.hf_quant import parse as parse_hf_quant
 
 _ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh",
                 "gelu_tanh": "gelu_tanh", "gelu_new": "gelu_tanh"}
@@ -178,22 +179,19 @@ def model_config_from_hf(hf: dict, *, dtype: str | None = None, where: str = "co
       (e.g. which of several eos ids was kept).
 
     Raises:
-      CadenzaError: remote code (``auto_map``), a quantized checkpoint
-        (``quantization_config``), an unsupported model type or feature, or values
-        cadenza's config rejects.
+      CadenzaError: remote code (``auto_map``), a quantized checkpoint whose
+        ``quantization_config`` cadenza cannot map (see :mod:`cadenza.models.hf_quant`;
+        an accepted one sets ``weight_quant`` and ``weight_quant_group``), an unsupported
+        model type or feature, or values cadenza's config rejects.
     """
     notes: list[str] = []
     if "auto_map" in hf:
         _refuse("the config asks for custom code (auto_map); cadenza never runs remote code",
                 f"{where}: auto_map", "use a checkpoint of a supported built-in architecture: "
                 + ", ".join(NAMES))
-    quant = hf.get("quantization_config")
-    if quant is not None:
-        method = quant.get("quant_method", "not given") if isinstance(quant, dict) else "not given"
-        _refuse(f"the checkpoint is quantized (quantization_config.quant_method: {method}); "
-                "cadenza imports float checkpoints only", f"{where}: quantization_config",
-                "import the float checkpoint and quantize it with 'cadenza convert quantize "
-                "--scheme int8|int4|nf4' (or 'cadenza generate --quantize')")
+    quant = None
+    if hf.get("quantization_config") is not None:
+        quant = parse_hf_quant(hf["quantization_config"], where)
     name = hf.get("model_type")
     if name not in FAMILIES:
         _refuse(f"model_type {name!r} is not supported", f"{where}: model_type",
@@ -248,6 +246,8 @@ def model_config_from_hf(hf: dict, *, dtype: str | None = None, where: str = "co
             eos_token_id=_token_id(hf, "eos_token_id", where, notes),
             pad_token_id=_token_id(hf, "pad_token_id", where, notes),
             dtype=dtype, param_dtype=dtype, **_experts(hf, fam, where, notes),
+            **({"weight_quant": quant.scheme, "weight_quant_group": quant.group or 128}
+               if quant else {}),
             **({"qkv_bias": bool(_read(hf, fam, "qkv_bias"))} if "qkv_bias" in fam.reads
                else {}))
     except KeyError as e:

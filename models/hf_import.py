@@ -23,9 +23,11 @@ import numpy as np
 import safetensors
 
 from cadenza.errors import CadenzaError
+from cadenza.models import hf_quant
 from cadenza.models.config import ModelConfig
 from cadenza.models.hf_config import model_config_from_hf
 from cadenza.models.hf_weights import (
+    HEADS_OUT,
     get_path,
     hf_shape,
     read_block,
@@ -73,7 +75,8 @@ class HFCheckpoint:
     """An opened HF checkpoint: its directory, config.json, tensor index and remarks.
 
     ``files`` holds one open ``safetensors.safe_open`` handle (numpy framework,
-    memory-mapped) per weight file; nothing but the headers has been read.
+    memory-mapped) per weight file; nothing but the headers has been read. ``quant``:
+    the accepted quantisation of a quantized checkpoint (see :mod:`.hf_quant`), else None.
     """
 
     directory: pathlib.Path
@@ -81,6 +84,11 @@ class HFCheckpoint:
     tensors: dict[str, TensorInfo]
     files: dict[pathlib.Path, safetensors.safe_open]
     notes: list[str]
+    quant: hf_quant.HFQuant | None = None
+
+    def quantized(self, name: str) -> bool:
+        """Whether the HF weight ``name`` (``...weight``) is stored quantized."""
+        return self.quant is not None and hf_quant.is_quantized(name, self.tensors)
 
     def tensor(self, name: str):
         """HF tensor ``name`` as a lazy safetensors slice: ``[slices]`` reads just that block."""
@@ -206,7 +214,43 @@ def open_hf_checkpoint(path, *, dtype: str | None = None) -> tuple[HFCheckpoint,
     pickles = sorted(f.name for f in d.iterdir() if f.suffix in PICKLE_SUFFIXES)
     if pickles:
         notes.append(f"ignored pickle files (never loaded): {', '.join(pickles)}")
-    return HFCheckpoint(d, hf_config, tensors, files, notes), config
+    ckpt = HFCheckpoint(d, hf_config, tensors, files, notes)
+    if config.weight_quant != "none":
+        ckpt.quant = hf_quant.parse(hf_config["quantization_config"], str(d / "config.json"))
+        config = _quantized_targets(ckpt, config)
+    return ckpt, config
+
+
+def _quantized_targets(ckpt: HFCheckpoint, config: ModelConfig) -> ModelConfig:
+    """``config`` with ``weight_quant_targets`` naming the projections the checkpoint
+    stores quantized (a ``<base>.weight_scale`` tensor), checked to be whole projections
+    (all layers) that cadenza can hold quantized (not embeddings or mixture-of-experts
+    experts)."""
+    paths, partial, unmappable = [], [], []
+    for spec in weight_specs(config):
+        flags = [ckpt.quantized(name) for _, name in spec.hf_names(config.num_layers)]
+        if not any(flags):
+            continue
+        if spec.path[-1] != "kernel" or spec.experts:
+            unmappable.append(spec.hf_name)
+        elif not all(flags):
+            partial.append(spec.hf_name)
+        else:
+            paths.append(spec.path[:-1])
+    where = str(ckpt.directory)
+    if unmappable:
+        raise CadenzaError(f"{len(unmappable)} quantized weights cadenza keeps in float "
+                           f"(embeddings, mixture-of-experts experts): {', '.join(unmappable)}",
+                           where=where, fix=hf_quant.FIX)
+    if partial:
+        raise CadenzaError(f"weights quantized in some layers only: {', '.join(partial)}",
+                           where=where, fix=hf_quant.FIX)
+    if not paths:
+        raise CadenzaError("config.json has a quantization_config but no weight is stored "
+                           "quantized (no *.weight_scale tensor)", where=where,
+                           fix="remove quantization_config from config.json, or use the "
+                               "checkpoint's own config.json")
+    return dataclasses.replace(config, weight_quant_targets=hf_quant.site_targets(paths))
 
 
 def _listing(title: str, items: list[str]) -> list[str]:
@@ -236,17 +280,20 @@ def check_weights(ckpt: HFCheckpoint, config: ModelConfig) -> list[tuple[str, ob
         shape = get_path(shapes, spec.path).shape
         per_layer = shape[len(spec.stack_shape(config.num_layers)):]
         want = hf_shape(spec.layout, per_layer)
-        for _, name in spec.hf_names(config.num_layers):
-            expected.add(name)
-            info = ckpt.tensors.get(name)
-            if info is None:
-                missing.append(name)
-            elif info.shape != want:
-                hint = _shape_hint(spec.hf_name, info.shape, want, config)
-                mismatched.append(f"{name}: checkpoint {list(info.shape)}, config.json implies "
-                                  f"{list(want)}{hint}")
-            elif info.dtype not in FLOAT_TAGS:
-                bad_dtype.append(f"{name}: {info.dtype}")
+        for _, weight in spec.hf_names(config.num_layers):
+            stored = (hf_quant.tensor_shapes(weight, want, ckpt.quant)
+                      if ckpt.quantized(weight) else {weight: (want, tuple(FLOAT_TAGS))})
+            for name, (shape, tags) in stored.items():
+                expected.add(name)
+                info = ckpt.tensors.get(name)
+                if info is None:
+                    missing.append(name)
+                elif info.shape != shape:
+                    hint = _shape_hint(spec.hf_name, info.shape, shape, config)
+                    mismatched.append(f"{name}: checkpoint {list(info.shape)}, config.json "
+                                      f"implies {list(shape)}{hint}")
+                elif info.dtype not in tags:
+                    bad_dtype.append(f"{name}: {info.dtype}, expected {' or '.join(tags)}")
         plan.append((spec, per_layer))
     ignored = [n for n in ckpt.tensors if n not in expected and n.endswith(IGNORED_SUFFIXES)]
     unexpected = sorted(n for n in ckpt.tensors if n not in expected and n not in ignored)
@@ -255,7 +302,8 @@ def check_weights(ckpt: HFCheckpoint, config: ModelConfig) -> list[tuple[str, ob
                           "them from the rope config)")
     lines = (_listing("missing tensors", missing) + _listing("unexpected tensors", unexpected)
              + _listing("shape mismatches", mismatched)
-             + _listing("non-float dtypes (quantized checkpoints are not supported)", bad_dtype))
+             + _listing("wrong dtypes (quantized weights need a quantization_config that "
+                        "cadenza maps, see docs/quantization.md)", bad_dtype))
     if lines:
         fixes = []
         if "lm_head.weight" in missing:
@@ -273,11 +321,16 @@ def check_weights(ckpt: HFCheckpoint, config: ModelConfig) -> list[tuple[str, ob
         raise CadenzaError(
             f"the weights do not match config.json ({problems} problems):\n"
             + "\n".join(lines) + "\n", where=str(ckpt.directory), fix="; ".join(fixes))
-    stored = sorted({ckpt.tensors[n].dtype for n in expected})
+    stored = sorted({ckpt.tensors[n].dtype for n in expected if _is_float(ckpt, n)})
     if [FLOAT_TAGS[tag] for tag in stored] != [config.param_dtype]:
         ckpt.notes.append(f"the checkpoint stores {'/'.join(stored)}; cast to "
                           f"{config.param_dtype}")
     return plan
+
+
+def _is_float(ckpt: HFCheckpoint, name: str) -> bool:
+    """Whether tensor ``name`` is a float param (not a quantized weight's scale or codes)."""
+    return ckpt.tensors[name].dtype in FLOAT_TAGS and not name.endswith(".weight_scale")
 
 
 def _shape_hint(template: str, got, want, config: ModelConfig) -> str:
@@ -331,7 +384,7 @@ def read_hf(hf_dir, dtype: str | None = None, mesh=None, rules=None):
         shardings = param_shardings(config, mesh, rules)
     target = jnp.dtype(config.param_dtype)
     cast = collections.Counter(info.dtype for name, info in ckpt.tensors.items()
-                               if info.dtype.startswith(("F", "BF"))
+                               if _is_float(ckpt, name)
                                and info.dtype != _SAFETENSORS_DTYPE.get(target.name))
     if cast:
         ckpt.notes.append("cast to " + target.name + ": " + ", ".join(
@@ -339,6 +392,10 @@ def read_hf(hf_dir, dtype: str | None = None, mesh=None, rules=None):
             + (" (float64 loses precision)" if "F64" in cast else ""))
     params: dict = {}
     for spec, per_layer in plan:
+        if ckpt.quantized(spec.hf_names(config.num_layers)[0][1]):
+            for key, value in _read_quantized(ckpt, spec, per_layer, config.num_layers).items():
+                set_path(params, spec.path[:-1] + (key,), jnp.asarray(value))
+            continue
         shape = spec.stack_shape(config.num_layers) + tuple(per_layer)
         read = _reader(ckpt, spec, per_layer, config.num_layers, target)
         if shardings is None:
@@ -346,7 +403,37 @@ def read_hf(hf_dir, dtype: str | None = None, mesh=None, rules=None):
         else:
             value = jax.make_array_from_callback(shape, get_path(shardings, spec.path), read)
         set_path(params, spec.path, value)
+    if ckpt.quant is not None:
+        ckpt.notes.append(f"{config.weight_quant} weights (compressed-tensors codes and scales "
+                          "carried over unchanged) for " + ", ".join(
+                              t.replace("\\.", ".") for t in config.weight_quant_targets.split("|"))
+                          + ("; they are loaded whole on the default device, not sharded"
+                             if mesh is not None else ""))
     return ckpt, config, params
+
+
+def _read_quantized(ckpt: HFCheckpoint, spec, per_layer, num_layers: int) -> dict:
+    """cadenza's quantized arrays (:func:`hf_quant.to_cadenza`, stacked over layers) of the
+    kernel ``spec`` from its stored codes and scales; checks each ``weight_shape`` and
+    that the scales are finite."""
+    q, want = ckpt.quant, hf_shape(spec.layout, tuple(per_layer))
+    n_in = 2 if spec.layout == HEADS_OUT else 1
+    layers = []
+    for _, weight in spec.hf_names(num_layers):
+        base = hf_quant.base_name(weight)
+        stored = tuple(int(v) for v in ckpt.tensor(f"{base}.weight_shape")[:])
+        if stored != want:
+            raise CadenzaError(f"{base}.weight_shape is {list(stored)}, config.json implies "
+                               f"{list(want)}",
+                               where=str(ckpt.tensors[f"{base}.weight_shape"].file),
+                               fix="use the config.json that came with the checkpoint")
+        codes = hf_quant.read_codes(ckpt.tensor(f"{base}.weight_packed")[:], want, q)
+        scale = ckpt.tensor(f"{base}.weight_scale")[:]
+        check_finite(scale, f"{base}.weight_scale", ckpt.tensors[f"{base}.weight_scale"].file)
+        layers.append(hf_quant.to_cadenza(codes, scale, tuple(per_layer), n_in, q))
+    if not spec.layered:
+        return layers[0]
+    return {key: np.stack([arrays[key] for arrays in layers]) for key in layers[0]}
 
 
 _SAFETENSORS_DTYPE = {"float32": "F32", "float16": "F16", "bfloat16": "BF16",

@@ -146,7 +146,8 @@ def quantize_kernel(w, n_in: int, scheme: str, group: int = 128) -> dict:
     ``absmax / 254`` per element. ``int4``: symmetric groups of ``group`` consecutive
     inputs (C order; the inputs are zero-padded to a multiple of ``group``) per output
     channel, ``scale = absmax / 7``, codes in [-7, 7] packed two per uint8 (even input
-    in the low nibble). ``nf4``: :func:`quantize`
+    in the low nibble; :func:`pack_int4`, which also holds the code -8 of imported
+    checkpoints, see :mod:`cadenza.models.hf_quant`). ``nf4``: :func:`quantize`
     with :data:`NF4_BLOCK`. Returns the dict of arrays that replaces ``kernel``.
     """
     w = w.astype(jnp.float32)
@@ -165,9 +166,19 @@ def quantize_kernel(w, n_in: int, scheme: str, group: int = 128) -> dict:
         absmax = jnp.max(jnp.abs(grouped), axis=1)
         scale = jnp.where(absmax > 0, absmax, 1.0) / 7
         codes = jnp.round(grouped / scale[:, None]).astype(jnp.int8).reshape((padded,) + out_shape)
-        nibbles = (codes & 15).astype(jnp.uint8)
-        return {QWEIGHT: nibbles[0::2] | (nibbles[1::2] << 4), QSCALE: scale}
+        return {QWEIGHT: pack_int4(codes, group), QSCALE: scale}
     raise ValueError(f"unknown weight scheme {scheme!r}")
+
+
+def pack_int4(codes, group: int):
+    """int4 codes [K, *out] (integers in [-8, 7]) as :data:`QWEIGHT`: the K inputs
+    zero-padded to a multiple of ``group``, two codes per uint8 (even input in the low
+    nibble, two's complement): uint8 [K_padded / 2, *out]."""
+    k = codes.shape[0]
+    padded = _blocks(k, group) * group
+    codes = jnp.pad(jnp.asarray(codes, jnp.int8), [(0, padded - k)] + [(0, 0)] * (codes.ndim - 1))
+    nibbles = (codes & 15).astype(jnp.uint8)
+    return nibbles[0::2] | (nibbles[1::2] << 4)
 
 
 def dequantize_kernel(q: dict, shape, n_in: int, scheme: str, dtype=jnp.float32):
@@ -210,7 +221,8 @@ def quantize_params(params, config, scheme: str | None = None, targets: str | No
     :mod:`cadenza.train.peft.sites`) quantised to ``scheme`` (default: the config's
     ``weight_quant`` / ``weight_quant_targets``). Each targeted ``kernel`` is replaced
     by :func:`quantize_kernel`'s arrays (per layer under a leading layer axis); biases,
-    norms, embeddings and mixture-of-experts expert kernels stay as they are. Returns a new tree (unchanged arrays shared).
+    norms, embeddings and mixture-of-experts expert kernels stay as they are. Returns a new
+    tree (unchanged arrays shared).
     """
     from cadenza.train.peft.sites import get_path, projection_sites, select_sites
 

@@ -251,8 +251,8 @@ def test_every_problem_is_listed_in_one_error(tiny_config, tmp_path):
     assert "unexpected tensors (1):\n  - model.layers.0.mlp.up_projection.weight" in msg
     assert f"shape mismatches ({2 * config.num_layers})" in msg
     assert "num_key_value_heads=4" in msg and "2 heads of head_dim" in msg
-    assert "non-float dtypes (quantized checkpoints are not supported) (1):" in msg
-    assert "model.norm.weight: I8" in msg
+    assert "wrong dtypes (quantized weights need a quantization_config" in msg
+    assert "model.norm.weight: I8, expected F64 or F32 or F16 or BF16" in msg
 
 
 def test_tied_config_with_an_output_head_says_so(tiny_config, tmp_path):

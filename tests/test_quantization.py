@@ -15,7 +15,6 @@ from cadenza.cli import main
 from cadenza.config import load_config
 from cadenza.decode import DecodeConfig, generate
 from cadenza.decode.speculative import DraftModel
-from cadenza.errors import CadenzaError
 from cadenza.models import KVCache, Transformer, init_params, load_model, quant, save_model
 from cadenza.models.cache import dequantize_kv, quantize_kv
 
@@ -223,16 +222,6 @@ def test_convert_quantize_writes_a_model_directory_that_generate_reads(tmp_path,
         assert main(argv) == 2, argv
         assert words in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
-
-
-def test_quantized_hf_checkpoints_are_refused_naming_their_method():
-    from cadenza.models.hf_config import model_config_from_hf
-
-    hf = {"model_type": "llama", "hidden_size": 64, "num_hidden_layers": 1,
-          "num_attention_heads": 4, "intermediate_size": 128, "vocab_size": 512,
-          "quantization_config": {"quant_method": "gptq", "bits": 4}}
-    with pytest.raises(CadenzaError, match="quant_method: gptq"):
-        model_config_from_hf(hf)
 
 
 def test_moe_expert_kernels_stay_float_and_the_quantised_model_runs(tiny_config):
