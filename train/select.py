@@ -10,8 +10,10 @@ records, each cut to ``train.seq_len`` positions):
   (a ratio near or above 1 marks a response the instruction does not explain).
 - ``grape``: among records sharing one instruction (every turn before the last reply)
   only the response with the lowest NLL is eligible; then the lowest NLL first.
-- ``rds``: cosine of the record's position-weighted mean final hidden state (weights
-  1..T over its tokens) to the nearest record of a target set; keeps the highest.
+- ``rds`` (RDS+): cosine of the record's position-weighted mean final hidden state
+  (weights 1..T over all its T tokens: instruction and response, through the last) to
+  the nearest record of a target set; keeps the highest. It ranks by resemblance to the
+  target, not by whether a response answers its instruction (see docs/data.md).
 - ``random``: a uniform score from ``seed``.
 
 Diversity (optional): ``kmeans`` clusters the embeddings (fixed-iteration k-means in JAX,
