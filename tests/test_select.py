@@ -127,6 +127,10 @@ def test_scores_match_numpy_and_same_seed_same_selection(pool):
                                (unit(emb) @ unit(t_emb).T).max(-1),
                                rtol=1e-4)
     assert len(result["selected"]) == 5
+    # rows of seq_len + 1 positions on a mesh that shards the sequence: padded, same scores.
+    split = select(load_config(None, overrides + ["mesh.sequence=2"], preset="tiny"),
+                   SelectSpec("rds", 5), target=target)
+    np.testing.assert_allclose(split["details"]["rds"], result["details"]["rds"], atol=1e-5)
     # random: the seed decides, the same seed gives the same records.
     picks = [select(config, SelectSpec("random", 0.25, seed=s))["selected"].tolist()
              for s in (1, 1, 2)]

@@ -167,9 +167,10 @@ class Scorer:
         rules = config.mesh.rules()
         self.params = load_base_params(config.model, config.train.init_from, self.mesh, rules)
         self.sharding = batch_sharding(self.mesh, rules)
+        spec = tuple(self.sharding.spec) + (None, None)
         rows_shards, self.length_shards = (
             math.prod(self.mesh.shape[a] for a in (axes if isinstance(axes, tuple) else (axes,)))
-            for axes in (self.sharding.spec[0] or (), self.sharding.spec[1] or ()))
+            for axes in (spec[0] or (), spec[1] or ()))
         self.batch_size = -(-batch_size // rows_shards) * rows_shards  # a multiple of shards
         fn = score_forward(Transformer(config.model))
 
