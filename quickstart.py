@@ -48,7 +48,7 @@ from cadenza.outputs import atomic_file
 from cadenza.provenance import provenance
 from cadenza.quickstart_eval import (
     heldout_loss,
-    score_task,
+    measure_task,
     task_examples,
     unigram_cross_entropy,
 )
@@ -181,33 +181,6 @@ def _fit_summary(cfg) -> dict:
     keys = ("step", "loss", "eval_loss", "tokens_per_s", "compile_s", "model_dir",
             "adapters_dir")
     return {"params": cfg.model.num_params(), **{k: summary[k] for k in keys}}
-
-
-def _decode_bodies(model, params, examples, tokenizer, new_tokens: int, *, samples: int = 0,
-                   seed: int = 0) -> list:
-    """Greedy bodies (``samples=0``: a list of str) or ``samples`` sampled bodies per example
-    (temperature 0.8: a list of lists), decoded as one batch."""
-    from cadenza.decode import DecodeConfig, generate
-    from cadenza.decode.config import with_fields
-
-    prompts = [e["prompt"] for e in examples]
-    if not samples:
-        cfg = DecodeConfig(method="greedy", max_new_tokens=new_tokens)
-        return generate(model, params, prompts, cfg, tokenizer=tokenizer).text
-    cfg = with_fields(DecodeConfig(method="sample", max_new_tokens=new_tokens),
-                      sampling__temperature=0.8)
-    rows = [p for p in prompts for _ in range(samples)]
-    texts = generate(model, params, rows, cfg, tokenizer=tokenizer,
-                     seeds=[seed + i for i in range(len(rows))]).text
-    return [texts[i * samples:(i + 1) * samples] for i in range(len(prompts))]
-
-
-def _task(model, params, examples, tokenizer, size) -> tuple[dict, list[str]]:
-    """The measured task's scores for one model, and its greedy bodies."""
-    greedy = _decode_bodies(model, params, examples, tokenizer, size["new_tokens"])
-    sampled = _decode_bodies(model, params, examples, tokenizer, size["new_tokens"],
-                             samples=size["task_samples"])
-    return score_task(examples, greedy, sampled), greedy
 
 
 def _lud_model(out: pathlib.Path, size: dict, sft_cfg, tuned_params, tokenizer, code_files,
@@ -372,7 +345,9 @@ def run_quickstart(out_dir="runs/quickstart", fast: bool = False, large: bool = 
         lora = {"heldout_loss_before": heldout_loss(sft_cfg, target_params,
                                                     size["eval_steps"])}
         task = {}
-        task["before"], before = _task(target, target_params, examples, tokenizer, size)
+        measure = dict(new_tokens=size["new_tokens"], samples=size["task_samples"])
+        task["before"], before = measure_task(target, target_params, examples, tokenizer,
+                                              **measure)
         if not have("cadenza.train.peft.task"):
             lora["unavailable"] = "not available in this build (cadenza.train.peft is missing)"
             return {"lora": lora, "task": task, "bodies": {"before": before}}
@@ -380,7 +355,7 @@ def run_quickstart(out_dir="runs/quickstart", fast: bool = False, large: bool = 
         _, tuned = load_model(summary["model_dir"])
         lora.update(heldout_loss_after=heldout_loss(sft_cfg, tuned, size["eval_steps"]),
                     steps=summary["step"])
-        task["after"], after = _task(target, tuned, examples, tokenizer, size)
+        task["after"], after = measure_task(target, tuned, examples, tokenizer, **measure)
         return {"lora": lora, "task": task, "train": summary,
                 "bodies": {"before": before, "after": after}}
 

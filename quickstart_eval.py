@@ -3,11 +3,11 @@
 - :func:`unigram_cross_entropy`: the loss a model that ignores context would reach on a
   dataset, the baseline every training and held-out loss is printed beside.
 - :func:`heldout_loss`: a model's mean next-token loss on the held-out split.
-- :func:`task_examples` / :func:`score_task`: the measured task, completing held-out
-  docstrings with a function body, scored two ways: exact match of the body's first
-  line (greedy) and syntax pass@k (sampled bodies that compile as the function's body;
-  every check runs in a separate, resource-limited Python process with a time limit,
-  never in the quickstart's own process).
+- :func:`task_examples` / :func:`measure_task` / :func:`score_task`: the measured task,
+  completing held-out docstrings with a function body, scored two ways: exact match of
+  the body's first line (greedy) and syntax pass@k (sampled bodies that compile as the
+  function's body; every check runs in a separate, resource-limited Python process with
+  a time limit, never in the quickstart's own process).
 """
 
 import json
@@ -93,21 +93,34 @@ def heldout_loss(config, params, max_batches: int) -> float:
     return ce / max(count, 1.0)
 
 
-def task_examples(tokenizer, modules, heldout_fraction: float, max_tokens: int,
-                  max_body_tokens: int, per_module: int, count: int) -> list[dict]:
-    """Up to ``count`` held-out docstring -> body examples, at most ``per_module`` from each
-    held-out module, taken from the modules in turn (the first few examples come from as
-    many different modules as there are).
-
-    Examples whose prompt is longer than ``max_tokens`` or whose body is longer than
-    ``max_body_tokens`` tokens (a completion could not finish it) are left out. Each is a
-    dict: ``where`` (file:line), ``header`` (signature + docstring source), ``body`` (the
-    reference body), ``first_line`` (its first line) and ``prompt`` (token ids of the
-    chat-rendered instruction with the assistant turn opened)."""
+def task_example(tokenizer, instruction: str, body: str, where: str, max_tokens: int,
+                 max_body_tokens: int) -> dict | None:
+    """One docstring -> body example of the measured task, or None when its prompt is
+    longer than ``max_tokens`` or its body longer than ``max_body_tokens`` tokens (a
+    completion could not finish it). A dict: ``where`` (as given), ``header`` (signature +
+    docstring source), ``body`` (the reference body), ``first_line`` (its first line) and
+    ``prompt`` (token ids of the chat-rendered instruction with the assistant turn
+    opened)."""
     from cadenza.models.chat_template import ChatTemplate
     from cadenza.train.data import stdlib
 
-    template = ChatTemplate.from_tokenizer(tokenizer)
+    text = ChatTemplate.from_tokenizer(tokenizer).render(
+        [{"role": "user", "content": instruction}], add_generation_prompt=True)
+    ids = tokenizer.encode(text, add_bos=True)
+    if len(ids) > max_tokens or len(tokenizer.encode(body, add_bos=False)) > max_body_tokens:
+        return None
+    return {"where": where, "prompt": ids, "body": body,
+            "header": instruction.removeprefix(stdlib.INSTRUCTION),
+            "first_line": body.splitlines()[0].strip()}
+
+
+def task_examples(tokenizer, modules, heldout_fraction: float, max_tokens: int,
+                  max_body_tokens: int, per_module: int, count: int) -> list[dict]:
+    """Up to ``count`` held-out docstring -> body examples (:func:`task_example`), at most
+    ``per_module`` from each held-out module, taken from the modules in turn (the first few
+    examples come from as many different modules as there are)."""
+    from cadenza.train.data import stdlib
+
     root = stdlib.stdlib_root()
     per = []
     for rel in stdlib.stdlib_files(modules):
@@ -116,15 +129,11 @@ def task_examples(tokenizer, modules, heldout_fraction: float, max_tokens: int,
         found = []
         for instruction, body, line in stdlib.instruction_pairs(
                 (root / rel).read_text("utf-8"), rel):
-            text = template.render([{"role": "user", "content": instruction}],
-                                   add_generation_prompt=True)
-            ids = tokenizer.encode(text, add_bos=True)
-            if (len(ids) > max_tokens
-                    or len(tokenizer.encode(body, add_bos=False)) > max_body_tokens):
+            example = task_example(tokenizer, instruction, body, f"{rel}:{line}", max_tokens,
+                                   max_body_tokens)
+            if example is None:
                 continue
-            found.append({"where": f"{rel}:{line}", "prompt": ids, "body": body,
-                          "header": instruction.removeprefix(stdlib.INSTRUCTION),
-                          "first_line": body.splitlines()[0].strip()})
+            found.append(example)
             if len(found) == per_module:
                 break
         if found:
@@ -189,3 +198,33 @@ def score_task(examples: list[dict], greedy_bodies: list[str],
         if k <= n:
             out[f"pass@{k}"] = float(np.mean([pass_at_k(n, c, k) for c in passed]))
     return out
+
+
+def decode_bodies(model, params, examples: list[dict], tokenizer, new_tokens: int, *,
+                  samples: int = 0, seed: int = 0) -> list:
+    """Greedy bodies of ``examples``' prompts (``samples=0``: a list of str) or ``samples``
+    sampled bodies per example (temperature 0.8, seeds ``seed, seed + 1, ...``: a list of
+    lists), each at most ``new_tokens`` tokens, decoded as one batch."""
+    from cadenza.decode import DecodeConfig, generate
+    from cadenza.decode.config import with_fields
+
+    prompts = [e["prompt"] for e in examples]
+    if not samples:
+        cfg = DecodeConfig(method="greedy", max_new_tokens=new_tokens)
+        return generate(model, params, prompts, cfg, tokenizer=tokenizer).text
+    cfg = with_fields(DecodeConfig(method="sample", max_new_tokens=new_tokens),
+                      sampling__temperature=0.8)
+    rows = [p for p in prompts for _ in range(samples)]
+    texts = generate(model, params, rows, cfg, tokenizer=tokenizer,
+                     seeds=[seed + i for i in range(len(rows))]).text
+    return [texts[i * samples:(i + 1) * samples] for i in range(len(prompts))]
+
+
+def measure_task(model, params, examples: list[dict], tokenizer, new_tokens: int,
+                 samples: int) -> tuple[dict, list[str]]:
+    """The measured task's scores (:func:`score_task`) of one model (a Transformer and its
+    params) on ``examples``, from its greedy bodies and ``samples`` sampled bodies per
+    example; and the greedy bodies."""
+    greedy = decode_bodies(model, params, examples, tokenizer, new_tokens)
+    sampled = decode_bodies(model, params, examples, tokenizer, new_tokens, samples=samples)
+    return score_task(examples, greedy, sampled), greedy

@@ -11,7 +11,10 @@ merge (a merge should beat the other specialist on each set), and DARE at p in {
 pairs) chosen by each selection method vs a random 30%; held-out loss on A + B.
 
 Losses are the token-weighted mean NLL over held-out pairs (10% of each set's pairs,
-chosen by a hash of the instruction). Writes bench/results/<device>/merge_select.{json,md}
+chosen by a hash of the instruction). Every model is also scored on the quickstart's
+task over those held-out pairs (:mod:`cadenza.quickstart_eval`: complete the docstring
+with a body; first-line exact match of the greedy body, syntax pass@1 of sampled bodies;
+bodies of at most 120 tokens). Writes bench/results/<device>/merge_select.{json,md}
 (``--quick``: a few steps, into ``<device>-quick``); deterministic, no timings.
 """
 
@@ -24,7 +27,10 @@ import tempfile
 import numpy as np
 
 from cadenza.config import load_config
+from cadenza.models import Transformer, load_model, load_tokenizer
+from cadenza.models.checkpoint import tokenizer_dir
 from cadenza.provenance import device_label, provenance, results_dir
+from cadenza.quickstart_eval import measure_task, task_example
 from cadenza.train import fit
 from cadenza.train.data import stdlib
 from cadenza.train.merge import MergeSpec, merge_models
@@ -34,6 +40,7 @@ GENERAL = ["textwrap.py", "string.py", "copy.py", "glob.py"]
 SET_A = ["shlex.py", "fnmatch.py", "bisect.py", "heapq.py", "colorsys.py", "calendar.py"]
 SET_B = ["json/", "csv.py", "base64.py", "quopri.py", "uu.py", "gzip.py"]
 SEQ_LEN = 256
+NEW_TOKENS, SAMPLES, MAX_BODY_TOKENS = 128, 5, 120   # the quickstart's task settings
 MERGES = {"linear": MergeSpec("linear"), "task_arithmetic": MergeSpec("task_arithmetic"),
           "ties": MergeSpec("ties"), "dare_linear": MergeSpec("dare_linear"),
           "dare_ties": MergeSpec("dare_ties"), "breadcrumbs": MergeSpec("breadcrumbs"),
@@ -88,6 +95,22 @@ def heldout_loss(tmp, model_dir, data_path) -> float:
                  / details["response_tokens"][ok].sum())
 
 
+def task_examples(model_dir, records) -> list[dict]:
+    """The quickstart task's examples of ``records`` (alpaca), tokenized as ``model_dir``."""
+    tok = load_tokenizer(tokenizer_dir(model_dir))
+    found = [task_example(tok, r["instruction"], r["output"], f"held:{k}", SEQ_LEN,
+                          MAX_BODY_TOKENS) for k, r in enumerate(records)]
+    return [e for e in found if e is not None]
+
+
+def task_score(model_dir, examples) -> dict:
+    """First-line exact match and syntax pass@1 of ``model_dir`` on ``examples``."""
+    config, params = load_model(model_dir)
+    scores, _ = measure_task(Transformer(config.model), params, examples,
+                             load_tokenizer(tokenizer_dir(model_dir)), NEW_TOKENS, SAMPLES)
+    return {k: scores[k] for k in ("first_line_exact", "pass@1")}
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=300, help="steps of every training run")
@@ -111,8 +134,12 @@ def main():
     for name, spec in MERGES.items():
         rows[f"merge {name}"] = str(tmp / f"merge_{name.replace(' ', '_').replace('=', '')}")
         merge_models(base, [spec_a, spec_b], rows[f"merge {name}"], spec)
+    tasks = {k: task_examples(base, v) for k, v in
+             {"A": a_held, "B": b_held, "A + B": a_held + b_held}.items()}
     merging = {name: {"A": heldout_loss(tmp, d, files["a_held"]),
-                      "B": heldout_loss(tmp, d, files["b_held"])} for name, d in rows.items()}
+                      "B": heldout_loss(tmp, d, files["b_held"]),
+                      "task A": task_score(d, tasks["A"]), "task B": task_score(d, tasks["B"])}
+               for name, d in rows.items()}
     selection = {}
     for method in ("random", "length", "nll", "ifd", "grape", "rds"):
         config = load_config(None, common(tmp) + [f"data.path={files['pool']}",
@@ -126,22 +153,36 @@ def main():
         chosen = write_selection(tmp / f"sel_{method}", select(config, spec, target=target),
                                  spec, {})
         model = train(tmp, f"sft_{method}", chosen / "records.jsonl", steps, base, "messages")
-        selection[method] = heldout_loss(tmp, model, files["held"])
+        selection[method] = {"loss": heldout_loss(tmp, model, files["held"]),
+                             "task": task_score(model, tasks["A + B"])}
     result = {**provenance(), "steps": steps, "quick": args.quick, "seq_len": SEQ_LEN,
               "sets": {"general": GENERAL, "A": SET_A, "B": SET_B},
               "pairs": {"general": len(general), "A": [len(a_train), len(a_held)],
                         "B": [len(b_train), len(b_held)]},
+              "task": {"examples": {k: len(v) for k, v in tasks.items()},
+                       "new_tokens": NEW_TOKENS, "samples": SAMPLES,
+                       "max_body_tokens": MAX_BODY_TOKENS},
               "merging": merging, "selection_30pct": selection}
     (out / "merge_select.json").write_text(json.dumps(result, indent=2))
     lines = [f"# Merging and selection, tiny stdlib task ({result['device_kind']}, jax "
              f"{result['jax']}, commit {result['commit']}, {result['date']}, load "
              f"{result['load_avg_1m']:.1f}, {steps} steps per run)", "",
-             "| model | held-out loss A | held-out loss B |", "| --- | --- | --- |"]
-    lines += [f"| {k} | {v['A']:.4f} | {v['B']:.4f} |" for k, v in merging.items()]
-    lines += ["", "| SFT on 30% chosen by | held-out loss (A + B) |", "| --- | --- |"]
-    lines += [f"| {k} | {v:.4f} |" for k, v in selection.items()]
+             f"Task: {len(tasks['A'])} held-out functions of A, {len(tasks['B'])} of B; "
+             "first-line exact match (greedy) / syntax pass@1 "
+             f"({SAMPLES} samples at temperature 0.8).", "",
+             "| model | held-out loss A | held-out loss B | task A | task B |",
+             "| --- | --- | --- | --- | --- |"]
+    lines += [f"| {k} | {v['A']:.4f} | {v['B']:.4f} | {_task(v['task A'])} | "
+              f"{_task(v['task B'])} |" for k, v in merging.items()]
+    lines += ["", "| SFT on 30% chosen by | held-out loss (A + B) | task (A + B) |",
+              "| --- | --- | --- |"]
+    lines += [f"| {k} | {v['loss']:.4f} | {_task(v['task'])} |" for k, v in selection.items()]
     (out / "merge_select.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+
+
+def _task(scores: dict) -> str:
+    return f"{scores['first_line_exact']:.2f} / {scores['pass@1']:.2f}"
 
 
 if __name__ == "__main__":

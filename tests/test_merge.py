@@ -256,6 +256,13 @@ def test_bitdelta_signs_scales_reconstruction_and_size(model_dirs, tmp_path, cap
     assert main(["convert", "merge", "--base", str(model_dirs / "base"), "--models", str(out),
                  "--method", "linear", "--out", str(tmp_path / "back")]) == 0
     _close(load_model(tmp_path / "back")[1], rebuilt)
+    # Applied to another base of the same architecture: refused, naming both bases.
+    assert main(["convert", "merge", "--base", str(model_dirs / "ft2"), "--models", str(out),
+                 "--method", "linear", "--out", str(tmp_path / "other")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "made from the base" in err, err
+    assert f"{model_dirs / 'base'} (fingerprint" in err and f"{model_dirs / 'ft2'} (" in err
+    assert not (tmp_path / "other").exists()
     assert main(["convert", "bitdelta", "--base", str(model_dirs / "base"), "--model",
                  str(model_dirs / "wide"), "--out", str(tmp_path / "x")]) == 2
     assert "model.num_heads" in capsys.readouterr().err

@@ -12,7 +12,7 @@ from cadenza.train.data import stdlib
 from cadenza.train.data.formatting import Formatter
 from cadenza.train.data.pipeline import resolve_tokenizer
 from cadenza.train.data.records import Problems
-from cadenza.train.select import Scorer, SelectSpec, choose, kmeans, rank, rows, select, tokenize
+from cadenza.train.select import Scorer, SelectSpec, choose, kmeans, rank, select, tokenize
 
 MODULES = ["textwrap.py", "bisect.py", "colorsys.py", "shlex.py", "fnmatch.py", "glob.py",
            "copy.py", "heapq.py", "calendar.py", "string.py"]
@@ -91,31 +91,46 @@ def test_scores_match_numpy_and_same_seed_same_selection(pool):
     # length: the trained tokens of each record (within seq_len positions).
     np.testing.assert_array_equal(result["details"]["response_tokens"],
                                   [sum(m[1:SEQ_LEN + 1]) for _, m in seqs])
-    # nll and rds from a plain NumPy pass over the model's logits and hidden states.
+    # nll and rds from a plain NumPy pass over the model's logits and hidden states of each
+    # whole record (every token, instruction and response, one record at a time).
     import jax
 
     from cadenza.models import Transformer
     scorer = Scorer(config)
     params = jax.device_get(scorer.params)
-    arr = rows(seqs[:4], SEQ_LEN)
-    logits, hidden, _ = Transformer(config.model).apply(
-        {"params": params}, arr["inputs"], positions=arr["positions"],
-        segment_ids=arr["segment_ids"])
-    logits, hidden = np.asarray(logits, np.float64), np.asarray(hidden, np.float64)
-    logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1,
-                                                                           keepdims=True)) \
-        - logits.max(-1, keepdims=True)
-    nll = -np.take_along_axis(logp, arr["targets"][..., None], -1)[..., 0]
-    want = (nll * arr["loss_mask"]).sum(-1) / arr["loss_mask"].sum(-1)
-    np.testing.assert_allclose(result["details"]["nll"][:4], want, rtol=1e-4)
-    _, _, t_emb = scorer(rows(tokenize(formatter, target, SEQ_LEN)[0], SEQ_LEN))
-    w = (arr["positions"] + 1) * (arr["segment_ids"] > 0)
-    emb = np.einsum("bt,bte->be", w / w.sum(-1, keepdims=True), hidden)
+    model = Transformer(config.model)
+
+    def reference(seqs):  # every record whole, padded at the end (segment 0)
+        width = max(len(ids) for ids, _ in seqs)
+        tokens = np.asarray([ids + [0] * (width - len(ids)) for ids, _ in seqs], np.int32)
+        real = np.arange(width)[None] < np.asarray([len(ids) for ids, _ in seqs])[:, None]
+        logits, hidden, _ = model.apply({"params": params}, tokens,
+                                        positions=np.broadcast_to(np.arange(width), real.shape),
+                                        segment_ids=real.astype(np.int32))
+        logits, hidden = np.asarray(logits, np.float64), np.asarray(hidden, np.float64)
+        logp = logits - logits.max(-1, keepdims=True)
+        logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+        out = []
+        for r, (ids, mask) in enumerate(seqs):
+            m = np.asarray(mask[1:], np.float64)
+            nll = -(logp[r, np.arange(len(ids) - 1), ids[1:]] * m).sum() / m.sum()
+            w = np.arange(1, len(ids) + 1, dtype=np.float64)
+            out.append((nll, (w / w.sum()) @ hidden[r, :len(ids)]))
+        return out
+
+    want = reference(seqs[:4])
+    np.testing.assert_allclose(result["details"]["nll"][:4], [n for n, _ in want], rtol=1e-4)
+    emb = np.stack([e for _, e in want])
+    t_emb = np.stack([e for _, e in reference(tokenize(formatter, target, SEQ_LEN)[0])])
     unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)  # noqa: E731
     np.testing.assert_allclose(result["details"]["rds"][:4],
-                               (unit(emb) @ unit(t_emb.astype(np.float64)).T).max(-1),
+                               (unit(emb) @ unit(t_emb).T).max(-1),
                                rtol=1e-4)
     assert len(result["selected"]) == 5
+    # rows of seq_len + 1 positions on a mesh that shards the sequence: padded, same scores.
+    split = select(load_config(None, overrides + ["mesh.sequence=2"], preset="tiny"),
+                   SelectSpec("rds", 5), target=target)
+    np.testing.assert_allclose(split["details"]["rds"], result["details"]["rds"], atol=1e-5)
     # random: the seed decides, the same seed gives the same records.
     picks = [select(config, SelectSpec("random", 0.25, seed=s))["selected"].tolist()
              for s in (1, 1, 2)]

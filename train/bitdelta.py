@@ -14,14 +14,20 @@ A BitDelta directory::
     DIR/bitdelta.safetensors    per param path P: ``P:signs`` (uint8, packed bits of the
                                 flattened delta's signs), ``P:scales`` (float32, one per
                                 layer) or ``P:value`` (the exact fine-tuned array)
-    DIR/bitdelta.json           base and fine-tune paths, shapes, dtypes and byte counts
+    DIR/bitdelta.json           base and fine-tune paths, the base's fingerprint, which
+                                params are compressed and byte counts
 
 :func:`compress` makes the parts from two param trees, :func:`reconstruct` applies them
 to a base tree, :func:`save_bitdelta` / :func:`load_bitdelta` write and read directories.
 ``cadenza convert bitdelta`` writes one; ``cadenza convert merge`` takes one as a
 ``--models`` input (``--method linear`` with it alone gives the reconstructed fine-tune).
+
+Signs and scales only mean something on the base they were taken from, so the base's
+:func:`params_fingerprint` is recorded and :func:`apply_bitdelta` refuses another base.
 """
 
+import functools
+import hashlib
 import json
 import pathlib
 
@@ -34,6 +40,7 @@ from cadenza.outputs import atomic_dir
 
 WEIGHTS_FILE = "bitdelta.safetensors"
 RECORD_FILE = "bitdelta.json"
+FINGERPRINT_SAMPLES = 4096   # entries of each param array read into the fingerprint
 
 
 def is_compressed(path_keys, leaf, stacked_key: str = "layers") -> bool:
@@ -102,15 +109,36 @@ def _apply(base, bits, scales):
     return (base.astype(jnp.float32) + scale * sign).astype(base.dtype)
 
 
+@functools.partial(jax.jit, static_argnums=1)
+def _strided(leaf, stride: int):
+    return leaf.reshape(-1)[::stride][:FINGERPRINT_SAMPLES].astype(jnp.float32)
+
+
+def params_fingerprint(params) -> str:
+    """A sha256 hex digest of a param tree: every leaf's path and shape and up to
+    :data:`FINGERPRINT_SAMPLES` of its entries, evenly strided, as float32 (gathered from
+    its shards; the tree is never read whole). The same weights give the same digest
+    whatever their sharding or storage dtype (bfloat16 and its float32 copy agree); another
+    checkpoint of a model differs in nearly every entry and so in the digest (a change of a
+    few single weights between samples is not seen)."""
+    digest = hashlib.sha256()
+    for kp, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        digest.update(f"{jax.tree_util.keystr(kp)}{tuple(leaf.shape)}".encode())
+        sample = _strided(leaf, max(1, leaf.size // FINGERPRINT_SAMPLES))
+        digest.update(np.asarray(jax.device_get(sample)).tobytes())
+    return digest.hexdigest()
+
+
 def _nbytes(parts: dict) -> int:
     return sum(a.nbytes for part in parts.values() for a in part.values())
 
 
-def save_bitdelta(directory, config, parts: dict, *, base_dir, model_dir) -> dict:
+def save_bitdelta(directory, config, parts: dict, *, base_dir, model_dir,
+                  base_fingerprint: str) -> dict:
     """Write the BitDelta directory ``directory`` (must not exist) for the fine-tune's
     ``config`` (ExperimentConfig) and ``parts``; returns the record written to
-    ``bitdelta.json`` (paths, counts and ``bytes``: stored, and ``model_bytes``: the
-    fine-tune's params at their dtype)."""
+    ``bitdelta.json`` (paths, ``base_fingerprint`` (:func:`params_fingerprint` of the base),
+    which params are compressed / exact, and ``bytes``: stored)."""
     from safetensors.numpy import save_file
 
     from cadenza.config import to_yaml
@@ -124,6 +152,7 @@ def save_bitdelta(directory, config, parts: dict, *, base_dir, model_dir) -> dic
     compressed = [p for p, part in parts.items() if "signs" in part]
     record = {"base": str(pathlib.Path(base_dir).absolute()),
               "model": str(pathlib.Path(model_dir).absolute()),
+              "base_fingerprint": base_fingerprint,
               "compressed": compressed,
               "exact": [p for p in parts if p not in compressed],
               "bytes": _nbytes(parts)}
@@ -161,10 +190,30 @@ def load_bitdelta(directory) -> dict:
     return parts
 
 
-def apply_bitdelta(directory, base):
+def apply_bitdelta(directory, base, base_dir="the given base"):
     """The fine-tune stored in the BitDelta directory ``directory``, rebuilt on the param
-    tree ``base`` (:func:`reconstruct`)."""
-    return reconstruct(base, load_bitdelta(directory))
+    tree ``base`` (:func:`reconstruct`, read from ``base_dir``). Fails, naming both bases,
+    when ``base`` is not the base it was made from (their :func:`params_fingerprint`
+    differ) or the directory records no fingerprint."""
+    d = pathlib.Path(directory)
+    try:
+        record = json.loads((d / RECORD_FILE).read_text())
+    except (OSError, ValueError) as e:
+        raise CadenzaError(f"cannot read {RECORD_FILE} ({e})", where=str(d),
+                           fix="write it again with 'cadenza convert bitdelta'") from e
+    made_from = record.get("base_fingerprint")
+    if made_from is None:
+        raise CadenzaError("the BitDelta records no fingerprint of its base", where=str(d),
+                           fix="write it again with 'cadenza convert bitdelta'")
+    given = params_fingerprint(base)
+    if given != made_from:
+        raise CadenzaError(
+            f"the BitDelta was made from the base {record.get('base')} (fingerprint "
+            f"{made_from[:12]}) but is applied to {base_dir} (fingerprint {given[:12]}), "
+            "another model", where=str(d),
+            fix="apply it to the base it was made from, or compress the fine-tune against "
+                "this base with 'cadenza convert bitdelta'")
+    return reconstruct(base, load_bitdelta(d))
 
 
 def compress_models(base_dir, model_dir, out_dir, *, progress=None) -> dict:
@@ -190,5 +239,6 @@ def compress_models(base_dir, model_dir, out_dir, *, progress=None) -> dict:
     config, model = load_model(model_dir)
     say(f"compressing {model_dir} against {base_dir}")
     parts = compress(base, model)
-    record = save_bitdelta(out, config, parts, base_dir=base_dir, model_dir=model_dir)
+    record = save_bitdelta(out, config, parts, base_dir=base_dir, model_dir=model_dir,
+                           base_fingerprint=params_fingerprint(base))
     return {**record, "model_bytes": sum(x.nbytes for x in jax.tree.leaves(model))}

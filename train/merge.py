@@ -392,7 +392,7 @@ def merge_models(base_dir, model_dirs, out_dir, spec: MergeSpec, *, mesh=None,
         if kind in ("model", "hf"):
             models.append(load_model(d, mesh=mesh, rules=rules)[1])
         elif kind == "bitdelta":
-            models.append(apply_bitdelta(d, base))
+            models.append(apply_bitdelta(d, base, base_dir))
         else:
             pm, trainable = load_adapters(d, base_config, mesh=mesh, rules=rules)
             models.append(fold.merge(pm, trainable, pm.freeze(base)))

@@ -10,8 +10,10 @@ records, each cut to ``train.seq_len`` positions):
   (a ratio near or above 1 marks a response the instruction does not explain).
 - ``grape``: among records sharing one instruction (every turn before the last reply)
   only the response with the lowest NLL is eligible; then the lowest NLL first.
-- ``rds``: cosine of the record's position-weighted mean final hidden state (weights
-  1..T over its tokens) to the nearest record of a target set; keeps the highest.
+- ``rds`` (RDS+): cosine of the record's position-weighted mean final hidden state
+  (weights 1..T over all its T tokens: instruction and response, through the last) to
+  the nearest record of a target set; keeps the highest. It ranks by resemblance to the
+  target, not by whether a response answers its instruction (see docs/data.md).
 - ``random``: a uniform score from ``seed``.
 
 Diversity (optional): ``kmeans`` clusters the embeddings (fixed-iteration k-means in JAX,
@@ -101,19 +103,22 @@ def response_only(ids, mask, bos_id):
 
 
 def rows(sequences, seq_len: int):
-    """Pad ``[(ids, mask)]`` to arrays ``inputs``/``targets``/``loss_mask``/``segment_ids``/
-    ``positions`` of shape [N, seq_len] (int32; loss_mask float32; padding segment 0)."""
-    n = len(sequences)
-    arr = {k: np.zeros((n, seq_len), np.int32) for k in ("inputs", "targets", "segment_ids",
-                                                         "positions")}
-    arr["loss_mask"] = np.zeros((n, seq_len), np.float32)
+    """Pad ``[(ids, mask)]`` (each at most ``seq_len + 1`` tokens) to arrays ``inputs``/
+    ``targets``/``loss_mask``/``segment_ids``/``positions`` of shape [N, seq_len + 1] (int32;
+    loss_mask float32; padding segment 0). ``inputs`` holds every token of a record, so
+    the embedding covers the whole example up to its last token; ``targets`` are the next
+    tokens (the last real position has none: loss_mask 0 there)."""
+    n, width = len(sequences), seq_len + 1
+    arr = {k: np.zeros((n, width), np.int32) for k in ("inputs", "targets", "segment_ids",
+                                                       "positions")}
+    arr["loss_mask"] = np.zeros((n, width), np.float32)
     for r, (ids, mask) in enumerate(sequences):
-        t = len(ids) - 1
-        if t <= 0:
+        t = len(ids)
+        if t == 0:
             continue
-        arr["inputs"][r, :t] = ids[:-1]
-        arr["targets"][r, :t] = ids[1:]
-        arr["loss_mask"][r, :t] = mask[1:]
+        arr["inputs"][r, :t] = ids
+        arr["targets"][r, :t - 1] = ids[1:]
+        arr["loss_mask"][r, :t - 1] = mask[1:]
         arr["segment_ids"][r, :t] = 1
         arr["positions"][r, :t] = np.arange(t)
     return arr
@@ -123,7 +128,8 @@ def score_forward(model):
     """The per-row scoring function of ``model`` (a Transformer): ``(params, batch) ->
     (nll_sum [B], count [B], embedding [B, embed])`` float32, where ``nll_sum`` sums the
     masked next-token NLL, ``count`` the masked targets and ``embedding`` is the mean of
-    the final hidden states weighted by position 1..T over the row's tokens."""
+    the final hidden states weighted by position 1..T over the row's T tokens (RDS+: the
+    whole formatted example, instruction and response, through its last token)."""
     import jax
     import jax.numpy as jnp
 
@@ -161,10 +167,11 @@ class Scorer:
         rules = config.mesh.rules()
         self.params = load_base_params(config.model, config.train.init_from, self.mesh, rules)
         self.sharding = batch_sharding(self.mesh, rules)
-        axes = self.sharding.spec[0] or ()
-        shards = math.prod(self.mesh.shape[a] for a in
-                           (axes if isinstance(axes, tuple) else (axes,)))
-        self.batch_size = -(-batch_size // shards) * shards  # a multiple of the row shards
+        spec = tuple(self.sharding.spec) + (None, None)
+        rows_shards, self.length_shards = (
+            math.prod(self.mesh.shape[a] for a in (axes if isinstance(axes, tuple) else (axes,)))
+            for axes in (spec[0] or (), spec[1] or ()))
+        self.batch_size = -(-batch_size // rows_shards) * rows_shards  # a multiple of shards
         fn = score_forward(Transformer(config.model))
 
         def scored(params, batch):
@@ -177,15 +184,17 @@ class Scorer:
 
     def __call__(self, arrays, progress=None):
         """``(nll_sum [N], count [N], embedding [N, embed])`` NumPy float32 for the rows of
-        ``arrays`` (from :func:`rows`), in batches; ``progress(done, total)`` after each."""
+        ``arrays`` (from :func:`rows`), in batches (columns padded with masked positions to a
+        multiple of the mesh's length shards); ``progress(done, total)`` after each."""
         import jax
 
-        n = len(arrays["inputs"])
+        n, width = arrays["inputs"].shape
+        extra = -width % self.length_shards
         outs = []
         for start in range(0, n, self.batch_size):
             chunk = {k: v[start:start + self.batch_size] for k, v in arrays.items()}
             pad = self.batch_size - len(chunk["inputs"])
-            chunk = {k: np.pad(v, ((0, pad), (0, 0))) for k, v in chunk.items()}
+            chunk = {k: np.pad(v, ((0, pad), (0, extra))) for k, v in chunk.items()}
             with jax.set_mesh(self.mesh):
                 batch = jax.device_put(chunk, self.sharding)
                 out = jax.device_get(self.fn(self.params, batch))
