@@ -476,6 +476,6 @@ def read_records(format: str, files, problems: Problems, counts: collections.Cou
             weights = _weights(obj, replies, where, problems)
             spans = None if weights is None else _weight_spans(obj, format, messages, where,
                                                                problems)
-            if spans is not None:
+            if spans is not None:   # no spans: no key (the split hash of the record stays)
                 yield {"messages": messages, "text": "", "source": where, "weights": weights,
-                       "weight_spans": spans}
+                       **({"weight_spans": spans} if spans else {})}
