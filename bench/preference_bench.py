@@ -8,7 +8,8 @@ fraction ``HELDOUT_MODULES``): no held-out pair shares a module, a prompt or a b
 any training pair, and the byte-level BPE tokenizer is trained on the training modules only.
 
 1. SFT: the tiny preset, full SFT on every instruction pair of the training modules
-   (signature + docstring -> body, ``--sft-steps``).
+   (signature + docstring -> body, ``--sft-steps``), cached in ``<runs>/sft-<steps>``
+   (``--runs``, default ``runs/preference_bench``; reruns reuse it).
 2. Pairs: chosen = the function's true body, rejected = the body of the next function in a
    seeded shuffle of the same split (training pairs from training modules, held-out pairs
    from held-out modules); only short functions (prompt + body under ``MAX_CHARS``
@@ -20,7 +21,9 @@ any training pair, and the byte-level BPE tokenizer is trained on the training m
    the ``nll`` scorer of ``cadenza select``). Pair accuracy: the chosen side scores higher
    (ties count 1/2). Columns: length-averaged log-prob (ORPO's reward), summed log-prob,
    DPO's implicit reward ``log pi - log pi_sft`` (what DPO's ``reward_accuracy`` counts;
-   0.5 for the SFT model by definition), and the length-averaged accuracy on as many
+   0.5 for the SFT model by definition), how often a body scores higher after its own
+   prompt than after the prompt it is the rejected side of (same body, so this isolates
+   how much the model reads the prompt), and the length-averaged accuracy on as many
    training pairs (to show the generalisation gap).
 
 Writes bench/results/<device>/preference.{json,md} (``--quick``: into ``<device>-quick``);
@@ -31,6 +34,7 @@ import argparse
 import json
 import pathlib
 import random
+import shutil
 import tempfile
 
 import numpy as np
@@ -128,10 +132,15 @@ def accuracy(chosen, rejected) -> float:
                                   np.where(chosen == rejected, 0.5, 0.0))))
 
 
-def scores(lp: dict, ref: dict) -> dict:
-    """Pair accuracies of one model's log-probs ``lp`` (``ref``: the SFT model's)."""
+def scores(lp: dict, ref: dict, pairs) -> dict:
+    """Pair accuracies of one model's log-probs ``lp`` of ``pairs`` (``ref``: the SFT
+    model's); ``own_prompt``: a body's log-prob after its own prompt vs after the prompt of
+    the pair it is rejected in (pairs whose rejected body is another pair's chosen one)."""
     mean_c, mean_r = lp["chosen"] / lp["chosen_n"], lp["rejected"] / lp["rejected_n"]
-    return {"mean_logp": accuracy(mean_c, mean_r),
+    own = {p["chosen"]: lp["chosen"][i] for i, p in enumerate(pairs)}
+    same = np.asarray([(own[p["rejected"]], lp["rejected"][i]) for i, p in enumerate(pairs)
+                       if p["rejected"] in own]).reshape(-1, 2)
+    return {"mean_logp": accuracy(mean_c, mean_r), "own_prompt": accuracy(*same.T),
             "sum_logp": accuracy(lp["chosen"], lp["rejected"]),
             "dpo_reward": accuracy(lp["chosen"] - ref["chosen"],
                                    lp["rejected"] - ref["rejected"]),
@@ -141,7 +150,8 @@ def scores(lp: dict, ref: dict) -> dict:
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sft-steps", type=int, default=1200, help="SFT steps")
-    parser.add_argument("--steps", type=int, default=200, help="steps of each DPO/ORPO run")
+    parser.add_argument("--steps", type=int, default=120, help="steps of each DPO/ORPO run")
+    parser.add_argument("--runs", default="runs/preference_bench", help="SFT models (cached)")
     parser.add_argument("--beta", type=float, default=0.1, help="DPO beta")
     parser.add_argument("--quick", action="store_true", help="a few steps (a smoke run)")
     parser.add_argument("--out", default=None, help="results folder")
@@ -156,16 +166,16 @@ def main():
     bench = Bench(tmp, modules)
     files = {"sft": write(tmp / "sft.jsonl", sft_records),
              "pairs": write(tmp / "pairs.jsonl", train_pairs)}
-    sft = bench.fit("sft", ["data.format=alpaca", f"data.path={files['sft']}",
-                            f"train.steps={sft_steps}", "train.learning_rate=3e-3"])
+    sft = trained_sft(bench, pathlib.Path(args.runs) / f"sft-{sft_steps}", files["sft"],
+                      sft_steps, cache=not args.quick)
     runs = {"sft": sft["model_dir"]}
-    train_logs = {"sft": {"loss": sft["loss"]}}
+    train_logs = {"sft": {"loss": sft["last"]["loss"]}}
     pref = ["data.format=preference", f"data.path={files['pairs']}", "train.batch_size=8",
             f"train.seq_len={2 * SEQ_LEN}", f"train.steps={steps}",
             f"train.init_from={sft['model_dir']}", f"train.preference.beta={args.beta}"]
     for task in ("dpo", "orpo"):
-        for method, extra in (("full", ["train.learning_rate=5e-4"]),
-                              ("lora", LORA + ["train.learning_rate=3e-3"])):
+        for method, extra in (("full", ["train.learning_rate=2e-4"]),
+                              ("lora", LORA + ["train.learning_rate=1e-3"])):
             name = f"{task} {method}"
             r = bench.fit(name.replace(" ", "_"), pref + [f"train.task={task}", *extra])
             model = r["model_dir"]
@@ -182,7 +192,8 @@ def main():
     for name, model in runs.items():
         held = ref_held if name == "sft" else bench.logps(model, held_pairs, "heldout")
         own = ref_seen if name == "sft" else bench.logps(model, seen, "train")
-        table[name] = {"heldout": scores(held, ref_held), "train_pairs": scores(own, ref_seen),
+        table[name] = {"heldout": scores(held, ref_held, held_pairs),
+                       "train_pairs": scores(own, ref_seen, seen),
                        "train_log": train_logs[name]}
     result = {**provenance(), "quick": args.quick, "sft_steps": sft_steps, "steps": steps,
               "beta": args.beta, "seq_len": SEQ_LEN, "max_chars": MAX_CHARS,
@@ -201,17 +212,35 @@ def main():
              f"on {len(train_pairs)} training pairs (chosen = true body, rejected = another "
              f"function's body); {len(held_pairs)} held-out pairs from held-out modules.", "",
              "| model | held-out: own reward acc. | mean log-prob acc. | summed log-prob acc. "
-             "| DPO reward acc. | mean log-prob margin | training pairs: mean log-prob acc. |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
+             "| DPO reward acc. | mean log-prob margin | body: own vs other prompt | "
+             "training pairs: mean log-prob acc. |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for name, row in table.items():
         h = row["heldout"]
         lines.append(f"| {name} | {h[own[name]]:.3f} | {h['mean_logp']:.3f} | "
                      f"{h['sum_logp']:.3f} | {h['dpo_reward']:.3f} | {h['mean_logp_margin']:.3f}"
-                     f" | {row['train_pairs']['mean_logp']:.3f} |")
+                     f" | {h['own_prompt']:.3f} | {row['train_pairs']['mean_logp']:.3f} |")
     lines += ["", "Own reward: DPO's implicit reward (log-ratio to the SFT model) for DPO, the "
                   "length-averaged log-prob for ORPO and the SFT baseline."]
     (out / "preference.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+
+
+def trained_sft(bench: Bench, cached: pathlib.Path, data_path: str, steps: int,
+                cache: bool) -> dict:
+    """The SFT run (``{"model_dir", "last"}``): reused from ``cached`` when it holds a
+    finished one (``cache``), else trained (and, with ``cache``, kept there)."""
+    if not (cache and (cached / "model").is_dir()):
+        run = bench.fit("sft", ["data.format=alpaca", f"data.path={data_path}",
+                                f"train.steps={steps}", "train.learning_rate=3e-3"])
+        if not cache:
+            return run
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copytree(bench.tmp / "sft", cached.with_name(cached.name + ".tmp"))
+        cached.with_name(cached.name + ".tmp").rename(cached)
+    metrics = [json.loads(x) for x in (cached / "metrics.jsonl").read_text().splitlines()]
+    return {"model_dir": str(cached / "model"),
+            "last": {k: v for m in metrics for k, v in m.items()}}
 
 
 if __name__ == "__main__":
