@@ -23,8 +23,8 @@ any training pair, and the byte-level BPE tokenizer is trained on the training m
    DPO's implicit reward ``log pi - log pi_sft`` (what DPO's ``reward_accuracy`` counts;
    0.5 for the SFT model by definition), how often a body scores higher after its own
    prompt than after the prompt it is the rejected side of (same body, so this isolates
-   how much the model reads the prompt), and the length-averaged accuracy on as many
-   training pairs (to show the generalisation gap).
+   how much the model reads the prompt), and the length-averaged accuracy on the first
+   100 training pairs (to show the generalisation gap).
 
 Writes bench/results/<device>/preference.{json,md} (``--quick``: into ``<device>-quick``);
 deterministic scores, no timings.
@@ -150,7 +150,7 @@ def scores(lp: dict, ref: dict, pairs) -> dict:
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sft-steps", type=int, default=1200, help="SFT steps")
-    parser.add_argument("--steps", type=int, default=120, help="steps of each DPO/ORPO run")
+    parser.add_argument("--steps", type=int, default=60, help="steps of each DPO/ORPO run")
     parser.add_argument("--runs", default="runs/preference_bench", help="SFT models (cached)")
     parser.add_argument("--beta", type=float, default=0.1, help="DPO beta")
     parser.add_argument("--quick", action="store_true", help="a few steps (a smoke run)")
@@ -185,7 +185,7 @@ def main():
             runs[name] = model
             train_logs[name] = {k: r["last"].get(k) for k in
                                 ("loss", "reward_accuracy", "reward_margin")}
-    seen = train_pairs[:len(held_pairs)]
+    seen = train_pairs[:100]
     ref_held = bench.logps(runs["sft"], held_pairs, "heldout")
     ref_seen = bench.logps(runs["sft"], seen, "train")
     table = {}
