@@ -1,22 +1,17 @@
-"""Post-training on the tiny stdlib instruction task: DPO / ORPO, LISA vs LoRA vs full,
-Masked Thought.
+"""Post-training on the tiny stdlib instruction task: LISA vs LoRA vs full, Masked Thought.
 
 Usage: .venv/bin/python bench/post_training_bench.py [--steps N] [--quick] [--out DIR]
 
 1. SFT: the tiny preset, full SFT on the instruction pairs of the general modules and set A
    (the modules of ``merge_select_bench``).
-2. Preference: pairs from the same modules, chosen = the function's true body, rejected =
-   another function's body (the next pair's, in a seeded shuffle), also from four larger
-   modules; 20% held out by a hash of the pair. DPO (beta 0.1) and ORPO (lambda 0.1) from
-   the SFT model; held-out pair accuracy = the run's ``eval_reward_accuracy`` (DPO: the
-   implicit reward beta * log-ratio to the SFT model; ORPO: the length-averaged log-prob),
-   over every held-out pair.
-3. Selective fine-tuning: from the SFT model, LISA (1 of 2 layers, period 10), LoRA (rank 8,
+2. Selective fine-tuning: from the SFT model, LISA (1 of 2 layers, period 10), LoRA (rank 8,
    every projection) and full fine-tuning on set B at equal steps: held-out loss on B and
    the peak resident memory of the training process (CPU: host memory, so the JAX runtime
    dominates a model this small; the JSON keeps LISA's printed optimizer-state share).
-4. Masked Thought: full fine-tuning on set B with ``data.response_mask_prob`` p in
-   {0, 0.1, 0.2} (p = 0 is the full run of 3): held-out loss on B.
+3. Masked Thought: full fine-tuning on set B with ``data.response_mask_prob`` p in
+   {0, 0.1, 0.2} (p = 0 is the full run of 2): held-out loss on B.
+
+DPO and ORPO are measured by ``preference_bench.py`` (held-out modules, an SFT baseline).
 
 Every training run is its own process (its peak memory is its own). Held-out losses are
 token-weighted mean response NLLs (as in ``merge_select_bench``). Writes
@@ -27,7 +22,6 @@ deterministic losses, no timings.
 import argparse
 import json
 import pathlib
-import random
 import resource
 import subprocess
 import sys
@@ -40,7 +34,6 @@ from cadenza.provenance import device_label, provenance, results_dir
 from cadenza.train.merge import MergeSpec, merge_models
 
 SEQ_LEN = 256
-EXTRA = ["difflib.py", "inspect.py", "argparse.py", "tarfile.py"]   # more preference pairs
 COMMON = ["train.tensorboard=false", "train.progress_bar=false", "train.log_every=1000",
           "train.async_checkpoints=false", f"train.seq_len={SEQ_LEN}", "data.heldout_fraction=0.0",
           "train.warmup_steps=10"]
@@ -75,16 +68,6 @@ def train(tmp: pathlib.Path, name: str, overrides: list[str]) -> dict:
     return result
 
 
-def preference_pairs(records, seed=0):
-    """``{"prompt", "chosen", "rejected"}``: each instruction with its own body and the body
-    of the next record in a seeded shuffle."""
-    order = list(range(len(records)))
-    random.Random(seed).shuffle(order)
-    return [{"prompt": records[i]["instruction"], "chosen": records[i]["output"],
-             "rejected": records[order[(k + 1) % len(order)]]["output"]}
-            for k, i in enumerate(order)]
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=200, help="steps of every training run")
@@ -100,26 +83,11 @@ def main():
                                              else None))
     tmp = pathlib.Path(tempfile.mkdtemp(prefix="post_training_"))
     general, _ = pairs_of(GENERAL)
-    (a_train, a_held), (b_train, b_held) = pairs_of(SET_A), pairs_of(SET_B)
-    extra, _ = pairs_of(EXTRA)
-    short = [r for r in general + a_train + a_held + extra
-             if len(r["instruction"]) + len(r["output"]) < 500]
+    (a_train, _), (b_train, b_held) = pairs_of(SET_A), pairs_of(SET_B)
     files = {k: write(tmp / f"{k}.jsonl", v) for k, v in
-             {"sft": general + a_train, "b": b_train, "b_held": b_held,
-              "pairs": preference_pairs(short)}.items()}
+             {"sft": general + a_train, "b": b_train, "b_held": b_held}.items()}
     base = ["data.format=alpaca", "train.learning_rate=3e-3"]
     sft = train(tmp, "sft", base + [f"data.path={files['sft']}", f"train.steps={steps}"])
-    heldout = len(load_pairs_split(tmp, files["pairs"]))
-    pref = {}
-    for task, lr in (("dpo", "1e-3"), ("orpo", "1e-3")):
-        r = train(tmp, task, [
-            "data.format=preference", f"data.path={files['pairs']}", "data.heldout_fraction=0.2",
-            f"train.task={task}", f"train.init_from={sft['model_dir']}", f"train.steps={steps}",
-            f"train.learning_rate={lr}", "train.batch_size=8", f"train.eval_every={steps}",
-            f"train.eval_steps={heldout}", f"train.seq_len={2 * SEQ_LEN}"])
-        pref[task] = {k: r["last"].get(f"eval_{k}") for k in
-                      ("reward_accuracy", "reward_margin", "loss")}
-        pref[task]["train_reward_accuracy"] = r["last"].get("reward_accuracy")
     fine = {}
     methods = {"full": [], "lora": ["peft.method=lora", "peft.rank=8", "peft.targets=.*_proj"],
                "lisa": ["peft.method=lisa", "peft.lisa_layers=1", "peft.period=10"],
@@ -138,37 +106,19 @@ def main():
     fine["sft model (no fine-tuning)"] = {
         "heldout_loss_b": heldout_loss(tmp, sft["model_dir"], files["b_held"])}
     result = {**provenance(), "steps": steps, "quick": args.quick, "seq_len": SEQ_LEN,
-              "pairs": {"sft": len(general) + len(a_train), "preference": len(short),
-                        "preference_heldout": heldout, "B": [len(b_train), len(b_held)]},
-              "preference": pref, "fine_tuning": fine}
+              "pairs": {"sft": len(general) + len(a_train), "B": [len(b_train), len(b_held)]},
+              "fine_tuning": fine}
     (out / "post_training.json").write_text(json.dumps(result, indent=2))
     lines = [f"# Post-training, tiny stdlib task ({result['device_kind']}, jax {result['jax']}, "
              f"commit {result['commit']}, {result['date']}, load {result['load_avg_1m']:.1f}, "
              f"{steps} steps per run)", "",
-             f"Preference pairs: {len(short)} (chosen = true body, rejected = another "
-             f"function's body), {heldout} held out; from the SFT model.", "",
-             "| method | held-out pair accuracy | held-out reward margin | train pair accuracy |",
-             "| --- | --- | --- | --- |"]
-    lines += [f"| {k} | {_f(v['reward_accuracy'])} | {_f(v['reward_margin'])} | "
-              f"{_f(v['train_reward_accuracy'])} |" for k, v in pref.items()]
-    lines += ["", f"Fine-tuning the SFT model on set B ({len(b_train)} pairs, {len(b_held)} "
-                  "held out), equal steps (p=0 of Masked Thought is `full`):", "",
-              "| run | held-out loss B | peak RSS of the run (MiB) |", "| --- | --- | --- |"]
+             f"Fine-tuning the SFT model on set B ({len(b_train)} pairs, {len(b_held)} "
+             "held out), equal steps (p=0 of Masked Thought is `full`):", "",
+             "| run | held-out loss B | peak RSS of the run (MiB) |", "| --- | --- | --- |"]
     lines += [f"| {k} | {v['heldout_loss_b']:.4f} | "
               f"{_f(v.get('peak_rss_mib'), '.0f')} |" for k, v in fine.items()]
     (out / "post_training.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
-
-
-def load_pairs_split(tmp, path):
-    """The held-out pairs of the preference file (as the DPO/ORPO runs split it)."""
-    from cadenza.train.data import builders
-
-    config = load_config(None, COMMON + [f"data.data_dir={tmp / 'data'}",
-                                         "data.format=preference", f"data.path={path}",
-                                         "data.heldout_fraction=0.2"], preset="tiny")
-    ds, _, _ = builders.open_split(config.data.sources()[0], config.data, "test")
-    return range(len(ds))
 
 
 def _f(x, fmt=".3f"):

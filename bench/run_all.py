@@ -45,6 +45,8 @@ QUICK_ARGS = {
                           "--repeats", "1"],
     "peft_memory": ["--steps", "2", "--layers", "2", "--hidden", "64", "--seq", "64"],
     "merge_select_bench": ["--quick"],
+    "post_training_bench": ["--quick"],
+    "preference_bench": ["--quick"],
     "serve_bench": ["--requests", "4", "--rates", "8", "--repeats", "1"],
 }
 RESULT_SUFFIXES = (".json", ".md", ".png")

@@ -160,3 +160,116 @@ def test_record_weights_are_stored_and_become_the_loss_mask(tmp_path, pref_files
     _, ce, n = token_losses(logits, b["targets"], masks)
     _, ce1, n1 = token_losses(logits, b["targets"], np.float32(turn == 1) * np.ones((4, 1)))
     np.testing.assert_allclose(float(ce / n), float(ce1 / n1), rtol=1e-6)
+
+
+def _span_config(tmp_path, pref_files, lines, fmt="messages", *extra):
+    import json
+
+    tmp_path.mkdir(exist_ok=True)
+    (tmp_path / "s.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    return load_config(None, [f"data.data_dir={tmp_path}", f"data.format={fmt}",
+                              f"data.path={tmp_path / 's.jsonl'}", "data.heldout_fraction=0",
+                              f"data.tokenizer={pref_files / 'tok'}", "train.seq_len=48",
+                              "data.shuffle_window=0", *extra], preset="tiny")
+
+
+def test_weight_spans_become_per_token_weights(tmp_path, pref_files):
+    from cadenza.train.data.builders import open_split
+    from cadenza.train.data.formatting import Formatter, decode_record
+    from cadenza.train.data.pipeline import resolve_tokenizer
+    from cadenza.train.data.records import Problems
+
+    reply = "hello say hi"
+    turns = [{"role": "user", "content": "say hi"}, {"role": "assistant", "content": reply}]
+
+    def spans(*s):
+        return [{"messages": [turns[0], {**turns[1], "weight_spans": [
+            {"begin_offset": b, "end_offset": e, "weight": w} for b, e, w in s]}]}]
+
+    lines = [{"messages": turns}, *spans((0, len(reply), 1)), *spans((5, 12, 0)),
+             *spans((0, 5, 3), (6, 9, 0.5)),
+             {"instruction": "say hi", "output": reply,                       # alpaca
+              "weight_spans": [{"begin_offset": 5, "end_offset": 12, "weight": 0}]}]
+    config = _span_config(tmp_path, pref_files, lines[:4])
+    ds, _, report = open_split(config.data.sources()[0], config.data, "train")
+    records = sorted((decode_record(ds[i]) for i in range(len(ds))), key=lambda r: r["source"])
+    assert records[2]["weight_spans"] == [{"turn": 0, "begin": 5, "end": 12, "weight": 0.0}]
+    fmt = Formatter(resolve_tokenizer(config), 48, 512, "truncate", Problems("stop"))
+    plain, ones, zero, mixed = (fmt.tokens_and_weights(r) for r in records)
+    assert plain == ones                                       # all-1 spans: today's weights
+    ids, w = zero
+    text, (turn,) = fmt.template.render_with_spans(records[2]["messages"])
+    _, offsets = fmt.tokenizer.encode_with_offsets(text, add_bos=True)
+    tok_turns = [0 if a < turn[1] and b > turn[0] else -1 for a, b in offsets]
+    start = text.find(reply, *turn)
+    inside = [a >= start + 5 and b <= start + 12 for a, b in offsets]   # " say", " hi"
+    assert all(x == 0.0 for x, i in zip(w, inside) if i) and any(inside)    # 0: masked
+    assert [x for x, i, t in zip(w, inside, tok_turns) if not i and t >= 0] \
+        == [1.0] * sum(not i and t >= 0 for i, t in zip(inside, tok_turns))
+    assert set(mixed[1]) >= {3.0, 0.625}    # " say" (chars 5-8): (1 + 3 * 0.5) / 4
+    # a 0-weight span trains like the mask that drops those tokens
+    logits = jax.random.normal(jax.random.key(0), (1, len(ids) - 1, 300))
+    targets = jnp.asarray([ids[1:]])
+    _, ce, n = token_losses(logits, targets, jnp.asarray([w[1:]]))
+    kept = [float(t >= 0 and not i) for t, i in zip(tok_turns, inside)]
+    _, ce1, n1 = token_losses(logits, targets, jnp.asarray([kept[1:]]))
+    assert float(ce) == float(ce1) and float(n) == float(n1)
+    # alpaca's top-level spans weigh the output the same way
+    alpaca = _span_config(tmp_path / "a", pref_files, lines[4:], "alpaca")
+    ads, _, _ = open_split(alpaca.data.sources()[0], alpaca.data, "train")
+    assert fmt.tokens_and_weights(decode_record(ads[0]))[1] == w
+
+
+def test_bad_weight_spans_are_counted(tmp_path, pref_files):
+    from cadenza.train.data.builders import open_split
+
+    turns = [{"role": "user", "content": "say hi"}, {"role": "assistant", "content": "hello"}]
+
+    def on(i, spans):
+        return {"messages": [{**t, "weight_spans": spans} if k == i else t
+                             for k, t in enumerate(turns)]}
+
+    good = [{"begin_offset": 0, "end_offset": 2, "weight": 2}]
+    lines = [on(1, good), on(1, [{"begin_offset": 0, "end_offset": 6, "weight": 1}]),  # too long
+             on(1, good + [{"begin_offset": 1, "end_offset": 3, "weight": 1}]),        # overlap
+             on(1, [{"begin_offset": 0, "end_offset": 2, "weight": -1}]),
+             on(1, [{"begin_offset": 0, "end_offset": 2}]), on(1, "0:2"),
+             on(0, good)]                                                            # user turn
+    config = _span_config(tmp_path, pref_files, lines)
+    _, _, report = open_split(config.data.sources()[0], config.data, "train")
+    assert report["written"] == 1 and report["skipped"] == {"bad_weights": 6}
+    text = _span_config(tmp_path / "t", pref_files, [{"text": "hi", "weight_spans": good},
+                                                     {"text": "hi"}], "text")
+    _, _, report = open_split(text.data.sources()[0], text.data, "train")
+    assert report["skipped"] == {"bad_weights": 1}
+
+
+def test_packing_keeps_weight_spans_aligned(tmp_path, pref_files):
+    from cadenza.train.data import build_iterator
+    from cadenza.train.data.builders import open_split
+    from cadenza.train.data.formatting import Formatter, decode_record
+    from cadenza.train.data.pipeline import resolve_tokenizer
+    from cadenza.train.data.records import Problems
+
+    lines = [{"messages": [{"role": "user", "content": "say " * k + "hi"},   # unique
+                           {"role": "assistant", "content": "hello hi say",
+                            "weight_spans": [{"begin_offset": k % 5, "end_offset": 7,
+                                              "weight": 0.5 * k}]}]} for k in range(6)]
+    config = _span_config(tmp_path, pref_files, lines, "messages", "train.batch_size=2",
+                          "data.packing=true")
+    ds, _, _ = open_split(config.data.sources()[0], config.data, "train")
+    fmt = Formatter(resolve_tokenizer(config), 48, 512, "truncate", Problems("stop"))
+    examples = {}
+    for i in range(len(ds)):
+        ex = fmt(decode_record(ds[i]))
+        examples[tuple(ex["targets"])] = ex["loss_mask"]
+    b = next(build_iterator(config))
+    seen = 0
+    for row in range(2):
+        seg = np.asarray(b["segment_ids"][row])
+        for s in np.unique(seg[seg > 0]):
+            at = seg == s
+            key = tuple(np.asarray(b["targets"][row])[at])
+            np.testing.assert_array_equal(np.asarray(b["loss_mask"][row])[at], examples[key])
+            seen += 1
+    assert seen >= 3

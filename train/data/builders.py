@@ -7,7 +7,7 @@
   and ``instruct``).
 
 Both write the canonical record features (``messages``, ``text``, ``source``, and
-``weights`` except for preference records)
+``weights`` and ``weight_spans`` except for preference records)
 into splits ``train`` and ``test`` (held out, ``heldout_fraction``), and a
 ``build_report.json`` next to the data with the counts read / written /
 skipped by reason. :func:`prepare` builds a :class:`DataSource` once (reusing a
@@ -38,10 +38,14 @@ def _turns():
 
 FEATURES = {"messages": _turns(), "text": tfds.features.Text(), "source": tfds.features.Text()}
 PREFERENCE_FEATURES = {**FEATURES, "chosen": _turns(), "rejected": _turns()}
-# Loss weights per assistant turn (one for text); empty: every weight 1.
-WEIGHTED_FEATURES = {**FEATURES, "weights": tfds.features.Sequence(np.float32)}
+# Loss weights per assistant turn (one for text); empty: every weight 1. Weight spans:
+# character spans of an assistant turn's content with their own weight (records.py).
+WEIGHTED_FEATURES = {**FEATURES, "weights": tfds.features.Sequence(np.float32),
+                     "weight_spans": tfds.features.Sequence(
+                         {"turn": np.int32, "begin": np.int32, "end": np.int32,
+                          "weight": np.float32})}
 # Part of every build's location: a change of the stored features makes a new build.
-FEATURES_VERSION = 2
+FEATURES_VERSION = 3
 REPORT_FILE = "build_report.json"
 
 
@@ -86,7 +90,7 @@ class _Builder(tfds.core.GeneratorBasedBuilder):
             yield from items
             return
         for key, record in items:
-            yield key, {"weights": [], **record}
+            yield key, {"weights": [], "weight_spans": [], **record}
 
     def source_description(self) -> str:
         raise NotImplementedError

@@ -11,7 +11,11 @@ all trained.
 A record's ``weights`` (one per assistant turn, or one for a text record) scale its
 trained tokens: ``loss_mask`` holds each token's weight (1 when the record gives none,
 0 for untrained tokens), so the masked-mean loss is the weighted mean and a weight of 0
-is exactly a masked token.
+is exactly a masked token. ``weight_spans`` (character spans of an assistant turn's
+content with their own weight) refine that per token: every character of a turn's span
+has the span's weight where one covers it, else the turn's weight, and a trained token's
+weight is the mean over its characters inside the turn (a token wholly inside one span
+gets that span's weight exactly; one straddling a span edge the character-weighted mean).
 
 An example of ``n`` tokens becomes ``inputs = tokens[:-1]``, ``targets =
 tokens[1:]``, ``loss_mask = mask[1:]`` (``n - 1`` positions). Longer than
@@ -60,6 +64,13 @@ def decode_record(raw) -> dict:
         record["chosen"], record["rejected"] = turns(raw["chosen"]), turns(raw["rejected"])
     if "weights" in raw:
         record["weights"] = [float(w) for w in raw["weights"]]
+    if "weight_spans" in raw:
+        spans = raw["weight_spans"]
+        if isinstance(spans, dict):   # a TFDS sequence of dicts: one array per field
+            spans = [dict(zip(spans, values)) for values in zip(*spans.values())]
+        record["weight_spans"] = [{"turn": int(x["turn"]), "begin": int(x["begin"]),
+                                   "end": int(x["end"]), "weight": float(x["weight"])}
+                                  for x in spans]
     return record
 
 
@@ -152,27 +163,69 @@ class Formatter:
     def tokens_and_weights(self, record: dict) -> tuple[list[int], list[float]]:
         """All tokens of ``record`` and each one's loss weight: 0 for untrained tokens, else
         the record's ``weights`` entry of the assistant turn it belongs to (text: its one
-        entry), 1 when the record gives no weights."""
+        entry), 1 when the record gives no weights, refined by its ``weight_spans``
+        (module docstring).
+
+        Raises:
+          CadenzaError: the template cannot render the record, or (where
+            ``weight_spans``) does not keep a weighted reply's text verbatim.
+        """
         weights = record.get("weights") or []
         if not record["messages"]:
             ids, mask = self.tokens_and_mask(record)
             w = weights[0] if weights else 1.0
             return ids, [w if m else 0.0 for m in mask]
-        ids, turns = self._chat_tokens_and_turns(record["messages"])
-        return ids, [0.0 if t < 0 else weights[t] if weights else 1.0 for t in turns]
+        text, spans, ids, offsets, turns = self._chat_tokens_and_turns(record["messages"])
+        out = [0.0 if t < 0 else weights[t] if weights else 1.0 for t in turns]
+        if not record.get("weight_spans"):
+            return ids, out
+        chars = self._character_weights(record, text, spans, weights)
+        for i, (t, (a, b)) in enumerate(zip(turns, offsets)):
+            lo, hi = (max(a, spans[t][0]), min(b, spans[t][1])) if t >= 0 else (0, 0)
+            if hi > lo:
+                w = chars[lo:hi]
+                out[i] = float(w[0]) if np.all(w == w[0]) else float(w.mean())
+        return ids, out
+
+    def _character_weights(self, record, text, spans, weights) -> np.ndarray:
+        """float64 [len(text)]: each assistant-turn character's weight (its weight span's,
+        else its turn's); 0 elsewhere.
+
+        Raises:
+          CadenzaError (where ``weight_spans``): the template does not write a turn's
+            content verbatim, so its spans cannot be placed.
+        """
+        chars = np.zeros(len(text))
+        replies = [m["content"] for m in record["messages"] if m["role"] == "assistant"]
+        starts = []
+        for k, (s, e) in enumerate(spans):
+            chars[s:e] = weights[k] if weights else 1.0
+            starts.append(text.find(replies[k], s, e))
+        for span in record["weight_spans"]:
+            start = starts[span["turn"]]
+            if start < 0:
+                raise CadenzaError(f"the chat template does not write assistant turn "
+                                   f"{span['turn']}'s content verbatim, so its weight spans "
+                                   "cannot be placed", where="weight_spans",
+                                   fix="give per-turn 'weights' instead, or use a template "
+                                       "that keeps the reply text as is")
+            chars[start + span["begin"]:start + span["end"]] = span["weight"]
+        return chars
 
     def _chat_tokens_and_turns(self, messages, skip_turns: int = 0):
-        """Tokens of the rendered ``messages`` and, per token, the index of the assistant
-        turn (after the first ``skip_turns``) its characters overlap, or -1."""
+        """``(text, spans, ids, offsets, turns)``: the rendered ``messages``, its assistant
+        turns' character spans (after the first ``skip_turns``), its tokens with their
+        character offsets and, per token, the index of the assistant turn its characters
+        overlap, or -1."""
         text, spans = self.template.render_with_spans(messages)
         spans = spans[skip_turns:]
         ids, offsets = self.tokenizer.encode_with_offsets(text, add_bos=True)
         turns = [next((k for k, (s, e) in enumerate(spans) if a < e and b > s), -1)
                  for a, b in offsets]
-        return ids, turns
+        return text, spans, ids, offsets, turns
 
     def _chat_tokens(self, messages, skip_turns: int = 0):
-        ids, turns = self._chat_tokens_and_turns(messages, skip_turns)
+        _, _, ids, _, turns = self._chat_tokens_and_turns(messages, skip_turns)
         return ids, [t >= 0 for t in turns]
 
     def _valid_ids(self, ids, where) -> bool:
@@ -209,7 +262,8 @@ class Formatter:
         try:
             ids, mask = self.tokens_and_weights(record)
         except CadenzaError as e:
-            self.problems.report("template_error", where, e.what)
+            reason = "bad_weights" if e.where == "weight_spans" else "template_error"
+            self.problems.report(reason, where, e.what)
             return None
         if not self._valid_ids(ids, where):
             return None
@@ -235,7 +289,7 @@ class Formatter:
         self.counts["kept"] += 1
         self.counts["tokens"] += len(ids) - 1
         self.counts["trained_tokens"] += sum(m > 0 for m in mask[1:])
-        if any(w != 1.0 for w in record.get("weights") or []):
+        if any(w != 1.0 for w in record.get("weights") or []) or record.get("weight_spans"):
             self.counts["weighted_records"] += 1
         arr = np.asarray(ids, np.int32)
         return {"inputs": arr[:-1], "targets": arr[1:],

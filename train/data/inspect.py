@@ -89,11 +89,14 @@ def inspect_data(config, *, examples: int = 3, split: str = "train", batches: in
             if "chosen" in record:
                 lines.extend(_pair_lines(formatter, record, i, seq))
                 continue
-            ids, mask = formatter.tokens_and_mask(record)
+            ids, weights = formatter.tokens_and_weights(record)
+            mask = [w > 0 for w in weights]
             lines.append(f"-- example {i} ({record['source']}): {len(ids)} tokens, "
                          f"{sum(mask)} trained{_long_policy(data.truncation, record, ids, seq)}"
                          + (f", loss weights {record['weights']}" if record.get("weights")
-                            else ""))
+                            else "")
+                         + (f", {len(record['weight_spans'])} weight spans"
+                            if record.get("weight_spans") else ""))
             lines.append(mark_masked(tokenizer, ids, mask))
     it = build_iterator(config, split=split)
     filled = trained = total = packed = 0

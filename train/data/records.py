@@ -21,6 +21,14 @@ number >= 0 per assistant turn (the weight of that turn's tokens; 0 leaves the t
 untrained). The canonical record keeps it as ``weights``: a list of floats, one per
 assistant turn (one for text), or empty when the record gives none (every weight 1).
 
+Chat records also take per-token weights as character spans of an assistant reply:
+``weight_spans``, a list of ``{"begin_offset", "end_offset", "weight"}`` (``[begin, end)``
+character offsets into the reply's content, non-overlapping, weight >= 0) on an assistant
+turn of ``messages`` / ``sharegpt`` records, or at the top level of an ``alpaca`` record
+(spans of ``output``). The canonical record keeps them as ``weight_spans``: a list of
+``{"turn", "begin", "end", "weight"}`` (``turn``: the assistant turn's index), empty when
+the record gives none.
+
 Besides JSON, records (the same fields, one per row) come from Parquet files
 (``.parquet``), Arrow files (``.arrow``) and Hugging Face ``datasets`` folders written
 by ``save_to_disk`` (a ``Dataset`` folder: its arrow files in order; a ``DatasetDict``
@@ -63,7 +71,9 @@ FIXES = {
     "unreadable_table": "rewrite the file (pandas.DataFrame.to_parquet, Dataset.save_to_disk)",
     "identical_pair": "give a rejected response that differs from the chosen one",
     "bad_weights": "give 'weights' as one number >= 0, or a list of numbers >= 0 with one "
-                   "per assistant turn (not in preference records)",
+                   "per assistant turn; 'weight_spans' as non-overlapping {begin_offset, "
+                   "end_offset, weight} spans inside an assistant reply (neither in "
+                   "preference or text records)",
 }
 TABLE_SUFFIXES = (".parquet", ".arrow")
 
@@ -357,6 +367,62 @@ def _weights(obj, turns: int, where, problems):
     return [float(w) for w in values]
 
 
+def _weight_spans(obj, format: str, messages, where, problems):
+    """The record's ``weight_spans`` (module docstring) as canonical
+    ``{"turn", "begin", "end", "weight"}`` dicts, ``[]`` when absent, or None (reported)
+    when malformed: not a list of spans, a span outside its reply or overlapping another,
+    a weight not a number >= 0, or spans on a turn that is not an assistant reply."""
+    if format == "alpaca":   # top-level spans of the output, the one assistant turn
+        raw = [{"weight_spans": obj.get("weight_spans")}] if "weight_spans" in obj else []
+        indexed = [(len(messages) - 1, t) for t in raw]
+    else:
+        key = "conversations" if format == "sharegpt" else "messages"
+        indexed = [(i, t) for i, t in enumerate(obj[key]) if "weight_spans" in t]
+    out = []
+    for i, turn in indexed:
+        spans, content = turn["weight_spans"], messages[i]["content"]
+        if messages[i]["role"] != "assistant":
+            problems.report("bad_weights", where, f"'weight_spans' on turn {i}, a "
+                                                  f"{messages[i]['role']} turn (only assistant "
+                                                  "replies are trained)")
+            return None
+        k = sum(m["role"] == "assistant" for m in messages[:i])
+        parsed = [_span(x, len(content)) for x in spans] if isinstance(spans, list) else [None]
+        ends = sorted((p[0], p[1]) for p in parsed if p is not None)
+        if None in parsed or any(b < e0 for (_, e0), (b, _) in zip(ends, ends[1:])):
+            problems.report("bad_weights", where, f"'weight_spans' {spans!r} of turn {i} is not "
+                                                  "a list of non-overlapping {begin_offset, "
+                                                  "end_offset, weight} spans with 0 <= begin < "
+                                                  f"end <= {len(content)} (the reply's length) "
+                                                  "and weight >= 0")
+            return None
+        out += [{"turn": k, "begin": b, "end": e, "weight": w} for b, e, w in parsed]
+    return out
+
+
+def _span(value, length: int):
+    """``(begin, end, weight)`` of one span dict within a reply of ``length`` characters,
+    or None when malformed."""
+    if not isinstance(value, dict) or set(value) != {"begin_offset", "end_offset", "weight"}:
+        return None
+    b, e, w = value["begin_offset"], value["end_offset"], value["weight"]
+    ints = all(isinstance(x, int) and not isinstance(x, bool) for x in (b, e))
+    number = isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w)
+    if not (ints and number and 0 <= b < e <= length and w >= 0):
+        return None
+    return b, e, float(w)
+
+
+def _has_spans(obj) -> bool:
+    """Whether a preference or text record carries ``weight_spans`` anywhere."""
+    if not isinstance(obj, dict):
+        return False
+    return "weight_spans" in obj or any(
+        isinstance(t, dict) and "weight_spans" in t
+        for key in ("prompt", "messages", "chosen", "rejected") if isinstance(obj.get(key), list)
+        for t in obj[key])
+
+
 def read_records(format: str, files, problems: Problems, counts: collections.Counter):
     """Yield canonical records from ``files`` in ``format`` (see the module docstring).
 
@@ -380,6 +446,9 @@ def read_records(format: str, files, problems: Problems, counts: collections.Cou
             else _json_objects(path, problems, counts)
         for line, obj in rows:
             where = f"{path}:{line}"
+            if format in ("text", "preference") and _has_spans(obj):
+                problems.report("bad_weights", where, f"{format} records take no weight_spans")
+                continue
             if format == "text":
                 text = _string_field(obj, "text", where, problems)
                 if text is not None and not text.strip():
@@ -405,5 +474,8 @@ def read_records(format: str, files, problems: Problems, counts: collections.Cou
                 problems.report("no_assistant_turn", where, "conversation has no assistant turn")
                 continue
             weights = _weights(obj, replies, where, problems)
-            if weights is not None:
-                yield {"messages": messages, "text": "", "source": where, "weights": weights}
+            spans = None if weights is None else _weight_spans(obj, format, messages, where,
+                                                               problems)
+            if spans is not None:   # no spans: no key (the split hash of the record stays)
+                yield {"messages": messages, "text": "", "source": where, "weights": weights,
+                       **({"weight_spans": spans} if spans else {})}

@@ -1,0 +1,247 @@
+"""DPO and ORPO on stdlib preference pairs: held-out pair accuracy against the SFT model.
+
+Usage: .venv/bin/python bench/preference_bench.py [--sft-steps N] [--steps N] [--quick]
+[--out DIR]
+
+The modules of the stdlib split by a stable hash of their path (``stdlib.is_heldout``,
+fraction ``HELDOUT_MODULES``): no held-out pair shares a module, a prompt or a body with
+any training pair, and the byte-level BPE tokenizer is trained on the training modules only.
+
+1. SFT: the tiny preset, full SFT on every instruction pair of the training modules
+   (signature + docstring -> body, ``--sft-steps``), cached in ``<runs>/sft-<steps>``
+   (``--runs``, default ``runs/preference_bench``; reruns reuse it).
+2. Pairs: chosen = the function's true body, rejected = the body of the next function in a
+   seeded shuffle of the same split (training pairs from training modules, held-out pairs
+   from held-out modules); only short functions (prompt + body under ``MAX_CHARS``
+   characters), so no side is cut.
+3. DPO (beta ``--beta``, sigmoid loss) and ORPO (lambda 0.1) from the SFT model, full
+   fine-tuning and LoRA (rank 8 on every projection), ``--steps`` each.
+4. Every model (the SFT model first: the baseline) scores every held-out pair by the summed
+   and the length-averaged log-prob of each side given the prompt (one forward per side,
+   the ``nll`` scorer of ``cadenza select``). Pair accuracy: the chosen side scores higher
+   (ties count 1/2). Columns: length-averaged log-prob (ORPO's reward), summed log-prob,
+   DPO's implicit reward ``log pi - log pi_sft`` (what DPO's ``reward_accuracy`` counts;
+   0.5 for the SFT model by definition), how often a body scores higher after its own
+   prompt than after the prompt it is the rejected side of (same body, so this isolates
+   how much the model reads the prompt), and the length-averaged accuracy on the first
+   100 training pairs (to show the generalisation gap).
+
+Writes bench/results/<device>/preference.{json,md} (``--quick``: into ``<device>-quick``);
+deterministic scores, no timings.
+"""
+
+import argparse
+import json
+import pathlib
+import random
+import shutil
+import tempfile
+
+import numpy as np
+from merge_select_bench import write
+
+from cadenza.config import load_config
+from cadenza.provenance import device_label, provenance, results_dir
+from cadenza.train import fit
+from cadenza.train.data import stdlib
+from cadenza.train.merge import MergeSpec, merge_models
+from cadenza.train.select import SelectSpec, select
+
+HELDOUT_MODULES = 0.1
+MAX_CHARS = 500          # prompt + body: well under SEQ_LEN tokens, so nothing is cut
+SEQ_LEN = 256
+LORA = ["peft.method=lora", "peft.rank=8", "peft.targets=.*_proj"]
+
+
+def split_pairs():
+    """``(train_modules, train_records, heldout_records)``: alpaca records of every
+    instruction pair of the stdlib, split by module."""
+    root, modules, train, held = stdlib.stdlib_root(), [], [], []
+    for rel in stdlib.stdlib_files(None):
+        heldout = stdlib.is_heldout(rel, HELDOUT_MODULES)
+        if not heldout:
+            modules.append(str(rel))
+        try:
+            found = stdlib.instruction_pairs((root / rel).read_text(encoding="utf-8"), rel)
+        except (SyntaxError, UnicodeDecodeError):
+            continue
+        (held if heldout else train).extend(
+            {"instruction": instruction, "output": body} for instruction, body, _ in found)
+    return modules, train, held
+
+
+def preference_pairs(records, seed=0):
+    """``{"prompt", "chosen", "rejected"}`` for the short records: each instruction with
+    its own body and the body of the next short record in a seeded shuffle (never equal)."""
+    short = [r for r in records if len(r["instruction"]) + len(r["output"]) < MAX_CHARS]
+    order = list(range(len(short)))
+    random.Random(seed).shuffle(order)
+    pairs = [{"prompt": short[i]["instruction"], "chosen": short[i]["output"],
+              "rejected": short[order[(k + 1) % len(order)]]["output"]}
+             for k, i in enumerate(order)]
+    return [p for p in pairs if p["chosen"] != p["rejected"]]
+
+
+class Bench:
+    """The shared overrides of every run (data dir, tokenizer modules, sequence length)."""
+
+    def __init__(self, tmp: pathlib.Path, modules: list[str]):
+        self.tmp = tmp
+        self.common = [f"data.data_dir={tmp / 'data'}", "data.heldout_fraction=0.0",
+                       "data.stdlib_modules=[" + ",".join(modules) + "]",
+                       f"train.seq_len={SEQ_LEN}", "train.tensorboard=false",
+                       "train.progress_bar=false", "train.log_every=25",
+                       "train.async_checkpoints=false", "train.warmup_steps=20"]
+
+    def fit(self, name: str, overrides: list[str]) -> dict:
+        """One training run; its summary and its last logged metrics."""
+        out = self.tmp / name
+        summary = fit(load_config(None, self.common + [f"train.output_dir={out}",
+                                                       *overrides], preset="tiny"))
+        metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+        summary["last"] = {k: v for m in metrics for k, v in m.items()}
+        return summary
+
+    def logps(self, model_dir: str, pairs, key: str) -> dict:
+        """Summed response log-probs and token counts of both sides of every pair under
+        ``model_dir``: ``{"chosen", "rejected", "chosen_n", "rejected_n"}`` arrays.
+        ``key`` names the pair set (one scoring file per set)."""
+        path = write(self.tmp / f"score_{key}.jsonl", [
+            {"instruction": p["prompt"], "output": p[side]}
+            for p in pairs for side in ("chosen", "rejected")])
+        config = load_config(None, self.common + [
+            "data.format=alpaca", f"data.path={path}", f"train.init_from={model_dir}"],
+            preset="tiny")
+        result = select(config, SelectSpec("nll", 1.0))
+        nll, n = result["details"]["nll"], result["details"]["response_tokens"]
+        found = {(r["messages"][0]["content"], r["messages"][1]["content"]): (-nll[i] * n[i], n[i])
+                 for i, r in enumerate(result["records"])}
+        out = {}
+        for side in ("chosen", "rejected"):
+            values = [found[(p["prompt"], p[side])] for p in pairs]
+            out[side] = np.asarray([v[0] for v in values], np.float64)
+            out[f"{side}_n"] = np.asarray([v[1] for v in values], np.float64)
+        if not np.all(np.isfinite(out["chosen"]) & np.isfinite(out["rejected"])):
+            raise SystemExit(f"{model_dir}: a pair side has no scored token")
+        return out
+
+
+def accuracy(chosen, rejected) -> float:
+    """Fraction of pairs whose chosen score is higher (ties 1/2)."""
+    return float(np.mean(np.where(chosen > rejected, 1.0,
+                                  np.where(chosen == rejected, 0.5, 0.0))))
+
+
+def scores(lp: dict, ref: dict, pairs) -> dict:
+    """Pair accuracies of one model's log-probs ``lp`` of ``pairs`` (``ref``: the SFT
+    model's); ``own_prompt``: a body's log-prob after its own prompt vs after the prompt of
+    the pair it is rejected in (pairs whose rejected body is another pair's chosen one)."""
+    mean_c, mean_r = lp["chosen"] / lp["chosen_n"], lp["rejected"] / lp["rejected_n"]
+    own = {p["chosen"]: lp["chosen"][i] for i, p in enumerate(pairs)}
+    same = np.asarray([(own[p["rejected"]], lp["rejected"][i]) for i, p in enumerate(pairs)
+                       if p["rejected"] in own]).reshape(-1, 2)
+    return {"mean_logp": accuracy(mean_c, mean_r), "own_prompt": accuracy(*same.T),
+            "sum_logp": accuracy(lp["chosen"], lp["rejected"]),
+            "dpo_reward": accuracy(lp["chosen"] - ref["chosen"],
+                                   lp["rejected"] - ref["rejected"]),
+            "mean_logp_margin": float(np.mean(mean_c - mean_r))}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sft-steps", type=int, default=1200, help="SFT steps")
+    parser.add_argument("--steps", type=int, default=60, help="steps of each DPO/ORPO run")
+    parser.add_argument("--runs", default="runs/preference_bench", help="SFT models (cached)")
+    parser.add_argument("--beta", type=float, default=0.1, help="DPO beta")
+    parser.add_argument("--quick", action="store_true", help="a few steps (a smoke run)")
+    parser.add_argument("--out", default=None, help="results folder")
+    args = parser.parse_args()
+    sft_steps, steps = (3, 3) if args.quick else (args.sft_steps, args.steps)
+    out = results_dir(__file__, args.out or (pathlib.Path(__file__).resolve().parent / "results"
+                                             / f"{device_label()}-quick" if args.quick
+                                             else None))
+    tmp = pathlib.Path(tempfile.mkdtemp(prefix="preference_"))
+    modules, sft_records, held_records = split_pairs()
+    train_pairs, held_pairs = preference_pairs(sft_records), preference_pairs(held_records)
+    bench = Bench(tmp, modules)
+    files = {"sft": write(tmp / "sft.jsonl", sft_records),
+             "pairs": write(tmp / "pairs.jsonl", train_pairs)}
+    sft = trained_sft(bench, pathlib.Path(args.runs) / f"sft-{sft_steps}", files["sft"],
+                      sft_steps, cache=not args.quick)
+    runs = {"sft": sft["model_dir"]}
+    train_logs = {"sft": {"loss": sft["last"]["loss"]}}
+    pref = ["data.format=preference", f"data.path={files['pairs']}", "train.batch_size=8",
+            f"train.seq_len={2 * SEQ_LEN}", f"train.steps={steps}",
+            f"train.init_from={sft['model_dir']}", f"train.preference.beta={args.beta}"]
+    for task in ("dpo", "orpo"):
+        for method, extra in (("full", ["train.learning_rate=2e-4"]),
+                              ("lora", LORA + ["train.learning_rate=1e-3"])):
+            name = f"{task} {method}"
+            r = bench.fit(name.replace(" ", "_"), pref + [f"train.task={task}", *extra])
+            model = r["model_dir"]
+            if model is None:   # adapters alone: fold them into the SFT model to score it
+                model = str(tmp / f"{task}_{method}_merged")
+                merge_models(sft["model_dir"], [r["adapters_dir"]], model, MergeSpec("linear"))
+            runs[name] = model
+            train_logs[name] = {k: r["last"].get(k) for k in
+                                ("loss", "reward_accuracy", "reward_margin")}
+    seen = train_pairs[:100]
+    ref_held = bench.logps(runs["sft"], held_pairs, "heldout")
+    ref_seen = bench.logps(runs["sft"], seen, "train")
+    table = {}
+    for name, model in runs.items():
+        held = ref_held if name == "sft" else bench.logps(model, held_pairs, "heldout")
+        own = ref_seen if name == "sft" else bench.logps(model, seen, "train")
+        table[name] = {"heldout": scores(held, ref_held, held_pairs),
+                       "train_pairs": scores(own, ref_seen, seen),
+                       "train_log": train_logs[name]}
+    result = {**provenance(), "quick": args.quick, "sft_steps": sft_steps, "steps": steps,
+              "beta": args.beta, "seq_len": SEQ_LEN, "max_chars": MAX_CHARS,
+              "heldout_module_fraction": HELDOUT_MODULES,
+              "counts": {"sft_records": len(sft_records), "train_pairs": len(train_pairs),
+                         "heldout_pairs": len(held_pairs), "train_modules": len(modules)},
+              "models": table}
+    (out / "preference.json").write_text(json.dumps(result, indent=2))
+    own = {"sft": "mean_logp", "dpo full": "dpo_reward", "dpo lora": "dpo_reward",
+           "orpo full": "mean_logp", "orpo lora": "mean_logp"}
+    lines = [f"# DPO / ORPO on stdlib preference pairs ({result['device_kind']}, jax "
+             f"{result['jax']}, commit {result['commit']}, {result['date']}, load "
+             f"{result['load_avg_1m']:.1f})", "",
+             f"Tiny preset, SFT {sft_steps} steps on {len(sft_records)} instruction pairs of "
+             f"{len(modules)} training modules; DPO (beta {args.beta}) / ORPO {steps} steps "
+             f"on {len(train_pairs)} training pairs (chosen = true body, rejected = another "
+             f"function's body); {len(held_pairs)} held-out pairs from held-out modules.", "",
+             "| model | held-out: own reward acc. | mean log-prob acc. | summed log-prob acc. "
+             "| DPO reward acc. | mean log-prob margin | body: own vs other prompt | "
+             "training pairs: mean log-prob acc. |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for name, row in table.items():
+        h = row["heldout"]
+        lines.append(f"| {name} | {h[own[name]]:.3f} | {h['mean_logp']:.3f} | "
+                     f"{h['sum_logp']:.3f} | {h['dpo_reward']:.3f} | {h['mean_logp_margin']:.3f}"
+                     f" | {h['own_prompt']:.3f} | {row['train_pairs']['mean_logp']:.3f} |")
+    lines += ["", "Own reward: DPO's implicit reward (log-ratio to the SFT model) for DPO, the "
+                  "length-averaged log-prob for ORPO and the SFT baseline."]
+    (out / "preference.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def trained_sft(bench: Bench, cached: pathlib.Path, data_path: str, steps: int,
+                cache: bool) -> dict:
+    """The SFT run (``{"model_dir", "last"}``): reused from ``cached`` when it holds a
+    finished one (``cache``), else trained (and, with ``cache``, kept there)."""
+    if not (cache and (cached / "model").is_dir()):
+        run = bench.fit("sft", ["data.format=alpaca", f"data.path={data_path}",
+                                f"train.steps={steps}", "train.learning_rate=3e-3"])
+        if not cache:
+            return run
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copytree(bench.tmp / "sft", cached.with_name(cached.name + ".tmp"))
+        cached.with_name(cached.name + ".tmp").rename(cached)
+    metrics = [json.loads(x) for x in (cached / "metrics.jsonl").read_text().splitlines()]
+    return {"model_dir": str(cached / "model"),
+            "last": {k: v for m in metrics for k, v in m.items()}}
+
+
+if __name__ == "__main__":
+    main()
