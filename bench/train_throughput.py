@@ -243,10 +243,11 @@ def median_spread(values) -> dict:
     return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
 
-def bench_setup(size: str, dtype: str, mode: str, repeats: int, use_torch: bool,
-                tmp: pathlib.Path, overrides: tuple[str, ...] = ()) -> dict:
-    """Interleaved rounds of cadenza and torch for one (size, dtype, mode); ``overrides``:
-    more config overrides for cadenza (e.g. ``model.attention_impl=xla``)."""
+def bench_inputs(size: str, dtype: str, mode: str, tmp: pathlib.Path, use_torch: bool,
+                 overrides: tuple[str, ...] = ()) -> tuple:
+    """``(config, batch)`` of one (size, dtype, mode): the fixed random batch (numpy) and the
+    config that starts from the shared random weights saved under ``tmp`` (with the HF
+    export for the torch side when ``use_torch``)."""
     base = load_config(None, SIZES[size] + TRAIN, preset="tiny")
     if use_torch and base.model.is_moe:
         raise SystemExit(f"size {size} is a mixture of experts: the torch side runs Llama "
@@ -261,11 +262,20 @@ def bench_setup(size: str, dtype: str, mode: str, repeats: int, use_torch: bool,
     if not model_dir.exists():
         params = init_params(base.model, jax.random.key(0))
         save_model(model_dir, base, params)
-        if use_torch:
-            save_hf((base.model, params), hf_dir)
+    if use_torch and not hf_dir.exists():
+        save_hf(model_dir, hf_dir)
     extra = [f"model.dtype={dtype}", f"train.init_from={model_dir}", *overrides]
     config = load_config(None, SIZES[size] + TRAIN + extra + (LORA if mode == "lora" else []),
                          preset="tiny")
+    return config, batch
+
+
+def bench_setup(size: str, dtype: str, mode: str, repeats: int, use_torch: bool,
+                tmp: pathlib.Path, overrides: tuple[str, ...] = ()) -> dict:
+    """Interleaved rounds of cadenza and torch for one (size, dtype, mode); ``overrides``:
+    more config overrides for cadenza (e.g. ``model.attention_impl=xla``)."""
+    config, batch = bench_inputs(size, dtype, mode, tmp, use_torch, overrides)
+    hf_dir = tmp / f"{size}-hf"
     cad = CadenzaSide(config, batch)
     torch = TorchSide({"hf_dir": str(hf_dir), "dtype": dtype, "lora": mode == "lora", "lr": LR,
                        "inputs": batch["inputs"].tolist(),
