@@ -18,11 +18,12 @@ ratios. MFU = model FLOP/s (``cadenza.train.metrics.flops_per_token``, weight gr
 trainable params only) / the XLA matmul peak measured in the same rounds (best FLOP/s of a
 2048^3 matmul in the compute dtype); torch's own matmul peak is reported alongside.
 
-Breakdown (median seconds per step):
+Breakdown (median seconds per step; each piece is its own program, timed alone in every
+round, so the pieces need not add up to the fused step):
   cadenza: forward = the model to logits; loss = cross-entropy forward + backward on those
-  logits alone; backward = (value and grad of the loss) - forward - loss; optimizer = the
-  full donated step - (value and grad): clipping, AdamW, the update; host/data = making the
-  batch and putting it on the device.
+  logits alone; backward = (value and grad of the loss) - forward - loss, per round;
+  optimizer = clipping, AdamW and the update on fixed gradients (its own jitted program);
+  host/data = making the batch and putting it on the device.
   torch: each phase timed in its loop (forward, loss forward, backward, clip + step +
   zero_grad, making the batch tensors); torch's loss backward sits in its backward row.
 
@@ -42,6 +43,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from cadenza.config import load_config
 from cadenza.models import init_params, save_hf, save_model
@@ -197,6 +199,14 @@ class CadenzaSide:
                 self.state.params, self.frozen, self.batch).compile()
             self.grad = jax.jit(jax.value_and_grad(loss)).lower(
                 self.state.params, self.frozen, self.batch).compile()
+        def update(params, opt_state, grads):
+            updates, opt_state = opt.update(grads, opt_state, params)
+            return optax.apply_updates(params, updates), opt_state
+
+        with jax.set_mesh(self.mesh):
+            self.grads = jax.tree.map(jnp.ones_like, self.state.params)
+            self.update = jax.jit(update).lower(self.state.params, self.state.opt_state,
+                                                self.grads).compile()
         logits = jnp.zeros((BATCH, SEQ, config.model.vocab_size), jnp.float32)
         self.ce = jax.jit(jax.value_and_grad(ce)).lower(logits, self.batch).compile()
         self.logits = logits
@@ -219,11 +229,12 @@ class CadenzaSide:
             step_s, metrics = timed(self.train_step)
             fwd_s, _ = timed(self.forward, self.state.params, self.frozen, self.batch)
             grad_s, _ = timed(self.grad, self.state.params, self.frozen, self.batch)
+            opt_s, _ = timed(self.update, self.state.params, self.state.opt_state, self.grads)
         ce_s, _ = timed(self.ce, self.logits, self.batch)
         data_s, _ = timed(self.put_batch)
         mm = min(timed(self.mm, self.mm_in)[0] for _ in range(3))
         return {"step": step_s, "forward": fwd_s, "loss": ce_s,
-                "backward": grad_s - fwd_s - ce_s, "optimizer": step_s - grad_s,
+                "backward": grad_s - fwd_s - ce_s, "optimizer": opt_s,
                 "host/data": data_s, "matmul_peak": 2 * 2048 ** 3 / mm,
                 "loss_value": float(metrics["loss"])}
 
@@ -232,10 +243,11 @@ def median_spread(values) -> dict:
     return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
 
-def bench_setup(size: str, dtype: str, mode: str, repeats: int, use_torch: bool,
-                tmp: pathlib.Path, overrides: tuple[str, ...] = ()) -> dict:
-    """Interleaved rounds of cadenza and torch for one (size, dtype, mode); ``overrides``:
-    more config overrides for cadenza (e.g. ``model.attention_impl=xla``)."""
+def bench_inputs(size: str, dtype: str, mode: str, tmp: pathlib.Path, use_torch: bool,
+                 overrides: tuple[str, ...] = ()) -> tuple:
+    """``(config, batch)`` of one (size, dtype, mode): the fixed random batch (numpy) and the
+    config that starts from the shared random weights saved under ``tmp`` (with the HF
+    export for the torch side when ``use_torch``)."""
     base = load_config(None, SIZES[size] + TRAIN, preset="tiny")
     if use_torch and base.model.is_moe:
         raise SystemExit(f"size {size} is a mixture of experts: the torch side runs Llama "
@@ -250,11 +262,20 @@ def bench_setup(size: str, dtype: str, mode: str, repeats: int, use_torch: bool,
     if not model_dir.exists():
         params = init_params(base.model, jax.random.key(0))
         save_model(model_dir, base, params)
-        if use_torch:
-            save_hf((base.model, params), hf_dir)
+    if use_torch and not hf_dir.exists():
+        save_hf(model_dir, hf_dir)
     extra = [f"model.dtype={dtype}", f"train.init_from={model_dir}", *overrides]
     config = load_config(None, SIZES[size] + TRAIN + extra + (LORA if mode == "lora" else []),
                          preset="tiny")
+    return config, batch
+
+
+def bench_setup(size: str, dtype: str, mode: str, repeats: int, use_torch: bool,
+                tmp: pathlib.Path, overrides: tuple[str, ...] = ()) -> dict:
+    """Interleaved rounds of cadenza and torch for one (size, dtype, mode); ``overrides``:
+    more config overrides for cadenza (e.g. ``model.attention_impl=xla``)."""
+    config, batch = bench_inputs(size, dtype, mode, tmp, use_torch, overrides)
+    hf_dir = tmp / f"{size}-hf"
     cad = CadenzaSide(config, batch)
     torch = TorchSide({"hf_dir": str(hf_dir), "dtype": dtype, "lora": mode == "lora", "lr": LR,
                        "inputs": batch["inputs"].tolist(),

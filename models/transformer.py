@@ -16,6 +16,7 @@ from cadenza.models.cache import KVCache
 from cadenza.models.config import ModelConfig
 from cadenza.models.layers import MLP, Attention, Projection, RMSNorm
 from cadenza.models.moe import MoEMLP
+from cadenza.pallas_kernels.attention import compile_platform
 
 REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,
@@ -65,6 +66,19 @@ def _block_cls(config: ModelConfig):
                     prevent_cse=not config.scan_layers)
 
 
+def scan_unroll(config: ModelConfig) -> int:
+    """How many layers one iteration of the layer scan runs: all of them when compiling for
+    CPU, else 1 (a real loop).
+
+    Same params layout and math either way. Why: as a loop, XLA's CPU backend fills a
+    zeroed [layers, ...] buffer for every activation the backward pass reads and slices
+    each layer's weights and activations out of their stacks; unrolled, each layer reads
+    its arrays in place (the 10M model's train step took about 14% less CPU time).
+    Accelerators keep the loop (compile time and memory of deep models).
+    """
+    return config.num_layers if compile_platform() == "cpu" else 1
+
+
 class Transformer(nn.Module):
     """Decoder-only transformer for every family in :mod:`cadenza.models.families`.
 
@@ -89,6 +103,7 @@ class Transformer(nn.Module):
                 _block_cls(cfg), variable_axes={"params": 0, "peft": 0, "intermediates": 0},
                 split_rngs={"params": True, "dropout": True},
                 in_axes=(0, 0, nn.broadcast), length=cfg.num_layers,
+                unroll=scan_unroll(cfg),
                 metadata_params={nn.PARTITION_NAME: "layers"})(cfg)
         else:
             self.layers = [_block_cls(cfg)(cfg, name=f"layer_{i}") for i in range(cfg.num_layers)]

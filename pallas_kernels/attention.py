@@ -68,7 +68,7 @@ def _static_int(x):
         return None
 
 
-def _platform() -> str:
+def compile_platform() -> str:
     """Platform the kernels compile for: the context mesh's devices (AOT for a TPU
     topology from a CPU host), else the default backend."""
     mesh = jax.sharding.get_abstract_mesh()
@@ -83,7 +83,7 @@ def _resolve(implementation: str) -> str:
                           where="model.attention_impl", fix=f"use one of {list(IMPLEMENTATIONS)}")
     if implementation != "auto":
         return implementation
-    return {"tpu": "pallas", "gpu": "cudnn"}.get(_platform(), "xla")
+    return {"tpu": "pallas", "gpu": "cudnn"}.get(compile_platform(), "xla")
 
 
 def _mesh_specs(arrays: dict):
@@ -129,7 +129,7 @@ def _flash_fn(impl, *, scale, window, logit_soft_cap):
     if impl == "pallas":
         return functools.partial(flash_tpu.flash_attention_tpu, scale=scale, window=window,
                                  logit_soft_cap=logit_soft_cap,
-                                 interpret=_platform() == "cpu")
+                                 interpret=compile_platform() == "cpu")
     if impl == "mosaic_gpu":
         return functools.partial(flash_mgpu.flash_attention_mosaic_gpu, scale=scale,
                                  window=window, logit_soft_cap=logit_soft_cap)
@@ -154,7 +154,7 @@ def attention(q, k, v, *, implementation: str = "xla", scale, q_positions, k_cac
               cache_lengths=cache_lengths, cache_positions=cache_positions, tail_mask=tail_mask,
               segment_ids=segment_ids, window=window, logit_soft_cap=logit_soft_cap)
     out, reason = None, None
-    backend = _platform()
+    backend = compile_platform()
     if impl == "xla":
         return reference_attention(q, k, v, **kw)
     if backend == "gpu":

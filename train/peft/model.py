@@ -49,7 +49,7 @@ from cadenza.errors import CadenzaError, ConfigError
 from cadenza.models import quant
 from cadenza.models.cache import KVCache
 from cadenza.models.config import ModelConfig
-from cadenza.models.layers import Attention, Projection
+from cadenza.models.layers import Attention, Projection, flat_matmul
 from cadenza.models.moe import ExpertProjection, row_experts
 from cadenza.models.params import logical_param_specs
 from cadenza.models.transformer import Transformer
@@ -84,9 +84,9 @@ def lora_delta(a, b, lead: int = 0):
 
 
 def _contract(x, w, n: int, dtype):
-    """Contract the last ``n`` dims of ``x`` with the first ``n`` of ``w`` in ``dtype``."""
-    dims = ((tuple(range(x.ndim - n, x.ndim)), tuple(range(n))), ((), ()))
-    return jax.lax.dot_general(x.astype(dtype), w.astype(dtype), dims)
+    """Contract the last ``n`` dims of ``x`` with the first ``n`` of ``w`` in ``dtype`` (one
+    2-D matmul, see :func:`cadenza.models.layers.flat_matmul`)."""
+    return flat_matmul(x.astype(dtype), w.astype(dtype), n)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -450,7 +450,7 @@ class PeftModel:
             if a is None:
                 return y
             h = x
-            if train:
+            if train and pc.dropout:
                 keep = jax.random.bernoulli(m.make_rng("dropout"), 1.0 - pc.dropout, x.shape)
                 h = jnp.where(keep, x / (1.0 - pc.dropout), 0).astype(x.dtype)
             delta = matmul(matmul(h, a, n_in), var(m, "lora_b"), 1) * s
