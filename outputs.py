@@ -10,6 +10,8 @@
   (pid, host, start time); a lock left by a process that is gone (same host, pid no
   longer alive) is taken over, any other one is a clear error naming the other run.
 - :func:`atomic_file`: the same temp-sibling-and-rename for single files.
+- :func:`save_safetensors`: one safetensors file with ordinary permissions and I/O errors
+  that :func:`disk_errors` understands.
 """
 
 import contextlib
@@ -188,6 +190,28 @@ def disk_errors(where):
             raise
         what, fix = _DISK_ERRORS[e.errno]
         raise CadenzaError(f"{what} ({e.filename or where})", where=str(where), fix=fix) from e
+
+
+def save_safetensors(path, arrays: dict, metadata: dict | None = None) -> None:
+    """Write ``arrays`` ({name: NumPy array}) to the safetensors file ``path``.
+
+    The safetensors library writes owner-only files (mode 0600) and reports I/O failures as
+    text; this gives the file the mode of any new file (0666 less the umask) and raises
+    those failures as :class:`OSError` with their errno (so :func:`disk_errors` names them).
+    """
+    import safetensors
+    import safetensors.numpy
+
+    try:
+        safetensors.numpy.save_file(arrays, str(path), metadata=metadata)
+    except safetensors.SafetensorError as e:  # its I/O errors carry the OS error only as text
+        code = re.search(r"\(os error (\d+)\)", str(e))
+        if code is None:
+            raise
+        raise OSError(int(code[1]), os.strerror(int(code[1])), str(path)) from e
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
 
 
 def _alive(pid: int) -> bool:

@@ -31,9 +31,8 @@ def save_head_dir(directory, kind: str, meta: dict, params) -> pathlib.Path:
     directory, atomically (a temporary sibling renamed into place); refuses to overwrite
     one that already holds a head. Returns its path."""
     from flax.traverse_util import flatten_dict
-    from safetensors.numpy import save_file
 
-    from cadenza.outputs import atomic_dir
+    from cadenza.outputs import atomic_dir, save_safetensors
 
     d = pathlib.Path(directory).absolute()
     if (d / PARAMS).exists():
@@ -44,7 +43,7 @@ def save_head_dir(directory, kind: str, meta: dict, params) -> pathlib.Path:
     # written whole under a temporary name, then renamed (an empty folder is replaced)
     with atomic_dir(d, replace=d.is_dir() and not any(d.iterdir())) as tmp:
         tmp.mkdir(parents=True)
-        save_file(flat, str(tmp / PARAMS))
+        save_safetensors(tmp / PARAMS, flat)
         (tmp / META).write_text(json.dumps({"kind": kind, "format": FORMAT, **meta},
                                            indent=2) + "\n")
     return d

@@ -25,9 +25,7 @@ starts faster).
 import collections
 import hashlib
 import logging
-import os
 import pathlib
-import re
 import shutil
 
 import jax
@@ -36,7 +34,7 @@ import numpy as np
 from cadenza.config import ExperimentConfig, load_config, to_yaml
 from cadenza.errors import CadenzaError, ConfigError, one_line
 from cadenza.models.hf_folder import has_tokenizer, is_hf_folder, load_hf_folder
-from cadenza.outputs import atomic_dir, is_complete, require_complete
+from cadenza.outputs import atomic_dir, is_complete, require_complete, save_safetensors
 from cadenza.remote import local_model_dir
 
 PARAMS_FILE = "params.safetensors"   # single-process writes
@@ -71,8 +69,6 @@ def save_model(directory, config: ExperimentConfig, params, tokenizer_dir=None, 
         (tmp / "config.yaml").write_text(to_yaml(config))
         if params_format == "safetensors":
             _save_safetensors(tmp / PARAMS_FILE, _fitted(params, config.model), config.model)
-            # safetensors writes a private temporary file; give it config.yaml's (umask) mode
-            (tmp / PARAMS_FILE).chmod((tmp / "config.yaml").stat().st_mode & 0o777)
         else:
             import orbax.checkpoint as ocp
 
@@ -151,8 +147,6 @@ def _fitted(params, model_config):
 def _save_safetensors(path: pathlib.Path, params, model_config) -> None:
     """Write ``params`` to the safetensors file ``path`` (arrays copied to host memory),
     the header recording the model section they fit (:func:`_model_key`)."""
-    import safetensors.numpy
-
     leaves = jax.tree_util.tree_leaves_with_path(params)
     for p, leaf in leaves:
         if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
@@ -161,14 +155,7 @@ def _save_safetensors(path: pathlib.Path, params, model_config) -> None:
                                fix="save with params_format='orbax' (each process writes "
                                    "its shards)")
     arrays = {_leaf_name(p): np.asarray(leaf, order="C") for p, leaf in leaves}
-    try:
-        safetensors.numpy.save_file(arrays, path,
-                                    metadata={**_METADATA, "model": _model_key(model_config)})
-    except safetensors.SafetensorError as e:  # its I/O errors carry the OS error only as text
-        code = re.search(r"\(os error (\d+)\)", str(e))
-        if code is None:
-            raise
-        raise OSError(int(code[1]), os.strerror(int(code[1])), str(path)) from e
+    save_safetensors(path, arrays, {**_METADATA, "model": _model_key(model_config)})
 
 
 def is_model_dir(path) -> bool:

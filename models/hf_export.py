@@ -10,14 +10,13 @@ import pathlib
 import shutil
 
 import numpy as np
-import safetensors.numpy
 
 from cadenza.errors import CadenzaError
 from cadenza.models.config import ModelConfig
 from cadenza.models.hf_config import hf_config_from_model
 from cadenza.models.hf_import import INDEX_FILE, TOKENIZER_FILES
 from cadenza.models.hf_weights import get_path, hf_shape, to_hf, weight_specs
-from cadenza.outputs import atomic_dir
+from cadenza.outputs import atomic_dir, save_safetensors
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 2**30
 
@@ -72,7 +71,7 @@ def _write_shard(path: pathlib.Path, shard) -> int:
     """Write one safetensors file with ``{"format": "pt"}`` metadata (what transformers
     expects); only this shard's tensors are in host memory. Returns its data bytes."""
     arrays = {name: produce() for name, _, _, produce in shard}
-    safetensors.numpy.save_file(arrays, path, metadata={"format": "pt"})
+    save_safetensors(path, arrays, {"format": "pt"})
     return sum(_nbytes(t) for t in shard)
 
 

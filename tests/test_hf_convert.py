@@ -58,6 +58,9 @@ def test_bfloat16_round_trip_and_dtype_override(tiny_config, tmp_path):
     with safe_open(hf_dir / "model.safetensors", framework="numpy") as f:
         assert {f.get_slice(n).get_dtype() for n in f.keys()} == {"BF16"}
         assert f.metadata() == {"format": "pt"}  # transformers refuses files without it
+    # readable like any new file (the safetensors library alone writes owner-only 0600)
+    assert (hf_dir / "model.safetensors").stat().st_mode & 0o777 \
+        == (hf_dir / "config.json").stat().st_mode & 0o777
     loaded_config, loaded = load_hf(hf_dir)
     assert loaded_config.param_dtype == "bfloat16"
     out, notes = import_hf(hf_dir, tmp_path / "model", dtype="float32")

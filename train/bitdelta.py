@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cadenza.errors import CadenzaError
-from cadenza.outputs import atomic_dir
+from cadenza.outputs import atomic_dir, save_safetensors
 
 WEIGHTS_FILE = "bitdelta.safetensors"
 RECORD_FILE = "bitdelta.json"
@@ -139,7 +139,6 @@ def save_bitdelta(directory, config, parts: dict, *, base_dir, model_dir,
     ``config`` (ExperimentConfig) and ``parts``; returns the record written to
     ``bitdelta.json`` (paths, ``base_fingerprint`` (:func:`params_fingerprint` of the base),
     which params are compressed / exact, and ``bytes``: stored)."""
-    from safetensors.numpy import save_file
 
     from cadenza.config import to_yaml
 
@@ -159,7 +158,7 @@ def save_bitdelta(directory, config, parts: dict, *, base_dir, model_dir,
     with atomic_dir(d) as tmp:
         tmp.mkdir(parents=True)
         (tmp / "config.yaml").write_text(to_yaml(config))
-        save_file(tensors, str(tmp / WEIGHTS_FILE))
+        save_safetensors(tmp / WEIGHTS_FILE, tensors)
         (tmp / RECORD_FILE).write_text(json.dumps(record, indent=1))
     return record
 

@@ -28,7 +28,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from cadenza.errors import CadenzaError
-from cadenza.outputs import atomic_dir, require_complete
+from cadenza.outputs import atomic_dir, require_complete, save_safetensors
 from cadenza.train.peft.model import PeftModel, build
 from cadenza.train.peft.sites import get_path, projection_sites, set_path
 from cadenza.train.peft_config import PeftConfig
@@ -118,7 +118,6 @@ def _hf_module(site, layer: int | None) -> str:
 
 def peft_export(directory, pm: PeftModel, trainable) -> pathlib.Path:
     """Write ``trainable`` as a Hugging Face peft LoRA/DoRA adapter (float32 safetensors)."""
-    from safetensors.numpy import save_file
 
     if pm.method not in ("lora", "lora_plus", "dora", "qlora"):
         raise CadenzaError(f"method {pm.method!r} cannot be exported to peft's LoRA format",
@@ -163,7 +162,7 @@ def peft_export(directory, pm: PeftModel, trainable) -> pathlib.Path:
     d = pathlib.Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     (d / "adapter_config.json").write_text(json.dumps(cfg, indent=2))
-    save_file(tensors, str(d / "adapter_model.safetensors"))
+    save_safetensors(d / "adapter_model.safetensors", tensors)
     return d
 
 
