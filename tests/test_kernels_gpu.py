@@ -131,7 +131,7 @@ def test_gpu_dispatch_uses_the_mosaic_kernels(monkeypatch, caplog):
     Mosaic flash kernel and cache attention to the decode kernel; a float32 case falls
     back to XLA with one log line."""
     if not ON_HARDWARE:
-        monkeypatch.setattr(dispatch, "_platform", lambda: "gpu")
+        monkeypatch.setattr(dispatch, "compile_platform", lambda: "gpu")
     dispatch._logged.clear()
     caplog.set_level(logging.WARNING, logger=dispatch.__name__)
     q, k, v, seg, pos = _packed_batch(jax.random.key(3), 2, 64, 2, 1, 64, jnp.bfloat16)

@@ -89,7 +89,7 @@ def test_sigkill_during_export_then_rerun_writes_model_and_it_decodes(copy, caps
                            f"train.output_dir={out}"], env=env, timeout=600)
     assert proc.returncode == -signal.SIGKILL
     assert not (out / "model").exists()  # never a half-written model/
-    assert list(out.glob(".model.partial-*/params"))  # the killed writer's whole temp folder
+    assert list(out.glob(".model.partial-*/params.safetensors"))  # the killed writer's whole temp folder
     summary = _fit(out)  # rerun the same command: nothing to train, export again
     assert summary["resumed_from"] == 4 and summary["model_dir"] == str(out / "model")
     assert (out / "model" / MARKER).is_file() and not list(out.glob(".*model.partial*"))
