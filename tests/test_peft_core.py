@@ -174,3 +174,26 @@ def test_base_params_for_another_model_are_rejected():
     other = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, hidden_size=32))
     with pytest.raises(CadenzaError, match="has shape"):
         peft.prepare(other, params, jax.random.key(1))
+
+
+def test_merged_kernel_lora_matches_the_unmerged_forward_and_gradients():
+    from cadenza.train.peft.model import lora_projection
+
+    k = jax.random.split(jax.random.key(3), 5)
+    x = jax.random.normal(k[0], (2, 3, 4, 5))           # [B, T, *in] with two input dims
+    w = jax.random.normal(k[1], (4, 5, 6))
+    a, b = jax.random.normal(k[2], (4, 5, 2)), jax.random.normal(k[3], (2, 6))
+    dy = jax.random.normal(k[4], (2, 3, 6))
+
+    def unmerged(x, w, a, b):
+        return (jnp.einsum("btij,ijo->bto", x, w)
+                + 0.5 * jnp.einsum("btr,ro->bto", jnp.einsum("btij,ijr->btr", x, a), b))
+
+    def merged(x, w, a, b):
+        return lora_projection(x, w, a, b, 0.5)
+
+    want_y, want_vjp = jax.vjp(unmerged, x, w, a, b)
+    got_y, got_vjp = jax.vjp(merged, x, w, a, b)
+    np.testing.assert_allclose(got_y, want_y, rtol=1e-5, atol=1e-5)
+    for got, want in zip(got_vjp(dy), want_vjp(dy)):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)

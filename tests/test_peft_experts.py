@@ -98,8 +98,10 @@ def test_expert_lora_on_a_data_expert_tensor_mesh_equals_single_device():
         loss_s, grads_s = loss_grad(tr_s, fr_s, tokens)
     loss, grads = jax.jit(jax.value_and_grad(lambda t: _loss(pm, t, frozen, tokens)))(trainable)
     np.testing.assert_allclose(loss_s, loss, rtol=1e-5)
+    # rtol 5e-5: flat matmuls and the merged-kernel LoRA projection (q_proj) sum in another
+    # order on the mesh (about 2e-5 relative with these large adapters); a sharding bug is O(1)
     for gs, g in zip(jax.tree.leaves(grads_s), jax.tree.leaves(grads)):
-        np.testing.assert_allclose(gs, g, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(gs, g, rtol=5e-5, atol=1e-5)
 
 
 def test_peft_export_refuses_expert_adapters(tmp_path):
