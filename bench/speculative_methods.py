@@ -215,11 +215,15 @@ def heldout_prompts(tokenizer, heldout_fraction: float, n: int, length: int):
 
 
 def forward_ms(model, params, tokens: int, prefix: int, repeats: int) -> float:
-    """Median ms of one cached forward over ``tokens`` tokens after ``prefix`` (batch 1)."""
+    """Median ms of one cached forward over ``tokens`` tokens after ``prefix`` (batch 1), in
+    the layout decoding uses (:func:`cadenza.models.decode_layout`: on CPU a scanned model's
+    per-step weight-slice copies would add a constant to every size and flatten the ratios)."""
     import jax.numpy as jnp
 
     from cadenza.decode.verify import verify
-    from cadenza.models import KVCache
+    from cadenza.models import KVCache, decode_layout
+
+    model, params = decode_layout(model, params)
 
     def run(params, cache):
         def body(i, carry):
