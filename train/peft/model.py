@@ -416,7 +416,9 @@ class PeftModel:
         rngs = {} if dropout_rng is None or not pc.dropout else {"dropout": dropout_rng}
         if logits_at is not None:
             logits_at = logits_at + n_prompt
-        with nn.intercept_methods(self._interceptor(train=bool(rngs))):
+        # merged-kernel LoRA pays a kernel-sized merge per call: worth it over whole
+        # sequences (training, evaluation), not for the few rows of a cached decode step
+        with nn.intercept_methods(self._interceptor(train=bool(rngs), merge=cache is None)):
             out = model.apply(
                 variables, tokens, embeddings=embeddings, positions=positions,
                 segment_ids=segment_ids, attention_mask=attention_mask, cache=cache, rngs=rngs,
@@ -450,7 +452,7 @@ class PeftModel:
             return cache.advance(n)
         return cache
 
-    def _interceptor(self, train: bool):
+    def _interceptor(self, train: bool, merge: bool):
         cfg, pc = self.model_config, self.peft_config
         dtype = jnp.dtype(cfg.dtype)
         s = pc.scaling
@@ -462,7 +464,7 @@ class PeftModel:
             # A Projection contracts x's last n_in dims; an ExpertProjection maps rows grouped
             # by expert (args[1] = group sizes) through each expert's slice of every array.
             x, n_in = args[0], len(m.in_axes)
-            if (dtype == jnp.float32 and isinstance(m, Projection) and m.has_variable(
+            if (merge and dtype == jnp.float32 and isinstance(m, Projection) and m.has_variable(
                     COLLECTION, "lora_a") and m.has_variable("params", "kernel")
                     and not m.has_variable(COLLECTION, "dora_magnitude")
                     and not (train and pc.dropout)):   # plain float32 LoRA: merged kernel
