@@ -1,6 +1,10 @@
-"""Test setup: 8 fake CPU devices and a persistent compilation cache.
+"""Test setup: 8 fake CPU devices and no persistent compilation cache.
 
-This runs before any test module imports JAX, so the flags take effect.
+This runs before any test module imports JAX, so the flags take effect. The persistent
+compilation cache is off for the test processes and every ``cadenza`` subprocess they
+start (the environment is inherited): on XLA:CPU, loading a cached executable written by
+another process once aborted a test worker inside XLA's deserializer (jax 0.12), and a
+suite must not depend on what earlier runs left in ``~/.cache``.
 """
 
 import os
@@ -13,12 +17,10 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # concurrent or killed test process leaves held; no TPU is used here.
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
+os.environ["JAX_ENABLE_COMPILATION_CACHE"] = "false"
+os.environ["CADENZA_COMPILE_CACHE"] = "off"
+
 import jax  # noqa: E402
-
-_cache = pathlib.Path(os.environ.get("XDG_CACHE_HOME", pathlib.Path.home() / ".cache"))
-jax.config.update("jax_compilation_cache_dir", str(_cache / "cadenza" / "jax-compile"))
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
-
 import pytest  # noqa: E402
 
 

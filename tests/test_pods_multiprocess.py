@@ -109,11 +109,9 @@ def free_port_pair() -> int:
 
 def run_two_processes(out_dir, timeout=400):
     port = free_port_pair()
-    cache = pathlib.Path(os.environ.get("XDG_CACHE_HOME", pathlib.Path.home() / ".cache"))
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
                JAX_PLATFORMS="cpu", CADENZA_COORDINATOR=f"127.0.0.1:{port}",
-               CADENZA_NUM_PROCESSES="2", CADENZA_INIT_TIMEOUT="120",
-               JAX_COMPILATION_CACHE_DIR=str(cache / "cadenza" / "jax-compile"))
+               CADENZA_NUM_PROCESSES="2", CADENZA_INIT_TIMEOUT="120")
     procs = [subprocess.Popen([sys.executable, __file__, str(out_dir)],
                               env=dict(env, CADENZA_PROCESS_ID=str(i)),
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

@@ -83,13 +83,12 @@ fit(config, SyntheticBatches(4, 16, config.model.vocab_size), devices=jax.device
 def test_sigkill_during_export_then_rerun_writes_model_and_it_decodes(copy, capsys):
     out = copy
     shutil.rmtree(out / "model")  # the run's last step is done: the rerun goes to the export
-    env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=jax.config.jax_compilation_cache_dir,
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5")
     proc = subprocess.run([sys.executable, "-c", KILL_DURING_EXPORT, *BASE,
-                           f"train.output_dir={out}"], env=env, timeout=600)
+                           f"train.output_dir={out}"], timeout=600)
     assert proc.returncode == -signal.SIGKILL
     assert not (out / "model").exists()  # never a half-written model/
-    assert list(out.glob(".model.partial-*/params.safetensors"))  # the killed writer's whole temp folder
+    # the killed writer's whole temp folder is left beside it
+    assert list(out.glob(".model.partial-*/params.safetensors"))
     summary = _fit(out)  # rerun the same command: nothing to train, export again
     assert summary["resumed_from"] == 4 and summary["model_dir"] == str(out / "model")
     assert (out / "model" / MARKER).is_file() and not list(out.glob(".*model.partial*"))

@@ -79,11 +79,14 @@ def test_wandb_offline(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     backend = WandbMetrics(tmp_path, "cadenza-test", "run1", {"train.steps": 3})
-    run = backend._run
-    for step, record in RECORDS:
-        backend.write(step, {k: v for k, v in record.items() if v is not None})
-    assert run.summary["train/loss"] == 2.0 and run.summary["eval/loss"] == 2.2
-    assert run.config["train.steps"] == 3
-    backend.close()
+    try:
+        run = backend._run
+        for step, record in RECORDS:
+            backend.write(step, {k: v for k, v in record.items() if v is not None})
+        assert run.summary["train/loss"] == 2.0 and run.summary["eval/loss"] == 2.2
+        assert run.config["train.steps"] == 3
+        backend.close()
+    finally:  # stop wandb's service process: it would outlive this test in the worker
+        wandb.teardown()
     (log,) = tmp_path.glob("wandb/offline-run-*/run-*.wandb")  # for a later `wandb sync`
     assert log.stat().st_size > 0 and wandb.run is None
