@@ -10,8 +10,13 @@ suite must not depend on what earlier runs left in ``~/.cache``.
 import os
 import pathlib
 
+# The tests' programs are tiny: compiling them dominates, so XLA:CPU's LLVM back end runs
+# its cheap optimisation level (about 40% less CPU per test file; the HLO passes, and so
+# what the tests check, are unchanged).
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
-                           + " --xla_force_host_platform_device_count=8").strip()
+                           + " --xla_force_host_platform_device_count=8"
+                           + " --xla_backend_optimization_level=0"
+                           + " --xla_llvm_disable_expensive_passes=true").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # AOT compiles for TPU load libtpu, which otherwise takes a machine-wide lockfile that a
 # concurrent or killed test process leaves held; no TPU is used here.
