@@ -5,6 +5,7 @@ serving, quantised model directories and the CLI."""
 import dataclasses
 import functools
 import json
+import math
 
 import jax
 import jax.numpy as jnp
@@ -234,3 +235,95 @@ def test_moe_expert_kernels_stay_float_and_the_quantised_model_runs(tiny_config)
     assert quant.count_quantized(qp) > 0
     logits = Transformer(qcfg.model).apply({"params": qp}, jnp.array([[1, 5, 7, 9]]))[0]
     assert bool(jnp.isfinite(logits).all())
+
+
+# ----- cadenza's quantised paths against plain-jnp fake quantisation -------------------------
+
+def _fake_int8(w, n_in):
+    """Per output channel: absmax over the contracted dims / 127."""
+    s = np.abs(w).max(axis=tuple(range(n_in)), keepdims=True) / 127
+    return np.round(w / s) * s
+
+
+def _fake_int4(w, n_in, group):
+    """Symmetric groups of ``group`` consecutive inputs (C order) per output channel."""
+    g = w.reshape((-1, group) + w.shape[n_in:])
+    s = np.abs(g).max(axis=1, keepdims=True) / 7
+    return (np.round(g / s) * s).reshape(w.shape)
+
+
+def _fake_nf4(w, n_in):
+    """Blocks of 64 of the flattened kernel, each value to the nearest NF4 level times the
+    block's absmax."""
+    levels = quant.nf4_levels()
+    b = w.reshape(-1, 64)
+    a = np.abs(b).max(1, keepdims=True)
+    return (levels[np.abs(b[..., None] / a[..., None] - levels).argmin(-1)] * a).reshape(w.shape)
+
+
+def _fake_kv(x):
+    """Per token and head: absmax over head_dim / 127."""
+    s = jnp.max(jnp.abs(x), -1, keepdims=True) / 127
+    return jnp.round(x / s) * s
+
+
+def _plain_forward(cfg, p, tokens, kv=lambda x: x):
+    """A plain-jnp Llama forward of the tiny preset (no cache): logits [B, T, vocab];
+    ``kv`` maps the keys/values (after RoPE) of every layer."""
+    def rms(x, w):
+        return x * jax.lax.rsqrt(jnp.mean(x * x, -1, keepdims=True) + cfg.norm_eps) * w
+
+    t, d = tokens.shape[1], cfg.resolved_head_dim
+    angles = jnp.arange(t)[:, None] / cfg.rope_theta ** (jnp.arange(0, d, 2) / d)
+    cos, sin = (f(jnp.concatenate([angles, angles], -1))[:, None] for f in (jnp.cos, jnp.sin))
+
+    def rope(x):
+        return x * cos + jnp.concatenate([-x[..., d // 2:], x[..., :d // 2]], -1) * sin
+
+    x, lay = p["embed"]["embedding"][tokens], p["layers"]
+    for i in range(cfg.num_layers):
+        a, m = (jax.tree.map(lambda w: w[i], lay[n]) for n in ("attn", "mlp"))
+        h = rms(x, lay["attn_norm"]["scale"][i])
+        q, k, v = (jnp.einsum("btd,dhk->bthk", h, a[n]["kernel"]) for n in ("q_proj", "k_proj",
+                                                                            "v_proj"))
+        k, v = (jnp.repeat(kv(y), cfg.num_heads // cfg.num_kv_heads, 2) for y in (rope(k), v))
+        s = jnp.einsum("bqhk,bshk->bhqs", rope(q), k) / math.sqrt(d)
+        s = jnp.where(jnp.tril(jnp.ones((t, t), bool)), s, -jnp.inf)
+        o = jnp.einsum("bhqs,bshk->bqhk", jax.nn.softmax(s, -1), v)
+        x = x + jnp.einsum("bqhk,hkd->bqd", o, a["o_proj"]["kernel"])
+        h = rms(x, lay["mlp_norm"]["scale"][i])
+        x = x + (jax.nn.silu(h @ m["gate_proj"]["kernel"]) * (h @ m["up_proj"]["kernel"])
+                 ) @ m["down_proj"]["kernel"]
+    return rms(x, p["final_norm"]["scale"]) @ p["lm_head"]["kernel"]
+
+
+def test_quantised_paths_equal_plain_jnp_fake_quantisation(tiny_config):
+    """int8 / int4 / nf4 weights and the int8 KV cache: cadenza's logits equal those of the
+    float model run with independently fake-quantised weights (every projection, lm_head
+    included) or keys/values, up to float rounding, while differing from the float model's.
+    Scales on the wrong axis, another group layout or a cache quantised over another axis
+    fail this."""
+    cfg = tiny_config()
+    params = jax.device_get(init_params(cfg, jax.random.key(0)))
+    tokens = jax.random.randint(jax.random.key(1), (2, 24), 3, cfg.vocab_size)
+    fake = {"int8": _fake_int8, "int4": functools.partial(_fake_int4, group=32),
+            "nf4": _fake_nf4}
+    plain = jax.jit(functools.partial(_plain_forward, cfg), static_argnames="kv")
+    float_logits = plain(params, tokens)
+    n_in = {"o_proj": 2}
+    for scheme, fq in fake.items():
+        qc, qp = _quantized(cfg, params, scheme, weight_quant_targets=".*",
+                            weight_quant_group=32)
+        ours = Transformer(qc).apply({"params": qp}, tokens)[0]
+        ref = plain(jax.tree_util.tree_map_with_path(
+            lambda path, w: np.stack([fq(x, n_in.get(path[-2].key, 1)) for x in w])
+            if path[-1].key == "kernel" and w.ndim > 2 else
+            fq(w, 1) if path[-1].key == "kernel" else w, params), tokens)
+        effect, error = (float(jnp.abs(a - b).max()) for a, b in ((ref, float_logits),
+                                                                   (ours, ref)))
+        assert error < 1e-4 and effect > 100 * error, (scheme, effect, error)
+    cache = KVCache.create(cfg, *tokens.shape, jnp.int8)   # each token reads int8 keys/values
+    ours = Transformer(cfg).apply({"params": params}, tokens, cache=cache)[0]
+    ref = plain(params, tokens, kv=_fake_kv)
+    effect, error = (float(jnp.abs(a - b).max()) for a, b in ((ref, float_logits), (ours, ref)))
+    assert error < 1e-4 and effect > 100 * error, ("kv8", effect, error)
