@@ -18,6 +18,7 @@ from cadenza.decode import DecodeConfig, generate
 from cadenza.decode.speculative import DraftModel
 from cadenza.models import KVCache, Transformer, init_params, load_model, quant, save_model
 from cadenza.models.cache import dequantize_kv, quantize_kv
+from cadenza.models.config import DEFAULT_QUANT_TARGETS
 
 SMALL = ["model.num_layers=1", "model.hidden_size=64", "model.intermediate_size=128"]
 N = 64
@@ -194,21 +195,26 @@ def test_qlora_serves_its_quantised_base_like_the_training_forward():
 def test_convert_quantize_writes_a_model_directory_that_generate_reads(tmp_path, capsys):
     config = load_config(None, SMALL, preset="tiny")
     params = init_params(config.model, jax.random.key(0))
+    # a float directory recording targets '.*' (as older ones do): not read for quantising
+    config = dataclasses.replace(config, model=dataclasses.replace(config.model,
+                                                                   weight_quant_targets=".*"))
     src = save_model(tmp_path / "float", config, params)
     out = tmp_path / "int8"
     assert main(["convert", "quantize", "--checkpoint", str(src), "--scheme", "int8",
-                 "--targets", r".*_proj", "--out", str(out)]) == 0
+                 "--out", str(out)]) == 0
     assert "int8 model directory" in capsys.readouterr().out
     qconfig, qparams = load_model(out)
-    assert (qconfig.model.weight_quant, qconfig.model.weight_quant_targets) == ("int8", ".*_proj")
+    assert (qconfig.model.weight_quant, qconfig.model.weight_quant_targets) == (
+        "int8", DEFAULT_QUANT_TARGETS)
     q_proj = qparams["layers"]["attn"]["q_proj"]
     assert set(q_proj) == {quant.QWEIGHT, quant.QSCALE} and q_proj[quant.QWEIGHT].dtype == jnp.int8
-    assert "kernel" in qparams["lm_head"]       # not targeted: float
+    assert "kernel" in qparams["lm_head"]       # not targeted by default: float
+    assert "kernel" not in quant.quantize_model(config, params, "int8", ".*")[1]["lm_head"]
     ids = ["--prompt-ids", "1,7,7,9", "--max-new-tokens", "5", "--ignore-eos", "--json"]
     assert main(["generate", "--checkpoint", str(out), "--kv-cache", "int8", *ids]) == 0
     from_dir = json.loads(capsys.readouterr().out)["token_ids"]
-    assert main(["generate", "--checkpoint", str(src), "--quantize", "int8", "--quantize-targets",
-                 r".*_proj", "--kv-cache", "int8", *ids]) == 0
+    assert main(["generate", "--checkpoint", str(src), "--quantize", "int8",
+                 "--kv-cache", "int8", *ids]) == 0
     assert json.loads(capsys.readouterr().out)["token_ids"] == from_dir
     # wrong inputs: one line each, exit 2
     for argv, words in (
@@ -309,12 +315,15 @@ def test_quantised_paths_equal_plain_jnp_fake_quantisation(tiny_config):
     fake = {"int8": _fake_int8, "int4": functools.partial(_fake_int4, group=32),
             "nf4": _fake_nf4}
     plain = jax.jit(functools.partial(_plain_forward, cfg), static_argnames="kv")
+    forward = jax.jit(lambda c, p, cache: Transformer(c).apply({"params": p}, tokens,
+                                                               cache=cache)[0],
+                      static_argnums=0)
     float_logits = plain(params, tokens)
     n_in = {"o_proj": 2}
     for scheme, fq in fake.items():
         qc, qp = _quantized(cfg, params, scheme, weight_quant_targets=".*",
                             weight_quant_group=32)
-        ours = Transformer(qc).apply({"params": qp}, tokens)[0]
+        ours = forward(qc, qp, None)
         ref = plain(jax.tree_util.tree_map_with_path(
             lambda path, w: np.stack([fq(x, n_in.get(path[-2].key, 1)) for x in w])
             if path[-1].key == "kernel" and w.ndim > 2 else
@@ -323,7 +332,7 @@ def test_quantised_paths_equal_plain_jnp_fake_quantisation(tiny_config):
                                                                    (ours, ref)))
         assert error < 1e-4 and effect > 100 * error, (scheme, effect, error)
     cache = KVCache.create(cfg, *tokens.shape, jnp.int8)   # each token reads int8 keys/values
-    ours = Transformer(cfg).apply({"params": params}, tokens, cache=cache)[0]
+    ours = forward(cfg, params, cache)
     ref = plain(params, tokens, kv=_fake_kv)
     effect, error = (float(jnp.abs(a - b).max()) for a, b in ((ref, float_logits), (ours, ref)))
     assert error < 1e-4 and effect > 100 * error, ("kv8", effect, error)
