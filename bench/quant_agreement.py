@@ -110,6 +110,18 @@ def measure(config, params, prompts, greedy: DecodeConfig) -> dict:
     return row
 
 
+def table(rows: dict, cell, margin: bool) -> list[str]:
+    """Markdown table lines: a row per model of ``rows`` (as :func:`measure` returns), a
+    column per format with ``cell(format's results)``, after the margin when ``margin``."""
+    head = ["model"] + (["top-1 margin nats (std) / under 0.05"] if margin else []) + list(FORMATS)
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, row in rows.items():
+        m = row["margin"]
+        first = [f"{m['nats']:.2f} ({m['std']:.2f}) / {m['under_0.05']:.3f}"] if margin else []
+        lines.append("| " + " | ".join([name, *first, *(cell(row[f]) for f in FORMATS)]) + " |")
+    return lines
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default=None, help="trained cadenza model directory")
@@ -162,15 +174,7 @@ def main() -> None:
         "Free-running (each model decodes greedily on its own): identical continuations / "
         "mean fraction of tokens before the first difference.",
         "",
-        "| model | top-1 margin nats (std) / under 0.05 | " + " | ".join(FORMATS) + " |",
-        "|---|---|" + "---|" * len(FORMATS),
-    ]
-    for name, row in rows.items():
-        m = row["margin"]
-        cells = [f"{row[f]['equal']:.2f} / {row[f]['prefix']:.2f}" for f in FORMATS]
-        lines.append(f"| {name} | {m['nats']:.2f} ({m['std']:.2f}) / {m['under_0.05']:.3f} | "
-                     + " | ".join(cells) + " |")
-    lines += [
+        *table(rows, lambda r: f"{r['equal']:.2f} / {r['prefix']:.2f}", margin=True),
         "",
         "Teacher-forced (the float continuation fed to both models, the int8 cache filled "
         "as decoding fills it): fraction of positions whose top-1 token equals the float "
@@ -178,13 +182,9 @@ def main() -> None:
         "independent flips would give) / mean KL(float || quantised) nats / max |logit "
         "difference|.",
         "",
-        "| model | " + " | ".join(FORMATS) + " |",
-        "|---|" + "---|" * len(FORMATS),
+        *table(rows, lambda r: f"{r['top1']:.4f} ({r['top1'] ** args.new_tokens:.2f}) / "
+                               f"{r['kl']:.1e} / {r['max_dlogit']:.2f}", margin=False),
     ]
-    for name, row in rows.items():
-        cells = [f"{row[f]['top1']:.4f} ({row[f]['top1'] ** args.new_tokens:.2f}) / "
-                 f"{row[f]['kl']:.1e} / {row[f]['max_dlogit']:.2f}" for f in FORMATS]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
     (out / "quant_agreement.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
