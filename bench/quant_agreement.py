@@ -10,13 +10,17 @@ and a random model of the same config
 (``init_params``, seed 0). Prompts: windows of held-out stdlib modules (the trained
 model's held-out split, ``speculative_methods.heldout_prompts``), the same for both.
 
-Per format (``int8``, ``int4``, ``nf4`` weights on every projection with a float cache;
-the int8 KV cache with float weights; int8 weights with the int8 cache): the fraction of
+Per format (``int8``, ``int4``, ``nf4`` weights on the default targets, every projection
+but ``lm_head``, with a float cache; int4 on ``lm_head`` too; the int8 KV cache with float
+weights; int8 weights with the int8 cache): free-running, the fraction of
 ``--new-tokens``-token greedy continuations (EOS ignored, float32 compute) identical to
-the float model's, and the mean fraction of tokens before the first difference. Also per
-model: the median over the float continuations' positions of the top-1 minus top-2 logit
-margin, in nats and in units of the logits' standard deviation (quantisation noise flips
-near-ties, and one flip changes the rest of the continuation).
+the float model's and the mean fraction of tokens before the first difference;
+teacher-forced (the float continuation fed to both models in one forward), the fraction
+of positions whose top-1 token is the float model's, the mean KL(float || quantised) and
+the largest logit difference. Also per model: the median over the float continuations'
+positions of the top-1 minus top-2 logit margin, in nats and in units of the logits'
+standard deviation, and the fraction of positions under 0.05 nats (quantisation noise
+flips near-ties, and one flip changes the rest of the continuation).
 Writes ``bench/results/<device>/quant_agreement.{json,md}``.
 """
 
@@ -31,17 +35,23 @@ import jax.numpy as jnp
 import numpy as np
 
 from cadenza.decode import DecodeConfig, generate
-from cadenza.models import Transformer, init_params, load_model, quant
+from cadenza.models import KVCache, Transformer, init_params, load_model, quant
 from cadenza.models.checkpoint import tokenizer_dir
+from cadenza.models.config import DEFAULT_QUANT_TARGETS
 from cadenza.models.tokenizer import load_tokenizer
 from cadenza.provenance import provenance, results_dir
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
 from speculative_methods import SIZES, heldout_prompts, trained  # noqa: E402
 
-# name -> (weight scheme, kv cache)
-FORMATS = {"int8": ("int8", "auto"), "int4": ("int4", "auto"), "nf4": ("nf4", "auto"),
-           "kv8": ("none", "int8"), "int8+kv8": ("int8", "int8")}
+# name -> (weight scheme, kv cache, targets): the default targets (every projection but
+# lm_head), and int4 with lm_head too for the cost of quantising the output head
+FORMATS = {"int8": ("int8", "auto", DEFAULT_QUANT_TARGETS),
+           "int4": ("int4", "auto", DEFAULT_QUANT_TARGETS),
+           "int4 +lm_head": ("int4", "auto", ".*"),
+           "nf4": ("nf4", "auto", DEFAULT_QUANT_TARGETS),
+           "kv8": ("none", "int8", DEFAULT_QUANT_TARGETS),
+           "int8+kv8": ("int8", "int8", DEFAULT_QUANT_TARGETS)}
 
 
 def agreement(ours: list[list[int]], ref: list[list[int]]) -> dict:
@@ -53,28 +63,63 @@ def agreement(ours: list[list[int]], ref: list[list[int]]) -> dict:
             "prefix": float(np.mean(prefix))}
 
 
-def margin(config, params, prompts, continuations) -> dict:
-    """Medians over the continuation positions of the top-1 minus top-2 logit, in nats
-    (the log of their probability ratio) and in units of the logits' standard deviation."""
-    tokens = jnp.array([p + c for p, c in zip(prompts, continuations)])
-    logits = Transformer(config).apply({"params": params}, tokens)[0][:, len(prompts[0]) - 1:-1]
+def teacher_forced(config, params, tokens, kv: str):
+    """Logits [B, L, vocab] of ``tokens`` in one forward: without a cache, or (``kv`` =
+    ``int8``) into an empty int8 cache, where every token attends to the keys/values as
+    read back from int8, exactly as token-by-token decoding over that cache does."""
+    cache = KVCache.create(config, *tokens.shape, jnp.int8) if kv == "int8" else None
+    return Transformer(config).apply({"params": params}, tokens, cache=cache)[0]
+
+
+def margin(logits) -> dict:
+    """Medians over the continuation positions (``logits`` [B, N, vocab]) of the top-1
+    minus top-2 logit, in nats (the log of their probability ratio) and in units of the
+    logits' standard deviation; and the fraction of positions under 0.05 nats."""
     top = jax.lax.top_k(logits, 2)[0]
     gap = top[..., 0] - top[..., 1]
-    return {"nats": float(jnp.median(gap)), "std": float(jnp.median(gap / logits.std(-1)))}
+    return {"nats": float(jnp.median(gap)), "std": float(jnp.median(gap / logits.std(-1))),
+            "under_0.05": float(jnp.mean(gap < 0.05))}
+
+
+def per_position(ours, ref) -> dict:
+    """Teacher-forced comparison of continuation logits [B, N, vocab] with the float
+    model's: fraction of positions with the same argmax, mean KL(float || ours) in nats,
+    and the largest |logit difference|."""
+    lp, lq = jax.nn.log_softmax(ref), jax.nn.log_softmax(ours)
+    return {"top1": float(jnp.mean(jnp.argmax(ours, -1) == jnp.argmax(ref, -1))),
+            "kl": float(jnp.mean(jnp.sum(jnp.exp(lp) * (lp - lq), -1))),
+            "max_dlogit": float(jnp.max(jnp.abs(ours - ref)))}
 
 
 def measure(config, params, prompts, greedy: DecodeConfig) -> dict:
-    """The float continuations' margin and every format's agreement with them."""
+    """The float continuations' margin and every format's agreement with them, free-running
+    (greedy decoding) and teacher-forced (the float continuation fed to both models)."""
     ref = generate(Transformer(config), params, prompts, greedy).token_ids
-    row = {"margin": margin(config, params, prompts, ref)}
-    for name, (scheme, kv) in FORMATS.items():
-        qc = dataclasses.replace(config, weight_quant=scheme)
+    tokens = jnp.array([p + c for p, c in zip(prompts, ref)])
+    cont = slice(len(prompts[0]) - 1, -1)     # the logits that predicted the continuation
+    ref_logits = teacher_forced(config, params, tokens, "auto")[:, cont]
+    row = {"margin": margin(ref_logits)}
+    for name, (scheme, kv, targets) in FORMATS.items():
+        qc = dataclasses.replace(config, weight_quant=scheme, weight_quant_targets=targets)
         qp = quant.quantize_params(params, qc) if scheme != "none" else params
         ours = generate(Transformer(qc), qp, prompts,
                         dataclasses.replace(greedy, kv_cache=kv)).token_ids
-        row[name] = agreement(ours, ref)
+        row[name] = {**agreement(ours, ref),
+                     **per_position(teacher_forced(qc, qp, tokens, kv)[:, cont], ref_logits)}
         print(name, row[name], flush=True)
     return row
+
+
+def table(rows: dict, cell, margin: bool) -> list[str]:
+    """Markdown table lines: a row per model of ``rows`` (as :func:`measure` returns), a
+    column per format with ``cell(format's results)``, after the margin when ``margin``."""
+    head = ["model"] + (["top-1 margin nats (std) / under 0.05"] if margin else []) + list(FORMATS)
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, row in rows.items():
+        m = row["margin"]
+        first = [f"{m['nats']:.2f} ({m['std']:.2f}) / {m['under_0.05']:.3f}"] if margin else []
+        lines.append("| " + " | ".join([name, *first, *(cell(row[f]) for f in FORMATS)]) + " |")
+    return lines
 
 
 def main() -> None:
@@ -122,16 +167,24 @@ def main() -> None:
         f"{config.num_layers} layers, width {config.hidden_size}, vocab {config.vocab_size}; "
         f"'random' is the same config at init. {len(prompts)} prompts of {args.prompt_len} "
         f"tokens from held-out stdlib modules, {args.new_tokens} greedy tokens each, "
-        "float32 compute. Each cell: identical continuations / mean fraction of tokens "
-        "before the first difference.",
+        "float32 compute, default targets (see FORMATS). Margin: median top-1 minus top-2 "
+        "logit of the float model over the continuation positions, in nats (in logit "
+        "standard deviations), and the fraction of positions under 0.05 nats.",
         "",
-        "| model | top-1 margin nats (std) | " + " | ".join(FORMATS) + " |",
-        "|---|---|" + "---|" * len(FORMATS),
+        "Free-running (each model decodes greedily on its own): identical continuations / "
+        "mean fraction of tokens before the first difference.",
+        "",
+        *table(rows, lambda r: f"{r['equal']:.2f} / {r['prefix']:.2f}", margin=True),
+        "",
+        "Teacher-forced (the float continuation fed to both models, the int8 cache filled "
+        "as decoding fills it): fraction of positions whose top-1 token equals the float "
+        f"model's (that fraction to the power {args.new_tokens}: the identical continuations "
+        "independent flips would give) / mean KL(float || quantised) nats / max |logit "
+        "difference|.",
+        "",
+        *table(rows, lambda r: f"{r['top1']:.4f} ({r['top1'] ** args.new_tokens:.2f}) / "
+                               f"{r['kl']:.1e} / {r['max_dlogit']:.2f}", margin=False),
     ]
-    for name, row in rows.items():
-        cells = [f"{row[f]['equal']:.2f} / {row[f]['prefix']:.2f}" for f in FORMATS]
-        lines.append(f"| {name} | {row['margin']['nats']:.2f} ({row['margin']['std']:.2f}) | "
-                     + " | ".join(cells) + " |")
     (out / "quant_agreement.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

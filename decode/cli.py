@@ -342,7 +342,8 @@ def add_quantize_flags(p, kv_default: str | None) -> None:
                         "(int8 per channel, int4 in groups of 128, nf4 blockwise)")
     p.add_argument("--quantize-targets", metavar="REGEX",
                    help="with --quantize: projections to quantise, re.fullmatch on module "
-                        "paths such as layers.attn.q_proj or lm_head (default '.*': all)")
+                        "paths such as layers.attn.q_proj or lm_head (default: every "
+                        "projection but lm_head; '.*' for all)")
     p.add_argument("--kv-cache", choices=("auto", "int8"), default=kv_default,
                    help="KV-cache storage: auto = the compute dtype, int8 = int8 with "
                         "per-token, per-head scales (default: "

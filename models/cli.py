@@ -104,7 +104,8 @@ def register(subparsers) -> None:
                           "nf4 blockwise (64)")
     qua.add_argument("--targets", metavar="REGEX", default=None,
                      help="projections to quantise, re.fullmatch on module paths such as "
-                          "layers.attn.q_proj or lm_head (default '.*': all)")
+                          "layers.attn.q_proj or lm_head (default: every projection but "
+                          "lm_head; '.*' for all)")
     qua.add_argument("--group", type=int, default=None, help="int4 group size (default 128)")
     qua.add_argument("--out", required=True, metavar="DIR", help="new model directory")
     qua.set_defaults(func=_quantize)

@@ -26,6 +26,8 @@ REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "save_attn_out")
 DTYPES = ("float32", "bfloat16", "float16")
 ATTENTION_IMPLS = ("auto", "xla", "pallas", "cudnn")  # = pallas_kernels.attention.IMPLEMENTATIONS
 WEIGHT_QUANT = ("none", "int8", "int4", "nf4")  # = models.quant.WEIGHT_SCHEMES
+# every projection but the output head (as Hugging Face / vLLM quantisers leave lm_head float)
+DEFAULT_QUANT_TARGETS = r"(?!lm_head$).*"
 # The family switches and their value when neither the config nor the family sets them.
 SWITCH_DEFAULTS = {"norm_plus_one": False, "post_norms": False, "qkv_bias": False,
                    "scale_embeddings": False, "qk_norm": "none", "norm_topk_prob": False}
@@ -98,7 +100,9 @@ width every token goes through, scaled by ``sigmoid(shared_expert_gate(x))``.
     projections matching ``weight_quant_targets`` (``re.fullmatch`` on module paths)
     in that weight-only format (:mod:`cadenza.models.quant`; int4 groups of
     ``weight_quant_group`` inputs). Set by ``cadenza convert quantize`` and
-    ``cadenza generate --quantize``; models are trained in float.
+    ``cadenza generate --quantize``; models are trained in float. On a float model the
+    targets mean nothing: quantising it takes the given targets or
+    :data:`DEFAULT_QUANT_TARGETS` (every projection but ``lm_head``).
     """
 
     family: str = "llama"
@@ -144,7 +148,7 @@ width every token goes through, scaled by ``sigmoid(shared_expert_gate(x))``.
     remat_policy: str = "none"
     attention_impl: str = "auto"
     weight_quant: str = "none"
-    weight_quant_targets: str = ".*"
+    weight_quant_targets: str = DEFAULT_QUANT_TARGETS
     weight_quant_group: int = 128
 
     def __post_init__(self):

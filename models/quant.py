@@ -201,15 +201,18 @@ def dequantize_kernel(q: dict, shape, n_in: int, scheme: str, dtype=jnp.float32)
 def project(x, q: dict, n_in: int, out_shape, scheme: str, dtype):
     """``x`` [..., *in] times a quantised kernel: [..., *out] in ``dtype``.
 
-    int8 multiplies by the int8 codes (converted to ``dtype``) and applies the
-    per-channel scale to the output, which equals using the dequantised kernel;
-    int4 and nf4 dequantise the kernel to ``dtype`` inside the jitted step.
+    int8 multiplies by the int8 codes (converted to ``dtype``, exact in bfloat16 too),
+    accumulates in float32 and applies the float32 per-channel scale there, rounding to
+    ``dtype`` once (the dequantised kernel's product, without a bfloat16 scale);
+    int4 and nf4 dequantise the kernel in float32, cast it to ``dtype`` inside the
+    jitted step and multiply.
     """
     contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
     x = x.astype(dtype)
     if scheme == "int8":
-        y = jax.lax.dot_general(x, q[QWEIGHT].astype(dtype), (contract, ((), ())))
-        return y * q[QSCALE].astype(dtype)
+        y = jax.lax.dot_general(x, q[QWEIGHT].astype(dtype), (contract, ((), ())),
+                                preferred_element_type=jnp.float32)
+        return (y * q[QSCALE]).astype(dtype)
     shape = x.shape[-n_in:] + tuple(out_shape)
     w = dequantize_kernel(q, shape, n_in, scheme, dtype)
     return jax.lax.dot_general(x, w, (contract, ((), ())))
@@ -254,13 +257,21 @@ def quantize_model(config, params, scheme: str, targets: str | None = None,
     with the weights quantised to ``scheme`` (``int8``, ``int4``, ``nf4``): the config's
     ``model.weight_quant*`` fields record the scheme, targets and int4 group.
 
+    ``targets`` (a regex, see :func:`quantize_params`) defaults to
+    :data:`~cadenza.models.config.DEFAULT_QUANT_TARGETS`, every projection but
+    ``lm_head`` (the targets a float model's config records are not read: they mean
+    nothing until it is quantised). On a model already quantised, a call with the same
+    scheme and no other targets or group returns it unchanged.
+
     CadenzaError when the model is already quantised (to another scheme, or to the same
     scheme with other targets or group): re-quantising loses precision twice."""
     from cadenza.errors import CadenzaError
+    from cadenza.models.config import DEFAULT_QUANT_TARGETS
 
     mc = config.model
-    fields = {"weight_quant": scheme,
-              "weight_quant_targets": mc.weight_quant_targets if targets is None else targets,
+    if targets is None:
+        targets = mc.weight_quant_targets if mc.weight_quant != "none" else DEFAULT_QUANT_TARGETS
+    fields = {"weight_quant": scheme, "weight_quant_targets": targets,
               "weight_quant_group": mc.weight_quant_group if group is None else group}
     new = dataclasses.replace(mc, **fields)
     if mc.weight_quant != "none":

@@ -5,6 +5,7 @@ serving, quantised model directories and the CLI."""
 import dataclasses
 import functools
 import json
+import math
 
 import jax
 import jax.numpy as jnp
@@ -17,6 +18,7 @@ from cadenza.decode import DecodeConfig, generate
 from cadenza.decode.speculative import DraftModel
 from cadenza.models import KVCache, Transformer, init_params, load_model, quant, save_model
 from cadenza.models.cache import dequantize_kv, quantize_kv
+from cadenza.models.config import DEFAULT_QUANT_TARGETS
 
 SMALL = ["model.num_layers=1", "model.hidden_size=64", "model.intermediate_size=128"]
 N = 64
@@ -193,21 +195,26 @@ def test_qlora_serves_its_quantised_base_like_the_training_forward():
 def test_convert_quantize_writes_a_model_directory_that_generate_reads(tmp_path, capsys):
     config = load_config(None, SMALL, preset="tiny")
     params = init_params(config.model, jax.random.key(0))
+    # a float directory recording targets '.*' (as older ones do): not read for quantising
+    config = dataclasses.replace(config, model=dataclasses.replace(config.model,
+                                                                   weight_quant_targets=".*"))
     src = save_model(tmp_path / "float", config, params)
     out = tmp_path / "int8"
     assert main(["convert", "quantize", "--checkpoint", str(src), "--scheme", "int8",
-                 "--targets", r".*_proj", "--out", str(out)]) == 0
+                 "--out", str(out)]) == 0
     assert "int8 model directory" in capsys.readouterr().out
     qconfig, qparams = load_model(out)
-    assert (qconfig.model.weight_quant, qconfig.model.weight_quant_targets) == ("int8", ".*_proj")
+    assert (qconfig.model.weight_quant, qconfig.model.weight_quant_targets) == (
+        "int8", DEFAULT_QUANT_TARGETS)
     q_proj = qparams["layers"]["attn"]["q_proj"]
     assert set(q_proj) == {quant.QWEIGHT, quant.QSCALE} and q_proj[quant.QWEIGHT].dtype == jnp.int8
-    assert "kernel" in qparams["lm_head"]       # not targeted: float
+    assert "kernel" in qparams["lm_head"]       # not targeted by default: float
+    assert "kernel" not in quant.quantize_model(config, params, "int8", ".*")[1]["lm_head"]
     ids = ["--prompt-ids", "1,7,7,9", "--max-new-tokens", "5", "--ignore-eos", "--json"]
     assert main(["generate", "--checkpoint", str(out), "--kv-cache", "int8", *ids]) == 0
     from_dir = json.loads(capsys.readouterr().out)["token_ids"]
-    assert main(["generate", "--checkpoint", str(src), "--quantize", "int8", "--quantize-targets",
-                 r".*_proj", "--kv-cache", "int8", *ids]) == 0
+    assert main(["generate", "--checkpoint", str(src), "--quantize", "int8",
+                 "--kv-cache", "int8", *ids]) == 0
     assert json.loads(capsys.readouterr().out)["token_ids"] == from_dir
     # wrong inputs: one line each, exit 2
     for argv, words in (
@@ -234,3 +241,98 @@ def test_moe_expert_kernels_stay_float_and_the_quantised_model_runs(tiny_config)
     assert quant.count_quantized(qp) > 0
     logits = Transformer(qcfg.model).apply({"params": qp}, jnp.array([[1, 5, 7, 9]]))[0]
     assert bool(jnp.isfinite(logits).all())
+
+
+# ----- cadenza's quantised paths against plain-jnp fake quantisation -------------------------
+
+def _fake_int8(w, n_in):
+    """Per output channel: absmax over the contracted dims / 127."""
+    s = np.abs(w).max(axis=tuple(range(n_in)), keepdims=True) / 127
+    return np.round(w / s) * s
+
+
+def _fake_int4(w, n_in, group):
+    """Symmetric groups of ``group`` consecutive inputs (C order) per output channel."""
+    g = w.reshape((-1, group) + w.shape[n_in:])
+    s = np.abs(g).max(axis=1, keepdims=True) / 7
+    return (np.round(g / s) * s).reshape(w.shape)
+
+
+def _fake_nf4(w, n_in):
+    """Blocks of 64 of the flattened kernel, each value to the nearest NF4 level times the
+    block's absmax."""
+    levels = quant.nf4_levels()
+    b = w.reshape(-1, 64)
+    a = np.abs(b).max(1, keepdims=True)
+    return (levels[np.abs(b[..., None] / a[..., None] - levels).argmin(-1)] * a).reshape(w.shape)
+
+
+def _fake_kv(x):
+    """Per token and head: absmax over head_dim / 127."""
+    s = jnp.max(jnp.abs(x), -1, keepdims=True) / 127
+    return jnp.round(x / s) * s
+
+
+def _plain_forward(cfg, p, tokens, kv=lambda x: x):
+    """A plain-jnp Llama forward of the tiny preset (no cache): logits [B, T, vocab];
+    ``kv`` maps the keys/values (after RoPE) of every layer."""
+    def rms(x, w):
+        return x * jax.lax.rsqrt(jnp.mean(x * x, -1, keepdims=True) + cfg.norm_eps) * w
+
+    t, d = tokens.shape[1], cfg.resolved_head_dim
+    angles = jnp.arange(t)[:, None] / cfg.rope_theta ** (jnp.arange(0, d, 2) / d)
+    cos, sin = (f(jnp.concatenate([angles, angles], -1))[:, None] for f in (jnp.cos, jnp.sin))
+
+    def rope(x):
+        return x * cos + jnp.concatenate([-x[..., d // 2:], x[..., :d // 2]], -1) * sin
+
+    x, lay = p["embed"]["embedding"][tokens], p["layers"]
+    for i in range(cfg.num_layers):
+        a, m = (jax.tree.map(lambda w: w[i], lay[n]) for n in ("attn", "mlp"))
+        h = rms(x, lay["attn_norm"]["scale"][i])
+        q, k, v = (jnp.einsum("btd,dhk->bthk", h, a[n]["kernel"]) for n in ("q_proj", "k_proj",
+                                                                            "v_proj"))
+        k, v = (jnp.repeat(kv(y), cfg.num_heads // cfg.num_kv_heads, 2) for y in (rope(k), v))
+        s = jnp.einsum("bqhk,bshk->bhqs", rope(q), k) / math.sqrt(d)
+        s = jnp.where(jnp.tril(jnp.ones((t, t), bool)), s, -jnp.inf)
+        o = jnp.einsum("bhqs,bshk->bqhk", jax.nn.softmax(s, -1), v)
+        x = x + jnp.einsum("bqhk,hkd->bqd", o, a["o_proj"]["kernel"])
+        h = rms(x, lay["mlp_norm"]["scale"][i])
+        x = x + (jax.nn.silu(h @ m["gate_proj"]["kernel"]) * (h @ m["up_proj"]["kernel"])
+                 ) @ m["down_proj"]["kernel"]
+    return rms(x, p["final_norm"]["scale"]) @ p["lm_head"]["kernel"]
+
+
+def test_quantised_paths_equal_plain_jnp_fake_quantisation(tiny_config):
+    """int8 / int4 / nf4 weights and the int8 KV cache: cadenza's logits equal those of the
+    float model run with independently fake-quantised weights (every projection, lm_head
+    included) or keys/values, up to float rounding, while differing from the float model's.
+    Scales on the wrong axis, another group layout or a cache quantised over another axis
+    fail this."""
+    cfg = tiny_config()
+    params = jax.device_get(init_params(cfg, jax.random.key(0)))
+    tokens = jax.random.randint(jax.random.key(1), (2, 24), 3, cfg.vocab_size)
+    fake = {"int8": _fake_int8, "int4": functools.partial(_fake_int4, group=32),
+            "nf4": _fake_nf4}
+    plain = jax.jit(functools.partial(_plain_forward, cfg), static_argnames="kv")
+    forward = jax.jit(lambda c, p, cache: Transformer(c).apply({"params": p}, tokens,
+                                                               cache=cache)[0],
+                      static_argnums=0)
+    float_logits = plain(params, tokens)
+    n_in = {"o_proj": 2}
+    for scheme, fq in fake.items():
+        qc, qp = _quantized(cfg, params, scheme, weight_quant_targets=".*",
+                            weight_quant_group=32)
+        ours = forward(qc, qp, None)
+        ref = plain(jax.tree_util.tree_map_with_path(
+            lambda path, w: np.stack([fq(x, n_in.get(path[-2].key, 1)) for x in w])
+            if path[-1].key == "kernel" and w.ndim > 2 else
+            fq(w, 1) if path[-1].key == "kernel" else w, params), tokens)
+        effect, error = (float(jnp.abs(a - b).max()) for a, b in ((ref, float_logits),
+                                                                   (ours, ref)))
+        assert error < 1e-4 and effect > 100 * error, (scheme, effect, error)
+    cache = KVCache.create(cfg, *tokens.shape, jnp.int8)   # each token reads int8 keys/values
+    ours = forward(cfg, params, cache)
+    ref = plain(params, tokens, kv=_fake_kv)
+    effect, error = (float(jnp.abs(a - b).max()) for a, b in ((ref, float_logits), (ours, ref)))
+    assert error < 1e-4 and effect > 100 * error, ("kv8", effect, error)
