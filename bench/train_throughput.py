@@ -22,7 +22,8 @@ Breakdown (median seconds per step; each piece is its own program, timed alone i
 round, so the pieces need not add up to the fused step):
   cadenza: forward = the model to logits; loss = cross-entropy forward + backward on those
   logits alone; backward = (value and grad of the loss) - forward - loss, per round;
-  optimizer = clipping, AdamW and the update on fixed gradients (its own jitted program);
+  optimizer = clipping, AdamW and the update on fixed gradients (its own jitted program,
+  params and optimizer state donated as in the step, on fresh copies made before timing);
   host/data = making the batch and putting it on the device.
   torch: each phase timed in its loop (forward, loss forward, backward, clip + step +
   zero_grad, making the batch tensors); torch's loss backward sits in its backward row.
@@ -205,8 +206,8 @@ class CadenzaSide:
 
         with jax.set_mesh(self.mesh):
             self.grads = jax.tree.map(jnp.ones_like, self.state.params)
-            self.update = jax.jit(update).lower(self.state.params, self.state.opt_state,
-                                                self.grads).compile()
+            self.update = jax.jit(update, donate_argnums=(0, 1)).lower(
+                self.state.params, self.state.opt_state, self.grads).compile()
         logits = jnp.zeros((BATCH, SEQ, config.model.vocab_size), jnp.float32)
         self.ce = jax.jit(jax.value_and_grad(ce)).lower(logits, self.batch).compile()
         self.logits = logits
@@ -229,7 +230,9 @@ class CadenzaSide:
             step_s, metrics = timed(self.train_step)
             fwd_s, _ = timed(self.forward, self.state.params, self.frozen, self.batch)
             grad_s, _ = timed(self.grad, self.state.params, self.frozen, self.batch)
-            opt_s, _ = timed(self.update, self.state.params, self.state.opt_state, self.grads)
+            fresh = jax.block_until_ready(jax.tree.map(
+                jnp.copy, (self.state.params, self.state.opt_state)))
+            opt_s, _ = timed(self.update, *fresh, self.grads)
         ce_s, _ = timed(self.ce, self.logits, self.batch)
         data_s, _ = timed(self.put_batch)
         mm = min(timed(self.mm, self.mm_in)[0] for _ in range(3))

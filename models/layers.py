@@ -19,19 +19,26 @@ from cadenza.models.config import ModelConfig
 from cadenza.pallas_kernels.attention import attention
 
 
+def flat_operands(x, kernel, n_in: int):
+    """``x`` [..., *in] and ``kernel`` [*in, *out] as the 2-D operands of one matmul:
+    ``(x [rows, prod(in)], kernel [prod(in), prod(out)], output shape [..., *out])``
+    (reshapes of contiguous dims only)."""
+    lead, ins, outs = x.shape[:x.ndim - n_in], kernel.shape[:n_in], kernel.shape[n_in:]
+    k_in, k_out = math.prod(ins), math.prod(outs)
+    return x.reshape(math.prod(lead), k_in), kernel.reshape(k_in, k_out), lead + outs
+
+
 def flat_matmul(x, kernel, n_in: int):
     """``x`` [..., *in] contracted with ``kernel`` [*in, *out] -> [..., *out], as one 2-D
-    matmul [rows, prod(in)] @ [prod(in), prod(out)] (reshapes of contiguous dims only).
+    matmul [rows, prod(in)] @ [prod(in), prod(out)] (:func:`flat_operands`).
 
     Same math as a ``dot_general`` over the ``n_in`` trailing dims, but its gradient
     w.r.t. the kernel is a plain 2-D ``x^T @ dy``: contracting the batch and length dims
     of 3-D operands instead makes XLA's CPU backend copy a transposed ``dy`` for every
     weight gradient (about a fifth of a small model's train step).
     """
-    lead, ins, outs = x.shape[:x.ndim - n_in], kernel.shape[:n_in], kernel.shape[n_in:]
-    k_in, k_out = math.prod(ins), math.prod(outs)
-    y = jnp.dot(x.reshape(math.prod(lead), k_in), kernel.reshape(k_in, k_out))
-    return y.reshape(lead + outs)
+    x2, k2, out_shape = flat_operands(x, kernel, n_in)
+    return jnp.dot(x2, k2).reshape(out_shape)
 
 
 class Projection(nn.Module):

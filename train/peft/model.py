@@ -50,7 +50,7 @@ from cadenza.errors import CadenzaError, ConfigError
 from cadenza.models import quant
 from cadenza.models.cache import KVCache
 from cadenza.models.config import ModelConfig
-from cadenza.models.layers import Attention, Projection, flat_matmul
+from cadenza.models.layers import Attention, Projection, flat_matmul, flat_operands
 from cadenza.models.moe import ExpertProjection, row_experts
 from cadenza.models.params import logical_param_specs
 from cadenza.models.transformer import Transformer
@@ -90,7 +90,6 @@ def _contract(x, w, n: int, dtype):
     return flat_matmul(x.astype(dtype), w.astype(dtype), n)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
 def lora_projection(x, kernel, a, b, scale: float):
     """``x @ (kernel + scale * a @ b)`` as one matmul with the merged kernel, for training.
 
@@ -101,36 +100,40 @@ def lora_projection(x, kernel, a, b, scale: float):
     b^T)``, ``db = scale * (x a)^T dy``; the kernel's ``x^T dy`` is only computed when it is
     used (a frozen kernel's is dropped by the compiler). Compared with ``x @ kernel + scale *
     (x @ a) @ b`` this saves two rank-r matmuls with [rows, *out] outputs and two adds per
-    projection per step.
+    projection per step. The backward pass merges the kernel again instead of keeping the
+    forward's merged copy alive in between (one kernel-sized add and a rank-r matmul).
     """
-    return _lora_fwd(x, kernel, a, b, scale)[0]
+    x2, k2, out_shape = flat_operands(x, kernel, a.ndim - 1)
+    a2, b2 = a.reshape(k2.shape[0], -1), b.reshape(-1, k2.shape[1])
+    return _merged_lora(x2, k2, a2, b2, scale).reshape(out_shape)
 
 
-def _lora_flat(x, a, b):
-    """``x``, ``a``, ``b`` as 2-D [rows, in], [in, r], [r, out]."""
-    k_in = math.prod(a.shape[:-1])
-    return x.reshape(-1, k_in), a.reshape(k_in, a.shape[-1]), b.reshape(b.shape[0], -1)
+def _merged_kernel(kernel, a, b, scale):
+    """The 2-D merged kernel ``kernel + scale * a @ b``."""
+    return kernel + scale * (a @ b)
 
 
-def _lora_fwd(x, kernel, a, b, scale):
-    xf, af, bf = _lora_flat(x, a, b)
-    merged = kernel.reshape(af.shape[0], bf.shape[1]) + scale * (af @ bf)
-    y = (xf @ merged).reshape(x.shape[:x.ndim - (a.ndim - 1)] + b.shape[1:])
-    return y, (x, xf @ af, merged, a, b)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _merged_lora(x, kernel, a, b, scale):
+    """:func:`lora_projection` on 2-D operands [rows, in], [in, out], [in, r], [r, out]."""
+    return x @ _merged_kernel(kernel, a, b, scale)
 
 
-def _lora_bwd(scale, res, dy):
-    x, xa, merged, a, b = res
-    xf, af, bf = _lora_flat(x, a, b)
-    g = dy.reshape(xf.shape[0], -1)
-    dxa = g @ bf.T
-    return ((g @ merged.T).reshape(x.shape),
-            (xf.T @ g).reshape(a.shape[:-1] + b.shape[1:]),
-            (scale * (xf.T @ dxa)).reshape(a.shape),
-            (scale * (xa.T @ g)).reshape(b.shape))
+def _merged_lora_fwd(x, kernel, a, b, scale):
+    return x @ _merged_kernel(kernel, a, b, scale), (x, x @ a, kernel, a, b)
 
 
-lora_projection.defvjp(_lora_fwd, _lora_bwd)
+def _merged_lora_bwd(scale, res, dy):
+    x, xa, kernel, a, b = res
+    # the barrier ties the merge to dy: it runs in the backward pass, and the compiler cannot
+    # reuse the forward's merged kernel (which would keep it alive in between)
+    kernel, a, b, dy = jax.lax.optimization_barrier((kernel, a, b, dy))
+    dxa = dy @ b.T
+    return (dy @ _merged_kernel(kernel, a, b, scale).T, x.T @ dy, scale * (x.T @ dxa),
+            scale * (xa.T @ dy))
+
+
+_merged_lora.defvjp(_merged_lora_fwd, _merged_lora_bwd)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -418,7 +421,7 @@ class PeftModel:
             logits_at = logits_at + n_prompt
         # merged-kernel LoRA pays a kernel-sized merge per call: worth it over whole
         # sequences (training, evaluation), not for the few rows of a cached decode step
-        with nn.intercept_methods(self._interceptor(train=bool(rngs), merge=cache is None)):
+        with nn.intercept_methods(self._interceptor(dropout=bool(rngs), merge=cache is None)):
             out = model.apply(
                 variables, tokens, embeddings=embeddings, positions=positions,
                 segment_ids=segment_ids, attention_mask=attention_mask, cache=cache, rngs=rngs,
@@ -452,7 +455,7 @@ class PeftModel:
             return cache.advance(n)
         return cache
 
-    def _interceptor(self, train: bool, merge: bool):
+    def _interceptor(self, dropout: bool, merge: bool):
         cfg, pc = self.model_config, self.peft_config
         dtype = jnp.dtype(cfg.dtype)
         s = pc.scaling
@@ -467,7 +470,7 @@ class PeftModel:
             if (merge and dtype == jnp.float32 and isinstance(m, Projection) and m.has_variable(
                     COLLECTION, "lora_a") and m.has_variable("params", "kernel")
                     and not m.has_variable(COLLECTION, "dora_magnitude")
-                    and not (train and pc.dropout)):   # plain float32 LoRA: merged kernel
+                    and not dropout):   # plain float32 LoRA: merged kernel
                 y = lora_projection(x.astype(dtype), m.get_variable("params", "kernel").astype(
                     dtype), var(m, "lora_a").astype(dtype), var(m, "lora_b").astype(dtype), s)
                 return y + m.get_variable("params", "bias").astype(dtype) if m.use_bias else y
@@ -503,7 +506,7 @@ class PeftModel:
             if a is None:
                 return y
             h = x
-            if train and pc.dropout:
+            if dropout:
                 keep = jax.random.bernoulli(m.make_rng("dropout"), 1.0 - pc.dropout, x.shape)
                 h = jnp.where(keep, x / (1.0 - pc.dropout), 0).astype(x.dtype)
             delta = matmul(matmul(h, a, n_in), var(m, "lora_b"), 1) * s
