@@ -26,7 +26,6 @@ with ``train.task: distill`` writes the student as a normal model directory
 """
 
 import dataclasses
-import pathlib
 
 import jax
 import jax.numpy as jnp
