@@ -1,7 +1,7 @@
 """DPO and ORPO on stdlib preference pairs: held-out pair accuracy against the SFT model.
 
 Usage: .venv/bin/python bench/preference_bench.py [--sft-steps N] [--steps N] [--quick]
-[--out DIR]
+[--methods full,lora] [--out DIR]
 
 The modules of the stdlib split by a stable hash of their path (``stdlib.is_heldout``,
 fraction ``HELDOUT_MODULES``): no held-out pair shares a module, a prompt or a body with
@@ -15,7 +15,7 @@ any training pair, and the byte-level BPE tokenizer is trained on the training m
    from held-out modules); only short functions (prompt + body, and prompt + rejected
    body, under ``MAX_CHARS`` characters), so no side is cut.
 3. DPO (beta ``--beta``, sigmoid loss) and ORPO (lambda 0.1) from the SFT model, full
-   fine-tuning and LoRA (rank 8 on every projection), ``--steps`` each of 8 rows
+   fine-tuning and LoRA (rank 8 on every projection; ``--methods``), ``--steps`` each of 8 rows
    (about 11 pairs), peak learning rate ``LEARNING_RATE`` after ``WARMUP`` steps, cosine
    to 0.1x. Under one epoch every step's batch is mostly unseen pairs, so its loss is a
    held-out loss: at 1e-3 (full) DPO fits 32 repeated pairs to reward accuracy 1.0 within
@@ -178,10 +178,15 @@ def main():
     parser.add_argument("--steps", type=int, default=150, help="steps of each DPO/ORPO run")
     parser.add_argument("--runs", default="runs/preference_bench", help="SFT models (cached)")
     parser.add_argument("--beta", type=float, default=0.1, help="DPO beta")
+    parser.add_argument("--methods", default="full,lora",
+                        help="comma-separated fine-tuning methods of the DPO/ORPO runs")
     parser.add_argument("--quick", action="store_true", help="a few steps (a smoke run)")
     parser.add_argument("--out", default=None, help="results folder")
     args = parser.parse_args()
     sft_steps, steps = (3, 3) if args.quick else (args.sft_steps, args.steps)
+    methods = args.methods.split(",")
+    if not set(methods) <= {"full", "lora"}:
+        raise SystemExit(f"--methods {args.methods}: give full, lora or full,lora")
     out = results_dir(__file__, args.out or (pathlib.Path(__file__).resolve().parent / "results"
                                              / f"{device_label()}-quick" if args.quick
                                              else None))
@@ -199,7 +204,7 @@ def main():
             f"train.seq_len={2 * SEQ_LEN}", f"train.steps={steps}",
             f"train.init_from={sft['model_dir']}", f"train.preference.beta={args.beta}"]
     for task in ("dpo", "orpo"):
-        for method, extra in (("full", []), ("lora", LORA)):
+        for method, extra in ((m, LORA if m == "lora" else []) for m in methods):
             name = f"{task} {method}"
             r = bench.fit(name.replace(" ", "_"), pref + [
                 f"train.task={task}", f"train.learning_rate={LEARNING_RATE[method]}", *extra])
