@@ -18,9 +18,9 @@ any training pair, and the byte-level BPE tokenizer is trained on the training m
    fine-tuning and LoRA (rank 8 on every projection; ``--methods``), ``--steps`` each of 8 rows
    (about 11 pairs), peak learning rate ``LEARNING_RATE`` after ``WARMUP`` steps, cosine
    to 0.1x. Under one epoch every step's batch is mostly unseen pairs, so its loss is a
-   held-out loss: at 1e-3 (full) DPO fits 32 repeated pairs to reward accuracy 1.0 within
-   60 steps, but on the full set its batch loss climbs above log 2 as both sides'
-   log-probs fall, so full fine-tuning uses 2e-4 (LoRA 1e-3).
+   held-out loss: at a constant 1e-3 (full) DPO fits 32 repeated pairs to reward accuracy
+   1.0 within 60 steps of 4 rows, but on the full set its batch loss climbs above log 2
+   as both sides' log-probs fall, so full fine-tuning uses 2e-4 (LoRA 1e-3).
 4. Every model (the SFT model first: the baseline) scores every held-out pair by the summed
    and the length-averaged log-prob of each side given the prompt (one forward per side,
    the ``nll`` scorer of ``cadenza select``). Pair accuracy: the chosen side scores higher
