@@ -66,21 +66,30 @@ from cadenza.models.tokenizer import load_tokenizer
 from cadenza.provenance import provenance, results_dir
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-DRAFT = ["model.num_layers=2", "model.hidden_size=64", "model.num_heads=4",
-         "model.num_kv_heads=2", "model.intermediate_size=192"]
+# draft shapes (``--draft``; params at the stdlib tokenizer's 512 tokens). "0.16m": the
+# ``tiny`` preset's 2 layers of width 64, the drafts of the runs before 2026-12-06 (their
+# cached models are reused with ``--draft 0.16m --distill-steps 200``). "2.6m": 3 layers of
+# width 256, a draft step ~0.02-0.06 of a 21.76M target step on the 2-core CPU (measured with
+# forward_ms below; the results file records it).
+DRAFTS = {
+    "0.16m": ["model.num_layers=2", "model.hidden_size=64", "model.num_heads=4",
+              "model.num_kv_heads=2", "model.intermediate_size=192"],
+    "2.6m": ["model.num_layers=3", "model.hidden_size=256", "model.num_heads=4",
+             "model.num_kv_heads=2", "model.intermediate_size=768"],
+}
 SIZES = {
     "20m": {"target": ["model.hidden_size=512", "model.num_layers=6", "model.num_heads=8",
                        "model.num_kv_heads=4", "model.intermediate_size=1792"],
-            "target_steps": 300, "draft_steps": 300, "distill_steps": 200, "head_steps": 200,
-            "on_policy_prompts": 256},
+            "draft": "2.6m", "target_steps": 300, "draft_steps": 300, "distill_steps": 800,
+            "head_steps": 200, "on_policy_prompts": 1024},
     "small": {"target": ["model.hidden_size=256", "model.num_layers=4", "model.num_heads=8",
                          "model.num_kv_heads=4", "model.intermediate_size=768"],
-              "target_steps": 100, "draft_steps": 100, "distill_steps": 60, "head_steps": 60,
-              "on_policy_prompts": 64},
+              "draft": "0.16m", "target_steps": 100, "draft_steps": 100, "distill_steps": 60,
+              "head_steps": 60, "on_policy_prompts": 64},
     "smoke": {"target": ["model.hidden_size=128", "model.num_layers=2", "model.num_heads=4",
                          "model.num_kv_heads=2", "model.intermediate_size=384"],
-              "target_steps": 4, "draft_steps": 4, "distill_steps": 3, "head_steps": 3,
-              "on_policy_prompts": 8},
+              "draft": "0.16m", "target_steps": 4, "draft_steps": 4, "distill_steps": 3,
+              "head_steps": 3, "on_policy_prompts": 8},
 }
 # forward sizes whose cost is measured (a verify over T tokens uses the next one up)
 COST_TOKENS = (1, 2, 3, 4, 5, 7, 10, 16)
@@ -178,7 +187,8 @@ def trained_heads(runs, drafter, target, tparams, tcfg, steps, timings):
 
 
 def trained_accept_head(runs, target, tparams, draft, dparams, tcfg, steps, timings):
-    """The SpecDec++ acceptance head of the distilled draft (cached head directory)."""
+    """The SpecDec++ acceptance head of the distilled draft (cached head directory
+    ``<runs>/accept-head-<steps>``; ``runs``: the draft's own run directory)."""
     from cadenza.train.data import build_iterator
     from cadenza.train.specdec_task import train_accept_head
 
@@ -381,9 +391,12 @@ def summarise(row: Row, out, costs, plain_ids, base_tps) -> dict:
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--size", default="20m", choices=list(SIZES))
+    p.add_argument("--draft", choices=list(DRAFTS), help="draft shape; default: the size's")
     for k in ("target_steps", "draft_steps", "distill_steps", "head_steps",
               "on_policy_prompts"):
         p.add_argument(f"--{k.replace('_', '-')}", type=int, help="default: the size's")
+    p.add_argument("--train-only", action="store_true",
+                   help="train (or find cached) every model, then stop")
     p.add_argument("--runs", default="runs/spec_methods", help="trained models (cached)")
     p.add_argument("--prompts", type=int, default=8)
     p.add_argument("--prompt-len", type=int, default=64)
@@ -407,8 +420,9 @@ def main():
 
     tdir = trained(runs, "target", "tiny_pretrain", size["target"], size["target_steps"],
                    timings)
-    lm_dir = trained(runs, "draft-lm", "tiny_pretrain", DRAFT, size["draft_steps"], timings)
-    distill = DRAFT + [f"train.init_from={tdir.absolute()}",
+    draft = DRAFTS[size["draft"]]
+    lm_dir = trained(runs, "draft-lm", "tiny_pretrain", draft, size["draft_steps"], timings)
+    distill = draft + [f"train.init_from={tdir.absolute()}",
                        f"train.distill.student={lm_dir.absolute()}"]
     kd_dir = trained(runs, "draft-distilled", "tiny_distill", distill, size["distill_steps"],
                      timings)
@@ -422,6 +436,15 @@ def main():
                                        args.prompt_len)
     prompts, calibration, modules = prompts[:args.prompts], prompts[args.prompts:], modules[
         :(args.prompts + 1) // 2]
+    heads = (trained_heads(runs, Medusa(), target, tparams, tcfg, size["head_steps"], timings),
+             trained_heads(runs, Hydra(), target, tparams, tcfg, size["head_steps"], timings))
+    kd_cfg, kd_params = load_model(kd_dir)
+    accept = trained_accept_head(runs / kd_dir.parent.name, target, tparams,
+                                 Transformer(kd_cfg.model), kd_params, tcfg,
+                                 size["head_steps"], timings)
+    if args.train_only:
+        print(json.dumps(timings, indent=1))
+        return
     prefix = args.prompt_len + args.new_tokens // 2
     costs = {t: forward_ms(target, tparams, t, prefix, args.repeats) for t in COST_TOKENS}
     drafts = {}
@@ -430,11 +453,6 @@ def main():
         drafts[name] = (dcfg.model, dparams,
                         forward_ms(Transformer(dcfg.model), dparams, 1, prefix, args.repeats)
                         / costs[1])
-    heads = (trained_heads(runs, Medusa(), target, tparams, tcfg, size["head_steps"], timings),
-             trained_heads(runs, Hydra(), target, tparams, tcfg, size["head_steps"], timings))
-    kd_cfg, kd_params, _ = drafts["distilled"]
-    accept = trained_accept_head(runs, target, tparams, Transformer(kd_cfg), kd_params, tcfg,
-                                 size["head_steps"], timings)
     skip = searched_skip(target, tparams, calibration, args) if "layer_skip" in REGISTRY else ()
     rows = build_rows(args, target, tparams, drafts, heads, accept, skip, args.new_tokens)
 
