@@ -80,7 +80,7 @@ DRAFTS = {
 SIZES = {
     "20m": {"target": ["model.hidden_size=512", "model.num_layers=6", "model.num_heads=8",
                        "model.num_kv_heads=4", "model.intermediate_size=1792"],
-            "draft": "2.6m", "target_steps": 300, "draft_steps": 300, "distill_steps": 800,
+            "draft": "2.6m", "target_steps": 300, "draft_steps": 300, "distill_steps": 300,
             "head_steps": 200, "on_policy_prompts": 1024},
     "small": {"target": ["model.hidden_size=256", "model.num_layers=4", "model.num_heads=8",
                          "model.num_kv_heads=4", "model.intermediate_size=768"],
@@ -285,9 +285,10 @@ class Row:
 
 
 def build_rows(args, target, tparams, drafts, heads, accept, skip, new_tokens):
-    """Every contender in both modes (``skip``: layer-skip's skipped layers)."""
+    """Every contender in each of ``args.modes`` (``skip``: layer-skip's skipped layers;
+    ``heads`` None: plain decoding and the draft-model rows only)."""
     rows = []
-    for mode in ("greedy", "sample"):
+    for mode in args.modes:
         sample = mode == "sample"
         base = DecodeConfig(max_new_tokens=new_tokens, ignore_eos=True, seed=0,
                             sampling=SamplingConfig(temperature=0.8 if sample else 1.0))
@@ -316,6 +317,8 @@ def build_rows(args, target, tparams, drafts, heads, accept, skip, new_tokens):
                                                stop=StopRule("head", blocks=blocks),
                                                name="specdec++"),
                          "draft_params": (dparams, head)}, cost))
+        if heads is None:
+            continue
         for g in args.ngram_gammas:
             rows.append(Row(f"prompt lookup gamma={g}", mode, spec_cfg("ngram", gamma=g),
                             {"drafter": PromptLookup(gamma=g), "draft_params": None}))
@@ -405,6 +408,10 @@ def main():
     p.add_argument("--max-gamma", type=int, default=6)
     p.add_argument("--ngram-gammas", default="4")
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--modes", default="greedy,sample")
+    p.add_argument("--only", choices=["all", "drafts"], default="all",
+                   help="drafts: plain decoding and the draft-model rows only (fixed gammas, "
+                        "confidence and SpecDec++ stop rules), written with a _drafts suffix")
     p.add_argument("--no-hf", action="store_true", help="skip the transformers peer")
     p.add_argument("--hf-drafts", default="distilled",
                    help="drafts given to transformers as assistant_model (comma-separated: "
@@ -415,6 +422,9 @@ def main():
                                    if k in SIZES[args.size] and v is not None}}
     args.gammas = [int(g) for g in args.gammas.split(",") if g]
     args.ngram_gammas = [int(g) for g in args.ngram_gammas.split(",") if g]
+    args.modes = [m for m in args.modes.split(",") if m]
+    if not args.modes or set(args.modes) - {"greedy", "sample"}:
+        p.error(f"--modes {','.join(args.modes)}: use greedy, sample or greedy,sample")
     runs, timings = pathlib.Path(args.runs) / args.size, {}
     load_start = os.getloadavg()[0]
 
@@ -453,7 +463,10 @@ def main():
         drafts[name] = (dcfg.model, dparams,
                         forward_ms(Transformer(dcfg.model), dparams, 1, prefix, args.repeats)
                         / costs[1])
-    skip = searched_skip(target, tparams, calibration, args) if "layer_skip" in REGISTRY else ()
+    skip = (searched_skip(target, tparams, calibration, args)
+            if "layer_skip" in REGISTRY and args.only == "all" else ())
+    if args.only == "drafts":
+        heads = None
     rows = build_rows(args, target, tparams, drafts, heads, accept, skip, args.new_tokens)
 
     peer = None
@@ -473,7 +486,7 @@ def main():
             row.tps.append(decoded / secs)
         print(f"repeat {r + 1}/{args.repeats}: " + ", ".join(
             f"{row.name} {row.mode} {row.tps[-1]:.0f}" for row in rows), flush=True)
-    plain_ids = outputs["plain greedy", "greedy"][0]
+    plain_ids = outputs.get(("plain greedy", "greedy"), (None,))[0]
     results = []
     for row in rows:
         base = next(x for x in rows if x.name == f"plain {row.mode}")
@@ -490,7 +503,8 @@ def main():
               "draft_step_cost": {k: v[2] for k, v in drafts.items()},
               "rows": results, "peer": peer_rows(peer, plain_ids)}
     out = results_dir(__file__, args.out)
-    stem = "speculative_methods" + ("" if args.size == "20m" else f"_{args.size}")
+    stem = ("speculative_methods" + ("" if args.size == "20m" else f"_{args.size}")
+            + ("" if args.only == "all" else f"_{args.only}"))
     (out / f"{stem}.json").write_text(json.dumps(report, indent=2, default=str))
     (out / f"{stem}.md").write_text(render(report))
     print(render(report))
