@@ -310,6 +310,8 @@ def build_rows(args, target, tparams, drafts, heads, accept, skip, new_tokens):
                         {"drafter": DraftModel(dcfg, args.max_gamma, stop=StopRule("confidence"),
                                                name="adaptive-confidence"),
                          "draft_params": (dparams, None)}, cost))
+        if heads is None:            # --only drafts
+            continue
         head, blocks = accept
         rows.append(Row(f"SpecDec++ stop rule (distilled, max {args.max_gamma})", mode,
                         spec_cfg("speculative", gamma=args.max_gamma),
@@ -317,8 +319,6 @@ def build_rows(args, target, tparams, drafts, heads, accept, skip, new_tokens):
                                                stop=StopRule("head", blocks=blocks),
                                                name="specdec++"),
                          "draft_params": (dparams, head)}, cost))
-        if heads is None:
-            continue
         for g in args.ngram_gammas:
             rows.append(Row(f"prompt lookup gamma={g}", mode, spec_cfg("ngram", gamma=g),
                             {"drafter": PromptLookup(gamma=g), "draft_params": None}))
@@ -410,8 +410,9 @@ def main():
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--modes", default="greedy,sample")
     p.add_argument("--only", choices=["all", "drafts"], default="all",
-                   help="drafts: plain decoding and the draft-model rows only (fixed gammas, "
-                        "confidence and SpecDec++ stop rules), written with a _drafts suffix")
+                   help="drafts: plain decoding and the draft-model rows only (fixed gammas "
+                        "and the confidence stop rule; no heads trained), written with a "
+                        "_drafts suffix")
     p.add_argument("--no-hf", action="store_true", help="skip the transformers peer")
     p.add_argument("--hf-drafts", default="distilled",
                    help="drafts given to transformers as assistant_model (comma-separated: "
@@ -446,12 +447,15 @@ def main():
                                        args.prompt_len)
     prompts, calibration, modules = prompts[:args.prompts], prompts[args.prompts:], modules[
         :(args.prompts + 1) // 2]
-    heads = (trained_heads(runs, Medusa(), target, tparams, tcfg, size["head_steps"], timings),
-             trained_heads(runs, Hydra(), target, tparams, tcfg, size["head_steps"], timings))
-    kd_cfg, kd_params = load_model(kd_dir)
-    accept = trained_accept_head(runs / kd_dir.parent.name, target, tparams,
-                                 Transformer(kd_cfg.model), kd_params, tcfg,
-                                 size["head_steps"], timings)
+    heads = accept = None
+    if args.only == "all":
+        heads = (trained_heads(runs, Medusa(), target, tparams, tcfg, size["head_steps"],
+                               timings),
+                 trained_heads(runs, Hydra(), target, tparams, tcfg, size["head_steps"], timings))
+        kd_cfg, kd_params = load_model(kd_dir)
+        accept = trained_accept_head(runs / kd_dir.parent.name, target, tparams,
+                                     Transformer(kd_cfg.model), kd_params, tcfg,
+                                     size["head_steps"], timings)
     if args.train_only:
         print(json.dumps(timings, indent=1))
         return
@@ -465,8 +469,6 @@ def main():
                         / costs[1])
     skip = (searched_skip(target, tparams, calibration, args)
             if "layer_skip" in REGISTRY and args.only == "all" else ())
-    if args.only == "drafts":
-        heads = None
     rows = build_rows(args, target, tparams, drafts, heads, accept, skip, args.new_tokens)
 
     peer = None
@@ -546,7 +548,8 @@ def render(report: dict) -> str:
         f"{m['load_avg_1m']:.1f} at the end (other jobs were running on the machine). "
         f"Size `{m['size']}`: target {report['target_params'] / 1e6:.2f}M params "
         f"({m['target_steps']} steps), drafts {report['draft_params'] / 1e6:.2f}M "
-        f"(LM-pretrained {m['draft_steps']} steps; distilled and on-policy: "
+        f"(`--draft {m.get('draft', '0.16m')}`; LM-pretrained {m['draft_steps']} steps; "
+        "distilled and on-policy: "
         f"+{m['distill_steps']} distillation steps), heads {m['head_steps']} steps; "
         f"float32. {len(report['prompt_modules'])} held-out modules "
         f"({', '.join(report['prompt_modules'])}), {m['prompts']} prompts of "
