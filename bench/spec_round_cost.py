@@ -45,7 +45,7 @@ def model_dir(runs: pathlib.Path, prefix: str) -> pathlib.Path:
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--runs", default="runs/spec_methods/20m")
-    p.add_argument("--draft", default="draft-distilled-300",
+    p.add_argument("--draft", default="draft-distilled-150",
                    help="the distilled draft's run-directory prefix under --runs (the runs "
                         "before 2026-12-06: draft-distilled-200)")
     p.add_argument("--prompts", type=int, default=4)

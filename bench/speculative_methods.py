@@ -80,8 +80,8 @@ DRAFTS = {
 SIZES = {
     "20m": {"target": ["model.hidden_size=512", "model.num_layers=6", "model.num_heads=8",
                        "model.num_kv_heads=4", "model.intermediate_size=1792"],
-            "draft": "2.6m", "target_steps": 300, "draft_steps": 300, "distill_steps": 300,
-            "head_steps": 200, "on_policy_prompts": 1024},
+            "draft": "2.6m", "target_steps": 300, "draft_steps": 300, "distill_steps": 150,
+            "head_steps": 200, "on_policy_prompts": 256},
     "small": {"target": ["model.hidden_size=256", "model.num_layers=4", "model.num_heads=8",
                          "model.num_kv_heads=4", "model.intermediate_size=768"],
               "draft": "0.16m", "target_steps": 100, "draft_steps": 100, "distill_steps": 60,
