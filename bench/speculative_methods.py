@@ -1,16 +1,21 @@
 """Every speculative method side by side on one trained target, with transformers as the peer.
 
-Run: ``.venv/bin/python bench/speculative_methods.py [--size 20m|small|smoke] [--no-hf]``.
+Run: ``.venv/bin/python bench/speculative_methods.py [--size 20m|small|smoke] [--draft
+2.6m|0.16m] [--only all|drafts] [--modes greedy,sample] [--no-hf] [--train-only]``.
 
 Models (trained by cadenza's ``fit`` when absent, cached under ``--runs``, default
 ``runs/spec_methods/<size>``; how long each took is recorded with the cache and in the
 results): a target on the stdlib code corpus (``tiny_pretrain``; ``--size 20m`` is a
 21.7M-parameter Llama, 6 layers, width 512; ``small`` 3.4M; ``smoke`` a minute-long check
-of this script) and three drafts of the ``tiny`` preset's shape: LM-pretrained on the
-corpus, distilled from the target (``train.task: distill``, forward KL, started from
-the LM-pretrained draft) and distilled on-policy (the same on the target's own sampled
-generations, ``train.distill.on_policy``); Medusa and Hydra heads (``train.task``
-medusa / hydra) and the SpecDec++ acceptance head of the distilled draft.
+of this script) and three drafts of the ``--draft`` shape (:data:`DRAFTS`; ``20m``: 2.6M
+params, 3 layers of width 256; ``small`` and ``smoke``: the 0.16M ``tiny`` shape):
+LM-pretrained on the corpus, distilled from the target (``train.task: distill``, forward
+KL, started from the LM-pretrained draft) and distilled on-policy (the same on the target's
+own sampled generations, ``train.distill.on_policy``); Medusa and Hydra heads
+(``train.task`` medusa / hydra) and the SpecDec++ acceptance head of the distilled draft
+(cached in that draft's run directory). ``--train-only`` stops once every model exists;
+``--only drafts`` times plain decoding and the draft-model rows alone (no heads, no
+layer-skip search; results file with a ``_drafts`` suffix).
 
 Prompts: ``--prompts`` windows of ``--prompt-len`` tokens from held-out stdlib modules
 (the corpus' test split, at least 4 modules, two windows per module), decoded one per
