@@ -45,6 +45,9 @@ def model_dir(runs: pathlib.Path, prefix: str) -> pathlib.Path:
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--runs", default="runs/spec_methods/20m")
+    p.add_argument("--draft", default="draft-distilled-150",
+                   help="the distilled draft's run-directory prefix under --runs (the runs "
+                        "before 2026-12-06: draft-distilled-200)")
     p.add_argument("--prompts", type=int, default=4)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--out", default=None, help="default: bench/results/<device>")
@@ -56,10 +59,10 @@ def main():
     prompts, _ = heldout_prompts(load_tokenizer(tokenizer_dir(tdir)),
                                  tcfg.data.heldout_fraction, 8, 64)
     prompts = prompts[::max(len(prompts) // args.prompts, 1)][:args.prompts]
-    dcfg, dparams = load_model(model_dir(runs, "draft-distilled"))
+    dcfg, dparams = load_model(model_dir(runs, args.draft))
     heads = (load_tree_heads(runs / "medusa-heads-200", tcfg.model, Medusa),
              load_tree_heads(runs / "hydra-heads-200", tcfg.model, Hydra))
-    ns = argparse.Namespace(gammas=[4], max_gamma=6, ngram_gammas=[4])
+    ns = argparse.Namespace(gammas=[4], max_gamma=6, ngram_gammas=[4], modes=["greedy"])
     rows = [r for r in build_rows(ns, target, tparams, {"distilled": (dcfg.model, dparams, 0.0)},
                                   heads, (None, None), (), 128)
             if r.mode == "greedy" and r.name in ROWS]

@@ -1,16 +1,21 @@
 """Every speculative method side by side on one trained target, with transformers as the peer.
 
-Run: ``.venv/bin/python bench/speculative_methods.py [--size 20m|small|smoke] [--no-hf]``.
+Run: ``.venv/bin/python bench/speculative_methods.py [--size 20m|small|smoke] [--draft
+2.6m|0.16m] [--only all|drafts] [--modes greedy,sample] [--no-hf] [--train-only]``.
 
 Models (trained by cadenza's ``fit`` when absent, cached under ``--runs``, default
 ``runs/spec_methods/<size>``; how long each took is recorded with the cache and in the
 results): a target on the stdlib code corpus (``tiny_pretrain``; ``--size 20m`` is a
 21.7M-parameter Llama, 6 layers, width 512; ``small`` 3.4M; ``smoke`` a minute-long check
-of this script) and three drafts of the ``tiny`` preset's shape: LM-pretrained on the
-corpus, distilled from the target (``train.task: distill``, forward KL, started from
-the LM-pretrained draft) and distilled on-policy (the same on the target's own sampled
-generations, ``train.distill.on_policy``); Medusa and Hydra heads (``train.task``
-medusa / hydra) and the SpecDec++ acceptance head of the distilled draft.
+of this script) and three drafts of the ``--draft`` shape (:data:`DRAFTS`; ``20m``: 2.6M
+params, 3 layers of width 256; ``small`` and ``smoke``: the 0.16M ``tiny`` shape):
+LM-pretrained on the corpus, distilled from the target (``train.task: distill``, forward
+KL, started from the LM-pretrained draft) and distilled on-policy (the same on the target's
+own sampled generations, ``train.distill.on_policy``); Medusa and Hydra heads
+(``train.task`` medusa / hydra) and the SpecDec++ acceptance head of the distilled draft
+(cached in that draft's run directory). ``--train-only`` stops once every model exists;
+``--only drafts`` times plain decoding and the draft-model rows alone (no heads, no
+layer-skip search; results file with a ``_drafts`` suffix).
 
 Prompts: ``--prompts`` windows of ``--prompt-len`` tokens from held-out stdlib modules
 (the corpus' test split, at least 4 modules, two windows per module), decoded one per
@@ -66,21 +71,30 @@ from cadenza.models.tokenizer import load_tokenizer
 from cadenza.provenance import provenance, results_dir
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-DRAFT = ["model.num_layers=2", "model.hidden_size=64", "model.num_heads=4",
-         "model.num_kv_heads=2", "model.intermediate_size=192"]
+# draft shapes (``--draft``; params at the stdlib tokenizer's 512 tokens). "0.16m": the
+# ``tiny`` preset's 2 layers of width 64, the drafts of the runs before 2026-12-06 (their
+# cached models are reused with ``--draft 0.16m --distill-steps 200``). "2.6m": 3 layers of
+# width 256, a draft step ~0.02-0.06 of a 21.76M target step on the 2-core CPU (measured with
+# forward_ms below; the results file records it).
+DRAFTS = {
+    "0.16m": ["model.num_layers=2", "model.hidden_size=64", "model.num_heads=4",
+              "model.num_kv_heads=2", "model.intermediate_size=192"],
+    "2.6m": ["model.num_layers=3", "model.hidden_size=256", "model.num_heads=4",
+             "model.num_kv_heads=2", "model.intermediate_size=768"],
+}
 SIZES = {
     "20m": {"target": ["model.hidden_size=512", "model.num_layers=6", "model.num_heads=8",
                        "model.num_kv_heads=4", "model.intermediate_size=1792"],
-            "target_steps": 300, "draft_steps": 300, "distill_steps": 200, "head_steps": 200,
-            "on_policy_prompts": 256},
+            "draft": "2.6m", "target_steps": 300, "draft_steps": 300, "distill_steps": 150,
+            "head_steps": 200, "on_policy_prompts": 256},
     "small": {"target": ["model.hidden_size=256", "model.num_layers=4", "model.num_heads=8",
                          "model.num_kv_heads=4", "model.intermediate_size=768"],
-              "target_steps": 100, "draft_steps": 100, "distill_steps": 60, "head_steps": 60,
-              "on_policy_prompts": 64},
+              "draft": "0.16m", "target_steps": 100, "draft_steps": 100, "distill_steps": 60,
+              "head_steps": 60, "on_policy_prompts": 64},
     "smoke": {"target": ["model.hidden_size=128", "model.num_layers=2", "model.num_heads=4",
                          "model.num_kv_heads=2", "model.intermediate_size=384"],
-              "target_steps": 4, "draft_steps": 4, "distill_steps": 3, "head_steps": 3,
-              "on_policy_prompts": 8},
+              "draft": "0.16m", "target_steps": 4, "draft_steps": 4, "distill_steps": 3,
+              "head_steps": 3, "on_policy_prompts": 8},
 }
 # forward sizes whose cost is measured (a verify over T tokens uses the next one up)
 COST_TOKENS = (1, 2, 3, 4, 5, 7, 10, 16)
@@ -178,7 +192,8 @@ def trained_heads(runs, drafter, target, tparams, tcfg, steps, timings):
 
 
 def trained_accept_head(runs, target, tparams, draft, dparams, tcfg, steps, timings):
-    """The SpecDec++ acceptance head of the distilled draft (cached head directory)."""
+    """The SpecDec++ acceptance head of the distilled draft (cached head directory
+    ``<runs>/accept-head-<steps>``; ``runs``: the draft's own run directory)."""
     from cadenza.train.data import build_iterator
     from cadenza.train.specdec_task import train_accept_head
 
@@ -275,9 +290,10 @@ class Row:
 
 
 def build_rows(args, target, tparams, drafts, heads, accept, skip, new_tokens):
-    """Every contender in both modes (``skip``: layer-skip's skipped layers)."""
+    """Every contender in each of ``args.modes`` (``skip``: layer-skip's skipped layers;
+    ``heads`` None: plain decoding and the draft-model rows only)."""
     rows = []
-    for mode in ("greedy", "sample"):
+    for mode in args.modes:
         sample = mode == "sample"
         base = DecodeConfig(max_new_tokens=new_tokens, ignore_eos=True, seed=0,
                             sampling=SamplingConfig(temperature=0.8 if sample else 1.0))
@@ -299,6 +315,8 @@ def build_rows(args, target, tparams, drafts, heads, accept, skip, new_tokens):
                         {"drafter": DraftModel(dcfg, args.max_gamma, stop=StopRule("confidence"),
                                                name="adaptive-confidence"),
                          "draft_params": (dparams, None)}, cost))
+        if heads is None:            # --only drafts
+            continue
         head, blocks = accept
         rows.append(Row(f"SpecDec++ stop rule (distilled, max {args.max_gamma})", mode,
                         spec_cfg("speculative", gamma=args.max_gamma),
@@ -381,9 +399,12 @@ def summarise(row: Row, out, costs, plain_ids, base_tps) -> dict:
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--size", default="20m", choices=list(SIZES))
+    p.add_argument("--draft", choices=list(DRAFTS), help="draft shape; default: the size's")
     for k in ("target_steps", "draft_steps", "distill_steps", "head_steps",
               "on_policy_prompts"):
         p.add_argument(f"--{k.replace('_', '-')}", type=int, help="default: the size's")
+    p.add_argument("--train-only", action="store_true",
+                   help="train (or find cached) every model, then stop")
     p.add_argument("--runs", default="runs/spec_methods", help="trained models (cached)")
     p.add_argument("--prompts", type=int, default=8)
     p.add_argument("--prompt-len", type=int, default=64)
@@ -392,6 +413,11 @@ def main():
     p.add_argument("--max-gamma", type=int, default=6)
     p.add_argument("--ngram-gammas", default="4")
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--modes", default="greedy,sample")
+    p.add_argument("--only", choices=["all", "drafts"], default="all",
+                   help="drafts: plain decoding and the draft-model rows only (fixed gammas "
+                        "and the confidence stop rule; no heads trained), written with a "
+                        "_drafts suffix")
     p.add_argument("--no-hf", action="store_true", help="skip the transformers peer")
     p.add_argument("--hf-drafts", default="distilled",
                    help="drafts given to transformers as assistant_model (comma-separated: "
@@ -402,13 +428,17 @@ def main():
                                    if k in SIZES[args.size] and v is not None}}
     args.gammas = [int(g) for g in args.gammas.split(",") if g]
     args.ngram_gammas = [int(g) for g in args.ngram_gammas.split(",") if g]
+    args.modes = [m for m in args.modes.split(",") if m]
+    if not args.modes or set(args.modes) - {"greedy", "sample"}:
+        p.error(f"--modes {','.join(args.modes)}: use greedy, sample or greedy,sample")
     runs, timings = pathlib.Path(args.runs) / args.size, {}
     load_start = os.getloadavg()[0]
 
     tdir = trained(runs, "target", "tiny_pretrain", size["target"], size["target_steps"],
                    timings)
-    lm_dir = trained(runs, "draft-lm", "tiny_pretrain", DRAFT, size["draft_steps"], timings)
-    distill = DRAFT + [f"train.init_from={tdir.absolute()}",
+    draft = DRAFTS[size["draft"]]
+    lm_dir = trained(runs, "draft-lm", "tiny_pretrain", draft, size["draft_steps"], timings)
+    distill = draft + [f"train.init_from={tdir.absolute()}",
                        f"train.distill.student={lm_dir.absolute()}"]
     kd_dir = trained(runs, "draft-distilled", "tiny_distill", distill, size["distill_steps"],
                      timings)
@@ -422,6 +452,18 @@ def main():
                                        args.prompt_len)
     prompts, calibration, modules = prompts[:args.prompts], prompts[args.prompts:], modules[
         :(args.prompts + 1) // 2]
+    heads = accept = None
+    if args.only == "all":
+        heads = (trained_heads(runs, Medusa(), target, tparams, tcfg, size["head_steps"],
+                               timings),
+                 trained_heads(runs, Hydra(), target, tparams, tcfg, size["head_steps"], timings))
+        kd_cfg, kd_params = load_model(kd_dir)
+        accept = trained_accept_head(runs / kd_dir.parent.name, target, tparams,
+                                     Transformer(kd_cfg.model), kd_params, tcfg,
+                                     size["head_steps"], timings)
+    if args.train_only:
+        print(json.dumps(timings, indent=1))
+        return
     prefix = args.prompt_len + args.new_tokens // 2
     costs = {t: forward_ms(target, tparams, t, prefix, args.repeats) for t in COST_TOKENS}
     drafts = {}
@@ -430,12 +472,8 @@ def main():
         drafts[name] = (dcfg.model, dparams,
                         forward_ms(Transformer(dcfg.model), dparams, 1, prefix, args.repeats)
                         / costs[1])
-    heads = (trained_heads(runs, Medusa(), target, tparams, tcfg, size["head_steps"], timings),
-             trained_heads(runs, Hydra(), target, tparams, tcfg, size["head_steps"], timings))
-    kd_cfg, kd_params, _ = drafts["distilled"]
-    accept = trained_accept_head(runs, target, tparams, Transformer(kd_cfg), kd_params, tcfg,
-                                 size["head_steps"], timings)
-    skip = searched_skip(target, tparams, calibration, args) if "layer_skip" in REGISTRY else ()
+    skip = (searched_skip(target, tparams, calibration, args)
+            if "layer_skip" in REGISTRY and args.only == "all" else ())
     rows = build_rows(args, target, tparams, drafts, heads, accept, skip, args.new_tokens)
 
     peer = None
@@ -455,7 +493,7 @@ def main():
             row.tps.append(decoded / secs)
         print(f"repeat {r + 1}/{args.repeats}: " + ", ".join(
             f"{row.name} {row.mode} {row.tps[-1]:.0f}" for row in rows), flush=True)
-    plain_ids = outputs["plain greedy", "greedy"][0]
+    plain_ids = outputs.get(("plain greedy", "greedy"), (None,))[0]
     results = []
     for row in rows:
         base = next(x for x in rows if x.name == f"plain {row.mode}")
@@ -472,7 +510,8 @@ def main():
               "draft_step_cost": {k: v[2] for k, v in drafts.items()},
               "rows": results, "peer": peer_rows(peer, plain_ids)}
     out = results_dir(__file__, args.out)
-    stem = "speculative_methods" + ("" if args.size == "20m" else f"_{args.size}")
+    stem = ("speculative_methods" + ("" if args.size == "20m" else f"_{args.size}")
+            + ("" if args.only == "all" else f"_{args.only}"))
     (out / f"{stem}.json").write_text(json.dumps(report, indent=2, default=str))
     (out / f"{stem}.md").write_text(render(report))
     print(render(report))
@@ -514,7 +553,8 @@ def render(report: dict) -> str:
         f"{m['load_avg_1m']:.1f} at the end (other jobs were running on the machine). "
         f"Size `{m['size']}`: target {report['target_params'] / 1e6:.2f}M params "
         f"({m['target_steps']} steps), drafts {report['draft_params'] / 1e6:.2f}M "
-        f"(LM-pretrained {m['draft_steps']} steps; distilled and on-policy: "
+        f"(`--draft {m.get('draft', '0.16m')}`; LM-pretrained {m['draft_steps']} steps; "
+        "distilled and on-policy: "
         f"+{m['distill_steps']} distillation steps), heads {m['head_steps']} steps; "
         f"float32. {len(report['prompt_modules'])} held-out modules "
         f"({', '.join(report['prompt_modules'])}), {m['prompts']} prompts of "

@@ -67,6 +67,8 @@ def _build_speculative(forward, params, config, *, drafter=None, draft_params=No
 
     if drafter is None:
         drafter, draft_params = _load_drafter(forward, params, config, tokenizer)
+    if getattr(forward, "rules", None) is None and hasattr(drafter, "decode_layout"):
+        drafter, draft_params = drafter.decode_layout(draft_params)   # as build's target
     return speculative_method(forward, drafter, config, draft_params), (params, draft_params)
 
 

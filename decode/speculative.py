@@ -523,6 +523,16 @@ class DraftModel:
         """Estimate of t_draft / t_target: the parameter-count ratio."""
         return param_count(draft_params[0]) / max(param_count(params), 1)
 
+    def decode_layout(self, draft_params):
+        """``(drafter, draft_params)`` in the layout decoding uses
+        (:func:`cadenza.models.decode_layout`: on CPU a scanned draft becomes the same model
+        unrolled, so its steps inside the round read the layer weights in place instead of
+        copying every layer's slice per drafted token); elsewhere unchanged. Same logits."""
+        from cadenza.models import Transformer, decode_layout
+
+        model, params = decode_layout(Transformer(self.config), draft_params[0])
+        return dataclasses.replace(self, config=model.config), (params, draft_params[1])
+
     def _forward(self, target_forward):
         return ModelForward(self.config, getattr(target_forward, "rules", None))
 

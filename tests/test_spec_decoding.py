@@ -1,6 +1,8 @@
 """Speculative decoding (draft model, prompt lookup, adaptive length): greedy output equals
 plain greedy on ragged batches, bookkeeping stats, bad input."""
 
+import dataclasses
+
 import jax
 import numpy as np
 import pytest
@@ -141,3 +143,16 @@ def test_draft_with_other_vocab_fails_before_compiling(tiny_config, target):
                              draft_params=(None, None))
 
 
+
+
+def test_generate_decodes_a_scanned_draft_unrolled_with_plain_greedy_output(
+        tiny_config, target, reference):
+    """On CPU the registry path runs the draft in the unrolled layout (no per-step copy of
+    its stacked layer weights), with the same tokens as plain greedy."""
+    draft, dparams = small_draft(tiny_config)
+    drafter, (unrolled, _) = DraftModel(draft.config, 3).decode_layout((dparams, None))
+    assert draft.config.scan_layers and not drafter.config.scan_layers
+    assert "layers" not in unrolled and "layer_0" in unrolled
+    res = generate(*target, PROMPTS, dataclasses.replace(CFG, method="speculative"),
+                   drafter=DraftModel(draft.config, 3), draft_params=(dparams, None))
+    assert res.token_ids == reference.token_ids
