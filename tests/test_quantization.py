@@ -336,3 +336,18 @@ def test_quantised_paths_equal_plain_jnp_fake_quantisation(tiny_config):
     ref = plain(params, tokens, kv=_fake_kv)
     effect, error = (float(jnp.abs(a - b).max()) for a, b in ((ref, float_logits), (ours, ref)))
     assert error < 1e-4 and effect > 100 * error, ("kv8", effect, error)
+
+
+def test_float_models_do_not_differ_by_quantisation_targets():
+    """Directories saved before lm_head left the default targets record '.*': as float
+    models they still load as train.init_from / merge inputs / resumes of this config."""
+    import dataclasses
+
+    from cadenza.config import load_config
+    from cadenza.train.checkpoints import model_differences
+
+    model = load_config(None, [], preset="tiny").model
+    assert model_differences(dataclasses.replace(model, weight_quant_targets=".*"), model) == []
+    int8 = dataclasses.replace(model, weight_quant="int8")
+    diffs = model_differences(dataclasses.replace(int8, weight_quant_targets=".*"), int8)
+    assert len(diffs) == 1 and diffs[0].startswith("model.weight_quant_targets:")

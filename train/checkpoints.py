@@ -52,11 +52,23 @@ def config_differences(section: str, old, new, free=(),
     return out
 
 
-def model_differences(saved, model) -> list[str]:
-    """The shape-defining fields of two ModelConfigs that differ (not the compute-only
-    ``preset``/``dtype``/``remat_policy``/``attention_impl``), one "model.field: checkpoint
-    has A, this run has B" line each."""
-    return config_differences("model", saved, model, MODEL_FREE_FIELDS)
+# Quantisation settings that mean nothing while both models are float (weight_quant
+# "none"): directories saved before the default targets changed record other targets.
+_FLOAT_FREE_FIELDS = ("weight_quant_targets", "weight_quant_group")
+
+
+def model_differences(saved, model, names=("checkpoint", "this run")) -> list[str]:
+    """The fields of two ModelConfigs that make them different models, one
+    "model.field: <names[0]> has A, <names[1]> has B" line each: not the compute-only
+    ``preset``/``dtype``/``remat_policy``/``attention_impl``, not the quantisation
+    targets and group of two float models, and ``head_dim`` compared as resolved (0 means
+    hidden_size // num_heads)."""
+    free = MODEL_FREE_FIELDS
+    if saved.weight_quant == "none" and model.weight_quant == "none":
+        free += _FLOAT_FREE_FIELDS
+    saved, model = (dataclasses.replace(c, head_dim=c.resolved_head_dim)
+                    for c in (saved, model))
+    return config_differences("model", saved, model, free, names)
 
 
 def changed_hyperparameters(saved: ExperimentConfig, config: ExperimentConfig) -> list[str]:
@@ -71,7 +83,7 @@ def check_compatible(saved: ExperimentConfig, config: ExperimentConfig, where: s
     model shape, same data section (dataset and its order), same PEFT layout. Mesh and
     compute settings may change; training hyperparameters are checked separately
     (:func:`changed_hyperparameters`)."""
-    diffs = (config_differences("model", saved.model, config.model, MODEL_FREE_FIELDS)
+    diffs = (model_differences(saved.model, config.model)
              + config_differences("data", saved.data, config.data)
              + config_differences("peft", saved.peft, config.peft, _PEFT_FREE_FIELDS))
     if diffs:

@@ -328,7 +328,7 @@ def check_inputs(base_dir, model_dirs) -> tuple:
     ``(base ExperimentConfig, [kind per model])`` with kinds ``model``, ``hf``, ``adapter``
     or ``bitdelta``; fails naming the first differing model field when an input was made
     for another architecture."""
-    from cadenza.train.checkpoints import MODEL_FREE_FIELDS, config_differences
+    from cadenza.train.checkpoints import model_differences
 
     base_dir = pathlib.Path(base_dir)
     base_kind = _kind(base_dir)
@@ -341,11 +341,7 @@ def check_inputs(base_dir, model_dirs) -> tuple:
     for d in map(pathlib.Path, model_dirs):
         kinds.append(_kind(d))
         other = _config(d, kinds[-1])
-        # head_dim 0 means hidden_size // num_heads (HF folders state it): compare shapes
-        mine, theirs = (dataclasses.replace(c.model, head_dim=c.model.resolved_head_dim)
-                        for c in (base, other))
-        diffs = config_differences("model", mine, theirs, MODEL_FREE_FIELDS,
-                                   names=("the base", "this input"))
+        diffs = model_differences(base.model, other.model, names=("the base", "this input"))
         if diffs:
             raise CadenzaError("made for another architecture than the base: "
                                + "; ".join(diffs), where=str(d),

@@ -144,10 +144,6 @@ def noisy_apply(model, variables, batch, rng, neftune_alpha: float, **apply_kwar
     return out[0]
 
 
-# ModelConfig fields that may differ between a saved model and the run that loads it.
-_RUNTIME_FIELDS = ("preset", "dtype", "remat_policy", "attention_impl")
-
-
 def donatable_copy(tree, shardings):
     """``tree`` placed with ``shardings`` in buffers of its own, so the train step may donate
     them while the caller keeps using ``tree``.
@@ -166,15 +162,10 @@ def load_base_params(model_config: ModelConfig, directory, mesh, rules,
     model shape as ``model_config``."""
     from cadenza.errors import CadenzaError
     from cadenza.models import load_model
+    from cadenza.train.checkpoints import model_differences
 
     saved, params = load_model(directory, mesh=mesh, rules=rules)
-    # head_dim 0 means hidden_size // num_heads: compare what the shapes use
-    mine, theirs = (dataclasses.replace(c, head_dim=c.resolved_head_dim)
-                    for c in (model_config, saved.model))
-    diffs = [f"model.{f.name}: {directory} has {getattr(theirs, f.name)!r}, this run has "
-             f"{getattr(mine, f.name)!r}" for f in dataclasses.fields(model_config)
-             if f.name not in _RUNTIME_FIELDS
-             and getattr(theirs, f.name) != getattr(mine, f.name)]
+    diffs = model_differences(saved.model, model_config, names=(str(directory), "this run"))
     if diffs:
         raise CadenzaError(f"{field} holds a different model: " + "; ".join(diffs),
                            where=str(directory),
