@@ -348,6 +348,9 @@ def _semantics(config: ModelConfig) -> dict:
               "sliding_window", "local_layers", "global_layer_interval", "query_pre_attn_scalar",
               "head_dim", "moe_intermediate_size", "router_aux_loss_coef", "router_z_loss_coef"):
         fields.pop(f)
+    if config.weight_quant == "none":  # targets and group mean nothing on a float model
+        fields.pop("weight_quant_targets")
+        fields.pop("weight_quant_group")
     if config.rope_scaling.type == "default":
         fields["rope_scaling"] = dataclasses.asdict(RopeScalingConfig())
     fields["head_dim"] = config.resolved_head_dim

@@ -340,14 +340,18 @@ def test_quantised_paths_equal_plain_jnp_fake_quantisation(tiny_config):
 
 def test_float_models_do_not_differ_by_quantisation_targets():
     """Directories saved before lm_head left the default targets record '.*': as float
-    models they still load as train.init_from / merge inputs / resumes of this config."""
+    models they still load as train.init_from / merge inputs / resumes of this config,
+    and export to Hugging Face."""
     import dataclasses
 
     from cadenza.config import load_config
+    from cadenza.models.hf_config import hf_config_from_model
     from cadenza.train.checkpoints import model_differences
 
     model = load_config(None, [], preset="tiny").model
-    assert model_differences(dataclasses.replace(model, weight_quant_targets=".*"), model) == []
+    old = dataclasses.replace(model, weight_quant_targets=".*")
+    assert model_differences(old, model) == []
+    assert hf_config_from_model(old) == hf_config_from_model(model)  # exports as before
     int8 = dataclasses.replace(model, weight_quant="int8")
     diffs = model_differences(dataclasses.replace(int8, weight_quant_targets=".*"), int8)
     assert len(diffs) == 1 and diffs[0].startswith("model.weight_quant_targets:")
