@@ -47,15 +47,8 @@ def token_losses(logits, targets, loss_mask, z_loss: float = 0.0):
                          float(z_loss))
 
 
-def _logsumexp(logits):
-    """``logsumexp`` over the last axis of float32 ``logits`` (rows of -inf give -inf)."""
-    m = jnp.max(logits, axis=-1, keepdims=True)
-    m = jnp.where(jnp.isfinite(m), m, 0.0)
-    return jnp.log(jnp.sum(jnp.exp(logits - m), axis=-1)) + m[..., 0]
-
-
 def _token_losses_fwd(logits, targets, mask, z_loss):
-    lse = _logsumexp(logits)
+    lse = jax.nn.logsumexp(logits, axis=-1)
     target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
     ce = (lse - target_logit) * mask
     objective = ce + z_loss * jnp.square(lse) * mask if z_loss else ce
