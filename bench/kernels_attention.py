@@ -12,7 +12,9 @@ Reports, in one run on one device:
 - verify attention (T new tokens over a full KV cache) time for T in
   {1, 4, 16, 64} per implementation (TPU and GPU: ``pallas`` + ``xla``; CPU:
   ``xla``), its KV-read bandwidth and fraction of peak HBM bandwidth, and
-  its cost relative to T=1;
+  its cost relative to T=1; each implementation also over an int8 cache
+  (``<impl>+int8kv``: codes + per-slot, per-head scales, read at ``head_dim + 4``
+  bytes per token and head);
 - with ``--upstream`` on a GPU, the same cases for jax's own Pallas GPU kernels and
   tokamax (``cadenza.pallas_kernels.upstream_gpu``): flash rows for ``attention_mgpu`` and
   tokamax, verify rows for jax's Triton decode / paged kernels and tokamax.
@@ -34,6 +36,7 @@ import time
 import jax
 import jax.numpy as jnp
 
+from cadenza.models.cache import quantize_kv
 from cadenza.pallas_kernels import upstream_gpu
 from cadenza.pallas_kernels.attention import attention
 from cadenza.pallas_kernels.attention_reference import reference_attention
@@ -111,8 +114,8 @@ def bench_flash(impls, upstream, b, t, hq, hkv, d, dtype, iters, failed):
         row = dict(impl=n, fwd_ms=t_fwd * 1e3, fwd_ms_spread=[lo * 1e3, hi * 1e3],
                    fwd_tflops=fwd_flops / t_fwd / 1e12, max_err=_err(out, ref),
                    bwd_ms=None, bwd_tflops=None)
-        if n in both:
-            t_bwd = max(both[n][0] - t_fwd, 1e-9)
+        if n in both and both[n][0] > t_fwd:   # else noise exceeded the backward: n/a
+            t_bwd = both[n][0] - t_fwd
             row.update(bwd_ms=t_bwd * 1e3, bwd_tflops=2.5 * fwd_flops / t_bwd / 1e12)
         rows.append(row)
     for r in rows:
@@ -128,6 +131,8 @@ def bench_verify(impls, upstream, b, s, hq, hkv, d, dtype, iters, peak, failed):
     k_cache = jax.random.normal(ks[0], (b, s, hkv, d), dtype)
     v_cache = jax.random.normal(ks[1], (b, s, hkv, d), dtype)
     scale = d ** -0.5
+    k8, ks8 = quantize_kv(k_cache)   # the int8 cache rows: codes + per-slot, per-head scales
+    v8, vs8 = quantize_kv(v_cache)
     prepared = {}
     for name, (prepare, _) in upstream.items():
         try:
@@ -147,19 +152,27 @@ def bench_verify(impls, upstream, b, s, hq, hkv, d, dtype, iters, peak, failed):
         calls = {impl: (jax.jit(lambda q, k, v, kc, vc, impl=impl, kw=kw: attention(
             q, k, v, implementation=impl, k_cache=kc, v_cache=vc, **kw)),
             (q, k, v, k_cache, v_cache)) for impl in impls}
+        calls.update({f"{impl}+int8kv": (jax.jit(lambda q, k, v, kc, vc, ksc, vsc, impl=impl,
+                                                  kw=kw: attention(
+            q, k, v, implementation=impl, k_cache=kc, v_cache=vc, k_scale=ksc, v_scale=vsc,
+            **kw)), (q, k, v, k8, v8, ks8, vs8)) for impl in impls})
         calls.update({name: (jax.jit(upstream[name][1]), (q, kv, lengths))
                       for name, kv in prepared.items()})
         timed = _time_interleaved(calls, iters, failed, f"verify T={t}")
         f32 = [x.astype(jnp.float32) for x in (q, k, v, k_cache, v_cache)]
         ours_ref = reference_attention(*f32[:3], k_cache=f32[3], v_cache=f32[4], **kw)
+        int8_ref = reference_attention(*f32[:3], k_cache=k8, v_cache=v8, k_scale=ks8,
+                                       v_scale=vs8, **kw)
         cache_ref = upstream_gpu.cache_only_reference(q, k_cache, v_cache, lengths, scale)
-        read = 2 * b * (s - t) * hkv * d * jnp.dtype(dtype).itemsize
         for name, (sec, lo, hi, out) in timed.items():
+            int8 = name.endswith("+int8kv")
+            read = 2 * b * (s - t) * hkv * (d + 4 if int8 else d * jnp.dtype(dtype).itemsize)
+            ref = cache_ref if name in upstream else int8_ref if int8 else ours_ref
             base.setdefault(name, sec)
             rows.append(dict(impl=name, t=t, ms=sec * 1e3, ms_spread=[lo * 1e3, hi * 1e3],
                              vs_t1=sec / base[name], kv_gb_per_s=read / sec / 1e9,
                              hbm_fraction=None if peak is None else read / sec / peak,
-                             max_err=_err(out, cache_ref if name in upstream else ours_ref),
+                             max_err=_err(out, ref),
                              new_tokens_attend_each_other=name not in upstream))
     return rows
 

@@ -9,14 +9,17 @@ its new tokens at ``[lengths[b], lengths[b] + T)`` and returns the cache with
 
 An int8 cache (``KVCache.create(..., dtype=jnp.int8)``) stores keys and values as
 int8 codes with a float32 scale per token and kv head (``absmax over head_dim /
-127``), quantised on write and dequantised per layer before attention
-(:meth:`KVCache.layer`, :func:`read_layer`): (head_dim + 4) bytes per token and head
-instead of 2 * head_dim (bf16) or 4 * head_dim (float32).
+127``), quantised on write; attention reads the codes and scales
+(:meth:`KVCache.layer`, :func:`read_layer`) and dequantises them itself (the XLA
+reference per layer, the Pallas cache kernels per tile): (head_dim + 4) bytes per token
+and head instead of 2 * head_dim (bf16) or 4 * head_dim (float32).
 """
 
 import flax.struct
 import jax
 import jax.numpy as jnp
+
+from cadenza.pallas_kernels.attention_reference import dequantize
 
 
 @flax.struct.dataclass
@@ -129,18 +132,18 @@ def quantize_kv(x):
 
 def dequantize_kv(codes, scale, dtype):
     """Inverse of :func:`quantize_kv`: ``codes * scale`` in ``dtype`` (computed in float32)."""
-    return (codes.astype(jnp.float32) * scale[..., None]).astype(dtype)
+    return dequantize(codes, scale, dtype)
 
 
-def read_layer(layer_cache, dtype):
-    """One layer's ``(k, v)`` in ``dtype`` from :meth:`KVCache.layer` (dequantising an
-    int8 layer), or ``(None, None)``."""
+def read_layer(layer_cache):
+    """One layer's ``(k, v, k_scale, v_scale)`` from :meth:`KVCache.layer`, as attention
+    takes them: int8 codes [B, S, Hkv, D] with float32 scales [B, S, Hkv] for an int8
+    layer, else the keys/values with ``None`` scales; all ``None`` without a cache."""
     if layer_cache is None:
-        return None, None
+        return None, None, None, None
     if len(layer_cache) == 2:
-        return layer_cache
-    k, v, ks, vs = layer_cache
-    return dequantize_kv(k, ks, dtype), dequantize_kv(v, vs, dtype)
+        return (*layer_cache, None, None)
+    return layer_cache
 
 
 def as_cached(x, layer_cache):

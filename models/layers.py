@@ -192,11 +192,12 @@ class Attention(nn.Module):
         k = apply_rope(k, ctx.positions, inv_freq)
         q = nn.with_logical_constraint(q, ("batch", "length", "heads", "head_dim"))
         k = nn.with_logical_constraint(k, ("batch", "length", "kv_heads", "head_dim"))
-        k_cache, v_cache = read_layer(layer_cache, jnp.dtype(cfg.dtype))
+        k_cache, v_cache, k_scale, v_scale = read_layer(layer_cache)
         k_att, v_att = as_cached(k, layer_cache), as_cached(v, layer_cache)
         out = attention(q, k_att, v_att, implementation=cfg.attention_impl,
                         scale=cfg.attention_scale,
                         q_positions=ctx.positions, k_cache=k_cache, v_cache=v_cache,
+                        k_scale=k_scale, v_scale=v_scale,
                         cache_lengths=ctx.cache_lengths, cache_positions=ctx.cache_positions,
                         tail_mask=ctx.tail_mask, segment_ids=ctx.segment_ids, window=window,
                         window_choices=tuple(cfg.layer_windows()),

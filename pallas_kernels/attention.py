@@ -47,7 +47,9 @@ _logged: set[str] = set()
 _Q = ("batch", "length", "heads", "head_dim")
 _KV = ("batch", "length", "kv_heads", "head_dim")
 _CACHE = ("batch", "cache_length", "kv_heads", "head_dim")
+_SCALE = ("batch", "cache_length", "kv_heads")
 _LOGICAL = {"q": _Q, "k": _KV, "v": _KV, "k_cache": _CACHE, "v_cache": _CACHE,
+            "k_scale": _SCALE, "v_scale": _SCALE,
             "cache_lengths": ("batch",), "cache_positions": ("batch", "cache_length"),
             "q_positions": ("batch", "length"), "segment_ids": ("batch", "length"),
             "window": ()}
@@ -138,11 +140,15 @@ def _flash_fn(impl, *, scale, window, logit_soft_cap):
 
 def attention(q, k, v, *, implementation: str = "xla", scale, q_positions, k_cache=None,
               v_cache=None, cache_lengths=None, cache_positions=None, tail_mask=None,
-              segment_ids=None, window=0, window_choices=None, logit_soft_cap=0.0):
+              segment_ids=None, window=0, window_choices=None, logit_soft_cap=0.0,
+              k_scale=None, v_scale=None):
     """Attention of new tokens over an optional cache prefix plus themselves.
 
     Shapes and masking rules: see
     :func:`cadenza.pallas_kernels.attention_reference.reference_attention`.
+    An int8 cache is passed as its codes (``k_cache``/``v_cache`` int8) with float32
+    ``k_scale``/``v_scale`` [B, S, Hkv]: the cache kernels read the int8 tiles and
+    scales themselves, the XLA reference dequantises the whole cache first.
     ``window_choices``: every value a traced ``window`` can take (the model's
     per-layer windows; a value outside it would select the first choice); lets
     static-mask kernels run under a scan over layers via ``lax.switch``.
@@ -152,7 +158,8 @@ def attention(q, k, v, *, implementation: str = "xla", scale, q_positions, k_cac
     impl = _resolve(implementation)
     kw = dict(scale=scale, q_positions=q_positions, k_cache=k_cache, v_cache=v_cache,
               cache_lengths=cache_lengths, cache_positions=cache_positions, tail_mask=tail_mask,
-              segment_ids=segment_ids, window=window, logit_soft_cap=logit_soft_cap)
+              segment_ids=segment_ids, window=window, logit_soft_cap=logit_soft_cap,
+              k_scale=k_scale, v_scale=v_scale)
     out, reason = None, None
     backend = compile_platform()
     if impl == "xla":
@@ -192,7 +199,7 @@ def _gpu(impl, auto, q, k, v, kw, window_choices):
             return None, reason
         reasons.append(f"cuDNN: {reason}")
     if cache:
-        reason = decode_gpu.unsupported_reason(kw["k_cache"])
+        reason = decode_gpu.unsupported_reason(kw["k_cache"], q_dtype=q.dtype)
         if reason is None:
             out, reason = _decode(q, k, v, kw, window_choices, interpret=None, gpu=True)
     else:
@@ -211,7 +218,7 @@ def _decode(q, k, v, kw, window_choices, *, interpret, gpu=False):
     arrays = {"q": q, "k": k, "v": v, "k_cache": kw["k_cache"], "v_cache": kw["v_cache"],
               "cache_lengths": kw["cache_lengths"], "cache_positions": kw["cache_positions"],
               "q_positions": kw["q_positions"]}
-    for name in ("tail_mask", "segment_ids"):
+    for name in ("tail_mask", "segment_ids", "k_scale", "v_scale"):
         if kw[name] is not None:
             arrays[name] = kw[name]
     window = _static_int(kw["window"])

@@ -13,12 +13,22 @@ verification): query ``i`` of row ``b`` sees
 and in both cases, when the layer's ``window > 0``, only keys whose position
 is within ``window`` of the query position (``q_pos - k_pos < window``).
 A query that sees nothing gets zeros, never NaN.
+
+An int8 cache arrives as int8 codes plus float32 scales per slot and kv head
+(``k_scale``/``v_scale`` [B, S, Hkv]); its values are ``codes * scale``
+(:func:`dequantize`).
 """
 
 import jax
 import jax.numpy as jnp
 
 _NEG = -0.7 * float(jnp.finfo(jnp.float32).max)
+
+
+def dequantize(codes, scale, dtype):
+    """int8 cache codes [..., D] and float32 scales [...] -> ``codes * scale`` in ``dtype``
+    (the product computed in float32)."""
+    return (codes.astype(jnp.float32) * scale[..., None]).astype(dtype)
 
 
 def attention_mask(*, q_positions, tail_mask=None, segment_ids=None, window=0,
@@ -66,14 +76,16 @@ def masked_scores(q, k, mask, *, scale, logit_soft_cap=0.0):
 
 def reference_attention(q, k, v, *, scale, q_positions, k_cache=None, v_cache=None,
                         cache_lengths=None, cache_positions=None, tail_mask=None,
-                        segment_ids=None, window=0, logit_soft_cap=0.0):
+                        segment_ids=None, window=0, logit_soft_cap=0.0, k_scale=None,
+                        v_scale=None):
     """Softmax attention of new tokens over (cache prefix + new tokens).
 
     Args:
       q: [B, T, Hq, D] queries of the new tokens.
       k, v: [B, T, Hkv, D] keys/values of the new tokens (Hq % Hkv == 0: GQA).
       scale: multiplier on q.k scores.
-      k_cache, v_cache: [B, S, Hkv, D] or None.
+      k_cache, v_cache: [B, S, Hkv, D] or None; int8 codes when ``k_scale``/``v_scale``
+        (float32 [B, S, Hkv]) are given.
       logit_soft_cap: if > 0, scores become ``cap * tanh(scores / cap)``.
       Other arguments: see :func:`attention_mask`.
 
@@ -81,6 +93,9 @@ def reference_attention(q, k, v, *, scale, q_positions, k_cache=None, v_cache=No
       [B, T, Hq, D] in q's dtype. Scores and softmax are computed in float32.
     """
     b, t, hq, d = q.shape
+    if k_scale is not None:
+        k_cache, v_cache = dequantize(k_cache, k_scale, k.dtype), dequantize(v_cache, v_scale,
+                                                                             v.dtype)
     if k_cache is not None:
         k = jnp.concatenate([k_cache.astype(k.dtype), k], axis=1)
         v = jnp.concatenate([v_cache.astype(v.dtype), v], axis=1)

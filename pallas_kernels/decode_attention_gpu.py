@@ -64,11 +64,14 @@ def pick_block_kv(s):
     return next((bk for bk in BLOCK_KV_CHOICES if s % bk == 0), None)
 
 
-def unsupported_reason(k_cache, *, block_kv=None):
-    """Why the Mosaic GPU cache kernel cannot take these shapes (None if it can)."""
+def unsupported_reason(k_cache, *, block_kv=None, q_dtype=None):
+    """Why the Mosaic GPU cache kernel cannot take these shapes (None if it can); an int8
+    cache (codes) is read in ``q_dtype``, which must then be bfloat16/float16."""
     s, _, d = k_cache.shape[1:]
-    if k_cache.dtype not in DTYPES:
-        return f"cache dtype {k_cache.dtype} (the GPU kernel needs bfloat16/float16)"
+    dtype = q_dtype if k_cache.dtype == jnp.int8 else k_cache.dtype
+    if dtype not in DTYPES:
+        return (f"{'int8 cache read in ' if k_cache.dtype == jnp.int8 else 'cache dtype '}"
+                f"{dtype} (the GPU kernel needs bfloat16/float16)")
     if d % 64 or d > 256:
         return f"head_dim {d} (the GPU kernel needs a multiple of 64, at most 256)"
     if block_kv is None and pick_block_kv(s) is None:
@@ -78,10 +81,14 @@ def unsupported_reason(k_cache, *, block_kv=None):
     return None
 
 
-def _cache_kernel(lens_ref, win_ref, q_ref, qpos_ref, k_ref, v_ref, cpos_ref,    # inputs
-                  o_ref, lse_ref,                                                 # outputs
-                  q_smem, qpos_smem, k_smem, v_smem, cpos_smem, p_smem, o_smem, lse_smem,
-                  barriers, *, scale, cap, block_kv, blocks_per_split, row_blocks):
+def _cache_kernel(lens_ref, win_ref, q_ref, qpos_ref, k_ref, v_ref, cpos_ref, *refs, scale,
+                  cap, block_kv, blocks_per_split, row_blocks, quantized):
+    if quantized:   # int8 K/V tiles + scales: converted into the bf16/f16 MMA tiles
+        (ks_ref, vs_ref, o_ref, lse_ref, q_smem, qpos_smem, k_smem, v_smem, cpos_smem, p_smem,
+         o_smem, lse_smem, barriers, k8_smem, v8_smem, ks_smem, vs_smem) = refs
+    else:
+        (o_ref, lse_ref, q_smem, qpos_smem, k_smem, v_smem, cpos_smem, p_smem, o_smem,
+         lse_smem, barriers) = refs
     b = lax.axis_index("b")
     head_rows = lax.axis_index("hr")
     split = lax.axis_index("split")
@@ -102,20 +109,36 @@ def _cache_kernel(lens_ref, win_ref, q_ref, qpos_ref, k_ref, v_ref, cpos_ref,   
     def step(i, carry):
         m_prev, l_prev, acc = carry
         slots = pl.ds(i * block_kv, block_kv)
-        plgpu.copy_gmem_to_smem(k_ref.at[b, slots, h], k_smem, barriers.at[2])
-        plgpu.copy_gmem_to_smem(v_ref.at[b, slots, h], v_smem, barriers.at[3])
+        if quantized:
+            plgpu.copy_gmem_to_smem(k_ref.at[b, slots, h], k8_smem, barriers.at[2])
+            plgpu.copy_gmem_to_smem(v_ref.at[b, slots, h], v8_smem, barriers.at[3])
+            plgpu.copy_gmem_to_smem(ks_ref.at[b, h, slots], ks_smem, barriers.at[5])
+            plgpu.copy_gmem_to_smem(vs_ref.at[b, h, slots], vs_smem, barriers.at[6])
+        else:
+            plgpu.copy_gmem_to_smem(k_ref.at[b, slots, h], k_smem, barriers.at[2])
+            plgpu.copy_gmem_to_smem(v_ref.at[b, slots, h], v_smem, barriers.at[3])
         plgpu.copy_gmem_to_smem(cpos_ref.at[b, slots], cpos_smem, barriers.at[4])
         plgpu.barrier_wait(barriers.at[2])
         plgpu.barrier_wait(barriers.at[4])
+        if quantized:   # codes convert exactly; q.(c * scale_j) = (q.c) * scale_j
+            stage(k_smem, k8_smem[...])
+            plgpu.barrier_wait(barriers.at[5])
 
-        s, _ = soft_cap(mma(q_smem, k_smem.T) * scale, cap)
+        s = mma(q_smem, k_smem.T) * scale
+        if quantized:
+            s = s * ks_smem[...][None, :]
+        s, _ = soft_cap(s, cap)
         col = i * block_kv + lax.broadcasted_iota(jnp.int32, s.shape, 1)
         near = qpos[:, None] - cpos_smem[...][None, :] < window
         visible = (col < length) & ((window <= 0) | near)
         m_new, l_new, p, alpha = online_softmax_step(m_prev, l_prev, jnp.where(visible, s, _NEG),
                                                      visible)
-        stage(p_smem, p)
         plgpu.barrier_wait(barriers.at[3])
+        if quantized:   # sum_j p_j (c_j * scale_j): the scales go on the probabilities
+            plgpu.barrier_wait(barriers.at[6])
+            stage(v_smem, v8_smem[...])
+            p = p * vs_smem[...][None, :]
+        stage(p_smem, p)
         return m_new, l_new, alpha[:, None] * acc + mma(p_smem, v_smem)
 
     d = q_smem.shape[-1]
@@ -131,12 +154,14 @@ def _cache_kernel(lens_ref, win_ref, q_ref, qpos_ref, k_ref, v_ref, cpos_ref,   
 
 def cache_attention_gpu(q, k_cache, v_cache, *, cache_lengths, cache_positions, q_positions,
                         scale, window=0, logit_soft_cap=0.0, block_kv=None, num_splits=None,
-                        interpret=None):
+                        interpret=None, k_scale=None, v_scale=None):
     """Attention of the new tokens over the valid cache prefix only (the Mosaic GPU part).
 
     Args:
       q: [B, T, Hq, D]. k_cache, v_cache: [B, S, Hkv, D] bfloat16/float16
-        (see :func:`unsupported_reason`); q is cast to the cache dtype.
+        (see :func:`unsupported_reason`); q is cast to the cache dtype. Or int8 codes with
+        ``k_scale``/``v_scale`` float32 [B, S, Hkv]: the kernel copies the int8 tiles and
+        converts them into q's dtype (bfloat16/float16) in SMEM.
       cache_lengths: int32 [B]; cache_positions: int32 [B, S]; q_positions: int32 [B, T].
       window: int or int32 scalar (0 = unlimited; traced values are fine).
       block_kv: KV slots per loop step (default: largest of 128/64 dividing S).
@@ -160,14 +185,22 @@ def cache_attention_gpu(q, k_cache, v_cache, *, cache_lengths, cache_positions, 
         num_splits = max(1, (4 * 132) // (b * hkv * row_blocks))
     num_splits = max(1, min(num_splits, n_blocks))
     bps = -(-n_blocks // num_splits)
-    dtype = k_cache.dtype
+    quantized = k_scale is not None
+    dtype = q.dtype if quantized else k_cache.dtype
     # rows ordered (group member, token); padded to whole row blocks
     qr, qpos = group_rows(q, q_positions, hkv, r, dtype)
     lens = cache_lengths.astype(jnp.int32)
     win = jnp.asarray(window, jnp.int32).reshape(1)
     kernel = functools.partial(_cache_kernel, scale=float(scale),
                                cap=float(logit_soft_cap or 0.0), block_kv=block_kv,
-                               blocks_per_split=bps, row_blocks=row_blocks)
+                               blocks_per_split=bps, row_blocks=row_blocks,
+                               quantized=quantized)
+    scales, int8_scratch = [], []
+    if quantized:   # scales as [B, Hkv, S]: one contiguous row of block_kv per tile
+        scales = [jnp.transpose(x.astype(jnp.float32), (0, 2, 1)) for x in (k_scale, v_scale)]
+        int8_scratch = [plgpu.SMEM((block_kv, d), jnp.int8), plgpu.SMEM((block_kv, d), jnp.int8),
+                        plgpu.SMEM((block_kv,), jnp.float32),
+                        plgpu.SMEM((block_kv,), jnp.float32)]
     o, lse = plgpu.kernel(
         kernel,
         out_type=(jax.ShapeDtypeStruct((b, hkv, num_splits, r, d), jnp.float32),
@@ -181,32 +214,35 @@ def cache_attention_gpu(q, k_cache, v_cache, *, cache_lengths, cache_positions, 
             mma_smem((BLOCK_Q, block_kv), dtype),       # probabilities
             plgpu.SMEM((BLOCK_Q, d), jnp.float32),      # out
             plgpu.SMEM((BLOCK_Q,), jnp.float32),        # lse
-            plgpu.Barrier(num_barriers=5),
-        ],
+            plgpu.Barrier(num_barriers=7 if quantized else 5),
+        ] + int8_scratch,
         grid=(b, hkv * row_blocks, num_splits),
         grid_names=("b", "hr", "split"),
         compiler_params=plgpu.CompilerParams(approx_math=True),
         interpret=interpret,
-    )(lens, win, qr, qpos, k_cache, v_cache, cache_positions.astype(jnp.int32))
+    )(lens, win, qr, qpos, k_cache, v_cache, cache_positions.astype(jnp.int32), *scales)
     outs, lses = ungroup_rows(o, lse, t, g)
     return list(outs), list(lses)
 
 
 def decode_attention_gpu(q, k, v, *, scale, q_positions, k_cache, v_cache, cache_lengths,
                          cache_positions, tail_mask=None, segment_ids=None, window=0,
-                         logit_soft_cap=0.0, block_kv=None, num_splits=None, interpret=None):
+                         logit_soft_cap=0.0, block_kv=None, num_splits=None, interpret=None,
+                         k_scale=None, v_scale=None):
     """Verify/decode attention over a cache: Mosaic GPU over the cache, the new tokens
     among themselves in XLA, merged by log-sum-exp.
 
     Same arguments and result as
     :func:`cadenza.pallas_kernels.attention_reference.reference_attention` with a
-    cache (plus the kernel's ``block_kv``, ``num_splits``, ``interpret``).
+    cache (plus the kernel's ``block_kv``, ``num_splits``, ``interpret``), including an
+    int8 cache given as codes with ``k_scale``/``v_scale``.
     Forward only (decoding); not differentiable.
     """
     outs, lses = cache_attention_gpu(
         q, k_cache, v_cache, cache_lengths=cache_lengths, cache_positions=cache_positions,
         q_positions=q_positions, scale=scale, window=window, logit_soft_cap=logit_soft_cap,
-        block_kv=block_kv, num_splits=num_splits, interpret=interpret)
+        block_kv=block_kv, num_splits=num_splits, interpret=interpret, k_scale=k_scale,
+        v_scale=v_scale)
     tail_out, tail_lse = tail_attention_with_lse(
         q, k, v, scale=scale, q_positions=q_positions, tail_mask=tail_mask,
         segment_ids=segment_ids, window=window, logit_soft_cap=logit_soft_cap)

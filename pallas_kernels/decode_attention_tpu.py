@@ -18,6 +18,11 @@ Layout: the cache is read in place as ``[B, S, Hkv * D]`` (a free reshape),
 one ``[block_kv, D]`` tile per (row, kv head, block), so ``D`` must be a
 multiple of 128 (or the model must have one kv head). All query heads of a
 kv head (GQA group) and all T new tokens form one ``[G * T, D]`` matrix.
+
+An int8 cache is read as int8 tiles plus a ``[1, block_kv]`` float32 row of
+scales per tile (scales laid out ``[B, Hkv, 1, S]``): the codes convert
+exactly to the query dtype, the key scales multiply the scores' columns and
+the value scales the probabilities, so no dequantised tile is ever written.
 """
 
 import functools
@@ -57,8 +62,12 @@ def pick_block_kv(s):
     return next((bk for bk in BLOCK_KV_CHOICES if s % bk == 0), None)
 
 
-def _cache_kernel(lens_ref, win_ref, q_ref, qpos_ref, k_ref, v_ref, cpos_ref, o_ref, lse_ref,
-                  m_sc, l_sc, acc_sc, *, scale, soft_cap, block_kv, blocks_per_split):
+def _cache_kernel(lens_ref, win_ref, q_ref, qpos_ref, k_ref, v_ref, cpos_ref, *refs, scale,
+                  soft_cap, block_kv, blocks_per_split, quantized):
+    if quantized:   # int8 tiles: scales [1, block_kv] per tile of K and of V
+        ks_ref, vs_ref, o_ref, lse_ref, m_sc, l_sc, acc_sc = refs
+    else:
+        o_ref, lse_ref, m_sc, l_sc, acc_sc = refs
     b, split, i = pl.program_id(0), pl.program_id(3), pl.program_id(4)
     start = (split * blocks_per_split + i) * block_kv
     length = lens_ref[b]
@@ -72,8 +81,11 @@ def _cache_kernel(lens_ref, win_ref, q_ref, qpos_ref, k_ref, v_ref, cpos_ref, o_
     @pl.when(start < length)
     def _compute():
         q = q_ref[...]
-        s = jax.lax.dot_general(q, k_ref[...], (((1,), (1,)), ((), ())),
+        # int8 codes convert exactly to the query dtype; q.(c * scale_j) = (q.c) * scale_j
+        s = jax.lax.dot_general(q, k_ref[...].astype(q.dtype), (((1,), (1,)), ((), ())),
                                 preferred_element_type=jnp.float32) * scale
+        if quantized:
+            s = s * ks_ref[...]
         if soft_cap:
             s = soft_cap * jnp.tanh(s / soft_cap)
         col = start + jax.lax.broadcasted_iota(jnp.int32, s.shape, 1)
@@ -85,7 +97,8 @@ def _cache_kernel(lens_ref, win_ref, q_ref, qpos_ref, k_ref, v_ref, cpos_ref, o_
         p = jnp.where(visible, jnp.exp(s - m_new), 0.0)
         alpha = jnp.exp(m_prev - m_new)
         l_sc[...] = alpha * l_sc[...] + jnp.sum(p, axis=1, keepdims=True)
-        acc_sc[...] = alpha * acc_sc[...] + jnp.dot(p.astype(v_ref.dtype), v_ref[...],
+        pv = p * vs_ref[...] if quantized else p   # sum_j p_j (c_j * scale_j)
+        acc_sc[...] = alpha * acc_sc[...] + jnp.dot(pv.astype(q.dtype), v_ref[...].astype(q.dtype),
                                                     preferred_element_type=jnp.float32)
         m_sc[...] = m_new
 
@@ -100,11 +113,13 @@ def _cache_kernel(lens_ref, win_ref, q_ref, qpos_ref, k_ref, v_ref, cpos_ref, o_
 
 def cache_attention_tpu(q, k_cache, v_cache, *, cache_lengths, cache_positions, q_positions,
                         scale, window=0, logit_soft_cap=0.0, block_kv=None, num_splits=None,
-                        interpret=False):
+                        interpret=False, k_scale=None, v_scale=None):
     """Attention of the new tokens over the valid cache prefix only (the Pallas part).
 
     Args:
-      q: [B, T, Hq, D]. k_cache, v_cache: [B, S, Hkv, D] (S % block_kv == 0).
+      q: [B, T, Hq, D]. k_cache, v_cache: [B, S, Hkv, D] (S % block_kv == 0): values in
+        a float dtype, or int8 codes with ``k_scale``/``v_scale`` float32 [B, S, Hkv]
+        (the kernel reads the int8 tiles and their scales; the matmuls run in q's dtype).
       cache_lengths: int32 [B]; cache_positions: int32 [B, S]; q_positions: int32 [B, T].
       window: int or int32 scalar (0 = unlimited; traced values are fine).
       block_kv: KV slots per grid step (default: largest of 512/256/128 dividing S).
@@ -129,7 +144,8 @@ def cache_attention_tpu(q, k_cache, v_cache, *, cache_lengths, cache_positions, 
     block_q = min(-(-rows // 8) * 8, BLOCK_Q)
     r = -(-rows // block_q) * block_q
     # rows ordered (group member, token); padded to a multiple of the row block
-    qr, qpos = group_rows(q, q_positions, hkv, r, k_cache.dtype)
+    quantized = k_scale is not None
+    qr, qpos = group_rows(q, q_positions, hkv, r, q.dtype if quantized else k_cache.dtype)
     qpos = qpos[:, :, None]
     kf = k_cache.reshape(b, s, hkv * d)
     vf = v_cache.reshape(b, s, hkv * d)
@@ -143,6 +159,12 @@ def cache_attention_tpu(q, k_cache, v_cache, *, cache_lengths, cache_positions, 
 
     kv_spec = pl.BlockSpec((None, block_kv, d),
                            lambda bi, h, qb, sp, i, lr, wr: (bi, kv_block(bi, sp, i, lr), h))
+    # scales as [B, Hkv, 1, S]: one lane-dense [1, block_kv] row per tile
+    scale_spec = pl.BlockSpec((None, None, 1, block_kv),
+                              lambda bi, h, qb, sp, i, lr, wr: (bi, h, 0,
+                                                                kv_block(bi, sp, i, lr)))
+    scales = ([jnp.transpose(x.astype(jnp.float32), (0, 2, 1))[:, :, None]
+               for x in (k_scale, v_scale)] if quantized else [])
     out_map = lambda bi, h, qb, sp, i, lr, wr: (bi, h, sp, qb, 0)  # noqa: E731
     grid_spec = pltpu.PrefetchScalarGridSpec(
         num_scalar_prefetch=2,
@@ -155,7 +177,7 @@ def cache_attention_tpu(q, k_cache, v_cache, *, cache_lengths, cache_positions, 
             kv_spec,
             pl.BlockSpec((None, 1, block_kv),
                          lambda bi, h, qb, sp, i, lr, wr: (bi, 0, kv_block(bi, sp, i, lr))),
-        ],
+        ] + [scale_spec] * len(scales),
         out_specs=[pl.BlockSpec((None, None, None, block_q, d), out_map),
                    pl.BlockSpec((None, None, None, block_q, 1), out_map)],
         scratch_shapes=[pltpu.VMEM((block_q, 1), jnp.float32),
@@ -164,7 +186,7 @@ def cache_attention_tpu(q, k_cache, v_cache, *, cache_lengths, cache_positions, 
     )
     kernel = functools.partial(_cache_kernel, scale=float(scale),
                                soft_cap=float(logit_soft_cap or 0.0), block_kv=block_kv,
-                               blocks_per_split=bps)
+                               blocks_per_split=bps, quantized=quantized)
     o, lse = pl.pallas_call(
         kernel,
         grid_spec=grid_spec,
@@ -174,7 +196,7 @@ def cache_attention_tpu(q, k_cache, v_cache, *, cache_lengths, cache_positions, 
             dimension_semantics=("parallel", "parallel", "parallel", "parallel", "arbitrary")),
         interpret=interpret,
         name="cadenza_cache_attention",
-    )(lens, win, qr, qpos, kf, vf, cpos)
+    )(lens, win, qr, qpos, kf, vf, cpos, *scales)
     outs, lses = ungroup_rows(o, lse[..., 0], t, g)
     return list(outs), list(lses)
 
@@ -182,13 +204,14 @@ def cache_attention_tpu(q, k_cache, v_cache, *, cache_lengths, cache_positions, 
 def decode_attention_tpu(q, k, v, *, scale, q_positions, k_cache, v_cache, cache_lengths,
                          cache_positions, tail_mask=None, segment_ids=None, window=0,
                          logit_soft_cap=0.0, block_kv=None, num_splits=None, interpret=False,
-                         splash_tail=False):
+                         splash_tail=False, k_scale=None, v_scale=None):
     """Verify/decode/prefill attention over a cache: Pallas over the cache, the new tokens
     among themselves in XLA (or splash), merged by log-sum-exp.
 
     Same arguments and result as
     :func:`cadenza.pallas_kernels.attention_reference.reference_attention` with a
-    cache (plus the kernel's ``block_kv``, ``num_splits``, ``interpret``).
+    cache (plus the kernel's ``block_kv``, ``num_splits``, ``interpret``), including an
+    int8 cache given as codes with ``k_scale``/``v_scale``.
     ``splash_tail``: attend among the new tokens with splash (long prefill
     chunks; needs ``tail_mask=None``, a Python-int window, ``T % 128 == 0``).
     Forward only (decoding); not differentiable.
@@ -196,7 +219,8 @@ def decode_attention_tpu(q, k, v, *, scale, q_positions, k_cache, v_cache, cache
     outs, lses = cache_attention_tpu(
         q, k_cache, v_cache, cache_lengths=cache_lengths, cache_positions=cache_positions,
         q_positions=q_positions, scale=scale, window=window, logit_soft_cap=logit_soft_cap,
-        block_kv=block_kv, num_splits=num_splits, interpret=interpret)
+        block_kv=block_kv, num_splits=num_splits, interpret=interpret, k_scale=k_scale,
+        v_scale=v_scale)
     if splash_tail:
         tail_out, tail_lse = flash_attention_tpu(
             q, k, v, scale=scale, segment_ids=segment_ids, window=window,

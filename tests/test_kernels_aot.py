@@ -62,6 +62,9 @@ def test_sharded_train_verify_prefill_compile_for_tpu(chip, tiny_config, caplog)
                          v=PartitionSpec(None, ("data", "fsdp"), None, "tensor"),
                          positions=rows, lengths=rows)
     cache = jax.tree.map(sds, cache, cache_spec)
+    scale_spec = PartitionSpec(None, ("data", "fsdp"), None, "tensor")
+    cache8 = jax.tree.map(sds, jax.eval_shape(lambda: KVCache.create(cfg, b, max_len, "int8")),
+                          cache_spec.replace(k_scale=scale_spec, v_scale=scale_spec))
     new = sds(jax.ShapeDtypeStruct((b, 4), jnp.int32), rows)
     tree = sds(jax.ShapeDtypeStruct((4, 4), jnp.bool_))
 
@@ -87,9 +90,11 @@ def test_sharded_train_verify_prefill_compile_for_tpu(chip, tiny_config, caplog)
     with jax.set_mesh(mesh):
         train = jax.jit(train_step).lower(params, tokens, tokens).compile()
         verify = jax.jit(verify_step).lower(params, new, cache, tree).compile()
+        verify8 = jax.jit(verify_step).lower(params, new, cache8, tree).compile()  # int8 tiles
         prefill = jax.jit(prefill_step).lower(chunk_q, chunk_kv, cache).compile()
     assert not caplog.records, [r.getMessage() for r in caplog.records]   # kernels, not XLA
     for compiled, kernels in ((train, ["splash"]), (verify, ["cadenza_cache_attention"]),
+                              (verify8, ["cadenza_cache_attention"]),
                               (prefill, ["cadenza_cache_attention", "splash"])):
         assert all(kernel in compiled.as_text() for kernel in kernels)
         assert compiled.memory_analysis().argument_size_in_bytes > 0

@@ -11,6 +11,7 @@ from jax.experimental.pallas import tpu as pltpu
 
 from cadenza.errors import ConfigError
 from cadenza.models import KVCache, Transformer, init_params
+from cadenza.models.cache import quantize_kv
 from cadenza.models.config import ATTENTION_IMPLS
 from cadenza.pallas_kernels import attention as dispatch
 from cadenza.pallas_kernels import decode_attention_tpu as decode_attention_tpu_module
@@ -65,6 +66,24 @@ def test_decode_kernel_matches_reference(hq, hkv, t, window, cap, dtype, splits)
     case = _decode_case(4, t, hq, hkv, 128, 256, [0, 5, 130, 250], dtype)
     kw = dict(scale=0.2, window=window, logit_soft_cap=cap)
     run = jax.jit(lambda c: decode_attention_tpu(**c, **kw, block_kv=128, num_splits=splits,
+                                                 interpret=pltpu.InterpretParams()))
+    out = run(case)
+    ref = reference_attention(**case, **kw)
+    assert out.dtype == dtype and out.shape == case["q"].shape
+    tol = 2e-2 if dtype == jnp.bfloat16 else 2e-5
+    np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref, np.float32),
+                               atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_decode_kernel_reads_an_int8_cache(dtype):
+    """int8 codes + per-slot, per-head scales: the kernel equals the reference over the
+    dequantised cache (GQA, tree mask, window, soft-cap, ragged lengths, 2 splits)."""
+    case = _decode_case(3, 3, 4, 2, 128, 256, [0, 130, 250], dtype, seed=1)
+    for name in ("k_cache", "v_cache"):
+        case[name], case[name[0] + "_scale"] = quantize_kv(case[name])
+    kw = dict(scale=0.2, window=60, logit_soft_cap=3.0)
+    run = jax.jit(lambda c: decode_attention_tpu(**c, **kw, block_kv=128, num_splits=2,
                                                  interpret=pltpu.InterpretParams()))
     out = run(case)
     ref = reference_attention(**case, **kw)
@@ -168,6 +187,12 @@ def test_model_with_pallas_equals_xla_sharded(tiny_config, caplog):
         with jax.set_mesh(mesh):
             return jax.jit(step)(params, cache)
 
+    np.testing.assert_allclose(verify("pallas"), verify("xla"), atol=1e-5, rtol=1e-4)
+    # the same cache stored as int8: the kernel reads codes + scales on the mesh
+    codes = {n: quantize_kv(getattr(cache, n)) for n in ("k", "v")}
+    cache = KVCache.create(cfgs["xla"], b, 256, "int8").replace(
+        k=codes["k"][0], k_scale=codes["k"][1], v=codes["v"][0], v_scale=codes["v"][1],
+        positions=cache.positions, lengths=cache.lengths)
     np.testing.assert_allclose(verify("pallas"), verify("xla"), atol=1e-5, rtol=1e-4)
     assert not caplog.records, [r.getMessage() for r in caplog.records]
 

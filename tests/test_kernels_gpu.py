@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from cadenza.models.cache import quantize_kv
 from cadenza.pallas_kernels import attention as dispatch
 from cadenza.pallas_kernels.attention_reference import reference_attention
 from cadenza.pallas_kernels.decode_attention_gpu import decode_attention_gpu
@@ -70,6 +71,26 @@ def test_decode_kernel_matches_reference(b, hq, hkv, t, d, s, lengths, window, c
     _close(out, reference_attention(**case, **kw), 2e-2)
 
 
+def _int8_case(b, t, hq, hkv, d, s, lengths, dtype):
+    """The decode case with its cache as int8 codes + per-slot, per-head scales."""
+    case = _decode_case(b, t, hq, hkv, d, s, lengths, dtype)
+    for name in ("k_cache", "v_cache"):
+        case[name], case[name[0] + "_scale"] = quantize_kv(case[name])
+    return case
+
+
+def test_decode_kernel_reads_an_int8_cache():
+    """int8 tiles converted in SMEM, scales on scores and probabilities: equals the
+    reference over the dequantised cache (GQA, tree mask, window, soft-cap, 2 splits)."""
+    case = _int8_case(3, 5, 4, 2, 64, 256, [0, 70, 250], jnp.bfloat16)
+    kw = dict(scale=0.2, window=50, logit_soft_cap=3.0)
+    run = jax.jit(lambda c: decode_attention_gpu(**c, **kw, block_kv=64, num_splits=2,
+                                                 interpret=INTERPRET))
+    out = run(case)
+    assert out.dtype == jnp.bfloat16 and out.shape == case["q"].shape
+    _close(out, reference_attention(**case, **kw), 2e-2)
+
+
 def _packed_batch(key, b, t, hq, hkv, d, dtype):
     """q, k, v and a packed layout: two segments per row, padding (segment 0) at the end
     of row 1; positions restart per segment."""
@@ -113,6 +134,8 @@ def test_kernels_lower_for_cuda():
     decode = jax.jit(lambda c: decode_attention_gpu(**c, scale=0.1, window=64,
                                                     logit_soft_cap=5.0))
     assert "mosaic_gpu" in decode.trace(case).lower(lowering_platforms=("cuda",)).as_text()
+    int8 = _int8_case(2, 4, 4, 2, 128, 256, [3, 200], jnp.bfloat16)
+    assert "mosaic_gpu" in decode.trace(int8).lower(lowering_platforms=("cuda",)).as_text()
     q, k, v, seg, pos = _packed_batch(jax.random.key(1), 2, 128, 4, 2, 128, jnp.bfloat16)
 
     def loss(q, k, v):
