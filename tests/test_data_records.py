@@ -2,13 +2,16 @@
 
 import collections
 import json
+import os
 
 import pytest
 
 from cadenza.cli import main
 from cadenza.config import load_config
 from cadenza.errors import CadenzaError, ConfigError
+from cadenza.train.data.builders import source_location
 from cadenza.train.data.records import Problems, read_records
+from cadenza.train.data_config import DataConfig, DataSource
 
 
 def _read(fmt, path, on_error="skip"):
@@ -123,3 +126,18 @@ def test_config_errors():
         load_config(None, ["data.format=alpaca"])
     with pytest.raises(ConfigError, match="name of a prepared dataset"):
         load_config(None, ["data.format=tfds"])
+
+
+def test_a_same_size_same_mtime_rewrite_is_not_the_old_build(tmp_path):
+    """Local inputs are keyed by content: an edit keeping size and mtime moves the build."""
+    path = tmp_path / "a.jsonl"
+    path.write_text('{"text": "abc"}\n')
+    st = path.stat()
+    data = DataConfig(format="text", path=str(path), data_dir=str(tmp_path / "d"))
+    source = DataSource(format="text", path=str(path))
+    before = source_location(source, data)
+    assert source_location(source, data) == before          # unchanged input: same build
+    path.write_text('{"text": "abd"}\n')
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert path.stat().st_size == st.st_size and path.stat().st_mtime_ns == st.st_mtime_ns
+    assert source_location(source, data) != before

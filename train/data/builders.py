@@ -151,10 +151,22 @@ def _fingerprint(*parts) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:12]
 
 
+# Local files up to this size are keyed by their contents; larger ones by size + mtime.
+CONTENT_KEY_BYTES = 256 * 2**20
+
+
 def _file_stat(path) -> tuple:
-    """``(absolute path, size, modification time)`` of a local file or a URL path."""
+    """What keys a prepared dataset to one input file: for a local file its absolute path,
+    size and (up to :data:`CONTENT_KEY_BYTES`) the sha256 of its contents, else its
+    modification time; for a URL path its size and modification time."""
     if isinstance(path, pathlib.Path):
         st = path.stat()
+        if st.st_size <= CONTENT_KEY_BYTES:   # a same-size rewrite within the mtime's
+            digest = hashlib.sha256()          # granularity must not reuse a stale build
+            with open(path, "rb") as f:
+                for chunk in iter(lambda: f.read(2**20), b""):
+                    digest.update(chunk)
+            return str(path.resolve()), st.st_size, digest.hexdigest()
         return str(path.resolve()), st.st_size, st.st_mtime_ns
     st = path.stat()  # etils.epath: a StatResult with length and mtime
     return str(path), st.length, st.mtime
@@ -163,9 +175,9 @@ def _file_stat(path) -> tuple:
 def source_location(source, data) -> tuple[pathlib.Path, str]:
     """``(data_dir, tfds_name)`` where ``source`` (a DataSource) is prepared.
 
-    Local files get their own folder keyed by their paths, sizes and mtimes, so a
-    changed input is rebuilt; the stdlib folder is keyed by Python version and
-    module selection.
+    Local files get their own folder keyed by their paths, sizes and contents (mtimes
+    past :data:`CONTENT_KEY_BYTES`), so a changed input is rebuilt; the stdlib folder is
+    keyed by Python version and module selection.
     """
     base = pathlib.Path(data.data_dir).expanduser() if data.data_dir else default_data_dir()
     options = [data.heldout_fraction, data.num_shards, FEATURES_VERSION]
