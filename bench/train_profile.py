@@ -16,7 +16,10 @@ its instruction in the compiled program and put in one class:
 
 Times are summed over the worker threads, so they are CPU seconds per step (event time
 includes time the thread was preempted: on a shared machine the shares are more telling
-than the seconds). Writes ``bench/results/<device>/<name>.{json,md}``.
+than the seconds). Blind spot: dots that YNNPACK does not take (XLA CPU's weight gradients
+``x^T @ dy``, contracting the rows of both operands: plain ``dot`` instructions) run on
+Eigen asynchronously, and their events cover little more than the dispatch; about a third
+of the step's matmul FLOPs are there, so the matmul share is a lower bound. Writes ``bench/results/<device>/<name>.{json,md}``.
 """
 
 import argparse
@@ -107,7 +110,9 @@ def markdown(meta: dict, results: list[dict]) -> str:
              f"CPU cores, host load average {meta['load_avg_1m']:.1f} at the end (shared "
              f"machine: event times include preemption; read the shares). Batch 8 x 256, "
              f"AdamW. CPU seconds per step summed over XLA's worker threads; see the "
-             f"script's docstring for the classes.", "",
+             f"script's docstring for the classes. The weight-gradient dots (Eigen, "
+             f"asynchronous) are mostly outside the trace: the matmul share is a lower "
+             f"bound.", "",
              "| size | dtype | mode | op CPU s/step | " + " | ".join(CLASSES) + " |",
              "|" + "---|" * (4 + len(CLASSES))]
     for r in results:

@@ -2,7 +2,8 @@
 
 ``implementation`` (``model.attention_impl``):
 
-- ``"xla"``: the plain-XLA reference, always.
+- ``"xla"``: plain XLA, always (:mod:`~cadenza.pallas_kernels.attention_xla` without a
+  cache or soft-cap, else the reference).
 - ``"pallas"``: the Pallas kernels. TPU: splash flash attention for training
   and prefill (no cache), the ragged verify/decode kernel with a cache; on a
   CPU backend these run in Pallas interpret mode (tests, slow). GPU: the
@@ -31,6 +32,7 @@ from flax import linen as nn
 from cadenza.errors import ConfigError
 from cadenza.lazy_exports import LazyModule
 from cadenza.pallas_kernels.attention_reference import reference_attention
+from cadenza.pallas_kernels.attention_xla import xla_attention
 
 # The kernels import Pallas' TPU / GPU back ends (seconds); only the platform in use pays.
 decode_gpu = LazyModule("cadenza.pallas_kernels.decode_attention_gpu")
@@ -163,7 +165,7 @@ def attention(q, k, v, *, implementation: str = "xla", scale, q_positions, k_cac
     out, reason = None, None
     backend = compile_platform()
     if impl == "xla":
-        return reference_attention(q, k, v, **kw)
+        return _xla(q, k, v, kw)
     if backend == "gpu":
         out, reason = _gpu(impl, implementation == "auto", q, k, v, kw, window_choices)
     elif impl == "cudnn":
@@ -178,8 +180,18 @@ def attention(q, k, v, *, implementation: str = "xla", scale, q_positions, k_cac
             out, reason = _flash_any_window(impl, q, k, v, kw, window_choices)
     if out is None:
         _fallback(f"{impl}: {reason}")
-        return reference_attention(q, k, v, **kw)
+        return _xla(q, k, v, kw)
     return out
+
+
+def _xla(q, k, v, kw):
+    """Plain XLA: :func:`~cadenza.pallas_kernels.attention_xla.xla_attention` (hand-written
+    VJP) for the new tokens alone without a soft-cap, else the reference."""
+    if kw["k_cache"] is not None or kw["logit_soft_cap"]:
+        return reference_attention(q, k, v, **kw)
+    return xla_attention(q, k, v, scale=kw["scale"], q_positions=kw["q_positions"],
+                         tail_mask=kw["tail_mask"], segment_ids=kw["segment_ids"],
+                         window=kw["window"])
 
 
 def _gpu(impl, auto, q, k, v, kw, window_choices):
