@@ -206,9 +206,14 @@ def project(x, q: dict, n_in: int, out_shape, scheme: str, dtype):
     ``dtype`` once (the dequantised kernel's product, without a bfloat16 scale);
     int4 and nf4 dequantise the kernel in float32, cast it to ``dtype`` inside the
     jitted step and multiply.
+
+    The stored arrays pass an optimisation barrier together with ``x`` first: without it,
+    XLA hoists the dequantisation of these loop-invariant weights out of a decode loop
+    (``lax.while_loop`` over tokens) and keeps a float copy of every kernel for the
+    whole loop, which costs the float model's memory and, each step, its weight bytes.
     """
     contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
-    x = x.astype(dtype)
+    x, q = jax.lax.optimization_barrier((x.astype(dtype), q))
     if scheme == "int8":
         y = jax.lax.dot_general(x, q[QWEIGHT].astype(dtype), (contract, ((), ())),
                                 preferred_element_type=jnp.float32)

@@ -127,6 +127,26 @@ def test_random_model_int8_logits_pick_the_same_tokens():
     assert weights >= 0.95 and cache >= 0.95
 
 
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_a_loop_over_a_quantised_model_does_not_keep_float_kernels(tiny_config, scheme):
+    """Decoding runs the model in a ``lax.while_loop`` whose params are loop-invariant:
+    XLA must not hoist the dequantisation out of it (a float copy of every kernel for the
+    whole loop). The loop's scratch memory stays under half the float kernels' bytes."""
+    cfg = tiny_config("llama", "model.num_layers=2")
+    params = init_params(cfg, jax.random.key(0))
+    qc, qp = _quantized(cfg, params, scheme)
+    tokens = jnp.ones((1, 4), jnp.int32)
+
+    def loop(p):
+        return jax.lax.fori_loop(
+            0, 3, lambda i, s: s + Transformer(qc).apply({"params": p}, tokens)[0].sum(), 0.0)
+
+    scratch = jax.jit(loop).lower(qp).compile().memory_analysis().temp_size_in_bytes
+    kernels = sum(a.nbytes for path, a in jax.tree_util.tree_leaves_with_path(params)
+                  if path[-1].key == "kernel" and path[0].key != "lm_head")
+    assert scratch < kernels / 2, (scratch, kernels)
+
+
 @pytest.fixture(scope="module")
 def trained(one_device_step):
     """A tiny model trained (60 steps) on a fixed random bigram map: ``(config, params)``."""
