@@ -127,14 +127,14 @@ def test_random_model_int8_logits_pick_the_same_tokens():
     assert weights >= 0.95 and cache >= 0.95
 
 
-@pytest.mark.parametrize("scheme", ["int8", "int4"])
-def test_a_loop_over_a_quantised_model_does_not_keep_float_kernels(tiny_config, scheme):
+def test_a_loop_over_a_quantised_model_does_not_keep_float_kernels(tiny_config):
     """Decoding runs the model in a ``lax.while_loop`` whose params are loop-invariant:
     XLA must not hoist the dequantisation out of it (a float copy of every kernel for the
-    whole loop). The loop's scratch memory stays under half the float kernels' bytes."""
+    whole loop). The loop's scratch memory stays under half the float kernels' bytes.
+    (Every format passes the same barrier in ``quant.project``; int8 stands for them.)"""
     cfg = tiny_config("llama", "model.num_layers=2")
     params = init_params(cfg, jax.random.key(0))
-    qc, qp = _quantized(cfg, params, scheme)
+    qc, qp = _quantized(cfg, params, "int8")
     tokens = jnp.ones((1, 4), jnp.int32)
 
     def loop(p):
