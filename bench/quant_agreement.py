@@ -154,6 +154,18 @@ def load_target(args):
     return model_dir, config, params, prompts, modules
 
 
+def write_json(name: str, args, model_dir, config, prompts, modules, rows, **extra):
+    """Writes ``<results>/<name>.json`` (the stamp, the model, the prompts, ``extra`` and
+    ``rows``); returns ``(meta, results folder)``."""
+    meta = {**provenance(), "model": "/".join(pathlib.Path(model_dir).parts[-3:]), **extra,
+            "layers": config.num_layers, "hidden": config.hidden_size,
+            "prompts": len(prompts), "prompt_len": args.prompt_len,
+            "new_tokens": args.new_tokens, "prompt_modules": modules}
+    out = results_dir(__file__, args.out)
+    (out / f"{name}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+    return meta, out
+
+
 def main() -> None:
     args = arguments(__doc__).parse_args()
     model_dir, config, params, prompts, modules = load_target(args)
@@ -163,13 +175,8 @@ def main() -> None:
     for name, p in (("trained", params), ("random", init_params(config, jax.random.key(0)))):
         print(name, flush=True)
         rows[name] = measure(config, p, prompts, greedy)
-    meta = {**provenance(), "model": "/".join(model_dir.parts[-3:]), "params": n_params,
-            "layers": config.num_layers, "hidden": config.hidden_size,
-            "vocab": config.vocab_size, "prompts": len(prompts), "prompt_len": args.prompt_len,
-            "new_tokens": args.new_tokens, "prompt_modules": modules}
-    out = results_dir(__file__, args.out)
-    (out / "quant_agreement.json").write_text(json.dumps({"meta": meta, "rows": rows},
-                                                         indent=2) + "\n")
+    meta, out = write_json("quant_agreement", args, model_dir, config, prompts, modules, rows,
+                           params=n_params, vocab=config.vocab_size)
     lines = [
         "# Quantised greedy decoding vs the float model: identical continuations per format",
         "",

@@ -38,11 +38,10 @@ import numpy as np
 from cadenza.decode import DecodeConfig, generate
 from cadenza.models import Transformer, init_params, quant
 from cadenza.models.config import DEFAULT_QUANT_TARGETS
-from cadenza.provenance import provenance, results_dir
 from cadenza.train.peft.sites import get_path, projection_sites, select_sites
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
-from quant_agreement import agreement, arguments, load_target  # noqa: E402
+from quant_agreement import agreement, arguments, load_target, write_json  # noqa: E402
 
 CLIP_RATIOS = np.linspace(0.5, 1.0, 26)
 
@@ -144,13 +143,8 @@ def main() -> None:
     rows = {"trained": study(config, params, prompts, greedy, attribution=True),
             "random": study(config, init_params(config, jax.random.key(0)), prompts, greedy,
                             attribution=False)}
-    meta = {**provenance(), "model": "/".join(model_dir.parts[-3:]),
-            "layers": config.num_layers, "hidden": config.hidden_size,
-            "prompts": len(prompts), "prompt_len": args.prompt_len,
-            "new_tokens": args.new_tokens, "prompt_modules": modules}
-    out = results_dir(__file__, args.out)
-    (out / "quant_int8_error.json").write_text(json.dumps({"meta": meta, "rows": rows},
-                                                          indent=2) + "\n")
+    meta, out = write_json("quant_int8_error", args, model_dir, config, prompts, modules,
+                           rows)
     lines = [
         "# int8 weight-only: where greedy decoding departs from the float model",
         "",
