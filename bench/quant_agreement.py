@@ -122,8 +122,9 @@ def table(rows: dict, cell, margin: bool) -> list[str]:
     return lines
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def arguments(doc: str) -> argparse.ArgumentParser:
+    """The command line shared with ``bench/quant_int8_error.py``: the model and prompts."""
+    ap = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     ap.add_argument("--model", default=None, help="trained cadenza model directory")
     ap.add_argument("--size", default="20m", choices=list(SIZES),
                     help="without --model: speculative_methods' target of this size")
@@ -132,7 +133,12 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--out", default=None, help="default: bench/results/<device>")
-    args = ap.parse_args()
+    return ap
+
+
+def load_target(args):
+    """``(model_dir, float32 model config, float32 params, prompts, prompt modules)`` of
+    :func:`arguments`' model (trained now when absent)."""
     if args.model:
         model_dir = pathlib.Path(args.model)
     else:
@@ -145,19 +151,32 @@ def main() -> None:
     tok = load_tokenizer(tokenizer_dir(model_dir))
     prompts, modules = heldout_prompts(tok, experiment.data.heldout_fraction, args.prompts,
                                        args.prompt_len)
+    return model_dir, config, params, prompts, modules
+
+
+def write_json(name: str, args, model_dir, config, prompts, modules, rows, **extra):
+    """Writes ``<results>/<name>.json`` (the stamp, the model, the prompts, ``extra`` and
+    ``rows``); returns ``(meta, results folder)``."""
+    meta = {**provenance(), "model": "/".join(pathlib.Path(model_dir).parts[-3:]), **extra,
+            "layers": config.num_layers, "hidden": config.hidden_size,
+            "prompts": len(prompts), "prompt_len": args.prompt_len,
+            "new_tokens": args.new_tokens, "prompt_modules": modules}
+    out = results_dir(__file__, args.out)
+    (out / f"{name}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+    return meta, out
+
+
+def main() -> None:
+    args = arguments(__doc__).parse_args()
+    model_dir, config, params, prompts, modules = load_target(args)
     greedy = DecodeConfig(max_new_tokens=args.new_tokens, ignore_eos=True)
     n_params = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(params))
     rows = {}
     for name, p in (("trained", params), ("random", init_params(config, jax.random.key(0)))):
         print(name, flush=True)
         rows[name] = measure(config, p, prompts, greedy)
-    meta = {**provenance(), "model": "/".join(model_dir.parts[-3:]), "params": n_params,
-            "layers": config.num_layers, "hidden": config.hidden_size,
-            "vocab": config.vocab_size, "prompts": len(prompts), "prompt_len": args.prompt_len,
-            "new_tokens": args.new_tokens, "prompt_modules": modules}
-    out = results_dir(__file__, args.out)
-    (out / "quant_agreement.json").write_text(json.dumps({"meta": meta, "rows": rows},
-                                                         indent=2) + "\n")
+    meta, out = write_json("quant_agreement", args, model_dir, config, prompts, modules, rows,
+                           params=n_params, vocab=config.vocab_size)
     lines = [
         "# Quantised greedy decoding vs the float model: identical continuations per format",
         "",

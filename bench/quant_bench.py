@@ -5,7 +5,8 @@
 
 Random Llama weights (float32 master copy) decoded greedily with EOS ignored, one row per
 contender: ``fp32`` and ``bf16`` weights and compute, ``int8`` / ``int4`` weights
-(:mod:`cadenza.models.quant`, every projection incl. lm_head; float32 compute), and
+(:mod:`cadenza.models.quant`, the default targets: every projection but lm_head, which
+stays float32 like the embedding; float32 compute), and
 ``int8`` weights with the int8 KV cache (``decode.kv_cache=int8``), plus fp32 weights with
 the int8 cache. Contenders are interleaved round by round (the order rotates); per row the
 median seconds per decode step over ``--repeats`` rounds with its spread, tokens/s, the

@@ -38,6 +38,7 @@ QUICK_ARGS = {
                            "--new-tokens", "8"],
     "kernels_attention": ["--size", "tiny", "--iters", "2"],
     "quant_agreement": ["--size", "smoke", "--prompts", "2", "--new-tokens", "8"],
+    "quant_int8_error": ["--size", "smoke", "--prompts", "2", "--new-tokens", "8"],
     "superposed_bench": ["--steps", "10", "--prompts", "2", "--reps", "1", "--new-tokens", "8"],
     "quickstart_bench": ["--fast"],
     "speculative_bench": ["--target-steps", "20", "--draft-steps", "20", "--batch", "1",
@@ -68,7 +69,8 @@ def run_script(name: str, quick: bool, dest: pathlib.Path) -> dict:
     with tempfile.TemporaryDirectory(prefix="cadenza-bench-") as tmp:
         stage = pathlib.Path(tmp)
         (stage / "bench").mkdir()
-        shutil.copy2(HERE / f"{name}.py", stage / "bench" / f"{name}.py")
+        for script in HERE.glob("*.py"):    # a script may import its siblings
+            shutil.copy2(script, stage / "bench" / script.name)
         for shared in (".venv-ref",):
             if (ROOT / shared).exists():
                 (stage / shared).symlink_to(ROOT / shared)

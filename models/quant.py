@@ -198,6 +198,16 @@ def dequantize_kernel(q: dict, shape, n_in: int, scheme: str, dtype=jnp.float32)
     return w.reshape((-1,) + out_shape)[:k].reshape(shape).astype(dtype)
 
 
+def tie_to_step(x, q):
+    """``(x, q)`` unchanged, through one optimisation barrier: the stored arrays ``q`` of a
+    quantised kernel (any pytree) become part of the step that computes the activation
+    ``x``. Without it, XLA hoists their dequantisation out of a loop whose params are
+    loop-invariant (decoding's ``lax.while_loop`` over tokens) and keeps a float copy of
+    every kernel for the whole loop: the float model's memory and, each step, its weight
+    bytes. Differentiable (the identity)."""
+    return jax.lax.optimization_barrier((x, q))
+
+
 def project(x, q: dict, n_in: int, out_shape, scheme: str, dtype):
     """``x`` [..., *in] times a quantised kernel: [..., *out] in ``dtype``.
 
@@ -206,9 +216,11 @@ def project(x, q: dict, n_in: int, out_shape, scheme: str, dtype):
     ``dtype`` once (the dequantised kernel's product, without a bfloat16 scale);
     int4 and nf4 dequantise the kernel in float32, cast it to ``dtype`` inside the
     jitted step and multiply.
+
+    ``x`` and ``q`` pass :func:`tie_to_step` first.
     """
     contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
-    x = x.astype(dtype)
+    x, q = tie_to_step(x.astype(dtype), q)
     if scheme == "int8":
         y = jax.lax.dot_general(x, q[QWEIGHT].astype(dtype), (contract, ((), ())),
                                 preferred_element_type=jnp.float32)

@@ -127,6 +127,34 @@ def test_random_model_int8_logits_pick_the_same_tokens():
     assert weights >= 0.95 and cache >= 0.95
 
 
+@pytest.mark.parametrize("served", ["int8", "qlora"])
+def test_a_loop_over_a_quantised_model_does_not_keep_float_kernels(served):
+    """Decoding runs the model in a ``lax.while_loop`` whose params are loop-invariant:
+    XLA must not hoist the dequantisation out of it (a float copy of every kernel for the
+    whole loop). The loop's scratch memory stays under half the float kernels' bytes, for
+    int8 weights (every weight-only format passes the same ``quant.tie_to_step``) and for
+    a QLoRA base served with its adapter."""
+    from cadenza.train import peft
+
+    cfg = load_config(None, ["model.num_layers=4", "peft.method=qlora"], preset="tiny")
+    params = init_params(cfg.model, jax.random.key(0))
+    tokens = jnp.ones((1, 4), jnp.int32)
+    if served == "int8":
+        qc, qp = _quantized(cfg.model, params, "int8")
+        forward, args = lambda p: Transformer(qc).apply({"params": p}, tokens)[0], (qp,)
+    else:
+        pm, trainable, frozen = peft.prepare(cfg, params, jax.random.key(1))
+        forward, args = lambda t, f: pm.apply(t, f, tokens)[0], (trainable, frozen)
+
+    def loop(*p):
+        return jax.lax.fori_loop(0, 3, lambda i, s: s + forward(*p).sum(), 0.0)
+
+    scratch = jax.jit(loop).lower(*args).compile().memory_analysis().temp_size_in_bytes
+    kernels = sum(a.nbytes for path, a in jax.tree_util.tree_leaves_with_path(params)
+                  if path[-1].key == "kernel" and path[0].key != "lm_head")
+    assert scratch < kernels / 2, (scratch, kernels)
+
+
 @pytest.fixture(scope="module")
 def trained(one_device_step):
     """A tiny model trained (60 steps) on a fixed random bigram map: ``(config, params)``."""

@@ -490,6 +490,7 @@ class PeftModel:
                 x = x * per_row(l_in).astype(x.dtype)
             if m.has_variable(COLLECTION, quant.QUANT_CODES):
                 q = {k: var(m, k) for k in quant.QUANT_KEYS if m.has_variable(COLLECTION, k)}
+                x, q = quant.tie_to_step(x, q)       # dequantised in the step, not hoisted
                 kernel = quant.dequantize_stacked(
                     q, x.shape[-n_in:] + tuple(m.features), lead, quant_type=pc.quant_type,
                     block_size=pc.quant_block_size, dq_block_size=pc.double_quant_block_size,
