@@ -19,7 +19,8 @@ includes time the thread was preempted: on a shared machine the shares are more 
 than the seconds). Blind spot: dots that YNNPACK does not take (XLA CPU's weight gradients
 ``x^T @ dy``, contracting the rows of both operands: plain ``dot`` instructions) run on
 Eigen asynchronously, and their events cover little more than the dispatch; about a third
-of the step's matmul FLOPs are there, so the matmul share is a lower bound. Writes ``bench/results/<device>/<name>.{json,md}``.
+of the step's matmul FLOPs are there, so the matmul share is a lower bound.
+Writes ``bench/results/<device>/<name>.{json,md}``.
 """
 
 import argparse
