@@ -56,6 +56,7 @@ import tempfile
 import numpy as np
 
 from cadenza.config import load_config
+from cadenza.models.checkpoint import is_model_dir
 from cadenza.outputs import atomic_file
 from cadenza.provenance import device_label, provenance, results_dir
 from cadenza.train import fit
@@ -149,15 +150,18 @@ class Bench:
             if cache:
                 out = done.with_name(done.name + ".partial")
                 shutil.rmtree(out, ignore_errors=True)   # an interrupted earlier run
-            fit(load_config(None, self.common + [f"train.output_dir={out}", *overrides],
-                            preset="tiny"))
+            config = load_config(None, self.common + [f"train.output_dir={out}", *overrides],
+                                 preset="tiny")
+            summary = fit(config)
+            if summary.get("step") != config.train.steps:   # stopped (a signal): not kept
+                raise SystemExit(f"{key}: stopped at step {summary.get('step')} of "
+                                 f"{config.train.steps}; rerun to train it")
             shutil.rmtree(out / "checkpoints", ignore_errors=True)
             if cache:
                 out.rename(done)
                 out = done
         metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-        return {"model_dir": str(out / "model") if (out / "model" / "params").exists()
-                else None,
+        return {"model_dir": str(out / "model") if is_model_dir(out / "model") else None,
                 "adapters_dir": str(out / "adapters") if (out / "adapters").is_dir() else None,
                 "last": {k: v for m in metrics for k, v in m.items()},
                 "mean_tokens": float(np.mean([m["tokens"] for m in metrics if "tokens" in m]))}
@@ -165,10 +169,16 @@ class Bench:
     def logps(self, model_dir: str, pairs, key: str) -> dict:
         """Summed response log-probs and token counts of both sides of every pair under
         ``model_dir``: ``{"chosen", "rejected", "chosen_n", "rejected_n"}`` arrays.
-        ``key`` names the pair set (one scoring file per set)."""
-        path = cached_input(self.runs / "inputs", f"score_{key}", [
+        ``key`` names the pair set (one scoring file per set). A model kept under
+        ``runs`` keeps its scores next to it (``logps-<scoring file>.json``) for reruns."""
+        path = pathlib.Path(cached_input(self.runs / "inputs", f"score_{key}", [
             {"instruction": p["prompt"], "output": p[side]}
-            for p in pairs for side in ("chosen", "rejected")])
+            for p in pairs for side in ("chosen", "rejected")]))
+        kept = pathlib.Path(model_dir).resolve().parent / f"logps-{path.stem}.json"
+        if not kept.is_relative_to(self.runs.resolve()):
+            kept = None
+        elif kept.is_file():
+            return {k: np.asarray(v, np.float64) for k, v in json.loads(kept.read_text()).items()}
         config = load_config(None, self.common + [
             "data.format=alpaca", f"data.path={path}", f"train.init_from={model_dir}"],
             preset="tiny")
@@ -183,6 +193,9 @@ class Bench:
             out[f"{side}_n"] = np.asarray([v[1] for v in values], np.float64)
         if not np.all(np.isfinite(out["chosen"]) & np.isfinite(out["rejected"])):
             raise SystemExit(f"{model_dir}: a pair side has no scored token")
+        if kept is not None:
+            with atomic_file(kept, overwrite=True) as tmp:
+                tmp.write_text(json.dumps({k: v.tolist() for k, v in out.items()}))
         return out
 
 
