@@ -40,8 +40,8 @@ any training pair, and the byte-level BPE tokenizer is trained on the training m
    and the own-reward and length-averaged accuracies on the first ``SEEN_PAIRS``
    training pairs (how well each run fits what it trained on: the generalisation gap).
 
-Writes bench/results/<device>/preference.{json,md} (another shape than 64 x 2:
-``preference-<width>x<layers>.{json,md}``; ``--quick``: into ``<device>-quick``, nothing
+Writes bench/results/<device>/preference.{json,md} (another shape than 64 x 2 adds
+``-<width>x<layers>`` to the name, other ``--steps`` than 150 ``-<steps>steps``; ``--quick``: into ``<device>-quick``, nothing
 kept in ``<runs>`` but the inputs and datasets); deterministic scores, no timings.
 """
 
@@ -263,8 +263,9 @@ def main():
     out = results_dir(__file__, args.out or (pathlib.Path(__file__).resolve().parent / "results"
                                              / f"{device_label()}-quick" if args.quick
                                              else None))
-    stem = "preference" if (args.width, args.layers) == (64, 2) else \
-        f"preference-{args.width}x{args.layers}"
+    stem = "preference" + ("" if (args.width, args.layers) == (64, 2) else
+                           f"-{args.width}x{args.layers}") + \
+        ("" if args.steps == 150 else f"-{args.steps}steps")
     with tempfile.TemporaryDirectory(prefix="preference_") as tmp:
         result = measure(args, sft_steps, steps, pathlib.Path(tmp), pathlib.Path(args.runs))
     if result is None:
