@@ -41,8 +41,9 @@ any training pair, and the byte-level BPE tokenizer is trained on the training m
    training pairs (how well each run fits what it trained on: the generalisation gap).
 
 Writes bench/results/<device>/preference.{json,md} (another shape than 64 x 2 adds
-``-<width>x<layers>`` to the name, other ``--steps`` than 150 ``-<steps>steps``; ``--quick``: into ``<device>-quick``, nothing
-kept in ``<runs>`` but the inputs and datasets); deterministic scores, no timings.
+``-<width>x<layers>`` to the name, other ``--steps`` than 150 ``-<steps>steps``;
+``--quick``: into ``<device>-quick``, nothing kept in ``<runs>`` but the inputs and
+datasets); deterministic scores, no timings.
 """
 
 import argparse
