@@ -247,7 +247,8 @@ def main():
                         help="train (or reuse) the runs, then stop: no scores, no results "
                              "(to train runs in parallel processes before one scoring run)")
     parser.add_argument("--runs", default="runs/preference_bench",
-                        help="SFT models, inputs and prepared datasets (cached)")
+                        help="finished runs, their scores, inputs and prepared datasets "
+                             "(kept; reruns reuse them)")
     parser.add_argument("--beta", type=float, default=0.1, help="DPO beta")
     parser.add_argument("--methods", default="full,lora",
                         help="comma-separated fine-tuning methods of the DPO/ORPO runs")
