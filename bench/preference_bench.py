@@ -144,7 +144,8 @@ class Bench:
         last logged metrics and the mean of its logged steps' ``tokens``, pairs per step
         for DPO/ORPO), reused from ``<runs>/<key>`` when that holds a finished one
         (``cache``), else trained (and, with ``cache``, its outputs kept there, the
-        checkpoints left out). ``key`` must name every setting that changes the run."""
+        checkpoints left out). ``key`` must name every setting that changes the run (the
+        input files by their content hash; this script's constants are not in it)."""
         done = self.runs / key
         out = done if cache else self.tmp / key
         if not (cache and done.is_dir()):   # renamed into place once finished
@@ -303,7 +304,8 @@ def measure(args, sft_steps: int, steps: int, tmp: pathlib.Path,
     files = {"sft": cached_input(runs / "inputs", "sft", sft_records),
              "pairs": cached_input(runs / "inputs", "pairs", train_pairs)}
     shape, cache = f"{args.width}x{args.layers}", not args.quick
-    sft_key = f"sft-{shape}-{sft_steps}-lr{args.sft_lr:g}"
+    digest = {k: pathlib.Path(v).stem.rsplit("-", 1)[1] for k, v in files.items()}
+    sft_key = f"sft-{shape}-{sft_steps}-lr{args.sft_lr:g}-{digest['sft']}"
     sft = bench.trained(sft_key, ["data.format=alpaca", f"data.path={files['sft']}",
                                   f"train.steps={sft_steps}",
                                   f"train.learning_rate={args.sft_lr}"], cache)
@@ -315,7 +317,8 @@ def measure(args, sft_steps: int, steps: int, tmp: pathlib.Path,
     for task, method, rate in ((t, m, x) for t in tasks for m in methods for x in lr[m]):
         extra = LORA if method == "lora" else []
         name = f"{task} {method}" + (f" lr {rate:g}" if len(lr[method]) > 1 else "")
-        r = bench.trained(f"{sft_key}-{task}-{method}-{steps}-lr{rate:g}-beta{args.beta:g}",
+        r = bench.trained(f"{sft_key}-{task}-{method}-{steps}-lr{rate:g}-beta{args.beta:g}-"
+                          f"{digest['pairs']}",
                           pref + [f"train.task={task}", f"train.learning_rate={rate}", *extra],
                           cache)
         if not args.train_only:
