@@ -1,23 +1,29 @@
 """DPO and ORPO on stdlib preference pairs: held-out pair accuracy against the SFT model.
 
-Usage: .venv/bin/python bench/preference_bench.py [--sft-steps N] [--steps N] [--quick]
-[--methods full,lora] [--out DIR]
+Usage: .venv/bin/python bench/preference_bench.py [--width W] [--layers L] [--sft-steps N]
+[--steps N] [--lr-full LR] [--lr-lora LR] [--quick] [--methods full,lora] [--out DIR]
 
 The modules of the stdlib split by a stable hash of their path (``stdlib.is_heldout``,
 fraction ``HELDOUT_MODULES``): no held-out pair shares a module, a prompt or a body with
 any training pair, and the byte-level BPE tokenizer is trained on the training modules only.
 
-1. SFT: the tiny preset, full SFT on every instruction pair of the training modules
-   (signature + docstring -> body, ``--sft-steps``), cached in ``<runs>/sft-<steps>``
-   (``--runs``, default ``runs/preference_bench``; reruns reuse it).
+1. SFT: the tiny preset at hidden size ``--width`` and ``--layers`` layers (MLP 3x the
+   width, 4 heads of which 2 key/value heads; 64 x 2 is the preset itself), full SFT on
+   every instruction pair of the training modules (signature + docstring -> body,
+   ``--sft-steps``, peak learning rate ``--sft-lr``), kept in ``<runs>/sft-<shape>-...``
+   (``--runs``, default ``runs/preference_bench``), like every DPO/ORPO run below (its
+   folder named by its settings): a rerun reuses finished runs. The input files are
+   written to ``<runs>/inputs``, named by a hash of their content, and prepared under
+   ``<runs>/data`` (tokenizer included), so a rerun on the same inputs rebuilds nothing.
 2. Pairs: chosen = the function's true body, rejected = the body of the next function in a
    seeded shuffle of the same split (training pairs from training modules, held-out pairs
    from held-out modules); only short functions (prompt + body, and prompt + rejected
    body, under ``MAX_CHARS`` characters), so no side is cut.
 3. DPO (beta ``--beta``, sigmoid loss) and ORPO (lambda 0.1) from the SFT model, full
    fine-tuning and LoRA (rank 8 on every projection; ``--methods``), ``--steps`` each of 8 rows
-   (about 11 pairs), peak learning rate ``LEARNING_RATE`` after ``WARMUP`` steps, cosine
-   to 0.1x. Under one epoch every step's batch is mostly unseen pairs, so its loss is a
+   (about 11 pairs), peak learning rate ``--lr-full`` / ``--lr-lora`` after ``WARMUP``
+   steps, cosine to 0.1x. Under one epoch every step's batch is mostly unseen pairs, so its
+   loss is a
    held-out loss: at a constant 1e-3 (full) DPO fits 32 repeated pairs to reward accuracy
    1.0 within 60 steps of 4 rows, but on the full set its batch loss climbs above log 2
    as both sides' log-probs fall, so full fine-tuning uses 2e-4 (LoRA 1e-3).
@@ -34,11 +40,14 @@ any training pair, and the byte-level BPE tokenizer is trained on the training m
    and the own-reward and length-averaged accuracies on the first ``SEEN_PAIRS``
    training pairs (how well each run fits what it trained on: the generalisation gap).
 
-Writes bench/results/<device>/preference.{json,md} (``--quick``: into ``<device>-quick``);
-deterministic scores, no timings.
+Writes bench/results/<device>/preference.{json,md} (another shape than 64 x 2 adds
+``-<width>x<layers>`` to the name, other ``--steps`` than 150 ``-<steps>steps``;
+``--quick``: into ``<device>-quick``, nothing kept in ``<runs>`` but the inputs and
+datasets); deterministic scores, no timings.
 """
 
 import argparse
+import hashlib
 import json
 import pathlib
 import random
@@ -46,9 +55,10 @@ import shutil
 import tempfile
 
 import numpy as np
-from merge_select_bench import write
 
 from cadenza.config import load_config
+from cadenza.models.checkpoint import is_model_dir
+from cadenza.outputs import atomic_file
 from cadenza.provenance import device_label, provenance, results_dir
 from cadenza.train import fit
 from cadenza.train.data import stdlib
@@ -59,7 +69,7 @@ HELDOUT_MODULES = 0.1
 MAX_CHARS = 500          # prompt + body: well under SEQ_LEN tokens, so nothing is cut
 SEQ_LEN = 256
 LORA = ["peft.method=lora", "peft.rank=8", "peft.targets=.*_proj"]
-LEARNING_RATE = {"full": 2e-4, "lora": 1e-3}   # DPO / ORPO peak (cosine to 0.1x, WARMUP)
+LEARNING_RATE = {"full": 2e-4, "lora": 1e-3}   # DPO / ORPO peak defaults (cosine to 0.1x)
 WARMUP = 20
 SEEN_PAIRS = 200         # training pairs scored like the held-out ones (the fit)
 
@@ -95,35 +105,82 @@ def preference_pairs(records, seed=0):
             and len(p["prompt"]) + len(p["rejected"]) < MAX_CHARS]
 
 
-class Bench:
-    """The shared overrides of every run (data dir, tokenizer modules, sequence length)."""
+def model_overrides(width: int, layers: int) -> list[str]:
+    """The tiny preset at hidden size ``width`` and ``layers`` layers (MLP 3x the width, 4
+    heads, 2 key/value heads): ``width=64, layers=2`` is the preset unchanged."""
+    return [f"model.hidden_size={width}", f"model.num_layers={layers}",
+            f"model.intermediate_size={3 * width}", "model.num_heads=4", "model.num_kv_heads=2"]
 
-    def __init__(self, tmp: pathlib.Path, modules: list[str]):
-        self.tmp = tmp
-        self.common = [f"data.data_dir={tmp / 'data'}", "data.heldout_fraction=0.0",
+
+def cached_input(folder: pathlib.Path, name: str, records) -> str:
+    """``folder/<name>-<content hash>.jsonl`` holding ``records`` as JSON lines, written
+    (atomically) only when absent: the same records give the same file, size and mtime,
+    so the dataset prepared from it (keyed by those) is reused."""
+    text = "".join(json.dumps(r) + "\n" for r in records)
+    path = folder / f"{name}-{hashlib.sha256(text.encode()).hexdigest()[:12]}.jsonl"
+    if not path.is_file():
+        with atomic_file(path) as tmp:
+            tmp.write_text(text)
+    return str(path)
+
+
+class Bench:
+    """The shared overrides of every run (data dir, tokenizer modules, sequence length,
+    model shape): inputs and prepared datasets under ``runs`` (kept), run outputs under
+    ``tmp``."""
+
+    def __init__(self, tmp: pathlib.Path, runs: pathlib.Path, modules: list[str],
+                 model: list[str]):
+        self.tmp, self.runs = tmp, runs
+        self.common = [f"data.data_dir={runs / 'data'}", "data.heldout_fraction=0.0",
                        "data.stdlib_modules=[" + ",".join(modules) + "]",
                        f"train.seq_len={SEQ_LEN}", "train.tensorboard=false",
                        "train.progress_bar=false", "train.log_every=25",
-                       "train.async_checkpoints=false", f"train.warmup_steps={WARMUP}"]
+                       "train.async_checkpoints=false", f"train.warmup_steps={WARMUP}",
+                       *model]
 
-    def fit(self, name: str, overrides: list[str]) -> dict:
-        """One training run; its summary, its last logged metrics (``last``) and the mean
-        of its logged steps' ``tokens`` (``mean_tokens``: pairs per step for DPO/ORPO)."""
-        out = self.tmp / name
-        summary = fit(load_config(None, self.common + [f"train.output_dir={out}",
-                                                       *overrides], preset="tiny"))
+    def trained(self, key: str, overrides: list[str], cache: bool) -> dict:
+        """One training run (``{"model_dir", "adapters_dir", "last", "mean_tokens"}``: its
+        last logged metrics and the mean of its logged steps' ``tokens``, pairs per step
+        for DPO/ORPO), reused from ``<runs>/<key>`` when that holds a finished one
+        (``cache``), else trained (and, with ``cache``, its outputs kept there, the
+        checkpoints left out). ``key`` must name every setting that changes the run (the
+        input files by their content hash; this script's constants are not in it)."""
+        done = self.runs / key
+        out = done if cache else self.tmp / key
+        if not (cache and done.is_dir()):   # renamed into place once finished
+            if cache:
+                out = done.with_name(done.name + ".partial")
+                shutil.rmtree(out, ignore_errors=True)   # an interrupted earlier run
+            config = load_config(None, self.common + [f"train.output_dir={out}", *overrides],
+                                 preset="tiny")
+            summary = fit(config)
+            if summary.get("step") != config.train.steps:   # stopped (a signal): not kept
+                raise SystemExit(f"{key}: stopped at step {summary.get('step')} of "
+                                 f"{config.train.steps}; rerun to train it")
+            shutil.rmtree(out / "checkpoints", ignore_errors=True)
+            if cache:
+                out.rename(done)
+                out = done
         metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-        summary["last"] = {k: v for m in metrics for k, v in m.items()}
-        summary["mean_tokens"] = float(np.mean([m["tokens"] for m in metrics if "tokens" in m]))
-        return summary
+        return {"model_dir": str(out / "model") if is_model_dir(out / "model") else None,
+                "adapters_dir": str(out / "adapters") if (out / "adapters").is_dir() else None,
+                "last": {k: v for m in metrics for k, v in m.items()},
+                "mean_tokens": float(np.mean([m["tokens"] for m in metrics if "tokens" in m]))}
 
     def logps(self, model_dir: str, pairs, key: str) -> dict:
         """Summed response log-probs and token counts of both sides of every pair under
         ``model_dir``: ``{"chosen", "rejected", "chosen_n", "rejected_n"}`` arrays.
-        ``key`` names the pair set (one scoring file per set)."""
-        path = write(self.tmp / f"score_{key}.jsonl", [
+        ``key`` names the pair set (one scoring file per set). A model kept under
+        ``runs`` keeps its scores next to it (``logps-<scoring file>.json``) for reruns."""
+        path = pathlib.Path(cached_input(self.runs / "inputs", f"score_{key}", [
             {"instruction": p["prompt"], "output": p[side]}
-            for p in pairs for side in ("chosen", "rejected")])
+            for p in pairs for side in ("chosen", "rejected")]))
+        kept = pathlib.Path(model_dir).resolve().parent / f"logps-{path.stem}.json"
+        if not kept.is_relative_to(self.runs.resolve()):
+            kept = None
+        elif kept.is_file():
+            return {k: np.asarray(v, np.float64) for k, v in json.loads(kept.read_text()).items()}
         config = load_config(None, self.common + [
             "data.format=alpaca", f"data.path={path}", f"train.init_from={model_dir}"],
             preset="tiny")
@@ -138,6 +195,9 @@ class Bench:
             out[f"{side}_n"] = np.asarray([v[1] for v in values], np.float64)
         if not np.all(np.isfinite(out["chosen"]) & np.isfinite(out["rejected"])):
             raise SystemExit(f"{model_dir}: a pair side has no scored token")
+        if kept is not None:
+            with atomic_file(kept, overwrite=True) as tmp:
+                tmp.write_text(json.dumps({k: v.tolist() for k, v in out.items()}))
         return out
 
 
@@ -174,84 +234,159 @@ def scores(lp: dict, ref: dict, pairs) -> dict:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--width", type=int, default=64, help="model hidden size")
+    parser.add_argument("--layers", type=int, default=2, help="model layers")
     parser.add_argument("--sft-steps", type=int, default=1200, help="SFT steps")
+    parser.add_argument("--sft-lr", type=float, default=3e-3, help="SFT peak learning rate")
     parser.add_argument("--steps", type=int, default=150, help="steps of each DPO/ORPO run")
-    parser.add_argument("--runs", default="runs/preference_bench", help="SFT models (cached)")
+    parser.add_argument("--lr-full", type=learning_rates, default=[LEARNING_RATE["full"]],
+                        help="DPO/ORPO peak learning rate(s), full fine-tuning (comma-separated:"
+                             " one run each)")
+    parser.add_argument("--lr-lora", type=learning_rates, default=[LEARNING_RATE["lora"]],
+                        help="DPO/ORPO peak learning rate(s), LoRA")
+    parser.add_argument("--train-only", action="store_true",
+                        help="train (or reuse) the runs, then stop: no scores, no results "
+                             "(to train runs in parallel processes before one scoring run)")
+    parser.add_argument("--runs", default="runs/preference_bench",
+                        help="finished runs, their scores, inputs and prepared datasets "
+                             "(kept; reruns reuse them)")
     parser.add_argument("--beta", type=float, default=0.1, help="DPO beta")
     parser.add_argument("--methods", default="full,lora",
                         help="comma-separated fine-tuning methods of the DPO/ORPO runs")
+    parser.add_argument("--tasks", default="dpo,orpo",
+                        help="comma-separated preference tasks (dpo, orpo)")
     parser.add_argument("--quick", action="store_true", help="a few steps (a smoke run)")
     parser.add_argument("--out", default=None, help="results folder")
     args = parser.parse_args()
     sft_steps, steps = (3, 3) if args.quick else (args.sft_steps, args.steps)
-    methods = args.methods.split(",")
-    if not set(methods) <= {"full", "lora"}:
+    if not set(args.tasks.split(",")) <= {"dpo", "orpo"}:
+        raise SystemExit(f"--tasks {args.tasks}: give dpo, orpo or dpo,orpo")
+    if not set(args.methods.split(",")) <= {"full", "lora"}:
         raise SystemExit(f"--methods {args.methods}: give full, lora or full,lora")
     out = results_dir(__file__, args.out or (pathlib.Path(__file__).resolve().parent / "results"
                                              / f"{device_label()}-quick" if args.quick
                                              else None))
-    tmp = pathlib.Path(tempfile.mkdtemp(prefix="preference_"))
+    stem = "preference" + ("" if (args.width, args.layers) == (64, 2) else
+                           f"-{args.width}x{args.layers}") + \
+        ("" if args.steps == 150 else f"-{args.steps}steps")
+    with tempfile.TemporaryDirectory(prefix="preference_") as tmp:
+        result = measure(args, sft_steps, steps, pathlib.Path(tmp), pathlib.Path(args.runs))
+    if result is None:
+        return
+    (out / f"{stem}.json").write_text(json.dumps(result, indent=2))
+    lines = markdown(result)
+    (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def learning_rates(text: str) -> list[float]:
+    """``--lr-full`` / ``--lr-lora``: comma-separated positive learning rates."""
+    try:
+        values = [float(x) for x in text.split(",")]
+    except ValueError:
+        values = []
+    if not values or min(values) <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: give positive numbers, e.g. 1e-4,3e-4")
+    return values
+
+
+def measure(args, sft_steps: int, steps: int, tmp: pathlib.Path,
+            runs: pathlib.Path) -> dict | None:
+    """Train (or reuse from ``runs``) the SFT model and every DPO/ORPO run of ``args``,
+    score the held-out and the first training pairs under each; the results record
+    (None with ``args.train_only``: after training)."""
+    methods, tasks = args.methods.split(","), args.tasks.split(",")
+    lr = {"full": args.lr_full, "lora": args.lr_lora}
     modules, sft_records, held_records = split_pairs()
     train_pairs, held_pairs = preference_pairs(sft_records), preference_pairs(held_records)
-    bench = Bench(tmp, modules)
-    files = {"sft": write(tmp / "sft.jsonl", sft_records),
-             "pairs": write(tmp / "pairs.jsonl", train_pairs)}
-    sft = trained_sft(bench, pathlib.Path(args.runs) / f"sft-{sft_steps}", files["sft"],
-                      sft_steps, cache=not args.quick)
-    runs = {"sft": sft["model_dir"]}
+    bench = Bench(tmp, runs, modules, model_overrides(args.width, args.layers))
+    parameters = load_config(None, bench.common, preset="tiny").model.num_params()
+    files = {"sft": cached_input(runs / "inputs", "sft", sft_records),
+             "pairs": cached_input(runs / "inputs", "pairs", train_pairs)}
+    shape, cache = f"{args.width}x{args.layers}", not args.quick
+    digest = {k: pathlib.Path(v).stem.rsplit("-", 1)[1] for k, v in files.items()}
+    sft_key = f"sft-{shape}-{sft_steps}-lr{args.sft_lr:g}-{digest['sft']}"
+    sft = bench.trained(sft_key, ["data.format=alpaca", f"data.path={files['sft']}",
+                                  f"train.steps={sft_steps}",
+                                  f"train.learning_rate={args.sft_lr}"], cache)
+    models = {"sft": sft["model_dir"]}
     train_logs = {"sft": {"loss": sft["last"]["loss"]}}
     pref = ["data.format=preference", f"data.path={files['pairs']}", "train.batch_size=8",
             f"train.seq_len={2 * SEQ_LEN}", f"train.steps={steps}",
             f"train.init_from={sft['model_dir']}", f"train.preference.beta={args.beta}"]
-    for task in ("dpo", "orpo"):
-        for method, extra in ((m, LORA if m == "lora" else []) for m in methods):
-            name = f"{task} {method}"
-            r = bench.fit(name.replace(" ", "_"), pref + [
-                f"train.task={task}", f"train.learning_rate={LEARNING_RATE[method]}", *extra])
+    for task, method, rate in ((t, m, x) for t in tasks for m in methods for x in lr[m]):
+        extra = LORA if method == "lora" else []
+        name = f"{task} {method}" + (f" lr {rate:g}" if len(lr[method]) > 1 else "")
+        r = bench.trained(f"{sft_key}-{task}-{method}-{steps}-lr{rate:g}-beta{args.beta:g}-"
+                          f"{digest['pairs']}",
+                          pref + [f"train.task={task}", f"train.learning_rate={rate}", *extra],
+                          cache)
+        if not args.train_only:
             model = r["model_dir"]
             if model is None:   # adapters alone: fold them into the SFT model to score it
-                model = str(tmp / f"{task}_{method}_merged")
+                model = str(tmp / name.replace(" ", "_"))
                 merge_models(sft["model_dir"], [r["adapters_dir"]], model, MergeSpec("linear"))
-            runs[name] = model
+            models[name] = model
             train_logs[name] = {**{k: r["last"].get(k) for k in
                                    ("loss", "reward_accuracy", "reward_margin")},
                                 "epochs": steps * r["mean_tokens"] / len(train_pairs)}
+    if args.train_only:
+        return None
     seen = train_pairs[:SEEN_PAIRS]
-    ref_held = bench.logps(runs["sft"], held_pairs, "heldout")
-    ref_seen = bench.logps(runs["sft"], seen, "train")
+    ref_held = bench.logps(models["sft"], held_pairs, "heldout")
+    ref_seen = bench.logps(models["sft"], seen, "train")
     table = {}
-    for name, model in runs.items():
+    for name, model in models.items():
         held = ref_held if name == "sft" else bench.logps(model, held_pairs, "heldout")
         own = ref_seen if name == "sft" else bench.logps(model, seen, "train")
         table[name] = {"heldout": scores(held, ref_held, held_pairs),
                        "train_pairs": scores(own, ref_seen, seen),
                        "train_log": train_logs[name]}
     result = {**provenance(), "quick": args.quick, "sft_steps": sft_steps, "steps": steps,
-              "learning_rate": LEARNING_RATE, "warmup_steps": WARMUP, "beta": args.beta,
+              "model": {"hidden_size": args.width, "num_layers": args.layers,
+                        "parameters": parameters},
+              "sft_learning_rate": args.sft_lr, "learning_rate": lr, "warmup_steps": WARMUP,
+              "beta": args.beta, "tasks": tasks, "methods": methods,
               "seq_len": SEQ_LEN, "max_chars": MAX_CHARS,
               "heldout_module_fraction": HELDOUT_MODULES,
               "counts": {"sft_records": len(sft_records), "train_pairs": len(train_pairs),
                          "heldout_pairs": len(held_pairs), "train_modules": len(modules)},
               "models": table}
-    (out / "preference.json").write_text(json.dumps(result, indent=2))
-    own = {"sft": "mean_logp", "dpo full": "dpo_reward", "dpo lora": "dpo_reward",
-           "orpo full": "mean_logp", "orpo lora": "mean_logp"}
+    return result
+
+
+def rates(values: list[float]) -> str:
+    """Learning rates as text: ``0.0002`` or ``0.0001 / 0.0003``."""
+    return " / ".join(f"{v:g}" for v in values)
+
+
+def markdown(result: dict) -> list[str]:
+    """The results table of ``result`` (from :func:`measure`) as markdown lines."""
+    lr, counts = result["learning_rate"], result["counts"]
+    model = result["model"]
+    own = {name: "dpo_reward" if name.startswith("dpo") else "mean_logp"
+           for name in result["models"]}
     lines = [f"# DPO / ORPO on stdlib preference pairs ({result['device_kind']}, jax "
              f"{result['jax']}, commit {result['commit']}, {result['date']}, load "
              f"{result['load_avg_1m']:.1f})", "",
-             f"Tiny preset, SFT {sft_steps} steps on {len(sft_records)} instruction pairs of "
-             f"{len(modules)} training modules; DPO (beta {args.beta}) / ORPO {steps} steps "
-             f"of 8 rows x {2 * SEQ_LEN} positions (learning rate {LEARNING_RATE['full']:g} "
-             f"full, {LEARNING_RATE['lora']:g} LoRA, {WARMUP} warmup steps, cosine) on "
-             f"{len(train_pairs)} training pairs (chosen = true body, rejected = another "
-             f"function's body); {len(held_pairs)} held-out pairs from held-out modules; "
-             f"training pairs: the first {len(seen)}.", "",
+             f"Tiny preset at hidden size {model['hidden_size']}, {model['num_layers']} "
+             f"layers ({model['parameters'] / 1e6:.2f}M parameters), SFT "
+             f"{result['sft_steps']} steps (learning rate {result['sft_learning_rate']:g}) on "
+             f"{counts['sft_records']} instruction pairs of {counts['train_modules']} training "
+             f"modules; DPO (beta {result['beta']}) / ORPO {result['steps']} steps of 8 rows x "
+             f"{2 * SEQ_LEN} positions (learning rate "
+             + ", ".join(f"{rates(lr[m])} {'LoRA' if m == 'lora' else m}"
+                         for m in result["methods"])
+             + f", {WARMUP} warmup steps, cosine) on {counts['train_pairs']} training pairs "
+             f"(chosen = true body, rejected = another function's body); "
+             f"{counts['heldout_pairs']} held-out pairs from held-out modules; training "
+             f"pairs: the first {min(SEEN_PAIRS, counts['train_pairs'])}.", "",
              "| model | epochs | held-out: own reward acc. | mean log-prob acc. | "
              "summed log-prob acc. | DPO reward acc. | prompt-contrast acc. | body: own vs "
              "other prompt | training pairs: own reward acc. | training pairs: mean log-prob "
              "acc. |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for name, row in table.items():
+    for name, row in result["models"].items():
         h, t = row["heldout"], row["train_pairs"]
         epochs = row["train_log"].get("epochs")
         lines.append(f"| {name} | {'-' if epochs is None else f'{epochs:.2f}'} | "
@@ -263,25 +398,7 @@ def main():
                   "each side's log-prob after this prompt minus after the other prompt it "
                   "appears with in the set (the body's own likelihood cancels). Epochs: passes "
                   "over the training pairs (steps x mean pairs per logged step)."]
-    (out / "preference.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
-
-
-def trained_sft(bench: Bench, cached: pathlib.Path, data_path: str, steps: int,
-                cache: bool) -> dict:
-    """The SFT run (``{"model_dir", "last"}``): reused from ``cached`` when it holds a
-    finished one (``cache``), else trained (and, with ``cache``, kept there)."""
-    if not (cache and (cached / "model").is_dir()):
-        run = bench.fit("sft", ["data.format=alpaca", f"data.path={data_path}",
-                                f"train.steps={steps}", "train.learning_rate=3e-3"])
-        if not cache:
-            return run
-        cached.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copytree(bench.tmp / "sft", cached.with_name(cached.name + ".tmp"))
-        cached.with_name(cached.name + ".tmp").rename(cached)
-    metrics = [json.loads(x) for x in (cached / "metrics.jsonl").read_text().splitlines()]
-    return {"model_dir": str(cached / "model"),
-            "last": {k: v for m in metrics for k, v in m.items()}}
+    return lines
 
 
 if __name__ == "__main__":
