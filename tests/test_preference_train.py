@@ -109,8 +109,8 @@ def test_orpo_without_the_odds_ratio_is_sft_on_the_chosen_responses(pref_config)
     sft_loss, sft_grad = jax.jit(jax.value_and_grad(sft))(trainable)
     np.testing.assert_allclose(orpo, sft_loss, rtol=1e-6)
     np.testing.assert_allclose(metrics["nll"], sft_loss, rtol=1e-6)
-    for g, h in zip(jax.tree.leaves(grad), jax.tree.leaves(sft_grad)):
-        np.testing.assert_allclose(g, h, rtol=1e-4, atol=1e-7)
+    for g, h in zip(jax.tree.leaves(grad), jax.tree.leaves(sft_grad)):   # float32 sums in
+        np.testing.assert_allclose(g, h, rtol=1e-4, atol=1e-6)            # another order
 
 
 TORCH_DPO = r"""
