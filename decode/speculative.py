@@ -26,7 +26,12 @@ A drafter (:class:`Drafter`) is a frozen dataclass with ``name``, ``parents``,
 one file (see docs/decoding.md). The result's ``stats`` add
 ``target_forwards``, ``mean_accepted_per_forward`` (tokens emitted per row per
 target forward, bonus included), ``acceptance_per_position`` (per depth),
-``mean_draft_length``, ``cost_ratio`` and ``predicted_speedup``.
+``mean_draft_length``, ``verify_widths`` (rounds by tokens verified), ``cost_ratio`` and
+``predicted_speedup``.
+
+A chain drafter whose drafts end early (``variable_length``: a draft model or layer skip
+with a stop rule) has step 2 verify only as far as the round's longest draft
+(:func:`verify_longest`), rather than ``gamma + 1`` tokens every round.
 """
 
 import dataclasses
