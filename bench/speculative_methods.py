@@ -391,7 +391,8 @@ def summarise(row: Row, out, costs, plain_ids, base_tps) -> dict:
     nodes = len(drafter.parents) if drafter is not None else int(stats[0].get("gamma", 1))
     widths = collections.Counter()          # rounds by tokens verified (drafts may vary)
     for s in stats:
-        widths.update({int(w): k for w, k in s.get("verify_widths", {nodes + 1: 1}).items()})
+        widths.update({int(w): k for w, k in s.get(
+            "verify_widths", {nodes + 1: s["target_forwards"]}).items()})
     rounds = sum(widths.values())
 
     def cost(w):                            # fwd(w) / fwd(1), at the next measured size up
