@@ -34,10 +34,10 @@ ROWS = {"plain greedy": 1, "draft model (distilled) gamma=4": 5, "prompt lookup 
 
 
 def model_dir(runs: pathlib.Path, prefix: str) -> pathlib.Path:
-    """The cached ``<runs>/<prefix>-*/model`` (exactly one), else SystemExit."""
-    found = sorted(runs.glob(f"{prefix}-*/model"))
+    """The cached ``<runs>/<prefix>*/model`` (exactly one), else SystemExit."""
+    found = sorted(runs.glob(f"{prefix}*/model"))
     if len(found) != 1:
-        raise SystemExit(f"expected one {prefix}-*/model under {runs}, found {len(found)}: "
+        raise SystemExit(f"expected one {prefix}*/model under {runs}, found {len(found)}: "
                          "run bench/speculative_methods.py first")
     return found[0]
 

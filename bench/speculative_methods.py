@@ -32,7 +32,8 @@ speedup over plain decoding of the same mode, accepted tokens per target forward
 acceptance at draft position 1, identical to plain greedy (greedy rows) and predicted
 speedup from measured forward costs (``accepted/forward / (draft length * c + fwd(T)/
 fwd(1))``, c = a draft step over a target step, T = tree nodes + 1, rounded up to a
-measured size).
+measured size; drafts that stop early are verified only as far as the round's longest, so
+their fwd(T) is averaged over the rounds' widths).
 
 Peer (same weights, exported with ``cadenza.models.save_hf``, in the reference env
 ``.venv-ref``, interleaved repeats there): transformers' greedy, assisted generation with
@@ -44,6 +45,7 @@ device, jax, commit, date and load).
 """
 
 import argparse
+import collections
 import dataclasses
 import hashlib
 import json
@@ -387,12 +389,21 @@ def summarise(row: Row, out, costs, plain_ids, base_tps) -> dict:
     per_forward, mean_draft = decoded / forwards, drafted / forwards
     drafter = row.resources.get("drafter")
     nodes = len(drafter.parents) if drafter is not None else int(stats[0].get("gamma", 1))
-    t = min([k for k in costs if k >= nodes + 1] or [max(costs)])
+    widths = collections.Counter()          # rounds by tokens verified (drafts may vary)
+    for s in stats:
+        widths.update({int(w): k for w, k in s.get(
+            "verify_widths", {nodes + 1: s["target_forwards"]}).items()})
+    rounds = sum(widths.values())
+
+    def cost(w):                            # fwd(w) / fwd(1), at the next measured size up
+        return costs[min([k for k in costs if k >= w] or [max(costs)])] / costs[1]
+
+    verify_cost = sum(k * cost(w) for w, k in widths.items()) / rounds
     r.update({"accepted_per_forward": per_forward, "mean_draft_length": mean_draft,
               "acceptance_position_1": statistics.mean(first) if first else None,
-              "verify_tokens": nodes + 1,
+              "verify_tokens": sum(w * k for w, k in widths.items()) / rounds,
               "predicted_speedup": per_forward / (mean_draft * row.draft_step_cost
-                                                  + costs[t] / costs[1])})
+                                                  + verify_cost)})
     return r
 
 
@@ -555,8 +566,10 @@ def render(report: dict) -> str:
         f"({m['target_steps']} steps), drafts {report['draft_params'] / 1e6:.2f}M "
         f"(`--draft {m.get('draft', '0.16m')}`; LM-pretrained {m['draft_steps']} steps; "
         "distilled and on-policy: "
-        f"+{m['distill_steps']} distillation steps), heads {m['head_steps']} steps; "
-        f"float32. {len(report['prompt_modules'])} held-out modules "
+        f"+{m['distill_steps']} distillation steps)"
+        + (f", heads {m['head_steps']} steps" if m.get("only", "all") == "all" else
+           ", no heads (`--only drafts`)")
+        + f"; float32. {len(report['prompt_modules'])} held-out modules "
         f"({', '.join(report['prompt_modules'])}), {m['prompts']} prompts of "
         f"{m['prompt_len']} tokens, one per call, {m['new_tokens']} new tokens, EOS ignored; "
         f"decode tokens/s (prefill excluded), median of {m['repeats']} interleaved repeats "
@@ -564,7 +577,9 @@ def render(report: dict) -> str:
         f"Training time (cached runs keep their first time): {trained}.", "",
         "Speedup is over plain decoding of the same mode (greedy or temperature 0.8); "
         "predicted = accepted/forward / (draft length x draft step cost + fwd(T)/fwd(1)) "
-        "from the measured forward costs below.", "",
+        "from the measured forward costs below, T the tokens verified per round (drafts "
+        "that stop early are verified only as far as the round's longest: fwd(T) "
+        "averaged over the rounds).", "",
         "| mode | method | tokens/s [min-max] | speedup | accepted/forward | acceptance at "
         "position 1 | identical to greedy | predicted speedup |",
         "|---|---|---|---|---|---|---|---|"]

@@ -136,6 +136,12 @@ class LayerSkip:
     def parents(self) -> tuple:
         return chain(self.gamma)
 
+    @property
+    def variable_length(self) -> bool:
+        """With a stop rule drafts end early: the round verifies only up to the longest
+        (:func:`cadenza.decode.speculative.verify_longest`)."""
+        return self.stop is not None
+
     def check(self, forward, draft_params) -> None:
         """Refuse, before compiling, a target that is not a plain model (an adapter: merge
         it first) and draft params that are not :func:`skip_params` of this target."""

@@ -26,7 +26,12 @@ A drafter (:class:`Drafter`) is a frozen dataclass with ``name``, ``parents``,
 one file (see docs/decoding.md). The result's ``stats`` add
 ``target_forwards``, ``mean_accepted_per_forward`` (tokens emitted per row per
 target forward, bonus included), ``acceptance_per_position`` (per depth),
-``mean_draft_length``, ``cost_ratio`` and ``predicted_speedup``.
+``mean_draft_length``, ``verify_widths`` (rounds by tokens verified), ``cost_ratio`` and
+``predicted_speedup``.
+
+A chain drafter whose drafts end early (``variable_length``: a draft model or layer skip
+with a stop rule) has step 2 verify only as far as the round's longest draft
+(:func:`verify_longest`), rather than ``gamma + 1`` tokens every round.
 """
 
 import dataclasses
@@ -192,8 +197,10 @@ class SpecState:
     as in plain decoding, ``prev`` int32 [B] the token before the pending one,
     ``hidden`` [B, D] (see :class:`Context`), the ``drafter``'s state, ``forwards``
     int32 [B] target forwards while the row ran, ``proposed``/``accepted`` int32 [D]
-    per depth, how often a running row proposed / accepted a node there; ``rows``
-    per-row sampler settings (from ``Batch.rows``) or None."""
+    per depth, how often a running row proposed / accepted a node there; ``widths``
+    int32 [N + 2]: rounds by the number of tokens the target verified (N + 1 unless the
+    drafter's drafts vary in length, :func:`verify_longest`); ``rows`` per-row sampler
+    settings (from ``Batch.rows``) or None."""
 
     out: Emitted
     cache: Any
@@ -205,6 +212,7 @@ class SpecState:
     forwards: jax.Array
     proposed: jax.Array
     accepted: jax.Array
+    widths: jax.Array
     rows: Any = None
 
 
@@ -263,7 +271,8 @@ class Speculative(MethodBase):
             out=out, cache=cache, seen=mark_seen(seen, tok[:, None], one, ~out.done), keys=keys,
             prev=prev, hidden=hidden, drafter=self.drafter.init(dparams, pre),
             forwards=jnp.zeros_like(batch.lengths), proposed=jnp.zeros((d,), jnp.int32),
-            accepted=jnp.zeros((d,), jnp.int32), rows=rows)
+            accepted=jnp.zeros((d,), jnp.int32), widths=jnp.zeros((self.slots + 1,), jnp.int32),
+            rows=rows)
 
     def step(self, params, s: SpecState) -> SpecState:
         """One round: propose, verify once, accept, emit, observe."""
@@ -286,9 +295,15 @@ class Speculative(MethodBase):
         valid = jnp.concatenate([jnp.ones((b, 1), bool), prop.valid], axis=1)
         depth = jnp.asarray(tree.depth)
         anc = tree_mask(tree.parents)
-        logits, hidden, cache = verify(
-            self.forward, tparams, s.cache, nodes, positions=lengths[:, None] + depth[None, :],
-            tail_mask=None if tree.is_chain else jnp.asarray(anc))
+        positions = lengths[:, None] + depth[None, :]
+        if tree.is_chain and getattr(self.drafter, "variable_length", False):
+            logits, hidden, cache, width = verify_longest(
+                self.forward, tparams, s.cache, nodes, positions, valid & ~out.done[:, None])
+        else:
+            logits, hidden, cache = verify(
+                self.forward, tparams, s.cache, nodes, positions=positions,
+                tail_mask=None if tree.is_chain else jnp.asarray(anc))
+            width = nodes.shape[1]
         n_nodes, v = nodes.shape[1], logits.shape[-1]
         seen = None
         if s.seen is not None:            # a node has seen the tokens on its root path
@@ -326,7 +341,7 @@ class Speculative(MethodBase):
             forwards=s.forwards + active.astype(jnp.int32),
             proposed=s.proposed + jnp.sum(act & has, axis=0, dtype=jnp.int32),
             accepted=s.accepted + jnp.sum(act & (pos <= n[:, None]), axis=0, dtype=jnp.int32),
-            rows=s.rows)
+            widths=s.widths.at[width].add(jnp.any(active).astype(jnp.int32)), rows=s.rows)
 
     def _accept(self, nodes, logp, prop, valid, keys, rows):
         """``(win, y)``: greedy or exact-sampling acceptance (per row with ``rows``)."""
@@ -347,7 +362,7 @@ class Speculative(MethodBase):
 
     def extras(self, state: SpecState) -> dict:
         return {"forwards": state.forwards, "proposed": state.proposed,
-                "accepted": state.accepted}
+                "accepted": state.accepted, "widths": state.widths}
 
     def host_stats(self, params, harvest, decoded: int) -> dict:
         """The speculative statistics (see the module docstring)."""
@@ -357,12 +372,50 @@ class Speculative(MethodBase):
         per_forward = decoded / forwards if forwards else 0.0
         mean_draft = float(proposed.sum() / forwards) if forwards else 0.0
         c = self.drafter.cost_ratio(params[0], params[1])
+        widths = np.asarray(e["widths"])
         return {"method": self.drafter.name, "gamma": self.depth, "target_forwards": forwards,
                 "mean_accepted_per_forward": per_forward,
                 "acceptance_per_position": [float(a / p) if p else None
                                             for a, p in zip(accepted, proposed)],
-                "mean_draft_length": mean_draft, "cost_ratio": c,
-                "predicted_speedup": per_forward / (mean_draft * c + 1.0)}
+                "mean_draft_length": mean_draft,
+                "verify_widths": {int(w): int(k) for w, k in enumerate(widths) if k},
+                "cost_ratio": c, "predicted_speedup": per_forward / (mean_draft * c + 1.0)}
+
+
+def verify_widths(t: int) -> tuple:
+    """The widths :func:`verify_longest` compiles for a chain of ``t`` tokens: a quarter, a
+    half and all of them, rounded up (each width is one more copy of the target's forward
+    to compile; on CPU a forward over 3 tokens costs about what one over 4 does)."""
+    return tuple(sorted({-(-t // 4), -(-t // 2), t}))
+
+
+def verify_longest(forward, params, cache, nodes, positions, valid):
+    """:func:`~cadenza.decode.verify.verify` of a chain over only as many tokens as its
+    longest running draft needs (rounded up to one of :func:`verify_widths`).
+
+    Args: ``nodes`` int32 [B, T] (the pending token, then the drafts); ``positions`` int32
+    [B, T]; ``valid`` bool [B, T] (a row counts its tokens up to the first invalid one;
+    rows that are done may be all False).
+
+    Returns ``(logits float32 [B, T, V], hidden [B, T, D], cache, width int32)``. Only the
+    chosen width's branch runs (``lax.switch``); logits and hidden states past it are
+    zeros and keys/values are written only up to it (those drafts are invalid, so never
+    accepted)."""
+    t = nodes.shape[1]
+    widths = verify_widths(t)
+    need = jnp.max(jnp.sum(jnp.cumprod(valid, axis=1), axis=1))
+    index = jnp.sum(jnp.asarray(widths) < need)          # the smallest width >= need
+
+    def branch(w):
+        def run(cache):
+            logits, hidden, cache = verify(forward, params, cache, nodes[:, :w],
+                                           positions=positions[:, :w])
+            pad = ((0, 0), (0, t - w), (0, 0))
+            return jnp.pad(logits, pad), jnp.pad(hidden, pad), cache
+        return run
+
+    logits, hidden, cache = jax.lax.switch(index, [branch(w) for w in widths], cache)
+    return logits, hidden, cache, jnp.asarray(widths, jnp.int32)[index]
 
 
 def param_count(params) -> int:
@@ -515,6 +568,12 @@ class DraftModel:
     @property
     def parents(self) -> tuple:
         return chain(self.gamma)
+
+    @property
+    def variable_length(self) -> bool:
+        """Whether drafts end early (a stop rule): the round then verifies only up to the
+        longest draft (:func:`verify_longest`)."""
+        return self.stop is not None
 
     def check(self, forward, draft_params) -> None:
         check_draft_vocab(forward.config, self.config)

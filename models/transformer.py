@@ -180,5 +180,10 @@ class Transformer(nn.Module):
             logits = cfg.final_logit_softcap * jnp.tanh(logits / cfg.final_logit_softcap)
         logits = nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
         if cache is not None:
+            # Every layer has read the cache by now (hidden depends on all of them); the
+            # barrier makes XLA write after those reads, so it updates the cache in place
+            # inside a decoding loop instead of copying it twice per step (XLA's CPU backend
+            # did, as soon as the step's tokens came from the previous step's logits).
+            logits, hidden, cache = jax.lax.optimization_barrier((logits, hidden, cache))
             cache = cache.write(k_new, v_new, positions)
         return logits, hidden, cache

@@ -140,3 +140,23 @@ def test_exact_rule_outputs_follow_target(point_mass):
     # acceptance rate = sum_x q(x) min(1, p(x)/q(x)): sum min(p, q), or E_q[p(d)] for point masses
     alpha = float((q * p).sum() if point_mass else jnp.minimum(p, q).sum())
     assert abs(float(np.mean(np.asarray(n))) - alpha) < 0.005
+
+
+def test_verify_longest_scores_only_as_far_as_the_longest_draft(model_params):
+    from cadenza.decode.speculative import verify_longest, verify_widths
+
+    model, params = model_params
+    _, cache = prefill(model, params, PROMPT)
+    nodes = jnp.asarray([[7, 300, 12, 5, 9, 4, 2]])
+    positions = cache.lengths[:, None] + jnp.arange(7)[None, :]
+    full, _, full_cache = _verify(model, params, cache, nodes)
+    run = jax.jit(lambda c, n: verify_longest(model, params, c, nodes, positions,
+                                              jnp.arange(7)[None, :] < n))
+    assert verify_widths(7) == (2, 4, 7)
+    logits, hidden, short_cache, width = run(cache, 3)        # 3 valid tokens: width 4
+    assert int(width) == 4 and logits.shape == full.shape and hidden.shape[:2] == (1, 7)
+    np.testing.assert_allclose(logits[:, :4], full[:, :4], atol=1e-5, rtol=1e-5)
+    assert not np.any(np.asarray(logits[:, 4:]))
+    end = len(PROMPT) + 4
+    np.testing.assert_allclose(short_cache.k[:, :, :end], full_cache.k[:, :, :end], atol=1e-5)
+    assert int(run(cache, 5)[3]) == 7 and int(run(cache, 0)[3]) == 2   # none valid: narrowest
