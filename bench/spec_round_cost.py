@@ -42,6 +42,18 @@ def model_dir(runs: pathlib.Path, prefix: str) -> pathlib.Path:
     return found[0]
 
 
+def load_pair(runs, draft, n_prompts):
+    """The cached target and the draft under ``runs`` (a run-directory prefix):
+    ``(target config, target params, draft config, draft params, n_prompts held-out
+    prompts of 64 tokens)``."""
+    tdir = model_dir(runs, "target")
+    tcfg, tparams = load_model(tdir)
+    prompts, _ = heldout_prompts(load_tokenizer(tokenizer_dir(tdir)),
+                                 tcfg.data.heldout_fraction, n_prompts, 64)
+    dcfg, dparams = load_model(model_dir(runs, draft))
+    return tcfg, tparams, dcfg, dparams, prompts
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--runs", default="runs/spec_methods/20m")
@@ -53,13 +65,9 @@ def main():
     p.add_argument("--out", default=None, help="default: bench/results/<device>")
     args = p.parse_args()
     runs, load_start = pathlib.Path(args.runs), os.getloadavg()[0]
-    tdir = model_dir(runs, "target")
-    tcfg, tparams = load_model(tdir)
+    tcfg, tparams, dcfg, dparams, prompts = load_pair(runs, args.draft, 8)
     target = Transformer(tcfg.model)
-    prompts, _ = heldout_prompts(load_tokenizer(tokenizer_dir(tdir)),
-                                 tcfg.data.heldout_fraction, 8, 64)
     prompts = prompts[::max(len(prompts) // args.prompts, 1)][:args.prompts]
-    dcfg, dparams = load_model(model_dir(runs, args.draft))
     heads = (load_tree_heads(runs / "medusa-heads-200", tcfg.model, Medusa),
              load_tree_heads(runs / "hydra-heads-200", tcfg.model, Hydra))
     ns = argparse.Namespace(gammas=[4], max_gamma=6, ngram_gammas=[4], modes=["greedy"])

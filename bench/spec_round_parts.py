@@ -31,17 +31,14 @@ import time
 
 import jax
 import jax.numpy as jnp
-from spec_round_cost import model_dir
-from speculative_methods import heldout_prompts
+from spec_round_cost import load_pair
 
 from cadenza.decode import DecodeConfig
 from cadenza.decode.config import SpeculativeConfig
 from cadenza.decode.driver import prepare
 from cadenza.decode.registry import build
 from cadenza.decode.speculative import Context, DraftModel
-from cadenza.models import Transformer, load_model
-from cadenza.models.checkpoint import tokenizer_dir
-from cadenza.models.tokenizer import load_tokenizer
+from cadenza.models import Transformer
 from cadenza.provenance import provenance, results_dir
 
 
@@ -106,12 +103,8 @@ def main():
     p.add_argument("--out", default=None, help="default: bench/results/<device>")
     args = p.parse_args()
     runs, load_start = pathlib.Path(args.runs), os.getloadavg()[0]
-    tdir = model_dir(runs, "target")
-    tcfg, tparams = load_model(tdir)
+    tcfg, tparams, dcfg, dparams, prompts = load_pair(runs, args.draft, 2)
     target = Transformer(tcfg.model)
-    prompts, _ = heldout_prompts(load_tokenizer(tokenizer_dir(tdir)),
-                                 tcfg.data.heldout_fraction, 2, 64)
-    dcfg, dparams = load_model(model_dir(runs, args.draft))
     compiled = programs(target, tparams, dcfg.model, dparams, prompts[0], args.gamma,
                         args.rounds)
     for fn, a in compiled.values():
