@@ -58,33 +58,20 @@ def _decode_case(b, t, hq, hkv, d, s, lengths, dtype, seed=0):
         q_positions=lengths[:, None] + depth, tail_mask=tail_mask)
 
 
-@pytest.mark.parametrize("hq,hkv,t,window,cap,dtype,splits", [
-    (4, 2, 5, 50, 3.0, jnp.float32, 2),     # GQA 2, tree mask, window, soft-cap, 2 splits
-    (4, 1, 1, 0, 0.0, jnp.bfloat16, 1),     # MQA, plain decode, bf16, one split
+@pytest.mark.parametrize("hq,hkv,t,window,cap,dtype,splits,int8", [
+    (4, 2, 5, 50, 3.0, jnp.float32, 2, False),   # GQA 2, tree mask, window, soft-cap, 2 splits
+    (4, 1, 1, 0, 0.0, jnp.bfloat16, 1, False),   # MQA, plain decode, bf16, one split
+    (4, 2, 3, 60, 3.0, jnp.float32, 2, True),    # int8 cache: codes + per-slot, per-head
+    (4, 2, 3, 60, 3.0, jnp.bfloat16, 2, True),   # scales, vs the dequantised reference
 ])
-def test_decode_kernel_matches_reference(hq, hkv, t, window, cap, dtype, splits):
+def test_decode_kernel_matches_reference(hq, hkv, t, window, cap, dtype, splits, int8):
     # ragged: empty cache, inside the first block, across the split, nearly full
     case = _decode_case(4, t, hq, hkv, 128, 256, [0, 5, 130, 250], dtype)
+    if int8:
+        for name in ("k_cache", "v_cache"):
+            case[name], case[name[0] + "_scale"] = quantize_kv(case[name])
     kw = dict(scale=0.2, window=window, logit_soft_cap=cap)
     run = jax.jit(lambda c: decode_attention_tpu(**c, **kw, block_kv=128, num_splits=splits,
-                                                 interpret=pltpu.InterpretParams()))
-    out = run(case)
-    ref = reference_attention(**case, **kw)
-    assert out.dtype == dtype and out.shape == case["q"].shape
-    tol = 2e-2 if dtype == jnp.bfloat16 else 2e-5
-    np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref, np.float32),
-                               atol=tol, rtol=tol)
-
-
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_decode_kernel_reads_an_int8_cache(dtype):
-    """int8 codes + per-slot, per-head scales: the kernel equals the reference over the
-    dequantised cache (GQA, tree mask, window, soft-cap, ragged lengths, 2 splits)."""
-    case = _decode_case(3, 3, 4, 2, 128, 256, [0, 130, 250], dtype, seed=1)
-    for name in ("k_cache", "v_cache"):
-        case[name], case[name[0] + "_scale"] = quantize_kv(case[name])
-    kw = dict(scale=0.2, window=60, logit_soft_cap=3.0)
-    run = jax.jit(lambda c: decode_attention_tpu(**c, **kw, block_kv=128, num_splits=2,
                                                  interpret=pltpu.InterpretParams()))
     out = run(case)
     ref = reference_attention(**case, **kw)
