@@ -123,16 +123,12 @@ def _write_rows(dst, new, starts):
 
 def quantize_kv(x):
     """Keys or values [..., head_dim] -> ``(int8 codes, float32 scales [...])`` with
-    ``scale = absmax over head_dim / 127`` (1/127 for an all-zero vector)."""
+    ``scale = absmax over head_dim / 127`` (1/127 for an all-zero vector); the inverse is
+    :func:`cadenza.pallas_kernels.attention_reference.dequantize`."""
     xf = x.astype(jnp.float32)
     absmax = jnp.max(jnp.abs(xf), axis=-1)
     scale = jnp.where(absmax > 0, absmax, 1.0) / 127
     return jnp.round(xf / scale[..., None]).astype(jnp.int8), scale
-
-
-def dequantize_kv(codes, scale, dtype):
-    """Inverse of :func:`quantize_kv`: ``codes * scale`` in ``dtype`` (computed in float32)."""
-    return dequantize(codes, scale, dtype)
 
 
 def read_layer(layer_cache):
@@ -155,4 +151,4 @@ def as_cached(x, layer_cache):
     stays identical to greedy decoding over an int8 cache)."""
     if layer_cache is None or len(layer_cache) == 2:
         return x
-    return dequantize_kv(*quantize_kv(x), x.dtype)
+    return dequantize(*quantize_kv(x), x.dtype)

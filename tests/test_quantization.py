@@ -17,8 +17,9 @@ from cadenza.config import load_config
 from cadenza.decode import DecodeConfig, generate
 from cadenza.decode.speculative import DraftModel
 from cadenza.models import KVCache, Transformer, init_params, load_model, quant, save_model
-from cadenza.models.cache import dequantize_kv, quantize_kv
+from cadenza.models.cache import quantize_kv
 from cadenza.models.config import DEFAULT_QUANT_TARGETS
+from cadenza.pallas_kernels.attention_reference import dequantize
 
 SMALL = ["model.num_layers=1", "model.hidden_size=64", "model.intermediate_size=128"]
 N = 64
@@ -76,7 +77,7 @@ def test_kv_cache_int8_round_trip_and_bytes(tiny_config):
     codes, scale = quantize_kv(x)
     assert codes.dtype == jnp.int8 and scale.shape == (2, 5, 3)
     absmax = jnp.max(jnp.abs(x), -1, keepdims=True)
-    assert bool(jnp.all(jnp.abs(dequantize_kv(codes, scale, jnp.float32) - x)
+    assert bool(jnp.all(jnp.abs(dequantize(codes, scale, jnp.float32) - x)
                         <= absmax / 254 * (1 + 1e-5)))
     cfg = tiny_config("llama", "model.head_dim=128")
     size = {d: KVCache.create(cfg, 2, 32, d).nbytes for d in (jnp.float32, jnp.bfloat16, jnp.int8)}
@@ -97,8 +98,8 @@ def test_tree_compaction_moves_int8_codes_with_their_scales(tiny_config):
              for d in (None, jnp.int8)}
     q = moved[jnp.int8]
     for codes, scale, ref in ((q.k, q.k_scale, moved[None].k), (q.v, q.v_scale, moved[None].v)):
-        want = dequantize_kv(*quantize_kv(ref), jnp.float32)   # per token: move = quantise
-        np.testing.assert_array_equal(dequantize_kv(codes, scale, jnp.float32), want)
+        want = dequantize(*quantize_kv(ref), jnp.float32)   # per token: move = quantise
+        np.testing.assert_array_equal(dequantize(codes, scale, jnp.float32), want)
     np.testing.assert_array_equal(q.positions, moved[None].positions)
 
 
