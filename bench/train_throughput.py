@@ -28,6 +28,9 @@ round, so the pieces need not add up to the fused step):
   torch: each phase timed in its loop (forward, loss forward, backward, clip + step +
   zero_grad, making the batch tensors); torch's loss backward sits in its backward row.
 
+The ``GLIBC_TUNABLES`` in effect (inherited by the torch side) is written to the results:
+``glibc.malloc.hugetlb=1`` backs large allocations, such as the temporary buffer XLA's CPU
+runtime allocates for every call of the compiled step, with transparent huge pages.
 Writes ``bench/results/<device>/train_throughput.{json,md}``.
 """
 
@@ -329,6 +332,7 @@ def markdown(meta: dict, results: list[dict]) -> str:
              f"end (other jobs share this machine: absolute numbers are noisy, the interleaved "
              f"ratios less so). Batch {BATCH} x {SEQ}, AdamW, clip 1.0; torch: "
              f"transformers' LlamaForCausalLM, 2 threads, OMP_WAIT_POLICY=PASSIVE. "
+             f"GLIBC_TUNABLES={meta.get('glibc_tunables') or '(unset)'} (both sides). "
              f"Medians of {len(results[0]['rounds'])} interleaved rounds, [min-max].", "",
              "| size | dtype | mode | cadenza tok/s | torch tok/s | cadenza / torch speed | "
              "cadenza MFU (XLA peak) | torch MFU (XLA peak) | torch MFU (own peak) | "
@@ -391,7 +395,8 @@ def main():
                             pathlib.Path(tmp), tuple(args.override))
             print(json.dumps({k: v for k, v in r.items() if k != "rounds"}), flush=True)
             results.append(r)
-            meta = provenance()    # written after every setup: a cut-short run keeps its rows
+            # written after every setup: a cut-short run keeps its rows
+            meta = {**provenance(), "glibc_tunables": os.environ.get("GLIBC_TUNABLES", "")}
             (out / f"{args.name}.json").write_text(
                 json.dumps({**meta, "results": results}, indent=2) + "\n")
             (out / f"{args.name}.md").write_text(markdown(meta, results))
