@@ -15,7 +15,7 @@ import sys
 from cadenza import __version__
 from cadenza.errors import CadenzaError
 from cadenza.outputs import disk_errors
-from cadenza.runtime_env import configure_cli
+from cadenza.runtime_env import HOST_MEMORY_CHOICES, configure_cli
 
 # Modules that add subcommands: each has ``register(subparsers)``, imports
 # nothing heavy at module level, and sets ``func`` on its parsers.
@@ -117,6 +117,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--compile-cache", metavar="DIR|off", default=None,
                         help="JAX persistent compilation cache folder, or 'off' (default: "
                              "$CADENZA_COMPILE_CACHE, else ~/.cache/cadenza/jax-compile)")
+    parser.add_argument("--host-memory", choices=HOST_MEMORY_CHOICES, default=None,
+                        help="keep freed host memory mapped for reuse (XLA:CPU's per-step "
+                             "buffers stop page-faulting; larger resident size) or release "
+                             "it (default: $CADENZA_HOST_MEMORY, else auto: keep on a "
+                             "CPU-only machine)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     config = sub.add_parser("config", help="inspect experiment configs")
@@ -154,8 +159,8 @@ def main(argv=None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 0 if args.command is None else 2
-    configure_cli(args.compile_cache)  # before any command imports JAX
     try:
+        configure_cli(args.compile_cache, host_memory=args.host_memory)  # before JAX loads
         with disk_errors(f"cadenza {args.command}"):  # full disk, read-only, permissions
             code = args.func(args)
         if argv is None:  # the command line: the process exits next

@@ -16,6 +16,8 @@ much the adapters themselves cost; bound / full is the best ratio a LoRA step co
 on this machine. Each contender's system CPU time and minor page faults per step are
 recorded too (``getrusage``): XLA's CPU runtime allocates the compiled step's temporary
 buffer (hundreds of MiB) afresh on every call, and faulting its pages in is system time.
+The script keeps freed host memory mapped as the CLI does (``--host-memory``, default auto),
+which removes those faults (``--host-memory release`` measures them);
 ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1`` in the environment makes glibc back such large
 allocations with transparent huge pages (far fewer faults); the value in effect is written
 to the results. Writes ``bench/results/<device>/<name>.{json,md}``.
@@ -37,6 +39,7 @@ from train_throughput import CadenzaSide, bench_inputs  # a sibling script (benc
 
 from cadenza.models import Transformer
 from cadenza.provenance import provenance, results_dir
+from cadenza.runtime_env import HOST_MEMORY_CHOICES, host_memory_kept, keep_host_memory
 from cadenza.train.step import token_losses
 
 CONTENDERS = ("full", "lora", "bound")
@@ -78,8 +81,11 @@ def main():
     p.add_argument("--size", default="10m")
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--name", default="train_lora_ratio")
+    p.add_argument("--host-memory", choices=HOST_MEMORY_CHOICES, default="auto",
+                   help="as the CLI's --host-memory (keep: freed host memory stays mapped)")
     p.add_argument("--out", default=None, help="results folder (default: bench/results/<device>)")
     args = p.parse_args()
+    kept = host_memory_kept(args.host_memory) and keep_host_memory()   # before JAX starts
     with tempfile.TemporaryDirectory() as tmp:
         sides = {mode: CadenzaSide(*bench_inputs(args.size, "float32", mode, pathlib.Path(tmp),
                                                  False)) for mode in ("full", "lora")}
@@ -99,7 +105,8 @@ def main():
     tunables = os.environ.get("GLIBC_TUNABLES", "")
     out = results_dir(__file__, args.out)
     (out / f"{args.name}.json").write_text(json.dumps(
-        {**meta, "size": args.size, "glibc_tunables": tunables, "runs": runs, "step_s": times,
+        {**meta, "size": args.size, "glibc_tunables": tunables, "host_memory_kept": kept,
+         "runs": runs, "step_s": times,
          "ratios": ratios}, indent=2) + "\n")
     md = (f"# LoRA step / full fine-tuning step ({meta['device']})\n\n"
           f"jax {meta['jax']}, commit {meta['commit']}, {meta['date']}, {meta['cpu_count']} CPU "
@@ -107,7 +114,9 @@ def main():
           f"absolute times are noisy, the interleaved ratios less so). {args.size}, float32, "
           f"batch 8 x 256, AdamW, clip 1.0; LoRA rank 8 on q, k, v, o; bound = loss and "
           f"gradient w.r.t. the input embeddings only (see the script). GLIBC_TUNABLES="
-          f"{tunables or '(unset)'}. Medians of {args.repeats} interleaved rounds, "
+          f"{tunables or '(unset)'}; freed host memory kept mapped as the CLI does "
+          f"(cadenza.runtime_env.keep_host_memory): {'yes' if kept else 'no'}. Medians of "
+          f"{args.repeats} interleaved rounds, "
           f"[min-max].\n\n"
           f"| size | full step s | LoRA step s | bound s | LoRA / full | bound / full | "
           f"LoRA / bound |\n|---|---|---|---|---|---|---|\n"

@@ -28,9 +28,13 @@ round, so the pieces need not add up to the fused step):
   torch: each phase timed in its loop (forward, loss forward, backward, clip + step +
   zero_grad, making the batch tensors); torch's loss backward sits in its backward row.
 
-The ``GLIBC_TUNABLES`` in effect (inherited by the torch side) is written to the results:
-``glibc.malloc.hugetlb=1`` backs large allocations, such as the temporary buffer XLA's CPU
-runtime allocates for every call of the compiled step, with transparent huge pages.
+Host memory: cadenza's side keeps freed host memory mapped as the ``cadenza`` CLI does
+(``--host-memory``, default auto: kept on a CPU-only machine; see
+``cadenza.runtime_env.keep_host_memory``), so the temporary buffer XLA's CPU runtime
+allocates for every call of the compiled step stops faulting its pages in. The torch loop
+runs with glibc's defaults unless ``--torch-host-memory keep`` gives it the same malloc
+settings (as ``GLIBC_TUNABLES``). Both choices and any ``GLIBC_TUNABLES`` of the
+environment (``glibc.malloc.hugetlb=1``: transparent huge pages) are written to the results.
 Writes ``bench/results/<device>/train_throughput.{json,md}``.
 """
 
@@ -52,6 +56,7 @@ import optax
 from cadenza.config import load_config
 from cadenza.models import init_params, save_hf, save_model
 from cadenza.provenance import provenance, results_dir
+from cadenza.runtime_env import HOST_MEMORY_CHOICES, host_memory_kept, keep_host_memory
 from cadenza.train.mesh import batch_sharding, make_mesh, replicated
 from cadenza.train.metrics import flops_per_token
 from cadenza.train.optim import make_optimizer, make_schedule
@@ -137,12 +142,20 @@ for line in sys.stdin:
 """
 
 
+# glibc tunables with the effect of cadenza.runtime_env.keep_host_memory (set at start-up)
+KEEP_HOST_MEMORY_TUNABLES = ("glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:"
+                             "glibc.malloc.trim_threshold=2147483647")
+
+
 class TorchSide:
     """The PyTorch loop as a subprocess that runs one timed step per request."""
 
-    def __init__(self, spec: dict):
+    def __init__(self, spec: dict, keep_host_memory: bool = False):
         env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", OMP_NUM_THREADS="2",
                    MKL_NUM_THREADS="2")
+        if keep_host_memory:
+            env["GLIBC_TUNABLES"] = ":".join(
+                t for t in (env.get("GLIBC_TUNABLES"), KEEP_HOST_MEMORY_TUNABLES) if t)
         self.proc = subprocess.Popen(
             [str(ROOT / ".venv-ref" / "bin" / "python"), "-c", TORCH_RUNNER, json.dumps(spec)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
@@ -277,15 +290,18 @@ def bench_inputs(size: str, dtype: str, mode: str, tmp: pathlib.Path, use_torch:
 
 
 def bench_setup(size: str, dtype: str, mode: str, repeats: int, use_torch: bool,
-                tmp: pathlib.Path, overrides: tuple[str, ...] = ()) -> dict:
+                tmp: pathlib.Path, overrides: tuple[str, ...] = (),
+                torch_keeps_host_memory: bool = False) -> dict:
     """Interleaved rounds of cadenza and torch for one (size, dtype, mode); ``overrides``:
-    more config overrides for cadenza (e.g. ``model.attention_impl=xla``)."""
+    more config overrides for cadenza (e.g. ``model.attention_impl=xla``);
+    ``torch_keeps_host_memory``: the torch loop gets cadenza's malloc settings."""
     config, batch = bench_inputs(size, dtype, mode, tmp, use_torch, overrides)
     hf_dir = tmp / f"{size}-hf"
     cad = CadenzaSide(config, batch)
     torch = TorchSide({"hf_dir": str(hf_dir), "dtype": dtype, "lora": mode == "lora", "lr": LR,
                        "inputs": batch["inputs"].tolist(),
-                       "targets": batch["targets"].tolist()}) if use_torch else None
+                       "targets": batch["targets"].tolist()},
+                      torch_keeps_host_memory) if use_torch else None
     rounds = []
     try:
         for _ in range(repeats):
@@ -324,6 +340,12 @@ def bench_setup(size: str, dtype: str, mode: str, repeats: int, use_torch: bool,
 PHASES = ("forward", "loss", "backward", "optimizer", "host/data")
 
 
+def host_memory_note(meta: dict) -> str:
+    """Which sides kept freed host memory mapped, for a results header."""
+    kept = meta.get("host_memory_kept") or {}
+    return ", ".join(f"{side} {'yes' if kept.get(side) else 'no'}" for side in ("cadenza", "torch"))
+
+
 def markdown(meta: dict, results: list[dict]) -> str:
     """The results as a Markdown report."""
     lines = [f"# Train-step speed: cadenza vs a PyTorch loop ({meta['device_kind']})", "",
@@ -333,6 +355,8 @@ def markdown(meta: dict, results: list[dict]) -> str:
              f"ratios less so). Batch {BATCH} x {SEQ}, AdamW, clip 1.0; torch: "
              f"transformers' LlamaForCausalLM, 2 threads, OMP_WAIT_POLICY=PASSIVE. "
              f"GLIBC_TUNABLES={meta.get('glibc_tunables') or '(unset)'} (both sides). "
+             f"Freed host memory kept mapped (cadenza.runtime_env.keep_host_memory): "
+             f"{host_memory_note(meta)}. "
              f"Medians of {len(results[0]['rounds'])} interleaved rounds, [min-max].", "",
              "| size | dtype | mode | cadenza tok/s | torch tok/s | cadenza / torch speed | "
              "cadenza MFU (XLA peak) | torch MFU (XLA peak) | torch MFU (own peak) | "
@@ -382,8 +406,13 @@ def main():
     p.add_argument("--name", default="train_throughput", help="results file stem")
     p.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
                    help="extra cadenza config override, e.g. model.attention_impl=xla")
+    p.add_argument("--host-memory", choices=HOST_MEMORY_CHOICES, default="auto",
+                   help="cadenza's side: as the CLI's --host-memory")
+    p.add_argument("--torch-host-memory", choices=("keep", "release"), default="release",
+                   help="keep: the torch loop gets the same malloc settings (GLIBC_TUNABLES)")
     p.add_argument("--out", default=None, help="results folder (default: bench/results/<device>)")
     args = p.parse_args()
+    kept = host_memory_kept(args.host_memory) and keep_host_memory()   # before JAX starts
     setups = ([tuple(s.split(":")) for s in args.setups.split(",")] if args.setups else
               [(s, d, m) for s in args.sizes.split(",") for d in args.dtypes.split(",")
                for m in args.modes.split(",")])
@@ -392,11 +421,14 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         for size, dtype, mode in setups:
             r = bench_setup(size, dtype, mode, args.repeats, not args.no_torch,
-                            pathlib.Path(tmp), tuple(args.override))
+                            pathlib.Path(tmp), tuple(args.override),
+                            args.torch_host_memory == "keep")
             print(json.dumps({k: v for k, v in r.items() if k != "rounds"}), flush=True)
             results.append(r)
             # written after every setup: a cut-short run keeps its rows
-            meta = {**provenance(), "glibc_tunables": os.environ.get("GLIBC_TUNABLES", "")}
+            meta = {**provenance(), "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
+                    "host_memory_kept": {"cadenza": kept,
+                                         "torch": args.torch_host_memory == "keep"}}
             (out / f"{args.name}.json").write_text(
                 json.dumps({**meta, "results": results}, indent=2) + "\n")
             (out / f"{args.name}.md").write_text(markdown(meta, results))

@@ -130,12 +130,55 @@ def test_platforms_and_compile_cache_defaults(tmp_path, monkeypatch):
     assert runtime_env.compile_cache_dir(None, env) == str(tmp_path / "cadenza" / "jax-compile")
     assert runtime_env.compile_cache_dir("off", env) is None
     assert runtime_env.compile_cache_dir(None, {"CADENZA_COMPILE_CACHE": "/x"}) == "/x"
-    runtime_env.configure_cli("off", env)
+    runtime_env.configure_cli("off", env, host_memory="release")
     assert "JAX_COMPILATION_CACHE_DIR" not in env
-    runtime_env.configure_cli(None, env)
+    runtime_env.configure_cli(None, env, host_memory="release")
     assert env["JAX_COMPILATION_CACHE_DIR"] == str(tmp_path / "cadenza" / "jax-compile")
     env = {"TPU_WORKER_ID": "3"}
     monkeypatch.setattr(runtime_env, "tpu_chips_visible", lambda: False)
     runtime_env.quiet_libtpu_for_aot("v5p-8", env)
     assert env == {"TPU_SKIP_MDS_QUERY": "1", "TPU_ACCELERATOR_TYPE": "v5p-8",
                    "TPU_WORKER_ID": "3", "TPU_WORKER_HOSTNAMES": "localhost"}
+
+
+FAULTS_SCRIPT = """
+import ctypes, resource, sys
+from cadenza.runtime_env import keep_host_memory
+if sys.argv[1] == "keep":
+    assert keep_host_memory()
+libc = ctypes.CDLL("libc.so.6")
+libc.malloc.restype = ctypes.c_void_p
+libc.free.argtypes = [ctypes.c_void_p]
+faults = []
+for _ in range(4):   # 64 MiB, written and freed: above glibc's largest mmap threshold
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    block = libc.malloc(64 << 20)
+    ctypes.memset(block, 1, 64 << 20)
+    libc.free(block)
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(min(faults[1:]))
+"""
+
+
+def test_host_memory_choice_and_kept_blocks_stop_faulting(monkeypatch, cli_env):
+    from cadenza import runtime_env
+    from cadenza.errors import CadenzaError
+
+    monkeypatch.setattr(runtime_env, "tpu_chips_visible", lambda: False)
+    monkeypatch.setattr(runtime_env, "_nvidia_gpu_usable", lambda: False)
+    assert runtime_env.host_memory_kept(None, {}) is True           # CPU-only: auto keeps
+    assert runtime_env.host_memory_kept("release", {}) is False
+    assert runtime_env.host_memory_kept(None, {"CADENZA_HOST_MEMORY": "release"}) is False
+    assert runtime_env.host_memory_kept(None, {"JAX_PLATFORMS": "cuda,cpu"}) is False
+    monkeypatch.setattr(runtime_env, "tpu_chips_visible", lambda: True)
+    assert runtime_env.host_memory_kept(None, {}) is False
+    assert runtime_env.host_memory_kept("keep", {}) is True
+    with pytest.raises(CadenzaError, match="CADENZA_HOST_MEMORY"):
+        runtime_env.host_memory_kept(None, {"CADENZA_HOST_MEMORY": "always"})
+    faults = {}
+    for mode in ("release", "keep"):
+        r = subprocess.run([sys.executable, "-c", FAULTS_SCRIPT, mode], capture_output=True,
+                           text=True, timeout=120, env=cli_env())
+        assert r.returncode == 0, r.stderr
+        faults[mode] = int(r.stdout)
+    assert faults["release"] > 10_000 and faults["keep"] < 1_000, faults
