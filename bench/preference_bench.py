@@ -47,8 +47,9 @@ any training pair, and the byte-level BPE tokenizer is trained on the training m
 
 Writes bench/results/<device>/preference.{json,md} (another shape than 64 x 2 adds
 ``-<width>x<layers>`` to the name, other ``--steps`` than 150 ``-<steps>steps``, then
-``-k<K>``, ``-beta<B>``, ``-lambda<L>`` for other ``--rejected``, ``--beta``,
-``--orpo-lambda`` than 1, 0.1, 0.1;
+``-k<K>``, ``-beta<B>``, ``-lambda<L>``, ``-lrfull<LR>``, ``-lrlora<LR>`` for other
+``--rejected``, ``--beta``, ``--orpo-lambda``, ``--lr-full``, ``--lr-lora`` than 1, 0.1, 0.1
+and the defaults;
 ``--quick``: into ``<device>-quick``, nothing kept in ``<runs>`` but the inputs and
 datasets); deterministic scores, no timings.
 """
@@ -305,7 +306,10 @@ def main():
         ("" if args.steps == 150 else f"-{args.steps}steps") + \
         ("" if args.rejected == 1 else f"-k{args.rejected}") + \
         ("" if args.beta == 0.1 else f"-beta{args.beta:g}") + \
-        ("" if args.orpo_lambda == 0.1 else f"-lambda{args.orpo_lambda:g}")
+        ("" if args.orpo_lambda == 0.1 else f"-lambda{args.orpo_lambda:g}") + \
+        "".join(f"-lr{m}{'_'.join(f'{x:g}' for x in rates)}"
+                for m, rates in (("full", args.lr_full), ("lora", args.lr_lora))
+                if rates != [LEARNING_RATE[m]])
     with tempfile.TemporaryDirectory(prefix="preference_") as tmp:
         result = measure(args, sft_steps, steps, pathlib.Path(tmp), pathlib.Path(args.runs))
     if result is None:
