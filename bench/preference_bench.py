@@ -21,7 +21,8 @@ any training pair, and the byte-level BPE tokenizer is trained on the training m
    from held-out modules); only short functions (prompt + body, and prompt + rejected
    body, under ``MAX_CHARS`` characters), so no side is cut.
 3. DPO (beta ``--beta``, sigmoid loss) and ORPO (lambda ``--orpo-lambda``) from the SFT
-   model (``--rejected`` K: each training prompt paired with K other bodies), full
+   model (``--rejected`` K: each training prompt paired with K other bodies;
+   ``--rejected-by length``: those next to its body in length, a harder set), full
    fine-tuning and LoRA (rank 8 on every projection; ``--methods``), ``--steps`` each of 8 rows
    (about 11 pairs), peak learning rate ``--lr-full`` / ``--lr-lora`` after ``WARMUP``
    steps, cosine to 0.1x. Under one epoch every step's batch is mostly unseen pairs, so its
@@ -40,14 +41,15 @@ any training pair, and the byte-level BPE tokenizer is trained on the training m
    this prompt minus after the other prompt it appears with, so the body's own likelihood
    cancels: what the SFT model's likelihood ratio separates once that is divided out),
    the own-reward and length-averaged accuracies on the first ``SEEN_PAIRS``
-   training pairs (how well each run fits what it trained on: the generalisation gap),
+   training pairs of the shuffle with one rejected body each (how well each run fits
+   what it trained on: the generalisation gap),
    and the own-reward accuracy on harder held-out pairs whose rejected body is the one
    next to the chosen body in length (so length tells nothing; reported apart, the
    benchmark's pairs stay "another function's body").
 
 Writes bench/results/<device>/preference.{json,md} (another shape than 64 x 2 adds
 ``-<width>x<layers>`` to the name, other ``--steps`` than 150 ``-<steps>steps``, then
-``-k<K>``, ``-beta<B>``, ``-lambda<L>``, ``-lrfull<LR>``, ``-lrlora<LR>`` for other
+``-k<K>``, ``-bylength``, ``-beta<B>``, ``-lambda<L>``, ``-lrfull<LR>``, ``-lrlora<LR>`` for other
 ``--rejected``, ``--beta``, ``--orpo-lambda``, ``--lr-full``, ``--lr-lora`` than 1, 0.1, 0.1
 and the defaults;
 ``--quick``: into ``<device>-quick``, nothing kept in ``<runs>`` but the inputs and
@@ -121,15 +123,15 @@ def preference_pairs(records, seed=0, rejected=1):
     return pairs
 
 
-def length_matched_pairs(records):
-    """Harder held-out pairs: each short record's instruction and body with, as the
-    rejected side, the body of the short record next to it by body length (the next
-    longer one, the longest with the next shorter), kept like :func:`preference_pairs`."""
+def length_matched_pairs(records, rejected=1):
+    """Harder pairs: each short record's instruction and body with, as the rejected
+    side, the body of the short record ``j`` places after it by body length (``j`` = 1 ..
+    ``rejected``; before it where none is after), kept like :func:`preference_pairs`."""
     short = sorted((r for r in records if len(r["instruction"]) + len(r["output"]) < MAX_CHARS),
                    key=lambda r: (len(r["output"]), r["output"], r["instruction"]))
     pairs = [{"prompt": r["instruction"], "chosen": r["output"],
-              "rejected": short[k + 1 if k + 1 < len(short) else k - 1]["output"]}
-             for k, r in enumerate(short)]
+              "rejected": short[k + j if k + j < len(short) else k - j]["output"]}
+             for j in range(1, rejected + 1) for k, r in enumerate(short)]
     return [p for p in pairs if p["chosen"] != p["rejected"]
             and len(p["prompt"]) + len(p["rejected"]) < MAX_CHARS]
 
@@ -284,6 +286,9 @@ def main():
                         help="ORPO's weight of the odds-ratio term")
     parser.add_argument("--rejected", type=int, default=1,
                         help="rejected bodies per training prompt (each another function's)")
+    parser.add_argument("--rejected-by", choices=("shuffle", "length"), default="shuffle",
+                        help="training pairs' rejected bodies: from a seeded shuffle (the "
+                             "benchmark's pairs), or the bodies next in length (harder)")
     parser.add_argument("--methods", default="full,lora",
                         help="comma-separated fine-tuning methods of the DPO/ORPO runs")
     parser.add_argument("--tasks", default="dpo,orpo",
@@ -305,6 +310,7 @@ def main():
                            f"-{args.width}x{args.layers}") + \
         ("" if args.steps == 150 else f"-{args.steps}steps") + \
         ("" if args.rejected == 1 else f"-k{args.rejected}") + \
+        ("" if args.rejected_by == "shuffle" else f"-by{args.rejected_by}") + \
         ("" if args.beta == 0.1 else f"-beta{args.beta:g}") + \
         ("" if args.orpo_lambda == 0.1 else f"-lambda{args.orpo_lambda:g}") + \
         "".join(f"-lr{m}{'_'.join(f'{x:g}' for x in rates)}"
@@ -339,7 +345,8 @@ def measure(args, sft_steps: int, steps: int, tmp: pathlib.Path,
     methods, tasks = args.methods.split(","), args.tasks.split(",")
     lr = {"full": args.lr_full, "lora": args.lr_lora}
     modules, sft_records, held_records = split_pairs()
-    train_pairs = preference_pairs(sft_records, rejected=args.rejected)
+    train_pairs = (preference_pairs if args.rejected_by == "shuffle" else
+                   length_matched_pairs)(sft_records, rejected=args.rejected)
     held_pairs, held_len = preference_pairs(held_records), length_matched_pairs(held_records)
     bench = Bench(tmp, runs, modules, model_overrides(args.width, args.layers))
     parameters = load_config(None, bench.common, preset="tiny").model.num_params()
@@ -377,7 +384,7 @@ def measure(args, sft_steps: int, steps: int, tmp: pathlib.Path,
                                 "epochs": steps * r["mean_tokens"] / len(train_pairs)}
     if args.train_only:
         return None
-    seen = train_pairs[:SEEN_PAIRS]
+    seen = preference_pairs(sft_records)[:SEEN_PAIRS]   # the same for every --rejected
     ref_held = bench.logps(models["sft"], held_pairs, "heldout")
     ref_seen = bench.logps(models["sft"], seen, "train")
     ref_len = bench.logps(models["sft"], held_len, "heldout_length_matched")
@@ -396,7 +403,8 @@ def measure(args, sft_steps: int, steps: int, tmp: pathlib.Path,
                         "parameters": parameters},
               "sft_learning_rate": args.sft_lr, "learning_rate": lr, "warmup_steps": WARMUP,
               "beta": args.beta, "orpo_lambda": args.orpo_lambda,
-              "rejected_per_prompt": args.rejected, "tasks": tasks, "methods": methods,
+              "rejected_per_prompt": args.rejected, "rejected_by": args.rejected_by,
+              "tasks": tasks, "methods": methods,
               "seq_len": SEQ_LEN, "max_chars": MAX_CHARS,
               "heldout_module_fraction": HELDOUT_MODULES,
               "counts": {"sft_records": len(sft_records), "train_pairs": len(train_pairs),
@@ -433,11 +441,14 @@ def markdown(result: dict) -> list[str]:
              + f", {WARMUP} warmup steps, cosine) on {counts['train_pairs']} training pairs "
              f"(chosen = true body, rejected = another function's body; "
              f"{result['rejected_per_prompt']} rejected bod"
-             f"{'y' if result['rejected_per_prompt'] == 1 else 'ies'} per prompt); "
+             f"{'y' if result['rejected_per_prompt'] == 1 else 'ies'} per prompt"
+             + (", the bodies next in length" if result["rejected_by"] == "length" else "")
+             + "); "
              f"{counts['heldout_pairs']} held-out pairs from held-out modules (one "
              f"rejected body each), and {counts['heldout_length_matched_pairs']} "
              f"length-matched ones (rejected: the body next in length); training "
-             f"pairs: the first {min(SEEN_PAIRS, counts['train_pairs'])}.", "",
+             f"pairs scored: the first {SEEN_PAIRS} of the shuffled set with one rejected "
+             f"body per prompt.", "",
              "| model | epochs | held-out: own reward acc. | mean log-prob acc. | "
              "summed log-prob acc. | DPO reward acc. | prompt-contrast acc. | body: own vs "
              "other prompt | training pairs: own reward acc. | training pairs: mean log-prob "
