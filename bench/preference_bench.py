@@ -1,7 +1,8 @@
 """DPO and ORPO on stdlib preference pairs: held-out pair accuracy against the SFT model.
 
 Usage: .venv/bin/python bench/preference_bench.py [--width W] [--layers L] [--sft-steps N]
-[--steps N] [--lr-full LR] [--lr-lora LR] [--quick] [--methods full,lora] [--out DIR]
+[--steps N] [--lr-full LR] [--lr-lora LR] [--rejected K] [--beta B] [--orpo-lambda L]
+[--quick] [--methods full,lora] [--tasks dpo,orpo] [--out DIR]
 
 The modules of the stdlib split by a stable hash of their path (``stdlib.is_heldout``,
 fraction ``HELDOUT_MODULES``): no held-out pair shares a module, a prompt or a body with
@@ -19,7 +20,9 @@ any training pair, and the byte-level BPE tokenizer is trained on the training m
    seeded shuffle of the same split (training pairs from training modules, held-out pairs
    from held-out modules); only short functions (prompt + body, and prompt + rejected
    body, under ``MAX_CHARS`` characters), so no side is cut.
-3. DPO (beta ``--beta``, sigmoid loss) and ORPO (lambda 0.1) from the SFT model, full
+3. DPO (beta ``--beta``, sigmoid loss) and ORPO (lambda ``--orpo-lambda``) from the SFT
+   model (``--rejected`` K: each training prompt paired with K other bodies;
+   ``--rejected-by length``: those next to its body in length, a harder set), full
    fine-tuning and LoRA (rank 8 on every projection; ``--methods``), ``--steps`` each of 8 rows
    (about 11 pairs), peak learning rate ``--lr-full`` / ``--lr-lora`` after ``WARMUP``
    steps, cosine to 0.1x. Under one epoch every step's batch is mostly unseen pairs, so its
@@ -37,11 +40,18 @@ any training pair, and the byte-level BPE tokenizer is trained on the training m
    how much the model reads the prompt), the prompt contrast (each side's log-prob after
    this prompt minus after the other prompt it appears with, so the body's own likelihood
    cancels: what the SFT model's likelihood ratio separates once that is divided out),
-   and the own-reward and length-averaged accuracies on the first ``SEEN_PAIRS``
-   training pairs (how well each run fits what it trained on: the generalisation gap).
+   the own-reward and length-averaged accuracies on the first ``SEEN_PAIRS``
+   training pairs of the shuffle with one rejected body each (how well each run fits
+   what it trained on: the generalisation gap),
+   and the own-reward accuracy on harder held-out pairs whose rejected body is the one
+   next to the chosen body in length (so length tells nothing; reported apart, the
+   benchmark's pairs stay "another function's body").
 
 Writes bench/results/<device>/preference.{json,md} (another shape than 64 x 2 adds
-``-<width>x<layers>`` to the name, other ``--steps`` than 150 ``-<steps>steps``;
+``-<width>x<layers>`` to the name, other ``--steps`` than 150 ``-<steps>steps``, then
+``-k<K>``, ``-bylength``, ``-beta<B>``, ``-lambda<L>``, ``-lrfull<LR>``, ``-lrlora<LR>`` for other
+``--rejected``, ``--beta``, ``--orpo-lambda``, ``--lr-full``, ``--lr-lora`` than 1, 0.1, 0.1
+and the defaults;
 ``--quick``: into ``<device>-quick``, nothing kept in ``<runs>`` but the inputs and
 datasets); deterministic scores, no timings.
 """
@@ -91,16 +101,37 @@ def split_pairs():
     return modules, train, held
 
 
-def preference_pairs(records, seed=0):
+def preference_pairs(records, seed=0, rejected=1):
     """``{"prompt", "chosen", "rejected"}`` for the short records: each instruction with
     its own body and the body of the next short record in a seeded shuffle (never equal),
-    kept where the prompt with the rejected body is short too (so no side is cut)."""
+    kept where the prompt with the rejected body is short too (so no side is cut).
+    ``rejected`` > 1 pairs each instruction with that many other bodies, the ``j``-th from
+    a shuffle seeded ``seed + j`` (a body repeated for one prompt kept once); the pairs of
+    ``j = 0`` come first, so the first pairs are those of ``rejected=1``."""
     short = [r for r in records if len(r["instruction"]) + len(r["output"]) < MAX_CHARS]
-    order = list(range(len(short)))
-    random.Random(seed).shuffle(order)
-    pairs = [{"prompt": short[i]["instruction"], "chosen": short[i]["output"],
-              "rejected": short[order[(k + 1) % len(order)]]["output"]}
-             for k, i in enumerate(order)]
+    pairs, seen = [], set()
+    for j in range(rejected):
+        order = list(range(len(short)))
+        random.Random(seed + j).shuffle(order)
+        for k, i in enumerate(order):
+            p = {"prompt": short[i]["instruction"], "chosen": short[i]["output"],
+                 "rejected": short[order[(k + 1) % len(order)]]["output"]}
+            if (p["chosen"] != p["rejected"] and (i, p["rejected"]) not in seen
+                    and len(p["prompt"]) + len(p["rejected"]) < MAX_CHARS):
+                seen.add((i, p["rejected"]))
+                pairs.append(p)
+    return pairs
+
+
+def length_matched_pairs(records, rejected=1):
+    """Harder pairs: each short record's instruction and body with, as the rejected
+    side, the body of the short record ``j`` places after it by body length (``j`` = 1 ..
+    ``rejected``; before it where none is after), kept like :func:`preference_pairs`."""
+    short = sorted((r for r in records if len(r["instruction"]) + len(r["output"]) < MAX_CHARS),
+                   key=lambda r: (len(r["output"]), r["output"], r["instruction"]))
+    pairs = [{"prompt": r["instruction"], "chosen": r["output"],
+              "rejected": short[k + j if k + j < len(short) else k - j]["output"]}
+             for j in range(1, rejected + 1) for k, r in enumerate(short)]
     return [p for p in pairs if p["chosen"] != p["rejected"]
             and len(p["prompt"]) + len(p["rejected"]) < MAX_CHARS]
 
@@ -251,6 +282,13 @@ def main():
                         help="finished runs, their scores, inputs and prepared datasets "
                              "(kept; reruns reuse them)")
     parser.add_argument("--beta", type=float, default=0.1, help="DPO beta")
+    parser.add_argument("--orpo-lambda", type=float, default=0.1,
+                        help="ORPO's weight of the odds-ratio term")
+    parser.add_argument("--rejected", type=int, default=1,
+                        help="rejected bodies per training prompt (each another function's)")
+    parser.add_argument("--rejected-by", choices=("shuffle", "length"), default="shuffle",
+                        help="training pairs' rejected bodies: from a seeded shuffle (the "
+                             "benchmark's pairs), or the bodies next in length (harder)")
     parser.add_argument("--methods", default="full,lora",
                         help="comma-separated fine-tuning methods of the DPO/ORPO runs")
     parser.add_argument("--tasks", default="dpo,orpo",
@@ -259,6 +297,8 @@ def main():
     parser.add_argument("--out", default=None, help="results folder")
     args = parser.parse_args()
     sft_steps, steps = (3, 3) if args.quick else (args.sft_steps, args.steps)
+    if args.rejected < 1:
+        raise SystemExit(f"--rejected {args.rejected}: give 1 or more")
     if not set(args.tasks.split(",")) <= {"dpo", "orpo"}:
         raise SystemExit(f"--tasks {args.tasks}: give dpo, orpo or dpo,orpo")
     if not set(args.methods.split(",")) <= {"full", "lora"}:
@@ -268,7 +308,14 @@ def main():
                                              else None))
     stem = "preference" + ("" if (args.width, args.layers) == (64, 2) else
                            f"-{args.width}x{args.layers}") + \
-        ("" if args.steps == 150 else f"-{args.steps}steps")
+        ("" if args.steps == 150 else f"-{args.steps}steps") + \
+        ("" if args.rejected == 1 else f"-k{args.rejected}") + \
+        ("" if args.rejected_by == "shuffle" else f"-by{args.rejected_by}") + \
+        ("" if args.beta == 0.1 else f"-beta{args.beta:g}") + \
+        ("" if args.orpo_lambda == 0.1 else f"-lambda{args.orpo_lambda:g}") + \
+        "".join(f"-lr{m}{'_'.join(f'{x:g}' for x in rates)}"
+                for m, rates in (("full", args.lr_full), ("lora", args.lr_lora))
+                if rates != [LEARNING_RATE[m]])
     with tempfile.TemporaryDirectory(prefix="preference_") as tmp:
         result = measure(args, sft_steps, steps, pathlib.Path(tmp), pathlib.Path(args.runs))
     if result is None:
@@ -298,7 +345,9 @@ def measure(args, sft_steps: int, steps: int, tmp: pathlib.Path,
     methods, tasks = args.methods.split(","), args.tasks.split(",")
     lr = {"full": args.lr_full, "lora": args.lr_lora}
     modules, sft_records, held_records = split_pairs()
-    train_pairs, held_pairs = preference_pairs(sft_records), preference_pairs(held_records)
+    train_pairs = (preference_pairs if args.rejected_by == "shuffle" else
+                   length_matched_pairs)(sft_records, rejected=args.rejected)
+    held_pairs, held_len = preference_pairs(held_records), length_matched_pairs(held_records)
     bench = Bench(tmp, runs, modules, model_overrides(args.width, args.layers))
     parameters = load_config(None, bench.common, preset="tiny").model.num_params()
     files = {"sft": cached_input(runs / "inputs", "sft", sft_records),
@@ -313,12 +362,15 @@ def measure(args, sft_steps: int, steps: int, tmp: pathlib.Path,
     train_logs = {"sft": {"loss": sft["last"]["loss"]}}
     pref = ["data.format=preference", f"data.path={files['pairs']}", "train.batch_size=8",
             f"train.seq_len={2 * SEQ_LEN}", f"train.steps={steps}",
-            f"train.init_from={sft['model_dir']}", f"train.preference.beta={args.beta}"]
+            f"train.init_from={sft['model_dir']}", f"train.preference.beta={args.beta}",
+            f"train.preference.orpo_lambda={args.orpo_lambda}"]
     for task, method, rate in ((t, m, x) for t in tasks for m in methods for x in lr[m]):
         extra = LORA if method == "lora" else []
         name = f"{task} {method}" + (f" lr {rate:g}" if len(lr[method]) > 1 else "")
-        r = bench.trained(f"{sft_key}-{task}-{method}-{steps}-lr{rate:g}-beta{args.beta:g}-"
-                          f"{digest['pairs']}",
+        setting = f"beta{args.beta:g}" if task == "dpo" else (
+            "" if args.orpo_lambda == 0.1 else f"lambda{args.orpo_lambda:g}")
+        r = bench.trained(f"{sft_key}-{task}-{method}-{steps}-lr{rate:g}-"
+                          + (f"{setting}-" if setting else "") + digest["pairs"],
                           pref + [f"train.task={task}", f"train.learning_rate={rate}", *extra],
                           cache)
         if not args.train_only:
@@ -332,25 +384,33 @@ def measure(args, sft_steps: int, steps: int, tmp: pathlib.Path,
                                 "epochs": steps * r["mean_tokens"] / len(train_pairs)}
     if args.train_only:
         return None
-    seen = train_pairs[:SEEN_PAIRS]
+    seen = preference_pairs(sft_records)[:SEEN_PAIRS]   # the same for every --rejected
     ref_held = bench.logps(models["sft"], held_pairs, "heldout")
     ref_seen = bench.logps(models["sft"], seen, "train")
+    ref_len = bench.logps(models["sft"], held_len, "heldout_length_matched")
     table = {}
     for name, model in models.items():
         held = ref_held if name == "sft" else bench.logps(model, held_pairs, "heldout")
         own = ref_seen if name == "sft" else bench.logps(model, seen, "train")
+        matched = ref_len if name == "sft" else bench.logps(model, held_len,
+                                                            "heldout_length_matched")
         table[name] = {"heldout": scores(held, ref_held, held_pairs),
+                       "heldout_length_matched": scores(matched, ref_len, held_len),
                        "train_pairs": scores(own, ref_seen, seen),
                        "train_log": train_logs[name]}
     result = {**provenance(), "quick": args.quick, "sft_steps": sft_steps, "steps": steps,
               "model": {"hidden_size": args.width, "num_layers": args.layers,
                         "parameters": parameters},
               "sft_learning_rate": args.sft_lr, "learning_rate": lr, "warmup_steps": WARMUP,
-              "beta": args.beta, "tasks": tasks, "methods": methods,
+              "beta": args.beta, "orpo_lambda": args.orpo_lambda,
+              "rejected_per_prompt": args.rejected, "rejected_by": args.rejected_by,
+              "tasks": tasks, "methods": methods,
               "seq_len": SEQ_LEN, "max_chars": MAX_CHARS,
               "heldout_module_fraction": HELDOUT_MODULES,
               "counts": {"sft_records": len(sft_records), "train_pairs": len(train_pairs),
-                         "heldout_pairs": len(held_pairs), "train_modules": len(modules)},
+                         "heldout_pairs": len(held_pairs),
+                         "heldout_length_matched_pairs": len(held_len),
+                         "train_modules": len(modules)},
               "models": table}
     return result
 
@@ -373,31 +433,42 @@ def markdown(result: dict) -> list[str]:
              f"layers ({model['parameters'] / 1e6:.2f}M parameters), SFT "
              f"{result['sft_steps']} steps (learning rate {result['sft_learning_rate']:g}) on "
              f"{counts['sft_records']} instruction pairs of {counts['train_modules']} training "
-             f"modules; DPO (beta {result['beta']}) / ORPO {result['steps']} steps of 8 rows x "
+             f"modules; DPO (beta {result['beta']}) / ORPO (lambda {result['orpo_lambda']}) "
+             f"{result['steps']} steps of 8 rows x "
              f"{2 * SEQ_LEN} positions (learning rate "
              + ", ".join(f"{rates(lr[m])} {'LoRA' if m == 'lora' else m}"
                          for m in result["methods"])
              + f", {WARMUP} warmup steps, cosine) on {counts['train_pairs']} training pairs "
-             f"(chosen = true body, rejected = another function's body); "
-             f"{counts['heldout_pairs']} held-out pairs from held-out modules; training "
-             f"pairs: the first {min(SEEN_PAIRS, counts['train_pairs'])}.", "",
+             f"(chosen = true body, rejected = another function's body; "
+             f"{result['rejected_per_prompt']} rejected bod"
+             f"{'y' if result['rejected_per_prompt'] == 1 else 'ies'} per prompt"
+             + (", the bodies next in length" if result["rejected_by"] == "length" else "")
+             + "); "
+             f"{counts['heldout_pairs']} held-out pairs from held-out modules (one "
+             f"rejected body each), and {counts['heldout_length_matched_pairs']} "
+             f"length-matched ones (rejected: the body next in length); training "
+             f"pairs scored: the first {SEEN_PAIRS} of the shuffled set with one rejected "
+             f"body per prompt.", "",
              "| model | epochs | held-out: own reward acc. | mean log-prob acc. | "
              "summed log-prob acc. | DPO reward acc. | prompt-contrast acc. | body: own vs "
              "other prompt | training pairs: own reward acc. | training pairs: mean log-prob "
-             "acc. |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "acc. | length-matched held-out: own reward acc. |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for name, row in result["models"].items():
-        h, t = row["heldout"], row["train_pairs"]
+        h, t, m = row["heldout"], row["train_pairs"], row["heldout_length_matched"]
         epochs = row["train_log"].get("epochs")
         lines.append(f"| {name} | {'-' if epochs is None else f'{epochs:.2f}'} | "
                      f"{h[own[name]]:.3f} | {h['mean_logp']:.3f} | {h['sum_logp']:.3f} | "
                      f"{h['dpo_reward']:.3f} | {h['prompt_contrast']:.3f} | "
-                     f"{h['own_prompt']:.3f} | {t[own[name]]:.3f} | {t['mean_logp']:.3f} |")
+                     f"{h['own_prompt']:.3f} | {t[own[name]]:.3f} | {t['mean_logp']:.3f} | "
+                     f"{m[own[name]]:.3f} |")
     lines += ["", "Own reward: DPO's implicit reward (log-ratio to the SFT model) for DPO, the "
                   "length-averaged log-prob for ORPO and the SFT baseline. Prompt-contrast: "
                   "each side's log-prob after this prompt minus after the other prompt it "
                   "appears with in the set (the body's own likelihood cancels). Epochs: passes "
-                  "over the training pairs (steps x mean pairs per logged step)."]
+                  "over the training pairs (steps x mean pairs per logged step). ORPO's log-odds "
+                  "ratio is monotone in the length-averaged log-prob, so its own reward "
+                  "accuracy is also the accuracy of its odds ratio."]
     return lines
 
 
