@@ -193,13 +193,13 @@ def trained_heads(runs, drafter, target, tparams, tcfg, steps, timings):
     return load_tree_heads(d, target.config, type(drafter))
 
 
-def trained_accept_head(runs, target, tparams, draft, dparams, tcfg, steps, timings):
-    """The SpecDec++ acceptance head of the distilled draft (cached head directory
-    ``<runs>/accept-head-<steps>``; ``runs``: the draft's own run directory)."""
+def trained_accept_head(d, target, tparams, draft, dparams, tcfg, steps, timings):
+    """The SpecDec++ acceptance head of the distilled draft (cached head directory ``d``,
+    trained ``steps`` steps when absent; by default ``accept-head-<steps>`` in the draft's
+    own run directory)."""
     from cadenza.train.data import build_iterator
     from cadenza.train.specdec_task import train_accept_head
 
-    d = runs / f"accept-head-{steps}"
     if not d.exists():
         t0 = time.perf_counter()
         batches = (b["inputs"] for b in build_iterator(tcfg))
@@ -429,6 +429,9 @@ def main():
                    help="drafts: plain decoding and the draft-model rows only (fixed gammas "
                         "and the confidence stop rule; no heads trained), written with a "
                         "_drafts suffix")
+    p.add_argument("--accept-head", help="the SpecDec++ head directory of the distilled "
+                   "draft (trained there when absent; default: accept-head-<head steps> in "
+                   "the draft's run directory), e.g. to keep a read-only --runs untouched")
     p.add_argument("--no-hf", action="store_true", help="skip the transformers peer")
     p.add_argument("--hf-drafts", default="distilled",
                    help="drafts given to transformers as assistant_model (comma-separated: "
@@ -469,9 +472,10 @@ def main():
                                timings),
                  trained_heads(runs, Hydra(), target, tparams, tcfg, size["head_steps"], timings))
         kd_cfg, kd_params = load_model(kd_dir)
-        accept = trained_accept_head(runs / kd_dir.parent.name, target, tparams,
-                                     Transformer(kd_cfg.model), kd_params, tcfg,
-                                     size["head_steps"], timings)
+        head_dir = (pathlib.Path(args.accept_head) if args.accept_head else
+                    runs / kd_dir.parent.name / f"accept-head-{size['head_steps']}")
+        accept = trained_accept_head(head_dir, target, tparams, Transformer(kd_cfg.model),
+                                     kd_params, tcfg, size["head_steps"], timings)
     if args.train_only:
         print(json.dumps(timings, indent=1))
         return
