@@ -27,7 +27,7 @@ three drafts at each ``--gammas``, the confidence rule and the SpecDec++ stop ru
 the distilled draft, prompt lookup, Medusa, Hydra, layer-skip (half the layers skipped,
 the set searched on two calibration prompts of other held-out modules) and any other
 speculative method of the registry (``cadenza.decode.registry``) with its default
-settings. Columns: tokens/s,
+settings (Token Recycling also with the 15-node tree of its earlier defaults). Columns: tokens/s,
 speedup over plain decoding of the same mode, accepted tokens per target forward,
 acceptance at draft position 1, identical to plain greedy (greedy rows) and predicted
 speedup from measured forward costs (``accepted/forward / (draft length * c + fwd(T)/
@@ -60,7 +60,7 @@ import jax
 
 from cadenza.config import load_config
 from cadenza.decode import DecodeConfig, SamplingConfig, generate
-from cadenza.decode.config import SpeculativeConfig
+from cadenza.decode.config import RecyclingConfig, SpeculativeConfig
 from cadenza.decode.hydra import Hydra, hydra_draft_params
 from cadenza.decode.medusa import Medusa, load_tree_heads, save_tree_heads
 from cadenza.decode.prompt_lookup import PromptLookup
@@ -345,6 +345,9 @@ def build_rows(args, target, tparams, drafts, heads, accept, skip, new_tokens):
                     cfg.layer_skip, skip_layers=list(skip)))
                 label = f"layer_skip (skip {list(skip)}, max {args.max_gamma})"
             rows.append(Row(label, mode, cfg, {}))
+            if name == "recycling":                 # the wider tree the defaults replaced
+                rows.append(Row("recycling (15 nodes, depth 4)", mode, dataclasses.replace(
+                    cfg, recycling=RecyclingConfig(nodes=15, depth=4)), {}))
     return rows
 
 
