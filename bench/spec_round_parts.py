@@ -78,17 +78,12 @@ def programs(target, tparams, dcfg, dparams, prompt, gamma, rounds):
     tcache = fwd.init_cache(sp[0], 1, batch.max_len)
     dcache = dfwd.init_cache(sp[1][0], 1, batch.max_len)
     state = {"plain step": (plain, pp), f"round (gamma={gamma})": (spec, sp)}
-    contenders = {name: (method_step(m), (params, prefilled(m, params, prompt, base)))
+    contenders = {name: (m.step, (params, prefilled(m, params, prompt, base)))
                   for name, (m, params) in state.items()}
     contenders[f"verify fwd({gamma + 1})"] = (verify, (sp[0], (tcache, zero)))
     contenders["draft alone"] = (draft, (sp[1], (dcache, zero)))
     contenders["verify + draft"] = (both, (sp, ((tcache, dcache), zero)))
     return compile_looped(contenders, rounds)
-
-
-def method_step(method):
-    """``(params, state) -> state``: one step (round) of ``method``."""
-    return lambda params, state: method.step(params, state)
 
 
 def prefilled(method, params, prompt, config):

@@ -32,7 +32,7 @@ import pathlib
 import jax
 import jax.numpy as jnp
 from spec_round_cost import load_target
-from spec_round_parts import compile_looped, measure, method_step, prefilled, table
+from spec_round_parts import compile_looped, measure, prefilled, table
 
 from cadenza.decode import DecodeConfig
 from cadenza.decode.config import RecyclingConfig
@@ -112,7 +112,7 @@ def parts(label, method, params, prompt, base):
         return drafter.observe(p, dstate, obs), acc + 1
 
     _, dstate = drafter.propose(dparams, state.drafter, ctx)
-    out = {f"{label}: round": (method_step(method), (params, state)),
+    out = {f"{label}: round": (method.step, (params, state)),
            f"{label}: draft alone": (draft, (dparams, (state.drafter, zero))),
            f"{label}: verify tree fwd({t})": (forward(True), (tparams, (state.cache, zero))),
            f"fwd({t}) chain": (forward(False), (tparams, (state.cache, zero))),
@@ -136,7 +136,7 @@ def main():
     target = Transformer(tcfg.model)
     base = DecodeConfig(max_new_tokens=128, ignore_eos=True, seed=0)
     plain, pp = build(target, tparams, dataclasses.replace(base, method="greedy"))
-    contenders = {"plain step": (method_step(plain), (pp, prefilled(plain, pp, prompts[0], base)))}
+    contenders = {"plain step": (plain.step, (pp, prefilled(plain, pp, prompts[0], base)))}
     for label, (method, params) in tree_methods(target, tparams, runs, recycling).items():
         contenders.update(parts(label, method, params, prompts[0], base))
     report = {"meta": {"benchmark": "spec_tree_parts", **provenance(),
