@@ -42,14 +42,21 @@ def model_dir(runs: pathlib.Path, prefix: str) -> pathlib.Path:
     return found[0]
 
 
-def load_pair(runs, draft, n_prompts):
-    """The cached target and the draft under ``runs`` (a run-directory prefix):
-    ``(target config, target params, draft config, draft params, n_prompts held-out
-    prompts of 64 tokens)``."""
+def load_target(runs, n_prompts):
+    """The cached target under ``runs``: ``(config, params, n_prompts held-out prompts of 64
+    tokens)``."""
     tdir = model_dir(runs, "target")
     tcfg, tparams = load_model(tdir)
     prompts, _ = heldout_prompts(load_tokenizer(tokenizer_dir(tdir)),
                                  tcfg.data.heldout_fraction, n_prompts, 64)
+    return tcfg, tparams, prompts
+
+
+def load_pair(runs, draft, n_prompts):
+    """The cached target and the draft under ``runs`` (a run-directory prefix):
+    ``(target config, target params, draft config, draft params, n_prompts held-out
+    prompts of 64 tokens)``."""
+    tcfg, tparams, prompts = load_target(runs, n_prompts)
     dcfg, dparams = load_model(model_dir(runs, draft))
     return tcfg, tparams, dcfg, dparams, prompts
 

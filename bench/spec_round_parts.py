@@ -57,10 +57,6 @@ def programs(target, tparams, dcfg, dparams, prompt, gamma, rounds):
                   lengths=length, hidden=jnp.zeros((1, target.config.hidden_size)), seen=None,
                   keys=None, spec=spec.spec, forward=fwd)
 
-    def loop(step):
-        return lambda params, carry: jax.lax.fori_loop(0, rounds, lambda i, c: step(params, c),
-                                                       carry)
-
     def verify(params, carry):            # the target over gamma + 1 tokens at the prompt's end
         cache, acc = carry
         tokens = jnp.full((1, gamma + 1), prompt[-1], jnp.int32) + acc
@@ -82,14 +78,59 @@ def programs(target, tparams, dcfg, dparams, prompt, gamma, rounds):
     tcache = fwd.init_cache(sp[0], 1, batch.max_len)
     dcache = dfwd.init_cache(sp[1][0], 1, batch.max_len)
     state = {"plain step": (plain, pp), f"round (gamma={gamma})": (spec, sp)}
-    contenders = {name: (loop(lambda p, s, m=m: m.step(p, s)),
-                         (params, jax.jit(m.prefill)(params, prepare(m, [prompt], base).batch)))
+    contenders = {name: (m.step, (params, prefilled(m, params, prompt, base)))
                   for name, (m, params) in state.items()}
-    contenders[f"verify fwd({gamma + 1})"] = (loop(verify), (sp[0], (tcache, zero)))
-    contenders["draft alone"] = (loop(draft), (sp[1], (dcache, zero)))
-    contenders["verify + draft"] = (loop(both), (sp, ((tcache, dcache), zero)))
-    return {name: (jax.jit(fn).lower(*args).compile(), args)
+    contenders[f"verify fwd({gamma + 1})"] = (verify, (sp[0], (tcache, zero)))
+    contenders["draft alone"] = (draft, (sp[1], (dcache, zero)))
+    contenders["verify + draft"] = (both, (sp, ((tcache, dcache), zero)))
+    return compile_looped(contenders, rounds)
+
+
+def prefilled(method, params, prompt, config):
+    """``method``'s state after its prefill of ``prompt`` (batch 1)."""
+    return jax.jit(method.prefill)(params, prepare(method, [prompt], config).batch)
+
+
+def compile_looped(contenders: dict, rounds: int) -> dict:
+    """``{name: (compiled, args)}`` from ``{name: (step, args)}``: each ``step(params,
+    carry) -> carry`` run ``rounds`` times in one jitted ``fori_loop`` over ``args =
+    (params, carry)``."""
+    def looped(step):
+        return lambda params, carry: jax.lax.fori_loop(0, rounds, lambda i, c: step(params, c),
+                                                       carry)
+    return {name: (jax.jit(looped(fn)).lower(*args).compile(), args)
             for name, (fn, args) in contenders.items()}
+
+
+def measure(compiled: dict, rounds: int, repeats: int) -> dict:
+    """Warm up, then time every program ``repeats`` times, interleaved: ``{"wall_ms": {name:
+    spread}, "cpu_ms": {name: spread}}`` per round (a spread: median, min, max)."""
+    for fn, a in compiled.values():
+        jax.block_until_ready(fn(*a))
+    wall = {k: [] for k in compiled}
+    cpu = {k: [] for k in compiled}
+    for _ in range(repeats):
+        for name, (fn, a) in compiled.items():
+            t0, c0 = time.perf_counter(), time.process_time()
+            jax.block_until_ready(fn(*a))
+            wall[name].append((time.perf_counter() - t0) / rounds * 1e3)
+            cpu[name].append((time.process_time() - c0) / rounds * 1e3)
+
+    def spread(v):
+        return {"median": statistics.median(v), "min": min(v), "max": max(v)}
+
+    return {"wall_ms": {k: spread(v) for k, v in wall.items()},
+            "cpu_ms": {k: spread(v) for k, v in cpu.items()}}
+
+
+def table(report: dict) -> list[str]:
+    """Markdown rows ``| contender | wall ms [min-max] | CPU ms [min-max] |`` of a report."""
+    lines = ["| contender | wall ms [min-max] | CPU ms [min-max] |", "|---|---|---|"]
+    for name, w in report["wall_ms"].items():
+        c = report["cpu_ms"][name]
+        lines.append(f"| {name} | {w['median']:.2f} [{w['min']:.2f}-{w['max']:.2f}] | "
+                     f"{c['median']:.2f} [{c['min']:.2f}-{c['max']:.2f}] |")
+    return lines
 
 
 def main():
@@ -107,25 +148,10 @@ def main():
     target = Transformer(tcfg.model)
     compiled = programs(target, tparams, dcfg.model, dparams, prompts[0], args.gamma,
                         args.rounds)
-    for fn, a in compiled.values():
-        jax.block_until_ready(fn(*a))
-    wall = {k: [] for k in compiled}
-    cpu = {k: [] for k in compiled}
-    for _ in range(args.repeats):
-        for name, (fn, a) in compiled.items():
-            t0, c0 = time.perf_counter(), time.process_time()
-            jax.block_until_ready(fn(*a))
-            wall[name].append((time.perf_counter() - t0) / args.rounds * 1e3)
-            cpu[name].append((time.process_time() - c0) / args.rounds * 1e3)
-
-    def spread(v):
-        return {"median": statistics.median(v), "min": min(v), "max": max(v)}
-
     report = {"meta": {"benchmark": "spec_round_parts", **provenance(),
                        "load_avg_1m_start": load_start, "runs": str(runs), "draft": args.draft,
                        "gamma": args.gamma, "rounds": args.rounds, "repeats": args.repeats},
-              "wall_ms": {k: spread(v) for k, v in wall.items()},
-              "cpu_ms": {k: spread(v) for k, v in cpu.items()}}
+              **measure(compiled, args.rounds, args.repeats)}
     out = results_dir(__file__, args.out)
     (out / "spec_round_parts.json").write_text(json.dumps(report, indent=2))
     (out / "spec_round_parts.md").write_text(render(report))
@@ -142,11 +168,7 @@ def render(report: dict) -> str:
         f"from {m['runs']} (draft {m['draft']}), gamma={g}, batch 1; ms per round (per step "
         f"for plain), {m['rounds']} rounds per call, median of {m['repeats']} interleaved "
         "repeats [min-max].", "",
-        "| contender | wall ms [min-max] | CPU ms [min-max] |", "|---|---|---|"]
-    for name, w in report["wall_ms"].items():
-        c = report["cpu_ms"][name]
-        lines.append(f"| {name} | {w['median']:.2f} [{w['min']:.2f}-{w['max']:.2f}] | "
-                     f"{c['median']:.2f} [{c['min']:.2f}-{c['max']:.2f}] |")
+        *table(report)]
     for unit in ("wall_ms", "cpu_ms"):
         v = {k: x["median"] for k, x in report[unit].items()}
         ver, alone, both = v[f"verify fwd({g + 1})"], v["draft alone"], v["verify + draft"]

@@ -27,7 +27,7 @@ three drafts at each ``--gammas``, the confidence rule and the SpecDec++ stop ru
 the distilled draft, prompt lookup, Medusa, Hydra, layer-skip (half the layers skipped,
 the set searched on two calibration prompts of other held-out modules) and any other
 speculative method of the registry (``cadenza.decode.registry``) with its default
-settings. Columns: tokens/s,
+settings (Token Recycling also with the 15-node tree of its earlier defaults). Columns: tokens/s,
 speedup over plain decoding of the same mode, accepted tokens per target forward,
 acceptance at draft position 1, identical to plain greedy (greedy rows) and predicted
 speedup from measured forward costs (``accepted/forward / (draft length * c + fwd(T)/
@@ -60,7 +60,7 @@ import jax
 
 from cadenza.config import load_config
 from cadenza.decode import DecodeConfig, SamplingConfig, generate
-from cadenza.decode.config import SpeculativeConfig
+from cadenza.decode.config import RecyclingConfig, SpeculativeConfig
 from cadenza.decode.hydra import Hydra, hydra_draft_params
 from cadenza.decode.medusa import Medusa, load_tree_heads, save_tree_heads
 from cadenza.decode.prompt_lookup import PromptLookup
@@ -193,13 +193,13 @@ def trained_heads(runs, drafter, target, tparams, tcfg, steps, timings):
     return load_tree_heads(d, target.config, type(drafter))
 
 
-def trained_accept_head(runs, target, tparams, draft, dparams, tcfg, steps, timings):
-    """The SpecDec++ acceptance head of the distilled draft (cached head directory
-    ``<runs>/accept-head-<steps>``; ``runs``: the draft's own run directory)."""
+def trained_accept_head(d, target, tparams, draft, dparams, tcfg, steps, timings):
+    """The SpecDec++ acceptance head of the distilled draft (cached head directory ``d``,
+    trained ``steps`` steps when absent; by default ``accept-head-<steps>`` in the draft's
+    own run directory)."""
     from cadenza.train.data import build_iterator
     from cadenza.train.specdec_task import train_accept_head
 
-    d = runs / f"accept-head-{steps}"
     if not d.exists():
         t0 = time.perf_counter()
         batches = (b["inputs"] for b in build_iterator(tcfg))
@@ -345,6 +345,9 @@ def build_rows(args, target, tparams, drafts, heads, accept, skip, new_tokens):
                     cfg.layer_skip, skip_layers=list(skip)))
                 label = f"layer_skip (skip {list(skip)}, max {args.max_gamma})"
             rows.append(Row(label, mode, cfg, {}))
+            if name == "recycling":                 # the wider tree the defaults replaced
+                rows.append(Row("recycling (15 nodes, depth 4)", mode, dataclasses.replace(
+                    cfg, recycling=RecyclingConfig(nodes=15, depth=4)), {}))
     return rows
 
 
@@ -429,6 +432,9 @@ def main():
                    help="drafts: plain decoding and the draft-model rows only (fixed gammas "
                         "and the confidence stop rule; no heads trained), written with a "
                         "_drafts suffix")
+    p.add_argument("--accept-head", help="the SpecDec++ head directory of the distilled "
+                   "draft (trained there when absent; default: accept-head-<head steps> in "
+                   "the draft's run directory), e.g. to keep a read-only --runs untouched")
     p.add_argument("--no-hf", action="store_true", help="skip the transformers peer")
     p.add_argument("--hf-drafts", default="distilled",
                    help="drafts given to transformers as assistant_model (comma-separated: "
@@ -469,9 +475,10 @@ def main():
                                timings),
                  trained_heads(runs, Hydra(), target, tparams, tcfg, size["head_steps"], timings))
         kd_cfg, kd_params = load_model(kd_dir)
-        accept = trained_accept_head(runs / kd_dir.parent.name, target, tparams,
-                                     Transformer(kd_cfg.model), kd_params, tcfg,
-                                     size["head_steps"], timings)
+        head_dir = (pathlib.Path(args.accept_head) if args.accept_head else
+                    runs / kd_dir.parent.name / f"accept-head-{size['head_steps']}")
+        accept = trained_accept_head(head_dir, target, tparams, Transformer(kd_cfg.model),
+                                     kd_params, tcfg, size["head_steps"], timings)
     if args.train_only:
         print(json.dumps(timings, indent=1))
         return

@@ -95,8 +95,8 @@ def register(subparsers) -> None:
                          "train.task=medusa / hydra)")
     tr = p.add_argument_group("token recycling (--method recycling)")
     tr.add_argument("--successors", type=int, help="successors kept per token (default 8)")
-    tr.add_argument("--tree-nodes", type=int, help="draft tree nodes (default 15)")
-    tr.add_argument("--tree-depth", type=int, help="draft tree depth (default 4)")
+    tr.add_argument("--tree-nodes", type=int, help="draft tree nodes (default 4)")
+    tr.add_argument("--tree-depth", type=int, help="draft tree depth (default 3)")
     ls = p.add_argument_group("layer-skip self-speculation (--method layer_skip)")
     ls.add_argument("--skip-layers", type=_layer_list, metavar="I,J,..",
                     help="layers the draft skips, e.g. 2,3,5 (cadenza layer-skip search "

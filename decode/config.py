@@ -136,8 +136,8 @@ class RecyclingConfig:
     """
 
     k: int = 8
-    nodes: int = 15
-    depth: int = 4
+    nodes: int = 4
+    depth: int = 3
 
     def __post_init__(self):
         for name in ("k", "nodes", "depth"):

@@ -4,7 +4,8 @@ Each round, the last ``k`` tokens of the row (prompt + output + pending
 token), for ``k = max_ngram .. min_ngram``, are searched for earlier in the
 same row; at the earliest match of the longest ``k`` that matches, the
 ``gamma`` tokens that followed it are the draft (fewer if the context ends
-first; none without a match: a plain step). On device this is a sliding
+first; none without a match: the round then verifies the pending token alone, a plain
+step, and otherwise only as far as the longest draft). On device this is a sliding
 window match mask ``[B, S]``, an argmax and a gather.
 
 The draft is a point mass (``q`` is None), so exact sampling accepts d_i with
@@ -32,6 +33,10 @@ class PromptLookup:
     max_ngram: int = 3
     min_ngram: int = 1
     name: str = "ngram"
+    # drafts vary in length and may be empty: the round verifies only as far as the
+    # longest, the pending token alone when no row matched (speculative.verify_longest)
+    variable_length = True
+    empty_drafts = True
 
     def __post_init__(self):
         if not 1 <= self.min_ngram <= self.max_ngram:

@@ -30,8 +30,10 @@ target forward, bonus included), ``acceptance_per_position`` (per depth),
 ``predicted_speedup``.
 
 A chain drafter whose drafts end early (``variable_length``: a draft model or layer skip
-with a stop rule) has step 2 verify only as far as the round's longest draft
-(:func:`verify_longest`), rather than ``gamma + 1`` tokens every round.
+with a stop rule, prompt lookup) has step 2 verify only as far as the round's longest draft
+(:func:`verify_longest`), rather than ``gamma + 1`` tokens every round; one whose rounds
+may draft nothing (``empty_drafts``: prompt lookup without a match) then verifies the
+pending token alone.
 """
 
 import dataclasses
@@ -298,7 +300,8 @@ class Speculative(MethodBase):
         positions = lengths[:, None] + depth[None, :]
         if tree.is_chain and getattr(self.drafter, "variable_length", False):
             logits, hidden, cache, width = verify_longest(
-                self.forward, tparams, s.cache, nodes, positions, valid & ~out.done[:, None])
+                self.forward, tparams, s.cache, nodes, positions, valid & ~out.done[:, None],
+                empty=getattr(self.drafter, "empty_drafts", False))
         else:
             logits, hidden, cache = verify(
                 self.forward, tparams, s.cache, nodes, positions=positions,
@@ -382,27 +385,32 @@ class Speculative(MethodBase):
                 "cost_ratio": c, "predicted_speedup": per_forward / (mean_draft * c + 1.0)}
 
 
-def verify_widths(t: int) -> tuple:
+def verify_widths(t: int, empty: bool = False) -> tuple:
     """The widths :func:`verify_longest` compiles for a chain of ``t`` tokens: a quarter, a
-    half and all of them, rounded up (each width is one more copy of the target's forward
-    to compile; on CPU a forward over 3 tokens costs about what one over 4 does)."""
-    return tuple(sorted({-(-t // 4), -(-t // 2), t}))
+    half and all of them, rounded up, and 1 (the pending token alone: a plain step) when
+    ``empty`` (drafters whose rounds may draft nothing, e.g. prompt lookup without a match).
+    Each width is one more copy of the target's forward to compile; on CPU a forward over 3
+    tokens costs about what one over 4 does, and one over 2 tokens clearly more than one
+    over 1 (one token runs matrix-vector products, two or more matrix-matrix products,
+    which took about twice the CPU time at 2 rows in XLA's CPU backend)."""
+    return tuple(sorted({-(-t // 4), -(-t // 2), t} | ({1} if empty else set())))
 
 
-def verify_longest(forward, params, cache, nodes, positions, valid):
+def verify_longest(forward, params, cache, nodes, positions, valid, empty: bool = False):
     """:func:`~cadenza.decode.verify.verify` of a chain over only as many tokens as its
     longest running draft needs (rounded up to one of :func:`verify_widths`).
 
     Args: ``nodes`` int32 [B, T] (the pending token, then the drafts); ``positions`` int32
     [B, T]; ``valid`` bool [B, T] (a row counts its tokens up to the first invalid one;
-    rows that are done may be all False).
+    rows that are done may be all False); ``empty``: also compile width 1, for rounds where
+    no running row drafted anything.
 
     Returns ``(logits float32 [B, T, V], hidden [B, T, D], cache, width int32)``. Only the
     chosen width's branch runs (``lax.switch``); logits and hidden states past it are
     zeros and keys/values are written only up to it (those drafts are invalid, so never
     accepted)."""
     t = nodes.shape[1]
-    widths = verify_widths(t)
+    widths = verify_widths(t, empty)
     need = jnp.max(jnp.sum(jnp.cumprod(valid, axis=1), axis=1))
     index = jnp.sum(jnp.asarray(widths) < need)          # the smallest width >= need
 

@@ -66,8 +66,8 @@ class TokenRecycling:
     int32 matrix [V, k] or [B, V, k] to start from."""
 
     k: int = 8
-    nodes: int = 15
-    depth: int = 4
+    nodes: int = 4
+    depth: int = 3
     name: str = "recycling"
     depth_field = "decode.recycling.depth"      # named when the tree is too deep
 

@@ -146,6 +146,6 @@ def test_cli_search_then_decode_and_errors(tmp_path, capsys):
     assert main(argv + ["--search-skip", "2"]) == 2
     assert "--search-skip" in capsys.readouterr().err
     recycle = ["generate", "--checkpoint", str(d), "--prompt-ids", "1,5", "--method",
-               "recycling", "--max-new-tokens", "3"]             # the default tree: 4 deep
+               "recycling", "--max-new-tokens", "2"]             # the default tree: 3 deep
     assert main(recycle) == 2
     assert "decode.recycling.depth" in capsys.readouterr().err

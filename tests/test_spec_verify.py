@@ -152,7 +152,7 @@ def test_verify_longest_scores_only_as_far_as_the_longest_draft(model_params):
     full, _, full_cache = _verify(model, params, cache, nodes)
     run = jax.jit(lambda c, n: verify_longest(model, params, c, nodes, positions,
                                               jnp.arange(7)[None, :] < n))
-    assert verify_widths(7) == (2, 4, 7)
+    assert verify_widths(7) == (2, 4, 7) and verify_widths(7, empty=True) == (1, 2, 4, 7)
     logits, hidden, short_cache, width = run(cache, 3)        # 3 valid tokens: width 4
     assert int(width) == 4 and logits.shape == full.shape and hidden.shape[:2] == (1, 7)
     np.testing.assert_allclose(logits[:, :4], full[:, :4], atol=1e-5, rtol=1e-5)

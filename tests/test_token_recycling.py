@@ -45,7 +45,7 @@ def test_greedy_equals_plain_greedy_on_ragged_rows(target):
     assert res.token_ids == plain.token_ids
     np.testing.assert_allclose(np.concatenate(res.logprobs), np.concatenate(plain.logprobs),
                                atol=1e-4)
-    assert res.stats["method"] == "recycling" and res.stats["gamma"] == 4
+    assert res.stats["method"] == "recycling" and res.stats["gamma"] == 3
     assert res.stats["mean_accepted_per_forward"] >= 1.0
 
 
@@ -98,7 +98,7 @@ def test_bad_settings_are_refused_with_the_field_named(target):
     model, params = target
     with pytest.raises(CadenzaError, match="decode.recycling.depth") as e:
         speculative_generate(model, params, PROMPTS, dataclasses.replace(CFG, max_new_tokens=3),
-                             drafter=TokenRecycling(depth=4))
+                             drafter=TokenRecycling(nodes=15, depth=4))
     assert "4 tokens deep" in str(e.value) and "max_new_tokens is 3" in str(e.value)
     with pytest.raises(CadenzaError, match="decode.recycling.k"):
         speculative_generate(model, params, PROMPTS, CFG, drafter=TokenRecycling(k=600))
