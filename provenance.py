@@ -51,3 +51,12 @@ def results_dir(script: str | os.PathLike, out: str | os.PathLike | None = None)
                                           / device_label())
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def load_note(meta: dict) -> str:
+    """``load S at the start, E at the end`` for a results header, from a
+    :func:`provenance` dict taken at the end plus ``load_avg_1m_start`` (1-minute load
+    averages of the whole machine: they include the benchmark's own work)."""
+    return (f"load {meta['load_avg_1m_start']:.1f} at the start, {meta['load_avg_1m']:.1f} at "
+            "the end (1-minute load averages, the benchmark's own work included)")
+

@@ -26,7 +26,7 @@ from cadenza.decode.medusa import Medusa, load_tree_heads
 from cadenza.models import Transformer, load_model
 from cadenza.models.checkpoint import tokenizer_dir
 from cadenza.models.tokenizer import load_tokenizer
-from cadenza.provenance import provenance, results_dir
+from cadenza.provenance import load_note, provenance, results_dir
 
 # row name -> verify tokens per round (tree nodes + the pending token)
 ROWS = {"plain greedy": 1, "draft model (distilled) gamma=4": 5, "prompt lookup gamma=4": 5,
@@ -115,8 +115,7 @@ def render(report: dict) -> str:
     lines = [
         "# A speculative round next to a bare forward of its verify size", "",
         f"device {m['device_kind']} ({m['cpu_count']} cores), jax {m['jax']}, commit "
-        f"{m['commit']}, {m['date']}; load {m['load_avg_1m_start']:.1f} at the start, "
-        f"{m['load_avg_1m']:.1f} at the end (other jobs were running on the machine). "
+        f"{m['commit']}, {m['date']}; {load_note(m)}. "
         f"Models from {m['runs']}; {m['prompts']} held-out prompts, one per call, 128 new "
         f"tokens, greedy; median of {m['repeats']} interleaved repeats [min-max].", "",
         "| T | " + " | ".join(str(t) for t in f) + " |",

@@ -39,7 +39,7 @@ from cadenza.decode.driver import prepare
 from cadenza.decode.registry import build
 from cadenza.decode.speculative import Context, DraftModel
 from cadenza.models import Transformer
-from cadenza.provenance import provenance, results_dir
+from cadenza.provenance import load_note, provenance, results_dir
 
 
 def programs(target, tparams, dcfg, dparams, prompt, gamma, rounds):
@@ -163,8 +163,8 @@ def render(report: dict) -> str:
     lines = [
         "# Where a draft-model round's time goes", "",
         f"device {m['device_kind']} ({m['cpu_count']} cores), jax {m['jax']}, commit "
-        f"{m['commit']}, {m['date']}; load {m['load_avg_1m_start']:.1f} at the start, "
-        f"{m['load_avg_1m']:.1f} at the end (other jobs were running on the machine). Models "
+        f"{m['commit']}, {m['date']}; {load_note(m)}. "
+        f"Models "
         f"from {m['runs']} (draft {m['draft']}), gamma={g}, batch 1; ms per round (per step "
         f"for plain), {m['rounds']} rounds per call, median of {m['repeats']} interleaved "
         "repeats [min-max].", "",

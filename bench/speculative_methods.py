@@ -70,7 +70,7 @@ from cadenza.decode.speculative import DraftModel
 from cadenza.models import Transformer, load_model, save_hf
 from cadenza.models.checkpoint import tokenizer_dir
 from cadenza.models.tokenizer import load_tokenizer
-from cadenza.provenance import provenance, results_dir
+from cadenza.provenance import load_note, provenance, results_dir
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 # draft shapes (``--draft``; params at the stdlib tokenizer's 512 tokens). "0.16m": the
@@ -567,8 +567,7 @@ def render(report: dict) -> str:
     lines = [
         "# Speculative methods side by side (issue 19 benchmark)", "",
         f"device {m['device_kind']} ({m['cpu_count']} cores), jax {m['jax']}, commit "
-        f"{m['commit']}, {m['date']}; load {m['load_avg_1m_start']:.1f} at the start, "
-        f"{m['load_avg_1m']:.1f} at the end (other jobs were running on the machine). "
+        f"{m['commit']}, {m['date']}; {load_note(m)}. "
         f"Size `{m['size']}`: target {report['target_params'] / 1e6:.2f}M params "
         f"({m['target_steps']} steps), drafts {report['draft_params'] / 1e6:.2f}M "
         f"(`--draft {m.get('draft', '0.16m')}`; LM-pretrained {m['draft_steps']} steps; "
