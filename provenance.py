@@ -59,4 +59,3 @@ def load_note(meta: dict) -> str:
     averages of the whole machine: they include the benchmark's own work)."""
     return (f"load {meta['load_avg_1m_start']:.1f} at the start, {meta['load_avg_1m']:.1f} at "
             "the end (1-minute load averages, the benchmark's own work included)")
-

@@ -36,8 +36,9 @@ GOOGLE_PCI_VENDOR = "0x1ae0"  # the PCI vendor id of TPU chips
 COMPILE_CACHE_ENV = "CADENZA_COMPILE_CACHE"
 HOST_MEMORY_ENV = "CADENZA_HOST_MEMORY"
 HOST_MEMORY_CHOICES = ("auto", "keep", "release")
-# glibc mallopt parameters (malloc.h): large blocks from the heap, never trimmed, one arena
-_M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
+# glibc malloc settings that keep freed memory mapped: one arena, large blocks from the heap
+# (no mmap), the heap never trimmed, as (tunable name, mallopt parameter of malloc.h, value)
+_KEPT_MALLOC = (("arena_max", -8, 1), ("mmap_max", -4, 0), ("trim_threshold", -1, 2**31 - 1))
 
 
 def tpu_chips_visible() -> bool:
@@ -118,8 +119,13 @@ def keep_host_memory() -> bool:
         mallopt = libc.mallopt
     except (OSError, AttributeError):
         return False
-    return all(mallopt(param, value) == 1 for param, value in (
-        (_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, 2**31 - 1)))
+    return all(mallopt(param, value) == 1 for _, param, value in _KEPT_MALLOC)
+
+
+def keep_host_memory_tunables() -> str:
+    """:func:`keep_host_memory`'s settings as a ``GLIBC_TUNABLES`` value, for a child
+    process (glibc reads it at start-up)."""
+    return ":".join(f"glibc.malloc.{name}={value}" for name, _, value in _KEPT_MALLOC)
 
 
 def configure_cli(compile_cache: str | None = None, env=None,

@@ -56,7 +56,12 @@ import optax
 from cadenza.config import load_config
 from cadenza.models import init_params, save_hf, save_model
 from cadenza.provenance import provenance, results_dir
-from cadenza.runtime_env import HOST_MEMORY_CHOICES, host_memory_kept, keep_host_memory
+from cadenza.runtime_env import (
+    HOST_MEMORY_CHOICES,
+    host_memory_kept,
+    keep_host_memory,
+    keep_host_memory_tunables,
+)
 from cadenza.train.mesh import batch_sharding, make_mesh, replicated
 from cadenza.train.metrics import flops_per_token
 from cadenza.train.optim import make_optimizer, make_schedule
@@ -142,11 +147,6 @@ for line in sys.stdin:
 """
 
 
-# glibc tunables with the effect of cadenza.runtime_env.keep_host_memory (set at start-up)
-KEEP_HOST_MEMORY_TUNABLES = ("glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:"
-                             "glibc.malloc.trim_threshold=2147483647")
-
-
 class TorchSide:
     """The PyTorch loop as a subprocess that runs one timed step per request."""
 
@@ -155,7 +155,7 @@ class TorchSide:
                    MKL_NUM_THREADS="2")
         if keep_host_memory:
             env["GLIBC_TUNABLES"] = ":".join(
-                t for t in (env.get("GLIBC_TUNABLES"), KEEP_HOST_MEMORY_TUNABLES) if t)
+                t for t in (env.get("GLIBC_TUNABLES"), keep_host_memory_tunables()) if t)
         self.proc = subprocess.Popen(
             [str(ROOT / ".venv-ref" / "bin" / "python"), "-c", TORCH_RUNNER, json.dumps(spec)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
