@@ -101,6 +101,18 @@ def split_pairs():
     return modules, train, held
 
 
+def short_records(records):
+    """The records whose instruction and body together are under ``MAX_CHARS``."""
+    return [r for r in records if len(r["instruction"]) + len(r["output"]) < MAX_CHARS]
+
+
+def usable(pair) -> bool:
+    """A pair is kept when its rejected body differs from the chosen one and fits after the
+    prompt too (so no side is cut)."""
+    return (pair["chosen"] != pair["rejected"]
+            and len(pair["prompt"]) + len(pair["rejected"]) < MAX_CHARS)
+
+
 def preference_pairs(records, seed=0, rejected=1):
     """``{"prompt", "chosen", "rejected"}`` for the short records: each instruction with
     its own body and the body of the next short record in a seeded shuffle (never equal),
@@ -108,7 +120,7 @@ def preference_pairs(records, seed=0, rejected=1):
     ``rejected`` > 1 pairs each instruction with that many other bodies, the ``j``-th from
     a shuffle seeded ``seed + j`` (a body repeated for one prompt kept once); the pairs of
     ``j = 0`` come first, so the first pairs are those of ``rejected=1``."""
-    short = [r for r in records if len(r["instruction"]) + len(r["output"]) < MAX_CHARS]
+    short = short_records(records)
     pairs, seen = [], set()
     for j in range(rejected):
         order = list(range(len(short)))
@@ -116,8 +128,7 @@ def preference_pairs(records, seed=0, rejected=1):
         for k, i in enumerate(order):
             p = {"prompt": short[i]["instruction"], "chosen": short[i]["output"],
                  "rejected": short[order[(k + 1) % len(order)]]["output"]}
-            if (p["chosen"] != p["rejected"] and (i, p["rejected"]) not in seen
-                    and len(p["prompt"]) + len(p["rejected"]) < MAX_CHARS):
+            if usable(p) and (i, p["rejected"]) not in seen:
                 seen.add((i, p["rejected"]))
                 pairs.append(p)
     return pairs
@@ -127,13 +138,12 @@ def length_matched_pairs(records, rejected=1):
     """Harder pairs: each short record's instruction and body with, as the rejected
     side, the body of the short record ``j`` places after it by body length (``j`` = 1 ..
     ``rejected``; before it where none is after), kept like :func:`preference_pairs`."""
-    short = sorted((r for r in records if len(r["instruction"]) + len(r["output"]) < MAX_CHARS),
+    short = sorted(short_records(records),
                    key=lambda r: (len(r["output"]), r["output"], r["instruction"]))
     pairs = [{"prompt": r["instruction"], "chosen": r["output"],
               "rejected": short[k + j if k + j < len(short) else k - j]["output"]}
              for j in range(1, rejected + 1) for k, r in enumerate(short)]
-    return [p for p in pairs if p["chosen"] != p["rejected"]
-            and len(p["prompt"]) + len(p["rejected"]) < MAX_CHARS]
+    return [p for p in pairs if usable(p)]
 
 
 def model_overrides(width: int, layers: int) -> list[str]:
