@@ -121,6 +121,14 @@ def parts(label, method, params, prompt, base):
     return out
 
 
+def draft_alone_ms(method, params, prompt, base, rounds: int, repeats: int) -> float:
+    """Median wall ms of ``method``'s drafter proposing one round alone (the heads'
+    forwards, or the adjacency lookups), ``rounds`` proposals per call (see :func:`parts`)."""
+    step = parts("tree", method, params, prompt, base)["tree: draft alone"]
+    return measure(compile_looped({"draft": step}, rounds), rounds,
+                   repeats)["wall_ms"]["draft"]["median"]
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--runs", default="runs/spec_methods/20m")

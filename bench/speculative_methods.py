@@ -30,10 +30,12 @@ speculative method of the registry (``cadenza.decode.registry``) with its defaul
 settings (Token Recycling also with the 15-node tree of its earlier defaults). Columns: tokens/s,
 speedup over plain decoding of the same mode, accepted tokens per target forward,
 acceptance at draft position 1, identical to plain greedy (greedy rows) and predicted
-speedup from measured forward costs (``accepted/forward / (draft length * c + fwd(T)/
-fwd(1))``, c = a draft step over a target step, T = tree nodes + 1, rounded up to a
-measured size; drafts that stop early are verified only as far as the round's longest, so
-their fwd(T) is averaged over the rounds' widths).
+speedup from measured costs (``accepted/forward / (draft length * c + h + fwd(T)/
+fwd(1))``, c = a draft step over a target step (draft models; layer-skip: the target with
+its skip set left out), h = Medusa's or Hydra's heads proposing one round over a target
+step, T = tree nodes + 1, rounded up to a measured size; drafts that stop early are
+verified only as far as the round's longest, so their fwd(T) is averaged over the rounds'
+widths).
 
 Peer (same weights, exported with ``cadenza.models.save_hf``, in the reference env
 ``.venv-ref``, interleaved repeats there): transformers' greedy, assisted generation with
@@ -62,9 +64,10 @@ from cadenza.config import load_config
 from cadenza.decode import DecodeConfig, SamplingConfig, generate
 from cadenza.decode.config import RecyclingConfig, SpeculativeConfig
 from cadenza.decode.hydra import Hydra, hydra_draft_params
+from cadenza.decode.layer_skip import draft_config, skip_params
 from cadenza.decode.medusa import Medusa, load_tree_heads, save_tree_heads
 from cadenza.decode.prompt_lookup import PromptLookup
-from cadenza.decode.registry import REGISTRY
+from cadenza.decode.registry import REGISTRY, build
 from cadenza.decode.specdec_head import StopRule, load_accept_head, save_accept_head
 from cadenza.decode.speculative import DraftModel
 from cadenza.models import Transformer, load_model, save_hf
@@ -286,14 +289,16 @@ class Row:
     mode: str
     config: DecodeConfig
     resources: dict
-    draft_step_cost: float = 0.0      # a draft step / a target step (draft models)
+    draft_step_cost: float = 0.0      # a draft step / a target step (per drafted token)
+    round_cost: float = 0.0           # drafting per round / a target step (tree heads)
     tps: list = dataclasses.field(default_factory=list)
     result: dict | None = None
 
 
 def build_rows(args, target, tparams, drafts, heads, accept, skip, new_tokens):
-    """Every contender in each of ``args.modes`` (``skip``: layer-skip's skipped layers;
-    ``heads`` None: plain decoding and the draft-model rows only)."""
+    """Every contender in each of ``args.modes`` (``skip``: layer-skip's skipped layers and
+    its draft step cost; ``heads``: ``((drafter, params, round cost), ...)`` for Medusa and
+    Hydra, or None: plain decoding and the draft-model rows only)."""
     rows = []
     for mode in args.modes:
         sample = mode == "sample"
@@ -329,22 +334,23 @@ def build_rows(args, target, tparams, drafts, heads, accept, skip, new_tokens):
         for g in args.ngram_gammas:
             rows.append(Row(f"prompt lookup gamma={g}", mode, spec_cfg("ngram", gamma=g),
                             {"drafter": PromptLookup(gamma=g), "draft_params": None}))
-        (mdrafter, mheads), (hdrafter, hheads) = heads
-        rows.append(Row(f"Medusa ({len(mdrafter.paths)}-node tree)", mode,
-                        spec_cfg("medusa"), {"drafter": mdrafter, "draft_params": mheads}))
-        rows.append(Row(f"Hydra ({len(hdrafter.paths)}-node tree)", mode, spec_cfg("hydra"),
-                        {"drafter": hdrafter,
-                         "draft_params": hydra_draft_params(hheads, tparams)}))
+        for label, (drafter, dparams, cost) in zip(("Medusa", "Hydra"), heads):
+            rows.append(Row(f"{label} ({len(drafter.paths)}-node tree)", mode,
+                            spec_cfg(drafter.kind), {"drafter": drafter,
+                                                     "draft_params": dparams},
+                            round_cost=cost))
         for name, entry in REGISTRY.items():       # other registered speculative methods
             if name in OWN or entry.section is None or "--sample" not in entry.flags:
                 continue
             cfg = spec_cfg(name, gamma=args.max_gamma)
             label = f"{name} (defaults)"
+            step_cost = 0.0
             if name == "layer_skip":                # the searched skip set
+                skipped, step_cost = skip
                 cfg = dataclasses.replace(cfg, layer_skip=dataclasses.replace(
-                    cfg.layer_skip, skip_layers=list(skip)))
-                label = f"layer_skip (skip {list(skip)}, max {args.max_gamma})"
-            rows.append(Row(label, mode, cfg, {}))
+                    cfg.layer_skip, skip_layers=list(skipped)))
+                label = f"layer_skip (skip {list(skipped)}, max {args.max_gamma})"
+            rows.append(Row(label, mode, cfg, {}, step_cost))
             if name == "recycling":                 # the wider tree the defaults replaced
                 rows.append(Row("recycling (15 nodes, depth 4)", mode, dataclasses.replace(
                     cfg, recycling=RecyclingConfig(nodes=15, depth=4)), {}))
@@ -353,7 +359,8 @@ def build_rows(args, target, tparams, drafts, heads, accept, skip, new_tokens):
 
 def searched_skip(target, tparams, calibration, args) -> tuple:
     """Layer-skip's skip set: half the target's layers, searched greedily for the most
-    accepted tokens per forward on the calibration prompts (not the benchmark's)."""
+    accepted tokens per forward on the calibration prompts (not the benchmark's); returns
+    (skipped layers, the skipping draft's step over a target step, from :func:`forward_ms`)."""
     from cadenza.decode.layer_skip import search_skip_set
 
     cfg = DecodeConfig(method="layer_skip", max_new_tokens=32, ignore_eos=True,
@@ -361,7 +368,26 @@ def searched_skip(target, tparams, calibration, args) -> tuple:
     skip, trials = search_skip_set(target, tparams, calibration, cfg,
                                    target.config.num_layers // 2)
     print(f"layer-skip search: skip {list(skip)} ({len(trials)} trials)", flush=True)
-    return skip
+    prefix = args.prompt_len + args.new_tokens // 2
+    sub = skip_params(target.config, tparams, skip)
+    ratio = (forward_ms(Transformer(draft_config(target.config, len(sub.kept))), sub.params, 1,
+                        prefix, args.repeats)
+             / forward_ms(target, tparams, 1, prefix, args.repeats))
+    return skip, ratio
+
+
+def tree_head_cost(target, tparams, drafter, heads, prompt, args, fwd1_ms) -> tuple:
+    """``(drafter, draft params, round cost)`` for Medusa or Hydra ``heads``: the heads'
+    proposal per round (:func:`spec_tree_parts.draft_alone_ms`) over ``fwd1_ms``, a target
+    step measured with :func:`forward_ms` (both loop 20 calls in one program)."""
+    from spec_tree_parts import draft_alone_ms  # it imports this module (via spec_round_cost)
+
+    dparams = hydra_draft_params(heads, tparams) if drafter.kind == "hydra" else heads
+    base = DecodeConfig(method=drafter.kind, max_new_tokens=args.new_tokens, ignore_eos=True,
+                        seed=0)
+    method, params = build(target, tparams, base, drafter=drafter, draft_params=dparams)
+    ms = draft_alone_ms(method, params, prompt, base, 20, args.repeats)
+    return drafter, dparams, ms / fwd1_ms
 
 
 def decode(target, tparams, row: Row, prompts):
@@ -406,7 +432,7 @@ def summarise(row: Row, out, costs, plain_ids, base_tps) -> dict:
               "acceptance_position_1": statistics.mean(first) if first else None,
               "verify_tokens": sum(w * k for w, k in widths.items()) / rounds,
               "predicted_speedup": per_forward / (mean_draft * row.draft_step_cost
-                                                  + verify_cost)})
+                                                  + row.round_cost + verify_cost)})
     return r
 
 
@@ -471,9 +497,8 @@ def main():
         :(args.prompts + 1) // 2]
     heads = accept = None
     if args.only == "all":
-        heads = (trained_heads(runs, Medusa(), target, tparams, tcfg, size["head_steps"],
-                               timings),
-                 trained_heads(runs, Hydra(), target, tparams, tcfg, size["head_steps"], timings))
+        heads = [trained_heads(runs, kind(), target, tparams, tcfg, size["head_steps"], timings)
+                 for kind in (Medusa, Hydra)]
         kd_cfg, kd_params = load_model(kd_dir)
         head_dir = (pathlib.Path(args.accept_head) if args.accept_head else
                     runs / kd_dir.parent.name / f"accept-head-{size['head_steps']}")
@@ -491,7 +516,10 @@ def main():
                         forward_ms(Transformer(dcfg.model), dparams, 1, prefix, args.repeats)
                         / costs[1])
     skip = (searched_skip(target, tparams, calibration, args)
-            if "layer_skip" in REGISTRY and args.only == "all" else ())
+            if "layer_skip" in REGISTRY and args.only == "all" else ((), 0.0))
+    if heads is not None:
+        heads = [tree_head_cost(target, tparams, d, p, prompts[0], args, costs[1])
+                 for d, p in heads]
     rows = build_rows(args, target, tparams, drafts, heads, accept, skip, args.new_tokens)
 
     peer = None
@@ -526,6 +554,8 @@ def main():
               "prompt_modules": modules, "train_seconds": timings,
               "warmup_compile_s": compile_s, "forward_ms": costs,
               "draft_step_cost": {k: v[2] for k, v in drafts.items()},
+              "head_round_cost": {d.kind: c for d, _, c in heads or ()},
+              "layer_skip_step_cost": skip[1] if skip[0] else None,
               "rows": results, "peer": peer_rows(peer, plain_ids)}
     out = results_dir(__file__, args.out)
     stem = ("speculative_methods" + ("" if args.size == "20m" else f"_{args.size}")
@@ -582,8 +612,8 @@ def render(report: dict) -> str:
         "[min-max].", "",
         f"Training time (cached runs keep their first time): {trained}.", "",
         "Speedup is over plain decoding of the same mode (greedy or temperature 0.8); "
-        "predicted = accepted/forward / (draft length x draft step cost + fwd(T)/fwd(1)) "
-        "from the measured forward costs below, T the tokens verified per round (drafts "
+        "predicted = accepted/forward / (draft length x draft step cost + heads per round "
+        "+ fwd(T)/fwd(1)) from the costs measured below, T the tokens verified per round (drafts "
         "that stop early are verified only as far as the round's longest: fwd(T) "
         "averaged over the rounds).", "",
         "| mode | method | tokens/s [min-max] | speedup | accepted/forward | acceptance at "
@@ -606,9 +636,14 @@ def render(report: dict) -> str:
                          f"[{r['tokens_per_s_min']:.0f}-{r['tokens_per_s_max']:.0f}] | "
                          f"{r['speedup']:.2f}x | {_f(r.get('identical_to_own_greedy'), '')} |")
     f = report["forward_ms"]
+    steps = {**report["draft_step_cost"]}
+    if report.get("layer_skip_step_cost") is not None:
+        steps["layer-skip"] = report["layer_skip_step_cost"]
+    heads = report.get("head_round_cost") or {}
     lines += ["", "Target forward over T tokens (batch 1, cached prefix; draft step costs: "
-              + ", ".join(f"{k} {v:.3f}" for k, v in report["draft_step_cost"].items())
-              + " of a target step):", "",
+              + ", ".join(f"{k} {v:.3f}" for k, v in steps.items()) + " of a target step"
+              + "".join(f"; {k} heads {v:.3f} of a target step per round"
+                        for k, v in heads.items()) + "):", "",
               "| T | " + " | ".join(str(k) for k in f) + " |", "|---|" + "---|" * len(f),
               "| fwd(T)/fwd(1) | " + " | ".join(f"{v / f[1]:.2f}" for v in f.values()) + " |"]
     return "\n".join(lines) + "\n"
