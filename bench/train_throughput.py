@@ -354,7 +354,8 @@ def markdown(meta: dict, results: list[dict]) -> str:
              f"end (other jobs share this machine: absolute numbers are noisy, the interleaved "
              f"ratios less so). Batch {BATCH} x {SEQ}, AdamW, clip 1.0; torch: "
              f"transformers' LlamaForCausalLM, 2 threads, OMP_WAIT_POLICY=PASSIVE. "
-             f"GLIBC_TUNABLES={meta.get('glibc_tunables') or '(unset)'} (both sides). "
+             f"The environment's GLIBC_TUNABLES={meta.get('glibc_tunables') or '(unset)'} "
+             f"(inherited by both sides). "
              f"Freed host memory kept mapped (cadenza.runtime_env.keep_host_memory): "
              f"{host_memory_note(meta)}. "
              f"Medians of {len(results[0]['rounds'])} interleaved rounds, [min-max].", "",
