@@ -47,8 +47,12 @@ any training pair, and the byte-level BPE tokenizer is trained on the training m
    next to the chosen body in length (so length tells nothing; reported apart, the
    benchmark's pairs stay "another function's body").
 
+Also scores every pair set by a model-free baseline: the side whose body shares the larger
+fraction of its identifiers with the prompt (how far plain name reuse separates the pairs).
+
 Writes bench/results/<device>/preference.{json,md} (another shape than 64 x 2 adds
-``-<width>x<layers>`` to the name, other ``--steps`` than 150 ``-<steps>steps``, then
+``-<width>x<layers>`` to the name, other ``--sft-steps`` / ``--sft-lr`` than 1200 / 3e-3
+``-sft<N>`` / ``-sftlr<LR>``, other ``--steps`` than 150 ``-<steps>steps``, then
 ``-k<K>``, ``-bylength``, ``-beta<B>``, ``-lambda<L>``, ``-lrfull<LR>``, ``-lrlora<LR>`` for other
 ``--rejected``, ``--beta``, ``--orpo-lambda``, ``--lr-full``, ``--lr-lora`` than 1, 0.1, 0.1
 and the defaults;
@@ -61,6 +65,7 @@ import hashlib
 import json
 import pathlib
 import random
+import re
 import shutil
 import tempfile
 
@@ -81,6 +86,7 @@ SEQ_LEN = 256
 LORA = ["peft.method=lora", "peft.rank=8", "peft.targets=.*_proj"]
 LEARNING_RATE = {"full": 2e-4, "lora": 1e-3}   # DPO / ORPO peak defaults (cosine to 0.1x)
 WARMUP = 20
+SFT_STEPS, SFT_LR = 1200, 3e-3   # SFT defaults
 SEEN_PAIRS = 200         # training pairs scored like the held-out ones (the fit)
 
 
@@ -248,6 +254,22 @@ def accuracy(chosen, rejected) -> float:
                                   np.where(chosen == rejected, 0.5, 0.0))))
 
 
+def identifiers(text: str) -> set[str]:
+    """The distinct identifier-like words of ``text`` (names, keywords)."""
+    return set(re.findall(r"[A-Za-z_]\w*", text))
+
+
+def overlap_accuracy(pairs) -> float:
+    """Pair accuracy of a model-free baseline: each side scored by the share of its
+    body's distinct identifiers that also occur in the prompt (signature and docstring),
+    so the body that reuses the prompt's names wins (ties 1/2)."""
+    def share(prompt, body):
+        words = identifiers(body)
+        return len(words & identifiers(prompt)) / max(1, len(words))
+    return accuracy(np.asarray([share(p["prompt"], p["chosen"]) for p in pairs]),
+                    np.asarray([share(p["prompt"], p["rejected"]) for p in pairs]))
+
+
 def scores(lp: dict, ref: dict, pairs) -> dict:
     """Pair accuracies of one model's log-probs ``lp`` of ``pairs`` (``ref``: the SFT
     model's); ``own_prompt``: a body's log-prob after its own prompt vs after the prompt of
@@ -277,8 +299,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--width", type=int, default=64, help="model hidden size")
     parser.add_argument("--layers", type=int, default=2, help="model layers")
-    parser.add_argument("--sft-steps", type=int, default=1200, help="SFT steps")
-    parser.add_argument("--sft-lr", type=float, default=3e-3, help="SFT peak learning rate")
+    parser.add_argument("--sft-steps", type=int, default=SFT_STEPS, help="SFT steps")
+    parser.add_argument("--sft-lr", type=float, default=SFT_LR, help="SFT peak learning rate")
     parser.add_argument("--steps", type=int, default=150, help="steps of each DPO/ORPO run")
     parser.add_argument("--lr-full", type=learning_rates, default=[LEARNING_RATE["full"]],
                         help="DPO/ORPO peak learning rate(s), full fine-tuning (comma-separated:"
@@ -318,6 +340,8 @@ def main():
                                              else None))
     stem = "preference" + ("" if (args.width, args.layers) == (64, 2) else
                            f"-{args.width}x{args.layers}") + \
+        ("" if args.sft_steps == SFT_STEPS else f"-sft{args.sft_steps}") + \
+        ("" if args.sft_lr == SFT_LR else f"-sftlr{args.sft_lr:g}") + \
         ("" if args.steps == 150 else f"-{args.steps}steps") + \
         ("" if args.rejected == 1 else f"-k{args.rejected}") + \
         ("" if args.rejected_by == "shuffle" else f"-by{args.rejected_by}") + \
@@ -421,6 +445,9 @@ def measure(args, sft_steps: int, steps: int, tmp: pathlib.Path,
                          "heldout_pairs": len(held_pairs),
                          "heldout_length_matched_pairs": len(held_len),
                          "train_modules": len(modules)},
+              "identifier_overlap": {"heldout": overlap_accuracy(held_pairs),
+                                     "heldout_length_matched": overlap_accuracy(held_len),
+                                     "train_pairs": overlap_accuracy(seen)},
               "models": table}
     return result
 
@@ -479,6 +506,12 @@ def markdown(result: dict) -> list[str]:
                   "over the training pairs (steps x mean pairs per logged step). ORPO's log-odds "
                   "ratio is monotone in the length-averaged log-prob, so its own reward "
                   "accuracy is also the accuracy of its odds ratio."]
+    if "identifier_overlap" in result:
+        o = result["identifier_overlap"]
+        lines += ["", "Model-free baseline (no training): the side whose body shares the larger "
+                      "fraction of its distinct identifiers with the prompt wins: "
+                      f"{o['heldout']:.3f} held-out, {o['train_pairs']:.3f} on the training "
+                      f"pairs, {o['heldout_length_matched']:.3f} length-matched held-out."]
     return lines
 
 
