@@ -48,7 +48,7 @@ bench: .venv/.synced .venv-ref/.synced
 	.venv/bin/cadenza bench all $(BENCH_ARGS)
 
 test: .venv/.synced .venv-ref/.synced
-	.venv/bin/python -m pytest -n $(TEST_WORKERS) --dist loadfile
+	.venv/bin/python -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 .venv-ref/.synced: $(UV) requirements-ref.txt
 	@test -n "$(PY311)" || { echo "error: Python 3.11 not found; set PY311=/path/to/python3.11" >&2; exit 2; }
