@@ -357,10 +357,11 @@ def build_rows(args, target, tparams, drafts, heads, accept, skip, new_tokens):
     return rows
 
 
-def searched_skip(target, tparams, calibration, args) -> tuple:
+def searched_skip(target, tparams, calibration, args, fwd1_ms) -> tuple:
     """Layer-skip's skip set: half the target's layers, searched greedily for the most
     accepted tokens per forward on the calibration prompts (not the benchmark's); returns
-    (skipped layers, the skipping draft's step over a target step, from :func:`forward_ms`)."""
+    (skipped layers, the skipping draft's step over ``fwd1_ms``, a target step measured
+    with :func:`forward_ms`, as the draft's step is)."""
     from cadenza.decode.layer_skip import search_skip_set
 
     cfg = DecodeConfig(method="layer_skip", max_new_tokens=32, ignore_eos=True,
@@ -370,10 +371,8 @@ def searched_skip(target, tparams, calibration, args) -> tuple:
     print(f"layer-skip search: skip {list(skip)} ({len(trials)} trials)", flush=True)
     prefix = args.prompt_len + args.new_tokens // 2
     sub = skip_params(target.config, tparams, skip)
-    ratio = (forward_ms(Transformer(draft_config(target.config, len(sub.kept))), sub.params, 1,
-                        prefix, args.repeats)
-             / forward_ms(target, tparams, 1, prefix, args.repeats))
-    return skip, ratio
+    draft = Transformer(draft_config(target.config, len(sub.kept)))
+    return skip, forward_ms(draft, sub.params, 1, prefix, args.repeats) / fwd1_ms
 
 
 def tree_head_cost(target, tparams, drafter, heads, prompt, args, fwd1_ms) -> tuple:
@@ -515,7 +514,7 @@ def main():
         drafts[name] = (dcfg.model, dparams,
                         forward_ms(Transformer(dcfg.model), dparams, 1, prefix, args.repeats)
                         / costs[1])
-    skip = (searched_skip(target, tparams, calibration, args)
+    skip = (searched_skip(target, tparams, calibration, args, costs[1])
             if "layer_skip" in REGISTRY and args.only == "all" else ((), 0.0))
     if heads is not None:
         heads = [tree_head_cost(target, tparams, d, p, prompts[0], args, costs[1])
